@@ -1,0 +1,1 @@
+"""qkov pipeline: job spec, store schema, Dask stages (extract, score, stats), CLI, reports."""

@@ -1,0 +1,250 @@
+"""The job file: TOML validated into small immutable config types.
+
+Errors name the field, what was given and what is allowed (pydantic's messages,
+re-worded by `load_job`). Relative paths resolve against the job file's folder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Block = Literal["Q", "K", "V", "O"]
+KNOWN_MODELS = ("smollm2-135m",)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LayoutSpec(_Frozen):
+    """A declared attention layout for models qkov does not recognise.
+
+    `attention` is a glob over module paths (`blocks.*.attn`); the projections are
+    attribute paths relative to each matched module.
+    """
+
+    attention: str
+    kind: Literal["split", "fused", "interleaved", "grouped"]
+    q: str | None = None
+    k: str | None = None
+    v: str | None = None
+    qkv: str | None = None
+    o: str
+    n_heads: int = Field(ge=1)
+    n_kv_heads: int | None = Field(default=None, ge=1)
+    head_dim: int = Field(ge=1)
+    v_head_dim: int | None = Field(default=None, ge=1)
+    weight_layout: Literal["auto", "out_in", "in_out"] = "auto"
+
+    @model_validator(mode="after")
+    def _projections(self) -> "LayoutSpec":
+        if self.kind == "split":
+            missing = [n for n in ("q", "k", "v") if getattr(self, n) is None]
+            if missing:
+                raise ValueError(f"kind='split' needs {missing} (attribute paths of the projections)")
+        elif self.qkv is None:
+            raise ValueError(f"kind={self.kind!r} needs qkv (attribute path of the fused projection)")
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={kv}")
+        return self
+
+
+class ModelSpec(_Frozen):
+    path: str | None = None
+    name: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    attn_implementation: Literal["eager", "sdpa"] = "eager"
+    max_length: int = Field(default=128, ge=2)
+    layout: LayoutSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelSpec":
+        if (self.path is None) == (self.name is None):
+            raise ValueError("give exactly one of path (a local HF folder) or name " f"(one of {list(KNOWN_MODELS)})")
+        if self.name is not None and self.name not in KNOWN_MODELS:
+            raise ValueError(f"unknown model name {self.name!r}; known: {list(KNOWN_MODELS)}, or use path = a local HF folder")
+        return self
+
+
+class TaskSpec(_Frozen):
+    name: str
+    path: str
+    text_field: str = "text"
+    id_field: str | None = "id"
+    limit: int | None = Field(default=None, ge=1)
+
+
+class TasksSpec(_Frozen):
+    a: TaskSpec
+    b: TaskSpec
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "TasksSpec":
+        if self.a.name == self.b.name:
+            raise ValueError(f"tasks.a.name and tasks.b.name are both {self.a.name!r}; give them different names")
+        return self
+
+
+class FisherSpec(_Frozen):
+    source: Literal["pooled", "a", "b"] = "pooled"
+    beta: float = Field(default=0.99, ge=0.0, lt=1.0)
+    batch_size: int = Field(default=16, ge=1)
+    damping_rel: float = Field(default=1e-6, ge=0.0)
+    damping_abs: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _positive_damping(self) -> "FisherSpec":
+        if self.damping_rel == 0 and self.damping_abs == 0:
+            raise ValueError("damping_rel and damping_abs are both 0: Î+λ may be 0; set one > 0")
+        return self
+
+
+class ExtractSpec(_Frozen):
+    batch_size: int = Field(default=8, ge=1)  # samples per forward/backward; results do not depend on it
+    shard_size: int = Field(default=32, ge=1)  # samples per store chunk / per Dask task
+    nonfinite: Literal["error", "skip"] = "error"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class ScoreSpec(_Frozen):
+    mode: Literal["exact", "sketch"] = "exact"
+    sketch_dim: int = Field(default=4096, ge=16)
+    layers: list[int] | None = None  # None = every attention layer
+    blocks: list[Block] = ["Q", "K", "V", "O"]
+    storage_dtype: Literal["float32", "bfloat16"] = "float32"
+    include_bias: bool = False
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("blocks is empty; give a subset of ['Q', 'K', 'V', 'O']")
+        if len(set(v)) != len(v):
+            raise ValueError(f"blocks has duplicates: {v}")
+        return [b for b in ("Q", "K", "V", "O") if b in v]
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v or any(x < 0 for x in v) or len(set(v)) != len(v):
+            raise ValueError(f"layers must be distinct non-negative layer indices, got {v}")
+        return sorted(v)
+
+
+class StatsSpec(_Frozen):
+    null: Literal["labels"] = "labels"
+    alternative: Literal["greater", "less", "two-sided"] = "greater"
+    n_permutations: int = Field(default=999, ge=1)
+    n_bootstrap: int = Field(default=1000, ge=1)
+    alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    ci_level: float = Field(default=0.95, gt=0.0, lt=1.0)
+    seed: int = 0
+
+
+class ClusterSpec(_Frozen):
+    address: str = ""  # "" = embedded LocalCluster; tcp://host:port = existing scheduler
+    profile: str | None = None  # name of an entry in `profiles`
+    n_workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int | None = Field(default=None, ge=1)
+    profiles: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _profile_exists(self) -> "ClusterSpec":
+        if self.profile is not None and self.profile not in self.profiles:
+            raise ValueError(f"profile {self.profile!r} is not defined; defined: {sorted(self.profiles)}")
+        return self
+
+
+class OutputSpec(_Frozen):
+    path: str
+    storage_options: dict[str, Any] = {}
+
+
+class JobSpec(_Frozen):
+    model: ModelSpec
+    tasks: TasksSpec
+    fisher: FisherSpec = FisherSpec()
+    extract: ExtractSpec = ExtractSpec()
+    score: ScoreSpec = ScoreSpec()
+    stats: StatsSpec = StatsSpec()
+    cluster: ClusterSpec = ClusterSpec()
+    output: OutputSpec
+
+    def config_dict(self) -> dict[str, Any]:
+        """The full config with defaults filled in (what provenance records)."""
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        return config_hash(self.config_dict())
+
+
+def config_hash(cfg: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+class JobFileError(ValueError):
+    """A job file that cannot be used; the message says what to fix."""
+
+
+def _is_url(p: str) -> bool:
+    return "://" in p
+
+
+def _resolve(base: Path, p: str) -> str:
+    if _is_url(p):
+        return p
+    q = Path(p).expanduser()
+    return str(q if q.is_absolute() else (base / q).resolve())
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid job file"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see the README's job-file reference)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  [{loc}] {msg}{shown}")
+    return "\n".join(lines)
+
+
+def parse_job(data: dict[str, Any], base_dir: str | Path = ".", source: str = "job") -> JobSpec:
+    """Validate a job mapping; relative paths resolve against `base_dir`."""
+    base = Path(base_dir).resolve()
+    data = json.loads(json.dumps(data))  # deep copy, TOML datetimes excluded by the schema anyway
+    try:
+        for sect, key in (("model", "path"), ("output", "path")):
+            if isinstance(data.get(sect), dict) and isinstance(data[sect].get(key), str):
+                data[sect][key] = _resolve(base, data[sect][key])
+        for t in ("a", "b"):
+            task = data.get("tasks", {}).get(t) if isinstance(data.get("tasks"), dict) else None
+            if isinstance(task, dict) and isinstance(task.get("path"), str):
+                task["path"] = _resolve(base, task["path"])
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise JobFileError(_format_errors(err, source)) from None
+
+
+def load_job(path: str | Path) -> JobSpec:
+    """Read and validate a TOML job file."""
+    p = Path(path)
+    if not p.is_file():
+        raise JobFileError(f"job file not found: {p} (give the path of a TOML job file; see the README for an example)")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise JobFileError(f"{p}: TOML syntax error: {e}") from None
+    return parse_job(data, base_dir=p.parent, source=str(p))

@@ -1,0 +1,1 @@
+"""qkov workers: model loading, attention layouts, per-sample gradients, Fisher, store writers."""
