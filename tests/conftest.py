@@ -1,0 +1,18 @@
+"""Shared pytest fixtures (kept light: no model is built at import time)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+# Let `python -m pytest` and a bare `pytest` both import the repo's packages without an install.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def tmp_run(tmp_path: Path) -> Path:
+    """A fresh, not yet existing run directory inside pytest's tmp_path."""
+    return tmp_path / "run"
