@@ -53,3 +53,48 @@ def head_dim(block: str) -> str:
 def pooled_name(score: str) -> str:
     """Variable holding the pooled (A∪B)×(A∪B) matrix of a score, for the permutation null."""
     return f"pooled_{score}"
+
+
+# ---- gradient storage dtypes ----------------------------------------------
+# Zarr v3 has no bfloat16 data type, so bfloat16 gradients are stored as their
+# raw 16-bit patterns (uint16) with this attr; `decode` turns them back into
+# float32 exactly (bf16 ⊂ f32).
+ATTR_ENCODING = "qkov_encoding"
+
+
+def stored_dtype(storage_dtype: str) -> str:
+    return {"float32": "float32", "bfloat16": "uint16"}[storage_dtype]
+
+
+def encode(arr, storage_dtype: str):
+    """float32 numpy → the stored representation (round-to-nearest-even for bf16)."""
+    import numpy as np
+
+    if storage_dtype == "float32":
+        return np.asarray(arr, dtype=np.float32)
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16)
+    return t.view(torch.int16).numpy().view(np.uint16)
+
+
+def decode(arr, encoding: str | None):
+    """Stored representation → float32 numpy (works on numpy blocks inside dask)."""
+    import numpy as np
+
+    if encoding in (None, "float32"):
+        return np.asarray(arr, dtype=np.float32)
+    if encoding != "bfloat16":
+        raise ValueError(f"unknown gradient encoding {encoding!r}")
+    bits = np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16
+    return bits.view(np.float32)
+
+
+def param_dims(sizes: dict[str, int]) -> dict[str, str]:
+    """The `param` dimension name per block. One shared `param` dimension when every
+    block's slices have the same length (the usual case); per-block names
+    (`param_Q`, …) when they differ (e.g. with biases: Q/K/V carry a bias part, O not).
+    """
+    if len(set(sizes.values())) <= 1:
+        return {b: PARAM for b in sizes}
+    return {b: f"{PARAM}_{b}" for b in sizes}

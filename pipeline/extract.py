@@ -1,0 +1,276 @@
+"""The extract stage: plan → template → shard tasks on workers → consolidate Fisher.
+
+pangeo-forge style: the driver writes the store's template (metadata, coordinates)
+once; each worker task fills whole chunks of one sample shard; the driver then
+consolidates the Fisher from the shards' partial sums and marks the groups
+complete. A completed-shard record per shard lets `--resume` skip finished work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from workers import fisher as fisher_math
+from workers.writer import ShardResult, ShardTask, extract_shard
+
+from . import schema
+from .spec import JobSpec
+from .store import StoreError, mark_complete, open_root, provenance, zarr_store
+
+
+@dataclass(frozen=True, eq=False)
+class ExtractPlan:
+    """What extraction will write; pure data, derived from the job and the model's config."""
+
+    sample_ids: tuple[str, ...]  # A then B, as the users wrote them
+    task_names: tuple[str, str]
+    n_a: int
+    n_b: int
+    input_ids: tuple[tuple[int, ...], ...]
+    texts: tuple[str | None, ...]
+    labels: tuple[int | None, ...]
+    layers: tuple[int, ...]
+    blocks: tuple[str, ...]
+    heads: dict[str, int]  # block -> heads in the store (query heads for Q/O, KV heads for K/V)
+    sizes: dict[str, int]  # block -> entries per head slice
+    n_heads: int
+    n_kv_heads: int
+    kv_head_of: tuple[int, ...]
+    shard_size: int
+    fisher_weights: np.ndarray
+    fisher_batches: int
+    layout_summary: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.n_a + self.n_b
+
+    @property
+    def shards(self) -> list[tuple[int, int]]:
+        return [(s, min(self.n, s + self.shard_size)) for s in range(0, self.n, self.shard_size)]
+
+
+def meta_layout(job: JobSpec):
+    """The model's attention layout from its config alone (meta device: no weights read)."""
+    import torch
+    import transformers as tf
+
+    from workers.layouts import discover_layout
+    from workers.models import model_folder, model_kind
+
+    folder = model_folder(job.model)
+    config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config, attn_implementation=job.model.attn_implementation)
+    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias)
+
+
+def plan_extract(job: JobSpec) -> ExtractPlan:
+    from workers.models import load_tokenizer
+    from workers.tasks import load_task
+
+    tokenizer = load_tokenizer(job.model)
+    a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
+    b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
+    samples = list(a) + list(b)
+    layout = meta_layout(job)
+    layers = tuple(job.score.layers) if job.score.layers is not None else tuple(range(layout.n_layers))
+    bad = [l for l in layers if l >= layout.n_layers]
+    if bad:
+        raise ValueError(f"score.layers {bad} out of range: the model has {layout.n_layers} attention layers (0..{layout.n_layers - 1})")
+    blocks = tuple(job.score.blocks)
+    sub = layout.subset(layers=layers, blocks=blocks)
+    f = job.fisher
+    return ExtractPlan(
+        sample_ids=tuple(s.id for s in samples),
+        task_names=(job.tasks.a.name, job.tasks.b.name),
+        n_a=len(a),
+        n_b=len(b),
+        input_ids=tuple(tuple(s.input_ids) for s in samples),
+        texts=tuple(s.text for s in samples),
+        labels=tuple(s.label for s in samples),
+        layers=layers,
+        blocks=blocks,
+        heads={bl: sub.blocks[(bl, layers[0])].n_heads for bl in blocks},
+        sizes={bl: sub.block_size(bl) for bl in blocks},
+        n_heads=layout.n_heads,
+        n_kv_heads=layout.n_kv_heads,
+        kv_head_of=tuple(int(x) for x in layout.kv_head_of),
+        shard_size=job.extract.shard_size,
+        fisher_weights=fisher_math.stream_weights(len(a), len(b), f.source, f.batch_size, f.beta),
+        fisher_batches=fisher_math.n_batches(len(a), len(b), f.source, f.batch_size),
+        layout_summary=sub.summary(),
+    )
+
+
+def _text_preview(t: str | None, n: int = 200) -> str:
+    return "" if t is None else t[:n]
+
+
+def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
+    enc = schema.stored_dtype(job.score.storage_dtype)
+    n, L = plan.n, len(plan.layers)
+    data = {}
+    pdim = schema.param_dims(plan.sizes)
+    for b in plan.blocks:
+        shape = (n, L, plan.heads[b], plan.sizes[b])
+        arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, plan.sizes[b]), dtype=enc)
+        data[b] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), pdim[b]), arr,
+                              attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
+    labels = [plan.task_names[0]] * plan.n_a + [plan.task_names[1]] * plan.n_b
+    coords = {
+        schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=str)),
+        schema.TASK: (schema.SAMPLE, np.array(labels, dtype=str)),
+        schema.N_TOKENS: (schema.SAMPLE, np.array([len(x) for x in plan.input_ids], dtype=np.int32)),
+        "text": (schema.SAMPLE, np.array([_text_preview(t) for t in plan.texts], dtype=str)),
+        schema.LOSS: (schema.SAMPLE, da.full(n, np.nan, chunks=plan.shard_size, dtype=np.float32)),
+        "finite": (schema.SAMPLE, da.zeros(n, chunks=plan.shard_size, dtype=bool)),
+        schema.LAYER: (schema.LAYER, np.array(plan.layers, dtype=np.int32)),
+        schema.HEAD: (schema.HEAD, np.arange(plan.n_heads, dtype=np.int32)),
+        schema.KV_HEAD: (schema.KV_HEAD, np.arange(plan.n_kv_heads, dtype=np.int32)),
+        "kv_head_of": (schema.HEAD, np.array(plan.kv_head_of, dtype=np.int32)),
+    }
+    ds = xr.Dataset(data, coords=coords)
+    ds.attrs.update(
+        provenance(job.config_dict(), job.config_hash(), layout=plan.layout_summary, stage="extract"),
+        n_a=plan.n_a,
+        n_b=plan.n_b,
+        task_a=plan.task_names[0],
+        task_b=plan.task_names[1],
+        shard_size=plan.shard_size,
+        storage_dtype=job.score.storage_dtype,
+    )
+    ds.attrs[schema.ATTR_COMPLETE] = False
+    return ds
+
+
+def write_template(plan: ExtractPlan, job: JobSpec) -> None:
+    """Metadata and coordinates of `gradients`, plus the bookkeeping arrays in `_work`."""
+    store = zarr_store(job.output.path, job.output.storage_options)
+    ds = gradients_template(plan, job)
+    encoding = {b: {"chunks": (plan.shard_size, 1, 1, plan.sizes[b])} for b in plan.blocks}
+    encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
+    encoding["finite"] = {"chunks": (plan.shard_size,)}
+    ds.to_zarr(store, group=schema.GRADIENTS, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
+    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+    work = root.require_group(schema.WORK)
+    n_shards = len(plan.shards)
+    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True)
+    for b in plan.blocks:
+        shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
+        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True)
+
+
+def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int]) -> list[ShardTask]:
+    out = []
+    for k in shards:
+        s, e = plan.shards[k]
+        out.append(
+            ShardTask(
+                store_path=job.output.path,
+                storage_options=dict(job.output.storage_options),
+                model=job.model,
+                include_bias=job.score.include_bias,
+                layers=plan.layers,
+                blocks=plan.blocks,
+                shard=k,
+                start=s,
+                input_ids=plan.input_ids[s:e],
+                sample_ids=plan.sample_ids[s:e],
+                labels=plan.labels[s:e],
+                fisher_weights=tuple(float(w) for w in plan.fisher_weights[s:e]),
+                batch_size=job.extract.batch_size,
+                device=job.extract.device,
+                nonfinite=job.extract.nonfinite,
+                storage_dtype=job.score.storage_dtype,
+            )
+        )
+    return out
+
+
+def pending_shards(plan: ExtractPlan, job: JobSpec) -> list[int]:
+    root = open_root(job.output.path, job.output.storage_options, mode="r")
+    done = np.asarray(root[schema.WORK]["done"][:])
+    return [k for k in range(len(plan.shards)) if not done[k]]
+
+
+def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> xr.Dataset:
+    """Σ over shards (in shard order, float64) of each shard's Σ w_i g_i²; damping per tensor."""
+    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+    work = root[schema.WORK]
+    f = job.fisher
+    data, lam = {}, {}
+    pdim = schema.param_dims(plan.sizes)
+    for b in plan.blocks:
+        part = work[f"fisher_{b}"]
+        total = np.zeros(part.shape[1:], dtype=np.float64)
+        for k in range(part.shape[0]):
+            total += part[k]
+        lam[b] = fisher_math.damping(total, f.damping_rel, f.damping_abs)
+        data[b] = xr.Variable((schema.LAYER, schema.head_dim(b), pdim[b]), total.astype(np.float32))
+    ds = xr.Dataset(
+        data,
+        coords={
+            schema.LAYER: np.array(plan.layers, dtype=np.int32),
+            schema.BLOCK: np.array(plan.blocks, dtype=str),
+        },
+    )
+    ds["damping"] = xr.Variable((schema.BLOCK, schema.LAYER), np.stack([lam[b] for b in plan.blocks]))
+    ds.attrs.update(
+        provenance(job.config_dict(), job.config_hash(), stage="extract", weights_hash=weights_hash),
+        beta=f.beta,
+        T=plan.fisher_batches,
+        batch_size=f.batch_size,
+        source=f.source,
+        damping_rel=f.damping_rel,
+        damping_abs=f.damping_abs,
+        **{f"lambda_{b}": [float(x) for x in lam[b]] for b in plan.blocks},
+    )
+    store = zarr_store(job.output.path, job.output.storage_options)
+    ds.to_zarr(store, group=schema.FISHER, mode="w", zarr_format=3, consolidated=False)
+    mark_complete(open_root(job.output.path, job.output.storage_options, mode="r+"), schema.FISHER)
+    return ds
+
+
+def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Extract gradients and the Fisher into the run. With fresh=False (resume), only
+    shards without a completed-shard record run. Returns counts and the weights hash."""
+    plan = plan or plan_extract(job)
+    if fresh:
+        write_template(plan, job)
+    todo = pending_shards(plan, job)
+    total = len(plan.shards)
+    done_count = [total - len(todo)]
+    if on_progress:
+        on_progress(done_count[0], total)
+
+    def _tick(_r: ShardResult) -> None:
+        done_count[0] += 1
+        if on_progress:
+            on_progress(done_count[0], total)
+
+    results = executor.map(extract_shard, shard_tasks(plan, job, todo), gpu=True, on_result=_tick)
+    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+    hashes = {r.weights_hash for r in results} | ({root[schema.WORK].attrs["weights_hash"]} if "weights_hash" in root[schema.WORK].attrs else set())
+    if len(hashes) > 1:
+        raise StoreError(f"workers loaded different model weights (hashes {sorted(hashes)}); every worker must see the same model files")
+    whash = next(iter(hashes), None)
+    if whash:
+        root[schema.WORK].attrs["weights_hash"] = whash
+    skipped = sorted({s for r in results for s in r.skipped})
+    if skipped:
+        root[schema.WORK].attrs["skipped"] = sorted(set(root[schema.WORK].attrs.get("skipped", [])) | set(skipped))
+    if pending_shards(plan, job):
+        raise StoreError("some extraction shards did not complete; rerun with --resume")
+    consolidate_fisher(plan, job, whash)
+    g = root[schema.GRADIENTS]
+    g.attrs["weights_hash"] = whash
+    g.attrs["skipped_samples"] = list(root[schema.WORK].attrs.get("skipped", []))
+    mark_complete(root, schema.GRADIENTS)
+    return {"shards": total, "computed": len(todo), "weights_hash": whash, "skipped": skipped}

@@ -1,0 +1,141 @@
+"""The score stage: all pair scores per (block, layer, head) as one Dask graph.
+
+For each slice, with Î_reg = Î + λ and the stored signed per-sample gradients g:
+  interference M[i, j] = Σ_p g_i[p]² / Î_reg[p] · |g_j[p]|   = (g²/Î_reg) · |g|ᵀ
+  alignment    A[i, j] = Σ_p g_i[p] g_j[p] / Î_reg[p]         = (g/√Î_reg) · (g/√Î_reg)ᵀ
+Both are matmuls over the slice's entries (`da.matmul`, the summed axis in one
+chunk), batched over (layer, head). The pooled (A∪B)×(A∪B) matrices are kept for
+the permutation null (stats stage); `interference`/`alignment` are their A×B block.
+K/V are computed once per KV head and shown per query head (coordinate kv_head).
+"""
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from . import schema
+from .store import mark_complete, open_root, provenance, require_complete, zarr_store
+
+DEFAULT_SAMPLE_CHUNK = 512
+
+
+def open_gradients(run: str, storage_options: dict | None = None, decode: bool = True) -> xr.Dataset:
+    """The `gradients` group as a lazy dataset; bfloat16 storage decoded to float32."""
+    ds = xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.GRADIENTS, consolidated=False)
+    if decode:
+        for b in schema.BLOCKS:
+            if b in ds and ds[b].attrs.get(schema.ATTR_ENCODING, "float32") != "float32":
+                enc = ds[b].attrs[schema.ATTR_ENCODING]
+                ds[b] = ds[b].copy(data=ds[b].data.map_blocks(schema.decode, enc, dtype=np.float32))
+    return ds
+
+
+def open_fisher(run: str, storage_options: dict | None = None) -> xr.Dataset:
+    return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.FISHER, consolidated=False)
+
+
+def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> np.ndarray:
+    """1/(Î+λ) per (layer, head, param) in float64; 0 where Î+λ is 0 (an all-zero tensor with λ_abs = 0)."""
+    f = np.asarray(fisher[block].values, dtype=np.float64)
+    lam = np.asarray(fisher["damping"].sel(block=block).values, dtype=np.float64)
+    reg = f + lam[:, None, None]
+    with np.errstate(divide="ignore"):
+        return np.where(reg > 0, 1.0 / reg, 0.0)
+
+
+def block_scores(g: da.Array, inv: np.ndarray, dtype=np.float64) -> tuple[da.Array, da.Array]:
+    """Pooled interference and alignment for one block.
+
+    g: (sample, layer, head, param) dask array; inv: (layer, head, param) 1/Î_reg.
+    Returns two (layer, head, sample, sample) arrays.
+    """
+    gt = g.astype(dtype).transpose(1, 2, 0, 3)  # (L, H, N, P)
+    inv_d = da.from_array(inv.astype(dtype), chunks=(1, 1, inv.shape[-1]))[:, :, None, :]
+    u = gt * gt * inv_d
+    v = abs(gt)
+    w = gt * da.sqrt(inv_d)
+    interference = da.matmul(u, da.swapaxes(v, -1, -2))
+    alignment = da.matmul(w, da.swapaxes(w, -1, -2))
+    return interference, alignment
+
+
+def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
+                  dtype=np.float64) -> xr.Dataset:
+    """The lazy `scores` dataset (pooled matrices and their A×B blocks) for every block present."""
+    n_a = int(grads.attrs["n_a"])
+    finite = np.asarray(grads["finite"].values, dtype=bool)
+    keep = np.flatnonzero(finite)  # samples skipped for non-finite gradients take no part
+    n_a_kept = int(finite[:n_a].sum())
+    n = keep.size
+    if n_a_kept == 0 or n == n_a_kept:
+        raise ValueError("no usable samples left in task A or task B (all skipped for non-finite gradients)")
+    ids = grads[schema.SAMPLE_ID].values[keep].astype(str)
+    kv_of = np.asarray(grads["kv_head_of"].values)
+    blocks = [b for b in schema.BLOCKS if b in grads]
+    c = min(n, sample_chunk)
+    pooled = {s: [] for s in schema.SCORES}
+    for b in blocks:
+        g = grads[b].data[keep].rechunk((c, 1, 1, -1))
+        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), dtype)
+        for name, arr in (("interference", inter), ("alignment", align)):
+            if schema.head_dim(b) == schema.KV_HEAD:  # shown per query head
+                arr = arr[:, kv_of]
+            pooled[name].append(arr.astype(np.float32).rechunk((1, 1, c, c)))
+    layer = grads[schema.LAYER].values
+    coords = {
+        schema.BLOCK: np.array(blocks, dtype=str),
+        schema.LAYER: layer,
+        schema.HEAD: grads[schema.HEAD].values,
+        schema.KV_HEAD: (schema.HEAD, kv_of.astype(np.int32)),
+        schema.SAMPLE_I: ids,
+        "is_a": (schema.SAMPLE_I, np.arange(n) < n_a_kept),
+        schema.SAMPLE_A: ids[:n_a_kept],
+        schema.SAMPLE_B: ids[n_a_kept:],
+    }
+    data = {}
+    ca, cb = min(n_a_kept, sample_chunk), min(n - n_a_kept, sample_chunk)
+    for name in schema.SCORES:
+        full = da.stack(pooled[name])  # (block, L, H, N, N)
+        data[schema.pooled_name(name)] = ((schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_I, schema.SAMPLE_J), full)
+        data[name] = (
+            (schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_A, schema.SAMPLE_B),
+            full[:, :, :, :n_a_kept, n_a_kept:].rechunk((1, 1, 1, ca, cb)),
+        )
+    ds = xr.Dataset(data, coords=coords)
+    ds[schema.SAMPLE_J] = ids  # same samples as sample_i, as the column dimension
+    ds.attrs.update(n_a=n_a_kept, n_b=n - n_a_kept, task_a=grads.attrs.get("task_a"), task_b=grads.attrs.get("task_b"))
+    return ds
+
+
+def run_score(job, executor, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> xr.Dataset:
+    """Compute and write the `scores` group from a run's `gradients` and `fisher` groups."""
+    run, so = job.output.path, job.output.storage_options
+    root = open_root(run, so, mode="r")
+    require_complete(root, schema.GRADIENTS, "scoring")
+    require_complete(root, schema.FISHER, "scoring")
+    ds = score_dataset(open_gradients(run, so), open_fisher(run, so), sample_chunk=sample_chunk)
+    ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=sample_chunk))
+    ds.attrs[schema.ATTR_COMPLETE] = False
+    encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks)} for v in ds.data_vars}
+    delayed = ds.to_zarr(zarr_store(run, so), group=schema.SCORES_GROUP, mode="w", compute=False,
+                         encoding=encoding, zarr_format=3, consolidated=False)
+    executor.compute(delayed)
+    mark_complete(open_root(run, so, mode="r+"), schema.SCORES_GROUP)
+    return open_scores(run, so)
+
+
+def open_scores(run: str, storage_options: dict | None = None) -> xr.Dataset:
+    root = open_root(run, storage_options, mode="r")
+    require_complete(root, schema.SCORES_GROUP, "reading scores")
+    return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.SCORES_GROUP, consolidated=False)
+
+
+def top_pairs(scores: xr.Dataset, layer: int, head: int, block: str = "Q", n: int = 10,
+              score: str = "interference") -> list[dict]:
+    """The head's n highest-scoring (sample_a, sample_b) pairs with the users' sample ids."""
+    m = scores[score].sel(block=block, layer=layer, head=head).values
+    order = np.argsort(m, axis=None)[::-1][:n]
+    ia, ib = np.unravel_index(order, m.shape)
+    a_ids, b_ids = scores[schema.SAMPLE_A].values, scores[schema.SAMPLE_B].values
+    return [{"sample_a": str(a_ids[i]), "sample_b": str(b_ids[j]), score: float(m[i, j])} for i, j in zip(ia, ib)]

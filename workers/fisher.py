@@ -1,0 +1,51 @@
+"""The diagonal empirical Fisher as an EMA over batches, written as a weighted sum.
+
+F_t = β F_{t-1} + (1-β) mean_{x∈batch t} g(x)²,  F_0 = 0,  Î = F_T / (1 - β^T)
+unrolls to Î = Σ_t c_t · mean_{batch t} g² with c_t = (1-β) β^{T-t} / (1-β^T), i.e.
+Î = Σ_i w_i g_i² with one weight per sample. Extraction shards therefore add up
+their own Σ w_i g_i² independently (in any order, on any worker) and the driver
+sums the shards: no sequential pass over batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def ema_sample_weights(n: int, batch_size: int, beta: float) -> np.ndarray:
+    """Weight of each sample of a Fisher stream of `n` samples (stream order)."""
+    if n < 1:
+        raise ValueError("the Fisher stream is empty: fisher.source selects no samples")
+    n_batches = -(-n // batch_size)
+    t = np.arange(n) // batch_size  # 0-based batch of each sample
+    size = np.minimum(batch_size, n - t * batch_size)  # last batch may be short
+    coef = (1.0 - beta) * np.power(beta, (n_batches - 1 - t).astype(np.float64)) / (1.0 - beta**n_batches)
+    return coef / size
+
+
+def stream_weights(n_a: int, n_b: int, source: str, batch_size: int, beta: float) -> np.ndarray:
+    """Per-sample Fisher weights over the store's samples (A then B); 0 outside the source."""
+    w = np.zeros(n_a + n_b, dtype=np.float64)
+    if source == "pooled":
+        w[:] = ema_sample_weights(n_a + n_b, batch_size, beta)
+    elif source == "a":
+        w[:n_a] = ema_sample_weights(n_a, batch_size, beta)
+    elif source == "b":
+        w[n_a:] = ema_sample_weights(n_b, batch_size, beta)
+    else:
+        raise ValueError(f"fisher.source must be pooled, a or b, not {source!r}")
+    return w
+
+
+def n_batches(n_a: int, n_b: int, source: str, batch_size: int) -> int:
+    n = {"pooled": n_a + n_b, "a": n_a, "b": n_b}[source]
+    return -(-n // batch_size)
+
+
+def damping(fisher: np.ndarray, rel: float, abs_: float) -> np.ndarray:
+    """λ per layer for one block: max(λ_abs, λ_rel · mean of Î over the layer's whole tensor).
+
+    `fisher` is (layer, head, param). Per tensor, never per head slice, so that
+    per-head scores add up exactly to the whole tensor's score.
+    """
+    mean = fisher.reshape(fisher.shape[0], -1).astype(np.float64).mean(axis=1)
+    return np.maximum(abs_, rel * mean)

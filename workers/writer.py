@@ -1,0 +1,173 @@
+"""The extraction task a worker runs: one shard of samples → whole store chunks.
+
+A shard is a contiguous range of samples aligned to the store's sample chunks, so
+the task writes whole chunks that no other task touches (concurrent partial
+writes to one chunk/shard corrupt Zarr data). Order of writes: gradients, loss,
+the shard's Fisher partial sum, and last the completed-shard record; a task
+killed midway leaves no record, and rerunning it rewrites the same bytes.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import schema
+from pipeline.spec import ModelSpec
+
+from .grads import per_sample_grads
+from .layouts import AttentionLayout, discover_layout
+from .losses import loss_task_for
+from .models import load_model, weights_hash
+from .slicing import slice_all
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Some samples produced NaN/Inf gradients or losses."""
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one shard needs; small and picklable (token ids, not tensors)."""
+
+    store_path: str
+    storage_options: dict
+    model: ModelSpec
+    include_bias: bool
+    layers: tuple[int, ...]
+    blocks: tuple[str, ...]
+    shard: int
+    start: int  # first sample index in the store
+    input_ids: tuple[tuple[int, ...], ...]
+    sample_ids: tuple[str, ...]
+    labels: tuple[int | None, ...]
+    fisher_weights: tuple[float, ...]  # Σ_i w_i g_i² is this shard's Fisher contribution
+    batch_size: int
+    device: str  # auto | cpu | cuda
+    nonfinite: str  # error | skip
+    storage_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    shard: int
+    weights_hash: str
+    skipped: tuple[str, ...] = ()
+    device: str = "cpu"
+    worker: str = ""
+
+
+# One model per worker process, reused by every shard the worker runs.
+_CACHE: dict[Any, tuple[torch.nn.Module, AttentionLayout, str]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_device(device: str) -> str:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("extract.device = 'cuda' but this worker has no CUDA device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torch.nn.Module, AttentionLayout, str]:
+    key = (spec.model_dump_json(), include_bias, device)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE.clear()  # one model per worker: drop any other before loading
+            model = load_model(spec, device=device)
+            layout = discover_layout(model, declared=spec.layout, include_bias=include_bias)
+            _CACHE[key] = (model, layout, weights_hash(model))
+        return _CACHE[key]
+
+
+def _set_threads() -> None:
+    try:  # inside a Dask worker: use exactly the threads it was given
+        from distributed import get_worker
+
+        torch.set_num_threads(max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        pass
+
+
+def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device: str, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked out of attention and of the loss."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for r, x in enumerate(input_ids):
+        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[r, : len(x)] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if any(lab is not None for lab in labels):
+        batch["labels"] = torch.tensor([-100 if lab is None else lab for lab in labels], dtype=torch.long, device=device)
+    return batch
+
+
+def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+    """Per-sample gradient slices, losses and the Fisher partial of one shard (no I/O)."""
+    device = resolve_device(task.device)
+    model, full_layout, whash = worker_model(task.model, task.include_bias, device)
+    layout = full_layout.subset(layers=task.layers, blocks=task.blocks)
+    loss_task = loss_task_for(model)
+    n = len(task.input_ids)
+    heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
+    sizes = {b: layout.block_size(b) for b in task.blocks}
+    grads = {b: np.zeros((n, len(task.layers), heads[b], sizes[b]), dtype=np.float32) for b in task.blocks}
+    fisher = {b: torch.zeros((len(task.layers), heads[b], sizes[b]), dtype=torch.float64, device=device) for b in task.blocks}
+    losses = np.zeros(n, dtype=np.float32)
+    bad: list[str] = []
+    w_all = torch.tensor(task.fisher_weights, dtype=torch.float64, device=device)
+    for s in range(0, n, task.batch_size):
+        e = min(n, s + task.batch_size)
+        batch = pad_batch(list(task.input_ids[s:e]), list(task.labels[s:e]), device)
+        res = per_sample_grads(model, batch, layout.param_names, loss_task)
+        sl = slice_all(layout, res.grads, blocks=task.blocks, layers=task.layers)
+        finite = torch.isfinite(res.losses)
+        for t in sl.values():
+            finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        w = w_all[s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
+        for r in torch.nonzero(~finite).flatten().tolist():
+            bad.append(task.sample_ids[s + r])
+        losses[s:e] = res.losses.detach().float().cpu().numpy()
+        for b in task.blocks:
+            stack = torch.stack([sl[(b, l)] for l in task.layers], dim=1).float()  # (B, L, H, P)
+            stack = torch.where(finite[:, None, None, None], stack, torch.zeros((), device=stack.device))
+            fisher[b] += torch.einsum("i,ilhp->lhp", w, stack.double() ** 2)
+            grads[b][s:e] = stack.cpu().numpy()
+    return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
+
+
+def extract_shard(task: ShardTask) -> ShardResult:
+    """Compute one shard and write its whole chunks; the done-record is written last."""
+    from pipeline.store import open_root
+
+    _set_threads()
+    grads, losses, fisher, bad, whash, device = compute_shard(task)
+    if bad and task.nonfinite == "error":
+        raise NonFiniteGradientError(
+            f"non-finite loss or gradients for samples {bad}; drop them from the task file, or set "
+            "extract.nonfinite = 'skip' to record and exclude them"
+        )
+    root = open_root(task.store_path, task.storage_options, mode="r+")
+    stop = task.start + len(task.input_ids)
+    g = root[schema.GRADIENTS]
+    for b, arr in grads.items():
+        g[b][task.start : stop] = schema.encode(arr, task.storage_dtype)
+    g[schema.LOSS][task.start : stop] = losses
+    ok = np.array([sid not in set(bad) for sid in task.sample_ids])
+    g["finite"][task.start : stop] = ok
+    work = root[schema.WORK]
+    for b, arr in fisher.items():
+        work[f"fisher_{b}"][task.shard] = arr
+    work["done"][task.shard] = 1
+    try:
+        from distributed import get_worker
+
+        wname = get_worker().address
+    except (ImportError, ValueError):
+        wname = "inline"
+    return ShardResult(task.shard, whash, tuple(bad), device, wname)
