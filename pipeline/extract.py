@@ -124,10 +124,10 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
                               attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
     labels = [plan.task_names[0]] * plan.n_a + [plan.task_names[1]] * plan.n_b
     coords = {
-        schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=str)),
-        schema.TASK: (schema.SAMPLE, np.array(labels, dtype=str)),
+        schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=object)),
+        schema.TASK: (schema.SAMPLE, np.array(labels, dtype=object)),
         schema.N_TOKENS: (schema.SAMPLE, np.array([len(x) for x in plan.input_ids], dtype=np.int32)),
-        "text": (schema.SAMPLE, np.array([_text_preview(t) for t in plan.texts], dtype=str)),
+        "text": (schema.SAMPLE, np.array([_text_preview(t) for t in plan.texts], dtype=object)),
         schema.LOSS: (schema.SAMPLE, da.full(n, np.nan, chunks=plan.shard_size, dtype=np.float32)),
         "finite": (schema.SAMPLE, da.zeros(n, chunks=plan.shard_size, dtype=bool)),
         schema.LAYER: (schema.LAYER, np.array(plan.layers, dtype=np.int32)),
@@ -160,10 +160,12 @@ def write_template(plan: ExtractPlan, job: JobSpec) -> None:
     root = open_root(job.output.path, job.output.storage_options, mode="r+")
     work = root.require_group(schema.WORK)
     n_shards = len(plan.shards)
-    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True)
+    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
+                      dimension_names=("shard",))
     for b in plan.blocks:
         shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
-        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True)
+        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True,
+                          dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
 
 
 def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int]) -> list[ShardTask]:
@@ -217,7 +219,7 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
         data,
         coords={
             schema.LAYER: np.array(plan.layers, dtype=np.int32),
-            schema.BLOCK: np.array(plan.blocks, dtype=str),
+            schema.BLOCK: np.array(plan.blocks, dtype=object),
         },
     )
     ds["damping"] = xr.Variable((schema.BLOCK, schema.LAYER), np.stack([lam[b] for b in plan.blocks]))

@@ -70,7 +70,7 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = 
     n = keep.size
     if n_a_kept == 0 or n == n_a_kept:
         raise ValueError("no usable samples left in task A or task B (all skipped for non-finite gradients)")
-    ids = grads[schema.SAMPLE_ID].values[keep].astype(str)
+    ids = grads[schema.SAMPLE_ID].values[keep].astype(object)
     kv_of = np.asarray(grads["kv_head_of"].values)
     blocks = [b for b in schema.BLOCKS if b in grads]
     c = min(n, sample_chunk)
@@ -84,7 +84,7 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = 
             pooled[name].append(arr.astype(np.float32).rechunk((1, 1, c, c)))
     layer = grads[schema.LAYER].values
     coords = {
-        schema.BLOCK: np.array(blocks, dtype=str),
+        schema.BLOCK: np.array(blocks, dtype=object),
         schema.LAYER: layer,
         schema.HEAD: grads[schema.HEAD].values,
         schema.KV_HEAD: (schema.HEAD, kv_of.astype(np.int32)),

@@ -1,0 +1,149 @@
+"""Extract stage: the gradient store, the Fisher, invariances, executors, resume."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import schema
+from pipeline.executors import DaskExecutor, InlineExecutor
+from pipeline.extract import pending_shards, plan_extract, run_extract
+from pipeline.run import prepare_output
+from pipeline.score import open_fisher, open_gradients
+from pipeline.store import open_root
+from pipeline.testing import tiny_job
+
+
+def extract(job, executor=None):
+    prepare_output(job, resume=False, overwrite=True)
+    return run_extract(job, executor or InlineExecutor())
+
+
+def stored(job, block):
+    return open_gradients(job.output.path)[block].values
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("extract")
+    job = tiny_job(tmp, "llama_gqa", n_a=10, n_b=7, fisher={"beta": 0.9, "batch_size": 4})
+    info = extract(job)
+    return tmp, job, info
+
+
+def test_store_is_readable_by_xarray_with_named_dims_and_user_ids(base):
+    tmp, job, info = base
+    ds = xr.open_zarr(job.output.path, group="gradients", consolidated=False)
+    assert ds["Q"].dims == ("sample", "layer", "head", "param")
+    assert ds["K"].dims == ("sample", "layer", "kv_head", "param")
+    assert ds.sizes["head"] == 4 and ds.sizes["kv_head"] == 2
+    assert list(ds.sample_id.values[:3]) == ["a0", "a1", "a2"] and ds.sample_id.values[-1] == "b6"
+    assert set(ds.task.values) == {"alpha", "beta"}
+    assert np.isfinite(ds.loss.values).all() and (ds.loss.values > 0).all()
+    assert ds.attrs[schema.ATTR_COMPLETE] is True
+    prov = ds.attrs[schema.ATTR_PROVENANCE]
+    assert prov["config_hash"] == job.config_hash() and "torch" in prov["versions"]
+    assert ds.attrs["weights_hash"] == info["weights_hash"]
+    tree = xr.open_datatree(job.output.path, engine="zarr", consolidated=False)
+    assert {"gradients", "fisher"} <= set(tree.children)
+
+
+def ema_reference(g2: np.ndarray, beta: float, batch: int) -> np.ndarray:
+    """The bias-corrected EMA of batch means of g², written as the recursion."""
+    F = np.zeros(g2.shape[1:])
+    T = 0
+    for s in range(0, len(g2), batch):
+        F = beta * F + (1 - beta) * g2[s : s + batch].mean(axis=0)
+        T += 1
+    return F / (1 - beta**T)
+
+
+@pytest.mark.parametrize("source", ["pooled", "a", "b"])
+def test_fisher_equals_independent_bias_corrected_ema(tmp_path, base, source):
+    _, job0, _ = base
+    # 16 pooled samples, batch 4: beta = 0.9 over exactly 4 batches; a/b streams have a short last batch
+    job = tiny_job(tmp_path, "llama_gqa", n_a=9, n_b=7, fisher={"beta": 0.9, "batch_size": 4, "source": source})
+    extract(job)
+    f = open_fisher(job.output.path)
+    assert f.attrs["beta"] == 0.9 and f.attrs["source"] == source
+    n_a = 9
+    for b in "QKVO":
+        g = stored(job, b).astype(np.float64)
+        sel = {"pooled": slice(None), "a": slice(0, n_a), "b": slice(n_a, None)}[source]
+        ref = ema_reference(g[sel] ** 2, 0.9, 4)
+        got = f[b].values.astype(np.float64)
+        assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max(), b
+        np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-12 * np.abs(ref).max())
+        lam = f["damping"].sel(block=b).values
+        np.testing.assert_allclose(lam, np.maximum(0.0, 1e-6 * ref.reshape(ref.shape[0], -1).mean(axis=1)), rtol=1e-6)
+    assert f.attrs["T"] == {"pooled": 4, "a": 3, "b": 2}[source]
+
+
+def test_gradients_do_not_depend_on_extraction_batch_size(tmp_path, base):
+    _, job0, _ = base
+    ref = {b: stored(job0, b) for b in "QKVO"}
+    for bs in (1, 8):
+        job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=7, extract={"batch_size": bs},
+                       fisher={"beta": 0.9, "batch_size": 4}, output={"path": str(tmp_path / f"bs{bs}")})
+        extract(job)
+        for b in "QKVO":
+            got = stored(job, b)
+            scale = np.abs(ref[b]).max()
+            assert np.abs(got - ref[b]).max() <= 1e-5 * scale, (bs, b)
+
+
+def test_two_process_local_cluster_writes_identical_store(tmp_path, base):
+    from distributed import Client, LocalCluster
+
+    _, job0, _ = base
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=7, fisher={"beta": 0.9, "batch_size": 4},
+                   output={"path": str(tmp_path / "cluster")})
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as c:
+        extract(job, DaskExecutor(c))
+    for b in "QKVO":
+        np.testing.assert_array_equal(stored(job, b), stored(job0, b))
+        np.testing.assert_array_equal(open_fisher(job.output.path)[b].values, open_fisher(job0.output.path)[b].values)
+
+
+def test_resume_recomputes_only_unfinished_shards(tmp_path, base):
+    _, job0, _ = base
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=7, fisher={"beta": 0.9, "batch_size": 4},
+                   output={"path": str(tmp_path / "resume")})
+    extract(job)
+    root = open_root(job.output.path, mode="r+")
+    # simulate a crash after shard 1's data but before its record, and shard 3 never written
+    root[schema.WORK]["done"][1] = 0
+    root[schema.WORK]["done"][3] = 0
+    root[schema.GRADIENTS]["Q"][12:16] = 0.0
+    plan = plan_extract(job)
+    assert pending_shards(plan, job) == [1, 3]
+    info = run_extract(job, InlineExecutor(), plan=plan, fresh=False)
+    assert info["computed"] == 2 and info["shards"] == 5
+    for b in "QKVO":
+        np.testing.assert_array_equal(stored(job, b), stored(job0, b))
+
+
+def test_bfloat16_storage_round_trips_to_nearest_bf16(tmp_path, base):
+    import torch
+
+    _, job0, _ = base
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=7, fisher={"beta": 0.9, "batch_size": 4},
+                   score={"storage_dtype": "bfloat16"}, output={"path": str(tmp_path / "bf16")})
+    extract(job)
+    raw = xr.open_zarr(job.output.path, group="gradients", consolidated=False)
+    assert raw["Q"].dtype == np.uint16 and raw["Q"].attrs[schema.ATTR_ENCODING] == "bfloat16"
+    for b in "QKVO":
+        expect = torch.from_numpy(stored(job0, b)).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(stored(job, b), expect)
+    # the Fisher is accumulated from the float32 gradients, not the rounded ones
+    np.testing.assert_array_equal(open_fisher(job.output.path)["Q"].values, open_fisher(job0.output.path)["Q"].values)
+
+
+def test_layers_and_blocks_subset(tmp_path):
+    job = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4, score={"layers": [1], "blocks": ["O", "Q"]})
+    extract(job)
+    ds = open_gradients(job.output.path)
+    assert set(ds.data_vars) == {"Q", "O"} and list(ds.layer.values) == [1]
+    bad = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4, score={"layers": [0, 7]}, output={"path": str(tmp_path / "bad")})
+    with pytest.raises(ValueError, match=r"out of range.*2 attention layers"):
+        plan_extract(bad)
