@@ -1,0 +1,214 @@
+"""Exact per-sample gradients of chosen Linear/Conv1D parameters, from activations.
+
+For a linear map y = x Wᵀ + b applied to a sample's tokens, the gradient of
+that sample's loss is ∇W = Σ_t ∂ℓ/∂y_tᵀ x_t and ∇b = Σ_t ∂ℓ/∂y_t. Backpropagating
+L = Σ_i ℓ_i gives every sample its own ∂ℓ_i/∂y (samples only meet in the sum),
+so one forward with hooks that keep each module's input and output, one
+`autograd.grad(L, outputs)` and one batched matmul per module give all B
+per-sample gradients at about the cost of a normal backward. No parameter .grad
+is computed: parameters are frozen and only activations carry gradients.
+"""
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from workers.losses import LossTask, attention_mask_of
+
+
+@dataclass(frozen=True)
+class PerSampleResult:
+    losses: Tensor  # (B,) float32, each sample's own loss
+    grads: dict[str, Tensor]  # param name -> (B, *param.shape) float32
+    n_tokens: Tensor  # (B,) int64, real (attention_mask = 1) tokens of each sample
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call of a hooked module: its input and output, with their in-place version stamps."""
+
+    x: Tensor
+    y: Tensor
+    x_version: int
+    y_version: int
+
+
+def per_sample_grads(
+    model: nn.Module, batch: dict[str, Tensor], param_names: Sequence[str], loss_task: LossTask
+) -> PerSampleResult:
+    """Per-sample gradients g_i = ∇θ ℓ_i of `param_names` (weights/biases of nn.Linear or Conv1D modules).
+
+    The batch must be right-padded; results do not depend on the batch's size,
+    composition or padding. The model runs in eval mode (no dropout) for the
+    call; its training flags, requires_grad flags and hooks are restored
+    afterwards, also on errors. A module called several times per forward (or a
+    parameter shared by several modules) gets the sum of its uses' gradients.
+    """
+    names = list(dict.fromkeys(param_names))
+    if not names:
+        raise ValueError("param_names is empty: name at least one parameter")
+    owners = _owners(model, names)
+    modules = list({id(m): m for uses in owners.values() for m, _ in uses}.values())
+
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    mask = attention_mask_of(batch)
+    _check_right_padded(mask)
+    n, seq_len = batch["input_ids"].shape
+
+    calls: dict[int, list[_Call]] = {id(m): [] for m in modules}
+    with _prepared(model, modules, calls, n), torch.enable_grad():
+        losses = loss_task.per_sample_loss(model, batch)
+    if losses.shape != (n,):
+        raise ValueError(f"loss task {loss_task.name!r} returned shape {tuple(losses.shape)}, expected ({n},)")
+
+    order = [(m, c) for m in modules for c in calls[id(m)]]
+    uncalled = [_name_of(model, m) for m in modules if not calls[id(m)]]
+    if uncalled:
+        raise RuntimeError(f"modules {uncalled} were not called during the forward, so their parameters have no gradient here")
+    for m, c in order:
+        if not c.y.requires_grad:
+            raise RuntimeError(
+                f"the output of {_name_of(model, m)} does not require grad (is gradient checkpointing on, "
+                "or does the model run this module under no_grad?)"
+            )
+    go = torch.autograd.grad(losses.float().sum(), [c.y for _, c in order], allow_unused=True)
+
+    per_module: dict[int, dict[str, Tensor]] = {}
+    for (m, c), g in zip(order, go):
+        if c.x._version != c.x_version or c.y._version != c.y_version:
+            raise RuntimeError(f"the input or output of {_name_of(model, m)} was modified in place after the call; its gradient cannot be read from activations")
+        contrib = _module_grads(m, c.x, torch.zeros_like(c.y) if g is None else g, n, seq_len)
+        acc = per_module.setdefault(id(m), {})
+        for attr, t in contrib.items():
+            acc[attr] = t if attr not in acc else acc[attr] + t
+
+    grads = {}
+    for name in names:
+        parts = [per_module[id(m)][attr] for m, attr in owners[name]]
+        grads[name] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
+    return PerSampleResult(losses=losses.detach().float(), grads=grads, n_tokens=mask.sum(dim=1).long())
+
+
+def weight_grad(x: Tensor, go: Tensor, transposed: bool) -> Tensor:
+    """Per-sample Σ_t go[i,t]ᵀ x[i,t]: (B, out, in), or (B, in, out) for a transposed (Conv1D) weight.
+
+    x: (B, T, in), go: (B, T, out); float32 result with float32 accumulation.
+    """
+    if transposed:
+        return _bmm_f32(x.transpose(1, 2), go)
+    return _bmm_f32(go.transpose(1, 2), x)
+
+
+def bias_grad(go: Tensor) -> Tensor:
+    """Per-sample Σ_t go[i,t]: (B, out) float32."""
+    return go.sum(dim=1, dtype=torch.float32)
+
+
+def _module_grads(m: nn.Module, x: Tensor, go: Tensor, n: int, seq_len: int) -> dict[str, Tensor]:
+    # Inputs are (B, ..., in), or (B·T, in) where a model flattens the tokens (OPT's MLP).
+    flat_tokens = x.dim() == 2 and x.shape[0] == n * seq_len
+    if x.shape[0] != n and not flat_tokens:
+        raise RuntimeError(
+            f"{type(m).__name__} saw input of shape {tuple(x.shape)}: per-sample gradients need the batch "
+            f"dimension ({n}) first, or flattened tokens ({n}·{seq_len})"
+        )
+    x3 = x.reshape(n, -1, x.shape[-1])
+    go3 = go.reshape(n, -1, go.shape[-1])
+    out = {"weight": weight_grad(x3, go3, transposed=isinstance(m, Conv1D))}
+    if m.bias is not None:
+        out["bias"] = bias_grad(go3)
+    return out
+
+
+def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    if a.dtype in (torch.bfloat16, torch.float16) and _has_bmm_out_dtype(a.device):
+        # Half-precision tensor-core matmul with float32 accumulation and output.
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    return torch.bmm(a.float(), b.float())
+
+
+@functools.cache
+def _has_bmm_out_dtype(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        a = torch.ones(1, 1, 1, device=device, dtype=torch.bfloat16)
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def _owners(model: nn.Module, names: list[str]) -> dict[str, list[tuple[nn.Module, str]]]:
+    """For each parameter name, every distinct (module, attribute) that holds that parameter."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"parameters not in the model: {missing}")
+    holders: dict[int, dict[int, tuple[nn.Module, str]]] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        for attr, p in m.named_parameters(recurse=False):
+            holders.setdefault(id(p), {})[id(m)] = (m, attr)
+    out = {}
+    for name in names:
+        uses = list(holders[id(params[name])].values())
+        bad = [f"{_name_of(model, m)} ({type(m).__name__}.{attr})" for m, attr in uses if not _supported(m, attr)]
+        if bad:
+            raise ValueError(f"{name}: per-sample gradients need the parameter to be the weight or bias of nn.Linear or transformers Conv1D modules only; it is held by {bad}")
+        out[name] = uses
+    return out
+
+
+def _supported(m: nn.Module, attr: str) -> bool:
+    return isinstance(m, (nn.Linear, Conv1D)) and attr in ("weight", "bias")
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+
+
+def _check_right_padded(mask: Tensor) -> None:
+    # Left padding would shift absolute positions of real tokens, so results would depend on the batch.
+    if mask.dim() != 2 or bool((mask[:, 0] == 0).any()) or bool((mask[:, 1:] > mask[:, :-1]).any()):
+        raise ValueError("the batch must be right-padded: every attention_mask row must be 1…1 0…0 with at least one real token")
+
+
+@contextmanager
+def _prepared(model: nn.Module, modules: list[nn.Module], calls: dict[int, list[_Call]], n: int) -> Iterator[None]:
+    """Frozen parameters, eval mode, and hooks that record the modules' calls; all undone on exit."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    modes = [(m, m.training) for m in model.modules()]
+    handles = []
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        model.eval()
+        emb = model.get_input_embeddings()
+        # With every parameter frozen the graph starts at the embeddings' output.
+        handles.append(emb.register_forward_hook(lambda _m, _i, out: out.requires_grad_() if not out.requires_grad else out))
+        for m in modules:
+            handles.append(m.register_forward_hook(functools.partial(_record, calls[id(m)])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, mode in modes:
+            m.training = mode
+
+
+def _record(store: list[_Call], _module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    x = args[0].detach()
+    store.append(_Call(x=x, y=out, x_version=x._version, y_version=out._version))
+    # The model gets a copy: in-place ops downstream (Falcon's `mlp_output += ...`) then leave
+    # the recorded output intact, and its gradient is the gradient of this call's output.
+    return out.clone()
