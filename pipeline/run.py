@@ -130,7 +130,7 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
         summary.timings["score"] = time.perf_counter() - t
         t = time.perf_counter()
         tick("stats", 0, 1)
-        run_stats(job.output.path, job.stats, client=client, replace=True, storage_options=job.output.storage_options)
+        run_stats(job.output.path, job.stats, client=client, replace=True, storage_options=job.output.storage_options or None)
         tick("stats", 1, 1)
         summary.timings["stats"] = time.perf_counter() - t
     finally:
