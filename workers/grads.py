@@ -63,7 +63,7 @@ def per_sample_grads(
     n, seq_len = batch["input_ids"].shape
 
     calls: dict[int, list[_Call]] = {id(m): [] for m in modules}
-    with _prepared(model, modules, calls, n), torch.enable_grad():
+    with _prepared(model, modules, calls), torch.enable_grad():
         losses = loss_task.per_sample_loss(model, batch)
     if losses.shape != (n,):
         raise ValueError(f"loss task {loss_task.name!r} returned shape {tuple(losses.shape)}, expected ({n},)")
@@ -182,7 +182,7 @@ def _check_right_padded(mask: Tensor) -> None:
 
 
 @contextmanager
-def _prepared(model: nn.Module, modules: list[nn.Module], calls: dict[int, list[_Call]], n: int) -> Iterator[None]:
+def _prepared(model: nn.Module, modules: list[nn.Module], calls: dict[int, list[_Call]]) -> Iterator[None]:
     """Frozen parameters, eval mode, and hooks that record the modules' calls; all undone on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     modes = [(m, m.training) for m in model.modules()]
