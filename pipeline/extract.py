@@ -55,7 +55,7 @@ class ExtractPlan:
 
 
 def meta_layout(job: JobSpec):
-    """The model's attention layout from its config alone (meta device: no weights read)."""
+    """The model's attention layout and kind from its config alone (meta device: no weights read)."""
     import torch
     import transformers as tf
 
@@ -67,7 +67,7 @@ def meta_layout(job: JobSpec):
     cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(config, attn_implementation=job.model.attn_implementation)
-    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias)
+    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
 
 
 def plan_extract(job: JobSpec) -> ExtractPlan:
@@ -78,7 +78,14 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
     b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
     samples = list(a) + list(b)
-    layout = meta_layout(job)
+    layout, kind = meta_layout(job)
+    if kind == "sequence_classification":
+        # a missing label would silently give loss 0 and gradient 0
+        missing = [s.id for s in samples if s.label is None]
+        if missing:
+            from workers.tasks import TaskFileError
+
+            raise TaskFileError(f"the model is a sequence classifier but samples {missing[:10]} have no integer 'label' field; add one to every row")
     layers = tuple(job.score.layers) if job.score.layers is not None else tuple(range(layout.n_layers))
     bad = [l for l in layers if l >= layout.n_layers]
     if bad:
