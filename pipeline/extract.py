@@ -74,6 +74,9 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     from workers.models import load_tokenizer
     from workers.tasks import load_task
 
+    if job.score.mode != "exact":
+        raise ValueError(f"score.mode = {job.score.mode!r} is not available in this qkov version; use mode = 'exact' "
+                         "(store fewer layers or bfloat16 gradients to save space)")
     tokenizer = load_tokenizer(job.model)
     a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
     b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
