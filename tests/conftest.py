@@ -1,6 +1,7 @@
 """Shared pytest fixtures (kept light: no model is built at import time)."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# One converted copy of the pretrained test models per checkout (gitignored), shared by
+# every test and worker process; a user's own QKOV_CACHE wins.
+os.environ.setdefault("QKOV_CACHE", str(ROOT / ".cache" / "qkov"))
 
 
 @pytest.fixture
