@@ -44,24 +44,49 @@ def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> np.ndarray:
         return np.where(reg > 0, 1.0 / reg, 0.0)
 
 
-def block_scores(g: da.Array, inv: np.ndarray, dtype=np.float64) -> tuple[da.Array, da.Array]:
+def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str = "float64") -> np.ndarray:
+    """Both scores for one (layer, head) and one pair of sample chunks.
+
+    gi: (1, 1, ci, P), gj: (1, 1, cj, P) gradients; inv: (1, 1, P) = 1/Î_reg.
+    Returns (2, 1, 1, ci, cj) float32: [interference, alignment]. torch runs the
+    matmuls (MKL on CPU, cuBLAS on a worker's GPU without TF32), accumulating in
+    `accumulate`; the elementwise terms are formed here, per block, so the
+    (N, P) operands u, |g| and g/√Î are never materialised for the whole run.
+    """
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = getattr(torch, accumulate)
+    a = torch.as_tensor(np.asarray(gi)[0, 0], device=dev).to(dt)
+    b = a if gj is gi else torch.as_tensor(np.asarray(gj)[0, 0], device=dev).to(dt)
+    w = torch.as_tensor(np.asarray(inv)[0, 0], device=dev).to(dt)
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact-mode scores: no 10-bit mantissa products
+    sw = torch.sqrt(w)
+    interference = (a * a * w) @ b.abs().T
+    alignment = (a * sw) @ (b * sw).T
+    out = torch.stack([interference, alignment]).to(torch.float32).cpu().numpy()
+    return out[:, None, None]
+
+
+def block_scores(g: da.Array, inv: np.ndarray, accumulate: str = "float64") -> tuple[da.Array, da.Array]:
     """Pooled interference and alignment for one block.
 
-    g: (sample, layer, head, param) dask array; inv: (layer, head, param) 1/Î_reg.
-    Returns two (layer, head, sample, sample) arrays.
+    g: (sample, layer, head, param) dask array with param in one chunk;
+    inv: (layer, head, param) 1/Î_reg. Returns two (layer, head, sample, sample) arrays.
     """
-    gt = g.astype(dtype).transpose(1, 2, 0, 3)  # (L, H, N, P)
-    inv_d = da.from_array(inv.astype(dtype), chunks=(1, 1, inv.shape[-1]))[:, :, None, :]
-    u = gt * gt * inv_d
-    v = abs(gt)
-    w = gt * da.sqrt(inv_d)
-    interference = da.matmul(u, da.swapaxes(v, -1, -2))
-    alignment = da.matmul(w, da.swapaxes(w, -1, -2))
-    return interference, alignment
+    gt = g.transpose(1, 2, 0, 3)  # (L, H, N, P)
+    inv_d = da.from_array(inv, chunks=(1, 1, inv.shape[-1]))
+    both = da.blockwise(
+        pair_kernel, "slhij",
+        gt, "lhip", gt, "lhjp", inv_d, "lhp",
+        new_axes={"s": 2}, concatenate=True, dtype=np.float32, accumulate=accumulate,
+    )
+    return both[0], both[1]
 
 
 def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
-                  dtype=np.float64) -> xr.Dataset:
+                  accumulate: str = "float64") -> xr.Dataset:
     """The lazy `scores` dataset (pooled matrices and their A×B blocks) for every block present."""
     n_a = int(grads.attrs["n_a"])
     finite = np.asarray(grads["finite"].values, dtype=bool)
@@ -77,11 +102,11 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = 
     pooled = {s: [] for s in schema.SCORES}
     for b in blocks:
         g = grads[b].data[keep].rechunk((c, 1, 1, -1))
-        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), dtype)
+        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate)
         for name, arr in (("interference", inter), ("alignment", align)):
             if schema.head_dim(b) == schema.KV_HEAD:  # shown per query head
                 arr = arr[:, kv_of]
-            pooled[name].append(arr.astype(np.float32).rechunk((1, 1, c, c)))
+            pooled[name].append(arr.rechunk((1, 1, c, c)))
     layer = grads[schema.LAYER].values
     coords = {
         schema.BLOCK: np.array(blocks, dtype=object),
