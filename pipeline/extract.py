@@ -7,6 +7,8 @@ complete. A completed-shard record per shard lets `--resume` skip finished work.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from workers import fisher as fisher_math
-from workers.writer import ShardResult, ShardTask, extract_shard
+from workers.writer import NonFiniteGradientError, ShardResult, ShardTask, extract_shard
 
 from . import schema
 from .spec import JobSpec
@@ -53,6 +55,14 @@ class ExtractPlan:
     def shards(self) -> list[tuple[int, int]]:
         return [(s, min(self.n, s + self.shard_size)) for s in range(0, self.n, self.shard_size)]
 
+    def fingerprint(self) -> str:
+        """Hash of what the shards compute from (samples, tokens, labels, slices): a resumed
+        run must plan exactly this, or its finished shards belong to other inputs."""
+        what = [self.sample_ids, self.task_names, self.n_a, self.input_ids, self.labels, self.layers,
+                self.blocks, sorted(self.heads.items()), sorted(self.sizes.items()), self.shard_size,
+                [float(w) for w in self.fisher_weights]]
+        return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
 
 def meta_layout(job: JobSpec):
     """The model's attention layout and kind from its config alone (meta device: no weights read)."""
@@ -70,9 +80,20 @@ def meta_layout(job: JobSpec):
     return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
 
 
+def meta_vocab_size(job: JobSpec) -> int:
+    """Rows of the model's input embedding, from its config alone."""
+    import transformers as tf
+
+    from workers.models import model_folder
+
+    config = tf.AutoConfig.from_pretrained(str(model_folder(job.model)), local_files_only=True)
+    size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    return int(size)
+
+
 def plan_extract(job: JobSpec) -> ExtractPlan:
     from workers.models import load_tokenizer
-    from workers.tasks import load_task
+    from workers.tasks import load_task, validate_vocab
 
     if job.score.mode != "exact":
         raise ValueError(f"score.mode = {job.score.mode!r} is not available in this qkov version; use mode = 'exact' "
@@ -82,6 +103,8 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
     samples = list(a) + list(b)
     layout, kind = meta_layout(job)
+    for task in (a, b):  # an id past the embedding would fail on a worker with an IndexError
+        validate_vocab(task, meta_vocab_size(job))
     if kind == "sequence_classification":
         # a missing label would silently give loss 0 and gradient 0
         missing = [s.id for s in samples if s.label is None]
@@ -170,12 +193,14 @@ def write_template(plan: ExtractPlan, job: JobSpec) -> None:
     root = open_root(job.output.path, job.output.storage_options, mode="r+")
     work = root.require_group(schema.WORK)
     n_shards = len(plan.shards)
-    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
-                      dimension_names=("shard",))
     for b in plan.blocks:
         shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
         work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
+    work.attrs["plan"] = plan.fingerprint()
+    # `done` last: its presence is what marks the template as written (see run._has_template)
+    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
+                      dimension_names=("shard",))
 
 
 def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int]) -> list[ShardTask]:
@@ -211,6 +236,15 @@ def pending_shards(plan: ExtractPlan, job: JobSpec) -> list[int]:
     return [k for k in range(len(plan.shards)) if not done[k]]
 
 
+def _check_same_plan(plan: ExtractPlan, job: JobSpec) -> None:
+    stored = open_root(job.output.path, job.output.storage_options, mode="r")[schema.WORK].attrs.get("plan")
+    if stored is not None and stored != plan.fingerprint():
+        raise StoreError(
+            "--resume refused: the samples differ from those this run started with (a task file or the "
+            "tokenizer changed since); restore them, or start over with --overwrite."
+        )
+
+
 def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> xr.Dataset:
     """Σ over shards (in shard order, float64) of each shard's Σ w_i g_i²; damping per tensor."""
     root = open_root(job.output.path, job.output.storage_options, mode="r+")
@@ -241,6 +275,8 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
         source=f.source,
         damping_rel=f.damping_rel,
         damping_abs=f.damping_abs,
+        # extract.nonfinite = "skip": these samples' g² count as 0 in their batch's mean
+        skipped_samples=list(root[schema.WORK].attrs.get("skipped", [])),
         **{f"lambda_{b}": [float(x) for x in lam[b]] for b in plan.blocks},
     )
     store = zarr_store(job.output.path, job.output.storage_options)
@@ -256,6 +292,8 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
     plan = plan or plan_extract(job)
     if fresh:
         write_template(plan, job)
+    else:
+        _check_same_plan(plan, job)
     todo = pending_shards(plan, job)
     total = len(plan.shards)
     done_count = [total - len(todo)]
@@ -275,9 +313,18 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
     whash = next(iter(hashes), None)
     if whash:
         root[schema.WORK].attrs["weights_hash"] = whash
-    skipped = sorted({s for r in results for s in r.skipped})
-    if skipped:
-        root[schema.WORK].attrs["skipped"] = sorted(set(root[schema.WORK].attrs.get("skipped", [])) | set(skipped))
+    order = {sid: k for k, sid in enumerate(plan.sample_ids)}
+    skipped = sorted({s for r in results for s in r.skipped}, key=order.__getitem__)
+    if skipped:  # kept across resumed attempts, in store order
+        earlier = set(root[schema.WORK].attrs.get("skipped", []))
+        root[schema.WORK].attrs["skipped"] = sorted(earlier | set(skipped), key=lambda s: order.get(s, len(order)))
+    rejected = [s for r in results for s in r.rejected]  # shard order = store order
+    if rejected:
+        raise NonFiniteGradientError(
+            f"non-finite loss or gradients for {len(rejected)} sample(s): {rejected}; their shards were not written. "
+            "Drop them from the task files, or set extract.nonfinite = 'skip' to record and exclude them "
+            "(then rerun with --overwrite)."
+        )
     if pending_shards(plan, job):
         raise StoreError("some extraction shards did not complete; rerun with --resume")
     consolidate_fisher(plan, job, whash)

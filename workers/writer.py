@@ -55,9 +55,10 @@ class ShardTask:
 class ShardResult:
     shard: int
     weights_hash: str
-    skipped: tuple[str, ...] = ()
+    skipped: tuple[str, ...] = ()  # non-finite samples recorded and excluded (nonfinite = "skip")
     device: str = "cpu"
     worker: str = ""
+    rejected: tuple[str, ...] = ()  # non-finite samples under nonfinite = "error": nothing was written
 
 
 # One model per worker process, reused by every shard the worker runs.
@@ -141,17 +142,28 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
 
 
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "inline"
+
+
 def extract_shard(task: ShardTask) -> ShardResult:
-    """Compute one shard and write its whole chunks; the done-record is written last."""
+    """Compute one shard and write its whole chunks; the done-record is written last.
+
+    Non-finite samples under nonfinite = "error" are returned, not raised: the error is
+    deterministic, so retrying the task elsewhere would only repeat it, and the driver
+    can then name every offending sample of the run at once.
+    """
     from pipeline.store import open_root
 
     _set_threads()
     grads, losses, fisher, bad, whash, device = compute_shard(task)
     if bad and task.nonfinite == "error":
-        raise NonFiniteGradientError(
-            f"non-finite loss or gradients for samples {bad}; drop them from the task file, or set "
-            "extract.nonfinite = 'skip' to record and exclude them"
-        )
+        return ShardResult(task.shard, whash, (), device, _worker_name(), rejected=tuple(bad))
     root = open_root(task.store_path, task.storage_options, mode="r+")
     stop = task.start + len(task.input_ids)
     g = root[schema.GRADIENTS]
@@ -164,10 +176,4 @@ def extract_shard(task: ShardTask) -> ShardResult:
     for b, arr in fisher.items():
         work[f"fisher_{b}"][task.shard] = arr
     work["done"][task.shard] = 1
-    try:
-        from distributed import get_worker
-
-        wname = get_worker().address
-    except (ImportError, ValueError):
-        wname = "inline"
-    return ShardResult(task.shard, whash, tuple(bad), device, wname)
+    return ShardResult(task.shard, whash, tuple(bad), device, _worker_name())
