@@ -1,0 +1,202 @@
+"""`qkov query`: a head's stats and top pairs, checked against the stored groups read directly."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import schema
+from pipeline.query import format_query, format_significant, query_head, significant_heads
+
+WORDS = ["<unk>", "<s>"] + "one two three four five plus minus equals times def return print if else for in range x y z".split()
+MAX_LENGTH = 64  # tokens; 64 words are > 200 characters, so long rows show the preview cut
+STAT_VARS = ("mean", "ci_low", "ci_high", "p_value", "q_value", "p_fwer", "significant")
+
+
+def _word_tokenizer():
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    t = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory):
+    """A real run: task A from text (long and short rows), task B pre-tokenised; Llama GQA (4 q-heads, 2 KV)."""
+    from pipeline.run import run_job
+    from pipeline.testing import tiny_job
+    from workers.models import save_tiny
+    from workers.testing import tiny_model
+
+    tmp = tmp_path_factory.mktemp("query")
+    save_tiny(tiny_model("llama_gqa", seed=0), _word_tokenizer(), tmp / "model-llama_gqa-0")  # tiny_job reuses it
+    rng = np.random.default_rng(1)
+    texts = {}
+    with (tmp / "words.jsonl").open("w") as f:
+        for k in range(9):
+            n = 80 if k % 3 == 0 else int(rng.integers(3, 10))  # some rows longer than the 200-char preview
+            # the run keeps the text its first max_length tokens cover (one token per word here)
+            texts[f"w{k}"] = " ".join(rng.choice(WORDS[2:], n))
+            f.write(json.dumps({"id": f"w{k}", "text": texts[f"w{k}"]}) + "\n")
+    texts = {k: " ".join(t.split()[:MAX_LENGTH]) for k, t in texts.items()}
+    job = tiny_job(tmp, "llama_gqa", n_a=9, n_b=7, model={"max_length": MAX_LENGTH},
+                   tasks={"a": {"name": "words", "path": str(tmp / "words.jsonl")}, "b": {"name": "ids"}})
+    run_job(job)
+    return job.output.path, texts
+
+
+def _stored(run: str, group: str) -> xr.Dataset:
+    return xr.open_zarr(run, group=group, consolidated=False)
+
+
+def test_stats_equal_the_stats_group(text_run):
+    run, _ = text_run
+    stats = _stored(run, schema.STATS).load()
+    for layer, head in [(0, 0), (1, 3)]:  # head 3 shares KV head 1 with head 2: K/V not in the family
+        res = query_head(run, layer, head, top=2)
+        assert [b["block"] for b in res["blocks"]] == ["Q", "K", "V", "O"]
+        assert res["kv_head"] == int(stats["kv_head"].sel(head=head))
+        for blk in res["blocks"]:
+            assert blk["in_family"] == bool(stats["in_family"].sel(block=blk["block"], head=head))
+            assert (blk["kv_head"] is not None) == (blk["block"] in ("K", "V"))
+            for score in ("interference", "alignment"):
+                want = stats.sel(score=score, block=blk["block"], layer=layer, head=head)
+                for v in STAT_VARS:
+                    got = blk["stats"][score][v]
+                    assert got == (bool(want[v]) if v == "significant" else pytest.approx(float(want[v]), rel=1e-12)), v
+        assert res["tasks"] == {"a": "words", "b": "ids"} and (res["n_a"], res["n_b"]) == (9, 7)
+        assert res["settings"]["n_permutations"] == stats.attrs["n_permutations"]
+        json.dumps(res, allow_nan=False)  # JSON-able, as `qkov query --json` prints it
+
+
+@pytest.mark.parametrize("score", ["interference", "alignment"])
+def test_top_pairs_follow_an_argsort_of_the_stored_scores(text_run, score):
+    run, _ = text_run
+    scores = _stored(run, schema.SCORES_GROUP)
+    layer, head, top = 1, 2, 7
+    res = query_head(run, layer, head, top=top, score=score)
+    for blk in res["blocks"]:
+        m = scores[score].sel(block=blk["block"], layer=layer, head=head).values.astype(np.float64)
+        # interference: highest first; alignment: most negative (conflicting) first
+        flat = -m.ravel() if score == "interference" else m.ravel()
+        order = np.argsort(flat, kind="stable")[:top]
+        ia, ib = np.unravel_index(order, m.shape)
+        want = [(str(scores.sample_a.values[i]), str(scores.sample_b.values[j]), m[i, j]) for i, j in zip(ia, ib)]
+        got = [(p["sample_a"], p["sample_b"], p[score]) for p in blk["top_pairs"]]
+        assert [g[:2] for g in got] == [w[:2] for w in want]
+        np.testing.assert_allclose([g[2] for g in got], [w[2] for w in want], rtol=0, atol=0)
+        assert [p["rank"] for p in blk["top_pairs"]] == list(range(1, top + 1))
+
+
+def test_pairs_carry_the_texts_of_the_samples(text_run):
+    run, texts = text_run
+    grads = _stored(run, schema.GRADIENTS)
+    n_tok = dict(zip(map(str, grads.sample_id.values), grads.n_tokens.values))
+    loss = dict(zip(map(str, grads.sample_id.values), grads.loss.values.astype(float)))
+    res = query_head(run, 0, 1, block="q", top=63)  # every pair; block name case-insensitive
+    (blk,) = res["blocks"]
+    assert blk["block"] == "Q" and len(blk["top_pairs"]) == 63
+    for p in blk["top_pairs"]:
+        assert p["text_a"] == texts[p["sample_a"]][:200] and p["pretokenised_a"] is False
+        assert p["text_b"] is None and p["pretokenised_b"] is True
+        assert (p["n_tokens_a"], p["n_tokens_b"]) == (n_tok[p["sample_a"]], n_tok[p["sample_b"]])
+        assert (p["loss_a"], p["loss_b"]) == (loss[p["sample_a"]], loss[p["sample_b"]])
+    assert max(len(p["text_a"]) for p in blk["top_pairs"]) == 200  # the long rows are cut to the preview
+
+    from rich.console import Console
+
+    con = Console(record=True, width=220)
+    con.print(format_query(query_head(run, 0, 1, top=3)))
+    out = con.export_text()
+    first = blk["top_pairs"][0]
+    for s in ("layer 0 · head 1", "words × ids", first["sample_a"], first["sample_b"], "pre-tokenised", "q (BH)"):
+        assert s in out, s
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(layer=2, head=0), r"layer 2 is out of range; this run has layers 0\.\.1"),
+    (dict(layer=-1, head=0), r"layers 0\.\.1"),
+    (dict(layer=0, head=4), r"head 4 is out of range; this run has heads 0\.\.3"),
+    (dict(layer=0, head=0, block="X"), r"block 'X' is out of range; this run has blocks Q, K, V, O"),
+    (dict(layer=0, head=0, score="cosine"), r"score 'cosine' is unknown"),
+])
+def test_out_of_range_is_a_clear_error(text_run, kw, match):
+    with pytest.raises(ValueError, match=match):
+        query_head(text_run[0], **kw)
+
+
+def test_missing_groups_name_the_stage(text_run, tmp_path):
+    run, _ = text_run
+    cut = tmp_path / "no-stats"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / schema.STATS)
+    with pytest.raises(ValueError, match=r"no 'stats' group; run the stats stage \(`qkov stats"):
+        query_head(str(cut), 0, 0)
+    with pytest.raises(ValueError, match=r"no 'stats' group"):
+        significant_heads(str(cut))
+    shutil.rmtree(cut / schema.SCORES_GROUP)
+    with pytest.raises(ValueError, match=r"no 'scores' group; run the score stage"):
+        query_head(str(cut), 0, 0)
+    with pytest.raises(ValueError, match="no qkov run"):
+        query_head(str(tmp_path / "nowhere"), 0, 0)
+
+
+@pytest.mark.parametrize("score", ["interference", "alignment"])
+def test_significant_heads_sorted_by_q_then_mean(text_run, score):
+    run, _ = text_run
+    s = _stored(run, schema.STATS).load().sel(score=score)
+    rows = []
+    for b in s["block"].values:
+        for layer in s["layer"].values:
+            for h in s["head"].values:
+                if bool(s.in_family.sel(block=b, head=h)):
+                    x = s.sel(block=b, layer=layer, head=h)
+                    rows.append((float(x.q_value), -float(x["mean"]), str(b), int(layer), int(h)))
+    want = sorted(rows)[:5]
+    got = significant_heads(run, score=score, top=5)
+    assert [(r["block"], r["layer"], r["head"]) for r in got] == [w[2:] for w in want]
+    assert [r["q_value"] for r in got] == pytest.approx([w[0] for w in want])
+    assert all(r["score"] == score for r in got)
+    assert len(significant_heads(run, score=score, top=100)) == len(rows) == int(s.attrs["family_size"])
+    sig_only = significant_heads(run, score=score, top=100, only_significant=True)
+    assert all(r["significant"] for r in sig_only)
+    assert len(sig_only) == sum(1 for r in rows if r[0] <= s.attrs["alpha"])
+
+    from rich.console import Console
+
+    con = Console(record=True, width=200)
+    con.print(format_significant(got))
+    assert f"top 5 slices by q-value ({score})" in con.export_text()
+
+
+def test_named_stats_and_url_runs(text_run):
+    """`stats_name` reads the statistics written by `qkov stats --name`; a run behind an fsspec URL reads the same."""
+    import fsspec
+
+    from pipeline.spec import StatsSpec
+    from pipeline.stats_stage import run_stats
+
+    run, _ = text_run
+    with pytest.raises(ValueError, match=r"no 'stats_loose' group; run the stats stage \(`qkov stats .* --name loose`\)"):
+        query_head(run, 0, 0, stats_name="loose")
+    run_stats(run, StatsSpec(alpha=0.3, n_permutations=19, n_bootstrap=9), name="loose")
+    loose = _stored(run, "stats_loose").load()
+    res = query_head(run, 1, 1, block="O", top=3, stats_name="loose")
+    assert res["stats_group"] == "stats_loose" and res["settings"]["alpha"] == 0.3
+    assert res["blocks"][0]["stats"]["interference"]["q_value"] == pytest.approx(
+        float(loose.q_value.sel(score="interference", block="O", layer=1, head=1)))
+
+    fs = fsspec.filesystem("memory")
+    fs.put(run, "/qkov-query-run", recursive=True)
+    try:
+        remote = query_head("memory://qkov-query-run", 1, 1, top=4, score="alignment")
+        local = query_head(run, 1, 1, top=4, score="alignment")
+        assert {**remote, "run": None} == {**local, "run": None}
+        assert significant_heads("memory://qkov-query-run", top=3) == significant_heads(run, top=3)
+    finally:
+        fs.rm("/qkov-query-run", recursive=True)
