@@ -43,3 +43,33 @@ def tiny_job(tmp: str | Path, arch: str = "llama_gqa", *, n_a: int = 10, n_b: in
         "output": {"path": str(tmp / f"run-{arch}")},
     }
     return parse_job(_merge(job, sections), base_dir=tmp)
+
+
+def _toml_value(v: Any) -> str:
+    import json
+
+    return json.dumps(v)  # JSON scalars, strings and arrays are valid TOML values
+
+
+def job_toml(config: dict) -> str:
+    """A job mapping (e.g. `JobSpec.config_dict()`) as TOML text; None values are left out."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict) -> None:
+        if prefix:
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None and not isinstance(v, dict))
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(f"{prefix}.{k}" if prefix else k, v)
+
+    emit("", config)
+    return "\n".join(lines) + "\n"
+
+
+def write_job_file(job: JobSpec | dict, path: str | Path, **sections: Any) -> Path:
+    """Write a job (with `sections` overriding it, as in `tiny_job`) as a TOML file for the CLI."""
+    config = job.config_dict() if isinstance(job, JobSpec) else dict(job)
+    p = Path(path)
+    p.write_text(job_toml(_merge(config, sections)))
+    return p
