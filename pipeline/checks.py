@@ -42,16 +42,17 @@ import numpy as np
 import torch
 import xarray as xr
 
-from workers.fisher import damping, stream_weights
+from workers.fisher import damping, inverse_regularised, stream_weights
 from workers.grads import per_sample_grads
 from workers.layouts import AttentionLayout, discover_layout
 from workers.losses import loss_task_for
 from workers.slicing import QUERY_BLOCKS, slice_all
 
 from . import schema
+from .score import slice_scores
 from .spec import JobSpec, LayoutSpec
 
-CHECK_DIM = "check"  # the dimension of the `checks` group (one row per check)
+CHECK_DIM = schema.CHECK
 CHECK_NAMES = ("additivity", "scale", "reparameterisation", "ablation", "symmetry")
 
 SCALE_C = 3.0
@@ -108,22 +109,13 @@ def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(rel.max()) if rel.size else 0.0
 
 
-def inverse_regularised(fisher: np.ndarray, lam: float) -> np.ndarray:
-    """1/(Î+λ); 0 where Î+λ = 0 (an all-zero tensor with λ_abs = 0, e.g. a fully ablated K)."""
-    reg = fisher + lam
-    with np.errstate(divide="ignore"):
-        return np.where(reg > 0, 1.0 / np.where(reg > 0, reg, 1.0), 0.0)
-
-
 def pair_scores(g: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled interference and alignment (heads, N, N) of one block, as in pipeline.score.block_scores.
-
-    g: (N, heads, P) float64, inv: (heads, P). M = (g²/Î_reg)·|g|ᵀ, A = (g/√Î_reg)·(g/√Î_reg)ᵀ per head.
-    """
-    gh = np.ascontiguousarray(g.transpose(1, 0, 2))  # (heads, N, P)
-    w = gh * np.sqrt(inv)[:, None, :]
-    inter = np.matmul(gh * gh * inv[:, None, :], np.abs(gh).transpose(0, 2, 1))
-    return inter, np.matmul(w, w.transpose(0, 2, 1))
+    """Pooled interference and alignment (heads, N, N) of one block, with the stage's own
+    formulas (`pipeline.score.slice_scores`) in float64. g: (N, heads, P), inv: (heads, P)."""
+    gt = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float64))
+    it = torch.from_numpy(np.asarray(inv, dtype=np.float64))
+    out = [slice_scores(gt[:, h], gt[:, h], it[h]) for h in range(gt.shape[1])]
+    return np.stack([m.numpy() for m, _ in out]), np.stack([a.numpy() for _, a in out])
 
 
 def whole_scores(g: np.ndarray, w: np.ndarray, rel: float, abs_: float) -> tuple[np.ndarray, np.ndarray]:

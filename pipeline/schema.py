@@ -30,6 +30,7 @@ SAMPLE_I = "sample_i"  # pooled (A then B) score matrices used by the statistics
 SAMPLE_J = "sample_j"
 BLOCK = "block"
 SCORE = "score"
+CHECK = "check"  # one row per sanity check in `checks`
 
 # coordinate / variable names in `gradients`
 SAMPLE_ID = "sample_id"

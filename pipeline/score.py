@@ -37,11 +37,20 @@ def open_fisher(run: str, storage_options: dict | None = None) -> xr.Dataset:
 
 def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> np.ndarray:
     """1/(Î+λ) per (layer, head, param) in float64; 0 where Î+λ is 0 (an all-zero tensor with λ_abs = 0)."""
-    f = np.asarray(fisher[block].values, dtype=np.float64)
+    from workers.fisher import inverse_regularised
+
     lam = np.asarray(fisher["damping"].sel(block=block).values, dtype=np.float64)
-    reg = f + lam[:, None, None]
-    with np.errstate(divide="ignore"):
-        return np.where(reg > 0, 1.0 / reg, 0.0)
+    return inverse_regularised(fisher[block].values, lam[:, None, None])
+
+
+def slice_scores(a, b, inv):
+    """Interference and alignment of one slice: rows of `a` (samples i) against rows of `b`
+    (samples j), torch tensors (n, P) with inv (P,) = 1/Î_reg, in the tensors' dtype.
+    The one place the score formulas live (stage kernel and `qkov check` both call it)."""
+    import torch
+
+    sw = torch.sqrt(inv)
+    return (a * a * inv) @ b.abs().T, (a * sw) @ (b * sw).T
 
 
 def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str = "float64") -> np.ndarray:
@@ -62,9 +71,7 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
     w = torch.as_tensor(np.asarray(inv)[0, 0], device=dev).to(dt)
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # exact-mode scores: no 10-bit mantissa products
-    sw = torch.sqrt(w)
-    interference = (a * a * w) @ b.abs().T
-    alignment = (a * sw) @ (b * sw).T
+    interference, alignment = slice_scores(a, b, w)
     out = torch.stack([interference, alignment]).to(torch.float32).cpu().numpy()
     return out[:, None, None]
 

@@ -49,3 +49,12 @@ def damping(fisher: np.ndarray, rel: float, abs_: float) -> np.ndarray:
     """
     mean = fisher.reshape(fisher.shape[0], -1).astype(np.float64).mean(axis=1)
     return np.maximum(abs_, rel * mean)
+
+
+def inverse_regularised(fisher: np.ndarray, lam) -> np.ndarray:
+    """1/(Î+λ) in float64; 0 where Î+λ = 0 (an all-zero tensor with λ_abs = 0, e.g. a fully
+    ablated head group), whose gradients are then 0 too, so its scores are 0, not NaN.
+    `lam` broadcasts against `fisher` (a scalar, or λ per layer shaped to fit)."""
+    reg = np.asarray(fisher, dtype=np.float64) + lam
+    with np.errstate(divide="ignore"):
+        return np.where(reg > 0, 1.0 / np.where(reg > 0, reg, 1.0), 0.0)
