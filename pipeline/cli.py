@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -43,7 +44,8 @@ def _friendly() -> Iterator[None]:
         raise
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
         if isinstance(e, _user_errors()) or type(e) is ValueError:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
         raise
 
@@ -98,7 +100,7 @@ def run(
                     summary = run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick)
         if summary.extract:
             err.print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
-                      + (f", skipped samples {summary.extract['skipped']}" if summary.extract.get("skipped") else ""))
+                      + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
         err.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
         _print_summary(job.output.path, job.output.storage_options)
 

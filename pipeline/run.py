@@ -93,8 +93,9 @@ def _check_resumable(job: JobSpec) -> None:
         )
     old = read_provenance(root).get("config") or {}
     new = job.config_dict()
-    # where the work runs may change between attempts; what is computed may not
-    diff = [k for k in config_differences(old, new) if not k.startswith("cluster.")]
+    # where the work runs and where the run lives (a moved or synced run) may change between
+    # attempts; what is computed may not
+    diff = [k for k in config_differences(old, new) if not k.startswith(("cluster.", "output."))]
     if diff:
         raise StoreError(
             f"--resume refused: the job file differs from the one this run was started with, at {diff}. "
