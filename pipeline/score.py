@@ -53,19 +53,20 @@ def slice_scores(a, b, inv):
     return (a * a * inv) @ b.abs().T, (a * sw) @ (b * sw).T
 
 
-def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str = "float64") -> np.ndarray:
+def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str = "float64", device: str = "auto") -> np.ndarray:
     """Both scores for one (layer, head) and one pair of sample chunks.
 
     gi: (1, 1, ci, P), gj: (1, 1, cj, P) gradients; inv: (1, 1, P) = 1/Î_reg.
     Returns (2, 1, 1, ci, cj) float32: [interference, alignment]. torch runs the
     matmuls (MKL on CPU, cuBLAS on a worker's GPU without TF32), accumulating in
-    `accumulate`; the elementwise terms are formed here, per block, so the
+    `accumulate` ("auto": float32 on a GPU, float64 on CPU); the elementwise terms are formed here, per block, so the
     (N, P) operands u, |g| and g/√Î are never materialised for the whole run.
     """
     import torch
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    dt = getattr(torch, accumulate)
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    # decided where the task runs (the client may have no GPU): float32 on a GPU, float64 on CPU
+    dt = getattr(torch, accumulate) if accumulate != "auto" else (torch.float32 if dev == "cuda" else torch.float64)
     a = torch.as_tensor(np.asarray(gi)[0, 0], device=dev).to(dt)
     b = a if gj is gi else torch.as_tensor(np.asarray(gj)[0, 0], device=dev).to(dt)
     w = torch.as_tensor(np.asarray(inv)[0, 0], device=dev).to(dt)
@@ -76,7 +77,7 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
     return out[:, None, None]
 
 
-def block_scores(g: da.Array, inv: np.ndarray, accumulate: str = "float64") -> tuple[da.Array, da.Array]:
+def block_scores(g: da.Array, inv: np.ndarray, accumulate: str = "float64", device: str = "auto") -> tuple[da.Array, da.Array]:
     """Pooled interference and alignment for one block.
 
     g: (sample, layer, head, param) dask array with param in one chunk;
@@ -87,13 +88,13 @@ def block_scores(g: da.Array, inv: np.ndarray, accumulate: str = "float64") -> t
     both = da.blockwise(
         pair_kernel, "slhij",
         gt, "lhip", gt, "lhjp", inv_d, "lhp",
-        new_axes={"s": 2}, concatenate=True, dtype=np.float32, accumulate=accumulate,
+        new_axes={"s": 2}, concatenate=True, dtype=np.float32, accumulate=accumulate, device=device,
     )
     return both[0], both[1]
 
 
 def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
-                  accumulate: str = "float64") -> xr.Dataset:
+                  accumulate: str = "float64", device: str = "auto") -> xr.Dataset:
     """The lazy `scores` dataset (pooled matrices and their A×B blocks) for every block present."""
     n_a = int(grads.attrs["n_a"])
     finite = np.asarray(grads["finite"].values, dtype=bool)
@@ -109,7 +110,7 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = 
     pooled = {s: [] for s in schema.SCORES}
     for b in blocks:
         g = grads[b].data[keep].rechunk((c, 1, 1, -1))
-        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate)
+        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device)
         for name, arr in (("interference", inter), ("alignment", align)):
             if schema.head_dim(b) == schema.KV_HEAD:  # shown per query head
                 arr = arr[:, kv_of]
@@ -146,7 +147,8 @@ def run_score(job, executor, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK) -> xr.
     root = open_root(run, so, mode="r")
     require_complete(root, schema.GRADIENTS, "scoring")
     require_complete(root, schema.FISHER, "scoring")
-    ds = score_dataset(open_gradients(run, so), open_fisher(run, so), sample_chunk=sample_chunk)
+    ds = score_dataset(open_gradients(run, so), open_fisher(run, so), sample_chunk=sample_chunk,
+                       accumulate="auto", device=job.extract.device)
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=sample_chunk))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks)} for v in ds.data_vars}
