@@ -53,7 +53,11 @@ KNOWN_SOURCES: dict[str, _GgufSource] = {
 
 @contextlib.contextmanager
 def _offline() -> Iterator[None]:
-    """HF_HUB_OFFLINE=1 for the duration of a load (local_files_only is passed too)."""
+    """HF_HUB_OFFLINE=1 for the duration of a load (local_files_only is passed too), and no
+    per-load progress bars: workers load once each and the bars only clutter the run's output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     old = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"
     try:
