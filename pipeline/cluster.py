@@ -1,17 +1,45 @@
 """Where a run executes: an existing scheduler, a named profile, or an embedded cluster.
 
+Precedence: `--scheduler` on the command line, then `[cluster] address`, then
+`[cluster] profile`, then an embedded cluster. An address is `tcp://host:port` (or
+any Dask address) or the path of a scheduler file written by `dask scheduler
+--scheduler-file` (the usual pattern inside a SLURM allocation).
+
 Embedded default: with GPUs, one worker process per GPU (CUDA_VISIBLE_DEVICES per
 worker, nthreads=1, resource GPU=1); without, a LocalCluster of processes sized
 to the machine. Profiles (SLURM via dask-jobqueue, Kubernetes via the
-dask-kubernetes operator) are only imported and created when asked for.
+dask-kubernetes operator) are only imported and created when asked for. A worker
+takes GPU work when it was started with `--resources GPU=1`; the extract stage
+asks for that resource only when some worker offers it (pipeline.executors.dask).
+
+Before any work is sent to a cluster qkov did not start itself, the workers'
+environment is compared with the client's: a worker without qkov, or with another
+dask/distributed/zarr version, would otherwise fail deep inside a task.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 from .spec import ClusterSpec
+
+GPU_RESOURCE = "GPU"
+PROFILE_KINDS = ("slurm", "kubernetes")
+# Packages that must agree between the client and every worker: qkov itself (task
+# code), the Dask wire protocol, and the store format.
+MUST_MATCH = ("qkov", "dask", "distributed", "zarr", "numpy", "xarray")
+REMOTE_WORKER_TIMEOUT_S = 120.0
+CONNECT_TIMEOUT = "30s"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot be used as asked; the message says what to do."""
+
+
+# ---------------------------------------------------------------- embedded
 
 
 def gpu_count() -> int:
@@ -31,7 +59,7 @@ def local_cluster(spec: ClusterSpec):
         workers = {
             f"gpu-{i}": {
                 "cls": Nanny,
-                "options": {"nthreads": 1, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i)}},
+                "options": {"nthreads": 1, "resources": {GPU_RESOURCE: 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i % n_gpu)}},
             }
             for i in range(spec.n_workers or n_gpu)
         }
@@ -41,27 +69,237 @@ def local_cluster(spec: ClusterSpec):
     return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0")
 
 
-def profile_cluster(spec: ClusterSpec):
-    """A cluster from a named profile: {kind = "slurm" | "kubernetes", scale = N, ...options}."""
-    opts = dict(spec.profiles[spec.profile])
+# ---------------------------------------------------------------- profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A `[cluster.profiles.NAME]` table, split into qkov's keys and the cluster class's options."""
+
+    name: str
+    kind: str
+    scale: int  # workers of the default group (SLURM: worker processes over all jobs)
+    wait_for_workers: int  # workers that must have joined before work is sent
+    wait_timeout: float | None  # seconds; None waits as long as the batch queue takes
+    options: dict[str, Any]
+
+
+def parse_profile(name: str, raw: dict[str, Any]) -> Profile:
+    """Validate a profile table; qkov's own keys are kind, scale, wait_for_workers, wait_timeout."""
+    from dask.utils import parse_timedelta
+
+    opts = dict(raw)
     kind = opts.pop("kind", None)
-    scale = int(opts.pop("scale", 1))
-    if kind == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError:
-            raise RuntimeError("profile kind 'slurm' needs dask-jobqueue: pip install dask-jobqueue") from None
-        cluster = SLURMCluster(**opts)
-    elif kind == "kubernetes":
-        try:
-            from dask_kubernetes.operator import KubeCluster
-        except ImportError:
-            raise RuntimeError("profile kind 'kubernetes' needs dask-kubernetes: pip install dask-kubernetes") from None
-        cluster = KubeCluster(**opts)
-    else:
-        raise ValueError(f"cluster profile {spec.profile!r}: kind must be 'slurm' or 'kubernetes', not {kind!r}")
-    cluster.scale(scale)
+    if kind not in PROFILE_KINDS:
+        raise ClusterError(f"[cluster.profiles.{name}] kind must be one of {list(PROFILE_KINDS)}, not {kind!r}")
+    scale = opts.pop("scale", 1)
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise ClusterError(f"[cluster.profiles.{name}] scale must be a positive integer (workers to start), not {scale!r}")
+    extra = sum(int(g.get("scale", 1)) for g in opts.get("worker_groups", []) or [])
+    wait = opts.pop("wait_for_workers", scale + extra)
+    if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
+        raise ClusterError(f"[cluster.profiles.{name}] wait_for_workers must be an integer ≥ 0, not {wait!r}")
+    timeout = opts.pop("wait_timeout", None)
+    try:
+        timeout = None if timeout is None else float(parse_timedelta(timeout, default="s"))
+    except (TypeError, ValueError, KeyError):
+        raise ClusterError(f"[cluster.profiles.{name}] wait_timeout must be seconds or a duration like '20 minutes', not {timeout!r}") from None
+    return Profile(name, kind, scale, wait, timeout, opts)
+
+
+def _import(module: str, attr: str, kind: str, pip_name: str):
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError:
+        raise ClusterError(f"cluster profile kind {kind!r} needs {pip_name}: pip install {pip_name}") from None
+
+
+def slurm_cluster(profile: Profile):
+    """A dask-jobqueue SLURMCluster; the job file's options override ~/.config/dask/jobqueue.yaml."""
+    cls = _import("dask_jobqueue", "SLURMCluster", "slurm", "dask-jobqueue")
+    try:
+        return cls(**profile.options)
+    except (TypeError, ValueError) as e:
+        raise ClusterError(f"[cluster.profiles.{profile.name}] (slurm): {e}") from None
+
+
+# Keys that shape the DaskCluster resource; every other option goes to KubeCluster itself
+# (namespace, port_forward_cluster_ip, resource_timeout, shutdown_on_close, ...).
+KUBE_SPEC_KEYS = ("name", "image", "worker_command", "resources", "env", "scheduler_resources", "worker_groups",
+                  "idle_timeout", "scheduler_service_type", "custom_cluster_spec")
+DEFAULT_K8S_NAME = "qkov"
+
+
+def _kube_env(env: dict | list | None) -> list[dict] | None:
+    if env is None:
+        return None
+    return [{"name": k, "value": str(v)} for k, v in env.items()] if isinstance(env, dict) else list(env)
+
+
+def _kube_worker(opts: dict, group: dict, replicas: int) -> dict:
+    """A DaskWorkerGroup `worker` section; fields left unset are dropped (the CRD has no nulls)."""
+    from dask_kubernetes.operator import make_worker_spec
+
+    command = group.get("worker_command", opts.get("worker_command", ["dask", "worker"]))
+    w = make_worker_spec(image=group.get("image", opts.get("image")), n_workers=replicas, worker_command=list(command) if not isinstance(command, str) else command,
+                         resources=group.get("resources", opts.get("resources")), env=_kube_env(group.get("env", opts.get("env"))))
+    container = w["spec"]["containers"][0]
+    for key in ("env", "resources"):
+        if container.get(key) is None:
+            container.pop(key)
+    return w
+
+
+def _load_manifests(path: str) -> tuple[dict, dict[str, dict]]:
+    """The DaskCluster and the DaskWorkerGroups (by group suffix) of a multi-document YAML file."""
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(Path(path).expanduser().read_text()) if d]
+    clusters = [d for d in docs if d.get("kind") == "DaskCluster"]
+    if len(clusters) != 1:
+        raise ClusterError(f"custom_cluster_spec {path}: expected exactly one DaskCluster document, found {len(clusters)}")
+    cluster = clusters[0]
+    name = cluster["metadata"]["name"]
+    groups = {}
+    for d in docs:
+        if d.get("kind") == "DaskWorkerGroup" and d["spec"].get("cluster") == name:
+            groups[d["metadata"]["name"].removeprefix(name + "-")] = d["spec"]["worker"]
+    return cluster, groups
+
+
+def kube_resources(profile: Profile) -> tuple[dict, dict[str, dict]]:
+    """The DaskCluster resource and the extra worker groups' `worker` specs of a kubernetes profile.
+
+    Pure (no API server needed), so the result is validated offline against the operator's CRDs.
+    Either `custom_cluster_spec` (a YAML file such as deploy/k8s/daskcluster.yaml) or the keys
+    image, worker_command, resources, env, scheduler_resources, worker_groups = [{name, scale, ...}].
+    """
+    from dask_kubernetes.operator import make_cluster_spec
+
+    o = profile.options
+    if o.get("custom_cluster_spec"):
+        cluster, groups = _load_manifests(o["custom_cluster_spec"])
+        if "scale" in o or profile.scale != 1:
+            cluster["spec"]["worker"]["replicas"] = profile.scale
+        return cluster, groups
+    if not o.get("image"):
+        raise ClusterError(f"[cluster.profiles.{profile.name}] (kubernetes) needs image = an image with qkov installed (see deploy/Dockerfile)")
+    cluster = make_cluster_spec(name=o.get("name", DEFAULT_K8S_NAME), image=o["image"], n_workers=profile.scale,
+                                scheduler_service_type=o.get("scheduler_service_type", "ClusterIP"), idle_timeout=o.get("idle_timeout", 0))
+    cluster["spec"]["worker"] = _kube_worker(o, {}, profile.scale)
+    sched = cluster["spec"]["scheduler"]["spec"]["containers"][0]
+    # the scheduler never gets the workers' resources (a GPU limit there would waste a GPU)
+    for key, value in (("env", _kube_env(o.get("env"))), ("resources", o.get("scheduler_resources"))):
+        if value is None:
+            sched.pop(key, None)
+        else:
+            sched[key] = value
+    groups = {}
+    for g in o.get("worker_groups", []) or []:
+        if "name" not in g:
+            raise ClusterError(f"[cluster.profiles.{profile.name}] every worker_groups entry needs a name")
+        groups[g["name"]] = _kube_worker(o, g, int(g.get("scale", 1)))
+    return cluster, groups
+
+
+def kube_cluster(profile: Profile):
+    cls = _import("dask_kubernetes.operator", "KubeCluster", "kubernetes", "dask-kubernetes")
+    spec, groups = kube_resources(profile)
+    kwargs = {k: v for k, v in profile.options.items() if k not in KUBE_SPEC_KEYS}
+    try:
+        cluster = cls(custom_cluster_spec=spec, **kwargs)
+    except TypeError as e:
+        raise ClusterError(f"[cluster.profiles.{profile.name}] (kubernetes): {e}") from None
+    for name, worker in groups.items():
+        cluster.add_worker_group(name, custom_spec=worker)
     return cluster
+
+
+def profile_cluster(profile: Profile):
+    """Start the profile's cluster (submits batch jobs / creates Kubernetes resources)."""
+    if profile.kind == "slurm":
+        cluster = slurm_cluster(profile)
+        cluster.scale(profile.scale)
+        return cluster
+    return kube_cluster(profile)
+
+
+# ---------------------------------------------------------------- connecting and checking
+
+
+def connect(address: str, timeout: str = CONNECT_TIMEOUT):
+    """A Client for a scheduler address or a scheduler file."""
+    from distributed import Client
+
+    try:
+        if Path(address).is_file():
+            return Client(scheduler_file=address, timeout=timeout)
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError) as e:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} ({e}); start one (`dask scheduler`) "
+                           "or check the address and that this machine can reach it") from None
+
+
+def await_workers(client, n: int, timeout: float | None, where: str) -> None:
+    if n <= 0:
+        return
+    try:
+        client.wait_for_workers(n, timeout=timeout)
+    except TimeoutError:
+        have = len(client.scheduler_info(n_workers=-1)["workers"])
+        raise ClusterError(f"{where}: {have} of {n} workers joined within {timeout:g} s; start workers "
+                           "(`dask worker ADDRESS`, add `--resources GPU=1 --nthreads 1` on GPU hosts) or check the batch queue") from None
+
+
+def environment() -> dict[str, Any]:
+    """Versions that must match across the cluster (run locally and, pickled by value, on workers)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    out: dict[str, Any] = {}
+    for pkg in MUST_MATCH:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    # qkov may run from a checkout on PYTHONPATH without being installed: the packages are what count
+    out["importable"] = all(importlib.util.find_spec(m) is not None for m in ("pipeline", "workers"))
+    return out
+
+
+def environment_problems(local: dict[str, Any], workers: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per worker whose environment would break or change the run."""
+    problems = []
+    for addr, env in sorted(workers.items()):
+        if not env.get("importable"):
+            problems.append(f"{addr}: cannot import qkov (pipeline, workers); install qkov in the workers' image/environment")
+            continue
+        diff = [f"{p} {env.get(p)} (client {local.get(p)})" for p in MUST_MATCH if env.get(p) != local.get(p)]
+        if diff:
+            problems.append(f"{addr}: " + ", ".join(diff))
+    return problems
+
+
+def _by_value(fn):
+    """`fn` re-created as a closure so cloudpickle ships its code, not an import of qkov."""
+    import types
+
+    return types.FunctionType(fn.__code__, {"__builtins__": __builtins__, "MUST_MATCH": MUST_MATCH}, fn.__name__ + "_probe")
+
+
+def check_workers(client) -> None:
+    probe = _by_value(environment)
+    problems = environment_problems(environment(), client.run(probe))
+    if problems:
+        raise ClusterError("the cluster's workers do not match this client:\n  " + "\n  ".join(problems)
+                           + "\nUse one image/environment for client, scheduler and workers (deploy/Dockerfile).")
+
+
+def gpu_workers(client) -> list[str]:
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(a for a, w in info.items() if w.get("resources", {}).get(GPU_RESOURCE, 0) >= 1)
 
 
 @contextmanager
@@ -71,16 +309,27 @@ def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[
 
     address = scheduler or spec.address
     if address:
-        client = Client(address, timeout="30s")
+        client = connect(address)
         try:
+            await_workers(client, 1, REMOTE_WORKER_TIMEOUT_S, f"scheduler {address}")
+            check_workers(client)
             yield client
         finally:
             client.close()
         return
-    cluster = profile_cluster(spec) if spec.profile else local_cluster(spec)
-    client = Client(cluster)
+    if spec.profile:
+        profile = parse_profile(spec.profile, spec.profiles[spec.profile])
+        cluster = profile_cluster(profile)
+    else:
+        profile, cluster = None, local_cluster(spec)
     try:
-        yield client
+        client = Client(cluster)
+        try:
+            if profile is not None:
+                await_workers(client, profile.wait_for_workers, profile.wait_timeout, f"profile {profile.name!r}")
+                check_workers(client)
+            yield client
+        finally:
+            client.close()
     finally:
-        client.close()
         cluster.close()

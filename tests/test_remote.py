@@ -1,0 +1,248 @@
+"""Scale-out, for real: `qkov run --scheduler` on a cluster of separate `dask` processes,
+and a run written to an S3-compatible server (moto) on loopback.
+
+The cluster is one `dask scheduler` and two `dask worker` processes started from this
+venv's `dask` command on 127.0.0.1 (random ports): `gpu-0` offers `--resources GPU=1`
+(no CUDA needed: the resource is only a routing tag), `cpu-0` offers none. Both use
+one thread. Every process started here is stopped by the fixtures' finalizers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import schema
+from pipeline.run import run_job
+from pipeline.store import zarr_store
+from pipeline.testing import tiny_job
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "qkov-runs"
+GROUPS = (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP, schema.STATS)
+N_A, N_B, SHARD = 5, 4, 3
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "qkov-test", "AWS_SECRET_ACCESS_KEY": "qkov-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+pytestmark = pytest.mark.skipif(not (BIN / "dask").exists() or not (BIN / "qkov").exists(),
+                                reason="needs the venv's `dask` and `qkov` commands")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(CREDENTIALS)
+    env.pop("AWS_ENDPOINT_URL", None)  # a run must take its endpoint from the job file
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # the process's own group: nanny and worker together
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+
+
+def _plain(d):
+    """A config mapping without None values (TOML has no null; those keys take their defaults)."""
+    if isinstance(d, dict):
+        return {k: _plain(v) for k, v in d.items() if v is not None}
+    return d
+
+
+def write_job(path: Path, config: dict) -> Path:
+    import tomli_w
+
+    path.write_text(tomli_w.dumps(_plain(config)))
+    return path
+
+
+def qkov(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    res = subprocess.run([str(BIN / "qkov"), *args], capture_output=True, text=True, env=env or _env(), timeout=timeout, cwd=ROOT)
+    assert res.returncode == 0, f"qkov {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    return res
+
+
+def assert_same_run(path_a: str, path_b: str, so_a: dict | None = None, so_b: dict | None = None) -> None:
+    """Every result group holds identical values, coordinates and (provenance aside) attrs."""
+    for group in GROUPS:
+        a = xr.open_zarr(zarr_store(path_a, so_a, read_only=True), group=group, consolidated=False).load()
+        b = xr.open_zarr(zarr_store(path_b, so_b, read_only=True), group=group, consolidated=False).load()
+        xr.testing.assert_equal(a, b)
+        drop = lambda attrs: {k: v for k, v in attrs.items() if k != schema.ATTR_PROVENANCE}  # noqa: E731
+        assert drop(a.attrs) == drop(b.attrs), group
+        for v in a.variables:
+            assert drop(a[v].attrs) == drop(b[v].attrs), (group, v)
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@dataclass
+class RemoteCluster:
+    address: str
+    client: object
+    gpu_worker: str
+    cpu_worker: str
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API (moto in server mode) on loopback, with one bucket."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        yield endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def remote_cluster(tmp_path_factory):
+    from distributed import Client
+
+    tmp = tmp_path_factory.mktemp("dask")
+    sched_file = tmp / "scheduler.json"
+    procs: list[subprocess.Popen] = []
+    client = None
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        log = open(tmp / f"{name}.log", "w")
+        p = subprocess.Popen([str(BIN / "dask"), *args], stdout=log, stderr=subprocess.STDOUT, env=_env(),
+                             cwd=tmp, start_new_session=True)
+        procs.append(p)
+        return p
+
+    def logs() -> str:
+        return "\n".join(f"--- {f.name}\n{f.read_text()[-2000:]}" for f in sorted(tmp.glob("*.log")))
+
+    try:
+        sched = start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", "127.0.0.1:0",
+                      "--scheduler-file", str(sched_file))
+        deadline = time.monotonic() + 60
+        while not sched_file.exists():
+            assert sched.poll() is None and time.monotonic() < deadline, f"scheduler did not start\n{logs()}"
+            time.sleep(0.2)
+        time.sleep(0.2)  # the file is written in one go, but let a slow disk finish
+        address = json.loads(sched_file.read_text())["address"]
+        common = ("--scheduler-file", str(sched_file), "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard",
+                  "--local-directory", str(tmp), "--death-timeout", "60")
+        start("gpu-0", "worker", *common, "--name", "gpu-0", "--resources", "GPU=1")
+        start("cpu-0", "worker", *common, "--name", "cpu-0")
+        client = Client(address, timeout="30s", set_as_default=False)  # in-process reads stay in-process
+        try:
+            client.wait_for_workers(2, timeout=90)
+        except TimeoutError:
+            pytest.fail(f"workers did not join\n{logs()}")
+        by_name = {w["name"]: a for a, w in client.scheduler_info(n_workers=-1)["workers"].items()}
+        client.get_task_stream()  # installs the scheduler's task-stream plugin before any run
+        yield RemoteCluster(address, client, by_name["gpu-0"], by_name["cpu-0"])
+    finally:
+        if client is not None:
+            client.close()
+        for p in reversed(procs):
+            _stop(p)
+
+
+@pytest.fixture(scope="module")
+def inline_run(tmp_path_factory):
+    """The reference: the same tiny job run in-process without any cluster."""
+    tmp = tmp_path_factory.mktemp("remote-job")
+    # small on purpose: every chunk is an HTTP request to the loopback S3 server
+    job = tiny_job(tmp, "llama_gqa", n_a=N_A, n_b=N_B, extract={"shard_size": SHARD, "batch_size": 2},
+                   score={"layers": [1], "blocks": ["Q", "K"]}, output={"path": str(tmp / "run-inline")})
+    run_job(job)
+    return tmp, job
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster, inline_run):
+    tmp, job = inline_run
+    cfg = job.config_dict()
+    cfg["output"]["path"] = str(tmp / "run-remote")
+    jobfile = write_job(tmp / "remote.toml", cfg)
+    t0 = time.time()
+    res = qkov("run", str(jobfile), "--scheduler", remote_cluster.address)
+    assert "done." in res.stdout
+
+    stream = remote_cluster.client.get_task_stream(start=t0)
+    from distributed.utils import key_split
+
+    shards = [t for t in stream if key_split(t["key"]) == "extract_shard"]
+    n_shards = -(-(N_A + N_B) // SHARD)
+    assert len({t["key"] for t in shards}) == n_shards
+    assert {t["worker"] for t in shards} == {remote_cluster.gpu_worker}, "extraction ran on a worker without the GPU resource"
+    # CPU stages are not pinned: the untagged worker takes part in scoring/statistics
+    others = [t for t in stream if key_split(t["key"]) != "extract_shard"]
+    assert any(t["worker"] == remote_cluster.cpu_worker for t in others)
+
+    assert_same_run(str(tmp / "run-remote"), job.output.path)
+
+
+def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remote_cluster, inline_run, s3_endpoint, monkeypatch):
+    """Workers write the store to S3 (credentials from their environment, endpoint from the
+    job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.cluster import cluster_client
+    from pipeline.query import query_head
+    from pipeline.spec import parse_job
+
+    tmp, job = inline_run
+    url = f"s3://{BUCKET}/runs/tiny"
+    so = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    cfg = job.config_dict()
+    cfg["output"] = {"path": url, "storage_options": so}
+    s3_job = parse_job(cfg)
+    for k, v in CREDENTIALS.items():  # the client writes the template, the workers the chunks
+        monkeypatch.setenv(k, v)
+    with cluster_client(s3_job.cluster, remote_cluster.address) as client:
+        summary = run_job(s3_job, client=client)
+    assert summary.extract["computed"] == summary.extract["shards"]
+
+    import s3fs
+
+    creds = {"key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    fs = s3fs.S3FileSystem(**creds, **so)
+    assert fs.exists(f"{BUCKET}/runs/tiny/{schema.SCORES_GROUP}/zarr.json")  # really on the server, not on disk
+    assert not (ROOT / "s3:").exists() and not Path("s3:").exists()
+    assert_same_run(url, job.output.path, so_a={**so, **creds})
+
+    # the command line takes no storage options: the endpoint comes from the standard variable
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()  # cached clients were made before the variable was set
+    out = CliRunner().invoke(app, ["query", url, "--layer", "1", "--head", "2", "--top", "3", "--json"])
+    assert out.exit_code == 0, out.output
+    remote = json.loads(out.stdout)
+    local = query_head(job.output.path, 1, 2, top=3)
+    assert remote.pop("run") == url and local.pop("run") == job.output.path
+    assert remote == json.loads(json.dumps(local))
+    assert np.isfinite(remote["blocks"][0]["stats"]["interference"]["p_value"])
