@@ -118,8 +118,8 @@ def prepare_output(job: JobSpec, *, resume: bool, overwrite: bool) -> bool:
         _remove(path, so)
     elif _entries(path, so):  # creating a zarr group with mode "w" would wipe the folder
         raise StoreError(
-            f"output {path} exists and is not a qkov run (it holds {len(_entries(path, so))} entries); "
-            "refusing to write into it. Choose a new or empty output.path."
+            f"output {path} exists, is not empty and is not a qkov run; refusing to write into it. "
+            "Choose a new or empty output.path."
         )
     try:
         root = zarr.open_group(zarr_store(path, so), mode="a", zarr_format=3)

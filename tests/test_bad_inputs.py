@@ -340,6 +340,25 @@ def test_resume_with_a_changed_job_file(env, complete_run):
     assert snapshot(out) == before
 
 
+def test_resume_after_the_task_files_changed(env):
+    """Same job file, other samples: the finished shards belong to other inputs."""
+    tmp, job = env
+    a = tmp / "changing-a.jsonl"
+    shutil.copy(job.tasks.a.path, a)
+    out = tmp / "changing" / "run"
+    toml = write_job_file(job, tmp / "changing.toml", tasks={"a": {"path": str(a)}}, output={"path": str(out)})
+    assert qkov("run", toml, "--inline")[0] == 0
+    root = zarr.open_group(str(out), mode="r+")  # as if interrupted after the first shard
+    root["gradients"].attrs[schema.ATTR_COMPLETE] = False
+    root[schema.WORK]["done"][1] = 0
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    rows[2]["input_ids"][0] = (rows[2]["input_ids"][0] + 1) % VOCAB
+    task_file(a, rows)
+    before = snapshot(out)
+    refused("run", toml, "--inline", "--resume", says=("--resume refused: the samples differ", "--overwrite"))
+    assert snapshot(out) == before
+
+
 def test_incompatible_schema_version(env, complete_run):
     toml, src = complete_run
     out = copy_run(src, env[0] / "schema999")
