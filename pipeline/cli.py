@@ -123,7 +123,7 @@ def stats(
 
     from pipeline.spec import StatsSpec
     from pipeline.stats_stage import run_stats
-    from pipeline.store import open_root, read_provenance
+    from pipeline.store import open_root, owned, read_provenance
 
     with _friendly():
         base = (read_provenance(open_root(run_path)).get("config") or {}).get("stats", {})
@@ -133,13 +133,14 @@ def stats(
             settings = StatsSpec(**{**base, **over})
         except ValidationError as e:
             raise ValueError("; ".join(f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}" for er in e.errors())) from None
-        if scheduler:
-            from distributed import Client
+        with owned(run_path):  # never beside a `qkov run` (or another `qkov stats`) writing this run
+            if scheduler:
+                from distributed import Client
 
-            with Client(scheduler) as client:
-                ds = run_stats(run_path, settings, client=client, name=name, replace=replace)
-        else:
-            ds = run_stats(run_path, settings, name=name, replace=replace)
+                with Client(scheduler) as client:
+                    ds = run_stats(run_path, settings, client=client, name=name, replace=replace)
+            else:
+                ds = run_stats(run_path, settings, name=name, replace=replace)
         n_sig = int(ds["significant"].where(ds["in_family"], False).sum())
         console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={settings.alpha}")
         _print_summary(run_path)

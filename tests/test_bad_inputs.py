@@ -318,6 +318,7 @@ def test_output_owned_by_another_run(env, complete_run):
         before = snapshot(out)
         for flags in ((), ("--resume",), ("--overwrite",)):
             refused("run", toml, "--inline", *flags, says=("another qkov run owns the output",))
+        refused("stats", out, "--n-permutations", 5, says=("another qkov run owns the output",))
         assert snapshot(out) == before
     finally:
         release_lock(str(out), token)
