@@ -65,13 +65,13 @@ def _stage_progress() -> Iterator:
         yield tick
 
 
-def _print_summary(path: str, storage_options=None) -> None:
+def _print_summary(path: str, storage_options=None, stats_name: str | None = None) -> None:
     from pipeline.query import format_significant, significant_heads
 
     console.print(f"\n[bold green]done.[/] results in [bold]{path}[/]")
     console.print(f"  read them with: xarray.open_datatree({path!r}, engine='zarr')")
     console.print(f"  heads:  qkov query {path} --layer L --head H      report:  qkov report {path}")
-    console.print(format_significant(significant_heads(path, storage_options=storage_options)))
+    console.print(format_significant(significant_heads(path, storage_options=storage_options, stats_name=stats_name)))
 
 
 @app.command()
@@ -143,7 +143,7 @@ def stats(
                 ds = run_stats(run_path, settings, name=name, replace=replace)
         n_sig = int(ds["significant"].where(ds["in_family"], False).sum())
         console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={settings.alpha}")
-        _print_summary(run_path)
+        _print_summary(run_path, stats_name=name)
 
 
 @app.command()

@@ -35,12 +35,15 @@ def open_fisher(run: str, storage_options: dict | None = None) -> xr.Dataset:
     return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.FISHER, consolidated=False)
 
 
-def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> np.ndarray:
-    """1/(Î+λ) per (layer, head, param) in float64; 0 where Î+λ is 0 (an all-zero tensor with λ_abs = 0)."""
+def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> da.Array:
+    """1/(Î+λ) per (layer, head, param) in float64, lazily from the stored Fisher (one chunk
+    per (layer, head), so no large array is embedded in the graph); 0 where Î+λ is 0."""
     from workers.fisher import inverse_regularised
 
-    lam = np.asarray(fisher["damping"].sel(block=block).values, dtype=np.float64)
-    return inverse_regularised(fisher[block].values, lam[:, None, None])
+    f = fisher[block].data
+    f = (f if isinstance(f, da.Array) else da.from_array(f)).rechunk((1, 1, -1))
+    lam = np.asarray(fisher["damping"].sel(block=block).values, dtype=np.float64)[:, None, None]
+    return da.map_blocks(inverse_regularised, f, da.from_array(lam, chunks=(1, 1, 1)), dtype=np.float64)
 
 
 def slice_scores(a, b, inv):
@@ -77,14 +80,14 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
     return out[:, None, None]
 
 
-def block_scores(g: da.Array, inv: np.ndarray, accumulate: str = "float64", device: str = "auto") -> tuple[da.Array, da.Array]:
+def block_scores(g: da.Array, inv, accumulate: str = "float64", device: str = "auto") -> tuple[da.Array, da.Array]:
     """Pooled interference and alignment for one block.
 
     g: (sample, layer, head, param) dask array with param in one chunk;
     inv: (layer, head, param) 1/Î_reg. Returns two (layer, head, sample, sample) arrays.
     """
     gt = g.transpose(1, 2, 0, 3)  # (L, H, N, P)
-    inv_d = da.from_array(inv, chunks=(1, 1, inv.shape[-1]))
+    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, 1, -1))
     both = da.blockwise(
         pair_kernel, "slhij",
         gt, "lhip", gt, "lhjp", inv_d, "lhp",
