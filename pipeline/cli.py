@@ -172,7 +172,7 @@ def query(
 @app.command()
 def report(
     run_path: str = typer.Argument(..., metavar="RUN"),
-    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN/report)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN-report, beside the run)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
     from pipeline.report import make_report

@@ -356,14 +356,17 @@ def _default_out(run: str, out_dir: str | Path | None) -> Path:
         return Path(str(out_dir).removeprefix("file://"))
     if is_url(run) and not run.startswith("file://"):
         raise ValueError(f"the run {run} is remote: pass out_dir (a local folder) for the report")
-    return Path(run.removeprefix("file://")) / "report"
+    # beside the run, not inside it: a plain folder inside the Zarr group makes
+    # xarray.open_datatree warn about an unknown hierarchy member
+    local = Path(run.removeprefix("file://").rstrip("/"))
+    return local.with_name(local.name + "-report")
 
 
 def make_report(run: str, out_dir: str | Path | None = None, storage_options: dict | None = None,
                 stats_name: str | None = None, top: int = 10) -> Path:
     """Write heatmap PNGs, a q-value summary PNG and `report.html` (self-contained); returns the HTML path.
 
-    `out_dir` defaults to `<run>/report` for local runs and is required for URLs.
+    `out_dir` defaults to `<run>-report` (beside the run) for local runs and is required for URLs.
     `stats_name` reports `stats_<name>` instead of `stats`.
     """
     run = str(run)

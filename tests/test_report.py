@@ -56,7 +56,7 @@ def _parse(path: Path) -> _Page:
 
 
 def test_report_writes_pngs_and_embeds_them(run, report):
-    assert report == Path(run) / "report" / "report.html"
+    assert report == Path(str(run) + "-report") / "report.html"
     on_disk = {name: (report.parent / name).read_bytes() for name in PNGS}
     assert all(b.startswith(PNG_MAGIC) for b in on_disk.values())
     page = _parse(report)
