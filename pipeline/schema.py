@@ -31,12 +31,25 @@ SAMPLE_J = "sample_j"
 BLOCK = "block"
 SCORE = "score"
 CHECK = "check"  # one row per sanity check in `checks`
+SKETCH = "sketch"  # sketch mode: the projected dimension replacing `param` in `gradients`
 
 # coordinate / variable names in `gradients`
 SAMPLE_ID = "sample_id"
 TASK = "task"
 N_TOKENS = "n_tokens"
 LOSS = "loss"
+
+# completed-shard records in `_work`; sketch mode runs two passes, each with its own record
+DONE = "done"
+DONE_FISHER = "done_fisher"  # sketch mode pass 1: the shard's Fisher partial sum is written
+SKETCH_PARTS: tuple[str, ...] = ("u", "v", "w")  # g²/Î_reg, |g|, g/√Î_reg
+
+
+def sketch_var(block: str, part: str) -> str:
+    """`gradients` variable holding one block's sketched operand in sketch mode (e.g. `Q_u`)."""
+    if part not in SKETCH_PARTS:
+        raise ValueError(f"unknown sketch part {part!r}; expected one of {SKETCH_PARTS}")
+    return f"{block}_{part}"
 
 # attrs
 ATTR_SCHEMA = "qkov_schema_version"
