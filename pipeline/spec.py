@@ -115,6 +115,7 @@ class ExtractSpec(_Frozen):
 class ScoreSpec(_Frozen):
     mode: Literal["exact", "sketch"] = "exact"
     sketch_dim: int = Field(default=4096, ge=16)
+    sketch_seed: int = 0  # seeds the sketch projections (independent of stats.seed, which stats reruns change)
     layers: list[int] | None = None  # None = every attention layer
     blocks: list[Block] = ["Q", "K", "V", "O"]
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
