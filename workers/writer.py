@@ -49,6 +49,11 @@ class ShardTask:
     device: str  # auto | cpu | cuda
     nonfinite: str  # error | skip
     storage_dtype: str = "float32"
+    # sketch mode (DESIGN §2) runs every shard twice: "fisher" writes only the Fisher partial
+    # sum, "sketch" (after consolidation) only the sketched operands; "exact" does both at once
+    phase: str = "exact"  # exact | fisher | sketch
+    sketch_dim: int = 0
+    sketch_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -167,13 +172,17 @@ def extract_shard(task: ShardTask) -> ShardResult:
     root = open_root(task.store_path, task.storage_options, mode="r+")
     stop = task.start + len(task.input_ids)
     g = root[schema.GRADIENTS]
-    for b, arr in grads.items():
+    if task.phase == "sketch":
+        from .sketch import sketch_shard
+
+        grads = sketch_shard(task, grads, device)
+    for b, arr in (grads.items() if task.phase != "fisher" else ()):
         g[b][task.start : stop] = schema.encode(arr, task.storage_dtype)
     g[schema.LOSS][task.start : stop] = losses
     ok = np.array([sid not in set(bad) for sid in task.sample_ids])
     g["finite"][task.start : stop] = ok
     work = root[schema.WORK]
-    for b, arr in fisher.items():
+    for b, arr in (fisher.items() if task.phase != "sketch" else ()):
         work[f"fisher_{b}"][task.shard] = arr
-    work["done"][task.shard] = 1
+    work[schema.DONE_FISHER if task.phase == "fisher" else schema.DONE][task.shard] = 1
     return ShardResult(task.shard, whash, tuple(bad), device, _worker_name())
