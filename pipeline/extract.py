@@ -95,9 +95,6 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     from workers.models import load_tokenizer
     from workers.tasks import load_task, validate_vocab
 
-    if job.score.mode != "exact":
-        raise ValueError(f"score.mode = {job.score.mode!r} is not available in this qkov version; use mode = 'exact' "
-                         "(store fewer layers or bfloat16 gradients to save space)")
     tokenizer = load_tokenizer(job.model)
     a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
     b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
@@ -150,11 +147,12 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     n, L = plan.n, len(plan.layers)
     data = {}
     pdim = schema.param_dims(plan.sizes)
-    for b in plan.blocks:
-        shape = (n, L, plan.heads[b], plan.sizes[b])
-        arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, plan.sizes[b]), dtype=enc)
-        data[b] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), pdim[b]), arr,
-                              attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
+    for name, b, width in gradient_variables(plan, job):
+        shape = (n, L, plan.heads[b], width)
+        arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, width), dtype=enc)
+        last = schema.SKETCH if job.score.mode == "sketch" else pdim[b]
+        data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), last), arr,
+                                 attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
     labels = [plan.task_names[0]] * plan.n_a + [plan.task_names[1]] * plan.n_b
     coords = {
         schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=object)),
@@ -177,16 +175,27 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         task_b=plan.task_names[1],
         shard_size=plan.shard_size,
         storage_dtype=job.score.storage_dtype,
+        mode=job.score.mode,
     )
+    if job.score.mode == "sketch":
+        ds.attrs.update(sketch_dim=job.score.sketch_dim, sketch_seed=job.score.sketch_seed, sketch_nnz=1)
     ds.attrs[schema.ATTR_COMPLETE] = False
     return ds
+
+
+def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, int]]:
+    """(variable, block, last-axis length) of `gradients`: per block the gradients, or in
+    sketch mode its three sketched operands {B}_u, {B}_v, {B}_w of length sketch_dim."""
+    if job.score.mode == "sketch":
+        return [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in schema.SKETCH_PARTS]
+    return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
 def write_template(plan: ExtractPlan, job: JobSpec) -> None:
     """Metadata and coordinates of `gradients`, plus the bookkeeping arrays in `_work`."""
     store = zarr_store(job.output.path, job.output.storage_options)
     ds = gradients_template(plan, job)
-    encoding = {b: {"chunks": (plan.shard_size, 1, 1, plan.sizes[b])} for b in plan.blocks}
+    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width)} for name, _, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
     encoding["finite"] = {"chunks": (plan.shard_size,)}
     ds.to_zarr(store, group=schema.GRADIENTS, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
@@ -198,12 +207,15 @@ def write_template(plan: ExtractPlan, job: JobSpec) -> None:
         work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
     work.attrs["plan"] = plan.fingerprint()
+    if job.score.mode == "sketch":
+        work.create_array(schema.DONE_FISHER, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
+                          dimension_names=("shard",))
     # `done` last: its presence is what marks the template as written (see run._has_template)
     work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                       dimension_names=("shard",))
 
 
-def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int]) -> list[ShardTask]:
+def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int], phase: str = "exact") -> list[ShardTask]:
     out = []
     for k in shards:
         s, e = plan.shards[k]
@@ -225,14 +237,17 @@ def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int]) -> list[Shar
                 device=job.extract.device,
                 nonfinite=job.extract.nonfinite,
                 storage_dtype=job.score.storage_dtype,
+                phase=phase,
+                sketch_dim=job.score.sketch_dim,
+                sketch_seed=job.score.sketch_seed,
             )
         )
     return out
 
 
-def pending_shards(plan: ExtractPlan, job: JobSpec) -> list[int]:
+def pending_shards(plan: ExtractPlan, job: JobSpec, record: str = schema.DONE) -> list[int]:
     root = open_root(job.output.path, job.output.storage_options, mode="r")
-    done = np.asarray(root[schema.WORK]["done"][:])
+    done = np.asarray(root[schema.WORK][record][:])
     return [k for k in range(len(plan.shards)) if not done[k]]
 
 
@@ -285,27 +300,9 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
     return ds
 
 
-def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
-                on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Extract gradients and the Fisher into the run. With fresh=False (resume), only
-    shards without a completed-shard record run. Returns counts and the weights hash."""
-    plan = plan or plan_extract(job)
-    if fresh:
-        write_template(plan, job)
-    else:
-        _check_same_plan(plan, job)
-    todo = pending_shards(plan, job)
-    total = len(plan.shards)
-    done_count = [total - len(todo)]
-    if on_progress:
-        on_progress(done_count[0], total)
-
-    def _tick(_r: ShardResult) -> None:
-        done_count[0] += 1
-        if on_progress:
-            on_progress(done_count[0], total)
-
-    results = executor.map(extract_shard, shard_tasks(plan, job, todo), gpu=True, on_result=_tick)
+def _finish_pass(plan: ExtractPlan, job: JobSpec, results: list[ShardResult], record: str) -> tuple[str | None, list[str]]:
+    """Check one pass's shard results (one model, no rejected samples, every shard done) and
+    record its skipped samples; returns the weights hash and the skipped sample ids."""
     root = open_root(job.output.path, job.output.storage_options, mode="r+")
     hashes = {r.weights_hash for r in results} | ({root[schema.WORK].attrs["weights_hash"]} if "weights_hash" in root[schema.WORK].attrs else set())
     if len(hashes) > 1:
@@ -325,11 +322,41 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
             "Drop them from the task files, or set extract.nonfinite = 'skip' to record and exclude them "
             "(then rerun with --overwrite)."
         )
-    if pending_shards(plan, job):
+    if pending_shards(plan, job, record):
         raise StoreError("some extraction shards did not complete; rerun with --resume")
-    consolidate_fisher(plan, job, whash)
+    return whash, skipped
+
+
+def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
+                on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Extract gradients and the Fisher into the run. With fresh=False (resume), only
+    shards without a completed-shard record run. Returns counts and the weights hash."""
+    plan = plan or plan_extract(job)
+    if fresh:
+        write_template(plan, job)
+    else:
+        _check_same_plan(plan, job)
+    # sketch mode: pass 1 writes the Fisher; pass 2 needs the consolidated Fisher to form its operands
+    phases = [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)] if job.score.mode == "sketch" else [("exact", schema.DONE)]
+    todo = {record: pending_shards(plan, job, record) for _, record in phases}
+    total = len(plan.shards) * len(phases)
+    done_count = [total - sum(map(len, todo.values()))]
+    if on_progress:
+        on_progress(done_count[0], total)
+
+    def _tick(_r: ShardResult) -> None:
+        done_count[0] += 1
+        if on_progress:
+            on_progress(done_count[0], total)
+
+    for phase, record in phases:
+        results = executor.map(extract_shard, shard_tasks(plan, job, todo[record], phase), gpu=True, on_result=_tick)
+        whash, skipped = _finish_pass(plan, job, results, record)
+        if phase != "sketch":  # the pass that wrote the Fisher partial sums
+            consolidate_fisher(plan, job, whash)
+    root = open_root(job.output.path, job.output.storage_options, mode="r+")
     g = root[schema.GRADIENTS]
     g.attrs["weights_hash"] = whash
     g.attrs["skipped_samples"] = list(root[schema.WORK].attrs.get("skipped", []))
     mark_complete(root, schema.GRADIENTS)
-    return {"shards": total, "computed": len(todo), "weights_hash": whash, "skipped": skipped}
+    return {"shards": len(plan.shards), "computed": len(todo[schema.DONE]), "weights_hash": whash, "skipped": skipped}
