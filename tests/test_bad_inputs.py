@@ -123,10 +123,6 @@ def test_unknown_model_name(env):
     run_refused(env, "model-name", model={"path": None, "name": "gpt-17"}, says=("unknown model name 'gpt-17'",))
 
 
-def test_unavailable_score_mode(env):
-    run_refused(env, "sketch", score={"mode": "sketch"}, says=("score.mode = 'sketch' is not available",))
-
-
 # ---------------------------------------------------------------- the model
 
 
