@@ -23,9 +23,9 @@ DEFAULT_SAMPLE_CHUNK = 512
 def open_gradients(run: str, storage_options: dict | None = None, decode: bool = True) -> xr.Dataset:
     """The `gradients` group as a lazy dataset; bfloat16 storage decoded to float32."""
     ds = xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.GRADIENTS, consolidated=False)
-    if decode:
-        for b in schema.BLOCKS:
-            if b in ds and ds[b].attrs.get(schema.ATTR_ENCODING, "float32") != "float32":
+    if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
+        for b in list(ds.data_vars):
+            if ds[b].attrs.get(schema.ATTR_ENCODING, "float32") != "float32":
                 enc = ds[b].attrs[schema.ATTR_ENCODING]
                 ds[b] = ds[b].copy(data=ds[b].data.map_blocks(schema.decode, enc, dtype=np.float32))
     return ds
@@ -96,6 +96,36 @@ def block_scores(g: da.Array, inv, accumulate: str = "float64", device: str = "a
     return both[0], both[1]
 
 
+def sketch_pair_kernel(ui: np.ndarray, vj: np.ndarray, wi: np.ndarray, wj: np.ndarray, accumulate: str = "float64",
+                       device: str = "auto") -> np.ndarray:
+    """Sketch-mode scores for one (layer, head) and one pair of sample chunks: interference
+    S(u_i)·S(v_j) and alignment S(w_i)·S(w_j) from the stored sketches (1, 1, c, k)
+    (workers.sketch; the Fisher is already in u and w). Same output and dtype rules as
+    `pair_kernel`."""
+    import torch
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dt = getattr(torch, accumulate) if accumulate != "auto" else (torch.float32 if dev == "cuda" else torch.float64)
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    u, v, w, w2 = (torch.as_tensor(np.asarray(x)[0, 0], device=dev).to(dt) for x in (ui, vj, wi, wj))
+    out = torch.stack([u @ v.T, w @ w2.T]).to(torch.float32).cpu().numpy()
+    return out[:, None, None]
+
+
+def sketch_block_scores(u: da.Array, v: da.Array, w: da.Array, accumulate: str = "float64",
+                        device: str = "auto") -> tuple[da.Array, da.Array]:
+    """`block_scores` for sketch mode: u, v, w (sample, layer, head, sketch) with the sketch
+    axis in one chunk. Returns two (layer, head, sample, sample) arrays."""
+    ut, vt, wt = (x.transpose(1, 2, 0, 3) for x in (u, v, w))  # (L, H, N, k)
+    both = da.blockwise(
+        sketch_pair_kernel, "slhij",
+        ut, "lhik", vt, "lhjk", wt, "lhik", wt, "lhjk",
+        new_axes={"s": 2}, concatenate=True, dtype=np.float32, accumulate=accumulate, device=device,
+    )
+    return both[0], both[1]
+
+
 def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = DEFAULT_SAMPLE_CHUNK,
                   accumulate: str = "float64", device: str = "auto") -> xr.Dataset:
     """The lazy `scores` dataset (pooled matrices and their A×B blocks) for every block present."""
@@ -108,12 +138,17 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int = 
         raise ValueError("no usable samples left in task A or task B (all skipped for non-finite gradients)")
     ids = grads[schema.SAMPLE_ID].values[keep].astype(object)
     kv_of = np.asarray(grads["kv_head_of"].values)
-    blocks = [b for b in schema.BLOCKS if b in grads]
+    sketched = grads.attrs.get("mode") == "sketch"  # gradients holds {B}_u/v/w sketches, not g
+    blocks = [b for b in schema.BLOCKS if (schema.sketch_var(b, "u") if sketched else b) in grads]
     c = min(n, sample_chunk)
     pooled = {s: [] for s in schema.SCORES}
     for b in blocks:
-        g = grads[b].data[keep].rechunk((c, 1, 1, -1))
-        inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device)
+        if sketched:
+            u, v, w = (grads[schema.sketch_var(b, p)].data[keep].rechunk((c, 1, 1, -1)) for p in schema.SKETCH_PARTS)
+            inter, align = sketch_block_scores(u, v, w, accumulate, device)
+        else:
+            g = grads[b].data[keep].rechunk((c, 1, 1, -1))
+            inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device)
         for name, arr in (("interference", inter), ("alignment", align)):
             if schema.head_dim(b) == schema.KV_HEAD:  # shown per query head
                 arr = arr[:, kv_of]
