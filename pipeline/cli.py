@@ -51,6 +51,23 @@ def _friendly() -> Iterator[None]:
 
 
 @contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (a batch scheduler's time limit, `kill`) unwinds like Ctrl-C: the run's lock is
+    released and its cluster closed, so a requeued job on another node can --resume."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+@contextmanager
 def _stage_progress() -> Iterator:
     cols = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
@@ -87,7 +104,7 @@ def run(
     from pipeline.run import run_job
     from pipeline.spec import load_job
 
-    with _friendly():
+    with _friendly(), _sigterm_unwinds():
         job = load_job(job_file)
         if resume and overwrite:
             raise ValueError("--resume and --overwrite exclude each other; choose one")

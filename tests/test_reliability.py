@@ -62,7 +62,7 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     job = tiny_job(tmp, "llama_gqa", n_a=N, n_b=N, min_len=12, max_len=24,
                    extract={"shard_size": 1, "batch_size": 1}, fisher={"batch_size": 4, "beta": 0.9},
-                   score={"blocks": ["Q", "K"]},  # one sample per chunk makes many score tasks: keep them few
+                   score={"layers": [1], "blocks": ["Q", "K"]},  # one sample per chunk makes many score tasks: keep them few
                    stats={"n_permutations": 19, "n_bootstrap": 19}, output={"path": str(tmp / "reference")})
     run_job(job)
     return tmp, job
@@ -144,7 +144,7 @@ def test_client_killed_mid_run_resume_finishes_identical(reference, tmp_path):
     tmp, ref = reference
     out = tmp / "client-killed"
     toml = write_job_file(ref, tmp_path / "job.toml", output={"path": str(out)},
-                          cluster={"n_workers": 2, "threads_per_worker": 1})
+                          cluster={"n_workers": 1, "threads_per_worker": 1})
     log = tmp_path / "client.log"
     with log.open("w") as sink:
         client = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(toml)], cwd=ROOT,
@@ -188,6 +188,33 @@ def test_client_killed_mid_run_resume_finishes_identical(reference, tmp_path):
     assert computed and (int(computed[1]), int(computed[2])) == (pending, TOTAL), text
     assert read_lock(str(out)) is None
     assert_same_results(out, ref.output.path)
+
+
+def test_sigterm_releases_the_lock(reference):
+    """A batch scheduler's SIGTERM (time limit) unwinds `qkov run`: the lock is released, so the
+    requeued job may --resume on another node, and nothing is marked complete. The signal is
+    sent to this process while the command runs in it (as `qkov run` would receive it)."""
+    tmp, ref = reference
+    out = tmp / "terminated"
+    toml = write_job_file(ref, tmp / "terminated.toml", output={"path": str(out)})
+    late: list[int] = []  # a signal that arrived after the command restored this handler
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: late.append(signum))
+
+    def terminate_mid_extract() -> None:
+        wait_for(lambda: done_shards(out) >= 1, "the first shard")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    sender = threading.Thread(target=terminate_mid_extract)
+    try:
+        sender.start()
+        res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
+        sender.join(timeout=60)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert not late and res.exit_code == 128 + signal.SIGTERM, res.output
+    assert read_lock(str(out)) is None
+    assert 0 < done_shards(out) < TOTAL
+    assert not open_root(str(out))[schema.GRADIENTS].attrs.get(schema.ATTR_COMPLETE)
 
 
 def test_simultaneous_starts_have_exactly_one_owner(tmp_path):
