@@ -78,8 +78,8 @@ class Profile:
 
     name: str
     kind: str
-    scale: int  # workers of the default group (SLURM: worker processes over all jobs)
-    wait_for_workers: int  # workers that must have joined before work is sent
+    scale: int | None  # workers of the default group (SLURM: worker processes over all jobs); None: 1, or the manifest's
+    wait_for_workers: int | None  # workers that must have joined before work is sent; None: all that were asked for
     wait_timeout: float | None  # seconds; None waits as long as the batch queue takes
     options: dict[str, Any]
 
@@ -92,12 +92,11 @@ def parse_profile(name: str, raw: dict[str, Any]) -> Profile:
     kind = opts.pop("kind", None)
     if kind not in PROFILE_KINDS:
         raise ClusterError(f"[cluster.profiles.{name}] kind must be one of {list(PROFILE_KINDS)}, not {kind!r}")
-    scale = opts.pop("scale", 1)
-    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+    scale = opts.pop("scale", None)
+    if scale is not None and (not isinstance(scale, int) or isinstance(scale, bool) or scale < 1):
         raise ClusterError(f"[cluster.profiles.{name}] scale must be a positive integer (workers to start), not {scale!r}")
-    extra = sum(int(g.get("scale", 1)) for g in opts.get("worker_groups", []) or [])
-    wait = opts.pop("wait_for_workers", scale + extra)
-    if not isinstance(wait, int) or isinstance(wait, bool) or wait < 0:
+    wait = opts.pop("wait_for_workers", None)
+    if wait is not None and (not isinstance(wait, int) or isinstance(wait, bool) or wait < 0):
         raise ClusterError(f"[cluster.profiles.{name}] wait_for_workers must be an integer ≥ 0, not {wait!r}")
     timeout = opts.pop("wait_timeout", None)
     try:
@@ -181,14 +180,15 @@ def kube_resources(profile: Profile) -> tuple[dict, dict[str, dict]]:
     o = profile.options
     if o.get("custom_cluster_spec"):
         cluster, groups = _load_manifests(o["custom_cluster_spec"])
-        if "scale" in o or profile.scale != 1:
+        if profile.scale is not None:
             cluster["spec"]["worker"]["replicas"] = profile.scale
         return cluster, groups
     if not o.get("image"):
         raise ClusterError(f"[cluster.profiles.{profile.name}] (kubernetes) needs image = an image with qkov installed (see deploy/Dockerfile)")
-    cluster = make_cluster_spec(name=o.get("name", DEFAULT_K8S_NAME), image=o["image"], n_workers=profile.scale,
+    scale = profile.scale or 1
+    cluster = make_cluster_spec(name=o.get("name", DEFAULT_K8S_NAME), image=o["image"], n_workers=scale,
                                 scheduler_service_type=o.get("scheduler_service_type", "ClusterIP"), idle_timeout=o.get("idle_timeout", 0))
-    cluster["spec"]["worker"] = _kube_worker(o, {}, profile.scale)
+    cluster["spec"]["worker"] = _kube_worker(o, {}, scale)
     sched = cluster["spec"]["scheduler"]["spec"]["containers"][0]
     # the scheduler never gets the workers' resources (a GPU limit there would waste a GPU)
     for key, value in (("env", _kube_env(o.get("env"))), ("resources", o.get("scheduler_resources"))):
@@ -204,6 +204,11 @@ def kube_resources(profile: Profile) -> tuple[dict, dict[str, dict]]:
     return cluster, groups
 
 
+def kube_workers(cluster: dict, groups: dict[str, dict]) -> int:
+    """Workers the resources ask for: the default group's replicas plus every extra group's."""
+    return int(cluster["spec"]["worker"]["replicas"]) + sum(int(g["replicas"]) for g in groups.values())
+
+
 def kube_cluster(profile: Profile):
     cls = _import("dask_kubernetes.operator", "KubeCluster", "kubernetes", "dask-kubernetes")
     spec, groups = kube_resources(profile)
@@ -214,15 +219,16 @@ def kube_cluster(profile: Profile):
         raise ClusterError(f"[cluster.profiles.{profile.name}] (kubernetes): {e}") from None
     for name, worker in groups.items():
         cluster.add_worker_group(name, custom_spec=worker)
-    return cluster
+    return cluster, kube_workers(spec, groups)
 
 
 def profile_cluster(profile: Profile):
-    """Start the profile's cluster (submits batch jobs / creates Kubernetes resources)."""
+    """Start the profile's cluster (submits batch jobs / creates Kubernetes resources).
+    Returns the cluster and the number of workers it was asked for."""
     if profile.kind == "slurm":
         cluster = slurm_cluster(profile)
-        cluster.scale(profile.scale)
-        return cluster
+        cluster.scale(profile.scale or 1)
+        return cluster, profile.scale or 1
     return kube_cluster(profile)
 
 
@@ -319,14 +325,15 @@ def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[
         return
     if spec.profile:
         profile = parse_profile(spec.profile, spec.profiles[spec.profile])
-        cluster = profile_cluster(profile)
+        cluster, asked = profile_cluster(profile)
     else:
-        profile, cluster = None, local_cluster(spec)
+        profile, cluster, asked = None, local_cluster(spec), 0
     try:
         client = Client(cluster)
         try:
             if profile is not None:
-                await_workers(client, profile.wait_for_workers, profile.wait_timeout, f"profile {profile.name!r}")
+                wait = asked if profile.wait_for_workers is None else profile.wait_for_workers
+                await_workers(client, wait, profile.wait_timeout, f"profile {profile.name!r}")
                 check_workers(client)
             yield client
         finally:

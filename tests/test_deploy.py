@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cluster import (ClusterError, environment_problems, kube_resources, parse_profile, slurm_cluster)
+from pipeline.cluster import ClusterError, environment_problems, kube_resources, kube_workers, parse_profile, slurm_cluster
 from pipeline.spec import load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +102,7 @@ def test_slurm_job_script_matches_golden(source):
         else:
             job = load_job(DEPLOY / "slurm" / "job.toml")
             profile = parse_profile(job.cluster.profile, job.cluster.profiles[job.cluster.profile])
-            assert (profile.kind, profile.scale, profile.wait_for_workers, profile.wait_timeout) == ("slurm", 2, 2, 1800.0)
+            assert (profile.kind, profile.scale, profile.wait_for_workers, profile.wait_timeout) == ("slurm", 2, None, 1800.0)
             cluster = slurm_cluster(profile)
         try:
             script = normalised_script(cluster)
@@ -288,8 +288,8 @@ def test_kubernetes_profile_renders_valid_resources(crd_validators):
         "worker_groups": [{"name": "gpu", "scale": 3, "worker_command": ["dask", "worker", "--nthreads", "1", "--resources", "GPU=1"],
                            "resources": {"limits": {"nvidia.com/gpu": "1"}}}],
     })
-    assert profile.wait_for_workers == 5
     cluster, groups = kube_resources(profile)
+    assert kube_workers(cluster, groups) == 5
     validate(crd_validators, cluster)
     assert cluster["spec"]["worker"]["replicas"] == 2 and not check_worker_containers(cluster["spec"]["worker"])
     sched = cluster["spec"]["scheduler"]["spec"]["containers"][0]
@@ -308,7 +308,10 @@ def test_kubernetes_profile_from_the_manifest_file(crd_validators):
     cluster, groups = kube_resources(profile)
     validate(crd_validators, cluster)
     assert cluster["spec"]["worker"]["replicas"] == 3 and set(groups) == {"gpu"}
-    assert check_worker_containers(groups["gpu"])
+    assert check_worker_containers(groups["gpu"]) and kube_workers(cluster, groups) == 5
+    # without scale the manifest's replicas stand
+    unscaled, _ = kube_resources(parse_profile("k8s", {"kind": "kubernetes", "custom_cluster_spec": str(DEPLOY / "k8s" / "daskcluster.yaml")}))
+    assert unscaled["spec"]["worker"]["replicas"] == 2
 
 
 # ---------------------------------------------------------------- compose and the image
@@ -396,3 +399,35 @@ def test_environment_problems_name_the_worker_and_the_package():
     assert len(problems) == 2
     assert problems[0].startswith("tcp://b:1") and "zarr 2.18.0 (client 3.1.6)" in problems[0]
     assert problems[1].startswith("tcp://c:1") and "cannot import qkov" in problems[1]
+
+
+def test_readme_profile_examples_are_valid(crd_validators):
+    """The profiles shown in deploy/README.md parse as a job file and render valid resources."""
+    block = re.search(r"```toml\n(\[cluster\]\nprofile.*?)```", (DEPLOY / "README.md").read_text(), re.S).group(1)
+    cfg = tomllib.loads(block)
+    cfg.update(model={"name": "smollm2-135m"}, output={"path": "/runs/x"},
+               tasks={"a": {"name": "a", "path": "/t/a.jsonl"}, "b": {"name": "b", "path": "/t/b.jsonl"}})
+    job = parse_job(cfg)
+    slurm = parse_profile("slurm", job.cluster.profiles["slurm"])
+    assert slurm.kind == "slurm" and slurm.options["worker_extra_args"] == ["--resources", "GPU=1"]
+    k8s = parse_profile("k8s", job.cluster.profiles["k8s"])
+    cluster, groups = kube_resources(k8s)
+    validate(crd_validators, cluster)
+    for name, worker in groups.items():
+        validate(crd_validators, _as_worker_group(cluster["metadata"]["name"], name, worker))
+    assert [check_worker_containers(w) for w in [cluster["spec"]["worker"], *groups.values()]] == [False, True]
+
+
+def test_worker_probe_runs_where_qkov_cannot_be_imported():
+    """The environment probe travels by value: a worker without qkov can unpickle and run it."""
+    import cloudpickle
+
+    from pipeline.cluster import _by_value, environment
+
+    code = ("import sys, pickle, json; sys.modules['pipeline'] = sys.modules['workers'] = None; "
+            "print(json.dumps(pickle.loads(sys.stdin.buffer.read())()))")
+    out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(_by_value(environment)),
+                         capture_output=True, check=True, cwd="/")
+    env = __import__("json").loads(out.stdout)
+    assert env["importable"] is False and env["dask"] == environment()["dask"]
+    assert "cannot import qkov" in environment_problems(environment(), {"tcp://w:1": env})[0]

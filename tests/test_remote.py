@@ -34,8 +34,7 @@ GROUPS = (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP, schema.STATS)
 N_A, N_B, SHARD = 5, 4, 3
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "qkov-test", "AWS_SECRET_ACCESS_KEY": "qkov-test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 
-pytestmark = pytest.mark.skipif(not (BIN / "dask").exists() or not (BIN / "qkov").exists(),
-                                reason="needs the venv's `dask` and `qkov` commands")
+pytestmark = pytest.mark.skipif(not (BIN / "dask").exists(), reason="needs the venv's `dask` command")
 
 
 # ---------------------------------------------------------------- helpers
@@ -49,14 +48,17 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # the process's own group: nanny and worker together
+def _stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM every process group we started (nanny and worker together), then wait; SIGKILL stragglers."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
         try:
-            proc.wait(15)
+            p.wait(15)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
 
 
 def _plain(d):
@@ -73,9 +75,14 @@ def write_job(path: Path, config: dict) -> Path:
     return path
 
 
-def qkov(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    res = subprocess.run([str(BIN / "qkov"), *args], capture_output=True, text=True, env=env or _env(), timeout=timeout, cwd=ROOT)
-    assert res.returncode == 0, f"qkov {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+def qkov(*args: str):
+    """The `qkov` command line, in this process (torch is imported once, not per command)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, list(args))
+    assert res.exit_code == 0, f"qkov {' '.join(args)} failed ({res.exit_code}):\n{res.output[-4000:]}\n{res.exception!r}"
     return res
 
 
@@ -165,8 +172,7 @@ def remote_cluster(tmp_path_factory):
     finally:
         if client is not None:
             client.close()
-        for p in reversed(procs):
-            _stop(p)
+        _stop(procs)
 
 
 @pytest.fixture(scope="module")
@@ -209,9 +215,6 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
 def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remote_cluster, inline_run, s3_endpoint, monkeypatch):
     """Workers write the store to S3 (credentials from their environment, endpoint from the
     job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""
-    from typer.testing import CliRunner
-
-    from pipeline.cli import app
     from pipeline.cluster import cluster_client
     from pipeline.query import query_head
     from pipeline.spec import parse_job
@@ -239,10 +242,23 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     # the command line takes no storage options: the endpoint comes from the standard variable
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients were made before the variable was set
-    out = CliRunner().invoke(app, ["query", url, "--layer", "1", "--head", "2", "--top", "3", "--json"])
-    assert out.exit_code == 0, out.output
+    out = qkov("query", url, "--layer", "1", "--head", "2", "--top", "3", "--json")
     remote = json.loads(out.stdout)
     local = query_head(job.output.path, 1, 2, top=3)
     assert remote.pop("run") == url and local.pop("run") == job.output.path
     assert remote == json.loads(json.dumps(local))
     assert np.isfinite(remote["blocks"][0]["stats"]["interference"]["p_value"])
+
+
+def test_unreachable_scheduler_is_a_clear_error():
+    import socket
+
+    from pipeline.cluster import ClusterError, connect
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t = time.monotonic()
+    with pytest.raises(ClusterError, match=f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}"):
+        connect(f"tcp://127.0.0.1:{port}", timeout="2s")
+    assert time.monotonic() - t < 30

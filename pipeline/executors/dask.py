@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
+from pipeline.cluster import GPU_RESOURCE, gpu_workers
+
 
 class DaskExecutor:
     name = "dask"
@@ -15,8 +17,7 @@ class DaskExecutor:
         self.client = client
 
     def gpu_workers(self) -> list[str]:
-        info = self.client.scheduler_info(n_workers=-1)["workers"]
-        return [addr for addr, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1]
+        return gpu_workers(self.client)
 
     def map(self, fn: Callable, items: Iterable[Any], *, gpu: bool = False, on_result: Callable | None = None) -> list:
         from distributed import as_completed
@@ -25,7 +26,7 @@ class DaskExecutor:
         if not items:
             return []
         # Ask for a GPU only where a worker offers one: a resource nobody has would wait forever.
-        resources = {"GPU": 1} if gpu and self.gpu_workers() else None
+        resources = {GPU_RESOURCE: 1} if gpu and self.gpu_workers() else None
         futures = self.client.map(fn, items, pure=False, resources=resources, retries=2)
         index = {f.key: i for i, f in enumerate(futures)}
         out: list = [None] * len(items)
