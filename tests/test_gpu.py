@@ -44,3 +44,16 @@ def test_gpu_score_kernel_equals_cpu_on_the_same_gradients(tmp_path):
     for name in ("pooled_interference", "pooled_alignment"):
         ref = cpu[name].values
         assert np.abs(gpu[name].values - ref).max() <= 1e-4 * np.abs(ref).max(), name
+
+
+def test_gpu_sketch_mode_equals_cpu(tmp_path):
+    out = {}
+    for dev in ("cpu", "cuda"):
+        job = tiny_job(tmp_path, "llama_gqa", n_a=8, n_b=8, extract={"device": dev},
+                       score={"mode": "sketch", "sketch_dim": 512}, output={"path": str(tmp_path / f"sk-{dev}")})
+        prepare_output(job, resume=False, overwrite=True)
+        run_extract(job, InlineExecutor())
+        out[dev] = score_dataset(open_gradients(job.output.path), open_fisher(job.output.path), device=dev).load()
+    for name in ("pooled_interference", "pooled_alignment"):
+        ref = out["cpu"][name].values
+        assert np.abs(out["cuda"][name].values - ref).max() <= 1e-4 * np.abs(ref).max(), name
