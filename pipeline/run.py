@@ -47,10 +47,9 @@ def _entries(path: str, storage_options: dict) -> list[str]:
             found = [e.rstrip("/") for e in fs.ls(p, detail=False)]
         except FileNotFoundError:
             return []
-    else:
-        local = Path(path.removeprefix("file://"))
-        found = [str(c) for c in local.iterdir()] if local.is_dir() else []
-    return [e for e in found if e.rsplit("/", 1)[-1] != LOCK_GROUP]
+        return [e for e in found if e.rsplit("/", 1)[-1] != LOCK_GROUP]
+    local = Path(path.removeprefix("file://"))
+    return [str(c) for c in local.iterdir() if c.name != LOCK_GROUP] if local.is_dir() else []
 
 
 def _remove(path: str, storage_options: dict) -> None:
