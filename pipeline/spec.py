@@ -180,8 +180,11 @@ class JobSpec(_Frozen):
     output: OutputSpec
 
     def config_dict(self) -> dict[str, Any]:
-        """The full config with defaults filled in (what provenance records)."""
-        return self.model_dump(mode="json")
+        """The full config with defaults filled in (what provenance records and the hash
+        covers). Storage options carry credentials: only their keys are kept."""
+        cfg = self.model_dump(mode="json")
+        cfg["output"]["storage_options"] = sorted(self.output.storage_options)
+        return cfg
 
     def config_hash(self) -> str:
         return config_hash(self.config_dict())

@@ -52,7 +52,7 @@ def _toml_value(v: Any) -> str:
 
 
 def job_toml(config: dict) -> str:
-    """A job mapping (e.g. `JobSpec.config_dict()`) as TOML text; None values are left out."""
+    """A job mapping (e.g. `JobSpec.model_dump(mode="json")`) as TOML text; None values are left out."""
     lines: list[str] = []
 
     def emit(prefix: str, table: dict) -> None:
@@ -69,7 +69,8 @@ def job_toml(config: dict) -> str:
 
 def write_job_file(job: JobSpec | dict, path: str | Path, **sections: Any) -> Path:
     """Write a job (with `sections` overriding it, as in `tiny_job`) as a TOML file for the CLI."""
-    config = job.config_dict() if isinstance(job, JobSpec) else dict(job)
+    # the job itself, storage options included (config_dict() keeps only their keys)
+    config = job.model_dump(mode="json") if isinstance(job, JobSpec) else dict(job)
     p = Path(path)
     p.write_text(job_toml(_merge(config, sections)))
     return p

@@ -147,3 +147,10 @@ def test_layers_and_blocks_subset(tmp_path):
     bad = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4, score={"layers": [0, 7]}, output={"path": str(tmp_path / "bad")})
     with pytest.raises(ValueError, match=r"out of range.*2 attention layers"):
         plan_extract(bad)
+
+
+def test_provenance_keeps_storage_option_keys_not_credentials(tmp_path):
+    job = tiny_job(tmp_path, "gpt2", n_a=3, n_b=3, output={"storage_options": {"key": "AKIA-SECRET", "secret": "s3cr3t"}})
+    cfg = job.config_dict()
+    assert cfg["output"]["storage_options"] == ["key", "secret"]
+    assert "s3cr3t" not in str(cfg) and "AKIA-SECRET" not in str(cfg)
