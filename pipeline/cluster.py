@@ -142,7 +142,8 @@ def _kube_worker(opts: dict, group: dict, replicas: int) -> dict:
     from dask_kubernetes.operator import make_worker_spec
 
     command = group.get("worker_command", opts.get("worker_command", ["dask", "worker"]))
-    w = make_worker_spec(image=group.get("image", opts.get("image")), n_workers=replicas, worker_command=list(command) if not isinstance(command, str) else command,
+    w = make_worker_spec(image=group.get("image", opts.get("image")), n_workers=replicas,
+                         worker_command=command if isinstance(command, str) else list(command),
                          resources=group.get("resources", opts.get("resources")), env=_kube_env(group.get("env", opts.get("env"))))
     container = w["spec"]["containers"][0]
     for key in ("env", "resources"):
@@ -172,7 +173,8 @@ def kube_resources(profile: Profile) -> tuple[dict, dict[str, dict]]:
     """The DaskCluster resource and the extra worker groups' `worker` specs of a kubernetes profile.
 
     Pure (no API server needed), so the result is validated offline against the operator's CRDs.
-    Either `custom_cluster_spec` (a YAML file such as deploy/k8s/daskcluster.yaml) or the keys
+    Either `custom_cluster_spec` (a YAML file such as deploy/k8s/daskcluster.yaml; a relative
+    path is relative to the working directory) or the keys
     image, worker_command, resources, env, scheduler_resources, worker_groups = [{name, scale, ...}].
     """
     from dask_kubernetes.operator import make_cluster_spec
