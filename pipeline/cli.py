@@ -26,14 +26,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from workers.tasks import TaskFileError
     from workers.writer import NonFiniteGradientError
 
-    out = [JobFileError, StoreError, UnsupportedModelError, ModelLoadError, TaskFileError, NonFiniteGradientError, FileNotFoundError]
-    try:
-        from pipeline.stats_stage import StatsStageError
+    from pipeline.cluster import ClusterError
+    from pipeline.stats_stage import StatsStageError
 
-        out.append(StatsStageError)
-    except ImportError:
-        pass
-    return tuple(out)
+    return (JobFileError, StoreError, UnsupportedModelError, ModelLoadError, TaskFileError, NonFiniteGradientError,
+            FileNotFoundError, ClusterError, StatsStageError)
 
 
 @contextmanager
@@ -152,9 +149,9 @@ def stats(
             raise ValueError("; ".join(f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}" for er in e.errors())) from None
         with owned(run_path):  # never beside a `qkov run` (or another `qkov stats`) writing this run
             if scheduler:
-                from distributed import Client
+                from pipeline.cluster import connect
 
-                with Client(scheduler) as client:
+                with connect(scheduler) as client:
                     ds = run_stats(run_path, settings, client=client, name=name, replace=replace)
             else:
                 ds = run_stats(run_path, settings, name=name, replace=replace)
