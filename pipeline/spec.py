@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 Block = Literal["Q", "K", "V", "O"]
 KNOWN_MODELS = ("smollm2-135m",)
+REDACTED = "<redacted>"
 
 
 class _Frozen(BaseModel):
@@ -181,9 +182,9 @@ class JobSpec(_Frozen):
 
     def config_dict(self) -> dict[str, Any]:
         """The full config with defaults filled in (what provenance records and the hash
-        covers). Storage options carry credentials: only their keys are kept."""
+        covers). Storage options carry credentials: their values are redacted, the keys kept."""
         cfg = self.model_dump(mode="json")
-        cfg["output"]["storage_options"] = sorted(self.output.storage_options)
+        cfg["output"]["storage_options"] = {k: REDACTED for k in sorted(self.output.storage_options)}
         return cfg
 
     def config_hash(self) -> str:

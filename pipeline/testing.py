@@ -69,7 +69,7 @@ def job_toml(config: dict) -> str:
 
 def write_job_file(job: JobSpec | dict, path: str | Path, **sections: Any) -> Path:
     """Write a job (with `sections` overriding it, as in `tiny_job`) as a TOML file for the CLI."""
-    # the job itself, storage options included (config_dict() keeps only their keys)
+    # the job itself, storage options included (config_dict() redacts their values)
     config = job.model_dump(mode="json") if isinstance(job, JobSpec) else dict(job)
     p = Path(path)
     p.write_text(job_toml(_merge(config, sections)))

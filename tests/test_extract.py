@@ -152,5 +152,5 @@ def test_layers_and_blocks_subset(tmp_path):
 def test_provenance_keeps_storage_option_keys_not_credentials(tmp_path):
     job = tiny_job(tmp_path, "gpt2", n_a=3, n_b=3, output={"storage_options": {"key": "AKIA-SECRET", "secret": "s3cr3t"}})
     cfg = job.config_dict()
-    assert cfg["output"]["storage_options"] == ["key", "secret"]
+    assert cfg["output"]["storage_options"] == {"key": "<redacted>", "secret": "<redacted>"}
     assert "s3cr3t" not in str(cfg) and "AKIA-SECRET" not in str(cfg)

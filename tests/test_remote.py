@@ -191,7 +191,7 @@ def inline_run(tmp_path_factory):
 
 def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster, inline_run):
     tmp, job = inline_run
-    cfg = job.model_dump(mode="json")  # the job mapping (config_dict hides storage options)
+    cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
     cfg["output"]["path"] = str(tmp / "run-remote")
     jobfile = write_job(tmp / "remote.toml", cfg)
     from pipeline.spec import load_job
@@ -225,7 +225,7 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     tmp, job = inline_run
     url = f"s3://{BUCKET}/runs/tiny"
     so = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    cfg = job.model_dump(mode="json")  # the job mapping (config_dict hides storage options)
+    cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
     cfg["output"] = {"path": url, "storage_options": so}
     s3_job = parse_job(cfg)
     for k, v in CREDENTIALS.items():  # the client writes the template, the workers the chunks
