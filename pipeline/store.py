@@ -61,10 +61,12 @@ def mark_complete(root: zarr.Group, group: str) -> None:
 
 def require_complete(root: zarr.Group, group: str, needed_by: str) -> None:
     if not has_group(root, group):
-        raise StoreError(f"{needed_by} needs the '{group}' group, which this run does not have; run the earlier stages first (`qkov run`).")
+        raise StoreError(f"{needed_by} needs the '{group}' group, but this run has no '{group}' group; "
+                         "run the earlier stages first (`qkov run JOB.toml`).")
     if not is_complete(root, group):
         raise StoreError(
-            f"{needed_by} needs the '{group}' group, which is incomplete (an interrupted run?); finish it with `qkov run JOB.toml --resume`."
+            f"{needed_by} needs the '{group}' group, which is not marked complete (an interrupted run?); "
+            "finish it with `qkov run JOB.toml --resume`."
         )
     ver = root[group].attrs.get(schema.ATTR_SCHEMA)
     if ver is not None and ver != schema.SCHEMA_VERSION:
