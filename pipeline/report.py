@@ -37,6 +37,9 @@ SCORE_LABEL = {
     "alignment": "mean alignment A (signed; < 0 = conflict)",
 }
 SIG_MARK = dict(marker="o", color="white", markeredgecolor="black", linestyle="none")
+# direction of a significant slice: above or below what label permutations give
+SIG_ABOVE = {**SIG_MARK, "marker": "^"}
+SIG_BELOW = {**SIG_MARK, "marker": "v"}
 DPI = 110
 
 
@@ -59,9 +62,12 @@ def block_matrix(stats: xr.Dataset, score: str, block: str) -> dict[str, Any]:
         groups = [[int(h) for h in heads[kv == kv[c]]] for c in cols]
     mean = s["mean"].transpose(schema.LAYER, schema.HEAD).values[:, cols]
     sig = s["significant"].transpose(schema.LAYER, schema.HEAD).values[:, cols].astype(bool)
+    # runs written before null_mean existed: direction unknown, drawn as "above"
+    null = s["null_mean"].transpose(schema.LAYER, schema.HEAD).values[:, cols] if "null_mean" in s else np.full(mean.shape, -np.inf)
     return {
         "values": np.asarray(mean, dtype=float),
         "significant": sig,
+        "above": np.asarray(mean > null, dtype=bool),
         "columns": [int(kv[c]) for c in cols] if groups else [int(heads[c]) for c in cols],
         "xlabel": "KV head" if groups else "head",
         "groups": groups,
@@ -124,8 +130,9 @@ def heatmap_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Fig
             im = ax.imshow(v, cmap=_cmap("RdBu_r"), vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
         else:
             im = ax.imshow(v, cmap=_cmap("viridis"), aspect="auto", interpolation="nearest")
-        rows, cols = np.nonzero(m["significant"])
-        ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **SIG_MARK)
+        for where, mark in ((m["significant"] & m["above"], SIG_ABOVE), (m["significant"] & ~m["above"], SIG_BELOW)):
+            rows, cols = np.nonzero(where)
+            ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **mark)
         xt, yt = _ticks(len(m["columns"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
         ax.set_xticks(xt, [str(m["columns"][i]) for i in xt])
         ax.set_yticks(yt, [str(m["layers"][i]) for i in yt])
@@ -146,8 +153,11 @@ def heatmap_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Fig
     if shared:
         notes.append("K/V: GQA groups share one K/V slice (one test each), drawn once per KV head — "
                      + _group_note(shared["columns"], shared["groups"]))
-    handle = Line2D([], [], markersize=7, markeredgewidth=1.0, **SIG_MARK)
-    fig.legend([handle], ["\n".join(notes)], loc="outside lower center", frameon=False, fontsize=8)
+    handles = [Line2D([], [], markersize=7, markeredgewidth=1.0, **SIG_ABOVE),
+               Line2D([], [], markersize=7, markeredgewidth=1.0, **SIG_BELOW)]
+    labels = ["significant, above the permutation null (more than chance)\n" + "\n".join(notes),
+              "significant, below the permutation null (less than chance)"]
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=8, ncols=2)
     return fig
 
 

@@ -39,6 +39,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _VAR_DOCS = {
     "mean": "T = mean over i in A, j in B of the score",
+    "null_mean": "mean of T over the label permutations (what chance gives); mean above it = more than chance",
     "p_value": "permutation p-value, (1 + #exceedances) / (1 + n_permutations)",
     "q_value": "Benjamini-Hochberg q-value over the family (per score)",
     "significant": "q_value <= alpha",
@@ -151,6 +152,7 @@ def _family_results(values: np.ndarray, settings: StatsSpec) -> dict[str, np.nda
     lo, hi = st.percentile_interval(t_boot, settings.ci_level)
     return {
         "mean": t_obs,
+        "null_mean": t_null.mean(axis=0),
         "p_value": p,
         "q_value": q,
         "significant": q <= settings.alpha,

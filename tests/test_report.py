@@ -115,8 +115,8 @@ def test_heatmap_marks_exactly_the_significant_cells():
     assert [ax.get_title().split("\n")[0] for ax in panels] == [f"{b} · interference" for b in blocks]
     want = {"Q": {(4, 1), (0, 2)}, "K": {(1, 0)}, "V": {(0, 2)}, "O": set()}
     for ax, b in zip(panels, blocks):
-        (dots,) = ax.lines
-        assert set(zip(np.asarray(dots.get_xdata()).tolist(), np.asarray(dots.get_ydata()).tolist())) == want[b], b
+        dots = {(x, y) for line in ax.lines for x, y in zip(np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist())}
+        assert dots == want[b], b
         assert ax.get_ylabel() == "layer"
         assert ax.get_xlabel() == ("KV head" if b in "KV" else "head")
         assert ax.images[0].get_array().shape == (L, 2 if b in "KV" else H)
@@ -125,6 +125,27 @@ def test_heatmap_marks_exactly_the_significant_cells():
     assert "BH q ≤ α = 0.05" in labels[0] and "KV 0: q-heads 0–2; KV 1: q-heads 3–5" in labels[0]
     cbar_labels = [c.get_ylabel() for ax in panels for c in ax.child_axes]  # colorbars sit in inset axes
     assert cbar_labels == ["mean interference M (≥ 0)"] * 4
+
+
+def test_heatmap_marks_direction_against_the_null():
+    """Significant cells above the permutation null's mean get ▲, below it ▼."""
+    L, H = 2, 3
+    sig = np.zeros((1, 1, L, H), dtype=bool)
+    sig[0, 0, 0, 1] = sig[0, 0, 1, 2] = True
+    mean = np.ones((1, 1, L, H))
+    null = np.ones((1, 1, L, H))
+    null[0, 0, 0, 1], null[0, 0, 1, 2] = 0.5, 2.0  # (0,1) above chance, (1,2) below
+    dims = ("score", "block", "layer", "head")
+    ds = xr.Dataset(
+        {"mean": (dims, mean), "null_mean": (dims, null), "significant": (dims, sig), "q_value": (dims, np.where(sig, 0.01, 0.5)),
+         "in_family": (("block", "head"), np.ones((1, H), dtype=bool))},
+        coords={"score": ["interference"], "block": ["Q"], "layer": [0, 1], "head": np.arange(H), "kv_head": ("head", np.arange(H))},
+        attrs={"alpha": 0.05, "family_size": 6, "alternative": "two-sided", "n_permutations": 99},
+    )
+    (ax,) = heatmap_figure(ds, "interference", ("a", "b")).axes[:1]
+    by_marker = {line.get_marker(): set(zip(np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist()))
+                 for line in ax.lines}
+    assert by_marker == {"^": {(1, 0)}, "v": {(2, 1)}}
 
 
 def test_remote_run_needs_an_out_dir():

@@ -75,3 +75,4 @@ def test_stage_agrees_with_the_math_on_a_relabelled_split(pooled):
     got = out.sel(score="interference", block="Q", layer=1, head=2)
     assert float(got["mean"]) == pytest.approx(float(ds["interference"].sel(block="Q", layer=1, head=2).mean()), rel=1e-6)
     assert float(got["p_value"]) == pytest.approx(p)
+    assert float(got["null_mean"]) == pytest.approx(float(st.null_statistics(S, ind_a, ind_b).mean()), rel=1e-9)
