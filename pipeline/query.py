@@ -82,7 +82,10 @@ def _grouped(stats: xr.Dataset) -> bool:
 
 def _slice_stats(stats: xr.Dataset, score: str, block: str, layer: int, head: int) -> dict[str, Any]:
     s = stats.sel({schema.SCORE: score, schema.BLOCK: block, schema.LAYER: layer, schema.HEAD: head})
-    return {v: _num(s[v].values) for v in STAT_VARS}
+    out = {v: _num(s[v].values) for v in STAT_VARS}
+    # what label permutations give; absent in runs written before it was recorded
+    out["null_mean"] = _num(s["null_mean"].values) if "null_mean" in s else None
+    return out
 
 
 def _sample_info(run: str, storage_options: dict | None) -> dict[tuple[str, str], dict[str, Any]]:
@@ -250,15 +253,15 @@ def _stats_table(res: dict):
                     f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs",
               caption=f"{res['stats_group']}: {settings.get('alternative')}, {settings.get('n_permutations')} "
                       f"permutations, BH q ≤ α={settings.get('alpha')} marks significant; p_fwer = max-T; "
-                      f"CI {settings.get('ci_level')} bootstrap",
+                      f"CI {settings.get('ci_level')} bootstrap; chance = mean over the label permutations",
               title_justify="left", caption_justify="left")
-    for col, just in (("block", "left"), ("score", "left"), ("mean", "right"), ("CI", "right"), ("p", "right"),
-                      ("q (BH)", "right"), ("p_fwer", "right"), ("sig.", "center")):
+    for col, just in (("block", "left"), ("score", "left"), ("mean", "right"), ("chance", "right"), ("CI", "right"),
+                      ("p", "right"), ("q (BH)", "right"), ("p_fwer", "right"), ("sig.", "center")):
         t.add_column(col, justify=just)
     for blk in res["blocks"]:
         label = blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else "")
         for i, (score, s) in enumerate(blk["stats"].items()):
-            t.add_row(label if i == 0 else "", score, _fmt(s["mean"]),
+            t.add_row(label if i == 0 else "", score, _fmt(s["mean"]), _fmt(s.get("null_mean")),
                       f"[{_fmt(s['ci_low'], '.3g')}, {_fmt(s['ci_high'], '.3g')}]", _fmt(s["p_value"], ".3g"), _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"),
                       "[bold green]✔[/]" if s["significant"] else "", end_section=i == len(blk["stats"]) - 1)
     return t
