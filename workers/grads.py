@@ -143,7 +143,7 @@ def _has_bmm_out_dtype(device: torch.device) -> bool:
     try:
         a = torch.ones(1, 1, 1, device=device, dtype=torch.bfloat16)
         return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
+    except (TypeError, RuntimeError, NotImplementedError):  # builds without bmm(out_dtype=) raise one of these
         return False
 
 

@@ -114,7 +114,10 @@ def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device
 
 
 def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
-    """Per-sample gradient slices, losses and the Fisher partial of one shard (no I/O)."""
+    """Per-sample gradient slices, losses and the Fisher partial of one shard (no I/O).
+
+    Each phase computes only what it writes: the sketch-mode Fisher pass keeps no
+    gradient buffers (empty dict), the sketch pass no Fisher partial (empty dict)."""
     device = resolve_device(task.device)
     model, full_layout, whash = worker_model(task.model, task.include_bias, device)
     layout = full_layout.subset(layers=task.layers, blocks=task.blocks)
@@ -122,8 +125,10 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     n = len(task.input_ids)
     heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
     sizes = {b: layout.block_size(b) for b in task.blocks}
-    grads = {b: np.zeros((n, len(task.layers), heads[b], sizes[b]), dtype=np.float32) for b in task.blocks}
-    fisher = {b: torch.zeros((len(task.layers), heads[b], sizes[b]), dtype=torch.float64, device=device) for b in task.blocks}
+    keep_grads, keep_fisher = task.phase != "fisher", task.phase != "sketch"
+    grads = {b: np.zeros((n, len(task.layers), heads[b], sizes[b]), dtype=np.float32) for b in task.blocks if keep_grads}
+    fisher = {b: torch.zeros((len(task.layers), heads[b], sizes[b]), dtype=torch.float64, device=device)
+              for b in task.blocks if keep_fisher}
     losses = np.zeros(n, dtype=np.float32)
     bad: list[str] = []
     w_all = torch.tensor(task.fisher_weights, dtype=torch.float64, device=device)
@@ -142,8 +147,10 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
         for b in task.blocks:
             stack = torch.stack([sl[(b, l)] for l in task.layers], dim=1).float()  # (B, L, H, P)
             stack = torch.where(finite[:, None, None, None], stack, torch.zeros((), device=stack.device))
-            fisher[b] += torch.einsum("i,ilhp->lhp", w, stack.double() ** 2)
-            grads[b][s:e] = stack.cpu().numpy()
+            if keep_fisher:
+                fisher[b] += torch.einsum("i,ilhp->lhp", w, stack.double() ** 2)
+            if keep_grads:
+                grads[b][s:e] = stack.cpu().numpy()
     return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
 
 
@@ -176,13 +183,14 @@ def extract_shard(task: ShardTask) -> ShardResult:
         from .sketch import sketch_shard
 
         grads = sketch_shard(task, grads, device)
-    for b, arr in (grads.items() if task.phase != "fisher" else ()):
+    for b, arr in grads.items():
         g[b][task.start : stop] = schema.encode(arr, task.storage_dtype)
     g[schema.LOSS][task.start : stop] = losses
-    ok = np.array([sid not in set(bad) for sid in task.sample_ids])
+    rejected = set(bad)
+    ok = np.array([sid not in rejected for sid in task.sample_ids])
     g["finite"][task.start : stop] = ok
     work = root[schema.WORK]
-    for b, arr in (fisher.items() if task.phase != "sketch" else ()):
+    for b, arr in fisher.items():
         work[f"fisher_{b}"][task.shard] = arr
     work[schema.DONE_FISHER if task.phase == "fisher" else schema.DONE][task.shard] = 1
     return ShardResult(task.shard, whash, tuple(bad), device, _worker_name())
