@@ -6,11 +6,12 @@ any Dask address) or the path of a scheduler file written by `dask scheduler
 --scheduler-file` (the usual pattern inside a SLURM allocation).
 
 Embedded default: with GPUs, one worker process per GPU (CUDA_VISIBLE_DEVICES per
-worker, nthreads=1, resource GPU=1); without, a LocalCluster of processes sized
-to the machine. Profiles (SLURM via dask-jobqueue, Kubernetes via the
-dask-kubernetes operator) are only imported and created when asked for. A worker
-takes GPU work when it was started with `--resources GPU=1`; the extract stage
-asks for that resource only when some worker offers it (pipeline.executors.dask).
+worker, resource GPU=1, the GPU's share of the cores as threads); without, a
+LocalCluster of single-threaded processes sized to the machine. Profiles (SLURM
+via dask-jobqueue, Kubernetes via the dask-kubernetes operator) are only imported
+and created when asked for. A worker takes GPU work when it was started with
+`--resources GPU=1`; the extract stage asks for that resource only when some
+worker offers it (pipeline.executors.dask).
 
 Before any work is sent to a cluster qkov did not start itself, the workers'
 environment is compared with the client's: a worker without qkov, or with another
@@ -51,19 +52,41 @@ def gpu_count() -> int:
         return 0
 
 
+def gpu_worker_options(spec: ClusterSpec, n_gpu: int, n_cpu: int) -> dict[str, dict[str, Any]]:
+    """Options of the embedded GPU workers (pure): one process per GPU (one CUDA context and
+    one model per GPU), each with resource GPU=1 and its share of the machine's cores as
+    threads and of its memory as memory limit.
+
+    The GPU resource admits one extraction task per GPU at a time, whatever the thread count;
+    the threads serve the score and stats graphs, whose tasks (store reads, bf16 decoding,
+    host-device copies, numpy permutation sums) are mostly CPU work. With nthreads=1 a
+    one-GPU, 16-core machine ran both graphs on one core, and Dask's "auto" memory limit
+    (memory × threads/cores) gave the only worker 1/16 of the memory: its nanny killed it
+    when one shard's gradients (e.g. 128 samples × 8 SmolLM2 layers = 3.6 GB) outgrew that.
+    """
+    n = spec.n_workers or n_gpu
+    threads = spec.threads_per_worker or max(1, n_cpu // n)
+    return {
+        f"gpu-{i}": {"nthreads": threads, "memory_limit": 1.0 / n, "resources": {GPU_RESOURCE: 1},
+                     "env": {"CUDA_VISIBLE_DEVICES": str(i % n_gpu)}}
+        for i in range(n)
+    }
+
+
+def gpu_cluster(options: dict[str, dict[str, Any]]):
+    """A SpecCluster of nanny-managed workers with these options (see gpu_worker_options)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {name: {"cls": Nanny, "options": opts} for name, opts in options.items()}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+
+
 def local_cluster(spec: ClusterSpec):
-    from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
+    from distributed import LocalCluster
 
     n_gpu = gpu_count()
     if n_gpu:
-        workers = {
-            f"gpu-{i}": {
-                "cls": Nanny,
-                "options": {"nthreads": 1, "resources": {GPU_RESOURCE: 1}, "env": {"CUDA_VISIBLE_DEVICES": str(i % n_gpu)}},
-            }
-            for i in range(spec.n_workers or n_gpu)
-        }
-        return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+        return gpu_cluster(gpu_worker_options(spec, n_gpu, os.cpu_count() or 1))
     threads = spec.threads_per_worker or 1
     n = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
     return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0")

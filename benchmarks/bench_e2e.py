@@ -1,0 +1,353 @@
+"""End-to-end exact-mode `qkov run`, stage by stage, on the embedded cluster the CLI starts.
+
+    python -m benchmarks.bench_e2e [--n 1000] [--seq 256] [--layers L ...] [--geometry smollm2|tiny]
+        [--shard-size 128] [--batch 16] [--workdir runs/bench-e2e] [--keep] [--no-calibrate]
+
+Builds a randomly initialised Llama of SmolLM2-135M geometry (saved once under the
+workdir), writes two task files of `--n` random `input_ids` sequences of exactly
+`--seq` tokens, and runs the job (exact mode, bfloat16 gradient storage, device auto)
+the way `qkov run JOB.toml` does: `cluster_client` (the embedded cluster: one worker
+per GPU) and `run_job`, which times extract, score and stats.
+
+Disk: exact mode stores every sample's attention gradients, so the full depth rarely
+fits a small disk (SmolLM2-135M, 1000 + 1000 samples: 3.5 GB of bf16 gradients per
+layer, 106 GB for all 30). Without `--layers` the benchmark scores the most layers,
+spread over depth, whose store fits the free disk with a reserve, and prints that
+arithmetic. Score and stats run one task group per (block, layer, head) slice, so
+their time is linear in the layers; extraction is a fixed forward/backward cost plus a
+per-layer cost, measured by a 1-layer calibration extraction (lowest chosen layer, so
+the same backward depth). From these the 30-layer time is extrapolated, and labelled so.
+
+Before timing, one small warm-up extraction loads the model and CUDA on the worker;
+its time (what a cold `qkov run` pays once) is reported apart. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_extract import GEOMETRIES
+
+GiB = 2**30
+MODEL_MARKER = "bench_geometry.json"
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def build_model(folder: Path, geometry: str) -> Path:
+    """A random-init Llama of `geometry` saved as a local HF folder; reused when already there."""
+    want = {"geometry": geometry, **GEOMETRIES[geometry]}
+    marker = folder / MODEL_MARKER
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return folder
+    import torch
+    import transformers as tf
+
+    from workers.models import save_tiny
+
+    shutil.rmtree(folder, ignore_errors=True)
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(**GEOMETRIES[geometry], attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
+    save_tiny(tf.LlamaForCausalLM(cfg), None, folder)
+    marker.write_text(json.dumps(want))  # last: a half-written folder is rebuilt
+    return folder
+
+
+def write_tasks(folder: Path, n: int, seq: int, vocab: int) -> tuple[Path, Path]:
+    from workers.testing import write_task_file
+
+    return (write_task_file(folder / "a.jsonl", n, vocab, seq, seq, 0, "a"),
+            write_task_file(folder / "b.jsonl", n, vocab, seq, seq, 1, "b"))
+
+
+def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int], a: argparse.Namespace,
+             limit: int | None = None):
+    from pipeline.spec import parse_job
+
+    task = lambda name, p: {"name": name, "path": str(p), **({"limit": limit} if limit else {})}  # noqa: E731
+    return parse_job({
+        "model": {"path": str(model), "dtype": "float32", "attn_implementation": a.attn, "max_length": a.seq},
+        "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
+        "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
+        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16"},
+        "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
+        "cluster": {"n_workers": a.workers} if a.workers else {},
+        "output": {"path": str(out)},
+    })
+
+
+# ---------------------------------------------------------------- disk arithmetic (pure)
+
+
+def bytes_per_layer(heads: dict[str, int], sizes: dict[str, int], n_a: int, n_b: int, n_heads: int,
+                    shard_size: int, storage_bytes: int = 2) -> dict[str, int]:
+    """Uncompressed store bytes one scored layer adds, per group (an upper bound: Zarr's
+    default zstd only shrinks them). K/V scores are stored per query head, like Q/O."""
+    n = n_a + n_b
+    grad_entries = sum(heads[b] * sizes[b] for b in heads)  # one sample, one layer
+    shown = len(heads) * n_heads  # (block, head) score slices
+    return {
+        "gradients": n * grad_entries * storage_bytes,
+        "_work": math.ceil(n / shard_size) * grad_entries * 4,  # per-shard Fisher partial sums
+        "fisher": grad_entries * 4,
+        "scores": 2 * shown * (n * n + n_a * n_b) * 4,  # pooled N×N and the A×B view, both scores
+    }
+
+
+def spread(n_layers: int, k: int) -> list[int]:
+    """k layers spread evenly over depth, first and last included."""
+    k = max(1, min(k, n_layers))
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, k)})
+
+
+def fit_layers(free: int, per_layer: int, reserve: int, n_layers: int) -> int:
+    """Most layers whose store fits in `free` bytes minus `reserve`."""
+    return max(0, min(n_layers, (free - reserve) // per_layer))
+
+
+def score_flops(n: int, heads: dict[str, int], sizes: dict[str, int], n_layers: int) -> int:
+    """Matmul FLOPs of the score stage: per unique slice two N×P @ P×N products
+    (interference and alignment), 2 FLOPs per multiply-add."""
+    return 2 * 2 * n * n * n_layers * sum(heads[b] * sizes[b] for b in heads)
+
+
+def store_bytes(path: Path) -> dict[str, int]:
+    """Bytes on disk under each top-level group of a local run."""
+    out: dict[str, int] = {}
+    for child in sorted(path.iterdir()):
+        files = [child] if child.is_file() else [f for f in child.rglob("*") if f.is_file()]
+        out[child.name] = sum(f.stat().st_size for f in files)
+    return out
+
+
+def extrapolate(t: dict[str, float], n_layers_run: int, n_layers_model: int, calib_extract_s: float | None) -> dict:
+    """Stage times for every layer of the model, from a run over `n_layers_run` layers.
+
+    Score and stats: linear in the slices. Extraction: fixed (forward/backward to the
+    lowest layer) + per layer, from the 1-layer calibration; without one, scaled
+    linearly, which overstates it (the fixed part is scaled too)."""
+    f = n_layers_model / n_layers_run
+    out: dict[str, Any] = {"score_s": t["score"] * f, "stats_s": t["stats"] * f}
+    if calib_extract_s is not None and n_layers_run > 1:
+        per_layer = max(0.0, (t["extract"] - calib_extract_s) / (n_layers_run - 1))
+        fixed = calib_extract_s - per_layer
+        out.update(extract_s=fixed + per_layer * n_layers_model, extract_fixed_s=fixed, extract_per_layer_s=per_layer,
+                   extract_method="fixed + per-layer, from the 1-layer calibration")
+    else:
+        out.update(extract_s=t["extract"] * f, extract_method="linear in layers (no calibration; an overestimate)")
+    out["score_per_layer_s"] = t["score"] / n_layers_run
+    out["stats_per_layer_s"] = t["stats"] / n_layers_run
+    out["total_s"] = out["extract_s"] + out["score_s"] + out["stats_s"]
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- running
+
+
+def _log(msg: str) -> None:
+    print(f"[bench_e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _worker_device() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+def _load_model_on_worker(model_spec, include_bias: bool, device: str) -> str:
+    """Fill the worker's model cache exactly as an extraction task does (workers.writer)."""
+    from workers.writer import resolve_device, worker_model
+
+    dev = resolve_device(device)
+    worker_model(model_spec, include_bias, dev)
+    return dev
+
+
+def _warm_workers(job, client) -> None:
+    """Load the model on every worker, so no timed stage pays a worker's cold start."""
+    workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    futures = [client.submit(_load_model_on_worker, job.model, job.score.include_bias, job.extract.device,
+                             workers=[w], allow_other_workers=False, pure=False) for w in workers]
+    client.gather(futures)
+
+
+def _extract_only(job, client) -> float:
+    """The extract stage alone, through the same executor `run_job` uses; returns seconds."""
+    from pipeline.executors import executor_for
+    from pipeline.extract import run_extract
+    from pipeline.run import prepare_output
+    from pipeline.store import owned
+
+    with owned(job.output.path, {}):
+        prepare_output(job, resume=False, overwrite=False)
+        t = time.perf_counter()
+        run_extract(job, executor_for(client))
+        return time.perf_counter() - t
+
+
+def run_benchmark(a: argparse.Namespace) -> dict:
+    from pipeline.cluster import cluster_client
+    from pipeline.extract import plan_extract
+    from pipeline.run import run_job
+
+    t_all = time.perf_counter()
+    work = Path(a.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model = build_model(work / f"model-{a.geometry}", a.geometry)
+    tasks = write_tasks(work / "tasks", a.n, a.seq, GEOMETRIES[a.geometry]["vocab_size"])
+    n_layers_model = GEOMETRIES[a.geometry]["num_hidden_layers"]
+    for stale in ("warmup", "calibration", "run"):  # left by an interrupted attempt
+        shutil.rmtree(work / stale, ignore_errors=True)
+
+    # disk arithmetic from the plan of one layer (the slice geometry of every layer)
+    one = plan_extract(make_job(model, tasks, work / "run", [0], a))
+    per_group = bytes_per_layer(one.heads, one.sizes, one.n_a, one.n_b, one.n_heads, a.shard_size)
+    per_layer = sum(per_group.values())
+    free = shutil.disk_usage(work).free
+    reserve = max(int(a.reserve_gib * GiB), int(0.1 * free))
+    fit = fit_layers(free, per_layer, reserve, n_layers_model)
+    if a.layers is None:
+        k = min(fit, a.max_layers or n_layers_model)
+        if k < 1:
+            raise SystemExit(f"not even one layer fits: {per_layer / GiB:.2f} GiB per layer, {free / GiB:.1f} GiB free, "
+                             f"{reserve / GiB:.1f} GiB reserve")
+        layers = spread(n_layers_model, k)
+    else:
+        layers = sorted(set(a.layers))
+        if len(layers) > fit and not a.ignore_disk:
+            raise SystemExit(f"{len(layers)} layers need {len(layers) * per_layer / GiB:.1f} GiB; {free / GiB:.1f} GiB free "
+                             f"minus {reserve / GiB:.1f} GiB reserve fits {fit}. Give fewer --layers or --ignore-disk.")
+    disk = {
+        "free_gib": round(free / GiB, 2), "reserve_gib": round(reserve / GiB, 2),
+        "per_layer_gib": {g: round(v / GiB, 3) for g, v in per_group.items()},
+        "per_layer_total_gib": round(per_layer / GiB, 3), "layers_that_fit": int(fit),
+        "run_estimate_gib": round(len(layers) * per_layer / GiB, 2),
+        "all_layers_estimate_gib": round(n_layers_model * per_layer / GiB, 2),
+        "note": "uncompressed bytes (an upper bound; zstd shrinks them a little); reserve = max(--reserve-gib, 10% of free)",
+    }
+    _log(f"disk: {per_layer / GiB:.2f} GiB/layer ({', '.join(f'{g} {v / GiB:.2f}' for g, v in per_group.items())}); "
+         f"{free / GiB:.1f} GiB free, {reserve / GiB:.1f} reserve -> {fit} of {n_layers_model} layers fit; "
+         f"all {n_layers_model} would need {n_layers_model * per_layer / GiB:.1f} GiB. Layers: {layers}")
+
+    job = make_job(model, tasks, work / "run", layers, a)
+    result: dict[str, Any] = {"benchmark": "e2e_exact_run", "geometry": a.geometry, "n_per_task": a.n, "seq": a.seq,
+                              "layers": layers, "n_layers_model": n_layers_model, "disk": disk}
+    t = time.perf_counter()
+    with cluster_client(job.cluster) as client:  # what `qkov run JOB.toml` does without --scheduler
+        result["cluster_start_s"] = round(time.perf_counter() - t, 2)
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        result["cluster"] = {"workers": len(workers), "threads": sorted(w["nthreads"] for w in workers.values()),
+                             "resources": sorted({json.dumps(w.get("resources", {})) for w in workers.values()})}
+        result["device"] = sorted(set(client.run(_worker_device).values()))
+        _log(f"cluster up in {result['cluster_start_s']} s: {result['cluster']}, device {result['device']}")
+
+        # model load + CUDA init on every worker (cached there for the timed runs), then one small
+        # extraction through the stage's code path (first kernels, store writers)
+        t = time.perf_counter()
+        warm = make_job(model, tasks, work / "warmup", [layers[0]], a, limit=min(a.n, a.batch))
+        _warm_workers(warm, client)
+        _extract_only(warm, client)
+        result["warmup_s"] = round(time.perf_counter() - t, 2)
+        shutil.rmtree(work / "warmup")
+        _log(f"warm-up (model load on every worker + a small extraction): {result['warmup_s']} s")
+
+        calib_s = None
+        if len(layers) > 1 and not a.no_calibrate:
+            cal = make_job(model, tasks, work / "calibration", [layers[0]], a)
+            calib_s = _extract_only(cal, client)
+            shutil.rmtree(work / "calibration")  # before the main run: its disk is needed
+            _log(f"calibration extraction (layer {layers[0]} only): {calib_s:.1f} s")
+
+        stage_start: dict[str, float] = {}
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage not in stage_start:
+                stage_start[stage] = time.perf_counter()
+                _log(f"{stage} started")
+
+        t = time.perf_counter()
+        summary = run_job(job, client=client, progress=tick)
+        total = time.perf_counter() - t
+    times = dict(summary.timings)
+    _log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+
+    plan = plan_extract(job)
+    n = plan.n
+    flops = score_flops(n, plan.heads, plan.sizes, len(layers))
+    result.update({
+        "stage_s": {k: round(v, 3) for k, v in times.items()},
+        "run_total_s": round(total, 3),
+        "calibration_extract_1_layer_s": None if calib_s is None else round(calib_s, 3),
+        "samples_per_s": {"extract": round(n / times["extract"], 2), "run": round(n / total, 2)},
+        "score": {"flops": flops, "tflops_per_s": round(flops / times["score"] / 1e12, 3),
+                  "unique_slices": len(layers) * sum(plan.heads.values()), "pairs_per_slice": n * n,
+                  "note": "matmul FLOPs of both scores over the pooled N×N pairs, divided by the whole stage's time "
+                          "(store reads, decoding, host-device copies and writes included)"},
+        "store_bytes": store_bytes(Path(job.output.path)),
+        "extrapolated_to_all_layers": {"n_layers": n_layers_model,
+                                       **extrapolate(times, len(layers), n_layers_model, calib_s),
+                                       "store_gib": disk["all_layers_estimate_gib"],
+                                       "label": "EXTRAPOLATED, not measured"},
+        "settings": {"storage_dtype": "bfloat16", "mode": "exact", "extract_batch": a.batch, "shard_size": a.shard_size,
+                     "attn_implementation": a.attn, "model_dtype": "float32", "n_permutations": a.n_permutations,
+                     "n_bootstrap": a.n_bootstrap, "device_setting": a.device},
+        "versions": _versions(),
+        "cpu_count": os.cpu_count(),
+    })
+    if not a.keep:
+        shutil.rmtree(work / "run", ignore_errors=True)
+    result["benchmark_wall_s"] = round(time.perf_counter() - t_all, 2)
+    return result
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    return {p: md.version(p) for p in ("torch", "transformers", "dask", "distributed", "zarr", "numpy")}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=1000, help="samples per task")
+    p.add_argument("--seq", type=int, default=256, help="tokens per sample (every sample exactly this long)")
+    p.add_argument("--layers", type=int, nargs="+", help="layers to extract and score (score.layers); default: the most that fit the disk")
+    p.add_argument("--max-layers", type=int, help="cap on the default layer count")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="smollm2")
+    p.add_argument("--batch", type=int, default=16, help="extract.batch_size")
+    p.add_argument("--shard-size", type=int, default=128, help="extract.shard_size (samples per store chunk and task)")
+    p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--n-permutations", type=int, default=999)
+    p.add_argument("--n-bootstrap", type=int, default=1000)
+    p.add_argument("--workers", type=int, help="cluster.n_workers (default: what `qkov run` starts, one per GPU or per core)")
+    p.add_argument("--workdir", default="runs/bench-e2e", help="model, task files and the run (on the disk measured)")
+    p.add_argument("--reserve-gib", type=float, default=3.0, help="disk kept free beyond the run (at least 10%% of free)")
+    p.add_argument("--ignore-disk", action="store_true", help="run the given --layers even if the estimate does not fit")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the 1-layer calibration extraction")
+    p.add_argument("--keep", action="store_true", help="keep the run's store afterwards")
+    p.add_argument("--json-out", help="also write the JSON here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    result = run_benchmark(a)
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    if a.json_out:
+        Path(a.json_out).write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

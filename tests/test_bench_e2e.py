@@ -1,0 +1,52 @@
+"""benchmarks/bench_e2e.py: its disk arithmetic, and a tiny end-to-end run on the CLI's cluster path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench_e2e as be
+
+
+def test_disk_arithmetic_for_smollm2_geometry():
+    # SmolLM2-135M: 9 query heads, 3 KV heads, slices of 64 × 576 entries; 1000 + 1000 samples, bf16
+    heads, sizes = {"Q": 9, "K": 3, "V": 3, "O": 9}, dict.fromkeys("QKVO", 64 * 576)
+    per = be.bytes_per_layer(heads, sizes, 1000, 1000, n_heads=9, shard_size=128)
+    assert per["gradients"] == 2000 * 24 * 36864 * 2  # 3.54 GB a layer, 106 GB for 30
+    assert 30 * per["gradients"] / 1e9 == pytest.approx(106.2, abs=0.1)
+    assert per["scores"] == 2 * 36 * (2000**2 + 1000**2) * 4  # pooled + A×B, both scores, K/V per query head
+    assert per["_work"] == 16 * 24 * 36864 * 4  # 16 shards' Fisher partial sums
+    assert be.fit_layers(free=50 * 2**30, per_layer=5 * 2**30, reserve=5 * 2**30, n_layers=30) == 9
+    assert be.fit_layers(free=2**30, per_layer=5 * 2**30, reserve=0, n_layers=30) == 0
+    assert be.spread(30, 8) == [0, 4, 8, 12, 17, 21, 25, 29] and be.spread(30, 1) == [0] and be.spread(30, 99) == list(range(30))
+    assert be.score_flops(2000, heads, sizes, 1) == 4 * 2000**2 * 24 * 36864
+
+
+def test_extrapolation_separates_fixed_and_per_layer_extraction():
+    t = {"extract": 50.0, "score": 40.0, "stats": 8.0}
+    x = be.extrapolate(t, n_layers_run=8, n_layers_model=30, calib_extract_s=22.0)
+    assert x["extract_per_layer_s"] == pytest.approx(4.0) and x["extract_fixed_s"] == pytest.approx(18.0)
+    assert x["extract_s"] == pytest.approx(18 + 4 * 30) and x["score_s"] == pytest.approx(150) and x["stats_s"] == pytest.approx(30)
+    assert x["total_s"] == pytest.approx(138 + 150 + 30)
+    assert "overestimate" in be.extrapolate(t, 8, 30, None)["extract_method"]
+
+
+def test_tiny_run_reports_every_field(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--layers", "0", "1", "--batch", "4",
+                   "--shard-size", "8", "--n-permutations", "19", "--n-bootstrap", "20", "--workers", "1",
+                   "--workdir", str(tmp_path / "work"), "--json-out", str(out)])
+    assert json.loads(out.read_text()) == res == json.loads(capsys.readouterr().out)
+    assert res["layers"] == [0, 1] and res["n_layers_model"] == 2 and res["device"] == ["cpu"]
+    assert set(res["stage_s"]) == {"extract", "score", "stats"} and all(v > 0 for v in res["stage_s"].values())
+    assert res["run_total_s"] >= sum(res["stage_s"].values())
+    assert res["cluster"]["workers"] == 1 and res["calibration_extract_1_layer_s"] > 0
+    assert res["samples_per_s"]["extract"] > 0 and res["score"]["tflops_per_s"] >= 0
+    assert res["score"]["flops"] == 4 * 16**2 * 2 * (4 + 2 + 2 + 4) * 16 * 64  # tiny: 4 q heads, 2 kv, 16 × 64 slices
+    assert {"gradients", "fisher", "scores", "stats", "_work"} <= set(res["store_bytes"])
+    assert all(res["store_bytes"][g] > 0 for g in ("gradients", "scores", "stats"))
+    x = res["extrapolated_to_all_layers"]
+    assert x["label"].startswith("EXTRAPOLATED") and x["n_layers"] == 2 and x["total_s"] > 0
+    assert res["disk"]["layers_that_fit"] == 2 and res["disk"]["per_layer_total_gib"] >= 0
+    assert not (tmp_path / "work" / "run").exists()  # the run's store is removed unless --keep
+    assert (tmp_path / "work" / "model-tiny" / be.MODEL_MARKER).is_file()
