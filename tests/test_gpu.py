@@ -57,3 +57,25 @@ def test_gpu_sketch_mode_equals_cpu(tmp_path):
     for name in ("pooled_interference", "pooled_alignment"):
         ref = out["cpu"][name].values
         assert np.abs(out["cuda"][name].values - ref).max() <= 1e-4 * np.abs(ref).max(), name
+
+
+def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
+    """bf16-stored gradients are scored on the GPU as bf16 operands with float32 accumulation
+    (the stage's raw-bits path); they agree with a float64 CPU reference on the same stored
+    values to bf16 operand rounding (~2⁻⁸ per term, averaging out over the slice)."""
+    from pipeline.score import _has_mm_out_dtype
+
+    if not _has_mm_out_dtype():
+        pytest.skip("this torch has no torch.mm(out_dtype=float32): the stage keeps float32 operands")
+    job = tiny_job(tmp_path, "llama_gqa", n_a=12, n_b=10, score={"storage_dtype": "bfloat16"})
+    prepare_output(job, resume=False, overwrite=True)
+    run_extract(job, InlineExecutor())
+    fisher = open_fisher(job.output.path)
+    ref = score_dataset(open_gradients(job.output.path), fisher, device="cpu", accumulate="float64").load()
+    raw = open_gradients(job.output.path, decode=False)
+    assert raw["Q"].dtype == np.uint16
+    gpu = score_dataset(raw, fisher, device="cuda").load()
+    for name in ("pooled_interference", "pooled_alignment"):
+        want, got = ref[name].values, gpu[name].values
+        err = np.abs(got - want).max() / np.abs(want).max()
+        assert 0 < err <= 5e-3, (name, err)  # > 0: the bf16 path really ran
