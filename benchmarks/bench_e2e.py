@@ -81,7 +81,8 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
         "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16"},
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
-        "cluster": {"n_workers": a.workers} if a.workers else {},
+        "cluster": {**({"n_workers": a.workers} if a.workers else {}),
+                    **({"threads_per_worker": a.threads} if a.threads else {})},
         "output": {"path": str(out)},
     })
 
@@ -330,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-permutations", type=int, default=999)
     p.add_argument("--n-bootstrap", type=int, default=1000)
     p.add_argument("--workers", type=int, help="cluster.n_workers (default: what `qkov run` starts, one per GPU or per core)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="cluster.threads_per_worker (default: every core; `qkov run` defaults to 1 per GPU worker)")
     p.add_argument("--workdir", default="runs/bench-e2e", help="model, task files and the run (on the disk measured)")
     p.add_argument("--reserve-gib", type=float, default=3.0, help="disk kept free beyond the run (at least 10%% of free)")
     p.add_argument("--ignore-disk", action="store_true", help="run the given --layers even if the estimate does not fit")

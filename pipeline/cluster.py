@@ -6,7 +6,8 @@ any Dask address) or the path of a scheduler file written by `dask scheduler
 --scheduler-file` (the usual pattern inside a SLURM allocation).
 
 Embedded default: with GPUs, one worker process per GPU (CUDA_VISIBLE_DEVICES per
-worker, resource GPU=1, the GPU's share of the cores as threads); without, a
+worker, resource GPU=1, nthreads=1 as DESIGN §7 fixes it unless [cluster]
+threads_per_worker says otherwise, the GPU's share of the memory); without, a
 LocalCluster of single-threaded processes sized to the machine. Profiles (SLURM
 via dask-jobqueue, Kubernetes via the dask-kubernetes operator) are only imported
 and created when asked for. A worker takes GPU work when it was started with
@@ -54,18 +55,18 @@ def gpu_count() -> int:
 
 def gpu_worker_options(spec: ClusterSpec, n_gpu: int, n_cpu: int) -> dict[str, dict[str, Any]]:
     """Options of the embedded GPU workers (pure): one process per GPU (one CUDA context and
-    one model per GPU), each with resource GPU=1 and its share of the machine's cores as
-    threads and of its memory as memory limit.
+    one model per GPU), each with resource GPU=1, `threads_per_worker` threads (default 1,
+    DESIGN §7) and its share of the machine's memory as memory limit.
 
-    The GPU resource admits one extraction task per GPU at a time, whatever the thread count;
-    the threads serve the score and stats graphs, whose tasks (store reads, bf16 decoding,
-    host-device copies, numpy permutation sums) are mostly CPU work. With nthreads=1 a
-    one-GPU, 16-core machine ran both graphs on one core, and Dask's "auto" memory limit
-    (memory × threads/cores) gave the only worker 1/16 of the memory: its nanny killed it
+    The memory share is explicit because Dask's "auto" limit is memory × threads/cores: a
+    one-thread worker on a 16-core machine got 1/16 of the memory, and its nanny killed it
     when one shard's gradients (e.g. 128 samples × 8 SmolLM2 layers = 3.6 GB) outgrew that.
+    More threads (`[cluster] threads_per_worker`) let the score and stats graphs, which are
+    mostly CPU work (store reads, host-device copies, permutation sums), use the other cores;
+    the GPU resource still admits one extraction task per GPU at a time.
     """
     n = spec.n_workers or n_gpu
-    threads = spec.threads_per_worker or max(1, n_cpu // n)
+    threads = spec.threads_per_worker or 1
     return {
         f"gpu-{i}": {"nthreads": threads, "memory_limit": 1.0 / n, "resources": {GPU_RESOURCE: 1},
                      "env": {"CUDA_VISIBLE_DEVICES": str(i % n_gpu)}}

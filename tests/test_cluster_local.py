@@ -1,4 +1,4 @@
-"""The embedded cluster's GPU workers: one process per GPU, the machine's cores and memory shared."""
+"""The embedded cluster's GPU workers: one process per GPU, one thread unless set, the memory shared."""
 from __future__ import annotations
 
 from distributed.worker_memory import parse_memory_limit
@@ -7,11 +7,11 @@ from pipeline.cluster import GPU_RESOURCE, gpu_worker_options
 from pipeline.spec import ClusterSpec
 
 
-def test_one_gpu_worker_gets_every_core_and_all_memory():
+def test_one_gpu_worker_gets_one_thread_and_all_memory():
     opts = gpu_worker_options(ClusterSpec(), n_gpu=1, n_cpu=16)
     assert list(opts) == ["gpu-0"]
     w = opts["gpu-0"]
-    assert w["nthreads"] == 16 and w["resources"] == {GPU_RESOURCE: 1} and w["env"] == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert w["nthreads"] == 1 and w["resources"] == {GPU_RESOURCE: 1} and w["env"] == {"CUDA_VISIBLE_DEVICES": "0"}
     # Dask reads a float <= 1 as a fraction of the machine's memory: all of it here
     import logging
 
@@ -20,15 +20,14 @@ def test_one_gpu_worker_gets_every_core_and_all_memory():
     assert parse_memory_limit(w["memory_limit"], w["nthreads"], 16, logger=logging.getLogger()) == system.MEMORY_LIMIT
 
 
-def test_cores_and_memory_split_between_gpus_and_settings_win():
+def test_memory_split_between_gpus_and_settings_win():
     opts = gpu_worker_options(ClusterSpec(), n_gpu=8, n_cpu=128)
-    assert [o["nthreads"] for o in opts.values()] == [16] * 8
+    assert [o["nthreads"] for o in opts.values()] == [1] * 8
     assert [o["env"]["CUDA_VISIBLE_DEVICES"] for o in opts.values()] == [str(i) for i in range(8)]
     assert all(o["memory_limit"] == 1 / 8 for o in opts.values())
     two_per_gpu = gpu_worker_options(ClusterSpec(n_workers=4, threads_per_worker=3), n_gpu=2, n_cpu=16)
     assert [o["env"]["CUDA_VISIBLE_DEVICES"] for o in two_per_gpu.values()] == ["0", "1", "0", "1"]
     assert [o["nthreads"] for o in two_per_gpu.values()] == [3] * 4
-    assert gpu_worker_options(ClusterSpec(), n_gpu=4, n_cpu=2)["gpu-3"]["nthreads"] == 1  # never 0 threads
 
 
 def test_gpu_cluster_starts_workers_with_those_options():
@@ -37,7 +36,7 @@ def test_gpu_cluster_starts_workers_with_those_options():
 
     from pipeline.cluster import gpu_cluster
 
-    opts = gpu_worker_options(ClusterSpec(), n_gpu=1, n_cpu=2)
+    opts = gpu_worker_options(ClusterSpec(threads_per_worker=2), n_gpu=1, n_cpu=2)
     with gpu_cluster(opts) as cluster, Client(cluster) as client:
         client.wait_for_workers(1, timeout=60)
         from distributed import system
