@@ -204,7 +204,8 @@ def write_template(plan: ExtractPlan, job: JobSpec) -> None:
     n_shards = len(plan.shards)
     for b in plan.blocks:
         shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
-        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, *shape[1:]), dtype="float32", fill_value=0.0, overwrite=True,
+        # one chunk per (shard, layer): whole-shard chunks reach 2 GB per block at 7B scale
+        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
     work.attrs["plan"] = plan.fingerprint()
     if job.score.mode == "sketch":
@@ -271,7 +272,8 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
         part = work[f"fisher_{b}"]
         total = np.zeros(part.shape[1:], dtype=np.float64)
         for k in range(part.shape[0]):
-            total += part[k]
+            for li in range(part.shape[1]):  # one stored chunk at a time
+                total[li] += part[k, li]
         lam[b] = fisher_math.damping(total, f.damping_rel, f.damping_abs)
         data[b] = xr.Variable((schema.LAYER, schema.head_dim(b), pdim[b]), total.astype(np.float32))
     ds = xr.Dataset(
@@ -295,7 +297,9 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
         **{f"lambda_{b}": [float(x) for x in lam[b]] for b in plan.blocks},
     )
     store = zarr_store(job.output.path, job.output.storage_options)
-    ds.to_zarr(store, group=schema.FISHER, mode="w", zarr_format=3, consolidated=False)
+    # one chunk per (block, layer): readers (the sketch pass, the score stage) go layer by layer
+    encoding = {b: {"chunks": (1, plan.heads[b], plan.sizes[b])} for b in plan.blocks}
+    ds.to_zarr(store, group=schema.FISHER, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
     mark_complete(open_root(job.output.path, job.output.storage_options, mode="r+"), schema.FISHER)
     return ds
 

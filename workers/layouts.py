@@ -10,7 +10,9 @@ instead of slicing the wrong entries. Models qkov does not recognise declare
 their layout in the job file (`[model.layout]`, `pipeline.spec.LayoutSpec`).
 
 The result is a table of flat indices per (block, layer, head) (`BlockSlicing`),
-so downstream code never needs to know the architecture.
+so downstream code never needs to know the architecture. Tables are kept in
+factorised form (head offset + shared pattern, `workers.slicing.ParamPart`), built
+one head at a time, so a 7B model's layout never materialises its 17 GB of indices.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import numpy as np
 import torch.nn as nn
 
 from pipeline.spec import LayoutSpec
-from workers.slicing import BlockSlicing, ParamPart
+from workers.slicing import BlockSlicing, ParamPart, factorise
 
 BLOCK_ORDER = ("Q", "K", "V", "O")
 KINDS = ("split", "fused", "interleaved", "grouped")
@@ -378,20 +380,39 @@ def _weight_shape(p: _Proj) -> tuple[int, int]:
     return (p.n_out, p.n_in) if p.layout == "out_in" else (p.n_in, p.n_out)
 
 
+def _part(param: str, shape: tuple[int, int], feat: np.ndarray, index_fn, n_out: int, n_in: int, layout: str) -> ParamPart:
+    """The ParamPart of `index_fn(feat, ...)` without building the whole table: when every head's
+    features are head 0's shifted by a constant (checked exactly on `feat`), its indices are head
+    0's shifted by constant·stride, because the index functions are elementwise affine in the
+    feature value. That is checked on the first and last heads' rows (the whole table of a 7B
+    model takes seconds per layer to build and compare)."""
+    feat = np.asarray(feat, dtype=np.int64)
+    f = factorise(feat)
+    if f is None:
+        return ParamPart(param, shape, index_fn(feat, n_out, n_in, layout))
+    pattern = index_fn(feat[:1], n_out, n_in, layout)[0]
+    stride = int(index_fn(np.array([[1]]), n_out, n_in, layout)[0, 0] - index_fn(np.array([[0]]), n_out, n_in, layout)[0, 0])
+    base = f[0] * stride
+    for h in sorted({0, len(feat) - 1}):
+        if not np.array_equal(index_fn(feat[h : h + 1], n_out, n_in, layout)[0], base[h] + pattern):
+            return ParamPart(param, shape, index_fn(feat, n_out, n_in, layout))
+    return ParamPart(param, shape, base=base, pattern=pattern)
+
+
 def _layer_blocks(found: _Found, p: dict[str, _Proj], dims, layer: int, include_bias: bool) -> dict[tuple[str, int], BlockSlicing]:
     H, KV, hd, vhd = dims
     feats = qkv_features(found.kind, H, KV, hd, vhd)
     out = {}
     for b in ("Q", "K", "V"):
         proj = p["qkv"] if found.kind != "split" else p[b.lower()]
-        parts = [ParamPart(f"{proj.path}.weight", _weight_shape(proj), output_rows_index(feats[b], proj.n_out, proj.n_in, proj.layout))]
+        parts = [_part(f"{proj.path}.weight", _weight_shape(proj), feats[b], output_rows_index, proj.n_out, proj.n_in, proj.layout)]
         if include_bias and proj.has_bias:
             parts.append(ParamPart(f"{proj.path}.bias", (proj.n_out,), feats[b].astype(np.int64)))
         out[(b, layer)] = BlockSlicing(b, layer, len(feats[b]), tuple(parts))
     o = p["o"]
     cols = np.arange(H * vhd).reshape(H, vhd)  # every listed model merges heads head-major
     out[("O", layer)] = BlockSlicing(
-        "O", layer, H, (ParamPart(f"{o.path}.weight", _weight_shape(o), input_cols_index(cols, o.n_out, o.n_in, o.layout)),)
+        "O", layer, H, (_part(f"{o.path}.weight", _weight_shape(o), cols, input_cols_index, o.n_out, o.n_in, o.layout),)
     )
     return out
 

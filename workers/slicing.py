@@ -1,10 +1,16 @@
 """Per-head slices of attention projection tensors, and their inverse.
 
 A layout (see `workers.layouts`) describes, for every (block, layer), which
-parameter entries belong to which head as explicit flat-index tables. Slicing is
-then one gather per parameter and reassembly one scatter, whatever the layout
-(fused, interleaved, transposed Conv1D, GQA), so there is no per-architecture
-slicing code to get wrong downstream.
+parameter entries belong to which head as flat-index tables. Slicing is then one
+gather per parameter and reassembly one scatter, whatever the layout (fused,
+interleaved, transposed Conv1D, GQA), so there is no per-architecture slicing
+code to get wrong downstream.
+
+Every layout qkov knows puts head h's entries at a head offset plus a pattern
+shared by all heads (index[h] = base[h] + pattern). Parts store that
+factorisation (verified exactly) instead of the table: at Llama-2-7B scale the
+full int64 tables would take 17 GB, the factorised ones 4 MB per part. Gather
+indices are built on the fly on the gradients' device.
 """
 from __future__ import annotations
 
@@ -15,22 +21,79 @@ import torch
 
 QUERY_BLOCKS = ("Q", "O")  # live on query heads; K and V live on KV heads
 
+_INTERNED: dict[tuple, np.ndarray] = {}  # equal patterns (every layer of a model) share one array
 
-@dataclass(frozen=True, eq=False)
+
+def _intern(pattern: np.ndarray) -> np.ndarray:
+    key = (pattern.shape, pattern.tobytes())
+    if key not in _INTERNED:
+        pattern.setflags(write=False)
+        _INTERNED[key] = pattern
+    return _INTERNED[key]
+
+
+def factorise(index: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """(base [H], pattern [n]) with index[h] == base[h] + pattern exactly, or None if the table
+    is not of that form. pattern = index[0], so base[0] = 0."""
+    index = np.asarray(index, dtype=np.int64)
+    if index.ndim != 2 or index.shape[1] == 0:
+        return None
+    base = index[:, 0] - index[0, 0]
+    if not np.array_equal(index - base[:, None], np.broadcast_to(index[0], index.shape)):
+        return None
+    return base, index[0].copy()
+
+
 class ParamPart:
     """The entries of one parameter that belong to a (block, layer), per head.
 
     `index[h]` holds flat indices into `param.flatten()`, in a canonical order
-    (row-major over the head's sub-tensor). Every head has the same count.
+    (row-major over the head's sub-tensor). Every head has the same count. Built
+    from a full table (`ParamPart(param, shape, index)`: factorised when it can be)
+    or directly from its factorisation (`ParamPart(param, shape, base=, pattern=)`).
     """
 
-    param: str  # name in model.named_parameters()
-    shape: tuple[int, ...]  # the parameter's full shape
-    index: np.ndarray  # int64 [n_heads, n_entries]
+    __slots__ = ("param", "shape", "base", "pattern", "_table")
+
+    def __init__(self, param: str, shape: tuple[int, ...], index: np.ndarray | None = None, *,
+                 base: np.ndarray | None = None, pattern: np.ndarray | None = None):
+        self.param = param  # name in model.named_parameters()
+        self.shape = tuple(int(s) for s in shape)  # the parameter's full shape
+        if (index is None) == (pattern is None):
+            raise ValueError("give either a full index table or base and pattern")
+        self._table = None
+        if index is not None:
+            index = np.asarray(index, dtype=np.int64)
+            f = factorise(index)
+            if f is None:  # keep the table: no head-offset structure
+                self.base, self.pattern, self._table = None, None, index
+                return
+            base, pattern = f
+        self.base = np.asarray(base, dtype=np.int64).reshape(-1)
+        self.pattern = _intern(np.asarray(pattern, dtype=np.int64).reshape(-1))
+
+    @property
+    def compact(self) -> bool:
+        return self._table is None
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.base) if self.compact else int(self._table.shape[0])
 
     @property
     def size(self) -> int:
-        return int(self.index.shape[1])
+        return len(self.pattern) if self.compact else int(self._table.shape[1])
+
+    @property
+    def index(self) -> np.ndarray:
+        """The full int64 table [n_heads, n_entries], built on demand (not kept)."""
+        if not self.compact:
+            return self._table
+        return self.base[:, None] + self.pattern[None, :]
+
+    def __repr__(self) -> str:
+        form = "base+pattern" if self.compact else "table"
+        return f"ParamPart({self.param!r}, {self.shape}, {self.n_heads}x{self.size} {form})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -53,10 +116,33 @@ class BlockSlicing:
         return sum(p.size for p in self.parts)
 
     def index_tensor(self, part: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The gather index [n_heads, n_entries] (int64) of one part on `device`, built from the
+        cached (small) base and pattern; only full tables are cached whole."""
+        p = self.parts[part]
         key = (part, str(device))
         if key not in self._torch_index:
-            self._torch_index[key] = torch.as_tensor(self.parts[part].index, device=device)
-        return self._torch_index[key]
+            if p.compact:
+                self._torch_index[key] = (_device_array(p.base, device), _device_array(p.pattern, device))
+            else:
+                self._torch_index[key] = torch.as_tensor(p.index, device=device)
+        cached = self._torch_index[key]
+        if isinstance(cached, tuple):
+            base, pattern = cached
+            return base[:, None] + pattern[None, :]
+        return cached
+
+
+_DEVICE_ARRAYS: dict[tuple[int, str], tuple[np.ndarray, torch.Tensor]] = {}
+
+
+def _device_array(a: np.ndarray, device) -> torch.Tensor:
+    """One device copy per (interned) array and device, shared by every layer's part."""
+    key = (id(a), str(device))
+    hit = _DEVICE_ARRAYS.get(key)
+    if hit is None or hit[0] is not a:  # the id may have been reused by a new array
+        hit = (a, torch.tensor(a, device=device))  # a copy: interned arrays are read-only
+        _DEVICE_ARRAYS[key] = hit
+    return hit[1]
 
 
 def slice_block(bs: BlockSlicing, grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,6 +160,7 @@ def slice_block(bs: BlockSlicing, grads: dict[str, torch.Tensor]) -> torch.Tenso
         flat = g.reshape(*g.shape[:nlead], -1)
         idx = bs.index_tensor(k, g.device)
         pieces.append(flat[..., idx])  # (*lead, n_heads, n_entries)
+        del idx
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 

@@ -18,11 +18,11 @@ import torch
 from pipeline import schema
 from pipeline.spec import ModelSpec
 
-from .grads import per_sample_grads
+from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for
 from .models import load_model, weights_hash
-from .slicing import slice_all
+from .slicing import slice_block
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -113,21 +113,53 @@ def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device
     return batch
 
 
-def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
-    """Per-sample gradient slices, losses and the Fisher partial of one shard (no I/O).
+_PROJECTIONS = None  # this worker's sketch projections (workers.sketch.ProjectionCache), built on first use
 
-    Each phase computes only what it writes: the sketch-mode Fisher pass keeps no
-    gradient buffers (empty dict), the sketch pass no Fisher partial (empty dict)."""
+
+def _projections():
+    global _PROJECTIONS
+    if _PROJECTIONS is None:
+        from .sketch import ProjectionCache
+
+        _PROJECTIONS = ProjectionCache()
+    return _PROJECTIONS
+
+
+def _layer_params(layout: AttentionLayout, blocks, layer: int) -> list[str]:
+    """Parameters holding the given blocks of one layer, in model order (fused QKV: once)."""
+    names = {p.param for b in blocks for p in layout.blocks[(b, layer)].parts}
+    return [n for n in layout.param_names if n in names]
+
+
+def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+    """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
+
+    Each phase computes only what it writes: exact mode the gradients {B: (n, L, H, P)} and
+    the Fisher partial; the sketch-mode Fisher pass only the Fisher partial (empty gradients);
+    the sketch pass only the sketched operands {B_u|B_v|B_w: (n, L, H, k)} (empty Fisher).
+    Per batch, per-sample gradients are formed one layer at a time and consumed on the
+    device (sliced, squared into the Fisher, sketched) before the next layer's, so device
+    memory holds one layer's (B, out, in) gradients, not the model's."""
     device = resolve_device(task.device)
     model, full_layout, whash = worker_model(task.model, task.include_bias, device)
     layout = full_layout.subset(layers=task.layers, blocks=task.blocks)
     loss_task = loss_task_for(model)
-    n = len(task.input_ids)
+    n, L = len(task.input_ids), len(task.layers)
     heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
     sizes = {b: layout.block_size(b) for b in task.blocks}
-    keep_grads, keep_fisher = task.phase != "fisher", task.phase != "sketch"
-    grads = {b: np.zeros((n, len(task.layers), heads[b], sizes[b]), dtype=np.float32) for b in task.blocks if keep_grads}
-    fisher = {b: torch.zeros((len(task.layers), heads[b], sizes[b]), dtype=torch.float64, device=device)
+    keep_grads, sketching, keep_fisher = task.phase == "exact", task.phase == "sketch", task.phase != "sketch"
+    grads = {b: np.zeros((n, L, heads[b], sizes[b]), dtype=np.float32) for b in task.blocks if keep_grads}
+    if sketching:
+        from .sketch import PARTS, sketch_layer, stored_inverse_fisher
+
+        grads = {schema.sketch_var(b, p): np.zeros((n, L, heads[b], task.sketch_dim), dtype=np.float32)
+                 for b in task.blocks for p in PARTS}
+        # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
+        inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
+               for b in task.blocks}
+    # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
+    # as exact as the host's consolidation; copied out once, as float32, at the end of the task
+    fisher = {b: torch.zeros((L, heads[b], sizes[b]), dtype=torch.float64, device=device)
               for b in task.blocks if keep_fisher}
     losses = np.zeros(n, dtype=np.float32)
     bad: list[str] = []
@@ -135,22 +167,31 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     for s in range(0, n, task.batch_size):
         e = min(n, s + task.batch_size)
         batch = pad_batch(list(task.input_ids[s:e]), list(task.labels[s:e]), device)
-        res = per_sample_grads(model, batch, layout.param_names, loss_task)
-        sl = slice_all(layout, res.grads, blocks=task.blocks, layers=task.layers)
-        finite = torch.isfinite(res.losses)
-        for t in sl.values():
-            finite &= torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+        res = per_sample_backward(model, batch, layout.param_names, loss_task)
+        # decided before any layer is consumed: a skipped sample enters no layer's Fisher sum
+        finite = torch.isfinite(res.losses) & res.finite(layout.param_names)
         w = w_all[s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
         for r in torch.nonzero(~finite).flatten().tolist():
             bad.append(task.sample_ids[s + r])
         losses[s:e] = res.losses.detach().float().cpu().numpy()
-        for b in task.blocks:
-            stack = torch.stack([sl[(b, l)] for l in task.layers], dim=1).float()  # (B, L, H, P)
-            stack = torch.where(finite[:, None, None, None], stack, torch.zeros((), device=stack.device))
-            if keep_fisher:
-                fisher[b] += torch.einsum("i,ilhp->lhp", w, stack.double() ** 2)
-            if keep_grads:
-                grads[b][s:e] = stack.cpu().numpy()
+        for li, layer in enumerate(task.layers):
+            full = res.grads(_layer_params(layout, task.blocks, layer))
+            for b in task.blocks:
+                t = slice_block(layout.blocks[(b, layer)], full).float()  # (B, H, P)
+                t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
+                if not bool(torch.isfinite(t).all()):
+                    raise RuntimeError(f"non-finite gradients in block {b} layer {layer} for samples judged finite")
+                if keep_fisher:
+                    fisher[b][li] += torch.einsum("i,ihp->hp", w, t.double() ** 2)
+                if keep_grads:
+                    grads[b][s:e, li] = t.cpu().numpy()
+                if sketching:
+                    proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
+                    for p, x in sketch_layer(t, inv[b][li], proj).items():
+                        grads[schema.sketch_var(b, p)][s:e, li] = x.float().cpu().numpy()
+                del t
+            del full
+        del res
     return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
 
 
@@ -179,10 +220,6 @@ def extract_shard(task: ShardTask) -> ShardResult:
     root = open_root(task.store_path, task.storage_options, mode="r+")
     stop = task.start + len(task.input_ids)
     g = root[schema.GRADIENTS]
-    if task.phase == "sketch":
-        from .sketch import sketch_shard
-
-        grads = sketch_shard(task, grads, device)
     for b, arr in grads.items():
         g[b][task.start : stop] = schema.encode(arr, task.storage_dtype)
     g[schema.LOSS][task.start : stop] = losses
