@@ -3,7 +3,7 @@
     python -m benchmarks.bench_sketch7b [--workdir DIR] [--out FILE.json]
         [--layers 32 --hidden 4096 --heads 32 --intermediate 11008 --vocab 32000]
         [--n 256 --seq 256] [--batch 8] [--sketch-dim 1024] [--storage-dtype bfloat16]
-        [--n-permutations 1000 --n-bootstrap 1000] [--keep-model] [--estimate-only]
+        [--n-permutations 1000 --n-bootstrap 1000] [--keep-model] [--no-shrink] [--estimate-only]
 
 Builds a randomly initialised LlamaConfig model (bf16; on the GPU when there is one,
 so the 7B init takes seconds), saves it as a local HF folder, writes n + n random
@@ -13,6 +13,12 @@ pass; score; stats), and prints one JSON object: seconds per stage, bytes on dis
 per store group, peak GPU memory per pass, samples/s, the settings, and the
 memory/disk estimate it checked before starting. The JSON is also written to --out
 after every stage, so a run cut off by a time limit still reports what it finished.
+It checks the free disk, GPU and the arithmetic first (printed as `estimate_gib`); when
+the store would not fit the disk it halves --sketch-dim (and says so) unless --no-shrink.
+Llama-2-7B geometry, 256 + 256 samples, k = 1024, bfloat16 sketches: ~41 GiB of disk at
+peak (model 12.6, Fisher partials 8, Fisher 8, sketches 12; the model folder is deleted
+before the 10 GiB of scores are written), ~51 / ~61 GiB of GPU memory in the Fisher /
+sketch pass at batch 8, ~44 GiB of host memory.
 
 Scale it down for a CPU smoke run:
     python -m benchmarks.bench_sketch7b --layers 2 --hidden 256 --heads 4 --n 8 --seq 16
@@ -145,6 +151,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--n-permutations", type=int, default=1000)
     ap.add_argument("--n-bootstrap", type=int, default=1000)
     ap.add_argument("--keep-model", action="store_true", help="keep the model folder until the end (needs more disk)")
+    ap.add_argument("--no-shrink", dest="shrink_to_fit", action="store_false",
+                    help="refuse instead of halving --sketch-dim (down to 256) until the store fits the free disk")
     ap.add_argument("--estimate-only", action="store_true")
     a = ap.parse_args(argv)
     a.intermediate = a.intermediate or max(16, round(11008 * a.hidden / 4096))
@@ -153,12 +161,16 @@ def main(argv=None) -> dict:
 
     cuda = torch.cuda.is_available()
     g = geometry(a)
-    est = estimate(a, g, n_shards=1)
     work = Path(a.workdir)
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
     free = shutil.disk_usage(work).free
+    asked = a.sketch_dim
+    est = estimate(a, g, n_shards=1)
+    while a.shrink_to_fit and est["disk_peak"] * 1.05 > free and a.sketch_dim > 256:
+        a.sketch_dim //= 2  # the sketches are the part of the store that k sizes
+        est = estimate(a, g, n_shards=1)
     gpu_total = torch.cuda.get_device_properties(0).total_memory if cuda else None
     out: dict = {
         "benchmark": "sketch7b",
@@ -172,6 +184,8 @@ def main(argv=None) -> dict:
                          "gpu_total": gib(gpu_total) if gpu_total else None},
         "seconds": {},
     }
+    if a.sketch_dim != asked:
+        out["settings"]["sketch_dim_reduced_for_disk"] = f"{asked} -> {a.sketch_dim}"
 
     def emit():
         text = json.dumps(out, indent=1)
