@@ -1,6 +1,6 @@
 """Score stage vs the research code's loop over (pair, layer, head), on the same stored data.
 
-python -m benchmarks.bench_score [--n 64] [--layers 4] [--loop-pairs 40]
+python -m benchmarks.bench_score [--n 64 256] [--layers 4] [--loop-pairs 40]
 
 Builds a random-init model with SmolLM2-135M attention geometry (hidden 576, 9 query
 heads, 3 KV heads, head_dim 64) but a few layers and a small vocabulary, extracts
@@ -8,7 +8,9 @@ n + n samples into a run store, then times (a) the score stage (dask matmuls, al
 pooled pairs, both scores) and (b) a plain Python loop computing the same two
 scores pair by pair, slice by slice, from the same stored arrays. The loop is timed
 on `--loop-pairs` A×B pairs and extrapolated to the pairs the stage computes (said
-in the output). Prints JSON.
+in the output). Each `--n` is measured separately; the ratio grows with N because the
+stage's per-sample costs (reads, elementwise operands) are amortised over N² pairs while
+the loop's cost is per pair. Prints JSON.
 """
 from __future__ import annotations
 
@@ -70,22 +72,14 @@ def store_arrays(run: str, blocks) -> dict:
     return {b: g[b] for b in blocks}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=64, help="samples per task")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--loop-pairs", type=int, default=40)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
-
+def measure(n: int, args) -> dict:
     from pipeline.executors import InlineExecutor
     from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients, score_dataset
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        job = build_run(tmp, args.n, args.layers, args.seq)
-        grads_ds, fisher = open_gradients(job.output.path), open_fisher(job.output.path)
+        job = build_run(tmp, n, args.layers, args.seq)
+        grads_ds, fisher = open_gradients(job.output.path, decode=False), open_fisher(job.output.path)
         times = []
         for _ in range(args.repeats):
             ds = score_dataset(grads_ds, fisher)
@@ -93,23 +87,22 @@ def main() -> None:
             InlineExecutor().compute(ds["pooled_interference"].data, ds["pooled_alignment"].data)
             times.append(time.perf_counter() - t)
         stage = float(np.median(times))
-        N = 2 * args.n
+        N = 2 * n
         P = grads_ds.sizes["param"]
         slices = sum(grads_ds.sizes[grads_ds[b].dims[2]] for b in "QKVO") * args.layers
         flops = 2 * 2 * N * N * P * slices  # two matmuls of N×P by P×N per unique slice
-        grads = {b: grads_ds[b].values for b in "QKVO"}
         inv = {b: inverse_damped_fisher(fisher, b).compute() for b in "QKVO"}
         rng = np.random.default_rng(0)
-        pairs = [(int(rng.integers(args.n)), int(rng.integers(args.n))) for _ in range(args.loop_pairs)]
-        loop_t = loop_baseline(grads, inv, args.n, pairs)
-        loop_all = loop_t / len(pairs) * N * N  # same pooled pairs as the stage
+        pairs = [(int(rng.integers(n)), int(rng.integers(n))) for _ in range(args.loop_pairs)]
         store_pairs = pairs[: max(1, args.loop_pairs // 10)]
-        store_t = loop_baseline(store_arrays(job.output.path, "QKVO"), inv, args.n, store_pairs)
+        store_t = loop_baseline(store_arrays(job.output.path, "QKVO"), inv, n, store_pairs)
+        grads = {b: open_gradients(job.output.path)[b].values for b in "QKVO"}
+        loop_t = loop_baseline(grads, inv, n, pairs)
+        loop_all = loop_t / len(pairs) * N * N  # same pooled pairs as the stage
         store_all = store_t / len(store_pairs) * N * N
-        print(json.dumps({
-            "benchmark": "score_stage_vs_loop",
-            "machine": platform.processor() or platform.machine(),
-            "geometry": {"layers": args.layers, "q_heads": 9, "kv_heads": 3, "param_per_slice": P, "samples": N},
+        return {
+            "samples": N,
+            "geometry": {"layers": args.layers, "q_heads": 9, "kv_heads": 3, "param_per_slice": P},
             "stage_seconds_median": round(stage, 3),
             "stage_repeats": args.repeats,
             "stage_gflops_per_s": round(flops / stage / 1e9, 2),
@@ -121,12 +114,31 @@ def main() -> None:
             "store_loop_pairs_measured": len(store_pairs),
             "store_loop_seconds_extrapolated_to_all_pairs": round(store_all, 1),
             "speedup_vs_store_loop": round(store_all / stage, 1),
-            "load_average_1min": round(__import__("os").getloadavg()[0], 2),
-            "note": ("loops timed on a subset of pairs and extrapolated linearly to the stage's N*N pooled pairs; "
-                     "in-memory loop = numpy per (pair, layer, head) on arrays already in RAM (vectorised over the "
-                     "slice's entries, so its gap to BLAS is bounded by ~10-50x); store loop = the research code's "
-                     "shape, reading each slice from the Zarr store per pair; all float64"),
-        }, indent=2))
+        }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[64], help="samples per task (one measurement each)")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--loop-pairs", type=int, default=40)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    import torch
+
+    results = [measure(n, args) for n in args.n]
+    print(json.dumps({
+        "benchmark": "score_stage_vs_loop",
+        "machine": platform.processor() or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "results": results,
+        "load_average_1min": round(__import__("os").getloadavg()[0], 2),
+        "note": ("loops timed on a subset of pairs and extrapolated linearly to the stage's N*N pooled pairs; "
+                 "in-memory loop = numpy per (pair, layer, head) on float32 arrays already in RAM (vectorised over "
+                 "the slice's entries, so its gap to BLAS is bounded by ~10-50x); store loop = the research code's "
+                 "shape, reading each slice from the Zarr store per pair; the stage accumulates in float32"),
+    }, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 
 from workers import fisher as fisher_math
-from workers.writer import NonFiniteGradientError, ShardResult, ShardTask, extract_shard
+from workers.writer import NonFiniteGradientError, ShardResult, ShardTask, extract_shards
 
 from . import schema
 from .spec import JobSpec
@@ -195,7 +195,10 @@ def write_template(plan: ExtractPlan, job: JobSpec) -> None:
     """Metadata and coordinates of `gradients`, plus the bookkeeping arrays in `_work`."""
     store = zarr_store(job.output.path, job.output.storage_options)
     ds = gradients_template(plan, job)
-    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width)} for name, _, width in gradient_variables(plan, job)}
+    # uncompressed: per-sample gradients are near-incompressible (zstd saved 7% of float32 chunks while
+    # writing 3.3x and reading 2.2x slower, measured), and every stage after extract streams them
+    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width), "compressors": None}
+                for name, _, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
     encoding["finite"] = {"chunks": (plan.shard_size,)}
     ds.to_zarr(store, group=schema.GRADIENTS, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
@@ -331,6 +334,14 @@ def _finish_pass(plan: ExtractPlan, job: JobSpec, results: list[ShardResult], re
     return whash, skipped
 
 
+def shard_groups(tasks: list[ShardTask], slots: int) -> list[tuple[ShardTask, ...]]:
+    """Consecutive shards per device task, so that a worker writes one shard while its device
+    computes the next (workers.writer.extract_shards): up to 4 per task, but at least two
+    tasks per device slot so the work still spreads over every GPU."""
+    per = max(1, min(4, len(tasks) // (2 * max(1, slots))))
+    return [tuple(tasks[i : i + per]) for i in range(0, len(tasks), per)]
+
+
 def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
                 on_progress: Callable[[int, int], None] | None = None) -> dict:
     """Extract gradients and the Fisher into the run. With fresh=False (resume), only
@@ -353,8 +364,14 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
         if on_progress:
             on_progress(done_count[0], total)
 
+    def _tick_group(rs: list[ShardResult]) -> None:
+        for r in rs:
+            _tick(r)
+
     for phase, record in phases:
-        results = executor.map(extract_shard, shard_tasks(plan, job, todo[record], phase), gpu=True, on_result=_tick)
+        tasks = shard_tasks(plan, job, todo[record], phase)
+        groups = shard_groups(tasks, slots=getattr(executor, "gpu_slots", lambda: 1)())
+        results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick_group) for r in rs]
         whash, skipped = _finish_pass(plan, job, results, record)
         if phase != "sketch":  # the pass that wrote the Fisher partial sums
             consolidate_fisher(plan, job, whash)

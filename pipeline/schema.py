@@ -71,25 +71,13 @@ def pooled_name(score: str) -> str:
 
 # ---- gradient storage dtypes ----------------------------------------------
 # Zarr v3 has no bfloat16 data type, so bfloat16 gradients are stored as their
-# raw 16-bit patterns (uint16) with this attr; `decode` turns them back into
-# float32 exactly (bf16 ⊂ f32).
+# raw 16-bit patterns (uint16) with this attr (workers.writer.to_stored rounds to
+# them); `decode` turns them back into float32 exactly (bf16 ⊂ f32).
 ATTR_ENCODING = "qkov_encoding"
 
 
 def stored_dtype(storage_dtype: str) -> str:
     return {"float32": "float32", "bfloat16": "uint16"}[storage_dtype]
-
-
-def encode(arr, storage_dtype: str):
-    """float32 numpy → the stored representation (round-to-nearest-even for bf16)."""
-    import numpy as np
-
-    if storage_dtype == "float32":
-        return np.asarray(arr, dtype=np.float32)
-    import torch
-
-    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).to(torch.bfloat16)
-    return t.view(torch.int16).numpy().view(np.uint16)
 
 
 def decode(arr, encoding: str | None):

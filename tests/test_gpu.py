@@ -79,3 +79,12 @@ def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
         want, got = ref[name].values, gpu[name].values
         err = np.abs(got - want).max() / np.abs(want).max()
         assert 0 < err <= 5e-3, (name, err)  # > 0: the bf16 path really ran
+
+
+def test_bf16_rounding_on_the_device_equals_the_host():
+    """Extraction rounds bf16 storage on the GPU before the copy; the bits equal the CPU's."""
+    from workers.writer import to_stored
+
+    torch.manual_seed(0)
+    x = torch.randn(100_000) * torch.logspace(-30, 3, 100_000)
+    np.testing.assert_array_equal(to_stored(x.cuda(), "bfloat16"), to_stored(x, "bfloat16"))

@@ -148,11 +148,12 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
     sizes = {b: layout.block_size(b) for b in task.blocks}
     keep_grads, sketching, keep_fisher = task.phase == "exact", task.phase == "sketch", task.phase != "sketch"
-    grads = {b: np.zeros((n, L, heads[b], sizes[b]), dtype=np.float32) for b in task.blocks if keep_grads}
+    host = np.dtype(schema.stored_dtype(task.storage_dtype))  # buffers hold what the store holds
+    grads = {b: np.zeros((n, L, heads[b], sizes[b]), dtype=host) for b in task.blocks if keep_grads}
     if sketching:
         from .sketch import PARTS, sketch_layer, stored_inverse_fisher
 
-        grads = {schema.sketch_var(b, p): np.zeros((n, L, heads[b], task.sketch_dim), dtype=np.float32)
+        grads = {schema.sketch_var(b, p): np.zeros((n, L, heads[b], task.sketch_dim), dtype=host)
                  for b in task.blocks for p in PARTS}
         # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
         inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
@@ -184,15 +185,24 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
                 if keep_fisher:
                     fisher[b][li] += torch.einsum("i,ihp->hp", w, t.double() ** 2)
                 if keep_grads:
-                    grads[b][s:e, li] = t.cpu().numpy()
+                    grads[b][s:e, li] = to_stored(t, task.storage_dtype)
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
                     for p, x in sketch_layer(t, inv[b][li], proj).items():
-                        grads[schema.sketch_var(b, p)][s:e, li] = x.float().cpu().numpy()
+                        grads[schema.sketch_var(b, p)][s:e, li] = to_stored(x.float(), task.storage_dtype)
                 del t
             del full
         del res
     return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
+
+
+def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """A float32 tensor in the store's representation, on the host. bf16 is rounded where t
+    lives (round-to-nearest-even on CPU and GPU alike), so only half the
+    bytes cross to the host and the host does no conversion pass."""
+    if storage_dtype == "bfloat16":
+        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return t.cpu().numpy()
 
 
 def _worker_name() -> str:
@@ -205,7 +215,35 @@ def _worker_name() -> str:
 
 
 def extract_shard(task: ShardTask) -> ShardResult:
-    """Compute one shard and write its whole chunks; the done-record is written last.
+    """Compute one shard and write its whole chunks; the done-record is written last."""
+    _set_threads()
+    return write_shard(task, compute_shard(task))
+
+
+def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
+    """Several consecutive shards on this worker, overlapping device compute with Zarr writes:
+    while shard k is written by a writer thread, the device computes shard k+1. At most two
+    computed shards are held in host memory (the next compute waits for the write before
+    last). Each shard's done-record is written after its chunks, so a worker killed mid-group
+    loses only unfinished shards; a retried group rewrites finished ones with the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _set_threads()
+    out = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkov-writer") as pool:
+        pending = None
+        for task in tasks:
+            computed = compute_shard(task)
+            if pending is not None:
+                out.append(pending.result())  # raises the writer's error, if any
+            pending = pool.submit(write_shard, task, computed)
+        if pending is not None:
+            out.append(pending.result())
+    return out
+
+
+def write_shard(task: ShardTask, computed) -> ShardResult:
+    """Write one computed shard (compute_shard's output) into its whole chunks.
 
     Non-finite samples under nonfinite = "error" are returned, not raised: the error is
     deterministic, so retrying the task elsewhere would only repeat it, and the driver
@@ -213,15 +251,14 @@ def extract_shard(task: ShardTask) -> ShardResult:
     """
     from pipeline.store import open_root
 
-    _set_threads()
-    grads, losses, fisher, bad, whash, device = compute_shard(task)
+    grads, losses, fisher, bad, whash, device = computed
     if bad and task.nonfinite == "error":
         return ShardResult(task.shard, whash, (), device, _worker_name(), rejected=tuple(bad))
     root = open_root(task.store_path, task.storage_options, mode="r+")
     stop = task.start + len(task.input_ids)
     g = root[schema.GRADIENTS]
     for b, arr in grads.items():
-        g[b][task.start : stop] = schema.encode(arr, task.storage_dtype)
+        g[b][task.start : stop] = arr  # already in the stored representation (to_stored)
     g[schema.LOSS][task.start : stop] = losses
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])

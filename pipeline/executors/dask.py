@@ -19,6 +19,13 @@ class DaskExecutor:
     def gpu_workers(self) -> list[str]:
         return gpu_workers(self.client)
 
+    def gpu_slots(self) -> int:
+        """Device tasks that can run at once: one per GPU worker, else one per worker thread."""
+        gpus = self.gpu_workers()
+        if gpus:
+            return len(gpus)
+        return sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values()) or 1
+
     def map(self, fn: Callable, items: Iterable[Any], *, gpu: bool = False, on_result: Callable | None = None) -> list:
         from distributed import as_completed
 

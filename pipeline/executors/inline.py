@@ -18,6 +18,10 @@ class InlineExecutor:
             out.append(r)
         return out
 
+    def gpu_slots(self) -> int:
+        """Device tasks that run at once."""
+        return 1
+
     def compute(self, *collections):
         return dask.compute(*collections, scheduler="threads")
 
