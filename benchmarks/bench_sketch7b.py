@@ -161,7 +161,7 @@ def main(argv=None) -> dict:
 
     cuda = torch.cuda.is_available()
     g = geometry(a)
-    work = Path(a.workdir)
+    work = Path(a.workdir).resolve()  # the job resolves relative paths against its own folder
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
