@@ -106,6 +106,22 @@ def _has_mm_out_dtype() -> bool:
         return False
 
 
+def one_thread_in_worker() -> None:
+    """Inside a Dask worker, CPU score tasks use one torch thread each: the concurrency comes
+    from the worker's threads and processes, and torch's own pool on top would oversubscribe
+    the cores (16 single-threaded workers × 16 torch threads each on a 16-core machine)."""
+    import torch
+
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def _device_tensor(x: np.ndarray, encoding: str | None, dev: str, dtype):
     """A stored block (float32, or bf16 bit patterns as uint16) as a torch tensor of `dtype`
     on `dev`. bf16 bits travel to the device as they are (half the bytes) and are
@@ -142,6 +158,8 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
     op = _operands_dtype(encoding, dev, accumulate)
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # exact-mode scores: no 10-bit mantissa products
+    else:
+        one_thread_in_worker()
     same = gj is gi  # a diagonal chunk pair handed over as one block
     a_all = _device_tensor(gi[0], encoding, dev, op)
     b_all = a_all if same else _device_tensor(gj[0], encoding, dev, op)
@@ -211,6 +229,8 @@ def sketch_pair_kernel(ui: np.ndarray, vj: np.ndarray, wi: np.ndarray, wj: np.nd
     dt = _accumulate_dtype(dev, accumulate)
     if dev == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        one_thread_in_worker()
     u, v, w, w2 = (_device_tensor(x[0], None, dev, dt) for x in (ui, vj, wi, wj))
     out = torch.stack([u @ v.transpose(1, 2), w @ w2.transpose(1, 2)]).to(torch.float32).cpu().numpy()
     return out[:, None]

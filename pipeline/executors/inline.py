@@ -23,7 +23,17 @@ class InlineExecutor:
         return 1
 
     def compute(self, *collections):
-        return dask.compute(*collections, scheduler="threads")
+        """Dask's threaded scheduler with one torch thread per task (restored afterwards): the
+        scheduler already runs a task per core, and torch's pool inside each would
+        oversubscribe them."""
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return dask.compute(*collections, scheduler="threads")
+        finally:
+            torch.set_num_threads(before)
 
     def describe(self) -> str:
         return "in-process"
