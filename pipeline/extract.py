@@ -178,7 +178,10 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         mode=job.score.mode,
     )
     if job.score.mode == "sketch":
-        ds.attrs.update(sketch_dim=job.score.sketch_dim, sketch_seed=job.score.sketch_seed, sketch_nnz=1)
+        from workers.sketch import PROJECTION_SCHEME
+
+        ds.attrs.update(sketch_dim=job.score.sketch_dim, sketch_seed=job.score.sketch_seed, sketch_nnz=1,
+                        sketch_projection=PROJECTION_SCHEME)
     ds.attrs[schema.ATTR_COMPLETE] = False
     return ds
 
@@ -256,7 +259,18 @@ def pending_shards(plan: ExtractPlan, job: JobSpec, record: str = schema.DONE) -
 
 
 def _check_same_plan(plan: ExtractPlan, job: JobSpec) -> None:
-    stored = open_root(job.output.path, job.output.storage_options, mode="r")[schema.WORK].attrs.get("plan")
+    root = open_root(job.output.path, job.output.storage_options, mode="r")
+    if job.score.mode == "sketch":
+        from workers.sketch import PROJECTION_SCHEME
+
+        scheme = root[schema.GRADIENTS].attrs.get("sketch_projection", "randperm-v1")
+        if scheme != PROJECTION_SCHEME:
+            raise StoreError(
+                f"--resume refused: this run's sketches were drawn with projection scheme {scheme!r} and this "
+                f"qkov draws {PROJECTION_SCHEME!r}; finishing it would mix sketches that do not compare. "
+                "Start over with --overwrite."
+            )
+    stored = root[schema.WORK].attrs.get("plan")
     if stored is not None and stored != plan.fingerprint():
         raise StoreError(
             "--resume refused: the samples differ from those this run started with (a task file or the "

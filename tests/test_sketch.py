@@ -236,3 +236,28 @@ def test_resume_redoes_only_the_unfinished_sketch_pass(runs, tmp_path):
     out = run_extract(job, executor_for(None), plan=plan_extract(job), fresh=False)
     assert out["computed"] == 1
     np.testing.assert_array_equal(root[schema.GRADIENTS][schema.sketch_var("Q", "w")][:], before)
+
+
+def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
+    """A sketch-mode run begun with another projection scheme (or before schemes were
+    recorded) is not finished with this one: its sketches would not compare."""
+    import shutil
+
+    import zarr
+
+    from pipeline.executors import executor_for
+    from pipeline.extract import plan_extract, run_extract
+    from pipeline.spec import parse_job
+    from pipeline.store import StoreError, read_provenance
+
+    run = tmp_path / "old"
+    shutil.copytree(runs["small"], run)
+    root = zarr.open_group(str(run), mode="r+")
+    assert root[schema.GRADIENTS].attrs["sketch_projection"] == "keyed-hash-v2"
+    del root[schema.GRADIENTS].attrs["sketch_projection"]  # as written before schemes were recorded
+    root[schema.WORK][schema.DONE][0] = 0
+    config = read_provenance(root).get("config")
+    config["output"]["path"] = str(run)
+    job = parse_job(config)
+    with pytest.raises(StoreError, match="randperm-v1.*--overwrite"):
+        run_extract(job, executor_for(None), plan=plan_extract(job), fresh=False)

@@ -32,6 +32,9 @@ import torch
 from pipeline import schema
 
 PARTS = schema.SKETCH_PARTS  # the stored operands, in this order
+# How projections are drawn; stored with a sketch-mode run so that `--resume` never mixes
+# sketches of two schemes (runs before 2026-11-28 drew buckets with torch.randperm).
+PROJECTION_SCHEME = "keyed-hash-v2"
 _M32 = 0xFFFFFFFF
 
 
