@@ -55,7 +55,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop-pairs", type=int, default=200)
     args = ap.parse_args()
-    from pipeline.score import _has_mm_out_dtype, device_scores, pair_kernel
+    from pipeline.score import device_scores, pair_kernel
+    from workers.grads import has_bmm_out_dtype
 
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = bf16_peak(args.repeats)
@@ -68,7 +69,7 @@ def main() -> None:
         flops = 2 * 2 * n * n * args.p * slices  # two N×P @ P×N matmuls per slice
         res = {"n_samples": n, "slices": slices, "flop_per_run": flops}
         for name, dt in (("float32_exact", torch.float32), ("bf16_operands", torch.bfloat16)):
-            if dt == torch.bfloat16 and not _has_mm_out_dtype():
+            if dt == torch.bfloat16 and not has_bmm_out_dtype(torch.device("cuda")):
                 res[name] = "torch.mm(out_dtype=float32) unsupported by this torch: the stage uses float32 operands"
                 continue
             gg, ss = g.to(dt), sw.to(dt)

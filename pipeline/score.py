@@ -10,8 +10,6 @@ K/V are computed once per KV head and shown per query head (coordinate kv_head).
 """
 from __future__ import annotations
 
-import functools
-
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -56,25 +54,27 @@ def inverse_damped_fisher(fisher: xr.Dataset, block: str) -> da.Array:
 
 def slice_scores(a, b, inv):
     """Interference and alignment of one slice: rows of `a` (samples i) against rows of `b`
-    (samples j), torch tensors (n, P) with inv (P,) = 1/Î_reg, in the tensors' dtype.
-    The one place the score formulas live (stage kernel and `qkov check` both call it).
-    g²/Î_reg is formed as (g/√Î_reg)² so that tiny gradients do not underflow in float32."""
+    (samples j), torch tensors (n, P) with inv (P,) = 1/Î_reg, in the tensors' dtype
+    (`qkov check` calls this; the stage kernel calls `weighted_scores` with √inv formed once)."""
     import torch
 
-    sw = torch.sqrt(inv)
+    return weighted_scores(a, b, torch.sqrt(inv))
+
+
+def weighted_scores(a, b, sw, out_dtype=None):
+    """The score formulas, in one place: with w = g·sw (sw = 1/√Î_reg),
+    interference = (w_a²) @ |b|ᵀ and alignment = w_a @ w_bᵀ. g²/Î_reg is formed as
+    (g/√Î_reg)² so that tiny gradients do not underflow in float32. `out_dtype` float32
+    with bf16 operands keeps the fp32 accumulator's result (cuBLAS `out_dtype`) instead of
+    rounding it back to bf16. Pass b = a for a diagonal block (w is formed once)."""
+    import torch
+
+    def mm(x, y):
+        return x @ y.T if out_dtype in (None, x.dtype) else torch.mm(x, y.T, out_dtype=out_dtype)
+
     wa = a * sw
     wb = wa if b is a else b * sw
-    return (wa * wa) @ b.abs().T, wa @ wb.T
-
-
-def _mm(x, y, out_dtype):
-    """x @ yᵀ with float32 output; bf16 operands keep their fp32 accumulator's result
-    (cuBLAS `out_dtype`) instead of rounding it back to bf16."""
-    import torch
-
-    if x.dtype == out_dtype:
-        return x @ y.T
-    return torch.mm(x, y.T, out_dtype=out_dtype)
+    return mm(wa * wa, b.abs()), mm(wa, wb)
 
 
 def _operands_dtype(encoding: str | None, dev: str, accumulate: str):
@@ -83,7 +83,10 @@ def _operands_dtype(encoding: str | None, dev: str, accumulate: str):
     them at full tensor-core rate."""
     import torch
 
-    if dev == "cuda" and encoding == "bfloat16" and accumulate in ("auto", "float32") and _has_mm_out_dtype():
+    from workers.grads import has_bmm_out_dtype
+
+    if (dev == "cuda" and encoding == "bfloat16" and accumulate in ("auto", "float32")
+            and has_bmm_out_dtype(torch.device("cuda"))):
         return torch.bfloat16
     return _accumulate_dtype(dev, accumulate)
 
@@ -92,18 +95,6 @@ def _accumulate_dtype(dev: str, accumulate: str):
     import torch
 
     return torch.float32 if accumulate == "auto" else getattr(torch, accumulate)
-
-
-@functools.cache
-def _has_mm_out_dtype() -> bool:
-    """torch.mm(..., out_dtype=float32) for bf16 CUDA operands exists from torch 2.8; probed, not version-parsed."""
-    import torch
-
-    try:
-        x = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
 
 
 def one_thread_in_worker() -> None:
@@ -177,11 +168,8 @@ def device_scores(a_all, b_all, sw_all, acc):
     hc, ci, cj = a_all.shape[0], a_all.shape[1], b_all.shape[1]
     out = torch.empty((2, hc, ci, cj), dtype=torch.float32, device=a_all.device)
     for h in range(hc):
-        a, b, sw = a_all[h], b_all[h], sw_all[h]
-        wa = a * sw
-        wb = wa if b_all is a_all else b * sw
-        out[0, h] = _mm(wa * wa, b.abs(), acc)
-        out[1, h] = _mm(wa, wb, acc)
+        a = a_all[h]
+        out[0, h], out[1, h] = weighted_scores(a, a if b_all is a_all else b_all[h], sw_all[h], acc)
     return out
 
 

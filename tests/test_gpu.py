@@ -63,9 +63,9 @@ def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
     """bf16-stored gradients are scored on the GPU as bf16 operands with float32 accumulation
     (the stage's raw-bits path); they agree with a float64 CPU reference on the same stored
     values to bf16 operand rounding (~2⁻⁸ per term, averaging out over the slice)."""
-    from pipeline.score import _has_mm_out_dtype
+    from workers.grads import has_bmm_out_dtype
 
-    if not _has_mm_out_dtype():
+    if not has_bmm_out_dtype(torch.device("cuda")):
         pytest.skip("this torch has no torch.mm(out_dtype=float32): the stage keeps float32 operands")
     job = tiny_job(tmp_path, "llama_gqa", n_a=12, n_b=10, score={"storage_dtype": "bfloat16"})
     prepare_output(job, resume=False, overwrite=True)

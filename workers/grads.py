@@ -204,14 +204,17 @@ def _module_grads(m: nn.Module, x: Tensor, go: Tensor, n: int, seq_len: int, att
 def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype == torch.float32:
         return torch.bmm(a, b)
-    if a.dtype in (torch.bfloat16, torch.float16) and _has_bmm_out_dtype(a.device):
+    if a.dtype in (torch.bfloat16, torch.float16) and has_bmm_out_dtype(a.device):
         # Half-precision tensor-core matmul with float32 accumulation and output.
         return torch.bmm(a, b, out_dtype=torch.float32)
     return torch.bmm(a.float(), b.float())
 
 
 @functools.cache
-def _has_bmm_out_dtype(device: torch.device) -> bool:
+def has_bmm_out_dtype(device: torch.device) -> bool:
+    """Whether this torch multiplies half-precision operands on `device` with float32 output
+    (`out_dtype=`; added to bmm and mm together, from torch 2.8). Probed, not version-parsed;
+    the score kernel (pipeline.score) asks this too."""
     if device.type != "cuda":
         return False
     try:
