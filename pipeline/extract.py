@@ -373,19 +373,15 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
     if on_progress:
         on_progress(done_count[0], total)
 
-    def _tick(_r: ShardResult) -> None:
-        done_count[0] += 1
+    def _tick(group: list[ShardResult]) -> None:
+        done_count[0] += len(group)
         if on_progress:
             on_progress(done_count[0], total)
 
-    def _tick_group(rs: list[ShardResult]) -> None:
-        for r in rs:
-            _tick(r)
-
     for phase, record in phases:
         tasks = shard_tasks(plan, job, todo[record], phase)
-        groups = shard_groups(tasks, slots=getattr(executor, "gpu_slots", lambda: 1)())
-        results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick_group) for r in rs]
+        groups = shard_groups(tasks, slots=executor.gpu_slots())
+        results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
         whash, skipped = _finish_pass(plan, job, results, record)
         if phase != "sketch":  # the pass that wrote the Fisher partial sums
             consolidate_fisher(plan, job, whash)

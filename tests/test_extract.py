@@ -160,7 +160,7 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
     """Shards computed in groups (device compute overlapped with the previous shard's write)
     give the same store as one shard per task; groups never starve a device slot."""
     from pipeline.extract import shard_groups, shard_tasks, plan_extract
-    from workers.writer import extract_shard, extract_shards
+    from workers.writer import extract_shards
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, extract={"shard_size": 2},
                    score={"storage_dtype": "bfloat16"}, output={"path": str(tmp_path / "grouped")})
@@ -178,7 +178,7 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
     from pipeline.extract import write_template
 
     write_template(plan_extract(single), single)
-    res = [extract_shard(t) for t in shard_tasks(plan_extract(single), single, list(range(len(plan.shards))))]
+    res = [r for t in shard_tasks(plan_extract(single), single, list(range(len(plan.shards)))) for r in extract_shards((t,))]
     assert [r.shard for r in res] == list(range(7))
     assert [r.shard for r in extract_shards(tuple(shard_tasks(plan_extract(single), single, [0, 1])))] == [0, 1]
     ref = open_gradients(single.output.path, decode=False).load()

@@ -214,12 +214,6 @@ def _worker_name() -> str:
         return "inline"
 
 
-def extract_shard(task: ShardTask) -> ShardResult:
-    """Compute one shard and write its whole chunks; the done-record is written last."""
-    _set_threads()
-    return write_shard(task, compute_shard(task))
-
-
 def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
     """Several consecutive shards on this worker, overlapping device compute with Zarr writes:
     while shard k is written by a writer thread, the device computes shard k+1. At most two
