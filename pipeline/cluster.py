@@ -37,6 +37,13 @@ REMOTE_WORKER_TIMEOUT_S = 120.0
 CONNECT_TIMEOUT = "30s"
 
 
+# The embedded clusters (scheduler, nannies, workers, dashboard) listen on loopback only: Dask's
+# TCP comms carry pickled code without authentication, so anyone who can reach a port can run
+# code on the workers. A remote cluster is the user's own choice (see the README's TLS notes).
+LOOPBACK = "127.0.0.1"
+DASHBOARD = f"{LOOPBACK}:0"  # a free port on loopback
+
+
 class ClusterError(RuntimeError):
     """The cluster cannot be used as asked; the message says what to do."""
 
@@ -78,8 +85,8 @@ def gpu_cluster(options: dict[str, dict[str, Any]]):
     """A SpecCluster of nanny-managed workers with these options (see gpu_worker_options)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
-    workers = {name: {"cls": Nanny, "options": opts} for name, opts in options.items()}
-    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}})
+    workers = {name: {"cls": Nanny, "options": {"host": LOOPBACK, **opts}} for name, opts in options.items()}
+    return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": DASHBOARD}})
 
 
 def local_cluster(spec: ClusterSpec):
@@ -90,7 +97,7 @@ def local_cluster(spec: ClusterSpec):
         return gpu_cluster(gpu_worker_options(spec, n_gpu, os.cpu_count() or 1))
     threads = spec.threads_per_worker or 1
     n = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
-    return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0")
+    return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host=LOOPBACK, dashboard_address=DASHBOARD)
 
 
 # ---------------------------------------------------------------- profiles

@@ -1,0 +1,72 @@
+"""Trust at first contact (issue 18): no open doors, no silent data loss, no silent wrong
+results. Each test here fails on the code before its fix.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# ---------------------------------------------------------------- bug 6: embedded clusters listen on loopback only
+
+
+def _listening(pids: set[int]) -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening TCP socket of these processes."""
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    return out
+
+
+def _cluster_pids() -> set[int]:
+    import os
+
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    return {me.pid, *(c.pid for c in me.children(recursive=True))}
+
+
+def _assert_loopback_only(cluster, n_workers: int) -> None:
+    from distributed import Client
+
+    with Client(cluster) as client:
+        client.wait_for_workers(n_workers, timeout=60)
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        socks = _listening(_cluster_pids())
+        # the scheduler, every nanny and worker, and the dashboard were found and checked
+        ports = {p for _, _, p in socks}
+        assert int(client.scheduler.address.rsplit(":", 1)[1]) in ports
+        assert all(int(a.rsplit(":", 1)[1]) in ports for a in workers)
+        assert cluster.dashboard_link and int(cluster.dashboard_link.split(":")[2].split("/")[0]) in ports
+        assert len({pid for pid, _, _ in socks}) >= 1 + n_workers  # this process (scheduler, nannies), each worker
+        exposed = [s for s in socks if not ipaddress.ip_address(s[1]).is_loopback]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        assert all(a.startswith("tcp://127.0.0.1:") for a in workers)
+
+
+def test_embedded_cpu_cluster_listens_on_loopback_only():
+    from pipeline.cluster import local_cluster
+    from pipeline.spec import ClusterSpec
+
+    with local_cluster(ClusterSpec(n_workers=2)) as cluster:
+        _assert_loopback_only(cluster, 2)
+
+
+def test_embedded_gpu_cluster_listens_on_loopback_only():
+    """The GPU SpecCluster (scheduler, nannies, workers, dashboard); the GPU label only routes work."""
+    from pipeline.cluster import gpu_cluster, gpu_worker_options
+    from pipeline.spec import ClusterSpec
+
+    with gpu_cluster(gpu_worker_options(ClusterSpec(n_workers=2), n_gpu=1, n_cpu=2)) as cluster:
+        _assert_loopback_only(cluster, 2)
