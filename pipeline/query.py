@@ -244,16 +244,24 @@ def _preview(text: str | None, pretok: bool | None, n_tokens: int | None, width:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _plain(x: Any):
+    """Text the user wrote (sample ids, text previews, task and group names) as a rich Text,
+    so that rich never reads it as markup: `ordered[mid]` stays as written, `[/]` is shown."""
+    from rich.text import Text
+
+    return Text(str(x))
+
+
 def _stats_table(res: dict):
     from rich.table import Table
 
     settings = res["settings"]
     kv = f" (KV head {res['kv_head']})" if res["kv_head"] is not None else ""
-    t = Table(title=f"layer {res['layer']} · head {res['head']}{kv} — "
-                    f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs",
-              caption=f"{res['stats_group']}: {settings.get('alternative')}, {settings.get('n_permutations')} "
-                      f"permutations, BH q ≤ α={settings.get('alpha')} marks significant; p_fwer = max-T; "
-                      f"CI {settings.get('ci_level')} bootstrap; chance = mean over the label permutations",
+    t = Table(title=_plain(f"layer {res['layer']} · head {res['head']}{kv} — "
+                           f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs"),
+              caption=_plain(f"{res['stats_group']}: {settings.get('alternative')}, {settings.get('n_permutations')} "
+                             f"permutations, BH q ≤ α={settings.get('alpha')} marks significant; p_fwer = max-T; "
+                             f"CI {settings.get('ci_level')} bootstrap; chance = mean over the label permutations"),
               title_justify="left", caption_justify="left")
     for col, just in (("block", "left"), ("score", "left"), ("mean", "right"), ("chance", "right"), ("CI", "right"),
                       ("p", "right"), ("q (BH)", "right"), ("p_fwer", "right"), ("sig.", "center")):
@@ -262,7 +270,7 @@ def _stats_table(res: dict):
         label = blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else "")
         for i, (score, s) in enumerate(blk["stats"].items()):
             t.add_row(label if i == 0 else "", score, _fmt(s["mean"]), _fmt(s.get("null_mean")),
-                      f"[{_fmt(s['ci_low'], '.3g')}, {_fmt(s['ci_high'], '.3g')}]", _fmt(s["p_value"], ".3g"), _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"),
+                      _plain(f"[{_fmt(s['ci_low'], '.3g')}, {_fmt(s['ci_high'], '.3g')}]"), _fmt(s["p_value"], ".3g"), _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"),
                       "[bold green]✔[/]" if s["significant"] else "", end_section=i == len(blk["stats"]) - 1)
     return t
 
@@ -271,18 +279,18 @@ def _pairs_table(res: dict, blk: dict):
     from rich.table import Table
 
     score = res["score"]
-    t = Table(title=f"{blk['block']} · top {len(blk['top_pairs'])} pairs, {res['ranking']}",
+    t = Table(title=_plain(f"{blk['block']} · top {len(blk['top_pairs'])} pairs, {res['ranking']}"),
               title_justify="left")
     t.add_column("#", justify="right")
-    t.add_column(f"{res['tasks']['a']} id")
-    t.add_column(f"{res['tasks']['b']} id")
+    t.add_column(_plain(f"{res['tasks']['a']} id"))
+    t.add_column(_plain(f"{res['tasks']['b']} id"))
     t.add_column(score, justify="right")
-    t.add_column(f"{res['tasks']['a']} text", overflow="fold")
-    t.add_column(f"{res['tasks']['b']} text", overflow="fold")
+    t.add_column(_plain(f"{res['tasks']['a']} text"), overflow="fold")
+    t.add_column(_plain(f"{res['tasks']['b']} text"), overflow="fold")
     for p in blk["top_pairs"]:
-        t.add_row(str(p["rank"]), p["sample_a"], p["sample_b"], _fmt(p[score]),
-                  _preview(p["text_a"], p["pretokenised_a"], p["n_tokens_a"]),
-                  _preview(p["text_b"], p["pretokenised_b"], p["n_tokens_b"]))
+        t.add_row(str(p["rank"]), _plain(p["sample_a"]), _plain(p["sample_b"]), _fmt(p[score]),
+                  _plain(_preview(p["text_a"], p["pretokenised_a"], p["n_tokens_a"])),
+                  _plain(_preview(p["text_b"], p["pretokenised_b"], p["n_tokens_b"])))
     return t
 
 
@@ -310,6 +318,6 @@ def format_significant(rows: list[dict]):
     for r in rows:
         head = f"{r['head']} (kv {r['kv_head']})" if r["kv_head"] is not None else str(r["head"])
         t.add_row(r["block"], str(r["layer"]), head, _fmt(r["mean"]),
-                  f"[{_fmt(r['ci_low'], '.3g')}, {_fmt(r['ci_high'], '.3g')}]", _fmt(r["p_value"], ".3g"),
+                  _plain(f"[{_fmt(r['ci_low'], '.3g')}, {_fmt(r['ci_high'], '.3g')}]"), _fmt(r["p_value"], ".3g"),
                   _fmt(r["q_value"], ".3g"), _fmt(r["p_fwer"], ".3g"), "[bold green]✔[/]" if r["significant"] else "")
     return t

@@ -70,3 +70,55 @@ def test_embedded_gpu_cluster_listens_on_loopback_only():
 
     with gpu_cluster(gpu_worker_options(ClusterSpec(n_workers=2), n_gpu=1, n_cpu=2)) as cluster:
         _assert_loopback_only(cluster, 2)
+
+
+# ---------------------------------------------------------------- bug 7: query shows the user's text as written
+
+MARKUP_IDS = ("return ordered[mid]", "[/]", "[bold red]x[/]", "a\\[b]")
+
+
+@pytest.fixture(scope="module")
+def markup_run(tmp_path_factory):
+    """A finished tiny run whose sample ids, texts and task names look like rich markup."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from qkov.testing import VOCAB, tiny_job, write_job_file
+
+    tmp = tmp_path_factory.mktemp("markup")
+    g = torch.Generator().manual_seed(1)
+
+    def rows(prefix: str, n: int) -> list[dict]:
+        out = []
+        for k in range(n):
+            sid = MARKUP_IDS[k] if prefix == "a" and k < len(MARKUP_IDS) else f"{prefix}[{k}]"
+            out.append({"id": sid, "text": f"[italic]{prefix} text {k}[/italic] ordered[mid]",
+                        "input_ids": torch.randint(3, VOCAB, (6,), generator=g).tolist()})
+        return out
+
+    files = {}
+    for t, n in (("a", 4), ("b", 3)):
+        files[t] = tmp / f"{t}.jsonl"
+        files[t].write_text("".join(json.dumps(r) + "\n" for r in rows(t, n)))
+    job = tiny_job(tmp, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+    out = tmp / "run"
+    toml = write_job_file(job, tmp / "job.toml", output={"path": str(out)},
+                          tasks={"a": {"path": str(files["a"]), "name": "[red]math"}, "b": {"path": str(files["b"]), "name": "co[/]de"}})
+    res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_query_prints_ids_texts_and_task_names_as_written(markup_run):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["query", str(markup_run), "--layer", "0", "--head", "0", "--block", "Q", "--top", "12"],
+                             env={"COLUMNS": "400"})
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.exception
+    assert res.exit_code == 0, res.output
+    for sid in MARKUP_IDS:
+        assert sid in res.output, f"{sid!r} not shown as written:\n{res.output}"
+    for name in ("[red]math", "co[/]de", "[italic]a text 0[/italic] ordered[mid]"):
+        assert name in res.output, f"{name!r} not shown as written:\n{res.output}"
