@@ -129,26 +129,6 @@ def whole_scores(g: np.ndarray, w: np.ndarray, rel: float, abs_: float) -> tuple
 
 # ---------------------------------------------------------------- block regions from semantics
 
-# Layout labels (workers.layouts) -> how Q/K/V share the output features of the projection.
-_KIND_OF_ARCHITECTURE = {
-    "split": "split", "bert-split": "split", "gpt2-conv1d": "fused", "fused-qkv": "fused",
-    "falcon-multi-query": "fused", "neox-interleaved": "interleaved", "falcon-grouped": "grouped",
-}
-
-
-def layout_kind(layout: AttentionLayout, declared: LayoutSpec | None) -> str:
-    if declared is not None:
-        return declared.kind
-    labels = layout.architecture.split("+")
-    unknown = [a for a in labels if a not in _KIND_OF_ARCHITECTURE]
-    if unknown:
-        raise ValueError(f"the additivity check does not know the layout {unknown}; known: {sorted(_KIND_OF_ARCHITECTURE)}")
-    kinds = {_KIND_OF_ARCHITECTURE[a] for a in labels}
-    if len(kinds) > 1:
-        raise ValueError(f"layers of this model mix attention layouts {labels}; the additivity check needs one")
-    return kinds.pop()
-
-
 def qkv_output_mask(kind: str, block: str, n_out: int, n_heads: int, n_kv_heads: int, head_dim: int) -> np.ndarray:
     """Which output features of a fused QKV projection belong to `block` (bool [n_out])."""
     mask = np.zeros(n_out, dtype=bool)
@@ -594,7 +574,7 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
 
     s = _session(job, n_samples, layers)
     tol = FLOAT_NOISE_TOL[job.model.dtype]
-    kind = layout_kind(s.layout, job.model.layout)
+    kind = s.layout.kind  # how Q/K/V share their projection outputs, as discovered (or declared)
     grads = s.grads(logits=s.base_logits)
     base_slices = s.slices(grads)
     base = s.scores(base_slices)

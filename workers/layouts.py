@@ -35,9 +35,15 @@ class UnsupportedModelError(ValueError):
 
 @dataclass(frozen=True, eq=False)
 class AttentionLayout:
-    """Per-head index tables of every attention projection of a model."""
+    """Per-head index tables of every attention projection of a model.
+
+    `kind` is how Q/K/V share their projection outputs (one of KINDS): split (own
+    tensors), fused ([Q|K|V]), interleaved ((H, 3, hd)) or grouped ((KV, H/KV + 2, hd));
+    `architecture` only labels where the modules were recognised (e.g. "gpt2-conv1d").
+    """
 
     architecture: str
+    kind: str
     n_layers: int
     n_heads: int
     n_kv_heads: int
@@ -113,6 +119,7 @@ class AttentionLayout:
         }
         return AttentionLayout(
             architecture=self.architecture,
+            kind=self.kind,
             n_layers=self.n_layers,
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
@@ -129,6 +136,7 @@ class AttentionLayout:
         """A JSON-able description, for provenance."""
         return {
             "architecture": self.architecture,
+            "kind": self.kind,
             "model_class": self.model_class,
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
@@ -469,10 +477,15 @@ def discover_layout(model: nn.Module, declared: LayoutSpec | None = None, includ
     if len(set(all_dims)) > 1:
         per_layer = ", ".join(f"{f.path}: {d}" for f, d in zip(found, all_dims))
         raise UnsupportedModelError(f"attention layers differ in (n_heads, n_kv_heads, head_dim, v_head_dim): {per_layer}")
+    kinds = sorted({f.kind for f in found})
+    if len(kinds) > 1:
+        per_layer = ", ".join(f"{f.path}: {f.kind}" for f in found)
+        raise UnsupportedModelError(f"attention layers differ in layout kind: {per_layer}")
     archs = sorted({f.architecture for f in found})
     H, KV, hd, vhd = all_dims[0]
     return AttentionLayout(
         architecture="+".join(archs),
+        kind=kinds[0],
         n_layers=len(found),
         n_heads=H,
         n_kv_heads=KV,
