@@ -53,18 +53,18 @@ def build_model(folder: Path, geometry: str) -> Path:
     import torch
     import transformers as tf
 
-    from workers.models import save_tiny
+    from qkov.testing import save_model
 
     shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(**GEOMETRIES[geometry], attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
-    save_tiny(tf.LlamaForCausalLM(cfg), None, folder)
+    save_model(tf.LlamaForCausalLM(cfg), None, folder)
     marker.write_text(json.dumps(want))  # last: a half-written folder is rebuilt
     return folder
 
 
 def write_tasks(folder: Path, n: int, seq: int, vocab: int) -> tuple[Path, Path]:
-    from workers.testing import write_task_file
+    from qkov.testing import write_task_file
 
     return (write_task_file(folder / "a.jsonl", n, vocab, seq, seq, 0, "a"),
             write_task_file(folder / "b.jsonl", n, vocab, seq, seq, 1, "b"))

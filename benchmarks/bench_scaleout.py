@@ -28,7 +28,7 @@ def build_run(tmp: Path, n: int, hidden: int, heads: int, kv_heads: int, layers:
     from pipeline.executors import InlineExecutor
     from pipeline.extract import run_extract
     from pipeline.run import prepare_output
-    from pipeline.testing import tiny_job
+    from qkov.testing import tiny_job
 
     job = tiny_job(tmp, "llama_gqa", n_a=n, n_b=n, min_len=16, max_len=32,
                    model_kwargs={"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv_heads,

@@ -31,13 +31,12 @@ def build_run(tmp: Path, n: int, layers: int, seq: int):
     from pipeline.extract import run_extract
     from pipeline.run import prepare_output
     from pipeline.spec import parse_job
-    from workers.models import save_tiny
-    from workers.testing import write_task_file
+    from qkov.testing import save_model, write_task_file
 
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2)
-    save_tiny(tf.AutoModelForCausalLM.from_config(cfg), None, tmp / "model")
+    save_model(tf.AutoModelForCausalLM.from_config(cfg), None, tmp / "model")
     write_task_file(tmp / "a.jsonl", n, 512, seq, seq, 0, "a")
     write_task_file(tmp / "b.jsonl", n, 512, seq, seq, 1, "b")
     job = parse_job({"model": {"path": str(tmp / "model")},

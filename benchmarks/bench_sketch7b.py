@@ -116,7 +116,7 @@ def build_model(a, folder: Path, device: str) -> None:
 
 def job_for(a, work: Path, model: Path):
     from pipeline.spec import parse_job
-    from workers.testing import write_task_file
+    from qkov.testing import write_task_file
 
     ta = write_task_file(work / "a.jsonl", a.n, a.vocab, a.seq, a.seq, 1, "a")
     tb = write_task_file(work / "b.jsonl", a.n, a.vocab, a.seq, a.seq, 2, "b")

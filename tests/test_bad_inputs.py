@@ -22,9 +22,7 @@ from typer.testing import CliRunner
 from pipeline import schema
 from pipeline.cli import app
 from pipeline.store import acquire_lock, release_lock
-from pipeline.testing import tiny_job, write_job_file
-from workers.models import save_tiny
-from workers.testing import VOCAB, tiny_model
+from qkov.testing import VOCAB, save_model, tiny_job, tiny_model, write_job_file
 
 runner = CliRunner()
 
@@ -204,7 +202,7 @@ def nan_job(env):
     assert not model.config.tie_word_embeddings  # a tied NaN row would reach every sample through the logits
     with torch.no_grad():
         model.get_input_embeddings().weight[BAD_TOKEN] = float("nan")
-    folder = save_tiny(model, None, tmp / "nan-model")
+    folder = save_model(model, None, tmp / "nan-model")
     g = torch.Generator().manual_seed(3)
     files = {}
     for task, n in (("a", 6), ("b", 5)):

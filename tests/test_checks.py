@@ -20,10 +20,9 @@ from pipeline.checks import (
 )
 from pipeline.spec import parse_job
 from pipeline.store import read_provenance
-from pipeline.testing import tiny_job
 from workers.layouts import discover_layout
 from workers.slicing import BlockSlicing, ParamPart
-from workers.testing import ARCHITECTURES, ENCODERS, VOCAB, tiny_model, write_task_file
+from qkov.testing import ARCHITECTURES, ENCODERS, VOCAB, tiny_job, tiny_model, write_task_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

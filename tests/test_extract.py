@@ -11,7 +11,7 @@ from pipeline.extract import pending_shards, plan_extract, run_extract
 from pipeline.run import prepare_output
 from pipeline.score import open_fisher, open_gradients
 from pipeline.store import open_root
-from pipeline.testing import tiny_job
+from qkov.testing import tiny_job
 
 
 def extract(job, executor=None):

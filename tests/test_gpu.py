@@ -9,7 +9,7 @@ from pipeline.executors import InlineExecutor
 from pipeline.extract import run_extract
 from pipeline.run import prepare_output
 from pipeline.score import open_fisher, open_gradients, score_dataset
-from pipeline.testing import tiny_job
+from qkov.testing import tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -14,7 +14,8 @@ from torch import nn
 from workers.grads import per_sample_grads
 from workers.layouts import discover_layout
 from workers.losses import CausalLMLoss, SequenceClassificationLoss, loss_task_for
-from workers.testing import VOCAB, random_batch, tiny_model
+from qkov.testing import VOCAB, random_batch, tiny_model
+from reference import per_sample_grads_loop
 
 LENGTHS = [7, 12, 3, 10]  # padded batch, T = 12
 DECODERS = ["gpt2", "llama_gqa", "gpt_neox", "falcon_mq", "falcon_new"]
@@ -32,19 +33,7 @@ def _attention_params(model) -> list[str]:
 
 def _reference(model, batch, lengths, names, labels=None) -> dict[str, torch.Tensor]:
     """Per-sample gradients by a loop: one unpadded sample at a time, HF's loss, param.grad."""
-    params = dict(model.named_parameters())
-    flags = {n: p.requires_grad for n, p in params.items()}
-    out = {n: [] for n in names}
-    for i, n_tok in enumerate(lengths):
-        model.zero_grad(set_to_none=True)
-        ids = batch["input_ids"][i : i + 1, :n_tok]
-        lab = ids if labels is None else labels[i : i + 1]
-        model(input_ids=ids, labels=lab).loss.backward()
-        for n in names:
-            out[n].append(params[n].grad.detach().clone())
-    model.zero_grad(set_to_none=True)
-    assert flags == {n: p.requires_grad for n, p in params.items()}
-    return {n: torch.stack(v) for n, v in out.items()}
+    return per_sample_grads_loop(model, [batch["input_ids"][i, :n] for i, n in enumerate(lengths)], names, labels)
 
 
 def _assert_grads_close(got: dict, ref: dict, rtol: float) -> None:

@@ -20,32 +20,17 @@ import torch.nn.functional as F
 from pipeline.spec import LayoutSpec
 from workers.layouts import UnsupportedModelError, discover_layout
 from workers.slicing import assemble, slice_all, slice_block
-from workers.testing import ARCHITECTURES, ENCODERS, VOCAB, random_batch, tiny_model
+from qkov.testing import SUPPORTED, VOCAB, random_batch, tiny_model
+from reference import reference_head_slice
 
 D_MODEL = 32
-# (n_heads, n_kv_heads, head_dim) of the tiny configs in workers.testing
-EXPECTED = {
-    "gpt2": (4, 4, 8), "gpt_neox": (4, 4, 8), "bloom": (4, 4, 8), "llama": (4, 4, 8), "llama_gqa": (4, 2, 8),
-    "mistral": (4, 2, 8), "qwen2": (4, 2, 8), "qwen3": (4, 2, 16), "gemma": (4, 1, 16), "gemma2": (4, 2, 16),
-    "gemma3": (4, 2, 16), "phi3": (4, 2, 8), "falcon_mq": (4, 1, 8), "falcon_new": (4, 2, 8), "opt": (4, 4, 8),
-    "phi": (4, 4, 8), "bert": (4, 4, 8), "roberta": (4, 4, 8), "gptj": (4, 4, 8), "falcon_old": (4, 4, 8),
-}
-# How each architecture stores Q/K/V (from its transformers source) and the O projection's attribute path.
-QKV_KIND = {a: "split" for a in EXPECTED} | {
-    "gpt2": "gpt2", "gpt_neox": "interleaved", "bloom": "interleaved", "falcon_old": "interleaved",
-    "phi3": "fused", "falcon_mq": "fused", "falcon_new": "grouped",
-}
-O_ATTR = {a: "o_proj" for a in EXPECTED} | {
-    "gpt2": "c_proj", "gpt_neox": "dense", "bloom": "dense", "falcon_mq": "dense", "falcon_new": "dense",
-    "falcon_old": "dense", "opt": "out_proj", "gptj": "out_proj", "phi": "dense", "bert": "output.dense",
-    "roberta": "output.dense",
-}
-CASES = {a: (a, {}) for a in ARCHITECTURES} | {"falcon_old": ("falcon_mq", {"multi_query": False})}  # old MHA Falcon
+# The support matrix (qkov.testing.SUPPORTED) states, per architecture and independently of
+# workers.layouts, the layout kind, the head counts, where O lives and how weights are stored.
+CASES = list(SUPPORTED)
 
 
 def build(case: str):
-    arch, overrides = CASES[case]
-    return tiny_model(arch, **overrides)
+    return tiny_model(case)
 
 
 def _hf_batch(case: str):
@@ -54,7 +39,7 @@ def _hf_batch(case: str):
 
 def hf_loss(model, case: str) -> torch.Tensor:
     b = _hf_batch(case)
-    if CASES[case][0] in ENCODERS:
+    if SUPPORTED[case].encoder:
         return model(**b, labels=torch.tensor([0, 1])).loss
     return model(**b, labels=b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)).loss
 
@@ -70,11 +55,13 @@ def hf_patterns(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("include_bias", [False, True], ids=["weights", "bias"])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_slices_partition_the_projection_tensors(case, include_bias):
     model = build(case)
     layout = discover_layout(model, include_bias=include_bias)
-    H, KV, hd = EXPECTED[case]
+    t = SUPPORTED[case]
+    H, KV, hd = t.n_heads, t.n_kv_heads, t.head_dim
+    assert layout.kind == t.kind
     assert (layout.n_layers, layout.n_heads, layout.n_kv_heads, layout.head_dim, layout.v_head_dim) == (2, H, KV, hd, hd)
     assert layout.kv_head_of.tolist() == [h // (H // KV) for h in range(H)]
     params = dict(model.named_parameters())
@@ -96,13 +83,13 @@ def test_slices_partition_the_projection_tensors(case, include_bias):
     def inside(n: str) -> bool:
         return any(n.startswith(m + ".") for m in mods)
 
-    o_mods = {f"{m}.{O_ATTR[case]}" for m in mods}
+    o_mods = {f"{m}.{SUPPORTED[case].o_proj}" for m in mods}
     want = {n for n, p in params.items() if inside(n) and p.dim() == 2}
     if include_bias:
         want |= {n for n in params if inside(n) and n.endswith(".bias") and n[: -len(".bias")] + ".weight" in want and n[: -len(".bias")] not in o_mods}
     assert set(layout.param_names) == want
     for layer, m in enumerate(mods):
-        assert [p.param for p in layout.blocks[("O", layer)].parts] == [f"{m}.{O_ATTR[case]}.weight"]
+        assert [p.param for p in layout.blocks[("O", layer)].parts] == [f"{m}.{SUPPORTED[case].o_proj}.weight"]
 
     # per-head sizes: d_model × head_dim (+ head_dim bias entries on Q/K/V)
     for (block, layer), bs in layout.blocks.items():
@@ -119,28 +106,7 @@ def test_slices_partition_the_projection_tensors(case, include_bias):
         assert torch.equal(back[n], grads[n]), n
 
 
-def _reference_slice(case: str, block: str, W: torch.Tensor, h: int) -> torch.Tensor:
-    """Head h's entries of block's weight W, straight from the transformers `_split_heads` code."""
-    H, KV, hd = EXPECTED[case]
-    kind, G = QKV_KIND[case], H // KV
-    if block == "O":  # input columns of head h; GPT-2's Conv1D stores [in, out], so rows
-        return (W[h * hd : (h + 1) * hd, :] if kind == "gpt2" else W[:, h * hd : (h + 1) * hd]).reshape(-1)
-    if kind == "split":
-        return W[h * hd : (h + 1) * hd].reshape(-1)
-    if kind == "gpt2":  # c_attn(x).split(E, dim=2) on a [in, 3E] weight
-        return W[:, "QKV".index(block) * H * hd + h * hd :][:, :hd].reshape(-1)
-    if kind == "interleaved":  # view(..., H, 3, hd)
-        return W.view(H, 3, hd, -1)[h, "QKV".index(block)].reshape(-1)
-    if kind == "fused":  # [Q | K | V] with KV key/value heads
-        start = {"Q": h * hd, "K": H * hd + h * hd, "V": (H + KV) * hd + h * hd}[block]
-        return W[start : start + hd].reshape(-1)
-    if kind == "grouped":  # view(..., KV, G + 2, hd): the group's queries, then its K, then its V
-        Wg = W.view(KV, G + 2, hd, -1)
-        return (Wg[h // G, h % G] if block == "Q" else Wg[h, G + "KV".index(block)]).reshape(-1)
-    raise AssertionError(kind)
-
-
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_slices_match_reference_formulas(case):
     model = build(case)
     layout = discover_layout(model)
@@ -149,7 +115,7 @@ def test_slices_match_reference_formulas(case):
         (part,) = bs.parts
         got = slice_block(bs, {part.param: params[part.param].detach()})
         for h in range(bs.n_heads):
-            assert torch.equal(got[h], _reference_slice(case, block, params[part.param].detach(), h)), (block, layer, h)
+            assert torch.equal(got[h], reference_head_slice(SUPPORTED[case], block, params[part.param].detach(), h)), (block, layer, h)
 
 
 # --- 2. behaviour: ablation and attention patterns ---------------------------------------
@@ -195,9 +161,9 @@ def check_o_ablation(model, layout, loss_of, H: int, KV: int) -> None:
                     assert zero == whole, f"layer {layer} {b} kv head {kv}: zero={zero}, ablated={sorted(heads)}"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_ablating_a_heads_output_silences_exactly_its_qkv_gradients(case):
-    H, KV, _ = EXPECTED[case]
+    H, KV = SUPPORTED[case].n_heads, SUPPORTED[case].n_kv_heads
     model = build(case)
     check_o_ablation(model, discover_layout(model, include_bias=True), lambda m: hf_loss(m, case), H, KV)
 
@@ -256,14 +222,14 @@ def check_position_patterns(model, layout, patterns_of, H: int, KV: int, T: int,
                 assert rows.tolist() == [r >= t or not causal for r in range(T)], f"K head {h}: changed rows {rows.tolist()}"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", CASES)
 def test_zeroing_slices_changes_only_that_heads_attention(case):
-    H, KV, _ = EXPECTED[case]
+    H, KV = SUPPORTED[case].n_heads, SUPPORTED[case].n_kv_heads
     ids = torch.randint(3, VOCAB, (1, 6), generator=torch.Generator().manual_seed(5))
     model = build(case)
     kw = dict(model=model, layout=discover_layout(model, include_bias=True), H=H, KV=KV)
     check_slice_zeroing_patterns(patterns_of=lambda m: hf_patterns(m, ids), **kw)
-    causal = CASES[case][0] not in ENCODERS
+    causal = not SUPPORTED[case].encoder
     check_position_patterns(patterns_of=lambda m: hf_patterns(m, ids), T=6, causal=causal, **kw)
 
 
@@ -382,6 +348,7 @@ def test_declared_layout_on_a_custom_model(toy):
 
     layout = discover_layout(ToyLM(KV=KV, kind=kind, in_out=in_out), declared=spec)
     assert layout.architecture == "declared" and layout.attention_modules == ("blocks.0.attn", "blocks.1.attn")
+    assert layout.kind == kind and layout.subset(layers=[1]).kind == kind and layout.summary()["kind"] == kind
     assert (layout.n_heads, layout.n_kv_heads, layout.head_dim) == (4, KV, 8)
     model = ToyLM(KV=KV, kind=kind, in_out=in_out)
     kw = dict(model=model, layout=discover_layout(model, spec, include_bias=True), H=4, KV=KV)

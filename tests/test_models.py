@@ -13,9 +13,9 @@ import torch
 from pipeline.spec import ModelSpec
 from workers import models
 from workers.models import (
-    ModelLoadError, ensure_cached, load_model, load_tokenizer, model_identity, save_tiny, weights_hash,
+    ModelLoadError, ensure_cached, load_model, load_tokenizer, model_identity, weights_hash,
 )
-from workers.testing import VOCAB, random_batch, tiny_model
+from qkov.testing import VOCAB, random_batch, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def _logits(model, batch):
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory):
     model = tiny_model("llama_gqa", seed=3)
-    return model, save_tiny(model, None, tmp_path_factory.mktemp("tiny") / "llama")
+    return model, save_model(model, None, tmp_path_factory.mktemp("tiny") / "llama")
 
 
 def test_tiny_llama_roundtrip_identical_logits(llama_folder):
@@ -53,7 +53,7 @@ def test_dtype_and_attention_implementation_respected(llama_folder):
 
 def test_sequence_classifier_loads_as_classifier(tmp_path):
     model = tiny_model("bert", seed=1)
-    folder = save_tiny(model, None, tmp_path / "bert")
+    folder = save_model(model, None, tmp_path / "bert")
     loaded = load_model(ModelSpec(path=str(folder)))
     assert type(loaded).__name__ == "BertForSequenceClassification"
     batch = random_batch(VOCAB, [7, 7], seed=2)
@@ -95,7 +95,7 @@ def test_tokenizer_absent_and_present(tmp_path, llama_folder):
     t = Tokenizer(tk_models.WordLevel({"<unk>": 0, "hi": 1, "there": 2}, unk_token="<unk>"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = tf.PreTrainedTokenizerFast(tokenizer_object=t, unk_token="<unk>")
-    out = save_tiny(tiny_model("llama", seed=0), tok, tmp_path / "with_tok")
+    out = save_model(tiny_model("llama", seed=0), tok, tmp_path / "with_tok")
     assert load_tokenizer(ModelSpec(path=str(out)))("hi there").input_ids == [1, 2]
 
 

@@ -29,12 +29,10 @@ def _word_tokenizer():
 def text_run(tmp_path_factory):
     """A real run: task A from text (long and short rows), task B pre-tokenised; Llama GQA (4 q-heads, 2 KV)."""
     from pipeline.run import run_job
-    from pipeline.testing import tiny_job
-    from workers.models import save_tiny
-    from workers.testing import tiny_model
+    from qkov.testing import save_model, tiny_job, tiny_model
 
     tmp = tmp_path_factory.mktemp("query")
-    save_tiny(tiny_model("llama_gqa", seed=0), _word_tokenizer(), tmp / "model-llama_gqa-0")  # tiny_job reuses it
+    save_model(tiny_model("llama_gqa", seed=0), _word_tokenizer(), tmp / "model-llama_gqa-0")  # tiny_job reuses it
     rng = np.random.default_rng(1)
     texts = {}
     with (tmp / "words.jsonl").open("w") as f:

@@ -29,7 +29,7 @@ from pipeline import schema
 from pipeline.cli import app
 from pipeline.run import run_job
 from pipeline.store import StoreError, _lock_is_stale, acquire_lock, open_root, read_lock
-from pipeline.testing import tiny_job, write_job_file
+from qkov.testing import tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 12  # samples per task, one per shard: 24 shards, enough to be caught in the middle

@@ -25,7 +25,7 @@ import xarray as xr
 from pipeline import schema
 from pipeline.run import run_job
 from pipeline.store import zarr_store
-from pipeline.testing import tiny_job
+from qkov.testing import tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

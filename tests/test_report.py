@@ -21,7 +21,7 @@ PNGS = ("heatmap_interference.png", "heatmap_alignment.png", "summary_q.png")
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> str:
     from pipeline.run import run_job
-    from pipeline.testing import tiny_job
+    from qkov.testing import tiny_job
 
     job = tiny_job(tmp_path_factory.mktemp("report"), "llama_gqa", n_a=8, n_b=6,
                    tasks={"a": {"name": "math"}, "b": {"name": "code"}})

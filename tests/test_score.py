@@ -11,7 +11,8 @@ from pipeline.executors import DaskExecutor, InlineExecutor
 from pipeline.extract import run_extract
 from pipeline.run import prepare_output
 from pipeline.score import open_scores, run_score, score_dataset, open_gradients, open_fisher, top_pairs
-from pipeline.testing import tiny_job
+from qkov.testing import tiny_job
+from reference import per_sample_grads_loop
 from workers.models import load_model
 
 
@@ -52,16 +53,9 @@ def hand_slices(model, arch: str, layer: int) -> dict[str, list[tuple[str, objec
 
 
 def autograd_loop(model, samples: list[list[int]]) -> dict[str, np.ndarray]:
-    """Per-sample gradients, one unpadded sample at a time with loss.backward()."""
-    out: dict[str, list] = {}
-    for ids in samples:
-        model.zero_grad(set_to_none=True)
-        x = torch.tensor([ids])
-        model(input_ids=x, labels=x).loss.backward()
-        for name, prm in model.named_parameters():
-            if prm.grad is not None and prm.dim() == 2:
-                out.setdefault(name, []).append(prm.grad.detach().double().numpy().copy())
-    return {k: np.stack(v) for k, v in out.items()}
+    """Per-sample gradients of the 2-D parameters, one unpadded sample at a time with loss.backward()."""
+    grads = per_sample_grads_loop(model, [torch.tensor(ids) for ids in samples])
+    return {k: v.double().numpy() for k, v in grads.items() if v.dim() == 3}
 
 
 def reference_scores(model, arch, samples, n_a, beta, fisher_batch, damping_rel):

@@ -90,7 +90,7 @@ SMALL_K = 128
 
 def _run(tmp: Path, name: str, **score) -> Path:
     from pipeline.run import run_job
-    from pipeline.testing import tiny_job
+    from qkov.testing import tiny_job
 
     job = tiny_job(tmp, "llama_gqa", model_kwargs={"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN},
                    score=score, output={"path": str(tmp / name)})

@@ -12,7 +12,7 @@ from workers.losses import loss_task_for
 from workers.sketch import (LayerProjection, ProjectionCache, inverse_permutation, layer_projection, operands, projection, sketch,
                             sketch_block, sketch_layer, slice_keys)
 from workers.slicing import BlockSlicing, ParamPart, factorise, slice_block
-from workers.testing import ARCHITECTURES, VOCAB, random_batch, tiny_model
+from qkov.testing import ARCHITECTURES, VOCAB, random_batch, tiny_model
 
 # ---------------------------------------------------------------- compact index tables
 
@@ -174,7 +174,7 @@ def test_sketch_pass_equals_reference_sketches_of_exact_gradients(tmp_path):
     exact run's per-sample gradients with the run's own 1/Î_reg, slice by slice."""
     from pipeline.run import run_job
     from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients
-    from pipeline.testing import tiny_job
+    from qkov.testing import tiny_job
 
     k = 48
     runs = {}

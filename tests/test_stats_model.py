@@ -17,7 +17,7 @@ from pipeline.run import prepare_output
 from pipeline.score import run_score
 from pipeline.spec import StatsSpec
 from pipeline.stats_stage import compute_stats
-from pipeline.testing import tiny_job
+from qkov.testing import tiny_job
 
 
 @pytest.fixture(scope="module")

@@ -279,13 +279,3 @@ def model_identity(spec: ModelSpec, model: torch.nn.Module) -> dict[str, Any]:
         src = _source(spec.name)
         ident["source"] = f"{src.dist}:{src.file}"
     return ident
-
-
-def save_tiny(model: torch.nn.Module, tokenizer: Any | None, folder: str | Path) -> Path:
-    """Save a model (and a tokenizer, if given) as a local HF folder that `load_model` reads."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    return out
