@@ -122,3 +122,62 @@ def test_query_prints_ids_texts_and_task_names_as_written(markup_run):
         assert sid in res.output, f"{sid!r} not shown as written:\n{res.output}"
     for name in ("[red]math", "co[/]de", "[italic]a text 0[/italic] ordered[mid]"):
         assert name in res.output, f"{name!r} not shown as written:\n{res.output}"
+
+
+# ---------------------------------------------------------------- bug 9: an accepted damping cannot overflow the weights
+
+
+def _pair_kernel():
+    try:
+        from workers.kernels import pair_kernel
+    except ImportError:  # before the kernels moved out of the score stage
+        from pipeline.score import pair_kernel
+    return pair_kernel
+
+
+def test_tiny_damping_on_a_zero_fisher_entry_scores_zero_not_nan():
+    """Î = 0 where every gradient is 0; a tiny accepted damping_rel makes λ ~1e-84, so
+    1/(Î+λ) and its root overflow float32: inf·0 = NaN where the formula gives 0."""
+    from workers.fisher import damping, inverse_regularised
+    from workers.sketch import operands
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((1, 1, 5, 8)).astype(np.float32) * 1e-2  # (layer, head, sample, param)
+    g[..., :3] = 0.0  # these entries never get a gradient (e.g. an ablated head's)
+    fisher = (g[0].astype(np.float64) ** 2).mean(axis=1)  # (head, param): 0 on the first 3 entries
+    lam = damping(fisher[None], rel=1e-80, abs_=0.0)  # accepted by the job schema (damping_rel >= 0)
+    inv = inverse_regularised(fisher[None], lam[:, None, None])
+    assert np.isfinite(inv.astype(np.float32)).all() and np.isfinite(np.sqrt(inv).astype(np.float32)).all()
+    out = _pair_kernel()(g, g, inv)  # (2, 1, 1, 5, 5)
+    assert np.isfinite(out).all()
+    ref = np.einsum("ip,p,jp->ij", g[0, 0].astype(np.float64) ** 2, inv[0, 0], np.abs(g[0, 0].astype(np.float64)))
+    np.testing.assert_allclose(out[0, 0, 0], ref, rtol=1e-5)
+    u, v, w = operands(torch.from_numpy(g[0, 0]), torch.from_numpy(inv[0, 0].astype(np.float32)))
+    assert torch.isfinite(u).all() and torch.isfinite(w).all()
+
+
+def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path):
+    """End to end: head 0 of layer 0 ablated (its O columns zeroed), so its Q/K/V gradients and
+    Fisher are exactly 0; damping_rel = 1e-80 is accepted and the run's scores are finite, 0 there."""
+    import xarray as xr
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from qkov.testing import save_model, tiny_job, tiny_model, write_job_file
+
+    model = tiny_model("llama", seed=0)
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[:, :hd] = 0.0
+    folder = save_model(model, None, tmp_path / "ablated")
+    job = tiny_job(tmp_path, "llama", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+    out = tmp_path / "run"
+    toml = write_job_file(job, tmp_path / "job.toml", model={"path": str(folder)}, output={"path": str(out)},
+                          fisher={"damping_rel": 1e-80, "damping_abs": 0.0}, score={"layers": [0], "blocks": ["Q", "V"]})
+    res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
+    assert res.exit_code == 0, res.output
+    scores = xr.open_zarr(out, group="scores", consolidated=False)
+    for var in ("interference", "alignment"):
+        vals = scores[var].values
+        assert np.isfinite(vals).all(), f"{var}: {np.isnan(vals).sum()} NaN"
+        assert (scores[var].sel(layer=0, head=0).values == 0).all()

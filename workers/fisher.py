@@ -41,20 +41,31 @@ def n_batches(n_a: int, n_b: int, source: str, batch_size: int) -> int:
     return -(-n // batch_size)
 
 
+# The smallest Î+λ the score weights are formed from: float32's smallest normal number.
+# The scores multiply float32 (or bf16) operands by 1/(Î+λ) and 1/√(Î+λ); below this floor
+# those weights leave float32's range, and an entry whose gradient is 0 (Î = 0 there too)
+# became inf·0 = NaN where the formula gives 0. Î itself is stored in float32, so nothing
+# representable is lost: a damping that would fall under the floor is raised to it.
+REG_FLOOR = float(np.finfo(np.float32).tiny)  # 1.18e-38: 1/REG_FLOOR = 8.5e37 and its root fit float32
+
+
 def damping(fisher: np.ndarray, rel: float, abs_: float) -> np.ndarray:
-    """λ per layer for one block: max(λ_abs, λ_rel · mean of Î over the layer's whole tensor).
+    """λ per layer for one block: max(λ_abs, λ_rel · mean of Î over the layer's whole tensor),
+    and never below REG_FLOOR (a tiny accepted λ_rel on a near-zero Fisher would otherwise
+    make 1/(Î+λ) overflow float32).
 
     `fisher` is (layer, head, param). Per tensor, never per head slice, so that
     per-head scores add up exactly to the whole tensor's score.
     """
     mean = fisher.reshape(fisher.shape[0], -1).astype(np.float64).mean(axis=1)
-    return np.maximum(abs_, rel * mean)
+    return np.maximum(np.maximum(abs_, rel * mean), REG_FLOOR)
 
 
 def inverse_regularised(fisher: np.ndarray, lam) -> np.ndarray:
-    """1/(Î+λ) in float64; 0 where Î+λ = 0 (an all-zero tensor with λ_abs = 0, e.g. a fully
-    ablated head group), whose gradients are then 0 too, so its scores are 0, not NaN.
+    """1/(Î+λ) in float64, with Î+λ taken as at least REG_FLOOR so that the weight and its
+    square root are finite in float32 (a run stored before λ had that floor included): an
+    entry whose gradients are 0 (Î = 0, e.g. a fully ablated head group) then scores 0,
+    never inf·0 = NaN.
     `lam` broadcasts against `fisher` (a scalar, or λ per layer shaped to fit)."""
     reg = np.asarray(fisher, dtype=np.float64) + lam
-    with np.errstate(divide="ignore"):
-        return np.where(reg > 0, 1.0 / np.where(reg > 0, reg, 1.0), 0.0)
+    return 1.0 / np.maximum(reg, REG_FLOOR)
