@@ -23,6 +23,7 @@ Conventions (DESIGN §3):
 """
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import numpy as np
@@ -235,3 +236,296 @@ def bootstrap_ci(M_ab: np.ndarray, n_boot: int, level: float, seed: int) -> tupl
     w_a, w_b = bootstrap_weights(n_a, n_b, n_boot, seed)
     t_boot = np.moveaxis(bootstrap_replicates(M_ab, w_a, w_b), -1, 0)
     return percentile_interval(t_boot, level)
+
+
+# ---------------------------------------------------------------- effect sizes
+#
+# The labels null answers "do the tasks differ in this slice?". The effect sizes answer
+# "how much do they share / conflict?", from four blocks of the same pooled matrix S
+# (rows = the g²/Î side of interference, A then B), per weight row r (row 0 = every
+# sample once, rows 1.. = two-way bootstrap resamples as multinomial counts):
+#   ab = Σ_{i∈A, j∈B} wa_i wb_j S_ij          ba = Σ_{j∈B, i∈A} wb_j wa_i S_ji
+#   aa = Σ_{i≠i' ∈ A} wa_i wa_i' S_ii'          bb = Σ_{j≠j' ∈ B} wb_j wb_j' S_jj'
+# Within-task sums leave the diagonal out (S_ii is a sample with itself: for alignment
+# ‖g_i‖², which would bias the norm of the task mean upwards by the noise). Under
+# resampling a sample drawn twice forms no pair with itself either, so the bootstrap
+# normaliser is (Σw)² − Σw², not n(n−1). All four are bilinear in the weights, so
+# chunked matrices contribute additive partial sums.
+
+PAIR_PARTS: tuple[str, ...] = ("ab", "ba", "aa", "bb")
+DIRECTION_MEANINGS = {-1: "below chance", 0: "not significant", 1: "above chance"}
+TRANSFER_MEANINGS = {-1: "conflict", 0: "not significant", 1: "synergy"}
+GROUP_COMBINE: tuple[str, ...] = ("fisher", "tippett")
+
+
+def effect_weights(is_a: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weight rows over the pooled positions for the effect sums: (wa, wb), each [1+B, N].
+
+    Row 0 is every sample once; rows 1..B (n_boot ≥ 0) are the bootstrap resamples of
+    `bootstrap_weights(n_a, n_b, n_boot, seed)` (the same ones as the CI of `mean`, so
+    all bootstrap quantities of a run are joint). wa is zero at B positions, wb at A.
+    """
+    is_a = np.asarray(is_a, dtype=bool)
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    if n_boot > 0:
+        w_a, w_b = bootstrap_weights(n_a, n_b, n_boot, seed)
+    else:  # the point estimates only
+        w_a, w_b = np.zeros((0, n_a)), np.zeros((0, n_b))
+    wa = np.zeros((1 + n_boot, is_a.size))
+    wb = np.zeros((1 + n_boot, is_a.size))
+    wa[0, is_a], wb[0, ~is_a] = 1.0, 1.0
+    wa[1:, is_a], wb[1:, ~is_a] = w_a, w_b
+    return wa, wb
+
+
+def pair_sums(S: np.ndarray, wa: np.ndarray, wb: np.ndarray, is_a: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """The weighted block sums (ab, ba, aa, bb) of a pooled matrix or of one chunk of it.
+
+    S: [..., n, m], the chunk whose top-left entry is pooled position `offset` = (r0, c0);
+    wa, wb: [R, N] weight rows over all N pooled positions (see `effect_weights`);
+    is_a: [N]. Returns [..., R, 4] in the order of PAIR_PARTS; partial sums of the
+    chunks of one matrix add up to the sums of the whole matrix.
+    """
+    S = np.asarray(S, dtype=np.float64)
+    is_a = np.asarray(is_a, dtype=bool)
+    (r0, c0), (n, m) = offset, S.shape[-2:]
+    rows, cols = np.arange(r0, r0 + n), np.arange(c0, c0 + m)
+    ra, rb = rows[is_a[rows]], rows[~is_a[rows]]
+    ca, cb = cols[is_a[cols]], cols[~is_a[cols]]
+
+    def part(r, c, left, right):
+        return cross_sums(S[..., r - r0, :][..., c - c0], left[:, r], right[:, c])
+
+    out = np.stack([part(ra, cb, wa, wb), part(rb, ca, wb, wa), part(ra, ca, wa, wa), part(rb, cb, wb, wb)], axis=-1)
+    diag = np.arange(max(r0, c0), min(r0 + n, c0 + m))  # pooled positions on this chunk's diagonal
+    if diag.size:
+        for k, w, sel in ((2, wa, diag[is_a[diag]]), (3, wb, diag[~is_a[diag]])):
+            if sel.size:
+                out[..., k] -= S[..., sel - r0, sel - c0] @ (w[:, sel] ** 2).T
+    return out
+
+
+def pair_means(sums: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> dict[str, np.ndarray]:
+    """Means from `pair_sums` [..., R, 4]: ab, ba (cross-task), aa, bb (within-task, no
+    diagonal), and pooled = the mean over all ordered pairs of distinct pooled samples,
+    which is exactly the mean of T over all label permutations (E_π[T^π]; for i ≠ j,
+    P(i ∈ A^π, j ∈ B^π) = n_a n_b / (N(N−1))). Each [..., R]; NaN where a resample has
+    no within-task pair (one sample drawn n times)."""
+    sa, sb = wa.sum(1), wb.sum(1)
+    qa, qb = (wa**2).sum(1), (wb**2).sum(1)
+    norms = np.stack([sa * sb, sa * sb, sa**2 - qa, sb**2 - qb], axis=-1)  # [R, 4]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(norms > 0, sums / np.where(norms > 0, norms, 1.0), np.nan)
+        pooled_n = (sa + sb) ** 2 - qa - qb
+        pooled = np.where(pooled_n > 0, sums.sum(-1) / np.where(pooled_n > 0, pooled_n, 1.0), np.nan)
+    out = {p: means[..., i] for i, p in enumerate(PAIR_PARTS)}
+    out["pooled"] = pooled
+    return out
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def interference_effects(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """sharing_ab = mean M over A×B / mean M over pairs i ≠ i' in A: how heavily task B's
+    gradients land on the weights task A's loss depends on, relative to A's own other
+    samples (1 = as much as A itself; → 0 = separated). sharing_ba: the B→A direction
+    (M is asymmetric). effect = mean over A×B − the exact permutation-null mean. NaN
+    where the within-task mean is not positive (e.g. an ablated head)."""
+    return {
+        "sharing_ab": _ratio(means["ab"], means["aa"]),
+        "sharing_ba": _ratio(means["ba"], means["bb"]),
+        "effect": means["ab"] - means["pooled"],
+    }
+
+
+def alignment_effects(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transfer = mean A_ij over A×B = ⟨ḡ_A, ḡ_B⟩ in the (Î+λ)⁻¹ metric (negative =
+    conflict); cosine = transfer / √(‖μ_A‖² ‖μ_B‖²) with the squared norms of the task
+    means estimated without bias (within-task means over i ≠ i'). The unbiased norms can
+    undershoot the plug-in ones, so the ratio is clipped to [−1, 1]; NaN where a norm
+    estimate is not positive (that task's mean gradient is indistinguishable from 0 in
+    the slice, so it has no direction). effect as for interference."""
+    with np.errstate(invalid="ignore"):
+        denom = np.sqrt(np.where((means["aa"] > 0) & (means["bb"] > 0), means["aa"] * means["bb"], np.nan))
+    return {
+        "transfer": means["ab"],
+        "cosine": np.clip(_ratio(means["ab"], denom), -1.0, 1.0),
+        "effect": means["ab"] - means["pooled"],
+    }
+
+
+def bootstrap_interval(t_boot: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval of replicates t_boot [B, ...] that may hold NaN (ratios of a
+    resample without a within-task pair, or with a non-positive norm). Undefined
+    replicates are dropped; when more than a tail's share ((1 − level)/2) of them is
+    undefined the interval is NaN, as they could all belong to one tail."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    t_boot = np.asarray(t_boot, dtype=np.float64)
+    bad = np.isnan(t_boot).mean(axis=0) > (1 - level) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        lo, hi = np.nanquantile(t_boot, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return np.where(bad, np.nan, lo), np.where(bad, np.nan, hi)
+
+
+def direction(effect: np.ndarray, significant: np.ndarray) -> np.ndarray:
+    """+1 / −1 where significant and the effect is above / below its neutral value, else 0 (int8)."""
+    effect = np.asarray(effect, dtype=np.float64)
+    sign = np.where(np.isfinite(effect), np.sign(np.nan_to_num(effect)), 0.0)
+    return np.where(np.asarray(significant, dtype=bool), sign, 0.0).astype(np.int8)
+
+
+# ---------------------------------------------------------------- the transfer test
+
+
+def ab_margins(S: np.ndarray, is_a: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Margins of the A×B block of a pooled matrix (or of one chunk at `offset`): [..., N]
+    with entry i ∈ A = Σ_{j∈B} S_ij and entry j ∈ B = Σ_{i∈A} S_ij. Chunks add up."""
+    S = np.asarray(S, dtype=np.float64)
+    is_a = np.asarray(is_a, dtype=bool)
+    (r0, c0), (n, m) = offset, S.shape[-2:]
+    ra, cb = is_a[r0 : r0 + n], ~is_a[c0 : c0 + m]
+    out = np.zeros((*S.shape[:-2], is_a.size))
+    ab = S * ra[:, None] * cb[None, :]
+    out[..., r0 : r0 + n] += ab.sum(-1)
+    out[..., c0 : c0 + m] += ab.sum(-2)
+    return out
+
+
+def transfer_test(margins: np.ndarray, is_a: np.ndarray) -> dict[str, np.ndarray]:
+    """Test of E[T] = 0 for T = mean over A×B, from the A×B margins [..., N].
+
+    T is a two-sample U-statistic of the kernel h(x_i, y_j) = S_ij. Its Hoeffding
+    decomposition gives Var T = [(n_b−1)σ²_10 + (n_a−1)σ²_01 + σ²]/(n_a n_b); the
+    row means r_i = mean_j S_ij and column means c_j estimate it as
+    se² = var(r)/n_a + var(c)/n_b, which is unbiased up to + σ²_11/(n_a n_b) (the
+    interaction variance; conservative, and negligible unless both tasks' mean gradients
+    vanish in the slice). Reference: Student t with Welch–Satterthwaite df, two-sided.
+    This is a sound test of a composite null (any μ_A ⊥ μ_B), which no permutation of
+    labels provides, and its p-values have no 1/(B+1) floor. Returns t, df, se, p per
+    slice; p = 1 where the statistic has no spread (e.g. an ablated head); NaN with
+    fewer than 2 samples in a task or non-finite scores.
+    """
+    from scipy.special import stdtr  # Student t CDF; imported here to keep `import pipeline.stats` light
+
+    is_a = np.asarray(is_a, dtype=bool)
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    margins = np.asarray(margins, dtype=np.float64)
+    r = margins[..., is_a] / n_b
+    c = margins[..., ~is_a] / n_a
+    t_obs = r.mean(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        v_r = r.var(-1, ddof=1) / n_a if n_a > 1 else np.full(t_obs.shape, np.nan)
+        v_c = c.var(-1, ddof=1) / n_b if n_b > 1 else np.full(t_obs.shape, np.nan)
+        var = v_r + v_c
+        se = np.sqrt(var)
+        scale = np.maximum(np.abs(r).max(-1, initial=0.0), np.abs(c).max(-1, initial=0.0))
+        dead = ~(se > _TIE_RTOL * scale)
+        df = var**2 / (v_r**2 / max(n_a - 1, 1) + v_c**2 / max(n_b - 1, 1))
+        t = np.where(dead, 0.0, t_obs / np.where(dead, 1.0, se))
+        p = np.where(dead, 1.0, 2.0 * stdtr(np.where(dead, 1.0, df), -np.abs(t)))
+    bad = ~np.isfinite(var) | ~np.isfinite(t_obs)
+    return {
+        "t": np.where(bad, np.nan, t),
+        "df": np.where(bad | dead, np.nan, df),
+        "se": np.where(bad, np.nan, se),
+        "p": np.where(bad, np.nan, np.minimum(p, 1.0)),
+    }
+
+
+# ---------------------------------------------------------------- layer → head testing
+
+
+def _permutation_pvalue_table(t_obs: np.ndarray, t_null: np.ndarray, alternative: str) -> np.ndarray:
+    """p-value of each of the K + 1 values {T_obs, T^π_1..K} within its slice's own
+    permutation distribution: [K+1, F]. Row 0 equals `p_values`. NaN columns for
+    non-finite slices, 1 for slices whose null has no spread."""
+    v = np.vstack([t_obs[None], t_null])
+    mean, _, tol, degenerate, finite = _null_moments(t_obs, t_null)
+    x = {"greater": v, "less": -v}.get(alternative)
+    if x is None:
+        x = np.abs(v - mean)
+    x = np.where(finite, x, 0.0)
+    n = v.shape[0]
+    out = np.empty(v.shape)
+    for s in range(v.shape[1]):  # per slice: counts of values at least as extreme, via one sort
+        srt = np.sort(x[:, s])
+        out[:, s] = (n - np.searchsorted(srt, x[:, s] - tol[s], side="left")) / n
+    out[:, degenerate] = 1.0
+    out[:, ~finite] = np.nan
+    return out
+
+
+def group_pvalues(
+    t_obs: np.ndarray,
+    t_null: np.ndarray,
+    groups: np.ndarray,
+    alternative: Alternative = "greater",
+    combine: str = "fisher",
+) -> np.ndarray:
+    """One permutation p-value per group of slices (e.g. the heads of one block of one
+    layer) for "no slice in the group has an effect", from the same permutations.
+
+    Nonparametric combination (Pesarin): each slice's T is turned into its permutation
+    p-value, for the observed labelling and for every permutation alike; the group
+    statistic C = −Σ log p (`fisher`: power against effects spread over several heads)
+    or max −log p (`tippett`: one strong head) is then compared with its own K
+    permuted values. A permutation relabels every slice at once, so the K + 1 values
+    of C are exchangeable under the group's null and the test is exact at any
+    dependence between heads. t_obs [F], t_null [K, F], groups [F] integer labels
+    0..G−1 -> [G]; non-finite slices are left out, a group with none left is NaN.
+    """
+    _check_alternative(alternative)
+    if combine not in GROUP_COMBINE:
+        raise ValueError(f"combine must be one of {GROUP_COMBINE}, got {combine!r}")
+    t_obs = np.asarray(t_obs, dtype=np.float64)
+    t_null = np.asarray(t_null, dtype=np.float64)
+    groups = np.asarray(groups)
+    n_groups = int(groups.max()) + 1 if groups.size else 0
+    logp = -np.log(_permutation_pvalue_table(t_obs, t_null, alternative))  # [K+1, F], ≥ 0
+    k1 = logp.shape[0]
+    out = np.full(n_groups, np.nan)
+    for g in range(n_groups):
+        cols = logp[:, (groups == g) & np.isfinite(logp[0])]
+        if cols.shape[1] == 0:
+            continue
+        c = cols.sum(1) if combine == "fisher" else cols.max(1)
+        # C takes values from sums of logs of j/(K+1): tolerance for summation order
+        out[g] = np.sum(c >= c[0] - 1e-9 * max(1.0, abs(c[0]))) / k1
+    return out
+
+
+def hierarchical_fdr(p_group: np.ndarray, p_member: np.ndarray, member_group: np.ndarray, alpha: float) -> dict[str, np.ndarray]:
+    """Layer → head testing by Benjamini & Bogomolov (2014, JRSS-B 76:297), selective
+    inference on families.
+
+    1. BH at α over the G group p-values (e.g. per (block, layer)); R groups selected.
+    2. In each selected group, BH at α·R/G over its members' p-values.
+    This controls the FDR over groups at α and the expected average, over the selected
+    groups, of the within-group false-discovery proportion at α (the correction R/G
+    pays for having picked the groups by the same data). Returns group_q [G] (BH),
+    group_selected [G], member_q [F] = within-group BH q × G/R clipped at 1 for members
+    of selected groups and 1 elsewhere (so member_q ≤ α ⇔ rejected; R depends on α),
+    member_significant [F]. NaN p-values are left out of both levels.
+    """
+    p_group = np.asarray(p_group, dtype=np.float64)
+    p_member = np.asarray(p_member, dtype=np.float64)
+    member_group = np.asarray(member_group)
+    group_q = bh_qvalues(p_group)
+    selected = np.nan_to_num(group_q, nan=np.inf) <= alpha
+    n_groups = int(np.isfinite(p_group).sum())
+    n_sel = int(selected.sum())
+    member_q = np.where(np.isnan(p_member), np.nan, 1.0)
+    for g in np.flatnonzero(selected):
+        idx = np.flatnonzero(member_group == g)
+        member_q[idx] = np.minimum(bh_qvalues(p_member[idx]) * n_groups / n_sel, 1.0)
+    return {
+        "group_q": group_q,
+        "group_selected": selected,
+        "member_q": member_q,
+        "member_significant": np.nan_to_num(member_q, nan=np.inf) <= alpha,
+    }
