@@ -249,7 +249,16 @@ def load_job(path: str | Path) -> JobSpec:
     if not p.is_file():
         raise JobFileError(f"job file not found: {p} (give the path of a TOML job file; see the README for an example)")
     try:
-        data = tomllib.loads(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise JobFileError(f"cannot read the job file {p} ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise JobFileError(f"{p}: line {line}: not UTF-8 text (undecodable byte 0x{raw[e.start]:02x}); save the job file as UTF-8") from None
+    try:
+        data = tomllib.loads(text.removeprefix("\ufeff"))
     except tomllib.TOMLDecodeError as e:
         raise JobFileError(f"{p}: TOML syntax error: {e}") from None
     return parse_job(data, base_dir=p.parent, source=str(p))

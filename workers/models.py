@@ -187,7 +187,9 @@ def ensure_cached(name: str) -> Path:
 # ---------------------------------------------------------------- loading
 
 def model_folder(spec: ModelSpec) -> Path:
-    """The local HF folder a spec points at (converting a known model if needed)."""
+    """The local HF folder a spec points at (converting a known model if needed), after
+    checking what can be checked without reading the weights: config.json is readable
+    JSON, and the weight files exist, are safetensors and are not truncated."""
     if spec.name is not None:
         return ensure_cached(spec.name)
     folder = Path(spec.path).expanduser()
@@ -195,7 +197,165 @@ def model_folder(spec: ModelSpec) -> Path:
         raise ModelLoadError(f"model path not found: {folder} (give a local Hugging Face folder with config.json and weights)")
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"{folder} has no config.json: not a Hugging Face model folder (save one with model.save_pretrained)")
+    load_config(folder)
+    checkpoint_tensors(folder)
     return folder
+
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack", "model.ckpt.index")
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{path}: {what} is not UTF-8 text (undecodable byte at offset {e.start}); "
+                             "re-save the model folder (model.save_pretrained)") from None
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: {what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                             "re-save the model folder (model.save_pretrained)") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name → (dtype, shape) from a safetensors file's header, after checking that the file
+    holds every byte the header promises (a truncated download or copy fails here, not on a
+    worker). Reads only the header."""
+    import struct
+
+    def bad(why: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: truncated or corrupt safetensors file ({why}); copy or download the model again")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad(f"{size} bytes, no header")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise bad(f"header of {n} bytes in a file of {size}")
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read the weights ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise bad("unreadable header") from None
+    if not isinstance(header, dict):
+        raise bad("unreadable header")
+    header.pop("__metadata__", None)
+    out, end = {}, 0
+    for name, info in header.items():
+        try:
+            dtype, shape, (lo, hi) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {name!r} has no dtype, shape or data_offsets") from None
+        out[name] = (str(dtype), shape)
+        end = max(end, int(hi))
+    if 8 + n + end > size:
+        raise bad(f"{size} bytes, the header describes {8 + n + end}")
+    return out
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every tensor of the folder's safetensors checkpoint (single file or sharded): name →
+    (dtype, shape). A folder without weights, with only pickle weights (qkov reads safetensors
+    only: unpickling can run code), or with a missing or truncated shard is a ModelLoadError."""
+    single, index = folder / SAFETENSORS, folder / SAFETENSORS_INDEX
+    if single.is_file():
+        return _safetensors_header(single)
+    if index.is_file():
+        wmap = _read_json(index, "the weights index")
+        files = sorted(set((wmap.get("weight_map") or {}).values())) if isinstance(wmap, dict) else []
+        if not files:
+            raise ModelLoadError(f"{index}: no weight_map; re-save the model folder (model.save_pretrained)")
+        out: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for name in files:
+            shard = folder / name
+            if not shard.is_file():
+                raise ModelLoadError(f"{folder}: weight shard {name} listed in {SAFETENSORS_INDEX} is missing; copy the whole model folder")
+            out.update(_safetensors_header(shard))
+        return out
+    other = [n for n in PICKLE_WEIGHTS if (folder / n).is_file()] + sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
+    if other:
+        raise ModelLoadError(
+            f"{folder} has weights only as {other[0]}; qkov reads safetensors weights only (loading a pickle can run code). "
+            "Convert once: load the model with transformers and save it with model.save_pretrained(folder)")
+    raise ModelLoadError(f"{folder} has no weight files ({SAFETENSORS} or {SAFETENSORS_INDEX}); "
+                         "save the model with model.save_pretrained(folder)")
+
+
+def check_checkpoint(folder: Path, model: torch.nn.Module) -> None:
+    """Every parameter and persistent buffer that `model` (built from the config, e.g. on the
+    meta device) needs is in the checkpoint with the shape the config implies. transformers
+    would initialise a missing one randomly (a sequence-classification head on a checkpoint
+    saved without one, e.g. a bare BERT encoder) and qkov would then differentiate a random
+    head; a shape mismatch means config.json and the weights do not belong together."""
+    have = checkpoint_tensors(folder)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tied = _tied_names(model)
+    missing, mismatched = [], []
+    for name, t in model.state_dict().items():
+        found = None
+        for cand in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+            if cand in have:
+                found = have[cand]
+                break
+        if found is None:
+            if name not in tied:
+                missing.append(name)
+        elif tuple(found[1]) != tuple(t.shape):
+            mismatched.append(f"{name} {list(found[1])} (the config implies {list(t.shape)})")
+    if mismatched:
+        shown = "; ".join(mismatched[:3]) + (f"; … {len(mismatched) - 3} more" if len(mismatched) > 3 else "")
+        raise ModelLoadError(f"{folder}: the weights do not match config.json: {shown}. "
+                             "Use the config.json the weights were saved with")
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", … {len(missing) - 5} more" if len(missing) > 5 else "")
+        head = " (a classification head the checkpoint was not trained with)" if _is_classifier(model) else ""
+        raise ModelLoadError(
+            f"{folder}: the checkpoint has no weights for {len(missing)} tensor(s) of {type(model).__name__}{head}: {shown}. "
+            "transformers would initialise them randomly, and gradients through a random head mean nothing. "
+            "Use a checkpoint that contains them (e.g. a fine-tuned classifier saved with save_pretrained), "
+            "or a causal language model")
+
+
+def _is_classifier(model: torch.nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    """Parameters that are tied to another one (e.g. lm_head.weight to the input embedding):
+    a checkpoint stores them once."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in seen:
+            tied.add(name)
+        else:
+            seen[key] = name
+    declared = getattr(model, "_tied_weights_keys", None) or ()
+    if isinstance(declared, dict):
+        declared = list(declared)
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False) or declared:
+        import re
+
+        def matches(pattern: str, name: str) -> bool:
+            try:
+                return name == pattern or re.fullmatch(pattern, name) is not None
+            except re.error:
+                return False
+
+        for name, _ in model.named_parameters(remove_duplicate=False):
+            if any(matches(k, name) for k in declared):
+                tied.add(name)
+    return tied
 
 
 def model_kind(config: Any) -> str:
@@ -229,16 +389,50 @@ def load_model(spec: ModelSpec, device: str | torch.device = "cpu"):
 
     folder = model_folder(spec)
     with _offline():
-        try:
-            config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
-        except (ValueError, KeyError) as e:
-            raise ModelLoadError(f"{folder}/config.json: unknown or invalid model config ({e})") from None
+        config = load_config(folder)
         cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
-        model = cls.from_pretrained(
-            str(folder), config=config, dtype=_torch_dtype(spec.dtype),
-            attn_implementation=spec.attn_implementation, local_files_only=True,
-        )
+        with torch.device("meta"):  # the checkpoint against what the config builds, before any weight is read
+            check_checkpoint(folder, cls.from_config(config, attn_implementation=spec.attn_implementation))
+        try:
+            model, info = cls.from_pretrained(
+                str(folder), config=config, dtype=_torch_dtype(spec.dtype),
+                attn_implementation=spec.attn_implementation, local_files_only=True, output_loading_info=True,
+            )
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelLoadError(f"{folder}: cannot load the weights ({first}); check that config.json and the "
+                                 "weight files belong together and are complete") from None
+    _check_loading_info(folder, model, info)
     return model.to(device).eval()
+
+
+def load_config(folder: Path):
+    """The folder's transformers config; an unreadable or unknown one is a ModelLoadError."""
+    import transformers as tf
+
+    _read_json(Path(folder) / "config.json", "the model's config")
+    with _offline():
+        try:
+            return tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise ModelLoadError(f"{folder}/config.json: unknown or invalid model config ({e})") from None
+
+
+def _check_loading_info(folder: Path, model: torch.nn.Module, info: dict) -> None:
+    """transformers' own account of the load: a tensor it initialised randomly (missing from the
+    checkpoint) or could not load (shape mismatch) is refused, never differentiated."""
+    missing = [k for k in info.get("missing_keys") or () if k not in _tied_names(model)]
+    mismatched = list(info.get("mismatched_keys") or ())
+    if mismatched:
+        raise ModelLoadError(f"{folder}: the weights do not match config.json at {mismatched[:3]}; "
+                             "use the config.json the weights were saved with")
+    if missing:
+        head = " (a classification head the checkpoint was not trained with)" if _is_classifier(model) else ""
+        raise ModelLoadError(
+            f"{folder}: the checkpoint has no weights for {len(missing)} tensor(s) of {type(model).__name__}{head}: "
+            f"{', '.join(sorted(missing)[:5])}. transformers would initialise them randomly, and gradients through a "
+            "random head mean nothing. Use a checkpoint that contains them (e.g. a fine-tuned classifier saved with "
+            "save_pretrained), or a causal language model")
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -52,6 +52,15 @@ def _id_str(value: Any) -> str | None:
     return None
 
 
+def _encodable(s: str) -> bool:
+    """Text that can be written as UTF-8 (JSON's \\ud800 escapes decode to lone surrogates, which cannot)."""
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _is_token_list(v: Any) -> bool:
     return isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in v)
 
@@ -69,7 +78,19 @@ def _read_lines(path: Path, spec: TaskSpec) -> list[tuple[int, str]]:
     """The non-blank lines (1-based line number, content), limited to spec.limit."""
     if not path.is_file():
         raise TaskFileError(f"task {spec.name!r}: task file not found: {path}")
-    lines = [(k, s) for k, s in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if s.strip()]
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise TaskFileError(f"task {spec.name!r}: cannot read the task file {path} ({e.strerror or e})") from None
+    lines = []
+    for k, b in enumerate(raw.splitlines(), 1):
+        try:
+            s = b.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TaskFileError(f"{path}: line {k}: not UTF-8 text (undecodable byte 0x{b[e.start]:02x} at byte {e.start + 1} "
+                                "of the line); save the file as UTF-8") from None
+        if s.strip():
+            lines.append((k, s.removeprefix("\ufeff") if k == 1 else s))
     if not lines:
         raise TaskFileError(f"{path}: empty task file (expected one JSON object per line)")
     if spec.limit is not None and spec.limit > len(lines):
@@ -109,6 +130,11 @@ def _parse_row(path: Path, line: int, s: str, index: int, spec: TaskSpec, label:
             f"{where}: row has neither the text field {spec.text_field!r} nor 'input_ids' "
             f"(its fields: {sorted(row)}); set text_field in the job's task section if the text is under another key"
         )
+
+    for what, value in (("id", sid), ("text", text)):
+        if value is not None and not _encodable(value):
+            raise TaskFileError(f"{where} (sample {sid.encode('utf-8', 'backslashreplace').decode()!r}): the {what} holds "
+                                "an unpaired surrogate escape (e.g. \\ud800), which is not text; fix or remove it")
 
     lab = row.get("label")
     if lab is not None and (not isinstance(lab, int) or isinstance(lab, bool) or lab < 0):
@@ -180,3 +206,62 @@ def validate_vocab(samples: Sequence[Sample], vocab_size: int) -> None:
             f"task {task!r}: {len(bad)} sample(s) have token ids >= the model's vocabulary size {vocab_size}: {shown}; "
             "were the input_ids made with another tokenizer?"
         )
+
+
+def _shown(bad: list[tuple[str, int]], what: str) -> str:
+    return ", ".join(f"{i!r} ({what} {m})" for i, m in bad[:10]) + (" ..." if len(bad) > 10 else "")
+
+
+def validate_positions(samples: Sequence[Sample], n_positions: int | None) -> None:
+    """Raise when a sample is longer than the model's learned position table (GPT-2, BERT, OPT…):
+    the forward would index past it. None: the model has no such limit (rotary, ALiBi)."""
+    if not n_positions:
+        return
+    bad = [(s.id, len(s.input_ids)) for s in samples if len(s.input_ids) > n_positions]
+    if bad:
+        raise TaskFileError(
+            f"task {samples[0].task!r}: {len(bad)} sample(s) are longer than the model's {n_positions} positions: "
+            f"{_shown(bad, 'tokens')}; set model.max_length to at most {n_positions} (longer samples are truncated to it)"
+        )
+
+
+def validate_labels(samples: Sequence[Sample], num_labels: int) -> None:
+    """Raise when a classifier's sample has no label or a label outside 0..num_labels-1."""
+    missing = [s.id for s in samples if s.label is None]
+    if missing:
+        raise TaskFileError(f"task {samples[0].task!r}: the model is a sequence classifier but samples {missing[:10]} "
+                            "have no integer 'label' field; add one to every row")
+    bad = [(s.id, s.label) for s in samples if s.label >= num_labels]
+    if bad:
+        raise TaskFileError(
+            f"task {samples[0].task!r}: {len(bad)} sample(s) have a label outside the classifier's {num_labels} classes "
+            f"(0..{num_labels - 1}): {_shown(bad, 'label')}; fix the labels or use a model with more classes (config num_labels)"
+        )
+
+
+def validate_for_model(samples: Sequence[Sample], config: Any, model: Any) -> None:
+    """Everything about the samples that the model's config decides, checked before any work:
+    token ids inside the vocabulary, lengths inside learned position tables, and a classifier's
+    labels inside its classes. `model` may live on the meta device (only its modules are read)."""
+    if not samples:
+        return
+    size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    if size:
+        validate_vocab(samples, int(size))
+    validate_positions(samples, learned_positions(config, model))
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        validate_labels(samples, int(getattr(config, "num_labels", 2)))
+
+
+def learned_positions(config: Any, model: Any) -> int | None:
+    """The length of the model's learned absolute position table, or None when it has none."""
+    import torch
+
+    has_table = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "position_embeddings", "embed_positions")
+                    for name, m in model.named_modules())
+    if not has_table:
+        return None
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if n and getattr(config, "model_type", "") == "roberta":
+        n -= int(getattr(config, "pad_token_id", 1) or 1) + 1  # RoBERTa's positions start after the padding index
+    return int(n) if n else None
