@@ -49,6 +49,12 @@ def _assert_loopback_only(cluster, n_workers: int) -> None:
         assert int(client.scheduler.address.rsplit(":", 1)[1]) in ports
         assert all(int(a.rsplit(":", 1)[1]) in ports for a in workers)
         assert cluster.dashboard_link and int(cluster.dashboard_link.split(":")[2].split("/")[0]) in ports
+        # the printed link is alive (bokeh installed), on loopback
+        import urllib.request
+
+        assert cluster.dashboard_link.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(cluster.dashboard_link, timeout=30) as page:
+            assert page.status == 200 and b"bokeh" in page.read().lower()
         assert len({pid for pid, _, _ in socks}) >= 1 + n_workers  # this process (scheduler, nannies), each worker
         exposed = [s for s in socks if not ipaddress.ip_address(s[1]).is_loopback]
         assert not exposed, f"listening beyond loopback: {exposed}"
