@@ -266,6 +266,20 @@ def _decoded(var: "xr.Variable") -> tuple[Any, float]:
     return v, RTOL
 
 
+def _same(x: Any, y: Any) -> bool:
+    """Equality of attribute values, with NaN equal to NaN (e.g. a float `_FillValue`) and arrays compared whole."""
+    import numpy as np
+
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple, np.ndarray)) or isinstance(y, (list, tuple, np.ndarray)):
+        xa, ya = np.asarray(x, dtype=object), np.asarray(y, dtype=object)
+        return xa.shape == ya.shape and all(_same(u, v) for u, v in zip(xa.ravel(), ya.ravel()))
+    if isinstance(x, float) and isinstance(y, float) and x != x and y != y:
+        return True
+    return bool(x == y)
+
+
 def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = None, what: str = "") -> list[str]:
     """How `a` differs from `b` (the reference), beyond float rounding; [] when they agree.
 
@@ -287,8 +301,9 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
     if dict(a.sizes) != dict(b.sizes):
         out.append(f"{where}sizes differ: {dict(a.sizes)} != {dict(b.sizes)}")
     drop = lambda attrs: {k: v for k, v in attrs.items() if k != schema.ATTR_PROVENANCE}  # noqa: E731
-    if drop(a.attrs) != drop(b.attrs):
-        keys = sorted(k for k in set(a.attrs) | set(b.attrs) if k != schema.ATTR_PROVENANCE and a.attrs.get(k) != b.attrs.get(k))
+    if not _same(drop(a.attrs), drop(b.attrs)):
+        keys = sorted(k for k in set(a.attrs) | set(b.attrs)
+                      if k != schema.ATTR_PROVENANCE and not _same(a.attrs.get(k), b.attrs.get(k)))
         out.append(f"{where}attrs differ at {keys}")
     for name in sorted(b.variables, key=str):
         va, vb = a.variables[name], b.variables[name]
@@ -296,11 +311,14 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
         if va.dims != vb.dims or va.shape != vb.shape:
             out.append(f"{label}: dims/shape {va.dims}{va.shape} != {vb.dims}{vb.shape}")
             continue
-        if drop(va.attrs) != drop(vb.attrs):
-            out.append(f"{label}: attrs differ")
+        if not _same(drop(va.attrs), drop(vb.attrs)):
+            keys = sorted(k for k in set(va.attrs) | set(vb.attrs) if not _same(va.attrs.get(k), vb.attrs.get(k)))
+            out.append(f"{label}: attrs differ at {keys}")
         xa, tol_a = _decoded(va)
         xb, tol_b = _decoded(vb)
-        if xa.dtype != xb.dtype:
+        if xa.dtype.kind in "OSTU" and xb.dtype.kind in "OSTU":  # text: the storage's string dtype may vary
+            xa, xb = xa.astype(object).astype(str), xb.astype(object).astype(str)
+        elif xa.dtype != xb.dtype:
             out.append(f"{label}: dtype {xa.dtype} != {xb.dtype}")
             continue
         if not np.issubdtype(xb.dtype, np.floating):

@@ -11,7 +11,7 @@ from pipeline.extract import pending_shards, plan_extract, run_extract
 from pipeline.run import prepare_output
 from pipeline.score import open_fisher, open_gradients
 from pipeline.store import open_root
-from qkov.testing import tiny_job
+from qkov.testing import assert_runs_close, tiny_job
 
 
 def extract(job, executor=None):
@@ -92,7 +92,7 @@ def test_gradients_do_not_depend_on_extraction_batch_size(tmp_path, base):
             assert np.abs(got - ref[b]).max() <= 1e-5 * scale, (bs, b)
 
 
-def test_two_process_local_cluster_writes_identical_store(tmp_path, base):
+def test_two_process_local_cluster_writes_the_same_store(tmp_path, base):
     from distributed import Client, LocalCluster
 
     _, job0, _ = base
@@ -100,9 +100,9 @@ def test_two_process_local_cluster_writes_identical_store(tmp_path, base):
                    output={"path": str(tmp_path / "cluster")})
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as c:
         extract(job, DaskExecutor(c))
-    for b in "QKVO":
-        np.testing.assert_array_equal(stored(job, b), stored(job0, b))
-        np.testing.assert_array_equal(open_fisher(job.output.path)[b].values, open_fisher(job0.output.path)[b].values)
+    # other processes, other torch thread counts: equal up to float32 rounding (on some CPUs the
+    # last bits differ), which the comparison tells from a real error (tests/test_testing.py)
+    assert_runs_close(job.output.path, job0.output.path, groups=(schema.GRADIENTS, schema.FISHER))
 
 
 def test_resume_recomputes_only_unfinished_shards(tmp_path, base):

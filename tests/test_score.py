@@ -11,7 +11,7 @@ from pipeline.executors import DaskExecutor, InlineExecutor
 from pipeline.extract import run_extract
 from pipeline.run import prepare_output
 from pipeline.score import open_scores, run_score, score_dataset, open_gradients, open_fisher, top_pairs
-from qkov.testing import tiny_job
+from qkov.testing import compare_datasets, tiny_job
 from reference import per_sample_grads_loop
 from workers.models import load_model
 
@@ -157,7 +157,9 @@ def test_same_scores_inline_two_processes_and_any_chunking(tmp_path):
         # so the bound is relative to the slice block's scale, not to each entry)
         got, want = small[name].values, ref[name].values
         assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max(), name
-        np.testing.assert_array_equal(dist[name].values, ref[name].values)
+    # two worker processes: the same kernels with other torch thread counts (equal here, on
+    # some CPUs not in the last bits), so equal up to float32 rounding, ids and coords exactly
+    assert not compare_datasets(dist, ref, what="scores")
 
 
 def test_open_scores_reads_one_slice_and_top_pairs_use_user_ids(tmp_path):
