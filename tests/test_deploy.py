@@ -148,6 +148,11 @@ def test_sbatch_script_is_valid_bash_with_gpu_workers_and_a_resumable_run():
     text = path.read_text()
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
     assert directives["gpus-per-task"] == "1" and int(directives["ntasks-per-node"]) >= 1
+    # a time limit or preemption warns the script (which passes SIGTERM to qkov once), and a
+    # requeued attempt appends to the same log; tests/test_slurm.py runs this for real
+    assert re.fullmatch(r"B:TERM@\d+", directives["signal"]) and "requeue" in directives
+    assert directives["open-mode"] == "append"
+    assert re.search(r"^trap stop_qkov TERM$", text, re.M) and "trap '' TERM" in text
     cmds = _sbatch_commands(text)
     assert set(cmds) == {"dask scheduler", "dask worker", "qkov run"}
     sched, worker, run = (parse_command(cmds[k]) for k in ("dask scheduler", "dask worker", "qkov run"))
@@ -431,3 +436,64 @@ def test_worker_probe_runs_where_qkov_cannot_be_imported():
     env = __import__("json").loads(out.stdout)
     assert env["importable"] is False and env["dask"] == environment()["dask"]
     assert "cannot import qkov" in environment_problems(environment(), {"tcp://w:1": env})[0]
+
+
+# ---------------------------------------------------------------- the image's smoke test
+
+
+def _dockerignore_admits(path: str) -> bool:
+    """Whether deploy/Dockerfile.dockerignore lets `path` into the build context (last matching rule wins)."""
+    from fnmatch import fnmatchcase
+
+    admitted = True
+    for rule in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines():
+        rule = rule.strip()
+        if not rule or rule.startswith("#"):
+            continue
+        negate, pattern = rule.startswith("!"), rule.lstrip("!")
+        if fnmatchcase(path, pattern) or (pattern.endswith("/**") and path.startswith(pattern[:-2])):
+            admitted = negate
+    return admitted
+
+
+def test_dockerfile_smoke_test_runs_a_tiny_job_from_the_installed_package():
+    """After installing qkov, the image runs deploy/smoke-test.sh: `qkov run` and `qkov query` on a
+    tiny job built by qkov.testing, outside /src, with the modules from the installed package.
+    (No Docker engine here: tests/test_wheel.py runs the same script against a fresh wheel install.)"""
+    text = (DEPLOY / "Dockerfile").read_text()
+    install = text.index('pip install -c /opt/qkov/constraints.txt ".[')
+    copy = re.search(r"^COPY deploy/smoke-test\.sh (\S+)$", text, re.M)
+    assert copy and copy.start() > install, "the smoke test is copied in after qkov is installed"
+    target = copy.group(1)
+    assert target.startswith("/opt/qkov/bin/")  # on PATH (ENV PATH=/opt/qkov/bin:...)
+    runs = [r for r in re.findall(r"^RUN ((?:.*\\\n)*.*)$", text, re.M) if Path(target).name in r]
+    assert runs and text.index(runs[0]) > copy.start(), "the image runs the smoke test"
+    for src in re.findall(r"^COPY (.+) \S+$", text, re.M):  # every COPY source is in the build context
+        for s in src.split():
+            inside = [f"{s}/{p.relative_to(ROOT / s)}" for p in (ROOT / s).rglob("*.py")] if (ROOT / s).is_dir() else [s]
+            assert all(_dockerignore_admits(f) for f in inside), f"{s} is excluded by the .dockerignore"
+
+    script = DEPLOY / "smoke-test.sh"
+    assert script.stat().st_mode & 0o111, "smoke-test.sh must be executable (the image runs it by name)"
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    body = script.read_text()
+    commands = [shlex.split(l) for l in body.splitlines() if l.startswith("qkov ")]
+    assert [c[:2] for c in commands] == [["qkov", "run"], ["qkov", "query"]]
+    from typer.main import get_command
+
+    from pipeline.cli import app
+
+    cli = get_command(app)
+    for argv in commands:  # each command line parses with the real CLI
+        sub = cli.commands[argv[1]]
+        sub.make_context(argv[1], argv[2:], resilient_parsing=False)
+    assert 'cd "$dir"' in body and "mktemp -d" in body  # runs outside any source tree
+
+    # its Python part compiles, imports what qkov.testing offers, and writes a job the CLI accepts
+    snippet = re.search(r"python - <<'PY'\n(.*?)\nPY\n", body, re.S).group(1)
+    compile(snippet, "smoke-test.sh", "exec")
+    import qkov.testing
+
+    for names in re.findall(r"^from qkov\.testing import (.+)$", snippet, re.M):
+        assert {n.strip() for n in names.split(",")} <= set(qkov.testing.__all__)
+    assert "is_relative_to(prefix)" in snippet  # the modules-from-the-install check
