@@ -15,7 +15,7 @@ from workers import models
 from workers.models import (
     ModelLoadError, ensure_cached, load_model, load_tokenizer, model_identity, weights_hash,
 )
-from qkov.testing import VOCAB, random_batch, tiny_model
+from qkov.testing import VOCAB, random_batch, save_model, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
