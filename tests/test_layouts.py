@@ -106,6 +106,24 @@ def test_slices_partition_the_projection_tensors(case, include_bias):
         assert torch.equal(back[n], grads[n]), n
 
 
+def test_every_known_arrangement_is_in_the_support_matrix():
+    """Each arrangement discovery knows is exercised by a tiny model of qkov.testing.SUPPORTED
+    (so the parametrised tests cover it), and each has one of the kinds slicing implements."""
+    from workers.layouts import KINDS, KNOWN_ARRANGEMENTS
+
+    assert {a.kind for a in KNOWN_ARRANGEMENTS} <= set(KINDS)
+    covered = set()
+    for case in CASES:
+        layout = discover_layout(build(case))
+        o_param = layout.blocks[("O", 0)].parts[0].param
+        rows = [i for i, a in enumerate(KNOWN_ARRANGEMENTS)
+                if (a.architecture, a.kind) == (layout.architecture, layout.kind) and o_param.endswith(f".{a.proj['o']}.weight")]
+        assert rows, f"{case}: discovered {layout.architecture}/{layout.kind}, which no arrangement row names"
+        covered.add(rows[0])
+    missing = [KNOWN_ARRANGEMENTS[i] for i in range(len(KNOWN_ARRANGEMENTS)) if i not in covered]
+    assert not missing, f"arrangements without a tiny model in qkov.testing.SUPPORTED: {missing}"
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_slices_match_reference_formulas(case):
     model = build(case)

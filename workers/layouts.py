@@ -202,12 +202,36 @@ class _Found:
     weight_layout: str = "auto"
 
 
-# Split arrangements: (q, k, v, o) attribute paths, and the architecture label.
-_SPLIT = (
-    (("q_proj", "k_proj", "v_proj", "o_proj"), "split"),  # Llama, Mistral, Qwen2/3, Gemma 1-3
-    (("q_proj", "k_proj", "v_proj", "out_proj"), "split"),  # OPT, GPT-J
-    (("q_proj", "k_proj", "v_proj", "dense"), "split"),  # Phi
-    (("self.query", "self.key", "self.value", "output.dense"), "bert-split"),  # BERT/RoBERTa *Attention
+@dataclass(frozen=True)
+class _Arrangement:
+    """One known attention arrangement: the projections an attention module holds (role ->
+    attribute path), when it applies (a predicate on the module, for arrangements that share
+    attribute names), its label and its kind."""
+
+    proj: dict
+    architecture: str
+    kind: str
+    applies: object = None  # module -> bool; None: always
+
+
+def _flag(name: str):
+    return lambda m: bool(getattr(m, name, False))
+
+
+# Every arrangement discovery recognises, tried in order; the first whose projections all
+# exist (and that applies) wins. A new layout is one row here, plus one entry in the support
+# matrix qkov.testing.SUPPORTED, which the parametrised tests pick up.
+KNOWN_ARRANGEMENTS = (
+    _Arrangement(dict(q="q_proj", k="k_proj", v="v_proj", o="o_proj"), "split", "split"),  # Llama, Mistral, Qwen2/3, Gemma 1-3
+    _Arrangement(dict(q="q_proj", k="k_proj", v="v_proj", o="out_proj"), "split", "split"),  # OPT, GPT-J
+    _Arrangement(dict(q="q_proj", k="k_proj", v="v_proj", o="dense"), "split", "split"),  # Phi
+    _Arrangement(dict(q="self.query", k="self.key", v="self.value", o="output.dense"), "bert-split", "split"),  # BERT/RoBERTa
+    _Arrangement(dict(qkv="c_attn", o="c_proj"), "gpt2-conv1d", "fused"),  # GPT-2 (Conv1D)
+    _Arrangement(dict(qkv="qkv_proj", o="o_proj"), "fused-qkv", "fused"),  # Phi-3
+    # Falcon's module flags select its split (FalconAttention._split_heads); NeoX/BLOOM are interleaved.
+    _Arrangement(dict(qkv="query_key_value", o="dense"), "falcon-grouped", "grouped", _flag("new_decoder_architecture")),
+    _Arrangement(dict(qkv="query_key_value", o="dense"), "falcon-multi-query", "fused", _flag("multi_query")),
+    _Arrangement(dict(qkv="query_key_value", o="dense"), "neox-interleaved", "interleaved"),  # GPT-NeoX, BLOOM, Falcon MHA
 )
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads")
 
@@ -226,24 +250,11 @@ def _n_heads(module: nn.Module, config) -> int | None:
 
 def _recognise(path: str, module: nn.Module, config) -> _Found | None:
     """The layout of `module` if it is an attention layer of a known arrangement."""
-    for (q, k, v, o), arch in _SPLIT:
-        if all(_is_projection(_get(module, a)) for a in (q, k, v, o)):
-            H = _n_heads(module, config)
-            hd = getattr(module, "head_dim", None)
-            return _Found(path, arch, "split", dict(q=q, k=k, v=v, o=o), H, head_dim=hd if isinstance(hd, int) else None)
-    if _is_projection(_get(module, "c_attn")) and _is_projection(_get(module, "c_proj")):
-        return _Found(path, "gpt2-conv1d", "fused", dict(qkv="c_attn", o="c_proj"), _n_heads(module, config))
-    if _is_projection(_get(module, "qkv_proj")) and _is_projection(_get(module, "o_proj")):
-        return _Found(path, "fused-qkv", "fused", dict(qkv="qkv_proj", o="o_proj"), _n_heads(module, config))
-    if _is_projection(_get(module, "query_key_value")) and _is_projection(_get(module, "dense")):
-        # Falcon's module flags select its split (FalconAttention._split_heads); NeoX/BLOOM are interleaved.
-        if getattr(module, "new_decoder_architecture", False):
-            arch, kind = "falcon-grouped", "grouped"
-        elif getattr(module, "multi_query", False):
-            arch, kind = "falcon-multi-query", "fused"
-        else:
-            arch, kind = "neox-interleaved", "interleaved"
-        return _Found(path, arch, kind, dict(qkv="query_key_value", o="dense"), _n_heads(module, config))
+    for a in KNOWN_ARRANGEMENTS:
+        if all(_is_projection(_get(module, attr)) for attr in a.proj.values()) and (a.applies is None or a.applies(module)):
+            hd = getattr(module, "head_dim", None) if a.kind == "split" else None  # fused kinds derive it from O
+            return _Found(path, a.architecture, a.kind, dict(a.proj), _n_heads(module, config),
+                          head_dim=hd if isinstance(hd, int) else None)
     return None
 
 
