@@ -23,6 +23,7 @@ its time (what a cold `qkov run` pays once) is reported apart. Prints one JSON o
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import argparse
 import json
 import math
@@ -167,7 +168,8 @@ def _worker_device() -> str:
 
 def _load_model_on_worker(model_spec, include_bias: bool, device: str) -> str:
     """Fill the worker's model cache exactly as an extraction task does (workers.writer)."""
-    from workers.writer import resolve_device, worker_model
+    from workers.device import resolve_device
+    from workers.writer import worker_model
 
     dev = resolve_device(device)
     worker_model(model_spec, include_bias, dev)
@@ -187,12 +189,11 @@ def _extract_only(job, client) -> float:
     from pipeline.executors import executor_for
     from pipeline.extract import run_extract
     from pipeline.run import prepare_output
-    from pipeline.store import owned
 
-    with owned(job.output.path, {}):
-        prepare_output(job, resume=False, overwrite=False)
+    with RunStore.of(job).lock():
+        prepare_output(RunStore.of(job), job, resume=False, overwrite=False)
         t = time.perf_counter()
-        run_extract(job, executor_for(client))
+        run_extract(RunStore.of(job), job, executor_for(client))
         return time.perf_counter() - t
 
 

@@ -13,6 +13,7 @@ load average. Prints JSON.
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import argparse
 import json
 import os
@@ -35,8 +36,8 @@ def build_run(tmp: Path, n: int, hidden: int, heads: int, kv_heads: int, layers:
                                  "intermediate_size": 2 * hidden, "num_hidden_layers": layers},
                    extract={"shard_size": 32, "batch_size": 16},
                    stats={"n_permutations": 999, "n_bootstrap": 1000})
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
     return job
 
 
@@ -48,10 +49,10 @@ def time_stages(job, client, repeats: int) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"score": [], "stats": []}
     for r in range(repeats + 1):  # run 0 is the warm-up
         t = time.perf_counter()
-        run_score(job, DaskExecutor(client))
+        run_score(RunStore.of(job), job, DaskExecutor(client))
         score_t = time.perf_counter() - t
         t = time.perf_counter()
-        run_stats(job.output.path, job.stats, client=client, replace=True)
+        run_stats(RunStore.of(job), job.stats, DaskExecutor(client), replace=True)
         stats_t = time.perf_counter() - t
         if r:
             out["score"].append(score_t)

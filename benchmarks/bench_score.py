@@ -14,6 +14,8 @@ the loop's cost is per pair. Prints JSON.
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
+from workers.fisher import inverse_damped_fisher
 import argparse
 import json
 import platform
@@ -42,8 +44,8 @@ def build_run(tmp: Path, n: int, layers: int, seq: int):
     job = parse_job({"model": {"path": str(tmp / "model")},
                      "tasks": {"a": {"name": "a", "path": str(tmp / "a.jsonl")}, "b": {"name": "b", "path": str(tmp / "b.jsonl")}},
                      "extract": {"shard_size": 32, "batch_size": 8}, "output": {"path": str(tmp / "run")}})
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
     return job
 
 
@@ -73,12 +75,12 @@ def store_arrays(run: str, blocks) -> dict:
 
 def measure(n: int, args) -> dict:
     from pipeline.executors import InlineExecutor
-    from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients, score_dataset
+    from pipeline.score import score_dataset
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         job = build_run(tmp, n, args.layers, args.seq)
-        grads_ds, fisher = open_gradients(job.output.path, decode=False), open_fisher(job.output.path)
+        grads_ds, fisher = RunStore(job.output.path).open_gradients(decode=False), RunStore(job.output.path).open_fisher()
         times = []
         for _ in range(args.repeats):
             ds = score_dataset(grads_ds, fisher)
@@ -95,7 +97,7 @@ def measure(n: int, args) -> dict:
         pairs = [(int(rng.integers(n)), int(rng.integers(n))) for _ in range(args.loop_pairs)]
         store_pairs = pairs[: max(1, args.loop_pairs // 10)]
         store_t = loop_baseline(store_arrays(job.output.path, "QKVO"), inv, n, store_pairs)
-        grads = {b: open_gradients(job.output.path)[b].values for b in "QKVO"}
+        grads = {b: RunStore(job.output.path).open_gradients()[b].values for b in "QKVO"}
         loop_t = loop_baseline(grads, inv, n, pairs)
         loop_all = loop_t / len(pairs) * N * N  # same pooled pairs as the stage
         store_all = store_t / len(store_pairs) * N * N

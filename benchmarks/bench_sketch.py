@@ -15,6 +15,8 @@ job at that k and reports how far its stored scores lie from the in-memory ones
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
+from workers.fisher import inverse_damped_fisher
 import argparse
 import json
 import os
@@ -49,7 +51,7 @@ def job_for(out: Path, n: int, layers: list[int], **score) -> "JobSpec":  # noqa
 def exact_and_sketched(grads, fisher, dims: list[int], seed: int) -> tuple[dict, dict, dict]:
     """Per block: exact (L, H, N, N) interference and alignment in float64, and the same
     from sketches of dimension k for every k in dims (plus the time spent sketching)."""
-    from pipeline.score import inverse_damped_fisher
+    
     from workers.sketch import operands, sketch_block
 
     layers = tuple(int(x) for x in grads[schema.LAYER].values)
@@ -103,14 +105,14 @@ def main() -> None:
     os.environ.setdefault("QKOV_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qkov"))
 
     from pipeline.run import run_job
-    from pipeline.score import open_fisher, open_gradients, open_scores
+    
 
     tmp = Path(args.out or tempfile.mkdtemp(prefix="bench_sketch_"))
     t = time.perf_counter()
     exact_job = job_for(tmp / "exact", args.n, args.layers)
     run_job(exact_job, overwrite=(tmp / "exact").exists())
     t_exact = time.perf_counter() - t
-    grads, fisher = open_gradients(str(tmp / "exact")).load(), open_fisher(str(tmp / "exact")).load()
+    grads, fisher = RunStore(str(tmp / "exact")).open_gradients().load(), RunStore(str(tmp / "exact")).open_fisher().load()
     n_a = int(grads.attrs["n_a"])
     exact, sk, secs = exact_and_sketched(grads, fisher, args.dims, args.seed)
     P = {b: int(grads[b].shape[-1]) for b in exact}
@@ -126,7 +128,7 @@ def main() -> None:
         t = time.perf_counter()
         job = job_for(tmp / f"sketch{k}", args.n, args.layers, mode="sketch", sketch_dim=k, sketch_seed=args.seed)
         run_job(job, overwrite=(tmp / f"sketch{k}").exists())
-        stored = open_scores(str(tmp / f"sketch{k}")).load()
+        stored = RunStore(str(tmp / f"sketch{k}")).open_scores().load()
         ref = sk[k] if k in sk else exact_and_sketched(grads, fisher, [k], args.seed)[1][k]
         dev = 0.0
         for b, (m, a) in ref.items():

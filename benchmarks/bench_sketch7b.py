@@ -25,6 +25,7 @@ Scale it down for a CPU smoke run:
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import argparse
 import json
 import os
@@ -212,7 +213,6 @@ def main(argv=None) -> dict:
     from pipeline.run import prepare_output
     from pipeline.score import run_score
     from pipeline.stats_stage import run_stats
-    from pipeline.store import owned
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t = time.perf_counter()
@@ -241,15 +241,15 @@ def main(argv=None) -> dict:
     executor = executor_for(None)
     path = job.output.path
     try:
-        with owned(path):
+        with RunStore.of(job).lock():
             t = time.perf_counter()
             plan = extract_mod.plan_extract(job)
-            prepare_output(job, resume=False, overwrite=True)
+            prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
             out["seconds"]["plan"] = round(time.perf_counter() - t, 2)
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-            extract_mod.run_extract(job, executor, plan=plan, fresh=True)
+            extract_mod.run_extract(RunStore.of(job), job, executor, plan=plan, fresh=True)
             sync()
             t1 = time.perf_counter()
             if cuda:
@@ -265,11 +265,11 @@ def main(argv=None) -> dict:
             if not a.keep_model:  # scores need no model; frees its disk before they are written
                 shutil.rmtree(model_dir)
             t = time.perf_counter()
-            run_score(job, executor)
+            run_score(RunStore.of(job), job, executor)
             out["seconds"]["score"] = round(time.perf_counter() - t, 2)
             emit()
             t = time.perf_counter()
-            run_stats(path, job.stats, client=None, replace=True)
+            run_stats(RunStore.of(job), job.stats, executor, replace=True)
             out["seconds"]["stats"] = round(time.perf_counter() - t, 2)
     finally:
         extract_mod.consolidate_fisher = real_consolidate

@@ -83,9 +83,10 @@ def write_store(ds: xr.Dataset, run: str) -> float:
 
 def timed_stats(run: str, settings) -> tuple[float, object]:
     from pipeline.stats_stage import run_stats
+    from pipeline.store import RunStore
 
     t = time.perf_counter()
-    out = run_stats(run, settings, replace=True)
+    out = run_stats(RunStore(run), settings, replace=True)
     return time.perf_counter() - t, out
 
 

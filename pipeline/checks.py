@@ -44,12 +44,13 @@ import xarray as xr
 
 from workers.fisher import damping, inverse_regularised, stream_weights
 from workers.grads import per_sample_grads
+from workers.kernels import slice_scores
 from workers.layouts import AttentionLayout, discover_layout
 from workers.losses import loss_task_for
 from workers.slicing import QUERY_BLOCKS, slice_all
 
 from . import schema
-from .score import slice_scores
+from .errors import StoreError, UsageError
 from .spec import JobSpec, LayoutSpec
 
 CHECK_DIM = schema.CHECK
@@ -111,7 +112,7 @@ def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def pair_scores(g: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pooled interference and alignment (heads, N, N) of one block, with the stage's own
-    formulas (`pipeline.score.slice_scores`) in float64. g: (N, heads, P), inv: (heads, P)."""
+    formulas (`workers.kernels.slice_scores`) in float64. g: (N, heads, P), inv: (heads, P)."""
     gt = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float64))
     it = torch.from_numpy(np.asarray(inv, dtype=np.float64))
     out = [slice_scores(gt[:, h], gt[:, h], it[h]) for h in range(gt.shape[1])]
@@ -525,10 +526,10 @@ def _first_samples(spec, tokenizer, max_length: int, label: str, n: int):
 
 def _session(job: JobSpec, n_samples: int, layers) -> _Session:
     from workers.models import load_model, load_tokenizer
-    from workers.writer import resolve_device
+    from workers.device import resolve_device
 
     if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        raise UsageError(f"n_samples must be >= 1, got {n_samples}")
     device = resolve_device(job.extract.device)
     model = load_model(job.model, device=device)
     tokenizer = load_tokenizer(job.model)
@@ -598,32 +599,39 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
     return ds
 
 
+def check_checks_output(job: JobSpec) -> None:
+    """Refuse, before any model work, an output.path that `write_checks` would refuse."""
+    from .store import RunStore
+
+    store = RunStore.of(job)
+    if not store.is_run() and store.entries():
+        raise StoreError(f"output {store.path} exists, is not empty and is not a qkov run; refusing to write "
+                         "the checks into it. Choose a new or empty output.path.")
+
+
 def write_checks(ds: xr.Dataset, job: JobSpec) -> None:
-    """Write (replace) the `checks` group; create the run's root group if the run does not exist yet."""
-    import zarr
+    """Write (replace) the `checks` group, holding the run's lock; creates the run's root when
+    the output does not exist yet, and refuses a folder that holds something other than a run."""
+    from .store import RunStore
 
-    from .run import ATTR_RUN
-    from .store import mark_complete, open_root, provenance, zarr_store
-
-    path, so = job.output.path, job.output.storage_options
-    try:
-        zarr.open_group(zarr_store(path, so, read_only=True), mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        root = zarr.open_group(zarr_store(path, so), mode="a", zarr_format=3)  # "a": never clears a folder
-        root.attrs.update({ATTR_RUN: True, **provenance(job.config_dict(), job.config_hash(), stage="check")})
-    out = ds.copy()
-    out.attrs = {k: (json.loads(json.dumps(v, default=str)) if not isinstance(v, (str, int, float, bool)) else v)
-                 for k, v in ds.attrs.items()}
-    out.attrs[schema.ATTR_COMPLETE] = False
-    out.to_zarr(zarr_store(path, so), group=schema.CHECKS, mode="w", zarr_format=3, consolidated=False)
-    mark_complete(open_root(path, so, mode="r+"), schema.CHECKS)
+    store = RunStore.of(job)
+    with store.lock():
+        if not store.is_run():
+            if store.entries():  # never stamp a user's folder as a run: `--overwrite` would then delete it
+                raise StoreError(f"output {store.path} exists, is not empty and is not a qkov run; refusing to write "
+                                 "the checks into it. Choose a new or empty output.path.")
+            store.create_run(job.config_dict(), job.config_hash(), stage="check")
+        out = ds.copy()
+        out.attrs = {k: (json.loads(json.dumps(v, default=str)) if not isinstance(v, (str, int, float, bool)) else v)
+                     for k, v in ds.attrs.items()}
+        out.attrs[schema.ATTR_COMPLETE] = False
+        store.write_dataset(out, schema.CHECKS, complete=True)
 
 
-def open_checks(run: str, storage_options: dict | None = None) -> xr.Dataset:
-    from .store import open_root, require_complete, zarr_store
+def open_checks(run, storage_options: dict | None = None) -> xr.Dataset:
+    from .store import RunStore
 
-    require_complete(open_root(run, storage_options, mode="r"), schema.CHECKS, "reading checks")
-    return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=schema.CHECKS, consolidated=False).load()
+    return RunStore.coerce(run, storage_options).open_checks()
 
 
 def format_checks(ds: xr.Dataset):

@@ -19,18 +19,9 @@ err = Console(stderr=True)
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: shown as one clear message, no traceback."""
-    from pipeline.spec import JobFileError
-    from pipeline.store import StoreError
-    from workers.layouts import UnsupportedModelError
-    from workers.models import ModelLoadError
-    from workers.tasks import TaskFileError
-    from workers.writer import NonFiniteGradientError
+    from pipeline.errors import QkovError
 
-    from pipeline.cluster import ClusterError
-    from pipeline.stats_stage import StatsStageError
-
-    return (JobFileError, StoreError, UnsupportedModelError, ModelLoadError, TaskFileError, NonFiniteGradientError,
-            FileNotFoundError, ClusterError, StatsStageError)
+    return (QkovError, FileNotFoundError)
 
 
 @contextmanager
@@ -40,32 +31,94 @@ def _friendly() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        if isinstance(e, _user_errors()) or type(e) is ValueError:
+        if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
         raise
 
 
+REDELIVER_S = 2.0  # a Ctrl-C that has not ended the command by then is delivered again
+
+
 @contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
     """SIGTERM (a batch scheduler's time limit, `kill`) unwinds like Ctrl-C: the run's lock is
-    released and its cluster closed, so a requeued job on another node can --resume."""
+    released and its cluster closed, so a requeued job on another node can --resume.
+
+    Ctrl-C is made reliable: Python raises KeyboardInterrupt wherever the main thread is, and
+    one raised inside a garbage-collection callback (distributed has several) is printed and
+    dropped, leaving the run waiting with its lock held until a second Ctrl-C. So until the
+    command has ended, a Ctrl-C is delivered again every REDELIVER_S seconds; releasing the
+    lock is shielded from it (store.release_lock)."""
+    import os
     import signal
     import threading
+    import time
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    interrupted = threading.Event()
+    finished = threading.Event()
+
+    def on_sigint(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    def redeliver() -> None:
+        interrupted.wait()
+        while not finished.wait(REDELIVER_S):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    before_term = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    before_int = signal.signal(signal.SIGINT, on_sigint)
+    threading.Thread(target=redeliver, name="qkov-ctrl-c", daemon=True).start()
     try:
         yield
+    except KeyboardInterrupt:
+        finished.set()
+        err.print("interrupted; nothing is marked complete that was not finished (continue a run with --resume)", highlight=False)
+        raise typer.Exit(130) from None
     finally:
-        signal.signal(signal.SIGTERM, before)
+        finished.set()
+        interrupted.set()  # ends the helper thread
+        signal.signal(signal.SIGINT, before_int)
+        signal.signal(signal.SIGTERM, before_term)
+
+
+def _stamp() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextmanager
+def _plain_progress(every_s: float = 30.0) -> Iterator:
+    """Progress as timestamped lines, for stderr that is not a terminal (a batch job's log):
+    a line when a stage starts and ends, at each tenth of it, and at least every `every_s` seconds."""
+    import time
+
+    state: dict[str, tuple[float, int, bool]] = {}
+
+    def tick(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        prev = state.get(stage)
+        decile, finished = (10 * done) // max(1, total), done >= total
+        if prev is not None and (prev[2] or (not finished and decile == prev[1] and now - prev[0] < every_s)):
+            return
+        state[stage] = (now, decile, finished)
+        print(f"{_stamp()} {stage}: {done}/{total}" + (" done" if finished else ""), file=sys.stderr, flush=True)
+
+    yield tick
 
 
 @contextmanager
 def _stage_progress() -> Iterator:
+    if not err.is_terminal:
+        with _plain_progress() as tick:
+            yield tick
+        return
     cols = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
     with Progress(*cols, console=err, transient=False) as prog:
@@ -82,10 +135,26 @@ def _stage_progress() -> Iterator:
 def _print_summary(path: str, storage_options=None, stats_name: str | None = None) -> None:
     from pipeline.query import format_significant, significant_heads
 
-    console.print(f"\n[bold green]done.[/] results in [bold]{path}[/]")
-    console.print(f"  read them with: xarray.open_datatree({path!r}, engine='zarr')")
-    console.print(f"  heads:  qkov query {path} --layer L --head H      report:  qkov report {path}")
+    console.print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
+    console.print(f"  read them with: xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
+    console.print(f"  heads:  qkov query {escape(path)} --layer L --head H      report:  qkov report {escape(path)}", highlight=False)
     console.print(format_significant(significant_heads(path, storage_options=storage_options, stats_name=stats_name)))
+
+
+def _preflight(job, *, resume: bool, overwrite: bool, local: bool):
+    from pipeline.extract import sample_count_warning
+    from pipeline.run import preflight
+
+    plan = preflight(job, resume=resume, overwrite=overwrite, local=local)
+    note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
+    if note:
+        err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+    return plan
+
+
+def _print_cluster(client) -> None:
+    err.print(f"cluster: {escape(client.dashboard_link or client.scheduler.address)}"
+              + ("  (dashboard)" if client.dashboard_link else ""), highlight=False)
 
 
 @app.command()
@@ -104,14 +173,18 @@ def run(
     with _friendly(), _sigterm_unwinds():
         job = load_job(job_file)
         if resume and overwrite:
-            raise ValueError("--resume and --overwrite exclude each other; choose one")
+            from pipeline.errors import UsageError
+
+            raise UsageError("--resume and --overwrite exclude each other; choose one")
+        # every input and the output checked before any cluster starts
+        plan = _preflight(job, resume=resume, overwrite=overwrite, local=inline or not (scheduler or job.cluster.address or job.cluster.profile))
         with _stage_progress() as tick:
             if inline:
-                summary = run_job(job, resume=resume, overwrite=overwrite, progress=tick)
+                summary = run_job(job, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
             else:
                 with cluster_client(job.cluster, scheduler) as client:
-                    err.print(f"cluster: {client.dashboard_link or client.scheduler.address}")
-                    summary = run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick)
+                    _print_cluster(client)
+                    summary = run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
         if summary.extract:
             err.print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
                       + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
@@ -133,30 +206,23 @@ def stats(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address"),
 ) -> None:
     """Rerun the statistics on an existing run with new settings (model and gradients untouched)."""
-    from pydantic import ValidationError
+    from pipeline.executors import executor_for
+    from pipeline.stats_stage import rerun_stats
+    from pipeline.store import RunStore
 
-    from pipeline.spec import StatsSpec
-    from pipeline.stats_stage import run_stats
-    from pipeline.store import open_root, owned, read_provenance
+    with _friendly(), _sigterm_unwinds():
+        store = RunStore(run_path)
+        settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
+                        alternative=alternative, seed=seed)
+        if scheduler:
+            from pipeline.cluster import connect
 
-    with _friendly():
-        base = (read_provenance(open_root(run_path)).get("config") or {}).get("stats", {})
-        over = {k: v for k, v in dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
-                                       alternative=alternative, seed=seed).items() if v is not None}
-        try:
-            settings = StatsSpec(**{**base, **over})
-        except ValidationError as e:
-            raise ValueError("; ".join(f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}" for er in e.errors())) from None
-        with owned(run_path):  # never beside a `qkov run` (or another `qkov stats`) writing this run
-            if scheduler:
-                from pipeline.cluster import connect
-
-                with connect(scheduler) as client:
-                    ds = run_stats(run_path, settings, client=client, name=name, replace=replace)
-            else:
-                ds = run_stats(run_path, settings, name=name, replace=replace)
+            with connect(scheduler) as client:
+                ds = rerun_stats(store, executor_for(client), name=name, replace=replace, **settings)
+        else:
+            ds = rerun_stats(store, name=name, replace=replace, **settings)
         n_sig = int(ds["significant"].where(ds["in_family"], False).sum())
-        console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={settings.alpha}")
+        console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={ds.attrs['alpha']}")
         _print_summary(run_path, stats_name=name)
 
 
@@ -169,6 +235,7 @@ def query(
     top: int = typer.Option(10, "--top", help="number of top interfering pairs"),
     score: str = typer.Option("interference", "--score", help="interference | alignment"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
+    stats_name: Optional[str] = typer.Option(None, "--stats", help="read the statistics named NAME (stats_<NAME>, from `qkov stats --name`)"),
 ) -> None:
     """A head's statistics and its top interfering sample pairs (with your sample ids)."""
     import json
@@ -176,7 +243,7 @@ def query(
     from pipeline.query import format_query, query_head
 
     with _friendly():
-        res = query_head(run_path, layer, head, block=block, top=top, score=score)
+        res = query_head(run_path, layer, head, block=block, top=top, score=score, stats_name=stats_name)
         if as_json:
             console.print_json(json.dumps(res))
         else:
@@ -187,13 +254,14 @@ def query(
 def report(
     run_path: str = typer.Argument(..., metavar="RUN"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN-report, beside the run)"),
+    stats_name: Optional[str] = typer.Option(None, "--stats", help="report the statistics named NAME (stats_<NAME>)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
     from pipeline.report import make_report
 
     with _friendly():
-        html = make_report(run_path, out_dir=out)
-        console.print(f"report: [bold]{html}[/]")
+        html = make_report(run_path, out_dir=out, stats_name=stats_name)
+        console.print(f"report: [bold]{escape(str(html))}[/]")
 
 
 @app.command()
@@ -202,11 +270,12 @@ def check(
     n_samples: int = typer.Option(4, "--n-samples", help="samples per task used by the checks"),
 ) -> None:
     """Sanity checks on the job's model: additivity, scale, ablation, symmetry."""
-    from pipeline.checks import format_checks, run_checks
+    from pipeline.checks import check_checks_output, format_checks, run_checks
     from pipeline.spec import load_job
 
     with _friendly():
         job = load_job(job_file)
+        check_checks_output(job)  # before any model work: never into a folder that is not a run
         ds = run_checks(job, n_samples=n_samples)
         console.print(format_checks(ds))
         if not bool(ds["passed"].all()):
@@ -214,15 +283,20 @@ def check(
 
 
 @app.command()
-def validate(job_file: Path = typer.Argument(..., help="TOML job file")) -> None:
-    """Validate a job file and print it with every default filled in."""
-    import json
-
-    from pipeline.spec import load_job
+def validate(
+    job_file: Path = typer.Argument(..., help="TOML job file"),
+    resume: bool = typer.Option(False, "--resume", help="check as `qkov run --resume` would"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="check as `qkov run --overwrite` would"),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", help="as `qkov run --scheduler` (devices are then the workers' to check)"),
+) -> None:
+    """Check a job as `qkov run` would before it starts (job file, model folder and checkpoint,
+    task files against the model, output), then print the job as TOML with every default filled in."""
+    from pipeline.spec import load_job, to_toml
 
     with _friendly():
         job = load_job(job_file)
-        console.print_json(json.dumps(job.config_dict()))
+        _preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile))
+        console.print(to_toml(job.config_dict()), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -230,6 +304,7 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="where the demo run goes"),
     samples: Optional[int] = typer.Option(None, "--samples", help="samples per task (default: the demo job's)"),
     inline: bool = typer.Option(False, "--inline", help="run in this process without a Dask cluster"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a run at --out that `qkov demo` did not make"),
 ) -> None:
     """The whole job on the embedded default: SmolLM2-135M, arithmetic vs Python code, a LocalCluster."""
     from pipeline.cluster import cluster_client
@@ -237,19 +312,45 @@ def demo(
     from pipeline.report import make_report
     from pipeline.run import run_job
 
-    with _friendly():
+    with _friendly(), _sigterm_unwinds():
         job = demo_job(out, samples=samples)
         err.print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
                   f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
+        replace = _demo_may_replace(job, overwrite)
+        plan = _preflight(job, resume=False, overwrite=replace, local=True)
         with _stage_progress() as tick:
             if inline:
-                run_job(job, overwrite=True, progress=tick)
+                run_job(job, overwrite=replace, progress=tick, plan=plan)
             else:
                 with cluster_client(job.cluster) as client:
-                    run_job(job, client=client, overwrite=True, progress=tick)
+                    _print_cluster(client)
+                    run_job(job, client=client, overwrite=replace, progress=tick, plan=plan)
         _print_summary(job.output.path)
         html = make_report(job.output.path)
-        console.print(f"report: [bold]{html}[/]")
+        console.print(f"report: [bold]{escape(str(html))}[/]")
+
+
+def _demo_may_replace(job, overwrite: bool) -> bool:
+    """`qkov demo` replaces its own earlier demo run at --out (same model and built-in tasks);
+    any other run there only with --overwrite, and never a folder that is not a run."""
+    from pipeline.errors import StoreError
+    from pipeline.store import RunStore
+
+    store = RunStore.of(job)
+    if not store.exists():
+        return False
+    if overwrite:
+        return True
+    old = store.config() if store.is_run() else {}
+    mine = job.config_dict()
+    same = bool(old) and old.get("model") == mine["model"] and all(
+        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in ("a", "b"))
+    if not store.is_run():
+        raise StoreError(f"--out {store.path} exists and is not a qkov run; refusing to write into it. Choose another --out.")
+    if not same:
+        raise StoreError(f"--out {store.path} holds a qkov run that `qkov demo` did not make; refusing to replace it. "
+                         "Choose another --out, or pass --overwrite to replace it.")
+    return True
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .spec import ClusterSpec
+from .errors import ClusterError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
 
 GPU_RESOURCE = "GPU"
 PROFILE_KINDS = ("slurm", "kubernetes")
@@ -42,10 +43,6 @@ CONNECT_TIMEOUT = "30s"
 # code on the workers. A remote cluster is the user's own choice (see the README's TLS notes).
 LOOPBACK = "127.0.0.1"
 DASHBOARD = f"{LOOPBACK}:0"  # a free port on loopback
-
-
-class ClusterError(RuntimeError):
-    """The cluster cannot be used as asked; the message says what to do."""
 
 
 # ---------------------------------------------------------------- embedded
@@ -81,11 +78,27 @@ def gpu_worker_options(spec: ClusterSpec, n_gpu: int, n_cpu: int) -> dict[str, d
     }
 
 
+WORKER_PRELOAD = "pipeline.cluster"  # its dask_setup runs in every embedded worker process
+
+
+def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
+    """Embedded workers ignore SIGINT. A terminal's Ctrl-C goes to the whole process group: the
+    workers died of it mid-task (tracebacks, and a client waiting on them while its own
+    KeyboardInterrupt could be lost), where the client alone should stop, close the cluster and
+    release the run's lock. The workers end with the cluster."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def gpu_cluster(options: dict[str, dict[str, Any]]):
     """A SpecCluster of nanny-managed workers with these options (see gpu_worker_options)."""
     from distributed import Nanny, Scheduler, SpecCluster
 
-    workers = {name: {"cls": Nanny, "options": {"host": LOOPBACK, **opts}} for name, opts in options.items()}
+    workers = {name: {"cls": Nanny, "options": {"host": LOOPBACK, "preload": [WORKER_PRELOAD], **opts}}
+               for name, opts in options.items()}
     return SpecCluster(workers=workers, scheduler={"cls": Scheduler, "options": {"host": LOOPBACK, "dashboard_address": DASHBOARD}})
 
 
@@ -97,7 +110,8 @@ def local_cluster(spec: ClusterSpec):
         return gpu_cluster(gpu_worker_options(spec, n_gpu, os.cpu_count() or 1))
     threads = spec.threads_per_worker or 1
     n = spec.n_workers or max(1, (os.cpu_count() or 1) // threads)
-    return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host=LOOPBACK, dashboard_address=DASHBOARD)
+    return LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, host=LOOPBACK, dashboard_address=DASHBOARD,
+                        preload=[WORKER_PRELOAD])
 
 
 # ---------------------------------------------------------------- profiles

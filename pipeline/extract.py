@@ -8,6 +8,7 @@ complete. A completed-shard record per shard lets `--resume` skip finished work.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,11 +18,12 @@ import numpy as np
 import xarray as xr
 
 from workers import fisher as fisher_math
-from workers.writer import NonFiniteGradientError, ShardResult, ShardTask, extract_shards
+from workers.writer import ShardResult, ShardTask, extract_shards
 
 from . import schema
 from .spec import JobSpec
-from .store import StoreError, mark_complete, open_root, provenance, zarr_store
+from .errors import JobFileError, NonFiniteGradientError, StoreError, TaskFileError
+from .store import RunStore, provenance
 
 
 @dataclass(frozen=True, eq=False)
@@ -46,6 +48,7 @@ class ExtractPlan:
     fisher_weights: np.ndarray
     fisher_batches: int
     layout_summary: dict = field(default_factory=dict)
+    checkpoint: str = ""  # workers.models.checkpoint_fingerprint of the weight files
 
     @property
     def n(self) -> int:
@@ -72,12 +75,26 @@ def meta_layout(job: JobSpec):
     from workers.layouts import discover_layout
     from workers.models import model_folder, model_kind
 
+    config, model = meta_model(job)
+    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
+
+
+def meta_model(job: JobSpec):
+    """The model's config and the model built from it on the meta device (no weights read),
+    after checking that the checkpoint holds every tensor it needs with the config's shapes
+    (a classifier head the checkpoint lacks would otherwise be initialised randomly)."""
+    import torch
+    import transformers as tf
+
+    from workers.models import check_checkpoint, load_config, model_folder, model_kind
+
     folder = model_folder(job.model)
-    config = tf.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    config = load_config(folder)
     cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
     with torch.device("meta"):
         model = cls.from_config(config, attn_implementation=job.model.attn_implementation)
-    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
+    check_checkpoint(folder, model)
+    return config, model
 
 
 def meta_vocab_size(job: JobSpec) -> int:
@@ -91,28 +108,51 @@ def meta_vocab_size(job: JobSpec) -> int:
     return int(size)
 
 
+def check_sample_counts(job: JobSpec, n_a: int, n_b: int) -> None:
+    """Each task needs at least 2 samples: with one, every label permutation gives the same
+    statistic (p = 0.5 for n_A = n_B = 1) and the bootstrap CI has zero width."""
+    for spec, n in ((job.tasks.a, n_a), (job.tasks.b, n_b)):
+        if n < 2:
+            raise TaskFileError(
+                f"task {spec.name!r} has {n} sample; the statistics need at least 2 per task (with 1, label "
+                "permutations cannot tell the tasks apart and the bootstrap CI has zero width). Add samples"
+                + (" or raise its limit" if spec.limit is not None else "")
+            )
+
+
+def sample_count_warning(n_a: int, n_b: int, alpha: float) -> str | None:
+    """A note when no p-value can reach alpha: only C(n_A+n_B, n_A) distinct label arrangements exist."""
+    from math import comb
+
+    arrangements = comb(n_a + n_b, n_a)
+    if 1.0 / arrangements > alpha:
+        return (f"with {n_a} + {n_b} samples only {arrangements} label arrangements exist, so no p-value can fall "
+                f"below {1 / arrangements:.3g} > alpha = {alpha}: nothing can be significant. Add samples.")
+    return None
+
+
 def plan_extract(job: JobSpec) -> ExtractPlan:
     from workers.models import load_tokenizer
-    from workers.tasks import load_task, validate_vocab
+    from workers.models import checkpoint_fingerprint, model_folder
+    from workers.tasks import load_task, validate_for_model
 
     tokenizer = load_tokenizer(job.model)
     a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
     b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
     samples = list(a) + list(b)
-    layout, kind = meta_layout(job)
-    for task in (a, b):  # an id past the embedding would fail on a worker with an IndexError
-        validate_vocab(task, meta_vocab_size(job))
-    if kind == "sequence_classification":
-        # a missing label would silently give loss 0 and gradient 0
-        missing = [s.id for s in samples if s.label is None]
-        if missing:
-            from workers.tasks import TaskFileError
+    check_sample_counts(job, len(a), len(b))
+    config, model = meta_model(job)
+    from workers.layouts import discover_layout
 
-            raise TaskFileError(f"the model is a sequence classifier but samples {missing[:10]} have no integer 'label' field; add one to every row")
+    layout = discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias)
+    # token ids inside the embedding, lengths inside a learned position table, a classifier's
+    # labels inside its classes (a missing label would silently give loss 0 and gradient 0)
+    for task in (a, b):
+        validate_for_model(task, config, model)
     layers = tuple(job.score.layers) if job.score.layers is not None else tuple(range(layout.n_layers))
     bad = [l for l in layers if l >= layout.n_layers]
     if bad:
-        raise ValueError(f"score.layers {bad} out of range: the model has {layout.n_layers} attention layers (0..{layout.n_layers - 1})")
+        raise JobFileError(f"score.layers {bad} out of range: the model has {layout.n_layers} attention layers (0..{layout.n_layers - 1})")
     blocks = tuple(job.score.blocks)
     sub = layout.subset(layers=layers, blocks=blocks)
     f = job.fisher
@@ -135,6 +175,7 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
         fisher_weights=fisher_math.stream_weights(len(a), len(b), f.source, f.batch_size, f.beta),
         fisher_batches=fisher_math.n_batches(len(a), len(b), f.source, f.batch_size),
         layout_summary=sub.summary(),
+        checkpoint=checkpoint_fingerprint(model_folder(job.model)),
     )
 
 
@@ -158,30 +199,27 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=object)),
         schema.TASK: (schema.SAMPLE, np.array(labels, dtype=object)),
         schema.N_TOKENS: (schema.SAMPLE, np.array([len(x) for x in plan.input_ids], dtype=np.int32)),
-        "text": (schema.SAMPLE, np.array([_text_preview(t) for t in plan.texts], dtype=object)),
+        schema.TEXT: (schema.SAMPLE, np.array([_text_preview(t) for t in plan.texts], dtype=object)),
         schema.LOSS: (schema.SAMPLE, da.full(n, np.nan, chunks=plan.shard_size, dtype=np.float32)),
-        "finite": (schema.SAMPLE, da.zeros(n, chunks=plan.shard_size, dtype=bool)),
+        schema.FINITE: (schema.SAMPLE, da.zeros(n, chunks=plan.shard_size, dtype=bool)),
         schema.LAYER: (schema.LAYER, np.array(plan.layers, dtype=np.int32)),
         schema.HEAD: (schema.HEAD, np.arange(plan.n_heads, dtype=np.int32)),
         schema.KV_HEAD: (schema.KV_HEAD, np.arange(plan.n_kv_heads, dtype=np.int32)),
-        "kv_head_of": (schema.HEAD, np.array(plan.kv_head_of, dtype=np.int32)),
+        schema.KV_HEAD_OF: (schema.HEAD, np.array(plan.kv_head_of, dtype=np.int32)),
     }
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         provenance(job.config_dict(), job.config_hash(), layout=plan.layout_summary, stage="extract"),
-        n_a=plan.n_a,
-        n_b=plan.n_b,
-        task_a=plan.task_names[0],
-        task_b=plan.task_names[1],
         shard_size=plan.shard_size,
         storage_dtype=job.score.storage_dtype,
-        mode=job.score.mode,
     )
+    ds.attrs.update({schema.ATTR_N_A: plan.n_a, schema.ATTR_N_B: plan.n_b, schema.ATTR_TASK_A: plan.task_names[0],
+                     schema.ATTR_TASK_B: plan.task_names[1], schema.ATTR_MODE: job.score.mode})
     if job.score.mode == "sketch":
         from workers.sketch import PROJECTION_SCHEME
 
-        ds.attrs.update(sketch_dim=job.score.sketch_dim, sketch_seed=job.score.sketch_seed, sketch_nnz=1,
-                        sketch_projection=PROJECTION_SCHEME)
+        ds.attrs.update({"sketch_dim": job.score.sketch_dim, "sketch_seed": job.score.sketch_seed, "sketch_nnz": 1,
+                         schema.ATTR_SKETCH_PROJECTION: PROJECTION_SCHEME})
     ds.attrs[schema.ATTR_COMPLETE] = False
     return ds
 
@@ -194,42 +232,132 @@ def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, 
     return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
-def write_template(plan: ExtractPlan, job: JobSpec) -> None:
+def checksummed() -> list:
+    """The chunk codecs after `bytes`: a crc32c checksum only (see write_template)."""
+    from zarr.codecs import Crc32cCodec
+
+    return [Crc32cCodec()]
+
+
+async def _keys(zstore, prefix: str) -> set[str]:
+    return {k async for k in zstore.list_prefix(prefix)}
+
+
+def missing_chunks(store: RunStore, group: str, *, sample_dim: str | None = None) -> dict[str, list[tuple[int, ...]]]:
+    """Chunks of `group`'s data variables that do not exist in the store, by variable. A missing
+    chunk reads as the fill value (NaN), so a deleted or never-written chunk would otherwise give
+    NaN scores (or shift other slices' q-values) without a word. `sample_dim`: check only the
+    chunks of shards whose completed-shard record says they were written (an interrupted run's
+    pending shards are legitimately absent)."""
+    from zarr.core.sync import sync
+
+    root = store.root()
+    try:
+        g = root[group]
+    except KeyError:
+        return {}
+    done = None
+    if sample_dim is not None:
+        try:
+            done = np.asarray(root[schema.WORK][schema.DONE][:], dtype=bool)
+        except KeyError:
+            return {}
+    have = sync(_keys(store.zarr(read_only=True), f"{group}/"))
+    out: dict[str, list[tuple[int, ...]]] = {}
+    for name, arr in g.arrays():
+        dims = tuple(arr.metadata.dimension_names or ())
+        if len(arr.shape) < 3:  # coordinates (ids, texts, losses) are not the data; an all-fill chunk of
+            continue            # them (e.g. empty texts) is legitimately never written
+        grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
+        if done is not None:
+            if not dims or dims[0] != sample_dim:
+                continue
+            grid[0] = [k for k in grid[0] if k < len(done) and done[k]]
+        lost = [idx for idx in itertools.product(*grid)
+                if f"{group}/{name}/{arr.metadata.encode_chunk_key(idx)}" not in have]
+        if lost:
+            out[name] = lost
+    return out
+
+
+def damaged_shards(store: RunStore) -> list[int]:
+    """Shards recorded as complete some of whose gradient chunks do not exist."""
+    lost = missing_chunks(store, schema.GRADIENTS, sample_dim=schema.SAMPLE)
+    return sorted({idx[0] for chunks in lost.values() for idx in chunks})
+
+
+def reopen_damaged_shards(store: RunStore) -> list[int]:
+    """--resume: clear the completed-shard record of every shard whose gradient chunks are gone
+    (and the completeness of what was computed from them), so that the run recomputes them."""
+    shards = damaged_shards(store)
+    if shards:
+        root = store.root("r+")
+        done = root[schema.WORK][schema.DONE]
+        for k in shards:
+            done[k] = 0
+        for g in (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP):
+            if store.has_group(g):
+                root[g].attrs[schema.ATTR_COMPLETE] = False
+    return shards
+
+
+def corrupt_chunk_error(store: RunStore, e: BaseException) -> StoreError | None:
+    """A StoreError for a chunk whose crc32c checksum does not match (corrupted or half-written
+    bytes), or None when `e` is something else."""
+    if "checksum" not in str(e).lower():
+        return None
+    return StoreError(f"{store.path} is damaged: a chunk's bytes do not match its checksum ({str(e).splitlines()[0]}); "
+                      "the store was corrupted after it was written. Rerun the job with --overwrite (or restore the run from a copy).")
+
+
+def require_intact_gradients(store: RunStore) -> None:
+    """The score stage's gate: every gradient chunk of every completed shard exists."""
+    shards = damaged_shards(store)
+    if shards:
+        raise StoreError(
+            f"{store.path} is damaged: gradient chunks of completed shards {shards} are missing (deleted, or never "
+            "written by a crashed writer); `qkov run JOB.toml --resume` recomputes them."
+        )
+
+
+def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     """Metadata and coordinates of `gradients`, plus the bookkeeping arrays in `_work`."""
-    store = zarr_store(job.output.path, job.output.storage_options)
     ds = gradients_template(plan, job)
     # uncompressed: per-sample gradients are near-incompressible (zstd saved 7% of float32 chunks while
-    # writing 3.3x and reading 2.2x slower, measured), and every stage after extract streams them
-    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width), "compressors": None}
+    # writing 3.3x and reading 2.2x slower, measured), and every stage after extract streams them.
+    # A crc32c checksum per chunk (7.9 GB/s, within the noise of the store's own write/read times,
+    # measured) turns a corrupted or half-written chunk into an error instead of wrong scores.
+    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width), "compressors": checksummed()}
                 for name, _, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
-    encoding["finite"] = {"chunks": (plan.shard_size,)}
-    ds.to_zarr(store, group=schema.GRADIENTS, mode="w", compute=False, encoding=encoding, zarr_format=3, consolidated=False)
-    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+    encoding[schema.FINITE] = {"chunks": (plan.shard_size,)}
+    store.write_dataset(ds, schema.GRADIENTS, encoding=encoding, compute=False)  # metadata only: workers fill the chunks
+    root = store.root("r+")
     work = root.require_group(schema.WORK)
     n_shards = len(plan.shards)
     for b in plan.blocks:
         shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
         # one chunk per (shard, layer): whole-shard chunks reach 2 GB per block at 7B scale
-        work.create_array(f"fisher_{b}", shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
+        work.create_array(schema.fisher_partial(b), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
-    work.attrs["plan"] = plan.fingerprint()
+    work.attrs[schema.ATTR_PLAN] = plan.fingerprint()
+    work.attrs[schema.ATTR_CHECKPOINT] = plan.checkpoint
     if job.score.mode == "sketch":
         work.create_array(schema.DONE_FISHER, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                           dimension_names=("shard",))
     # `done` last: its presence is what marks the template as written (see run._has_template)
-    work.create_array("done", shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
+    work.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                       dimension_names=("shard",))
 
 
-def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int], phase: str = "exact") -> list[ShardTask]:
+def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[int], phase: str = "exact") -> list[ShardTask]:
     out = []
     for k in shards:
         s, e = plan.shards[k]
         out.append(
             ShardTask(
-                store_path=job.output.path,
-                storage_options=dict(job.output.storage_options),
+                store_path=store.path,
+                storage_options=dict(store.storage_options),
                 model=job.model,
                 include_bias=job.score.include_bias,
                 layers=plan.layers,
@@ -252,25 +380,25 @@ def shard_tasks(plan: ExtractPlan, job: JobSpec, shards: list[int], phase: str =
     return out
 
 
-def pending_shards(plan: ExtractPlan, job: JobSpec, record: str = schema.DONE) -> list[int]:
-    root = open_root(job.output.path, job.output.storage_options, mode="r")
-    done = np.asarray(root[schema.WORK][record][:])
+def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE) -> list[int]:
+    done = np.asarray(store.root()[schema.WORK][record][:])
     return [k for k in range(len(plan.shards)) if not done[k]]
 
 
-def _check_same_plan(plan: ExtractPlan, job: JobSpec) -> None:
-    root = open_root(job.output.path, job.output.storage_options, mode="r")
+def _check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
+    root = store.root()
     if job.score.mode == "sketch":
         from workers.sketch import PROJECTION_SCHEME
 
-        scheme = root[schema.GRADIENTS].attrs.get("sketch_projection", "randperm-v1")
+        scheme = root[schema.GRADIENTS].attrs.get(schema.ATTR_SKETCH_PROJECTION, "randperm-v1")
         if scheme != PROJECTION_SCHEME:
             raise StoreError(
                 f"--resume refused: this run's sketches were drawn with projection scheme {scheme!r} and this "
                 f"qkov draws {PROJECTION_SCHEME!r}; finishing it would mix sketches that do not compare. "
                 "Start over with --overwrite."
             )
-    stored = root[schema.WORK].attrs.get("plan")
+    check_same_checkpoint(store, plan)
+    stored = root[schema.WORK].attrs.get(schema.ATTR_PLAN)
     if stored is not None and stored != plan.fingerprint():
         raise StoreError(
             "--resume refused: the samples differ from those this run started with (a task file or the "
@@ -278,15 +406,31 @@ def _check_same_plan(plan: ExtractPlan, job: JobSpec) -> None:
         )
 
 
-def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> xr.Dataset:
+def check_same_checkpoint(store: RunStore, plan: ExtractPlan) -> None:
+    """--resume after the weight files changed would finish a run whose early shards hold the
+    old model's gradients: refused before anything is written (the fingerprint the run started
+    with is recorded with its template)."""
+    try:
+        stored = store.root()[schema.WORK].attrs.get(schema.ATTR_CHECKPOINT)
+    except KeyError:  # no template yet: nothing was computed from any weights
+        return
+    if stored and plan.checkpoint and stored != plan.checkpoint:
+        raise StoreError(
+            f"--resume refused: the model's weight files differ from those this run started with (checkpoint "
+            f"fingerprint {stored} then, {plan.checkpoint} now); finishing it would mix two models' gradients. "
+            "Restore the weights, or start over with --overwrite."
+        )
+
+
+def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> xr.Dataset:
     """Σ over shards (in shard order, float64) of each shard's Σ w_i g_i²; damping per tensor."""
-    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+    root = store.root("r+")
     work = root[schema.WORK]
     f = job.fisher
     data, lam = {}, {}
     pdim = schema.param_dims(plan.sizes)
     for b in plan.blocks:
-        part = work[f"fisher_{b}"]
+        part = work[schema.fisher_partial(b)]
         total = np.zeros(part.shape[1:], dtype=np.float64)
         for k in range(part.shape[0]):
             for li in range(part.shape[1]):  # one stored chunk at a time
@@ -300,7 +444,7 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
             schema.BLOCK: np.array(plan.blocks, dtype=object),
         },
     )
-    ds["damping"] = xr.Variable((schema.BLOCK, schema.LAYER), np.stack([lam[b] for b in plan.blocks]))
+    ds[schema.DAMPING] = xr.Variable((schema.BLOCK, schema.LAYER), np.stack([lam[b] for b in plan.blocks]))
     ds.attrs.update(
         provenance(job.config_dict(), job.config_hash(), stage="extract", weights_hash=weights_hash),
         beta=f.beta,
@@ -310,32 +454,32 @@ def consolidate_fisher(plan: ExtractPlan, job: JobSpec, weights_hash: str | None
         damping_rel=f.damping_rel,
         damping_abs=f.damping_abs,
         # extract.nonfinite = "skip": these samples' g² count as 0 in their batch's mean
-        skipped_samples=list(root[schema.WORK].attrs.get("skipped", [])),
+        **{schema.ATTR_SKIPPED_SAMPLES: list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))},
         **{f"lambda_{b}": [float(x) for x in lam[b]] for b in plan.blocks},
     )
-    store = zarr_store(job.output.path, job.output.storage_options)
     # one chunk per (block, layer): readers (the sketch pass, the score stage) go layer by layer
     encoding = {b: {"chunks": (1, plan.heads[b], plan.sizes[b])} for b in plan.blocks}
-    ds.to_zarr(store, group=schema.FISHER, mode="w", zarr_format=3, consolidated=False, encoding=encoding)
-    mark_complete(open_root(job.output.path, job.output.storage_options, mode="r+"), schema.FISHER)
+    store.write_dataset(ds, schema.FISHER, encoding=encoding)
+    store.mark_complete(schema.FISHER)
     return ds
 
 
-def _finish_pass(plan: ExtractPlan, job: JobSpec, results: list[ShardResult], record: str) -> tuple[str | None, list[str]]:
+def _finish_pass(store: RunStore, plan: ExtractPlan, results: list[ShardResult], record: str) -> tuple[str | None, list[str]]:
     """Check one pass's shard results (one model, no rejected samples, every shard done) and
     record its skipped samples; returns the weights hash and the skipped sample ids."""
-    root = open_root(job.output.path, job.output.storage_options, mode="r+")
-    hashes = {r.weights_hash for r in results} | ({root[schema.WORK].attrs["weights_hash"]} if "weights_hash" in root[schema.WORK].attrs else set())
+    root = store.root("r+")
+    work = root[schema.WORK]
+    hashes = {r.weights_hash for r in results} | ({work.attrs[schema.ATTR_WEIGHTS_HASH]} if schema.ATTR_WEIGHTS_HASH in work.attrs else set())
     if len(hashes) > 1:
         raise StoreError(f"workers loaded different model weights (hashes {sorted(hashes)}); every worker must see the same model files")
     whash = next(iter(hashes), None)
     if whash:
-        root[schema.WORK].attrs["weights_hash"] = whash
+        work.attrs[schema.ATTR_WEIGHTS_HASH] = whash
     order = {sid: k for k, sid in enumerate(plan.sample_ids)}
     skipped = sorted({s for r in results for s in r.skipped}, key=order.__getitem__)
     if skipped:  # kept across resumed attempts, in store order
-        earlier = set(root[schema.WORK].attrs.get("skipped", []))
-        root[schema.WORK].attrs["skipped"] = sorted(earlier | set(skipped), key=lambda s: order.get(s, len(order)))
+        earlier = set(work.attrs.get(schema.ATTR_SKIPPED, []))
+        work.attrs[schema.ATTR_SKIPPED] = sorted(earlier | set(skipped), key=lambda s: order.get(s, len(order)))
     rejected = [s for r in results for s in r.rejected]  # shard order = store order
     if rejected:
         raise NonFiniteGradientError(
@@ -343,7 +487,7 @@ def _finish_pass(plan: ExtractPlan, job: JobSpec, results: list[ShardResult], re
             "Drop them from the task files, or set extract.nonfinite = 'skip' to record and exclude them "
             "(then rerun with --overwrite)."
         )
-    if pending_shards(plan, job, record):
+    if pending_shards(store, plan, record):
         raise StoreError("some extraction shards did not complete; rerun with --resume")
     return whash, skipped
 
@@ -356,18 +500,18 @@ def shard_groups(tasks: list[ShardTask], slots: int) -> list[tuple[ShardTask, ..
     return [tuple(tasks[i : i + per]) for i in range(0, len(tasks), per)]
 
 
-def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
+def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
                 on_progress: Callable[[int, int], None] | None = None) -> dict:
-    """Extract gradients and the Fisher into the run. With fresh=False (resume), only
-    shards without a completed-shard record run. Returns counts and the weights hash."""
+    """The extract stage: gradients and the Fisher into the run. With fresh=False (resume),
+    only shards without a completed-shard record run. Returns counts and the weights hash."""
     plan = plan or plan_extract(job)
     if fresh:
-        write_template(plan, job)
+        write_template(store, plan, job)
     else:
-        _check_same_plan(plan, job)
+        _check_same_plan(store, plan, job)
     # sketch mode: pass 1 writes the Fisher; pass 2 needs the consolidated Fisher to form its operands
     phases = [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)] if job.score.mode == "sketch" else [("exact", schema.DONE)]
-    todo = {record: pending_shards(plan, job, record) for _, record in phases}
+    todo = {record: pending_shards(store, plan, record) for _, record in phases}
     total = len(plan.shards) * len(phases)
     done_count = [total - sum(map(len, todo.values()))]
     if on_progress:
@@ -379,15 +523,15 @@ def run_extract(job: JobSpec, executor, *, plan: ExtractPlan | None = None, fres
             on_progress(done_count[0], total)
 
     for phase, record in phases:
-        tasks = shard_tasks(plan, job, todo[record], phase)
+        tasks = shard_tasks(store, plan, job, todo[record], phase)
         groups = shard_groups(tasks, slots=executor.gpu_slots())
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
-        whash, skipped = _finish_pass(plan, job, results, record)
+        whash, skipped = _finish_pass(store, plan, results, record)
         if phase != "sketch":  # the pass that wrote the Fisher partial sums
-            consolidate_fisher(plan, job, whash)
-    root = open_root(job.output.path, job.output.storage_options, mode="r+")
+            consolidate_fisher(store, plan, job, whash)
+    root = store.root("r+")
     g = root[schema.GRADIENTS]
-    g.attrs["weights_hash"] = whash
-    g.attrs["skipped_samples"] = list(root[schema.WORK].attrs.get("skipped", []))
-    mark_complete(root, schema.GRADIENTS)
+    g.attrs[schema.ATTR_WEIGHTS_HASH] = whash
+    g.attrs[schema.ATTR_SKIPPED_SAMPLES] = list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))
+    store.mark_complete(schema.GRADIENTS)
     return {"shards": len(plan.shards), "computed": len(todo[schema.DONE]), "weights_hash": whash, "skipped": skipped}

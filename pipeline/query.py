@@ -14,40 +14,17 @@ import numpy as np
 import xarray as xr
 
 from . import schema
-from .stats_stage import open_stats, stats_group_name
-from .store import StoreError, has_group, is_complete, open_root
+from .errors import UsageError
+from .store import RunStore
 
 STAT_VARS: tuple[str, ...] = ("mean", "ci_low", "ci_high", "p_value", "q_value", "p_fwer", "significant")
 SETTINGS_SHOWN: tuple[str, ...] = ("null", "alternative", "n_permutations", "n_bootstrap", "alpha", "ci_level", "seed")
-TEXT = "text"  # the gradients coord holding each sample's first characters
-
-# which stage writes each group, for "run this first" messages
-_STAGE_HINT = {
-    schema.GRADIENTS: "the extract stage (`qkov run JOB.toml`)",
-    schema.FISHER: "the extract stage (`qkov run JOB.toml`)",
-    schema.SCORES_GROUP: "the score stage (`qkov run JOB.toml`, or `--resume` to finish an interrupted run)",
-}
+TEXT = schema.TEXT  # the gradients coord holding each sample's first characters
 
 
-def require_groups(run: str, groups: tuple[str, ...], storage_options: dict | None = None) -> None:
-    """ValueError naming the missing or incomplete group and the stage that writes it."""
-    try:
-        root = open_root(run, storage_options, mode="r")
-    except StoreError as e:
-        raise ValueError(str(e)) from None
-    for g in groups:
-        if not is_complete(root, g):
-            named = g.removeprefix(f"{schema.STATS}_") if g != schema.STATS else None
-            hint = _STAGE_HINT.get(g, f"the stats stage (`qkov stats {run}" + (f" --name {named}" if named else "") + "`)")
-            state = "an incomplete" if has_group(root, g) else "no"
-            raise ValueError(f"{run} has {state} '{g}' group; run {hint} first")
-
-
-def load_stats(run: str, stats_name: str | None = None, storage_options: dict | None = None) -> xr.Dataset:
-    """The (loaded) `stats` or `stats_<name>` group; a ValueError naming the stage when it is missing."""
-    require_groups(run, (stats_group_name(stats_name),), storage_options)
-    # stats_stage passes storage_options straight to xarray, which refuses {} for local paths
-    return open_stats(run, stats_name, storage_options=storage_options or None)
+def load_stats(run: "str | RunStore", stats_name: str | None = None, storage_options: dict | None = None) -> xr.Dataset:
+    """The (loaded) `stats` or `stats_<name>` group; a StoreError naming the stage when it is missing."""
+    return RunStore.coerce(run, storage_options).open_stats(stats_name)
 
 
 def _num(x: Any) -> Any:
@@ -71,7 +48,7 @@ def describe_values(valid: list) -> str:
 
 def _check_choice(what: str, value: Any, valid: list) -> None:
     if value not in valid:
-        raise ValueError(f"{what} {value!r} is out of range; this run has {what}s {describe_values(valid)}")
+        raise UsageError(f"{what} {value!r} is out of range; this run has {what}s {describe_values(valid)}")
 
 
 def _grouped(stats: xr.Dataset) -> bool:
@@ -88,11 +65,9 @@ def _slice_stats(stats: xr.Dataset, score: str, block: str, layer: int, head: in
     return out
 
 
-def _sample_info(run: str, storage_options: dict | None) -> dict[tuple[str, str], dict[str, Any]]:
+def _sample_info(store: RunStore) -> dict[tuple[str, str], dict[str, Any]]:
     """(task, sample_id) → text preview, token count, loss; keyed by task so that A and B may reuse ids."""
-    from .score import open_gradients
-
-    g = open_gradients(run, storage_options, decode=False)
+    g = store.open_gradients(decode=False)
     ids = [str(x) for x in g[schema.SAMPLE_ID].values]  # StringDType/object arrays: no fixed-width cast
     tasks = [str(x) for x in g[schema.TASK].values]
     texts = [str(x) for x in g[TEXT].values] if TEXT in g.coords else [""] * len(ids)
@@ -121,7 +96,7 @@ def ranking(score: str) -> str:
     return "most negative alignment first (conflicting pairs)" if score == "alignment" else f"highest {score} first"
 
 
-def query_head(run: str, layer: int, head: int, block: str | None = None, top: int = 10,
+def query_head(run: "str | RunStore", layer: int, head: int, block: str | None = None, top: int = 10,
                score: str = "interference", storage_options: dict | None = None,
                stats_name: str | None = None) -> dict[str, Any]:
     """One head's statistics per block (both scores) and its top `top` sample pairs by `score`.
@@ -132,14 +107,14 @@ def query_head(run: str, layer: int, head: int, block: str | None = None, top: i
     `stats_<name>` (written by `qkov stats --name`).
     """
     if score not in schema.SCORES:
-        raise ValueError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
+        raise UsageError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
     if top < 0:
-        raise ValueError(f"top must be >= 0, got {top}")
-    require_groups(run, (schema.GRADIENTS, schema.SCORES_GROUP, stats_group_name(stats_name)), storage_options)
-    from .score import open_scores
-
-    scores = open_scores(run, storage_options)
-    stats = load_stats(run, stats_name, storage_options)
+        raise UsageError(f"top must be >= 0, got {top}")
+    store = RunStore.coerce(run, storage_options)
+    for group in (schema.GRADIENTS, schema.SCORES_GROUP, schema.stats_group(stats_name)):
+        store.require(group)
+    scores = store.open_scores()
+    stats = store.open_stats(stats_name)
     layers = [int(x) for x in stats[schema.LAYER].values]
     heads = [int(x) for x in stats[schema.HEAD].values]
     blocks = [str(b) for b in stats[schema.BLOCK].values]
@@ -151,8 +126,8 @@ def query_head(run: str, layer: int, head: int, block: str | None = None, top: i
     chosen = blocks if block is None else [block]
     kv = int(stats[schema.KV_HEAD].sel({schema.HEAD: head}).values)
     grouped = _grouped(stats)
-    task_a, task_b = str(scores.attrs["task_a"]), str(scores.attrs["task_b"])
-    info = _sample_info(run, storage_options)
+    task_a, task_b = str(scores.attrs[schema.ATTR_TASK_A]), str(scores.attrs[schema.ATTR_TASK_B])
+    info = _sample_info(store)
 
     def _pair_row(p: dict, rank: int) -> dict:
         a, b = info.get((task_a, p["sample_a"]), {}), info.get((task_b, p["sample_b"]), {})
@@ -173,7 +148,7 @@ def query_head(run: str, layer: int, head: int, block: str | None = None, top: i
             "top_pairs": [_pair_row(p, r + 1) for r, p in enumerate(_pairs(scores, layer, head, b, top, score))],
         })
     return {
-        "run": str(run),
+        "run": store.path,
         "layer": layer,
         "head": head,
         "kv_head": kv if grouped else None,
@@ -182,13 +157,13 @@ def query_head(run: str, layer: int, head: int, block: str | None = None, top: i
         "tasks": {"a": task_a, "b": task_b},
         "n_a": int(scores.sizes[schema.SAMPLE_A]),
         "n_b": int(scores.sizes[schema.SAMPLE_B]),
-        "stats_group": stats_group_name(stats_name),
+        "stats_group": schema.stats_group(stats_name),
         "settings": {k: stats.attrs.get(k) for k in SETTINGS_SHOWN if k in stats.attrs},
         "blocks": per_block,
     }
 
 
-def significant_heads(run: str, score: str = "interference", top: int = 10, storage_options: dict | None = None,
+def significant_heads(run: "str | RunStore", score: str = "interference", top: int = 10, storage_options: dict | None = None,
                       stats_name: str | None = None, only_significant: bool = False) -> list[dict]:
     """The `top` in-family slices with the smallest q-values (ties: larger effect first).
 
@@ -197,7 +172,7 @@ def significant_heads(run: str, score: str = "interference", top: int = 10, stor
     `only_significant` drops slices with q > alpha.
     """
     if score not in schema.SCORES:
-        raise ValueError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
+        raise UsageError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
     stats = load_stats(run, stats_name, storage_options)
     return rank_heads(stats, score, top, only_significant)
 

@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from . import schema
-from .query import describe_values, load_stats, rank_heads, require_groups
-from .stats_stage import stats_group_name
-from .store import has_group, is_url, open_root, read_provenance
+from .errors import UsageError
+from .query import describe_values, rank_heads
+from .store import RunStore, is_url
 
 REPORT_HTML = "report.html"
 SCORE_LABEL = {
@@ -216,29 +216,27 @@ def png_bytes(fig: Figure) -> bytes:
 # ---------------------------------------------------------------- run information (I/O)
 
 
-def run_info(run: str, stats: xr.Dataset, storage_options: dict | None = None,
-             stats_group: str = schema.STATS) -> dict[str, Any]:
+def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS) -> dict[str, Any]:
     """What the page header shows: model, tasks, sample counts, settings, provenance."""
-    root = open_root(run, storage_options, mode="r")
-    grads = dict(root[schema.GRADIENTS].attrs)
-    prov = read_provenance(root, schema.GRADIENTS)
-    cfg = prov.get("config") or read_provenance(root).get("config") or {}
+    grads = store.group_attrs(schema.GRADIENTS) or {}
+    prov = store.provenance(schema.GRADIENTS)
+    cfg = prov.get("config") or store.config()
     model = cfg.get("model", {})
     layout = prov.get("layout", {})
     tasks = cfg.get("tasks", {})
-    fisher = dict(root[schema.FISHER].attrs) if has_group(root, schema.FISHER) else {}
+    fisher = store.group_attrs(schema.FISHER) or {}
     return {
-        "run": str(run),
+        "run": store.path,
         "model": model.get("name") or model.get("path") or "?",
         "model_class": layout.get("model_class"),
         "dtype": model.get("dtype"),
-        "weights_hash": grads.get("weights_hash"),
+        "weights_hash": grads.get(schema.ATTR_WEIGHTS_HASH),
         "heads": f"{layout.get('n_heads', '?')} query heads, {layout.get('n_kv_heads', '?')} KV heads, "
                  f"head_dim {layout.get('head_dim', '?')}",
         "layers": describe_values([int(x) for x in stats[schema.LAYER].values]) + f" (of {layout.get('n_layers', '?')})",
-        "task_a": {"name": grads.get("task_a"), "path": tasks.get("a", {}).get("path"), "n": stats.attrs.get("n_a")},
-        "task_b": {"name": grads.get("task_b"), "path": tasks.get("b", {}).get("path"), "n": stats.attrs.get("n_b")},
-        "skipped": list(grads.get("skipped_samples", [])),
+        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": tasks.get("a", {}).get("path"), "n": stats.attrs.get(schema.ATTR_N_A)},
+        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": tasks.get("b", {}).get("path"), "n": stats.attrs.get(schema.ATTR_N_B)},
+        "skipped": list(grads.get(schema.ATTR_SKIPPED_SAMPLES, [])),
         "max_length": model.get("max_length"),
         "fisher": {k: fisher.get(k) for k in ("source", "beta", "batch_size", "damping_rel", "damping_abs") if k in fisher},
         "score": {k: v for k, v in cfg.get("score", {}).items() if k in ("mode", "sketch_dim", "storage_dtype", "include_bias")},
@@ -361,30 +359,59 @@ def render_html(info: dict, figures: list[dict], tables: dict[str, str]) -> str:
 
 def _default_out(run: str, out_dir: str | Path | None) -> Path:
     if out_dir is not None:
-        if is_url(str(out_dir)) and not str(out_dir).startswith("file://"):
-            raise ValueError(f"out_dir must be a local folder, got {out_dir}")
+        if is_url(str(out_dir)):
+            raise UsageError(f"out_dir must be a local folder, got {out_dir}")
         return Path(str(out_dir).removeprefix("file://"))
-    if is_url(run) and not run.startswith("file://"):
-        raise ValueError(f"the run {run} is remote: pass out_dir (a local folder) for the report")
+    if is_url(run):
+        raise UsageError(f"the run {run} is remote: pass out_dir (a local folder) for the report")
     # beside the run, not inside it: a plain folder inside the Zarr group makes
     # xarray.open_datatree warn about an unknown hierarchy member
-    local = Path(run.removeprefix("file://").rstrip("/"))
+    local = Path(run.removeprefix("file://")).expanduser().resolve()  # `qkov report .` from inside the run
     return local.with_name(local.name + "-report")
 
 
-def make_report(run: str, out_dir: str | Path | None = None, storage_options: dict | None = None,
+REPORT_FILES = (REPORT_HTML, "run_info.json", "summary_q.png")  # and heatmap_<score>.png
+
+
+def _check_out_dir(out: Path) -> None:
+    """The report folder is new, empty, or an earlier qkov report (its run_info.json says so):
+    a user's own report.html (or a file where the folder should be) is never overwritten."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"cannot write the report to {out}: it is a file, not a folder. Choose another --out.")
+    if not out.is_dir():
+        return
+    ours = False
+    try:
+        ours = "run" in json.loads((out / "run_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        pass
+    clash = sorted(p.name for p in out.iterdir() if p.name in REPORT_FILES or (p.name.startswith("heatmap_") and p.suffix == ".png"))
+    if clash and not ours:
+        raise UsageError(f"{out} holds {', '.join(clash)} that qkov did not write; refusing to overwrite them. "
+                         "Choose another --out (a new or empty folder, or an earlier qkov report).")
+
+
+def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storage_options: dict | None = None,
                 stats_name: str | None = None, top: int = 10) -> Path:
     """Write heatmap PNGs, a q-value summary PNG and `report.html` (self-contained); returns the HTML path.
 
     `out_dir` defaults to `<run>-report` (beside the run) for local runs and is required for URLs.
     `stats_name` reports `stats_<name>` instead of `stats`.
     """
-    run = str(run)
-    out = _default_out(run, out_dir)
-    require_groups(run, (schema.GRADIENTS,), storage_options)
-    stats = load_stats(run, stats_name, storage_options)
-    info = run_info(run, stats, storage_options, stats_group_name(stats_name))
+    store = RunStore.coerce(run, storage_options)
+    out = _default_out(store.path, out_dir)
+    store.require(schema.GRADIENTS, "the report")
+    stats = store.open_stats(stats_name)
+    info = run_info(store, stats, schema.stats_group(stats_name))
     tasks = (str(info["task_a"]["name"]), str(info["task_b"]["name"]))
+    _check_out_dir(out)
+    try:
+        return _write_report(out, stats, info, tasks, top)
+    except OSError as e:
+        raise UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable --out.") from None
+
+
+def _write_report(out: Path, stats, info: dict, tasks: tuple[str, str], top: int) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     figures = []

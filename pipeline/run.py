@@ -1,24 +1,25 @@
-"""`qkov run`: extract → score → stats on one output, owned by one process at a time."""
+"""`qkov run`: extract → score → stats on one output, owned by one process at a time.
+
+The stages share one seam: `stage(store, settings, executor)`; each reads only the
+groups of the stage before it and is skipped when its own group is already complete.
+"""
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable
-
-import zarr
+from typing import Callable
 
 from . import schema
+from .errors import StoreError, UsageError
 from .executors import executor_for
 from .extract import plan_extract, run_extract
 from .score import run_score
 from .spec import JobSpec
-from .store import LOCK_GROUP, StoreError, is_complete, is_url, open_root, owned, read_provenance, zarr_store
-
-ATTR_RUN = "qkov_run"
+from .stats_stage import run_stats
+from .store import RunStore
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+UNPLANNED = object()  # run_job's `plan` when no preflight ran yet
 
 
 @dataclass
@@ -27,45 +28,8 @@ class RunSummary:
     extract: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     skipped_stages: list = field(default_factory=list)
-
-
-def _exists(path: str, storage_options: dict) -> bool:
-    try:
-        zarr.open_group(zarr_store(path, storage_options, read_only=True), mode="r", zarr_format=3)
-        return True
-    except (OSError, zarr.errors.GroupNotFoundError):  # missing, or not a folder at all
-        return False
-
-
-def _entries(path: str, storage_options: dict) -> list[str]:
-    """What lies directly under the output (nothing when it does not exist), our lock excluded."""
-    if is_url(path) and not path.startswith("file://"):
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        try:
-            found = [e.rstrip("/") for e in fs.ls(p, detail=False)]
-        except FileNotFoundError:
-            return []
-        return [e for e in found if e.rsplit("/", 1)[-1] != LOCK_GROUP]
-    local = Path(path.removeprefix("file://"))
-    return [str(c) for c in local.iterdir() if c.name != LOCK_GROUP] if local.is_dir() else []
-
-
-def _remove(path: str, storage_options: dict) -> None:
-    """Delete a previous qkov run at `path`, keeping the lock this process holds on it."""
-    root = open_root(path, storage_options, mode="r")
-    if not root.attrs.get(ATTR_RUN):  # never delete something that is not a qkov run
-        raise StoreError(f"{path} exists and is not a qkov run; refusing to overwrite it. Choose another output.path.")
-    if is_url(path) and not path.startswith("file://"):
-        import fsspec
-
-        fs, _ = fsspec.core.url_to_fs(path, **(storage_options or {}))
-        for entry in _entries(path, storage_options):
-            fs.rm(entry, recursive=True)
-    else:
-        for entry in map(Path, _entries(path, storage_options)):
-            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    repaired: list = field(default_factory=list)  # completed shards whose gradient chunks were missing (recomputed)
+    repaired_scores: bool = False  # score chunks were missing: the score stage ran again
 
 
 def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -82,19 +46,16 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _check_resumable(job: JobSpec) -> None:
-    root = open_root(job.output.path, job.output.storage_options, mode="r")
-    version = root.attrs.get(schema.ATTR_SCHEMA)
+def _check_resumable(store: RunStore, job: JobSpec) -> None:
+    version = store.root().attrs.get(schema.ATTR_SCHEMA)
     if version != schema.SCHEMA_VERSION:
         raise StoreError(
-            f"--resume refused: {job.output.path} was written with store schema version {version}, this qkov writes "
+            f"--resume refused: {store.path} was written with store schema version {version}, this qkov writes "
             f"version {schema.SCHEMA_VERSION}; start over with --overwrite or use the qkov that wrote it."
         )
-    old = read_provenance(root).get("config") or {}
-    new = job.config_dict()
     # where the work runs and where the run lives (a moved or synced run) may change between
     # attempts; what is computed may not
-    diff = [k for k in config_differences(old, new) if not k.startswith(("cluster.", "output."))]
+    diff = [k for k in config_differences(store.config(), job.config_dict()) if not k.startswith(("cluster.", "output."))]
     if diff:
         raise StoreError(
             f"--resume refused: the job file differs from the one this run was started with, at {diff}. "
@@ -102,83 +63,194 @@ def _check_resumable(job: JobSpec) -> None:
         )
 
 
-def prepare_output(job: JobSpec, *, resume: bool, overwrite: bool) -> bool:
-    """Decide fresh vs resume; returns True when the run starts fresh."""
-    path, so = job.output.path, job.output.storage_options
+def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool) -> bool:
+    """Decide fresh vs resume (the caller holds the lock); returns True when the run starts fresh."""
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    exists = _exists(path, so)
+        raise UsageError("--resume and --overwrite exclude each other; choose one")
+    exists = store.exists()
     if exists and not (resume or overwrite):
-        raise StoreError(f"output {path} already exists; pass --resume to continue it or --overwrite to replace it")
+        raise StoreError(f"output {store.path} already exists; pass --resume to continue it or --overwrite to replace it")
     if exists and resume:
-        _check_resumable(job)
+        _check_resumable(store, job)
         return False
     if exists and overwrite:
-        _remove(path, so)
-    elif _entries(path, so):  # creating a zarr group with mode "w" would wipe the folder
+        store.remove_run()
+    elif store.entries():  # creating a zarr group with mode "w" would wipe the folder
         raise StoreError(
-            f"output {path} exists, is not empty and is not a qkov run; refusing to write into it. "
+            f"output {store.path} exists, is not empty and is not a qkov run; refusing to write into it. "
             "Choose a new or empty output.path."
         )
-    try:
-        root = zarr.open_group(zarr_store(path, so), mode="a", zarr_format=3)
-    except OSError as e:
-        raise StoreError(f"cannot write the output {path}: {e}. Choose a writable output.path.") from None
-    from .store import provenance
-
-    root.attrs.update({ATTR_RUN: True, **provenance(job.config_dict(), job.config_hash(), stage="run")})
+    store.create_run(job.config_dict(), job.config_hash())
     return True
 
 
+def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool, plan=None) -> None:
+    """Every refusal `prepare_output` would make, without writing anything and without the
+    lock (so before any cluster starts): the backend is installed and reachable, the path is
+    writable, no live run owns it, and an existing output is resumable or replaceable. With
+    `plan` (a resume), the samples and weight files must be those the run started with."""
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; choose one")
+    check_reachable(store)
+    held = store.read_lock()
+    if held is not None:
+        from .store import _describe_owner, _lock_is_stale
+
+        if not _lock_is_stale(held):
+            raise StoreError(
+                f"another qkov run owns the output {store.path} ({_describe_owner(held)}); wait for it to finish. "
+                f"If that process is gone (e.g. on another machine), delete {store.path}/{schema.LOCK_GROUP} and retry."
+            )
+    exists = store.exists()
+    if exists and not (resume or overwrite):
+        raise StoreError(f"output {store.path} already exists; pass --resume to continue it or --overwrite to replace it")
+    if exists and resume:
+        _check_resumable(store, job)
+        if plan is not None and _has_template(store):
+            from .extract import _check_same_plan
+
+            _check_same_plan(store, plan, job)
+        return
+    if exists and overwrite and not store.is_run():
+        raise StoreError(f"{store.path} exists and is not a qkov run; refusing to overwrite it. Choose another output.path.")
+    if not exists and store.entries():
+        raise StoreError(
+            f"output {store.path} exists, is not empty and is not a qkov run; refusing to write into it. "
+            "Choose a new or empty output.path."
+        )
+
+
+def check_reachable(store: RunStore) -> None:
+    """The output's storage backend is installed, has credentials and answers; a local output's
+    nearest existing folder is a writable folder. Nothing is created."""
+    import os
+    from pathlib import Path
+
+    from .store import is_url
+
+    if is_url(store.path):
+        import fsspec
+
+        protocol = store.path.split("://", 1)[0]
+        try:
+            fs, path = fsspec.core.url_to_fs(store.path, **store.storage_options)
+        except ImportError as e:
+            raise UsageError(f"output.path {store.path}: the {protocol}:// storage backend is not installed ({e}); "
+                             f"install it (e.g. pip install {'s3fs' if protocol in ('s3', 's3a') else 'the fsspec backend for ' + protocol})") from None
+        except (ValueError, TypeError) as e:
+            raise UsageError(f"output.path {store.path}: invalid [output] storage_options ({e})") from None
+        try:
+            fs.exists(path)
+        except Exception as e:  # noqa: BLE001 - backends raise their own credential/network errors
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise StoreError(f"cannot reach the output {store.path} ({type(e).__name__}: {first}); check the credentials "
+                             "([output] storage_options or the backend's environment variables) and the bucket") from None
+        return
+    local = Path(store.path.removeprefix("file://"))
+    probe = local
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StoreError(f"cannot write the output {store.path}: {probe} is not a folder. Choose a writable output.path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StoreError(f"cannot write the output {store.path}: {probe} is not writable. Choose a writable output.path.")
+
+
+def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, local: bool = True):
+    """Everything that can be checked before a cluster starts or the output is touched: the
+    model folder and checkpoint, the task files against the model, layers, sample counts,
+    devices (`local`: the work runs on this machine) and the output. Returns the extraction
+    plan, or None when a resumed run's extraction is already complete (nothing to plan)."""
+    from .extract import plan_extract
+
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other; choose one")
+    store = RunStore.of(job)
+    check_reachable(store)
+    done = resume and store.exists() and all(store.is_complete(g) for g in (schema.GRADIENTS, schema.FISHER))
+    if local:
+        check_devices(job)
+    plan = None if done else plan_extract(job)
+    check_output(store, job, resume=resume, overwrite=overwrite, plan=plan)
+    return plan
+
+
+def check_devices(job: JobSpec) -> None:
+    """A device the job names must exist where the work runs (here: inline or embedded cluster)."""
+    import torch
+
+    for key, dev in (("extract.device", job.extract.device), ("score.device", getattr(job.score, "device", "auto"))):
+        if dev.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"{key} = {dev!r} but this machine has no CUDA device; set {key} = 'auto' or 'cpu'")
+
+
+def _has_template(store: RunStore) -> bool:
+    root = store.root()
+    try:
+        root[schema.WORK][schema.DONE]  # written last by the template
+        root[schema.GRADIENTS]
+        return True
+    except KeyError:
+        return False
+
+
 def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool = False,
-            progress: Progress | None = None) -> RunSummary:
+            progress: Progress | None = None, plan=UNPLANNED) -> RunSummary:
     """Run every stage not already complete. `client=None` runs in-process.
 
     Every input (model, layout, task files, layers) is validated before the output is
     touched, so a bad input leaves no output behind and never removes a previous run.
     The whole run holds the output's lock: a second run on it is refused.
     """
-    from .stats_stage import run_stats
-
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other")
-    path, so = job.output.path, job.output.storage_options
-    plan = None if resume and _exists(path, so) else plan_extract(job)
-    summary = RunSummary(path)
+        raise UsageError("--resume and --overwrite exclude each other; choose one")
+    store = RunStore.of(job)
+    if plan is UNPLANNED:  # the CLI ran `preflight` before starting its cluster
+        plan = preflight(job, resume=resume, overwrite=overwrite, local=client is None)
+    summary = RunSummary(store.path)
     executor = executor_for(client)
     tick: Progress = progress or (lambda *_: None)
-    with owned(path, so):
-        fresh = prepare_output(job, resume=resume, overwrite=overwrite)
-        root = open_root(path, so, mode="r+")
-        t = time.perf_counter()
-        if not is_complete(root, schema.GRADIENTS) or not is_complete(root, schema.FISHER):
+    with store.lock():
+        fresh = prepare_output(store, job, resume=resume, overwrite=overwrite)
+        if not fresh:  # completed-shard records are checked against the chunks that exist
+            from .extract import missing_chunks, reopen_damaged_shards
+
+            summary.repaired = reopen_damaged_shards(store)
+            if store.is_complete(schema.SCORES_GROUP) and missing_chunks(store, schema.SCORES_GROUP):
+                store.root("r+")[schema.SCORES_GROUP].attrs[schema.ATTR_COMPLETE] = False
+                summary.repaired_scores = True
+
+        def extract() -> None:
+            nonlocal plan
             plan = plan or plan_extract(job)
-            has_template = not fresh and _has_template(root)
-            summary.extract = run_extract(job, executor, plan=plan, fresh=not has_template,
+            summary.extract = run_extract(store, job, executor, plan=plan, fresh=fresh or not _has_template(store),
                                           on_progress=lambda d, n: tick("extract", d, n))
-        else:
-            summary.skipped_stages.append("extract")
-        summary.timings["extract"] = time.perf_counter() - t
-        t = time.perf_counter()
-        if not is_complete(root, schema.SCORES_GROUP):
+
+        def score() -> None:
             tick("score", 0, 1)
-            run_score(job, executor)
+            run_score(store, job, executor)
             tick("score", 1, 1)
-        else:
-            summary.skipped_stages.append("score")
-        summary.timings["score"] = time.perf_counter() - t
-        t = time.perf_counter()
-        tick("stats", 0, 1)
-        run_stats(path, job.stats, client=client, replace=True, storage_options=so or None)
-        tick("stats", 1, 1)
-        summary.timings["stats"] = time.perf_counter() - t
+
+        def stats() -> None:
+            if "score" in summary.skipped_stages and store.is_complete(schema.STATS):
+                # the scores are those the statistics were computed from: keep them, whatever their
+                # settings (a user's `qkov stats --replace` is not undone by --resume)
+                summary.skipped_stages.append("stats")
+                return
+            tick("stats", 0, 1)
+            run_stats(store, job.stats, executor, replace=True)
+            tick("stats", 1, 1)
+
+        stages = (  # (name, the groups it writes, how to run it)
+            ("extract", (schema.GRADIENTS, schema.FISHER), extract),
+            ("score", (schema.SCORES_GROUP,), score),
+            ("stats", (), stats),  # always: cheap, and the job's settings are the ones asked for
+        )
+        for name, groups, stage in stages:
+            t = time.perf_counter()
+            if groups and all(store.is_complete(g) for g in groups):
+                summary.skipped_stages.append(name)
+            else:
+                stage()
+            summary.timings[name] = time.perf_counter() - t
     return summary
-
-
-def _has_template(root: zarr.Group) -> bool:
-    try:
-        root[schema.WORK]["done"]
-        root[schema.GRADIENTS]
-        return True
-    except KeyError:
-        return False

@@ -5,6 +5,8 @@ writes comes from here, so that readers and writers cannot drift apart.
 """
 from __future__ import annotations
 
+import re
+
 SCHEMA_VERSION = 1
 
 BLOCKS: tuple[str, ...] = ("Q", "K", "V", "O")
@@ -16,7 +18,8 @@ FISHER = "fisher"
 SCORES_GROUP = "scores"
 STATS = "stats"
 CHECKS = "checks"
-WORK = "_work"  # bookkeeping: completed-shard records, Fisher partial sums, locks
+WORK = "_work"  # bookkeeping: completed-shard records, Fisher partial sums
+LOCK_GROUP = "_lock"  # the ownership lock: a group whose metadata document names the owner
 
 # dimension names
 SAMPLE = "sample"
@@ -38,11 +41,50 @@ SAMPLE_ID = "sample_id"
 TASK = "task"
 N_TOKENS = "n_tokens"
 LOSS = "loss"
+TEXT = "text"  # the start of each sample's text (for `qkov query`)
+FINITE = "finite"  # False for samples skipped for non-finite gradients (extract.nonfinite = "skip")
+KV_HEAD_OF = "kv_head_of"  # per query head, its KV head (GQA/MQA)
+
+# `fisher` group: λ per (block, layer)
+DAMPING = "damping"
+
+# `scores` group: task-A membership of the pooled rows
+IS_A = "is_a"
 
 # completed-shard records in `_work`; sketch mode runs two passes, each with its own record
 DONE = "done"
 DONE_FISHER = "done_fisher"  # sketch mode pass 1: the shard's Fisher partial sum is written
 SKETCH_PARTS: tuple[str, ...] = ("u", "v", "w")  # g²/Î_reg, |g|, g/√Î_reg
+ATTR_PLAN = "plan"  # `_work` attr: fingerprint of the extraction plan (resume must match it)
+ATTR_WEIGHTS_HASH = "weights_hash"
+ATTR_CHECKPOINT = "checkpoint_fingerprint"  # `_work` attr: the weight files the run started from (resume must match)
+ATTR_SKIPPED = "skipped"  # `_work` attr: ids of samples skipped for non-finite gradients
+ATTR_SKIPPED_SAMPLES = "skipped_samples"  # the same list, on `gradients` and `fisher`
+ATTR_N_A = "n_a"
+ATTR_N_B = "n_b"
+ATTR_TASK_A = "task_a"  # task names, on `gradients` and `scores`
+ATTR_TASK_B = "task_b"
+ATTR_MODE = "mode"  # `gradients`: exact | sketch
+ATTR_SKETCH_PROJECTION = "sketch_projection"  # `gradients` in sketch mode: how projections are drawn
+
+
+def fisher_partial(block: str) -> str:
+    """`_work` array holding each shard's Fisher partial sum of one block."""
+    return f"fisher_{block}"
+
+
+_STATS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def stats_group(name: str | None = None) -> str:
+    """The group of a statistics run: `stats`, or `stats_<name>` for named ones."""
+    if name is None:
+        return STATS
+    if not _STATS_NAME.match(name):
+        from .errors import UsageError
+
+        raise UsageError(f"stats name {name!r} must be letters, digits, '_', '.', '-' (it becomes group 'stats_<name>')")
+    return f"{STATS}_{name}"
 
 
 def sketch_var(block: str, part: str) -> str:
@@ -55,6 +97,8 @@ def sketch_var(block: str, part: str) -> str:
 ATTR_SCHEMA = "qkov_schema_version"
 ATTR_PROVENANCE = "qkov_provenance"
 ATTR_COMPLETE = "qkov_complete"  # set last, when a group is fully written
+ATTR_RUN = "qkov_run"  # on the root: this folder is a qkov run (only such folders are ever removed)
+ATTR_LOCK = "qkov_lock"  # on `_lock`: the owner record
 
 
 def head_dim(block: str) -> str:

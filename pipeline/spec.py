@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import JobFileError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+
 Block = Literal["Q", "K", "V", "O"]
 KNOWN_MODELS = ("smollm2-135m",)
 REDACTED = "<redacted>"
@@ -121,6 +123,7 @@ class ScoreSpec(_Frozen):
     blocks: list[Block] = ["Q", "K", "V", "O"]
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     include_bias: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # where score tasks run ("auto": the worker's GPU if it has one)
 
     @field_validator("blocks")
     @classmethod
@@ -195,8 +198,44 @@ def config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-class JobFileError(ValueError):
-    """A job file that cannot be used; the message says what to fix."""
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if isinstance(v, float) else str(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a TOML basic string (JSON escapes are TOML escapes)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None) + "}"
+    raise TypeError(f"no TOML form for {type(v).__name__}")
+
+
+def _toml_key(k: str) -> str:
+    import re
+
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """A job config (JobSpec.config_dict()) as a TOML job file: tables for sections, keys left
+    out where the value is None (the default). `load_job` reads it back to the same job."""
+    lines: list[str] = []
+
+    def emit(prefix: str, table: dict[str, Any]) -> None:
+        scalars = [(k, v) for k, v in table.items() if v is not None and not isinstance(v, dict)]
+        tables = [(k, v) for k, v in table.items() if isinstance(v, dict)]
+        if prefix and (scalars or not tables):
+            lines.append(f"[{prefix}]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
+        if prefix and (scalars or not tables):
+            lines.append("")
+        for k, v in tables:
+            emit(f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k), v)
+
+    emit("", config)
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _is_url(p: str) -> bool:

@@ -16,26 +16,22 @@ values and carry `in_family = False`.
 from __future__ import annotations
 
 import functools
-import re
-import warnings
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 
-from pipeline import schema as S
-from pipeline import stats as st
-from pipeline.spec import StatsSpec, config_hash
-from pipeline.store import provenance, zarr_store
+from . import schema as S
+from . import stats as st
+from .errors import StatsStageError, UsageError
+from .spec import StatsSpec, config_hash
+from .store import RunStore, provenance
 
-IS_A = "is_a"  # bool coord on sample_i marking task-A samples in the pooled matrices
-ATTR_N_A = "n_a"
-ATTR_N_B = "n_b"
+IS_A = S.IS_A  # bool coord on sample_i marking task-A samples in the pooled matrices
+ATTR_N_A = S.ATTR_N_A
+ATTR_N_B = S.ATTR_N_B
 SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _VAR_DOCS = {
     "mean": "T = mean over i in A, j in B of the score",
@@ -49,9 +45,63 @@ _VAR_DOCS = {
     "in_family": "False for K/V query-head entries that repeat their KV head",
 }
 
+# Effect sizes and layer → head tests (issue 16): what each answers, in which unit, and
+# how to read it; stored as attrs `question`, `units`, `direction` on every variable.
+_EFFECT_DOCS: dict[str, tuple[str, str, str]] = {  # name: (question, units, direction)
+    "effect": ("How far is the A x B mean from what random task labels give? (mean - the exact mean over "
+               "all label permutations; null_mean is its Monte Carlo estimate)",
+               "units of the score", "+ above chance, - below chance; 0 = chance"),
+    "direction": ("Is the slice significantly above or below chance (labels null, q_value <= alpha)?",
+                  "1", "+1 above chance, -1 below chance, 0 not significant"),
+    "q_value_hier": ("Is this head significant within a layer-block that was itself selected "
+                     "(Benjamini-Bogomolov layer -> head FDR at alpha)?",
+                     "1", "<= alpha: significant; 1 where the layer-block was not selected"),
+    "significant_hier": ("Is the head a discovery of the layer -> head procedure?", "1", "True = discovery"),
+    "layer_p_value": ("Does any head of this block of this layer differ from chance (same permutations, "
+                      "Fisher combination of the heads' permutation p-values)?", "1", "small = evidence"),
+    "layer_q_value": ("BH q-value of layer_p_value over the (block, layer) family of the score", "1", "<= alpha: selected"),
+    "layer_significant": ("Is this layer-block selected (layer_q_value <= alpha)?", "1", "True = the layer-block carries an effect"),
+    "sharing_ab": ("How heavily do task B's gradients land on the weights task A's loss depends on, relative "
+                   "to A's own other samples? (interference: mean over A x B / mean over i != i' in A)",
+                   "ratio", "1 = as much as A's own samples (shared head); -> 0 = separated"),
+    "sharing_ba": ("The same in the B -> A direction (interference is asymmetric): mean over B x A / mean "
+                   "over j != j' in B", "ratio", "1 = shared; -> 0 = separated"),
+    "transfer": ("Does a natural-gradient step on task B's mean loss, restricted to this slice, lower or "
+                 "raise task A's mean loss? (alignment: mean over A x B = <g_A, g_B> in the (I+lambda)^-1 metric)",
+                 "minus the first-order change of A's loss per unit natural-gradient step on B",
+                 "negative = conflict (B's step raises A's loss), positive = synergy"),
+    "transfer_p_value": ("Is transfer different from 0? (two-sample U-statistic, Hoeffding variance, "
+                         "Welch t, two-sided)", "1", "small = evidence"),
+    "transfer_q_value": ("BH q-value of transfer_p_value over the alignment family", "1", "<= alpha: significant"),
+    "transfer_direction": ("Do the tasks conflict or help each other in this slice (transfer_q_value <= alpha)?",
+                           "1", "-1 conflict, +1 synergy, 0 not significant"),
+    "cosine": ("Do the task-mean gradients point the same way, whatever their size? (transfer / the "
+               "unbiased norms of the task means, in the same metric; clipped to [-1, 1])",
+               "cosine", "-1 opposite (conflict), 0 orthogonal, +1 same direction"),
+}
+_CI_OF = ("effect", "sharing_ab", "sharing_ba", "transfer", "cosine")  # these get _ci_low / _ci_high
+_FLAGS = {"direction": "below_chance not_significant above_chance", "transfer_direction": "conflict not_significant synergy"}
+_SCORE_OF = {"sharing_ab": "interference", "sharing_ba": "interference", "transfer": "alignment",
+             "transfer_p_value": "alignment", "transfer_q_value": "alignment", "transfer_direction": "alignment",
+             "cosine": "alignment"}
+LAYER_COMBINE = "fisher"
 
-class StatsStageError(RuntimeError):
-    """The stats stage cannot run as asked; the message says what to do."""
+
+def _effect_attrs(var: str) -> dict[str, Any]:
+    base, bound = var, None
+    for suffix in ("_ci_low", "_ci_high"):
+        if var.endswith(suffix):
+            base, bound = var[: -len(suffix)], suffix[4:]
+    question, units, direction = _EFFECT_DOCS[base]
+    attrs: dict[str, Any] = {"question": question, "units": units, "direction": direction}
+    attrs["description"] = question
+    if bound:
+        attrs["description"] = f"two-way bootstrap percentile CI of {base}, {bound} bound (level: attr ci_level)"
+    if var in _FLAGS:
+        attrs.update(flag_values=[-1, 0, 1], flag_meanings=_FLAGS[var])
+    if base in _SCORE_OF:
+        attrs["score"] = _SCORE_OF[base]
+    return attrs
 
 
 # ---------------------------------------------------------------- family
@@ -80,50 +130,50 @@ def family_mask(blocks: list[str], kv_head: np.ndarray) -> np.ndarray:
 def _weights(is_a_bytes: bytes, n_perm: int, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
     """Weight rows, regenerated from the seed on each worker (cached) instead of shipped.
 
-    Returns (left [1+K, N], right [1+K, N], boot_a [B, N], boot_b [B, N]); row 0 of
+    Returns (left [1+K, N], right [1+K, N], wa [1+B, N], wb [1+B, N]); row 0 of
     left/right is the observed labelling so T_obs and T^π come from the same matmul
-    (a permutation equal to the observed labelling then ties exactly). Bootstrap
-    weights sit at the A (resp. B) positions, zero elsewhere.
+    (a permutation equal to the observed labelling then ties exactly). wa/wb are
+    `st.effect_weights`: row 0 every sample once, then the bootstrap resamples at the A
+    (resp. B) positions, zero elsewhere.
     """
     is_a = np.frombuffer(is_a_bytes, dtype=bool)
     n_a, n_b = int(is_a.sum()), int((~is_a).sum())
     ind_a, ind_b = st.permutation_indicators(n_a, n_b, n_perm, seed)
     left = np.vstack([is_a.astype(np.float64), ind_a])
     right = np.vstack([(~is_a).astype(np.float64), ind_b])
-    w_a, w_b = st.bootstrap_weights(n_a, n_b, n_boot, seed)
-    boot_a = np.zeros((n_boot, is_a.size))
-    boot_b = np.zeros((n_boot, is_a.size))
-    boot_a[:, is_a] = w_a
-    boot_b[:, ~is_a] = w_b
-    for a in (left, right, boot_a, boot_b):
+    wa, wb = st.effect_weights(is_a, n_boot, seed)
+    for a in (left, right, wa, wb):
         a.flags.writeable = False
-    return left, right, boot_a, boot_b
+    return left, right, wa, wb
 
 
 def _chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int, block_info=None) -> np.ndarray:
-    """Unnormalised cross sums of one chunk [b, l, h, ni, nj] -> [b, l, h, 1, 1, 1+K+B]."""
+    """Unnormalised sums of one chunk [b, l, h, ni, nj] -> [b, l, h, 1, 1, width]: the
+    1+K permutation cross sums, the (1+B) × 4 effect block sums (`st.pair_sums`; their
+    A×B column is also the bootstrap of T) and the N A×B margins (`st.ab_margins`)."""
     (r0, r1), (c0, c1) = block_info[0]["array-location"][3:5]
-    left, right, boot_a, boot_b = _weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
+    left, right, wa, wb = _weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
     perm = st.cross_sums(block, left[:, r0:r1], right[:, c0:c1])
-    # bootstrap only touches the A×B part of the chunk: a 4× smaller matmul for A/B halves
-    rows = r0 + np.flatnonzero(is_a[r0:r1])
-    cols = c0 + np.flatnonzero(~is_a[c0:c1])
-    sub = block[..., rows - r0, :][..., cols - c0]
-    boot = st.cross_sums(sub, boot_a[:, rows], boot_b[:, cols])
-    return np.concatenate([perm, boot], axis=-1)[..., None, None, :]
+    pairs = st.pair_sums(block, wa, wb, is_a, (r0, c0))
+    margins = st.ab_margins(block, is_a, (r0, c0))
+    flat = pairs.reshape(*pairs.shape[:-2], -1)
+    return np.concatenate([perm, flat, margins], axis=-1)[..., None, None, :]
 
 
 def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int) -> da.Array:
-    """Lazy [b, l, h, 1+K+B]: T_obs, the K null T^π, then B bootstrap T* per slice."""
+    """Lazy [b, l, h, 1+K + 4(1+B) + N] per slice: T_obs and the K null T^π (means), then
+    the raw effect sums and the A×B margins (see `_chunk_sums`; split by `_split`)."""
     is_a = np.asarray(is_a, dtype=bool)
     n_a, n_b = int(is_a.sum()), int((~is_a).sum())
-    width = 1 + n_perm + n_boot
+    width = 1 + n_perm + 4 * (1 + n_boot) + is_a.size
     chunks = pooled.chunks[:3] + ((1,) * len(pooled.chunks[3]), (1,) * len(pooled.chunks[4]), (width,))
     sums = pooled.map_blocks(
         _chunk_sums, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed,
         new_axis=5, chunks=chunks, dtype=np.float64, meta=np.empty((0,) * 6, np.float64),
     )
-    return sums.sum(axis=(3, 4)) / (n_a * n_b)
+    scale = np.ones(width)
+    scale[: 1 + n_perm] = 1.0 / (n_a * n_b)  # sums -> means; the effect sums stay raw
+    return sums.sum(axis=(3, 4)) * scale
 
 
 # ---------------------------------------------------------------- assembling the dataset
@@ -143,10 +193,17 @@ def _pooled_mask(scores: xr.Dataset) -> np.ndarray:
     return is_a
 
 
-def _family_results(values: np.ndarray, settings: StatsSpec) -> dict[str, np.ndarray]:
-    """Tests over the family rows of values [F, 1+K+B]."""
-    k = settings.n_permutations
-    t_obs, t_null, t_boot = values[:, 0], values[:, 1 : 1 + k].T, values[:, 1 + k :].T
+def _split(values: np.ndarray, settings: StatsSpec) -> tuple[np.ndarray, ...]:
+    """values [F, width] -> t_obs [F], t_null [K, F], pair sums [F, 1+B, 4], margins [F, N]."""
+    k, b = settings.n_permutations, settings.n_bootstrap
+    pairs = values[:, 1 + k : 1 + k + 4 * (1 + b)].reshape(-1, 1 + b, 4)
+    return values[:, 0], values[:, 1 : 1 + k].T, pairs, values[:, 1 + k + 4 * (1 + b) :]
+
+
+def _family_results(values: np.ndarray, settings: StatsSpec, is_a: np.ndarray) -> dict[str, np.ndarray]:
+    """Tests over the family rows of values [F, width]."""
+    t_obs, t_null, pairs, _ = _split(values, settings)
+    t_boot = pairs[:, 1:, 0].T / (is_a.sum() * (~is_a).sum())
     p = st.p_values(t_obs, t_null, settings.alternative)
     q = st.bh_qvalues(p)
     lo, hi = st.percentile_interval(t_boot, settings.ci_level)
@@ -162,10 +219,34 @@ def _family_results(values: np.ndarray, settings: StatsSpec) -> dict[str, np.nda
     }
 
 
-def compute_stats(scores: xr.Dataset, settings: StatsSpec, *, client=None) -> xr.Dataset:
+def _effect_results(score: str, values: np.ndarray, res: dict[str, np.ndarray], layer_of: np.ndarray,
+                    settings: StatsSpec, is_a: np.ndarray) -> tuple[dict[str, np.ndarray], ...]:
+    """Effect sizes and layer → head tests over one score's family rows: (per head with a
+    score dim, per layer-block, per head of this score only)."""
+    t_obs, t_null, pairs, margins = _split(values, settings)
+    eff = st.effect_summary(score, pairs, margins, is_a, settings.n_bootstrap, settings.seed, settings.ci_level)
+    lt = st.layer_head_tests(t_obs, t_null, layer_of, res["p_value"], settings.alternative, settings.alpha, LAYER_COMBINE)
+    head = {k: eff[k] for k in ("effect", "effect_ci_low", "effect_ci_high")}
+    head["direction"] = st.direction(eff["effect"], res["significant"])
+    head.update({k: lt[k] for k in ("q_value_hier", "significant_hier")})
+    layer = {k: lt[k] for k in ("layer_p_value", "layer_q_value", "layer_significant")}
+    own = {k: v for k, v in eff.items() if not k.startswith("effect")}
+    if score == "alignment":
+        own["transfer_q_value"] = st.bh_qvalues(own["transfer_p_value"])
+        own["transfer_direction"] = st.direction(own["transfer"], own["transfer_q_value"] <= settings.alpha)
+    return head, layer, own
+
+
+def _blank(shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
+    if like.dtype == bool or like.dtype == np.int8:
+        return np.zeros(shape, like.dtype)
+    return np.full(shape, np.nan)
+
+
+def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.Dataset:
     """The stats dataset (loaded) from an opened `scores` dataset; no I/O besides reading it.
 
-    Runs on `client` if given, else on whatever Dask scheduler is current.
+    Runs its Dask graph on `executor` if given, else on whatever Dask scheduler is current.
     """
     present = [s for s in S.SCORES if S.pooled_name(s) in scores]
     if not present:
@@ -194,31 +275,64 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, *, client=None) -> xr
         arr = scores[S.pooled_name(s)].data
         arr = arr if isinstance(arr, da.Array) else da.from_array(arr, chunks=(1, 1, 1, -1, -1))
         lazy += [slice_statistics(arr[bi][:, :, hi], *args) for bi, hi in groups]
-    computed = dask.compute(*lazy, scheduler=client) if client is not None else dask.compute(*lazy)
+    if executor is None:
+        import dask
+
+        computed = dask.compute(*lazy)
+    else:
+        computed = executor.compute(*lazy)
 
     n_block, n_layer = len(blocks), scores.sizes[S.LAYER]
     shape = (len(present), n_block, n_layer, n_head)
     out = {v: np.full(shape, np.nan) for v in _VAR_DOCS if v != "in_family"}
     fam3 = np.broadcast_to(in_fam[:, None, :], (n_block, n_layer, n_head))
-    for si in range(len(present)):
-        full = np.full((n_block, n_layer, n_head, 1 + settings.n_permutations + settings.n_bootstrap), np.nan)
+    fam_b, fam_l, _ = np.nonzero(fam3)  # family rows, in the order full[fam3] lists them
+    layer_keys, layer_of = np.unique(fam_b * n_layer + fam_l, return_inverse=True)  # one group per (block, layer)
+    width = computed[0].shape[-1]
+    head_out: dict[str, np.ndarray] = {}  # (score, block, layer, head)
+    layer_out: dict[str, np.ndarray] = {}  # (score, block, layer)
+    own_out: dict[str, np.ndarray] = {}  # (block, layer, head), one score's effects
+    for si, score in enumerate(present):
+        full = np.full((n_block, n_layer, n_head, width), np.nan)
         for (bi, hi), res in zip(groups, computed[si * len(groups) : (si + 1) * len(groups)]):
             full[np.ix_(bi, np.arange(n_layer), hi)] = res
-        for var, vals in _family_results(full[fam3], settings).items():
+        res = _family_results(full[fam3], settings, is_a)
+        for var, vals in res.items():
             out[var][si][fam3] = vals
+        head, layer, own = _effect_results(score, full[fam3], res, layer_of, settings, is_a)
+        for var, vals in head.items():
+            head_out.setdefault(var, _blank(shape, vals))[si][fam3] = vals
+        for var, vals in layer.items():
+            layer_out.setdefault(var, _blank(shape[:3], vals))[si].flat[layer_keys] = vals
+        for var, vals in own.items():
+            own_out.setdefault(var, _blank(shape[1:], vals))[fam3] = vals
         # duplicated K/V query heads repeat their KV head
-        for var in out:
-            out[var][si] = np.where(fam3, out[var][si], out[var][si][:, :, rep])
+        for d in (out, head_out):
+            for var in d:
+                d[var][si] = np.where(fam3, d[var][si], d[var][si][:, :, rep])
+    for var in own_out:
+        own_out[var] = np.where(fam3, own_out[var], own_out[var][:, :, rep])
     out["significant"] = out["significant"].astype(bool)
 
     vdims = (S.SCORE, S.BLOCK, S.LAYER, S.HEAD)
     data_vars = {v: (vdims, out[v], {"description": _VAR_DOCS[v]}) for v in out}
     data_vars["in_family"] = ((S.BLOCK, S.HEAD), in_fam, {"description": _VAR_DOCS["in_family"]})
+    data_vars.update({v: (vdims, a, _effect_attrs(v)) for v, a in head_out.items()})
+    data_vars.update({v: ((S.SCORE, S.BLOCK, S.LAYER), a, _effect_attrs(v)) for v, a in layer_out.items()})
+    data_vars.update({v: ((S.BLOCK, S.LAYER, S.HEAD), a, _effect_attrs(v)) for v, a in own_out.items()})
     cfg = settings.model_dump(mode="json")
     attrs: dict[str, Any] = dict(cfg)
     attrs.update({
         "family_size": int(fam3.sum()),
         "family": "unique (block, layer, head) slices, K/V once per KV head; BH and max-T per score",
+        "effects": "sums over A x B, B x A and within each task (pairs of different samples) of the pooled "
+                   "scores, with the same two-way bootstrap resamples as ci_low/ci_high; effect uses the exact "
+                   "mean over all label permutations (null_mean is its Monte Carlo estimate)",
+        "transfer_test": "two-sample U-statistic variance (row and column means of the A x B block), Welch t, "
+                         "two-sided; BH over the alignment family",
+        "layer_test": f"per (block, layer): nonparametric combination ({LAYER_COMBINE}) of the family heads' "
+                      "permutation p-values over the same permutations; layer -> head: Benjamini & Bogomolov "
+                      "(2014) at alpha",
         ATTR_N_A: int(is_a.sum()),
         ATTR_N_B: int((~is_a).sum()),
     })
@@ -233,44 +347,15 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, *, client=None) -> xr
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-# ---------------------------------------------------------------- store I/O
+# ---------------------------------------------------------------- the stage
 
 
 def stats_group_name(name: str | None = None) -> str:
-    if name is None:
-        return S.STATS
-    if not _NAME_RE.match(name):
-        raise StatsStageError(f"stats name {name!r} must be letters, digits, '_', '.', '-' (it becomes group 'stats_<name>')")
-    return f"{S.STATS}_{name}"
+    return S.stats_group(name)
 
 
-def _group_attrs(run: str, group: str, storage_options) -> dict | None:
-    """The group's own attrs (not consolidated copies, which may be stale), or None if absent."""
-    try:
-        g = zarr.open_group(zarr_store(run, storage_options, read_only=True), path=group, mode="r", use_consolidated=False)
-    except (FileNotFoundError, zarr.errors.NodeNotFoundError, KeyError):
-        return None
-    return dict(g.attrs)
-
-
-def open_scores(run: str, *, storage_options=None) -> xr.Dataset:
-    """The run's `scores` group, lazily; refuses a missing, incomplete or foreign-schema one."""
-    attrs = _group_attrs(run, S.SCORES_GROUP, storage_options)
-    if attrs is None:
-        raise StatsStageError(f"{run} has no '{S.SCORES_GROUP}' group: run the score stage first (qkov run JOB.toml)")
-    if attrs.get(S.ATTR_COMPLETE) is not True:
-        raise StatsStageError(
-            f"'{S.SCORES_GROUP}' in {run} is not marked complete ({S.ATTR_COMPLETE} != True): "
-            "the score stage was interrupted; finish it (qkov run JOB.toml --resume) before running stats"
-        )
-    version = attrs.get(S.ATTR_SCHEMA, S.SCHEMA_VERSION)
-    if version != S.SCHEMA_VERSION:
-        raise StatsStageError(f"'{S.SCORES_GROUP}' in {run} has store schema version {version}; this qkov reads {S.SCHEMA_VERSION}")
-    return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=S.SCORES_GROUP, consolidated=False)
-
-
-def _check_target(run: str, group: str, settings: StatsSpec, replace: bool, storage_options) -> None:
-    attrs = _group_attrs(run, group, storage_options)
+def _check_target(store: RunStore, group: str, settings: StatsSpec, replace: bool) -> None:
+    attrs = store.group_attrs(group)
     if attrs is None or replace or attrs.get(S.ATTR_COMPLETE) is not True:
         return  # absent, explicitly replaced, or an interrupted write: overwrite
     old = {k: attrs.get(k) for k in SETTINGS_KEYS}
@@ -278,54 +363,75 @@ def _check_target(run: str, group: str, settings: StatsSpec, replace: bool, stor
     if old != new:
         diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in SETTINGS_KEYS if old[k] != new[k])
         raise StatsStageError(
-            f"group '{group}' in {run} holds statistics with different settings ({diff}); "
+            f"group '{group}' in {store.path} holds statistics with different settings ({diff}); "
             "pass replace=True (--replace) to overwrite it, or a name (--name) to write 'stats_<name>' beside it"
         )
 
 
-def _write(ds: xr.Dataset, run: str, group: str, storage_options) -> None:
-    store = zarr_store(run, storage_options)
-    with warnings.catch_warnings():
-        # str coords (block, score) have no Zarr v3 spec dtype yet (the scores group has the
-        # same); consolidated metadata is a zarr-python extension, used as xarray does
-        warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
-        warnings.filterwarnings("ignore", category=zarr.errors.ZarrUserWarning, message="Consolidated metadata")
-        ds.to_zarr(store, group=group, mode="w", consolidated=False, zarr_format=3)
-        g = zarr.open_group(store, path=group, mode="r+", use_consolidated=False)
-        g.attrs[S.ATTR_COMPLETE] = True  # last, so a crash mid-write leaves it unmarked
-        if zarr.open_group(store, mode="r").metadata.consolidated_metadata is not None:
-            # keep the root's consolidated view (used by open_datatree) in step with the new group
-            zarr.consolidate_metadata(store)
+def _require_finite(store: RunStore, ds: xr.Dataset) -> None:
+    """Scores hold only kept samples (declared skipped ones are left out), so a non-finite score
+    means a damaged store (a missing chunk reads as NaN): refused before anything is written.
+    Every score of a slice enters its mean, so the means show it at no extra cost."""
+    fam = ds["in_family"].broadcast_like(ds["mean"]).values.astype(bool)
+    bad = fam & ~np.isfinite(ds["mean"].values)
+    if "null_mean" in ds:  # the pooled scores (A∪B) enter every permutation's statistic
+        bad |= fam & ~np.isfinite(ds["null_mean"].transpose(*ds["mean"].dims).values)
+    if bad.any():
+        where = [f"{sc}/{b} layer {int(l)} head {int(h)}" for sc, b, l, h in zip(*(
+            ds[d].values[i] for d, i in zip(ds["mean"].dims, np.nonzero(bad))))][:5]
+        raise StatsStageError(
+            f"{store.path}: the scores of {int(bad.sum())} slice(s) are not finite (e.g. {', '.join(where)}); the run's "
+            "gradients or scores are damaged (a missing or corrupted chunk). `qkov run JOB.toml --resume` recomputes missing "
+            "chunks; otherwise rerun with --overwrite."
+        )
 
 
-def run_stats(
-    run: str,
-    settings: StatsSpec,
-    *,
-    client=None,
-    name: str | None = None,
-    replace: bool = False,
-    storage_options=None,
-) -> xr.Dataset:
-    """Compute the statistics of a run's scores and write them to `stats` (or `stats_<name>`).
+def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str | None = None,
+              replace: bool = False) -> xr.Dataset:
+    """The stats stage: statistics of a run's scores into `stats` (or `stats_<name>`).
 
     Same settings as an existing group: recomputed and overwritten. Different settings:
-    an error unless `replace` or a new `name`. Returns the (loaded) dataset.
+    an error unless `replace` or a new `name`. The caller holds the run's lock (`run_job`,
+    `rerun_stats`). Returns the (loaded) dataset.
     """
-    group = stats_group_name(name)
-    scores = open_scores(run, storage_options=storage_options)
-    _check_target(run, group, settings, replace, storage_options)
-    ds = compute_stats(scores, settings, client=client)
-    _write(ds, run, group, storage_options)
+    group = S.stats_group(name)
+    scores = store.open_dataset(S.SCORES_GROUP, "the statistics")
+    _check_target(store, group, settings, replace)
+    try:
+        ds = compute_stats(scores, settings, executor)
+    except ValueError as e:
+        from .extract import corrupt_chunk_error
+
+        raise corrupt_chunk_error(store, e) or e
+    _require_finite(store, ds)
+    store.write_dataset(ds, group, complete=True)
     ds.attrs[S.ATTR_COMPLETE] = True  # as stored
     return ds
 
 
-def open_stats(run: str, name: str | None = None, *, storage_options=None) -> xr.Dataset:
-    """A written stats group, loaded; refuses a missing or incomplete one."""
-    group = stats_group_name(name)
-    attrs = _group_attrs(run, group, storage_options)
-    if attrs is None or attrs.get(S.ATTR_COMPLETE) is not True:
-        state = "no" if attrs is None else "an incomplete"
-        raise StatsStageError(f"{run} has {state} '{group}' group: run the stats stage (qkov stats {run})")
-    return xr.open_zarr(zarr_store(run, storage_options, read_only=True), group=group, consolidated=False).load()
+def stats_settings(store: RunStore, **overrides: Any) -> StatsSpec:
+    """The run's stored [stats] settings with `overrides` (None = keep) applied and validated;
+    errors name the option (`--n-permutations`)."""
+    from pydantic import ValidationError
+
+    base = store.config().get("stats", {})
+    unknown = sorted(set(overrides) - set(SETTINGS_KEYS))
+    if unknown:
+        raise UsageError(f"unknown statistics settings {unknown}; known: {list(SETTINGS_KEYS)}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return StatsSpec(**{**base, **given})
+    except ValidationError as e:
+        raise UsageError("; ".join(f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}"
+                                   for er in e.errors())) from None
+
+
+def rerun_stats(store: RunStore, executor=None, *, name: str | None = None, replace: bool = False,
+                **overrides: Any) -> xr.Dataset:
+    """`qkov stats`: rerun the statistics of an existing run with new settings (the stored ones,
+    `overrides` applied), holding the run's lock so that it never writes beside a running
+    `qkov run`. The CLI and `qkov.run_stats` both call this."""
+    store.require(S.SCORES_GROUP, "the statistics")
+    settings = stats_settings(store, **overrides)
+    with store.lock():
+        return run_stats(store, settings, executor, name=name, replace=replace)

@@ -1,5 +1,8 @@
-"""Run-store I/O at the edge: opening local paths or fsspec URLs, provenance,
-completion markers and the ownership lock. Names come from `pipeline.schema`.
+"""The run store's one owner: `RunStore` opens, checks, writes, locks and stamps a run.
+
+A run is one Zarr v3 group at a local path or any fsspec URL. Every stage, the CLI and
+the API reach the store through a `RunStore`; every stored name comes from
+`pipeline.schema`. Workers write their own whole chunks through `RunStore.root`.
 """
 from __future__ import annotations
 
@@ -7,73 +10,30 @@ import datetime as _dt
 import importlib.metadata as _md
 import json
 import os
+import shutil
 import socket
 import uuid
+import warnings
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import zarr
 
 from . import schema
-
-
-class StoreError(RuntimeError):
-    """A run store that cannot be used as asked; the message says what to do."""
+from .errors import StoreError  # noqa: F401  (re-exported for callers of the store)
 
 
 def is_url(path: str) -> bool:
-    return "://" in str(path)
+    return "://" in str(path) and not str(path).startswith("file://")
 
 
 def zarr_store(path: str, storage_options: dict | None = None, read_only: bool = False):
     """A zarr v3 store for a local path or any fsspec URL (s3://, gs://, memory://…)."""
-    if is_url(path) and not str(path).startswith("file://"):
+    if is_url(path):
         return zarr.storage.FsspecStore.from_url(str(path), storage_options=storage_options or {}, read_only=read_only)
     local = str(path).removeprefix("file://")
     return zarr.storage.LocalStore(local, read_only=read_only)
-
-
-def open_root(path: str, storage_options: dict | None = None, mode: str = "r") -> zarr.Group:
-    """Open the run's root group. mode 'r' requires it to exist."""
-    store = zarr_store(path, storage_options, read_only=(mode == "r"))
-    try:
-        return zarr.open_group(store, mode=mode, zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
-        raise StoreError(f"no qkov run at {path}: {e}. Run `qkov run JOB.toml` first, or check the path.") from None
-
-
-def has_group(root: zarr.Group, name: str) -> bool:
-    try:
-        root[name]
-        return True
-    except KeyError:
-        return False
-
-
-def is_complete(root: zarr.Group, group: str) -> bool:
-    return has_group(root, group) and bool(root[group].attrs.get(schema.ATTR_COMPLETE, False))
-
-
-def mark_complete(root: zarr.Group, group: str) -> None:
-    """Set last, after every chunk of the group is written: readers trust only this."""
-    root[group].attrs[schema.ATTR_COMPLETE] = True
-
-
-def require_complete(root: zarr.Group, group: str, needed_by: str) -> None:
-    if not has_group(root, group):
-        raise StoreError(f"{needed_by} needs the '{group}' group, but this run has no '{group}' group; "
-                         "run the earlier stages first (`qkov run JOB.toml`).")
-    if not is_complete(root, group):
-        raise StoreError(
-            f"{needed_by} needs the '{group}' group, which is not marked complete (an interrupted run?); "
-            "finish it with `qkov run JOB.toml --resume`."
-        )
-    ver = root[group].attrs.get(schema.ATTR_SCHEMA)
-    if ver is not None and ver != schema.SCHEMA_VERSION:
-        raise StoreError(
-            f"the '{group}' group was written with store schema version {ver}, this qkov reads version {schema.SCHEMA_VERSION}; "
-            "rerun the job with this version (qkov run --overwrite) or use the qkov that wrote it."
-        )
 
 
 def versions() -> dict[str, str]:
@@ -105,9 +65,238 @@ def provenance(config: dict[str, Any] | None = None, config_hash: str | None = N
     }
 
 
-def read_provenance(root: zarr.Group, group: str | None = None) -> dict[str, Any]:
-    node = root if group is None else root[group]
-    return dict(node.attrs.get(schema.ATTR_PROVENANCE, {}))
+@contextmanager
+def _quiet_zarr() -> Iterator[None]:
+    """str coords (block, score, ids) have no Zarr v3 spec dtype yet; consolidated metadata is a
+    zarr-python extension used as xarray does. Neither is the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=zarr.errors.UnstableSpecificationWarning)
+        warnings.filterwarnings("ignore", category=zarr.errors.ZarrUserWarning, message="Consolidated metadata")
+        yield
+
+
+class RunStore:
+    """One run's store. Small and picklable (a path and storage options), so a worker task
+    can carry it; opening is lazy."""
+
+    def __init__(self, path: str, storage_options: dict | None = None):
+        self.path = str(path)
+        self.storage_options = dict(storage_options or {})
+
+    @classmethod
+    def coerce(cls, run: "str | RunStore", storage_options: dict | None = None) -> "RunStore":
+        """A RunStore from a path or URL (the API's and CLI's RUN argument), or itself."""
+        return run if isinstance(run, RunStore) else cls(str(run), storage_options)
+
+    @classmethod
+    def of(cls, job) -> "RunStore":
+        """The store a job writes ([output] path and storage options)."""
+        return cls(job.output.path, job.output.storage_options)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.path!r})"
+
+    # ---- opening --------------------------------------------------------
+    def zarr(self, read_only: bool = False):
+        return zarr_store(self.path, self.storage_options or None, read_only=read_only)
+
+    def root(self, mode: str = "r") -> zarr.Group:
+        """The run's root group. mode 'r' / 'r+' require it to exist."""
+        try:
+            return zarr.open_group(self.zarr(read_only=(mode == "r")), mode=mode, zarr_format=3)
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
+            raise StoreError(f"no qkov run at {self.path}: {e}. Run `qkov run JOB.toml` first, or check the path.") from None
+
+    def exists(self) -> bool:
+        try:
+            zarr.open_group(self.zarr(read_only=True), mode="r", zarr_format=3)
+            return True
+        except (OSError, zarr.errors.GroupNotFoundError):  # missing, or not a folder at all
+            return False
+
+    def is_run(self) -> bool:
+        return self.exists() and bool(self.root().attrs.get(schema.ATTR_RUN))
+
+    def entries(self) -> list[str]:
+        """What lies directly under the output (nothing when it does not exist), our lock excluded."""
+        if is_url(self.path):
+            fs, p = self._fs()
+            try:
+                found = [e.rstrip("/") for e in fs.ls(p, detail=False)]
+            except FileNotFoundError:
+                return []
+            return [e for e in found if e.rsplit("/", 1)[-1] != schema.LOCK_GROUP]
+        local = Path(self.path.removeprefix("file://"))
+        return [str(c) for c in local.iterdir() if c.name != schema.LOCK_GROUP] if local.is_dir() else []
+
+    def _fs(self):
+        import fsspec
+
+        return fsspec.core.url_to_fs(self.path, **self.storage_options)
+
+    # ---- groups ---------------------------------------------------------
+    def has_group(self, group: str) -> bool:
+        return self.group_attrs(group) is not None
+
+    def group_attrs(self, group: str) -> dict | None:
+        """The group's own attrs (never a consolidated copy, which may be stale), or None if absent."""
+        try:
+            g = zarr.open_group(self.zarr(read_only=True), path=group, mode="r", use_consolidated=False)
+        except (FileNotFoundError, NotADirectoryError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+            return None
+        return dict(g.attrs)
+
+    def is_complete(self, group: str) -> bool:
+        attrs = self.group_attrs(group)
+        return attrs is not None and attrs.get(schema.ATTR_COMPLETE) is True
+
+    def mark_complete(self, group: str) -> None:
+        """Set last, after every chunk of the group is written: readers trust only this."""
+        zarr.open_group(self.zarr(), path=group, mode="r+", use_consolidated=False).attrs[schema.ATTR_COMPLETE] = True
+
+    def stage_hint(self, group: str) -> str:
+        """Which command writes `group`, for "run this first" messages."""
+        if group in (schema.GRADIENTS, schema.FISHER):
+            return "the extract stage (`qkov run JOB.toml`)"
+        if group == schema.SCORES_GROUP:
+            return "the score stage (`qkov run JOB.toml`, or `--resume` to finish an interrupted run)"
+        if group == schema.CHECKS:
+            return "the checks (`qkov check JOB.toml`)"
+        named = group.removeprefix(f"{schema.STATS}_") if group != schema.STATS else None
+        return f"the stats stage (`qkov stats {self.path}" + (f" --name {named}" if named else "") + "`)"
+
+    def require(self, group: str, needed_by: str | None = None) -> None:
+        """The one completeness gate: a StoreError naming what to run when `group` is missing,
+        incomplete or of another store schema."""
+        attrs = self.group_attrs(group)
+        who = f"{needed_by} needs the '{group}' group, but " if needed_by else ""
+        if attrs is None:
+            if not self.exists():
+                raise StoreError(f"no qkov run at {self.path}. Run `qkov run JOB.toml` first, or check the path.")
+            raise StoreError(f"{who}{self.path} has no '{group}' group; run {self.stage_hint(group)} first")
+        if attrs.get(schema.ATTR_COMPLETE) is not True:
+            raise StoreError(f"{who}{self.path} has an incomplete '{group}' group (not marked complete: an interrupted run?); "
+                             f"run {self.stage_hint(group)} first")
+        ver = attrs.get(schema.ATTR_SCHEMA)
+        if ver is not None and ver != schema.SCHEMA_VERSION:
+            raise StoreError(
+                f"the '{group}' group of {self.path} was written with store schema version {ver}, this qkov reads version "
+                f"{schema.SCHEMA_VERSION}; rerun the job with this version (qkov run --overwrite) or use the qkov that wrote it."
+            )
+
+    def provenance(self, group: str | None = None) -> dict[str, Any]:
+        """The recorded provenance of the root (or of one group)."""
+        attrs = dict(self.root().attrs) if group is None else (self.group_attrs(group) or {})
+        return dict(attrs.get(schema.ATTR_PROVENANCE, {}))
+
+    def config(self) -> dict[str, Any]:
+        """The job config the run was started with (as recorded on the root)."""
+        return dict(self.provenance().get("config") or {})
+
+    # ---- datasets -------------------------------------------------------
+    def open_dataset(self, group: str, needed_by: str | None = None):
+        """A complete group as a lazy xarray dataset."""
+        import xarray as xr
+
+        self.require(group, needed_by or f"reading '{group}'")
+        with _quiet_zarr():
+            return xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False)
+
+    def open_gradients(self, decode: bool = True, *, complete: bool = True):
+        """The `gradients` group, lazily; bfloat16 storage decoded to float32 unless decode=False."""
+        import xarray as xr
+
+        if complete:
+            self.require(schema.GRADIENTS, "reading gradients")
+        with _quiet_zarr():
+            ds = xr.open_zarr(self.zarr(read_only=True), group=schema.GRADIENTS, consolidated=False)
+        if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
+            for b in list(ds.data_vars):
+                ds[b] = decoded(ds[b])
+        return ds
+
+    def open_fisher(self):
+        return self.open_dataset(schema.FISHER, "reading the Fisher")
+
+    def open_scores(self):
+        return self.open_dataset(schema.SCORES_GROUP, "reading scores")
+
+    def open_stats(self, name: str | None = None):
+        group = schema.stats_group(name)
+        return self.open_dataset(group, f"reading '{group}'").load()
+
+    def open_checks(self):
+        return self.open_dataset(schema.CHECKS, "reading checks").load()
+
+    def open_tree(self):
+        """The whole run as an xarray DataTree (gradients lazily, not decoded)."""
+        import xarray as xr
+
+        with _quiet_zarr():
+            return xr.open_datatree(self.path, engine="zarr", consolidated=False, storage_options=self.storage_options or None)
+
+    def write_dataset(self, ds, group: str, *, encoding: dict | None = None, compute: bool = True, complete: bool | None = None):
+        """Write a dataset as `group` (replacing it). With compute=False returns the delayed
+        write (a Dask graph for the caller's executor). complete=True marks it complete afterwards
+        (only when computed here); the caller marks a delayed write complete once it ran."""
+        with _quiet_zarr():
+            out = ds.to_zarr(self.zarr(), group=group, mode="w", compute=compute, encoding=encoding or {},
+                             zarr_format=3, consolidated=False)
+        if compute and complete:
+            self.mark_complete(group)
+            self.refresh_consolidated()
+        return out
+
+    def refresh_consolidated(self) -> None:
+        """Keep the root's consolidated view (used by open_datatree) in step, when there is one."""
+        with _quiet_zarr():
+            if zarr.open_group(self.zarr(read_only=True), mode="r").metadata.consolidated_metadata is not None:
+                zarr.consolidate_metadata(self.zarr())
+
+    # ---- the run as a whole ---------------------------------------------
+    def create_run(self, config: dict, config_hash: str, stage: str = "run") -> zarr.Group:
+        """Create (or stamp) the root as a qkov run, never clearing what is there."""
+        try:
+            root = zarr.open_group(self.zarr(), mode="a", zarr_format=3)  # "a": never clears a folder
+        except OSError as e:
+            raise StoreError(f"cannot write the output {self.path}: {e}. Choose a writable output.path.") from None
+        root.attrs.update({schema.ATTR_RUN: True, **provenance(config, config_hash, stage=stage)})
+        return root
+
+    def remove_run(self) -> None:
+        """Delete a previous qkov run here, keeping the lock this process holds on it."""
+        if not self.is_run():  # never delete something that is not a qkov run
+            raise StoreError(f"{self.path} exists and is not a qkov run; refusing to overwrite it. Choose another output.path.")
+        if is_url(self.path):
+            fs, _ = self._fs()
+            for entry in self.entries():
+                fs.rm(entry, recursive=True)
+        else:
+            for entry in map(Path, self.entries()):
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+
+    # ---- ownership --------------------------------------------------------
+    @contextmanager
+    def lock(self) -> Iterator[str]:
+        """Hold the output's lock for the duration of the block (see `acquire_lock`)."""
+        token = acquire_lock(self.path, self.storage_options or None)
+        try:
+            yield token
+        finally:
+            release_lock(self.path, token, self.storage_options or None)
+
+    def read_lock(self) -> dict | None:
+        return read_lock(self.path, self.storage_options or None)
+
+
+def decoded(var):
+    """A `gradients` variable as float32 whether or not it was opened decoded."""
+    import numpy as np
+
+    if var.dtype != np.uint16:
+        return var
+    enc = var.attrs[schema.ATTR_ENCODING]
+    return var.copy(data=var.data.map_blocks(schema.decode, enc, dtype=np.float32))
 
 
 # ---- ownership lock -------------------------------------------------------
@@ -122,9 +311,9 @@ def read_provenance(root: zarr.Group, group: str | None = None) -> dict[str, Any
 # host, pid dead, a zombie, or reused by another process) is stale and is broken
 # by the next run; a lock from another host is never guessed stale.
 
-LOCK_GROUP = "_lock"
+LOCK_GROUP = schema.LOCK_GROUP
 _LOCK_DOC = f"{LOCK_GROUP}/zarr.json"
-ATTR_LOCK = "qkov_lock"
+ATTR_LOCK = schema.ATTR_LOCK
 
 
 def _sync(coro):
@@ -223,17 +412,25 @@ def acquire_lock(path: str, storage_options: dict | None = None) -> str:
 
 
 def release_lock(path: str, token: str, storage_options: dict | None = None) -> None:
-    """Give the output up, if `token` still owns it."""
-    held = read_lock(path, storage_options)
-    if held is not None and held.get("token") == token:
-        _sync(zarr_store(path, storage_options).delete_dir(LOCK_GROUP))
+    """Give the output up, if `token` still owns it. Ctrl-C is held back until it is done (a
+    KeyboardInterrupt half-way would leave the lock behind)."""
+    with _sigint_deferred():
+        held = read_lock(path, storage_options)
+        if held is not None and held.get("token") == token:
+            _sync(zarr_store(path, storage_options).delete_dir(LOCK_GROUP))
 
 
 @contextmanager
-def owned(path: str, storage_options: dict | None = None) -> Iterator[str]:
-    """Hold the output's lock for the duration of the block."""
-    token = acquire_lock(path, storage_options)
+def _sigint_deferred() -> Iterator[None]:
+    """SIGINT blocked for the block (main thread): a Ctrl-C meanwhile is delivered after it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        yield token
+        yield
     finally:
-        release_lock(path, token, storage_options)
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

@@ -1,18 +1,23 @@
-"""qkov's Python API: every CLI command as a function returning xarray objects (or dicts).
+"""qkov's Python API: every CLI command as a function with the same parameters, returning
+xarray objects (or dicts). A RUN is a path or URL (or a `RunStore`).
 
     import qkov
     job = qkov.load_job("job.toml")
     qkov.run(job)
     stats = qkov.open_stats(job.output.path)
+    qkov.run_stats(job.output.path, n_permutations=9999, name="strict")
 """
 from __future__ import annotations
 
+from pipeline.errors import QkovError
 from pipeline.spec import JobSpec, StatsSpec, load_job, parse_job
+from pipeline.store import RunStore
 
 
 def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, overwrite: bool = False,
         inline: bool = False, progress=None):
-    """Extract → score → stats. Uses the job's cluster (or `scheduler`), or runs in-process with inline=True."""
+    """`qkov run`: extract → score → stats. Uses the job's cluster (or `scheduler`), or runs
+    in-process with inline=True."""
     from pipeline.cluster import cluster_client
     from pipeline.run import run_job
 
@@ -22,61 +27,80 @@ def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, ove
         return run_job(job, client=client, resume=resume, overwrite=overwrite, progress=progress)
 
 
-def run_stats(run_path: str, settings: StatsSpec, *, name: str | None = None, replace: bool = False,
-              client=None, storage_options=None):
-    from pipeline.stats_stage import run_stats as _run_stats
+def run_stats(run_path, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
+              alpha: float | None = None, alternative: str | None = None, seed: int | None = None,
+              name: str | None = None, replace: bool = False, scheduler: str | None = None, storage_options=None):
+    """`qkov stats`: rerun the statistics with the run's stored settings, the given ones
+    changed (None keeps the stored value). Holds the run's lock, as the CLI does."""
+    from pipeline.stats_stage import rerun_stats
 
-    return _run_stats(run_path, settings, client=client, name=name, replace=replace, storage_options=storage_options)
+    store = RunStore.coerce(run_path, storage_options)
+    settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
+                    alternative=alternative, seed=seed)
+    if scheduler:
+        from pipeline.cluster import connect
+        from pipeline.executors import executor_for
 
-
-def open_stats(run_path: str, name: str | None = None, storage_options=None):
-    from pipeline.stats_stage import open_stats as _open
-
-    return _open(run_path, name, storage_options=storage_options)
-
-
-def open_scores(run_path: str, storage_options=None):
-    from pipeline.score import open_scores as _open
-
-    return _open(run_path, storage_options)
-
-
-def open_gradients(run_path: str, storage_options=None):
-    from pipeline.score import open_gradients as _open
-
-    return _open(run_path, storage_options)
+        with connect(scheduler) as client:
+            return rerun_stats(store, executor_for(client), name=name, replace=replace, **settings)
+    return rerun_stats(store, name=name, replace=replace, **settings)
 
 
-def open_run(run_path: str, storage_options=None):
+def open_stats(run_path, name: str | None = None, storage_options=None):
+    return RunStore.coerce(run_path, storage_options).open_stats(name)
+
+
+def open_scores(run_path, storage_options=None):
+    return RunStore.coerce(run_path, storage_options).open_scores()
+
+
+def open_gradients(run_path, storage_options=None):
+    return RunStore.coerce(run_path, storage_options).open_gradients()
+
+
+def open_checks(run_path, storage_options=None):
+    return RunStore.coerce(run_path, storage_options).open_checks()
+
+
+def open_run(run_path, storage_options=None):
     """The whole run as an xarray DataTree (gradients lazily, not decoded)."""
-    import xarray as xr
-
-    return xr.open_datatree(run_path, engine="zarr", consolidated=False, storage_options=storage_options)
+    return RunStore.coerce(run_path, storage_options).open_tree()
 
 
-def query(run_path: str, layer: int, head: int, block: str | None = None, top: int = 10, score: str = "interference"):
+def query(run_path, layer: int, head: int, block: str | None = None, top: int = 10, score: str = "interference",
+          stats_name: str | None = None, storage_options=None):
+    """`qkov query`: one head's statistics and its top sample pairs."""
     from pipeline.query import query_head
 
-    return query_head(run_path, layer, head, block=block, top=top, score=score)
+    return query_head(run_path, layer, head, block=block, top=top, score=score, stats_name=stats_name,
+                      storage_options=storage_options)
 
 
-def report(run_path: str, out_dir=None):
+def report(run_path, out_dir=None, stats_name: str | None = None, storage_options=None):
+    """`qkov report`: heatmap PNGs and one HTML page; returns the page's path."""
     from pipeline.report import make_report
 
-    return make_report(run_path, out_dir=out_dir)
+    return make_report(run_path, out_dir=out_dir, stats_name=stats_name, storage_options=storage_options)
 
 
 def check(job: JobSpec, n_samples: int = 4):
+    """`qkov check`: the sanity checks on the job's model, written to the run's `checks` group."""
     from pipeline.checks import run_checks
 
     return run_checks(job, n_samples=n_samples)
 
 
+def validate(job_file) -> JobSpec:
+    """`qkov validate`: the job file parsed and checked, with every default filled in."""
+    return load_job(job_file)
+
+
 def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
+    """The job `qkov demo` runs (pass it to `run`)."""
     from pipeline.demo import demo_job as _demo
 
     return _demo(out, samples)
 
 
-__all__ = ["JobSpec", "StatsSpec", "load_job", "parse_job", "run", "run_stats", "open_stats", "open_scores",
-           "open_gradients", "open_run", "query", "report", "check", "demo_job"]
+__all__ = ["JobSpec", "StatsSpec", "RunStore", "QkovError", "load_job", "parse_job", "run", "run_stats", "open_stats",
+           "open_scores", "open_gradients", "open_checks", "open_run", "query", "report", "check", "validate", "demo_job"]

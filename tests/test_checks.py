@@ -19,7 +19,7 @@ from pipeline.checks import (
     qkv_output_mask, rank_correlation, run_checks, whole_scores,
 )
 from pipeline.spec import parse_job
-from pipeline.store import read_provenance
+from pipeline.store import RunStore
 from workers.layouts import discover_layout
 from workers.slicing import BlockSlicing, ParamPart
 from qkov.testing import ARCHITECTURES, ENCODERS, VOCAB, tiny_job, tiny_model, write_task_file
@@ -229,7 +229,7 @@ def test_write_creates_the_run_and_leaves_other_groups_alone(tmp_path):
     assert list(back[checks.CHECK_DIM].values) == list(CHECK_NAMES)
     np.testing.assert_array_equal(back["value"].values, ds["value"].values)
     assert [str(x) for x in back["detail"].values] == [str(x) for x in ds["detail"].values]
-    prov = read_provenance(open_root_r(run), schema.CHECKS)
+    prov = RunStore(run).provenance(schema.CHECKS)
     assert prov["config_hash"] == job.config_hash() and prov["stage"] == "check" and prov["layers"] == [0, 1]
     # another stage's group survives a rerun of the checks untouched
     root = zarr.open_group(run, mode="a", zarr_format=3)
@@ -239,7 +239,7 @@ def test_write_creates_the_run_and_leaves_other_groups_alone(tmp_path):
     run_checks(job, n_samples=2, write=True, layers=[1])
     root = open_root_r(run)
     assert root[schema.STATS]["mean"][:].tolist() == [0.0, 1.0, 2.0] and root[schema.STATS].attrs["keep"] == "me"
-    assert read_provenance(root, schema.CHECKS)["layers"] == [1]
+    assert RunStore(run).provenance(schema.CHECKS)["layers"] == [1]
 
 
 # ---------------------------------------------------------------- the real pretrained model

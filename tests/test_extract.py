@@ -1,6 +1,7 @@
 """Extract stage: the gradient store, the Fisher, invariances, executors, resume."""
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import numpy as np
 import pytest
 import xarray as xr
@@ -9,18 +10,17 @@ from pipeline import schema
 from pipeline.executors import DaskExecutor, InlineExecutor
 from pipeline.extract import pending_shards, plan_extract, run_extract
 from pipeline.run import prepare_output
-from pipeline.score import open_fisher, open_gradients
-from pipeline.store import open_root
+
 from qkov.testing import assert_runs_close, tiny_job
 
 
 def extract(job, executor=None):
-    prepare_output(job, resume=False, overwrite=True)
-    return run_extract(job, executor or InlineExecutor())
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    return run_extract(RunStore.of(job), job, executor or InlineExecutor())
 
 
 def stored(job, block):
-    return open_gradients(job.output.path)[block].values
+    return RunStore(job.output.path).open_gradients()[block].values
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_fisher_equals_independent_bias_corrected_ema(tmp_path, base, source):
     # 16 pooled samples, batch 4: beta = 0.9 over exactly 4 batches; a/b streams have a short last batch
     job = tiny_job(tmp_path, "llama_gqa", n_a=9, n_b=7, fisher={"beta": 0.9, "batch_size": 4, "source": source})
     extract(job)
-    f = open_fisher(job.output.path)
+    f = RunStore(job.output.path).open_fisher()
     assert f.attrs["beta"] == 0.9 and f.attrs["source"] == source
     n_a = 9
     for b in "QKVO":
@@ -110,14 +110,14 @@ def test_resume_recomputes_only_unfinished_shards(tmp_path, base):
     job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=7, fisher={"beta": 0.9, "batch_size": 4},
                    output={"path": str(tmp_path / "resume")})
     extract(job)
-    root = open_root(job.output.path, mode="r+")
+    root = RunStore.of(job).root("r+")
     # simulate a crash after shard 1's data but before its record, and shard 3 never written
     root[schema.WORK]["done"][1] = 0
     root[schema.WORK]["done"][3] = 0
     root[schema.GRADIENTS]["Q"][12:16] = 0.0
     plan = plan_extract(job)
-    assert pending_shards(plan, job) == [1, 3]
-    info = run_extract(job, InlineExecutor(), plan=plan, fresh=False)
+    assert pending_shards(RunStore.of(job), plan) == [1, 3]
+    info = run_extract(RunStore.of(job), job, InlineExecutor(), plan=plan, fresh=False)
     assert info["computed"] == 2 and info["shards"] == 5
     for b in "QKVO":
         np.testing.assert_array_equal(stored(job, b), stored(job0, b))
@@ -136,13 +136,13 @@ def test_bfloat16_storage_round_trips_to_nearest_bf16(tmp_path, base):
         expect = torch.from_numpy(stored(job0, b)).to(torch.bfloat16).float().numpy()
         np.testing.assert_array_equal(stored(job, b), expect)
     # the Fisher is accumulated from the float32 gradients, not the rounded ones
-    np.testing.assert_array_equal(open_fisher(job.output.path)["Q"].values, open_fisher(job0.output.path)["Q"].values)
+    np.testing.assert_array_equal(RunStore(job.output.path).open_fisher()["Q"].values, RunStore(job0.output.path).open_fisher()["Q"].values)
 
 
 def test_layers_and_blocks_subset(tmp_path):
     job = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4, score={"layers": [1], "blocks": ["O", "Q"]})
     extract(job)
-    ds = open_gradients(job.output.path)
+    ds = RunStore(job.output.path).open_gradients()
     assert set(ds.data_vars) == {"Q", "O"} and list(ds.layer.values) == [1]
     bad = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4, score={"layers": [0, 7]}, output={"path": str(tmp_path / "bad")})
     with pytest.raises(ValueError, match=r"out of range.*2 attention layers"):
@@ -164,24 +164,24 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, extract={"shard_size": 2},
                    score={"storage_dtype": "bfloat16"}, output={"path": str(tmp_path / "grouped")})
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())  # 7 shards → groups of 3 (inline: one slot)
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())  # 7 shards → groups of 3 (inline: one slot)
     plan = plan_extract(job)
-    tasks = shard_tasks(plan, job, list(range(len(plan.shards))))
+    tasks = shard_tasks(RunStore.of(job), plan, job, list(range(len(plan.shards))))
     groups = shard_groups(tasks, slots=1)
     assert [len(g) for g in groups] == [3, 3, 1] and [t for g in groups for t in g] == tasks
     assert [len(g) for g in shard_groups(tasks, slots=4)] == [1] * 7
-    grouped = open_gradients(job.output.path, decode=False).load()
+    grouped = RunStore(job.output.path).open_gradients(decode=False).load()
 
     single = job.model_copy(update={"output": job.output.model_copy(update={"path": str(tmp_path / "single")})})
-    prepare_output(single, resume=False, overwrite=True)
+    prepare_output(RunStore.of(single), single, resume=False, overwrite=True)
     from pipeline.extract import write_template
 
-    write_template(plan_extract(single), single)
-    res = [r for t in shard_tasks(plan_extract(single), single, list(range(len(plan.shards)))) for r in extract_shards((t,))]
+    write_template(RunStore.of(single), plan_extract(single), single)
+    res = [r for t in shard_tasks(RunStore.of(single), plan_extract(single), single, list(range(len(plan.shards)))) for r in extract_shards((t,))]
     assert [r.shard for r in res] == list(range(7))
-    assert [r.shard for r in extract_shards(tuple(shard_tasks(plan_extract(single), single, [0, 1])))] == [0, 1]
-    ref = open_gradients(single.output.path, decode=False).load()
+    assert [r.shard for r in extract_shards(tuple(shard_tasks(RunStore.of(single), plan_extract(single), single, [0, 1])))] == [0, 1]
+    ref = RunStore(single.output.path).open_gradients(decode=False, complete=False).load()
     for b in "QKVO":
         assert grouped[b].dtype == np.uint16
         np.testing.assert_array_equal(grouped[b].values, ref[b].values)

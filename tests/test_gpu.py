@@ -1,6 +1,7 @@
 """GPU code paths give the CPU path's results (run on the device machine; skipped without CUDA)."""
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import numpy as np
 import pytest
 import torch
@@ -8,7 +9,7 @@ import torch
 from pipeline.executors import InlineExecutor
 from pipeline.extract import run_extract
 from pipeline.run import prepare_output
-from pipeline.score import open_fisher, open_gradients, score_dataset
+from pipeline.score import score_dataset
 from qkov.testing import tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -19,9 +20,9 @@ def test_gpu_extract_and_score_equal_cpu(tmp_path, arch):
     runs = {}
     for dev in ("cpu", "cuda"):
         job = tiny_job(tmp_path, arch, n_a=9, n_b=7, extract={"device": dev}, output={"path": str(tmp_path / f"run-{dev}")})
-        prepare_output(job, resume=False, overwrite=True)
-        run_extract(job, InlineExecutor())
-        grads, fisher = open_gradients(job.output.path), open_fisher(job.output.path)
+        prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+        run_extract(RunStore.of(job), job, InlineExecutor())
+        grads, fisher = RunStore(job.output.path).open_gradients(), RunStore(job.output.path).open_fisher()
         runs[dev] = (grads, fisher, score_dataset(grads, fisher, device=dev).load())
     (g_cpu, f_cpu, s_cpu), (g_gpu, f_gpu, s_gpu) = runs["cpu"], runs["cuda"]
     for b in "QKVO":
@@ -36,9 +37,9 @@ def test_gpu_extract_and_score_equal_cpu(tmp_path, arch):
 
 def test_gpu_score_kernel_equals_cpu_on_the_same_gradients(tmp_path):
     job = tiny_job(tmp_path, "phi3", n_a=12, n_b=10)
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
-    grads, fisher = open_gradients(job.output.path), open_fisher(job.output.path)
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
+    grads, fisher = RunStore(job.output.path).open_gradients(), RunStore(job.output.path).open_fisher()
     cpu = score_dataset(grads, fisher, device="cpu").load()
     gpu = score_dataset(grads, fisher, device="cuda").load()  # float32 accumulation, TF32 off
     for name in ("pooled_interference", "pooled_alignment"):
@@ -51,9 +52,9 @@ def test_gpu_sketch_mode_equals_cpu(tmp_path):
     for dev in ("cpu", "cuda"):
         job = tiny_job(tmp_path, "llama_gqa", n_a=8, n_b=8, extract={"device": dev},
                        score={"mode": "sketch", "sketch_dim": 512}, output={"path": str(tmp_path / f"sk-{dev}")})
-        prepare_output(job, resume=False, overwrite=True)
-        run_extract(job, InlineExecutor())
-        out[dev] = score_dataset(open_gradients(job.output.path), open_fisher(job.output.path), device=dev).load()
+        prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+        run_extract(RunStore.of(job), job, InlineExecutor())
+        out[dev] = score_dataset(RunStore(job.output.path).open_gradients(), RunStore(job.output.path).open_fisher(), device=dev).load()
     for name in ("pooled_interference", "pooled_alignment"):
         ref = out["cpu"][name].values
         assert np.abs(out["cuda"][name].values - ref).max() <= 1e-4 * np.abs(ref).max(), name
@@ -68,11 +69,11 @@ def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
     if not has_bmm_out_dtype(torch.device("cuda")):
         pytest.skip("this torch has no torch.mm(out_dtype=float32): the stage keeps float32 operands")
     job = tiny_job(tmp_path, "llama_gqa", n_a=12, n_b=10, score={"storage_dtype": "bfloat16"})
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
-    fisher = open_fisher(job.output.path)
-    ref = score_dataset(open_gradients(job.output.path), fisher, device="cpu", accumulate="float64").load()
-    raw = open_gradients(job.output.path, decode=False)
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
+    fisher = RunStore(job.output.path).open_fisher()
+    ref = score_dataset(RunStore(job.output.path).open_gradients(), fisher, device="cpu", accumulate="float64").load()
+    raw = RunStore(job.output.path).open_gradients(decode=False)
     assert raw["Q"].dtype == np.uint16
     gpu = score_dataset(raw, fisher, device="cuda").load()
     for name in ("pooled_interference", "pooled_alignment"):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from pipeline.errors import QkovError
 from pipeline import schema
 from pipeline.query import format_query, format_significant, query_head, significant_heads
 
@@ -133,14 +134,14 @@ def test_missing_groups_name_the_stage(text_run, tmp_path):
     cut = tmp_path / "no-stats"
     shutil.copytree(run, cut)
     shutil.rmtree(cut / schema.STATS)
-    with pytest.raises(ValueError, match=r"no 'stats' group; run the stats stage \(`qkov stats"):
+    with pytest.raises(QkovError, match=r"no 'stats' group; run the stats stage \(`qkov stats"):
         query_head(str(cut), 0, 0)
-    with pytest.raises(ValueError, match=r"no 'stats' group"):
+    with pytest.raises(QkovError, match=r"no 'stats' group"):
         significant_heads(str(cut))
     shutil.rmtree(cut / schema.SCORES_GROUP)
-    with pytest.raises(ValueError, match=r"no 'scores' group; run the score stage"):
+    with pytest.raises(QkovError, match=r"no 'scores' group; run the score stage"):
         query_head(str(cut), 0, 0)
-    with pytest.raises(ValueError, match="no qkov run"):
+    with pytest.raises(QkovError, match="no qkov run"):
         query_head(str(tmp_path / "nowhere"), 0, 0)
 
 
@@ -177,12 +178,12 @@ def test_named_stats_and_url_runs(text_run):
     import fsspec
 
     from pipeline.spec import StatsSpec
-    from pipeline.stats_stage import run_stats
+    import qkov
 
     run, _ = text_run
-    with pytest.raises(ValueError, match=r"no 'stats_loose' group; run the stats stage \(`qkov stats .* --name loose`\)"):
+    with pytest.raises(QkovError, match=r"no 'stats_loose' group; run the stats stage \(`qkov stats .* --name loose`\)"):
         query_head(run, 0, 0, stats_name="loose")
-    run_stats(run, StatsSpec(alpha=0.3, n_permutations=19, n_bootstrap=9), name="loose")
+    qkov.run_stats(run, alpha=0.3, n_permutations=19, n_bootstrap=9, name="loose")
     loose = _stored(run, "stats_loose").load()
     res = query_head(run, 1, 1, block="O", top=3, stats_name="loose")
     assert res["stats_group"] == "stats_loose" and res["settings"]["alpha"] == 0.3

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from pipeline import schema
 from pipeline.cli import app
 from pipeline.run import run_job
-from pipeline.store import StoreError, _lock_is_stale, acquire_lock, open_root, read_lock
+from pipeline.store import RunStore, StoreError, _lock_is_stale, acquire_lock, read_lock
 from qkov.testing import tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def assert_same_results(run, ref) -> None:
 def done_shards(run) -> int:
     """Completed-shard records so far; -1 while there is no template."""
     try:
-        return int(np.asarray(open_root(str(run))[schema.WORK]["done"][:]).sum())
+        return int(np.asarray(RunStore(str(run)).root()[schema.WORK][schema.DONE][:]).sum())
     except (StoreError, KeyError):
         return -1
 
@@ -214,7 +214,7 @@ def test_sigterm_releases_the_lock(reference):
     assert not late and res.exit_code == 128 + signal.SIGTERM, res.output
     assert read_lock(str(out)) is None
     assert 0 < done_shards(out) < TOTAL
-    assert not open_root(str(out))[schema.GRADIENTS].attrs.get(schema.ATTR_COMPLETE)
+    assert not RunStore(str(out)).root()[schema.GRADIENTS].attrs.get(schema.ATTR_COMPLETE)
 
 
 def test_simultaneous_starts_have_exactly_one_owner(tmp_path):

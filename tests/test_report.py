@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from pipeline.errors import QkovError
 from pipeline import schema
 from pipeline.report import heatmap_figure, make_report
 
@@ -157,7 +158,7 @@ def test_missing_stats_names_the_stage(run, tmp_path):
     cut = tmp_path / "no-stats"
     shutil.copytree(run, cut, ignore=shutil.ignore_patterns("report"))
     shutil.rmtree(cut / schema.STATS)
-    with pytest.raises(ValueError, match=r"no 'stats' group; run the stats stage"):
+    with pytest.raises(QkovError, match=r"no 'stats' group; run the stats stage"):
         make_report(str(cut))
 
 

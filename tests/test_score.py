@@ -1,6 +1,7 @@
 """Score stage against an independent reference (autograd loop + numpy + hand slicing)."""
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from pipeline.executors import DaskExecutor, InlineExecutor
 from pipeline.extract import run_extract
 from pipeline.run import prepare_output
-from pipeline.score import open_scores, run_score, score_dataset, open_gradients, open_fisher, top_pairs
+from pipeline.score import run_score, score_dataset, top_pairs
 from qkov.testing import compare_datasets, tiny_job
 from reference import per_sample_grads_loop
 from workers.models import load_model
@@ -79,10 +80,10 @@ def reference_scores(model, arch, samples, n_a, beta, fisher_batch, damping_rel)
 
 
 def run_to_scores(job, executor=None, **kw):
-    prepare_output(job, resume=False, overwrite=True)
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
     ex = executor or InlineExecutor()
-    run_extract(job, ex)
-    return run_score(job, ex, **kw)
+    run_extract(RunStore.of(job), job, ex)
+    return run_score(RunStore.of(job), job, ex, **kw)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "gpt_neox", "phi3"])
@@ -112,7 +113,7 @@ def test_head_additivity_against_whole_tensor(tmp_path):
     model = load_model(job.model)
     samples = [json.loads(l)["input_ids"] for p in (job.tasks.a.path, job.tasks.b.path) for l in open(p)]
     grads = autograd_loop(model, samples)
-    fisher = open_fisher(job.output.path)
+    fisher = RunStore(job.output.path).open_fisher()
     names = {"Q": "q_proj", "K": "k_proj", "V": "v_proj", "O": "o_proj"}
     for layer in range(2):
         for blk, mod in names.items():
@@ -149,9 +150,9 @@ def test_same_scores_inline_two_processes_and_any_chunking(tmp_path):
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=9, n_b=8)
     ref = run_to_scores(job).load()
-    small = score_dataset(open_gradients(job.output.path), open_fisher(job.output.path), sample_chunk=4).load()
+    small = score_dataset(RunStore(job.output.path).open_gradients(), RunStore(job.output.path).open_fisher(), sample_chunk=4).load()
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cl, Client(cl) as c:
-        dist = run_score(job, DaskExecutor(c)).load()
+        dist = run_score(RunStore.of(job), job, DaskExecutor(c)).load()
     for name in ("interference", "alignment", "pooled_interference", "pooled_alignment"):
         # float32 accumulation: other chunk shapes may sum in another order (alignment can be ~0,
         # so the bound is relative to the slice block's scale, not to each entry)
@@ -165,7 +166,7 @@ def test_same_scores_inline_two_processes_and_any_chunking(tmp_path):
 def test_open_scores_reads_one_slice_and_top_pairs_use_user_ids(tmp_path):
     job = tiny_job(tmp_path, "gpt2", n_a=5, n_b=4)
     run_to_scores(job)
-    s = open_scores(job.output.path)
+    s = RunStore(job.output.path).open_scores()
     one = s["interference"].sel(layer=1, head=2, block="V")
     assert one.dims == ("sample_a", "sample_b") and one.data.npartitions == 1
     pairs = top_pairs(s, layer=1, head=2, block="V", n=3)
@@ -179,11 +180,11 @@ def test_raw_bf16_bits_score_like_decoded_gradients(tmp_path):
     """The stage reads bf16 gradients as raw bits and decodes them inside the kernel; on CPU
     that is exactly the decoded float32 path, head batching included."""
     job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, score={"storage_dtype": "bfloat16"})
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
-    fisher = open_fisher(job.output.path)
-    decoded = score_dataset(open_gradients(job.output.path), fisher, device="cpu").load()
-    raw = open_gradients(job.output.path, decode=False)
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
+    fisher = RunStore(job.output.path).open_fisher()
+    decoded = score_dataset(RunStore(job.output.path).open_gradients(), fisher, device="cpu").load()
+    raw = RunStore(job.output.path).open_gradients(decode=False)
     assert raw["K"].dtype == np.uint16
     got = score_dataset(raw, fisher, device="cpu", sample_chunk=5).load()
     for name in ("interference", "alignment", "pooled_interference", "pooled_alignment"):

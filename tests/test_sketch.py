@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.store import RunStore
+from workers.fisher import inverse_damped_fisher
 import numpy as np
 import pytest
 import torch
@@ -109,9 +111,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _scores(run: Path) -> xr.Dataset:
-    from pipeline.score import open_scores
+    
 
-    return open_scores(str(run)).load()
+    return RunStore(str(run)).open_scores().load()
 
 
 def _size(path: Path) -> int:
@@ -131,10 +133,10 @@ def test_full_dimension_sketch_equals_exact(runs):
 
 def _norms(run: Path, block: str) -> tuple[np.ndarray, np.ndarray]:
     """‖u_i‖, ‖v_i‖ per (layer, head, sample) from an exact run's gradients and Fisher."""
-    from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients
+    
 
-    g = open_gradients(str(run))[block].values.astype(np.float64)  # (n, L, H, P)
-    inv = inverse_damped_fisher(open_fisher(str(run)), block).compute()
+    g = RunStore(str(run)).open_gradients()[block].values.astype(np.float64)  # (n, L, H, P)
+    inv = inverse_damped_fisher(RunStore(str(run)).open_fisher(), block).compute()
     u, v = g * g * inv, np.abs(g)
     return np.linalg.norm(u, axis=-1).transpose(1, 2, 0), np.linalg.norm(v, axis=-1).transpose(1, 2, 0)
 
@@ -174,9 +176,9 @@ def test_small_sketch_keeps_the_interference_ranking(runs):
 
 
 def test_store_holds_only_sketches(runs):
-    from pipeline.score import open_gradients
+    
 
-    g = open_gradients(str(runs["small"]))
+    g = RunStore(str(runs["small"])).open_gradients()
     assert g.attrs["mode"] == "sketch" and g.attrs["sketch_dim"] == SMALL_K and g.attrs["sketch_seed"] == 3
     assert not any(b in g for b in schema.BLOCKS)
     for b in schema.BLOCKS:
@@ -195,11 +197,11 @@ def test_store_holds_only_sketches(runs):
 
 def test_sketch_matches_the_stored_fisher(runs):
     """The stored u sketch is S(g²/Î_reg) of an exact run's gradients and Fisher (same model)."""
-    from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients
+    
     from workers.sketch import sketch_block
 
-    ge, gs = open_gradients(str(runs["exact"])), open_gradients(str(runs["small"]))
-    inv = inverse_damped_fisher(open_fisher(str(runs["exact"])), "K").compute()
+    ge, gs = RunStore(str(runs["exact"])).open_gradients(), RunStore(str(runs["small"])).open_gradients()
+    inv = inverse_damped_fisher(RunStore(str(runs["exact"])).open_fisher(), "K").compute()
     ref = sketch_block(ge["K"].values, inv, "K", tuple(int(l) for l in ge[schema.LAYER].values), SMALL_K, 3)
     for part in schema.SKETCH_PARTS:
         np.testing.assert_allclose(gs[schema.sketch_var("K", part)].values, ref[part], rtol=1e-5,
@@ -222,7 +224,6 @@ def test_resume_redoes_only_the_unfinished_sketch_pass(runs, tmp_path):
     from pipeline.executors import executor_for
     from pipeline.extract import plan_extract, run_extract
     from pipeline.spec import parse_job
-    from pipeline.store import read_provenance
 
     run = tmp_path / "small"
     shutil.copytree(runs["small"], run)
@@ -230,10 +231,10 @@ def test_resume_redoes_only_the_unfinished_sketch_pass(runs, tmp_path):
     before = root[schema.GRADIENTS][schema.sketch_var("Q", "w")][:]
     root[schema.GRADIENTS][schema.sketch_var("Q", "w")][:4] = 0.0
     root[schema.WORK][schema.DONE][0] = 0
-    config = read_provenance(root).get("config")
+    config = RunStore(str(run)).config()
     config["output"]["path"] = str(run)
     job = parse_job(config)
-    out = run_extract(job, executor_for(None), plan=plan_extract(job), fresh=False)
+    out = run_extract(RunStore.of(job), job, executor_for(None), plan=plan_extract(job), fresh=False)
     assert out["computed"] == 1
     np.testing.assert_array_equal(root[schema.GRADIENTS][schema.sketch_var("Q", "w")][:], before)
 
@@ -248,7 +249,7 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
     from pipeline.executors import executor_for
     from pipeline.extract import plan_extract, run_extract
     from pipeline.spec import parse_job
-    from pipeline.store import StoreError, read_provenance
+    from pipeline.store import StoreError
 
     run = tmp_path / "old"
     shutil.copytree(runs["small"], run)
@@ -256,8 +257,8 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
     assert root[schema.GRADIENTS].attrs["sketch_projection"] == "keyed-hash-v2"
     del root[schema.GRADIENTS].attrs["sketch_projection"]  # as written before schemes were recorded
     root[schema.WORK][schema.DONE][0] = 0
-    config = read_provenance(root).get("config")
+    config = RunStore(str(run)).config()
     config["output"]["path"] = str(run)
     job = parse_job(config)
     with pytest.raises(StoreError, match="randperm-v1.*--overwrite"):
-        run_extract(job, executor_for(None), plan=plan_extract(job), fresh=False)
+        run_extract(RunStore.of(job), job, executor_for(None), plan=plan_extract(job), fresh=False)

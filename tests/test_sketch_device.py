@@ -1,6 +1,8 @@
 """Compact index tables, per-layer per-sample gradients and on-device sketching (the 7B path)."""
 from __future__ import annotations
 
+from pipeline.store import RunStore
+from workers.fisher import inverse_damped_fisher
 import numpy as np
 import pytest
 import torch
@@ -173,7 +175,7 @@ def test_sketch_pass_equals_reference_sketches_of_exact_gradients(tmp_path):
     """The stored sketches of a sketch-mode run are the reference scatter sketches of the
     exact run's per-sample gradients with the run's own 1/Î_reg, slice by slice."""
     from pipeline.run import run_job
-    from pipeline.score import inverse_damped_fisher, open_fisher, open_gradients
+    
     from qkov.testing import tiny_job
 
     k = 48
@@ -183,11 +185,11 @@ def test_sketch_pass_equals_reference_sketches_of_exact_gradients(tmp_path):
                        score=score, output={"path": str(tmp_path / name)})
         run_job(job)
         runs[name] = job.output.path
-    ge, gs = open_gradients(runs["exact"]), open_gradients(runs["sk"])
+    ge, gs = RunStore(runs["exact"]).open_gradients(), RunStore(runs["sk"]).open_gradients()
     layers = [int(x) for x in ge[schema.LAYER].values]
     for b in schema.BLOCKS:
         g = ge[b].values
-        inv = inverse_damped_fisher(open_fisher(runs["exact"]), b).compute()
+        inv = inverse_damped_fisher(RunStore(runs["exact"]).open_fisher(), b).compute()
         for li, layer in enumerate(layers):
             for h in range(g.shape[2]):
                 ref = projection(g.shape[-1], k, 2, b, layer, h)

@@ -6,6 +6,7 @@ stage's p-values must be uniform, and the stage must agree with the pure math.
 """
 from __future__ import annotations
 
+from pipeline.store import RunStore
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -25,9 +26,9 @@ def pooled(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("null")
     # same length range and vocabulary for both tasks: exchangeable samples
     job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=12, min_len=6, max_len=10)
-    prepare_output(job, resume=False, overwrite=True)
-    run_extract(job, InlineExecutor())
-    return run_score(job, InlineExecutor()).load()
+    prepare_output(RunStore.of(job), job, resume=False, overwrite=True)
+    run_extract(RunStore.of(job), job, InlineExecutor())
+    return run_score(RunStore.of(job), job, InlineExecutor()).load()
 
 
 def relabelled(scores, order):

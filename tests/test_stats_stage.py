@@ -13,7 +13,18 @@ import xarray as xr
 from pipeline import schema as S
 from pipeline import stats as st
 from pipeline.spec import StatsSpec, config_hash
-from pipeline.stats_stage import IS_A, StatsStageError, compute_stats, open_stats, run_stats
+from pipeline.executors import DaskExecutor
+from pipeline.stats_stage import IS_A, StatsStageError, compute_stats
+from pipeline.stats_stage import run_stats as _run_stats
+from pipeline.store import RunStore, StoreError
+
+
+def run_stats(run, settings, executor=None, **kw):
+    return _run_stats(RunStore(run), settings, executor, **kw)
+
+
+def open_stats(run, name=None):
+    return RunStore(run).open_stats(name)
 
 # the synthetic store is written the way the score stage writes it (str coords, consolidated)
 pytestmark = [
@@ -179,11 +190,11 @@ def test_rerun_settings_conflicts(tmp_path):
 
 def test_refuses_incomplete_or_missing_scores(tmp_path):
     run = write_run(tmp_path, complete=False)
-    with pytest.raises(StatsStageError, match="not marked complete"):
+    with pytest.raises(StoreError, match="incomplete 'scores' group.*--resume"):
         run_stats(run, SETTINGS)
-    with pytest.raises(StatsStageError, match="no 'scores' group"):
+    with pytest.raises(StoreError, match="no qkov run"):
         run_stats(str(tmp_path / "empty.zarr"), SETTINGS)
-    with pytest.raises(StatsStageError, match="no 'stats' group"):
+    with pytest.raises(StoreError, match="no 'stats' group.*qkov stats"):
         open_stats(run)
 
 
@@ -202,7 +213,7 @@ def test_distributed_matches_default_scheduler(run_and_result):
     run, ds, _ = run_and_result
     with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
         with distributed.Client(cluster) as client:
-            got = run_stats(run, SETTINGS, client=client, name="dist")
+            got = run_stats(run, SETTINGS, DaskExecutor(client), name="dist")
     for v in ("mean", "ci_low", "ci_high"):
         np.testing.assert_allclose(got[v].values, ds[v].values, rtol=1e-12)
     for v in ("p_value", "q_value", "p_fwer", "significant", "in_family"):

@@ -69,3 +69,17 @@ def inverse_regularised(fisher: np.ndarray, lam) -> np.ndarray:
     `lam` broadcasts against `fisher` (a scalar, or λ per layer shaped to fit)."""
     reg = np.asarray(fisher, dtype=np.float64) + lam
     return 1.0 / np.maximum(reg, REG_FLOOR)
+
+
+def inverse_damped_fisher(fisher, block: str):
+    """1/(Î+λ) per (layer, head, param) in float64, lazily from a stored `fisher` dataset (one
+    chunk per (layer, head), so no large array is embedded in the graph). The score stage and
+    the sketch pass both use this, so exact and sketch mode normalise identically."""
+    import dask.array as da
+
+    from pipeline import schema
+
+    f = fisher[block].data
+    f = (f if isinstance(f, da.Array) else da.from_array(f)).rechunk((1, 1, -1))
+    lam = np.asarray(fisher[schema.DAMPING].sel(block=block).values, dtype=np.float64)[:, None, None]
+    return da.map_blocks(inverse_regularised, f, da.from_array(lam, chunks=(1, 1, 1)), dtype=np.float64)

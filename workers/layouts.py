@@ -24,13 +24,10 @@ import torch.nn as nn
 
 from pipeline.spec import LayoutSpec
 from workers.slicing import BlockSlicing, ParamPart, factorise
+from pipeline.errors import UnsupportedModelError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
 
 BLOCK_ORDER = ("Q", "K", "V", "O")
 KINDS = ("split", "fused", "interleaved", "grouped")
-
-
-class UnsupportedModelError(ValueError):
-    """No attention layout could be found; the message says how to declare one."""
 
 
 @dataclass(frozen=True, eq=False)

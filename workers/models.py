@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.spec import ModelSpec
+from pipeline.errors import ModelLoadError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,6 @@ TOKENIZER_FILES = (
     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 )
 _MANIFEST = "qkov_source.json"  # written last into a cache folder: its presence marks a complete conversion
-
-
-class ModelLoadError(ValueError):
-    """A model that cannot be loaded; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -288,6 +285,45 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
             "Convert once: load the model with transformers and save it with model.save_pretrained(folder)")
     raise ModelLoadError(f"{folder} has no weight files ({SAFETENSORS} or {SAFETENSORS_INDEX}); "
                          "save the model with model.save_pretrained(folder)")
+
+
+FINGERPRINT_SAMPLES = 64  # evenly spaced 64 KiB windows per weight file
+_WINDOW = 64 * 2**10
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """A fingerprint of the folder's weight files, cheap enough to take before every run and
+    resume: each file's name, size and safetensors header, and 64 evenly spaced 64 KiB windows
+    of its data (4 MiB per file, whatever the model's size). Changed weights (fine-tuned, other
+    checkpoint, same shapes) change every window they touch; the state-dict hash that
+    provenance records (`weights_hash`) needs the whole model loaded."""
+    folder = Path(folder)
+    checkpoint_tensors(folder)  # refuses missing, pickle-only and truncated checkpoints first
+    index = folder / SAFETENSORS_INDEX
+    if (folder / SAFETENSORS).is_file():
+        files = [folder / SAFETENSORS]
+    else:
+        files = [folder / n for n in sorted(set(_read_json(index, "the weights index")["weight_map"].values()))]
+    import struct
+
+    h = hashlib.blake2b(digest_size=16)
+    for path in files:
+        size = path.stat().st_size
+        h.update(f"{path.name}|{size}\n".encode())
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = f.read(n)
+            h.update(header)
+            step = max(_WINDOW, size // FINGERPRINT_SAMPLES)
+            starts = set(range(0, size, step))
+            # and the first 4 KiB of every tensor, so a small changed tensor (a head) is seen too
+            for name, info in json.loads(header).items():
+                if name != "__metadata__":
+                    starts.add(-(8 + n + int(info["data_offsets"][0])))
+            for off in sorted(starts, key=abs):
+                f.seek(abs(off))
+                h.update(f.read(4096 if off < 0 else _WINDOW))
+    return h.hexdigest()
 
 
 def check_checkpoint(folder: Path, model: torch.nn.Module) -> None:

@@ -125,7 +125,7 @@ def sketch(x: torch.Tensor, proj: Projection) -> torch.Tensor:
 
 def operands(g: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u = g²/Î_reg, v = |g|, w = g/√Î_reg for gradients g (..., P) and inv (P,) = 1/Î_reg;
-    u·v and w·w are exactly the interference and alignment of `pipeline.score.slice_scores`."""
+    u·v and w·w are exactly the interference and alignment of `workers.kernels.slice_scores`."""
     return g * g * inv, g.abs(), g * torch.sqrt(inv)
 
 
@@ -231,6 +231,9 @@ def sketch_block(g: np.ndarray, inv: np.ndarray, block: str, layers: tuple[int, 
 def stored_inverse_fisher(store_path: str, storage_options: dict | None, block: str) -> np.ndarray:
     """1/Î_reg (L, H, P) of one block from the run's consolidated `fisher` group, by the
     score stage's own formula (so sketch and exact mode normalise identically)."""
-    from pipeline.score import inverse_damped_fisher, open_fisher
+    from pipeline.store import RunStore
 
-    return np.asarray(inverse_damped_fisher(open_fisher(store_path, storage_options), block).compute())
+    from .fisher import inverse_damped_fisher
+
+    fisher = RunStore(store_path, storage_options).open_fisher()
+    return np.asarray(inverse_damped_fisher(fisher, block).compute())

@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.spec import TaskSpec
-
-
-class TaskFileError(ValueError):
-    """A task file that cannot be used; the message names the file and line or samples."""
+from pipeline.errors import TaskFileError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,16 @@ import numpy as np
 import torch
 
 from pipeline import schema
+from pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
 from pipeline.spec import ModelSpec
+from pipeline.store import RunStore
 
+from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for
 from .models import load_model, weights_hash
 from .slicing import slice_block
-
-
-class NonFiniteGradientError(FloatingPointError):
-    """Some samples produced NaN/Inf gradients or losses."""
 
 
 @dataclass(frozen=True)
@@ -71,14 +70,6 @@ _CACHE: dict[Any, tuple[torch.nn.Module, AttentionLayout, str]] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def resolve_device(device: str) -> str:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("extract.device = 'cuda' but this worker has no CUDA device")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torch.nn.Module, AttentionLayout, str]:
     key = (spec.model_dump_json(), include_bias, device)
     with _CACHE_LOCK:
@@ -88,15 +79,6 @@ def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torc
             layout = discover_layout(model, declared=spec.layout, include_bias=include_bias)
             _CACHE[key] = (model, layout, weights_hash(model))
         return _CACHE[key]
-
-
-def _set_threads() -> None:
-    try:  # inside a Dask worker: use exactly the threads it was given
-        from distributed import get_worker
-
-        torch.set_num_threads(max(1, get_worker().state.nthreads))
-    except (ImportError, ValueError, AttributeError):
-        pass
 
 
 def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device: str, pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -205,15 +187,6 @@ def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _worker_name() -> str:
-    try:
-        from distributed import get_worker
-
-        return get_worker().address
-    except (ImportError, ValueError):
-        return "inline"
-
-
 def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
     """Several consecutive shards on this worker, overlapping device compute with Zarr writes:
     while shard k is written by a writer thread, the device computes shard k+1. At most two
@@ -222,7 +195,7 @@ def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
     loses only unfinished shards; a retried group rewrites finished ones with the same bytes."""
     from concurrent.futures import ThreadPoolExecutor
 
-    _set_threads()
+    use_worker_threads()
     out = []
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkov-writer") as pool:
         pending = None
@@ -243,12 +216,10 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     deterministic, so retrying the task elsewhere would only repeat it, and the driver
     can then name every offending sample of the run at once.
     """
-    from pipeline.store import open_root
-
     grads, losses, fisher, bad, whash, device = computed
     if bad and task.nonfinite == "error":
-        return ShardResult(task.shard, whash, (), device, _worker_name(), rejected=tuple(bad))
-    root = open_root(task.store_path, task.storage_options, mode="r+")
+        return ShardResult(task.shard, whash, (), device, worker_name(), rejected=tuple(bad))
+    root = RunStore(task.store_path, task.storage_options).root("r+")
     stop = task.start + len(task.input_ids)
     g = root[schema.GRADIENTS]
     for b, arr in grads.items():
@@ -256,9 +227,9 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     g[schema.LOSS][task.start : stop] = losses
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
-    g["finite"][task.start : stop] = ok
+    g[schema.FINITE][task.start : stop] = ok
     work = root[schema.WORK]
     for b, arr in fisher.items():
-        work[f"fisher_{b}"][task.shard] = arr
+        work[schema.fisher_partial(b)][task.shard] = arr
     work[schema.DONE_FISHER if task.phase == "fisher" else schema.DONE][task.shard] = 1
-    return ShardResult(task.shard, whash, tuple(bad), device, _worker_name())
+    return ShardResult(task.shard, whash, tuple(bad), device, worker_name())

@@ -23,17 +23,11 @@ class InlineExecutor:
         return 1
 
     def compute(self, *collections):
-        """Dask's threaded scheduler with one torch thread per task (restored afterwards): the
-        scheduler already runs a task per core, and torch's pool inside each would
-        oversubscribe them."""
-        import torch
+        """Dask's threaded scheduler, one torch thread per task (workers.device says why)."""
+        from workers.device import one_thread_per_task
 
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with one_thread_per_task():
             return dask.compute(*collections, scheduler="threads")
-        finally:
-            torch.set_num_threads(before)
 
     def describe(self) -> str:
         return "in-process"

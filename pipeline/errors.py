@@ -1,0 +1,52 @@
+"""qkov's one error family. Every error that is the user's to fix derives from `QkovError`;
+the CLI prints such an error as one line and exits 2, and lets anything else (a bug)
+raise. Each class says which input is at fault; the message says what to change.
+
+The classes also derive from the builtin that describes them best (ValueError, …), so
+callers that caught those before keep working.
+"""
+from __future__ import annotations
+
+
+class QkovError(Exception):
+    """An error the user can fix; the message names what to change."""
+
+
+class UsageError(QkovError, ValueError):
+    """A command-line or API argument that cannot be used as given."""
+
+
+class JobFileError(UsageError):
+    """A job file that cannot be used as written (syntax, unknown keys, invalid values)."""
+
+
+class TaskFileError(UsageError):
+    """A task file or one of its rows that cannot be used."""
+
+
+class ModelLoadError(UsageError):
+    """A model that cannot be found or loaded as asked."""
+
+
+class UnsupportedModelError(UsageError):
+    """A model whose attention layout qkov cannot find; the message shows how to declare one."""
+
+
+class NonFiniteGradientError(QkovError, FloatingPointError):
+    """Samples whose loss or gradients are not finite, under extract.nonfinite = "error"."""
+
+
+class StoreError(QkovError, RuntimeError):
+    """A run store that cannot be used as asked (missing, incomplete, owned, foreign)."""
+
+
+class StatsStageError(StoreError):
+    """The statistics cannot be computed or written as asked."""
+
+
+class ClusterError(QkovError, RuntimeError):
+    """A cluster that cannot be reached, started or used as configured."""
+
+
+__all__ = ["QkovError", "UsageError", "JobFileError", "TaskFileError", "ModelLoadError", "UnsupportedModelError",
+           "NonFiniteGradientError", "StoreError", "StatsStageError", "ClusterError"]

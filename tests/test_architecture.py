@@ -1,0 +1,123 @@
+"""The house rules, checked: code layered by where it runs, one error family, and an API
+that reaches everything the CLI does with the same parameters."""
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# what worker code may use from the client side: the small shared floor
+WORKER_FLOOR = {"pipeline.spec", "pipeline.schema", "pipeline.store", "pipeline.errors"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports (absolute names; relative imports resolved)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)  # `from pipeline import schema`
+    return out
+
+
+def client_modules_used(imports: set[str]) -> set[str]:
+    """The pipeline modules among the imports (a `from pipeline import x` counts as pipeline.x)."""
+    found = set()
+    for name in imports:
+        parts = name.split(".")
+        if parts[0] == "pipeline" and len(parts) >= 2:
+            found.add(".".join(parts[:2]))
+    return found
+
+
+def test_workers_import_only_the_shared_floor_of_client_code():
+    bad = {}
+    for path in sorted((ROOT / "workers").glob("*.py")):
+        used = client_modules_used(imports_of(path)) - WORKER_FLOOR
+        if used:
+            bad[path.name] = sorted(used)
+    assert not bad, f"worker code reaches into client code: {bad}; move the shared part into workers/ or the floor {sorted(WORKER_FLOOR)}"
+    for floor in WORKER_FLOOR:  # the floor itself must not pull the client in
+        path = ROOT / (floor.replace(".", "/") + ".py")
+        assert not ({m for m in client_modules_used(imports_of(path))} - WORKER_FLOOR), path.name
+        assert not any(m.startswith("workers") for m in imports_of(path)), f"{path.name} imports workers"
+
+
+def test_rule_checker_catches_an_upward_import(tmp_path):
+    """The checker itself can fail: a worker module importing the score stage is caught."""
+    fake = ROOT / "workers" / "_probe_upward.py"
+    fake.write_text("from pipeline.score import block_scores\nfrom pipeline import stats\n", encoding="utf-8")
+    try:
+        with pytest.raises(AssertionError, match="pipeline.score"):
+            test_workers_import_only_the_shared_floor_of_client_code()
+    finally:
+        fake.unlink()
+
+
+def test_every_user_error_class_is_in_the_one_family():
+    from pipeline import errors
+
+    for name in errors.__all__:
+        cls = getattr(errors, name)
+        assert issubclass(cls, errors.QkovError), name
+    # the classes are re-exported where they were raised before, not redefined
+    from pipeline.cluster import ClusterError
+    from pipeline.spec import JobFileError
+    from workers.layouts import UnsupportedModelError
+    from workers.models import ModelLoadError
+    from workers.tasks import TaskFileError
+
+    for cls in (ClusterError, JobFileError, UnsupportedModelError, ModelLoadError, TaskFileError):
+        assert cls is getattr(errors, cls.__name__)
+
+
+def test_no_other_module_defines_an_exception_class():
+    found = []
+    for path in sorted(list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "workers").glob("*.py"))):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception")) for b in node.bases
+            ):
+                found.append(f"{path.relative_to(ROOT)}:{node.name}")
+    assert not found, f"exception classes outside pipeline/errors.py: {found}"
+
+
+# CLI command -> API function; CLI-only options (presentation, cluster choice) listed per command
+PARITY = {
+    "run": ("run", {"job_file": "job"}),
+    "stats": ("run_stats", {"run_path": "run_path"}),
+    "query": ("query", {"run_path": "run_path", "as_json": None}),
+    "report": ("report", {"run_path": "run_path", "out": "out_dir"}),
+    "check": ("check", {"job_file": "job"}),
+    "validate": ("validate", {}),
+    "demo": ("demo_job", {"inline": None}),
+}
+
+
+def test_every_cli_parameter_is_reachable_from_the_api():
+    import qkov
+    from pipeline.cli import app
+
+    commands = {c.callback.__name__: c.callback for c in app.registered_commands}
+    assert set(commands) == set(PARITY), f"CLI commands without an API mapping: {set(commands) ^ set(PARITY)}"
+    for cmd, (fn_name, renamed) in PARITY.items():
+        api = inspect.signature(getattr(qkov, fn_name)).parameters
+        for param in inspect.signature(commands[cmd]).parameters:
+            target = renamed.get(param, param)
+            if target is None:  # presentation only (e.g. --json): the API returns the data itself
+                continue
+            assert target in api, f"`qkov {cmd}` option {param!r} has no counterpart in qkov.{fn_name}{tuple(api)}"
