@@ -59,7 +59,8 @@ def reference_effects(g: np.ndarray, fisher: np.ndarray, n_a: int) -> dict[str, 
         "sharing_ab": cross(u[:, A], v[:, B]) / within(u[:, A], v[:, A]),
         "sharing_ba": cross(u[:, B], v[:, A]) / within(u[:, B], v[:, B]),
         "transfer": transfer,
-        "cosine": transfer / np.sqrt(norm_a * norm_b),
+        # a task mean whose squared norm is estimated ≤ 0 has no direction
+        "cosine": np.where((norm_a > 0) & (norm_b > 0), transfer / np.sqrt(np.abs(norm_a * norm_b)), np.nan),
     }
 
 
@@ -405,3 +406,138 @@ def test_hierarchical_fdr_calibration_and_power():
     assert m[1] <= ALPHA + 3 * se[1]
     assert m[2] <= ALPHA + 3 * se[2]
     assert m[4] >= 0.6 and m[3] >= 0.6  # measured at 300 reps: 0.73, 0.71 (flat BH 0.78)
+
+
+# ---------------------------------------------------------------- in the stats stage
+
+N_A, N_B, LAYERS, HEADS, KV = 6, 5, 2, 4, 2
+STAGE_SETTINGS = dict(n_permutations=199, n_bootstrap=200, seed=3, alternative="two-sided")
+
+
+def synthetic_run_scores(seed: int = 0):
+    """A scores dataset built from per-sample gradients with the exact formulas: slices of
+    4 blocks × LAYERS × HEADS (K/V equal within a KV group, as the score stage writes
+    them), the pooled matrices chunked along both sample axes. Returns (ds, g, fisher)."""
+    import xarray as xr
+
+    from pipeline import schema as S
+
+    rng = np.random.default_rng(seed)
+    kv_head = np.arange(HEADS) // (HEADS // KV)
+    shape = (4, LAYERS, HEADS)
+    f = int(np.prod(shape))
+    mu_a, mu_b = rng.normal(size=(f, 1, 10)), rng.normal(size=(f, 1, 10))
+    mu_a[:3] *= 3.0
+    mu_b[:3] = -mu_a[:3]  # strong conflict in the first three Q slices
+    g, fisher = gradients(rng, f, N_A, N_B, 10, 0.7 * mu_a, 0.7 * mu_b)
+    g, fisher = g.reshape(*shape, N_A + N_B, 10), fisher.reshape(*shape, 10)
+    for b in (1, 2):  # K, V: one gradient per KV group
+        g[b], fisher[b] = g[b][:, kv_head], fisher[b][:, kv_head]
+    inter, align = pooled_scores(g.reshape(f, N_A + N_B, 10), fisher.reshape(f, 10))
+    ids = [f"a{i}" for i in range(N_A)] + [f"b{i}" for i in range(N_B)]
+    p5 = (S.BLOCK, S.LAYER, S.HEAD, S.SAMPLE_I, S.SAMPLE_J)
+    ds = xr.Dataset(
+        {S.pooled_name("interference"): (p5, inter.reshape(*shape, 11, 11)),
+         S.pooled_name("alignment"): (p5, align.reshape(*shape, 11, 11))},
+        coords={S.BLOCK: list(S.BLOCKS), S.LAYER: np.arange(LAYERS), S.HEAD: np.arange(HEADS),
+                S.KV_HEAD: (S.HEAD, kv_head), S.SAMPLE_I: ids, S.SAMPLE_J: ids,
+                S.IS_A: (S.SAMPLE_I, np.arange(11) < N_A)},
+        attrs={S.ATTR_N_A: N_A, S.ATTR_N_B: N_B},
+    ).chunk({S.BLOCK: 1, S.LAYER: 1, S.HEAD: 2, S.SAMPLE_I: 4, S.SAMPLE_J: 5})
+    return ds, g, fisher
+
+
+def test_stage_effects_match_gradients_and_pure_math():
+    from pipeline.spec import StatsSpec
+    from pipeline.stats_stage import compute_stats
+
+    ds, g, fisher = synthetic_run_scores()
+    settings = StatsSpec(**STAGE_SETTINGS)
+    out = compute_stats(ds, settings)
+    is_a = np.arange(11) < N_A
+    # every new variable says which question it answers, in which unit, which way
+    new = ["effect", "direction", "q_value_hier", "significant_hier", "layer_p_value", "layer_q_value",
+           "layer_significant", "sharing_ab", "sharing_ba", "transfer", "transfer_p_value", "transfer_q_value",
+           "transfer_direction", "cosine"] + [f"{v}_ci_{e}" for v in ("effect", "sharing_ab", "sharing_ba", "transfer", "cosine") for e in ("low", "high")]
+    for v in new:
+        assert {"question", "units", "direction"} <= set(out[v].attrs), v
+    assert out["layer_p_value"].dims == ("score", "block", "layer")
+    assert out["sharing_ab"].dims == ("block", "layer", "head") and out["sharing_ab"].attrs["score"] == "interference"
+    assert out["transfer_direction"].attrs["flag_meanings"] == "conflict not_significant synergy"
+
+    ref = reference_effects(g.reshape(-1, 11, 10), fisher.reshape(-1, 10), N_A)
+    ref = {k: v.reshape(4, LAYERS, HEADS) for k, v in ref.items()}
+    for k in ("sharing_ab", "sharing_ba", "transfer", "cosine"):
+        want = np.clip(ref[k], -1, 1) if k == "cosine" else ref[k]
+        np.testing.assert_allclose(out[k].values, want, rtol=5e-5, atol=1e-6, err_msg=k)
+    np.testing.assert_allclose(out["transfer"].values, out["mean"].sel(score="alignment").values, rtol=1e-9)
+    assert (out["transfer_direction"].values.reshape(-1)[:3] == -1).all()  # the planted conflicts
+
+    fam = out["in_family"].values
+    ind_a, ind_b = st.permutation_indicators(N_A, N_B, 199, 3)
+    for score in ("interference", "alignment"):
+        S = ds[f"pooled_{score}"].values.astype(np.float64)
+        o = out.sel(score=score)
+        # chunked Dask sums = the pure functions on the whole matrices
+        summ = st.effect_summary(score, st.pair_sums(S, *st.effect_weights(is_a, 200, 3), is_a),
+                                 st.ab_margins(S, is_a), is_a, 200, 3, 0.95)
+        for k, v in summ.items():
+            got = o[k].values if k.startswith("effect") else out[k].values
+            np.testing.assert_allclose(got, v, rtol=1e-9, atol=1e-12, err_msg=(score, k))
+        offdiag = (S.sum((-2, -1)) - np.trace(S, axis1=-2, axis2=-1)) / (11 * 10)
+        np.testing.assert_allclose(o["effect"].values, S[..., :N_A, N_A:].mean((-2, -1)) - offdiag, rtol=1e-9)
+        np.testing.assert_array_equal(o["direction"].values, st.direction(o["effect"].values, o["significant"].values))
+        # layer tests from the same permutations as the head p-values
+        t_obs = st.observed_statistic(S, is_a)
+        t_null = np.moveaxis(st.null_statistics(S, ind_a, ind_b), -1, 0)
+        fam3 = np.broadcast_to(fam[:, None, :], (4, LAYERS, HEADS))
+        bl = np.nonzero(fam3)
+        groups = np.unique(bl[0] * LAYERS + bl[1], return_inverse=True)[1]
+        lt = st.layer_head_tests(t_obs[fam3], t_null[:, fam3], groups, o["p_value"].values[fam3], "two-sided", 0.05)
+        np.testing.assert_allclose(o["layer_p_value"].values.reshape(-1), lt["layer_p_value"])
+        np.testing.assert_allclose(o["q_value_hier"].values[fam3], lt["q_value_hier"])
+    # duplicated K/V query heads repeat their KV head
+    for v in ("sharing_ab", "cosine", "transfer_direction"):
+        kv = out[v].sel(block=["K", "V"]).values
+        np.testing.assert_array_equal(kv[..., 1], kv[..., 0])
+
+
+def test_effects_of_a_real_run_against_stored_gradients(tmp_path):
+    """A tiny model run end to end; the stats group's effects against a float64
+    reference from the stored per-sample gradients, Fisher and damping; `qkov stats`
+    (qkov.run_stats) reruns compute them too."""
+    import qkov
+    from pipeline.store import RunStore
+    from qkov.testing import tiny_job
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, stats={"n_permutations": 99, "n_bootstrap": 100})
+    qkov.run(job, inline=True)
+    store = RunStore.of(job)
+    grads, fish, out = store.open_gradients().load(), store.open_fisher().load(), store.open_stats()
+    is_a = grads["task"].values == grads["task"].values[0]
+    order = np.concatenate([np.flatnonzero(is_a), np.flatnonzero(~is_a)])
+    kv = out["kv_head"].values
+    checked = 0
+    for blk in ("Q", "K", "V", "O"):
+        hdim = "kv_head" if blk in "KV" else "head"
+        for layer in out["layer"].values:
+            for h in range(out.sizes["head"]):
+                hh = kv[h] if blk in "KV" else h
+                g = grads[blk].sel(layer=layer).isel({hdim: hh}).values.astype(np.float64)[order]
+                reg = fish[blk].sel(layer=layer).isel({hdim: hh}).values.astype(np.float64) + float(fish["damping"].sel(block=blk, layer=layer))
+                ref = reference_effects(g[None], reg[None], int(is_a.sum()))
+                for k in ("sharing_ab", "sharing_ba", "transfer", "cosine"):
+                    got = float(out[k].sel(block=blk, layer=layer, head=h))
+                    want = float(np.clip(ref[k][0], -1, 1)) if k == "cosine" else float(ref[k][0])
+                    if np.isnan(want):  # only a cosine can be undefined (a task-mean norm estimate ≤ 0)
+                        assert k == "cosine" and np.isnan(got), (k, blk, layer, h)
+                        continue
+                    scale = abs(want) if k != "transfer" else max(abs(want), 1e-3 * float(np.abs(g).max() ** 2 / reg.min()))
+                    assert abs(got - want) <= 1e-4 * scale + 1e-7, (k, blk, layer, h, got, want)
+                    checked += 1
+    print(f"\n{checked} effect values checked against the stored gradients")
+    assert checked >= 3 * 4 * 2 * 4  # sharing both ways and transfer of every slice, plus the defined cosines
+    again = qkov.run_stats(job.output.path, n_permutations=49, name="rerun")
+    for v in ("sharing_ab", "transfer", "cosine", "layer_p_value", "q_value_hier"):
+        assert v in again and v in store.open_stats("rerun")
+    np.testing.assert_allclose(again["transfer"].values, out["transfer"].values, rtol=1e-12, equal_nan=True)
