@@ -113,6 +113,23 @@ def pooled_name(score: str) -> str:
     return f"pooled_{score}"
 
 
+# ---- compact `scores` storage ----------------------------------------------
+# The score stage stores each block's pooled matrices once, on the block's own heads
+# (K/V: KV heads, not once per query head), as `pooled_<score>_<block>` (layer, head or
+# kv_head, sample_i, sample_j). `RunStore.open_scores` shows the logical dataset: the
+# (block, layer, head, …) `pooled_<score>` and the A×B `<score>` as views of them.
+ATTR_SCORES_LAYOUT = "scores_layout"  # on `scores`: absent = the logical dataset as stored (before 2026-11-29)
+SCORES_LAYOUT = "compact-v1"
+ATTR_SCORES_DTYPE = "scores_dtype"  # on `scores`: float32 | bfloat16 (bf16 bits as uint16 + ATTR_ENCODING)
+
+
+def stored_pooled_name(score: str, block: str) -> str:
+    """Stored variable of one block's pooled matrices in the compact `scores` layout."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; expected one of {BLOCKS}")
+    return f"{pooled_name(score)}_{block}"
+
+
 # ---- gradient storage dtypes ----------------------------------------------
 # Zarr v3 has no bfloat16 data type, so bfloat16 gradients are stored as their
 # raw 16-bit patterns (uint16) with this attr (workers.writer.to_stored rounds to
@@ -134,6 +151,21 @@ def decode(arr, encoding: str | None):
         raise ValueError(f"unknown gradient encoding {encoding!r}")
     bits = np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16
     return bits.view(np.float32)
+
+
+def encode(arr, encoding: str | None):
+    """float32 numpy → the stored representation: bfloat16 by round-to-nearest-even (as torch
+    rounds), kept as its 16-bit pattern (uint16); NaN stays NaN. Inverse of `decode` on bf16 values."""
+    import numpy as np
+
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    if encoding in (None, "float32"):
+        return x
+    if encoding != "bfloat16":
+        raise ValueError(f"unknown encoding {encoding!r}")
+    bits = x.view(np.uint32).astype(np.uint64)
+    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
 
 
 def param_dims(sizes: dict[str, int]) -> dict[str, str]:

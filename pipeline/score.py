@@ -4,9 +4,9 @@ For each slice, with Î_reg = Î + λ and the stored signed per-sample gradients
   interference M[i, j] = Σ_p g_i[p]² / Î_reg[p] · |g_j[p]|   = (g²/Î_reg) · |g|ᵀ
   alignment    A[i, j] = Σ_p g_i[p] g_j[p] / Î_reg[p]         = (g/√Î_reg) · (g/√Î_reg)ᵀ
 Both are matmuls over the slice's entries (`da.matmul`, the summed axis in one
-chunk), batched over (layer, head). The pooled (A∪B)×(A∪B) matrices are kept for
-the permutation null (stats stage); `interference`/`alignment` are their A×B block.
-K/V are computed once per KV head and shown per query head (coordinate kv_head).
+chunk), batched over (layer, head). Only the pooled (A∪B)×(A∪B) matrices are stored,
+once per block head (K/V: per KV head); `interference`/`alignment` (their A×B block)
+and the per-query-head K/V are views made at read time (`store.scores_view`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from workers.kernels import pair_kernel, sketch_pair_kernel
 
 from . import schema
 from .spec import JobSpec
-from .store import RunStore, decoded, provenance
+from .store import RunStore, decoded, provenance, scores_view
 
 DEFAULT_SAMPLE_CHUNK = 512
 
@@ -78,9 +78,12 @@ def auto_sample_chunk(n: int, width: int, itemsize: int) -> int:
     return n if n * width * itemsize <= TASK_BYTES else DEFAULT_SAMPLE_CHUNK
 
 
-def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
-                  accumulate: str = "auto", device: str = "auto") -> xr.Dataset:
-    """The lazy `scores` dataset (pooled matrices and their A×B blocks) for every block present.
+def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
+                   accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32") -> xr.Dataset:
+    """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
+    matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
+    else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
+    `scores_dtype = "bfloat16"` stores them rounded to bf16 (bits as uint16).
 
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes)."""
@@ -99,7 +102,8 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | 
         widest = max((grads[schema.sketch_var(b, "u") if sketched else b] for b in blocks), key=lambda v: v.shape[-1])
         sample_chunk = auto_sample_chunk(n, widest.shape[-1], 4 if sketched else widest.dtype.itemsize)
     c = min(n, sample_chunk)
-    pooled = {s: [] for s in schema.SCORES}
+    n_kv = int(kv_of.max()) + 1
+    data = {}
     for b in blocks:
         if sketched:
             u, v, w = (decoded(grads[schema.sketch_var(b, p)]).data[keep].rechunk((c, 1, 1, -1))
@@ -111,36 +115,38 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | 
             g = var.data[keep].rechunk((c, 1, 1, -1))
             inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device,
                                         encoding=var.attrs.get(schema.ATTR_ENCODING) if raw else None)
+        dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
         for name, arr in (("interference", inter), ("alignment", align)):
-            if schema.head_dim(b) == schema.KV_HEAD:  # shown per query head
-                arr = arr[:, kv_of]
-            pooled[name].append(arr.rechunk((1, 1, c, c)))
-    layer = grads[schema.LAYER].values
+            arr = arr.rechunk((1, 1, c, c))
+            attrs = {}
+            if scores_dtype == "bfloat16":  # rounded per chunk as it leaves the kernel
+                arr = arr.map_blocks(schema.encode, "bfloat16", dtype=np.uint16)
+                attrs = {schema.ATTR_ENCODING: "bfloat16"}
+            data[schema.stored_pooled_name(name, b)] = xr.Variable(dims, arr, attrs=attrs)
     coords = {
         schema.BLOCK: np.array(blocks, dtype=object),
-        schema.LAYER: layer,
+        schema.LAYER: grads[schema.LAYER].values,
         schema.HEAD: grads[schema.HEAD].values,
-        schema.KV_HEAD: (schema.HEAD, kv_of.astype(np.int32)),
+        schema.KV_HEAD: np.arange(n_kv, dtype=np.int32),
+        schema.KV_HEAD_OF: (schema.HEAD, kv_of.astype(np.int32)),
         schema.SAMPLE_I: ids,
         schema.IS_A: (schema.SAMPLE_I, np.arange(n) < n_a_kept),
-        schema.SAMPLE_A: ids[:n_a_kept],
-        schema.SAMPLE_B: ids[n_a_kept:],
+        schema.SAMPLE_J: ids,
     }
-    data = {}
-    ca, cb = min(n_a_kept, sample_chunk), min(n - n_a_kept, sample_chunk)
-    for name in schema.SCORES:
-        full = da.stack(pooled[name])  # (block, L, H, N, N)
-        data[schema.pooled_name(name)] = ((schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_I, schema.SAMPLE_J), full)
-        data[name] = (
-            (schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_A, schema.SAMPLE_B),
-            full[:, :, :, :n_a_kept, n_a_kept:].rechunk((1, 1, 1, ca, cb)),
-        )
     ds = xr.Dataset(data, coords=coords)
-    ds[schema.SAMPLE_J] = ids  # same samples as sample_i, as the column dimension
     ds.attrs.update({schema.ATTR_N_A: n_a_kept, schema.ATTR_N_B: n - n_a_kept, schema.ATTR_TASK_A: grads.attrs.get(schema.ATTR_TASK_A),
-                     schema.ATTR_TASK_B: grads.attrs.get(schema.ATTR_TASK_B)},
+                     schema.ATTR_TASK_B: grads.attrs.get(schema.ATTR_TASK_B), schema.ATTR_SCORES_LAYOUT: schema.SCORES_LAYOUT,
+                     schema.ATTR_SCORES_DTYPE: scores_dtype},
                     sample_chunk=c)
     return ds
+
+
+def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
+                  accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32") -> xr.Dataset:
+    """The lazy logical `scores` dataset (pooled matrices and their A×B blocks, per query head)
+    that `run_score` stores compactly and `RunStore.open_scores` reads back."""
+    return scores_view(compact_scores(grads, fisher, sample_chunk=sample_chunk, accumulate=accumulate,
+                                      device=device, scores_dtype=scores_dtype))
 
 
 def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | None = None) -> xr.Dataset:
@@ -150,8 +156,8 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     store.require(schema.GRADIENTS, "scoring")
     store.require(schema.FISHER, "scoring")
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
-    ds = score_dataset(store.open_gradients(decode=False), store.open_fisher(), sample_chunk=sample_chunk,
-                       accumulate="auto", device=job.score.device)
+    ds = compact_scores(store.open_gradients(decode=False), store.open_fisher(), sample_chunk=sample_chunk,
+                        accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype)
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}

@@ -122,6 +122,7 @@ class ScoreSpec(_Frozen):
     layers: list[int] | None = None  # None = every attention layer
     blocks: list[Block] = ["Q", "K", "V", "O"]
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
+    scores_dtype: Literal["float32", "bfloat16"] = "float32"  # stored pair scores (bf16: half the bytes, ~3 digits)
     include_bias: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where score tasks run ("auto": the worker's GPU if it has one)
 

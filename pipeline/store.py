@@ -194,13 +194,16 @@ class RunStore:
         return dict(self.provenance().get("config") or {})
 
     # ---- datasets -------------------------------------------------------
-    def open_dataset(self, group: str, needed_by: str | None = None):
-        """A complete group as a lazy xarray dataset."""
+    def open_dataset(self, group: str, needed_by: str | None = None, *, complete: bool = True):
+        """A complete group as a lazy xarray dataset (complete=False: one its stage is still
+        writing, e.g. the score stage's diagnostics reading the scores before marking them)."""
         import xarray as xr
 
-        self.require(group, needed_by or f"reading '{group}'")
+        if complete:
+            self.require(group, needed_by or f"reading '{group}'")
         with _quiet_zarr():
-            return xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False)
+            ds = xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False)
+        return scores_view(ds) if group == schema.SCORES_GROUP else ds
 
     def open_gradients(self, decode: bool = True, *, complete: bool = True):
         """The `gradients` group, lazily; bfloat16 storage decoded to float32 unless decode=False."""
@@ -219,6 +222,7 @@ class RunStore:
         return self.open_dataset(schema.FISHER, "reading the Fisher")
 
     def open_scores(self):
+        """The logical `scores` dataset (see `scores_view`), whatever its stored layout."""
         return self.open_dataset(schema.SCORES_GROUP, "reading scores")
 
     def open_stats(self, name: str | None = None):
@@ -233,7 +237,11 @@ class RunStore:
         import xarray as xr
 
         with _quiet_zarr():
-            return xr.open_datatree(self.path, engine="zarr", consolidated=False, storage_options=self.storage_options or None)
+            tree = xr.open_datatree(self.path, engine="zarr", consolidated=False, storage_options=self.storage_options or None)
+        node = f"/{schema.SCORES_GROUP}"
+        if node in tree.groups and tree[node].attrs.get(schema.ATTR_SCORES_LAYOUT):
+            tree[node] = xr.DataTree(scores_view(tree[node].to_dataset()))
+        return tree
 
     def write_dataset(self, ds, group: str, *, encoding: dict | None = None, compute: bool = True, complete: bool | None = None):
         """Write a dataset as `group` (replacing it). With compute=False returns the delayed
@@ -287,6 +295,47 @@ class RunStore:
 
     def read_lock(self) -> dict | None:
         return read_lock(self.path, self.storage_options or None)
+
+
+def scores_view(raw):
+    """The logical `scores` dataset from its stored form: `pooled_<score>` (block, layer, head,
+    sample_i, sample_j) and the A×B `<score>` (block, layer, head, sample_a, sample_b), coord
+    `kv_head(head)`. A compact store (schema.SCORES_LAYOUT) holds each block's pooled matrices
+    once on its own heads; here K/V are indexed per query head and the A×B block is sliced out,
+    lazily, so nothing is copied or read until a value is asked for. A store written before
+    the compact layout already is the logical dataset and is returned as it is."""
+    import dask.array as da
+    import numpy as np
+    import xarray as xr
+
+    if raw.attrs.get(schema.ATTR_SCORES_LAYOUT) != schema.SCORES_LAYOUT:
+        return raw
+    blocks = [str(b) for b in raw[schema.BLOCK].values]
+    kv_of = np.asarray(raw[schema.KV_HEAD_OF].values)
+    ids = raw[schema.SAMPLE_I].values
+    n_a = int(raw.attrs[schema.ATTR_N_A])
+    pooled_dims = (schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_I, schema.SAMPLE_J)
+    data = {}
+    for s in schema.SCORES:
+        parts = []
+        for b in blocks:
+            arr = decoded(raw[schema.stored_pooled_name(s, b)]).data
+            parts.append(arr[:, kv_of] if schema.head_dim(b) == schema.KV_HEAD else arr)
+        full = da.stack(parts)
+        data[schema.pooled_name(s)] = (pooled_dims, full)
+        data[s] = ((schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_A, schema.SAMPLE_B), full[..., :n_a, n_a:])
+    coords = {
+        schema.BLOCK: raw[schema.BLOCK].values,
+        schema.LAYER: raw[schema.LAYER].values,
+        schema.HEAD: raw[schema.HEAD].values,
+        schema.KV_HEAD: (schema.HEAD, kv_of),
+        schema.SAMPLE_I: ids,
+        schema.IS_A: (schema.SAMPLE_I, raw[schema.IS_A].values),
+        schema.SAMPLE_A: ids[:n_a],
+        schema.SAMPLE_B: ids[n_a:],
+        schema.SAMPLE_J: ids,
+    }
+    return xr.Dataset(data, coords=coords, attrs=dict(raw.attrs))
 
 
 def decoded(var):

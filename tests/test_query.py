@@ -76,7 +76,9 @@ def test_stats_equal_the_stats_group(text_run):
 @pytest.mark.parametrize("score", ["interference", "alignment"])
 def test_top_pairs_follow_an_argsort_of_the_stored_scores(text_run, score):
     run, _ = text_run
-    scores = _stored(run, schema.SCORES_GROUP)
+    from pipeline.store import RunStore
+
+    scores = RunStore(run).open_scores()  # the logical view of the compactly stored scores
     layer, head, top = 1, 2, 7
     res = query_head(run, layer, head, top=top, score=score)
     for blk in res["blocks"]:

@@ -122,5 +122,7 @@ def test_wheel_runs_a_job_and_a_query_outside_the_source_tree(installed, tmp_pat
     assert "done" in out.lower()
     stats = xr.open_zarr(str(work / "run"), group=schema.STATS, consolidated=False)
     assert stats.attrs[schema.ATTR_COMPLETE] is True and np.isfinite(stats["p_value"].values).all()
-    scores = xr.open_zarr(str(work / "run"), group=schema.SCORES_GROUP, consolidated=False)
+    from pipeline.store import RunStore
+
+    scores = RunStore(str(work / "run")).open_scores()  # the logical view of the compactly stored scores
     assert list(scores["sample_a"].values) == ["a0", "a1", "a2", "a3"] and list(scores["sample_b"].values) == ["b0", "b1", "b2"]

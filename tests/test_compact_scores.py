@@ -1,0 +1,103 @@
+"""Compact `scores` storage (issue 17): pooled matrices stored once per block head (K/V per
+KV head), the per-query-head and A×B arrays are read-time views, `scores_dtype`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import schema
+from pipeline.run import run_job
+from pipeline.store import RunStore
+from qkov.testing import tiny_job
+
+N_A, N_B = 6, 5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny GQA job (4 query heads, 2 KV heads) with float32 and bfloat16 scores."""
+    tmp = tmp_path_factory.mktemp("compact")
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        job = tiny_job(tmp, "llama_gqa", n_a=N_A, n_b=N_B, score={"scores_dtype": dtype},
+                       stats={"n_permutations": 199, "n_bootstrap": 99}, output={"path": str(tmp / f"run-{dtype}")})
+        run_job(job)
+        out[dtype] = RunStore.of(job)
+    return out
+
+
+def _raw(store: RunStore) -> xr.Dataset:
+    return xr.open_zarr(store.path, group=schema.SCORES_GROUP, consolidated=False)
+
+
+def _stored_bytes(store: RunStore) -> int:
+    root = Path(store.path) / schema.SCORES_GROUP
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "/c/" in str(p))
+
+
+def test_stored_once_per_block_head_and_views_are_the_same_values(runs):
+    store = runs["float32"]
+    raw = _raw(store)
+    # nothing but the pooled matrices is stored, K/V on their KV heads
+    assert set(raw.data_vars) == {schema.stored_pooled_name(s, b) for s in schema.SCORES for b in schema.BLOCKS}
+    assert raw[schema.stored_pooled_name("interference", "K")].dims == ("layer", "kv_head", "sample_i", "sample_j")
+    assert raw.sizes["kv_head"] == 2 and raw.sizes["head"] == 4
+    view = store.open_scores()
+    # the logical dataset users read (same dims and names as before the compact layout)
+    assert view["interference"].dims == ("block", "layer", "head", "sample_a", "sample_b")
+    assert view["pooled_alignment"].dims == ("block", "layer", "head", "sample_i", "sample_j")
+    assert list(view.kv_head.values) == [0, 0, 1, 1] and list(view.block.values) == list(schema.BLOCKS)
+    assert view.sizes["sample_a"] == N_A and view.sizes["sample_b"] == N_B
+    assert list(view.sample_i.values) == list(view.sample_a.values) + list(view.sample_b.values)
+    kv_of = view.kv_head.values
+    for s in schema.SCORES:
+        pooled = view[schema.pooled_name(s)].values
+        assert np.array_equal(view[s].values, pooled[..., :N_A, N_A:])  # the A×B block, not a copy that could drift
+        for bi, b in enumerate(schema.BLOCKS):
+            stored = raw[schema.stored_pooled_name(s, b)].values
+            want = stored[:, kv_of] if b in "KV" else stored
+            assert np.array_equal(pooled[bi], want), (s, b)
+    # the API's xarray tree shows the same logical group
+    import qkov
+
+    tree = qkov.open_run(store.path)
+    assert set(tree["scores"].to_dataset().data_vars) == set(view.data_vars)
+    assert tree["scores"]["interference"].dims == view["interference"].dims
+
+
+def test_scores_bytes_against_the_per_query_head_layout(runs):
+    """The stored bytes are those of the pooled matrices per block head: for H query heads and
+    KV heads, (2H + 2KV)·N² per score and layer instead of 4H·(N² + n_a·n_b) (K/V per query
+    head plus A×B copies), i.e. 24/45 = 0.533× for SmolLM2's 9/3 heads at equal n_a = n_b."""
+    store = runs["float32"]
+    view = store.open_scores()
+    n, h, kv, L = N_A + N_B, 4, 2, view.sizes["layer"]
+    before = sum(view[v].nbytes for v in view.data_vars)  # what the previous layout stored (float32, uncompressed)
+    assert before == 2 * L * 4 * h * (n * n + N_A * N_B) * 4
+    got = _stored_bytes(store)
+    want = 2 * L * (2 * h + 2 * kv) * n * n * 4
+    assert want <= got <= want * 1.02  # + a 4-byte crc32c per chunk
+    assert got / before == pytest.approx((2 * h + 2 * kv) * n * n / (4 * h * (n * n + N_A * N_B)), rel=0.02)
+    assert _stored_bytes(runs["bfloat16"]) <= got / 2 * 1.02
+
+
+def test_bfloat16_scores_are_the_rounded_float32_scores_and_keep_the_statistics(runs):
+    f32, bf16 = runs["float32"].open_scores(), runs["bfloat16"].open_scores()
+    assert _raw(runs["bfloat16"])[schema.stored_pooled_name("alignment", "Q")].dtype == np.uint16
+    for s in schema.SCORES:
+        want = schema.decode(schema.encode(f32[s].values, "bfloat16"), "bfloat16")
+        assert np.array_equal(bf16[s].values, want), s
+    # statistics: means of n_a·n_b rounded scores move by far less than one bf16 ulp (2^-8 relative)
+    a, b = runs["float32"].open_stats(), runs["bfloat16"].open_stats()
+    for var in ("mean", "ci_low", "ci_high"):
+        x, y = a[var].values, b[var].values
+        scale = np.nanmax(np.abs(x), axis=(1, 2, 3), keepdims=True)
+        assert np.nanmax(np.abs(x - y) / scale) < 2**-8, var
+    # p-values are permutation counts: a permutation whose statistic ties T_obs to within the
+    # rounding may change side, so they move by a few 1/(K+1) at most
+    dp = np.abs(a["p_value"].values - b["p_value"].values)
+    dp = dp[np.broadcast_to(a["in_family"].values[None, :, None, :], dp.shape)]
+    assert np.nanmax(dp) <= 5 / 200, np.nanmax(dp)
