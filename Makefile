@@ -24,6 +24,9 @@ demo: $(STAMP)
 	$(BIN)/qkov demo
 
 test: $(STAMP)
+	# system packages some tests need (slurm-wlm, munge, chromium): installed as root where
+	# apt-get exists and they are missing; otherwise a no-op
+	bash tests/system-deps.sh
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -9,4 +9,4 @@
 #SBATCH -t 04:00:00
 #SBATCH --gres=gpu:1
 
-{python} -m distributed.cli.dask_worker {scheduler} --name dummy-name --nthreads 1 --memory-limit 59.60GiB --nanny --death-timeout 120 --local-directory $TMPDIR --resources GPU=1
+{python} -m distributed.cli.dask_worker {scheduler} --name dummy-name --nthreads 1 --memory-limit 59.60GiB --nanny --death-timeout 120 --local-directory ${TMPDIR:-/tmp} --resources GPU=1
