@@ -182,7 +182,9 @@ def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path)
                           fisher={"damping_rel": 1e-80, "damping_abs": 0.0}, score={"layers": [0], "blocks": ["Q", "V"]})
     res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
     assert res.exit_code == 0, res.output
-    scores = xr.open_zarr(out, group="scores", consolidated=False)
+    from pipeline.store import RunStore
+
+    scores = RunStore(str(out)).open_scores()  # the logical view of the compactly stored scores
     for var in ("interference", "alignment"):
         vals = scores[var].values
         assert np.isfinite(vals).all(), f"{var}: {np.isnan(vals).sum()} NaN"
@@ -367,3 +369,351 @@ def test_samples_longer_than_the_models_positions_and_labels_outside_the_classes
         validate_for_model([Sample("c", "a", (5, 6), None, n)], bert.config, bert)
     with pytest.raises(TaskFileError, match=r"no integer 'label'"):
         validate_for_model([Sample("c", "a", (5, 6), None, None)], bert.config, bert)
+
+
+# ---------------------------------------------------------------- bugs 1-4: no silent data loss
+
+
+@pytest.fixture(scope="module")
+def done_run(tmp_path_factory):
+    """A finished tiny run and its job file."""
+    from qkov.testing import tiny_job, write_job_file
+
+    tmp = tmp_path_factory.mktemp("done")
+    job = tiny_job(tmp, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+    out = tmp / "run"
+    toml = write_job_file(job, tmp / "job.toml", output={"path": str(out)})
+    code, text = _cli("run", toml, "--inline")
+    assert code == 0, text
+    return tmp, job, toml, out
+
+
+def _snapshot(root: Path) -> list[tuple[str, int, int]]:
+    return sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_check_refuses_a_folder_that_is_not_a_run_and_overwrite_still_protects_it(done_run, tmp_path):
+    """Bug 1: `qkov check` stamped a user's folder as a run; `run --overwrite` then deleted its files."""
+    from qkov.testing import write_job_file
+
+    _, job, _, _ = done_run
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(thesis)})
+    code, out = _cli("check", toml, "--n-samples", 2)
+    assert code == 2 and "is not a qkov run" in " ".join(out.split()) and _one_message(out), out
+    assert sorted(p.name for p in thesis.iterdir()) == ["thesis.tex"]
+    code, out = _cli("run", toml, "--inline", "--overwrite")
+    assert code == 2 and "not a qkov run" in " ".join(out.split()), out
+    assert (thesis / "thesis.tex").read_text() == "years of work" and len(list(thesis.iterdir())) == 1
+
+
+def test_demo_refuses_to_replace_a_run_it_did_not_make(done_run, tmp_path):
+    """Bug 2: `qkov demo --out EXISTING_RUN` replaced the run without a flag."""
+    out = _copy_run(done_run[3], tmp_path / "mine")
+    before = _snapshot(out)
+    code, text = _cli("demo", "--out", out, "--inline", "--samples", 2)
+    assert code == 2 and "that `qkov demo` did not make" in " ".join(text.split()) and "--overwrite" in text, text
+    assert _snapshot(out) == before
+
+
+def test_resume_after_the_weights_changed_is_refused_before_writing(done_run, tmp_path):
+    """Bug 3: same config, other weights: early shards held the old model's gradients, later ones the new's."""
+    import zarr
+
+    from pipeline import schema
+    from qkov.testing import save_model, tiny_model, write_job_file
+
+    from qkov.testing import tiny_job
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+    model_dir, out = Path(job.model.path), tmp_path / "run"
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    assert _cli("run", toml, "--inline")[0] == 0
+    root = zarr.open_group(str(out), mode="r+")  # as if interrupted after the first shard
+    root["gradients"].attrs[schema.ATTR_COMPLETE] = False
+    root[schema.WORK][schema.DONE][1] = 0
+    save_model(tiny_model("llama_gqa", seed=7), None, model_dir)  # same config, other weights
+    before = _snapshot(out)
+    code, text = _cli("run", toml, "--inline", "--resume")
+    flat = " ".join(text.split())
+    assert code == 2 and "--resume refused: the model's weight files differ" in flat and _one_message(text), text
+    assert _snapshot(out) == before
+
+
+def test_resume_of_a_finished_run_keeps_the_users_statistics(done_run, tmp_path):
+    """Bug 4: `run --resume` on a finished run replaced `qkov stats --replace` results by the job's settings."""
+    import xarray as xr
+
+    from qkov.testing import write_job_file
+
+    _, job, _, src = done_run
+    out = _copy_run(src, tmp_path / "run")
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    code, text = _cli("stats", out, "--n-permutations", 19, "--replace")
+    assert code == 0, text
+    mine = xr.open_zarr(out, group="stats", consolidated=False).load()
+    assert mine.attrs["n_permutations"] == 19
+    code, text = _cli("run", toml, "--inline", "--resume")
+    assert code == 0, text
+    after = xr.open_zarr(out, group="stats", consolidated=False).load()
+    assert after.attrs["n_permutations"] == 19
+    xr.testing.assert_identical(after, mine)
+
+
+# ---------------------------------------------------------------- first contact
+
+
+def test_run_checks_inputs_before_starting_a_cluster(done_run, tmp_path, monkeypatch):
+    """A bad input or an existing output is refused before any cluster starts (it took ~18 s and a traceback)."""
+    import pipeline.cluster
+    from qkov.testing import write_job_file
+
+    def no_cluster(*a, **k):
+        raise AssertionError("a cluster was started before the inputs were checked")
+
+    monkeypatch.setattr(pipeline.cluster, "cluster_client", no_cluster)
+    _, job, toml, out = done_run
+    code, text = _cli("run", toml)  # the output exists, no flag
+    assert code == 2 and "already exists" in text and _one_message(text), text
+    bad = write_job_file(job, tmp_path / "job.toml", tasks={"a": {"limit": 50}}, output={"path": str(tmp_path / "new")})
+    code, text = _cli("run", bad)
+    assert code == 2 and "limit=50 but the file has only 4 rows" in " ".join(text.split()), text
+    assert not (tmp_path / "new").exists()
+
+
+def test_validate_catches_what_run_rejects_and_prints_toml(done_run, tmp_path):
+    from pipeline.spec import load_job
+    from qkov.testing import write_job_file
+
+    _, job, _, _ = done_run
+    bad = write_job_file(job, tmp_path / "bad.toml", tasks={"a": {"limit": 50}}, output={"path": str(tmp_path / "new")})
+    code, text = _cli("validate", bad)
+    assert code == 2 and "limit=50 but the file has only 4 rows" in " ".join(text.split()), text
+    good = write_job_file(job, tmp_path / "good.toml", output={"path": str(tmp_path / "new")})
+    code, text = _cli("validate", good)
+    assert code == 0, text
+    printed = tmp_path / "printed.toml"
+    printed.write_text(text)
+    assert "[fisher]" in text and "damping_rel = " in text and not text.lstrip().startswith("{")
+    assert load_job(printed).config_dict() == load_job(good).config_dict()
+    assert not (tmp_path / "new").exists()
+
+
+def test_report_does_not_overwrite_a_users_report_and_works_from_inside_the_run(done_run, tmp_path, monkeypatch):
+    _, _, _, out = done_run
+    mine = tmp_path / "site"
+    mine.mkdir()
+    (mine / "report.html").write_text("<h1>my report</h1>")
+    code, text = _cli("report", out, "--out", mine)
+    assert code == 2 and "qkov did not write" in " ".join(text.split()) and _one_message(text), text
+    assert (mine / "report.html").read_text() == "<h1>my report</h1>" and len(list(mine.iterdir())) == 1
+    fresh = tmp_path / "fresh"
+    assert _cli("report", out, "--out", fresh)[0] == 0
+    assert _cli("report", out, "--out", fresh)[0] == 0  # an earlier qkov report is replaced
+    monkeypatch.chdir(out)
+    code, text = _cli("report", ".")
+    assert code == 0, text
+    assert (out.parent / f"{out.name}-report" / "report.html").is_file()
+
+
+def test_progress_is_plain_timestamped_lines_when_stderr_is_not_a_terminal(done_run, tmp_path):
+    import re
+
+    from qkov.testing import write_job_file
+
+    _, job, _, _ = done_run
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run")})
+    code, text = _cli("run", toml, "--inline")
+    assert code == 0, text
+    for stage in ("extract", "score", "stats"):
+        assert re.search(rf"^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ {stage}: \d+/\d+ done$", text, re.M), text
+    assert " eta " not in text  # no progress bars in a log
+
+
+# ---------------------------------------------------------------- bug 8: missing and corrupted chunks
+
+
+def _interrupted_in_score(src: Path, dst: Path) -> Path:
+    """A copy of a finished run as if interrupted during the score stage."""
+    import zarr
+
+    from pipeline import schema
+
+    out = _copy_run(src, dst)
+    root = zarr.open_group(str(out), mode="r+")
+    for g in ("scores", "stats"):
+        root[g].attrs[schema.ATTR_COMPLETE] = False
+    return out
+
+
+def _one_chunk(out: Path, var: str = "Q") -> Path:
+    chunks = sorted(p for p in (out / "gradients" / var / "c").rglob("*") if p.is_file())
+    return chunks[len(chunks) // 2]
+
+
+def test_a_missing_gradient_chunk_is_recomputed_on_resume_never_read_as_nan(done_run, tmp_path):
+    import xarray as xr
+
+    from qkov.testing import write_job_file
+
+    _, job, _, src = done_run
+    out = _interrupted_in_score(src, tmp_path / "run")
+    _one_chunk(out).unlink()
+    code, text = _cli("stats", out)  # the scores are incomplete: refused as before
+    assert code == 2, text
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    code, text = _cli("run", toml, "--inline", "--resume")
+    assert code == 0, text
+    assert "extract: 1 of 2 shards computed" in text, text
+    from pipeline.store import RunStore
+
+    ref, got = (RunStore(str(p)).open_scores().load() for p in (src, out))  # logical views
+    assert np.isfinite(got.interference.values).all()
+    xr.testing.assert_allclose(got.interference, ref.interference, rtol=1e-5)
+    xr.testing.assert_allclose(xr.open_zarr(out, group="stats", consolidated=False).load().q_value,
+                               xr.open_zarr(src, group="stats", consolidated=False).load().q_value)
+
+
+def test_scoring_refuses_missing_gradient_chunks(done_run, tmp_path):
+    """The score stage's own gate (run_score), whatever calls it."""
+    from pipeline.errors import StoreError
+    from pipeline.executors import executor_for
+    from pipeline.score import run_score
+    from pipeline.store import RunStore
+
+    _, job, _, src = done_run
+    out = _interrupted_in_score(src, tmp_path / "run")
+    _one_chunk(out, "V").unlink()
+    with pytest.raises(StoreError, match=r"gradient chunks of completed shards \[\d\] are missing"):
+        run_score(RunStore(str(out)), job, executor_for(None))
+
+
+def test_a_corrupted_gradient_chunk_is_refused(done_run, tmp_path):
+    from qkov.testing import write_job_file
+
+    _, job, _, src = done_run
+    out = _interrupted_in_score(src, tmp_path / "run")
+    chunk = _one_chunk(out)
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit: a finite, plausible, wrong gradient
+    chunk.write_bytes(bytes(data))
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    code, text = _cli("run", toml, "--inline", "--resume")
+    assert code == 2 and "do not match its checksum" in " ".join(text.split()) and _one_message(text), text
+
+
+def test_statistics_refuse_non_finite_scores(done_run, tmp_path):
+    """A score chunk lost after the scores were marked complete: `qkov stats` refuses (q-values of
+    other slices would shift), and `run --resume` recomputes the scores."""
+    import xarray as xr
+
+    from qkov.testing import write_job_file
+
+    _, job, _, src = done_run
+    out = _copy_run(src, tmp_path / "run")
+    chunks = sorted(p for p in (out / "scores" / "pooled_interference_Q" / "c").rglob("*") if p.is_file())  # compact layout
+    chunks[0].unlink()
+    code, text = _cli("stats", out, "--n-permutations", 19, "--name", "again")
+    assert code == 2 and "are not finite" in " ".join(text.split()) and _one_message(text), text
+    assert not (out / "stats_again").exists()
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    code, text = _cli("run", toml, "--inline", "--resume")
+    assert code == 0, text
+    from pipeline.store import RunStore
+
+    got = RunStore(str(out)).open_scores().load()  # the logical view (scores are stored compactly)
+    assert np.isfinite(got.interference.values).all()
+
+
+# ---------------------------------------------------------------- bug 5: Ctrl-C to the whole process group
+
+SIGINT_TRIES = int(__import__("os").environ.get("QKOV_SIGINT_TRIES", "10"))
+
+
+@pytest.fixture(scope="module")
+def sigint_job(tmp_path_factory):
+    """A tiny job on the embedded cluster (1 worker process) and its undisturbed result."""
+    from qkov.testing import tiny_job, write_job_file
+
+    tmp = tmp_path_factory.mktemp("sigint")
+    job = tiny_job(tmp, "llama_gqa", n_a=6, n_b=5, extract={"shard_size": 2, "batch_size": 2},
+                   stats={"n_permutations": 49, "n_bootstrap": 49}, cluster={"n_workers": 1, "threads_per_worker": 1})
+    ref = tmp / "reference"
+    code, text = _cli("run", write_job_file(job, tmp / "ref.toml", output={"path": str(ref)}), "--inline")
+    assert code == 0, text
+    return tmp, job, ref
+
+
+def _interrupt_during(toml: Path, stage: str, timeout: float = 90.0) -> tuple[int | None, str]:
+    """Start `qkov run` in its own process group, send SIGINT to the whole group (as a terminal's
+    Ctrl-C does) once `stage` has started, and wait for the process to end: (exit code or None
+    when it hung, its stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", "run", str(toml)],
+                            cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(root)})
+    lines: list[str] = []
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if f" {stage}: " in line:
+                started.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not started.wait(timeout):
+            return -999, "".join(lines)  # never reached the stage
+        time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            return proc.wait(timeout), "".join(lines)
+        except subprocess.TimeoutExpired:
+            return None, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        reader.join(5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["extract", "score", "stats"])
+def test_ctrl_c_to_the_process_group_never_hangs_and_resume_gives_the_same_result(sigint_job, stage, tmp_path):
+    from pipeline.store import read_lock
+    from qkov.testing import assert_runs_close, write_job_file
+
+    tmp, job, ref = sigint_job
+    for k in range(SIGINT_TRIES):
+        out = tmp_path / f"run-{k}"
+        toml = write_job_file(job, tmp_path / f"job-{k}.toml", output={"path": str(out)})
+        code, text = _interrupt_during(toml, stage)
+        assert code is not None, f"try {k}: `qkov run` hung after Ctrl-C during {stage}:\n{text}"
+        assert code != -999, f"try {k}: the run never reached {stage}:\n{text}"
+        if code == 0:  # the stage (and the run) finished before the signal arrived
+            continue
+        assert read_lock(str(out)) is None, f"try {k}: the lock is still held after Ctrl-C during {stage}"
+        assert code == 130 and "interrupted" in text, f"try {k}: {text}"
+        qkov_frames = [ln for ln in text.splitlines() if ln.strip().startswith("File ") and "site-packages" not in ln]
+        assert not qkov_frames, f"try {k}: a traceback through qkov's code after Ctrl-C:\n{text}"
+        code, text = _cli("run", toml, "--inline", "--resume")
+        assert code == 0, f"try {k}: {text}"
+        assert_runs_close(out, ref)
