@@ -204,6 +204,10 @@ def stats(
     name: Optional[str] = typer.Option(None, "--name", help="keep these statistics beside earlier ones as stats_<name>"),
     replace: bool = typer.Option(False, "--replace", help="replace existing statistics computed with other settings"),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address"),
+    exclude: Optional[list[str]] = typer.Option(
+        None, "--exclude", metavar="SAMPLE_IDS",
+        help="leave these samples out (ids, comma-separated or repeated; TASK:ID when an id is in both tasks): "
+             "recomputed from the stored scores, the Fisher is not re-estimated; recorded in the stats attrs"),
 ) -> None:
     """Rerun the statistics on an existing run with new settings (model and gradients untouched)."""
     from pipeline.executors import executor_for
@@ -218,9 +222,12 @@ def stats(
             from pipeline.cluster import connect
 
             with connect(scheduler) as client:
-                ds = rerun_stats(store, executor_for(client), name=name, replace=replace, **settings)
+                ds = rerun_stats(store, executor_for(client), name=name, replace=replace, exclude=exclude, **settings)
         else:
-            ds = rerun_stats(store, name=name, replace=replace, **settings)
+            ds = rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
+        if ds.attrs.get("excluded_samples"):
+            console.print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
+                          f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
         n_sig = int(ds["significant"].where(ds["in_family"], False).sum())
         console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={ds.attrs['alpha']}")
         _print_summary(run_path, stats_name=name)

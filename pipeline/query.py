@@ -137,15 +137,20 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
                 "n_tokens_a": a.get("n_tokens"), "n_tokens_b": b.get("n_tokens"),
                 "loss_a": a.get("loss"), "loss_b": b.get("loss")}
 
+    from .diagnostics import head_diagnostics, open_diagnostics
+
+    diag = open_diagnostics(store)  # None for runs written before diagnostics were recorded
     per_block = []
     for b in chosen:
         shared = grouped and schema.head_dim(b) == schema.KV_HEAD
+        pairs = _pairs(scores, layer, head, b, top, score)
         per_block.append({
             "block": b,
             "kv_head": kv if shared else None,
             "in_family": bool(stats["in_family"].sel({schema.BLOCK: b, schema.HEAD: head}).values),
             "stats": {s: _slice_stats(stats, s, b, layer, head) for s in (str(x) for x in stats[schema.SCORE].values)},
-            "top_pairs": [_pair_row(p, r + 1) for r, p in enumerate(_pairs(scores, layer, head, b, top, score))],
+            "top_pairs": [_pair_row(p, r + 1) for r, p in enumerate(pairs)],
+            "diagnostics": None if diag is None else head_diagnostics(diag, b, layer, head, pairs),
         })
     return {
         "run": store.path,
@@ -158,6 +163,7 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
         "n_a": int(scores.sizes[schema.SAMPLE_A]),
         "n_b": int(scores.sizes[schema.SAMPLE_B]),
         "stats_group": schema.stats_group(stats_name),
+        "excluded_samples": list(stats.attrs.get(schema.ATTR_EXCLUDED) or []),  # `qkov stats --exclude`
         "settings": {k: stats.attrs.get(k) for k in SETTINGS_SHOWN if k in stats.attrs},
         "blocks": per_block,
     }
@@ -275,6 +281,9 @@ def format_query(result: dict):
 
     parts = [_stats_table(result)]
     parts += [_pairs_table(result, blk) for blk in result["blocks"] if blk["top_pairs"]]
+    from .diagnostics import format_head_diagnostics  # health, outlier warning, most interfering samples
+
+    parts += [d for d in (format_head_diagnostics(result, blk) for blk in result["blocks"]) if d is not None]
     return Group(*parts)
 
 

@@ -406,9 +406,56 @@ def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storag
     tasks = (str(info["task_a"]["name"]), str(info["task_b"]["name"]))
     _check_out_dir(out)
     try:
-        return _write_report(out, stats, info, tasks, top)
+        path = _write_report(out, stats, info, tasks, top)
+        _add_health_panel(path, store, stats)
+        return path
     except OSError as e:
         raise UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable --out.") from None
+
+
+def _add_health_panel(page: Path, store: RunStore, stats: xr.Dataset, top: int = 10) -> None:
+    """Issue 19: a compact "Numerical health" section (ill-conditioned slices, samples flagged as
+    norm outliers most often, samples the statistics exclude) appended to the written page."""
+    from .diagnostics import health_summary, open_diagnostics
+
+    diag = open_diagnostics(store)
+    if diag is None:
+        body = "<p class='note'>This run has no <code>diagnostics</code> group (scored before qkov recorded them).</p>"
+    else:
+        h = health_summary(diag, top)
+        cell = lambda x, spec: f"<td class='num'>{format(x, spec)}</td>"  # noqa: E731
+        ill = "".join(f"<tr><td>{_e(r['block'])}</td><td class='num'>{r['layer']}</td><td class='num'>{r['head']}</td>"
+                      f"{cell(r['damped_share'], '.1%')}{cell(r['effective_dim'], '.1f')}</tr>" for r in h["ill_conditioned"][:top])
+        smp = "".join(f"<tr><td>{_e(r['task'])}</td><td>{_e(r['sample'])}</td>{cell(r['slices_flagged'], 'd')}"
+                      f"{cell(r['max_outlier_score'], '.1f')}</tr>" for r in h["samples"])
+        med = h["median_damped_share"]
+        body = (
+            f"<p>{h['n_ill_conditioned']} of {h['n_slices']} slices are ill-conditioned (damping λ exceeds the Fisher Î on more "
+            f"than half of the slice's entries, so its scores are mostly 1/λ-weighted gradient products); median share of "
+            f"entries with λ &gt; Î over all slices: {_e('–' if med is None else format(med, '.2%'))}.</p>"
+            + (f"<table><tr><th>block</th><th>layer</th><th>head</th><th>λ &gt; Î on</th><th>effective dim Σ Î/(Î+λ)</th></tr>"
+               f"{ill}</table>" if ill else "")
+            + f"<p>{h['n_flagged_samples']} of {h['n_samples']} samples are norm outliers in at least one slice ({h['n_flags']} "
+            "sample-slice flags): a sample is flagged where its gradient norm or Fisher-weighted norm √A<sub>ii</sub> lies "
+            f"more than {_e(diag.attrs.get('outlier_z'))} robust z (median/MAD) above its own task's samples; such samples can "
+            "dominate a head's top pairs (<code>qkov query</code> warns), and <code>qkov stats RUN --exclude ID --name NAME</code> "
+            "recomputes the statistics without them.</p>"
+            + (f"<table><tr><th>task</th><th>sample</th><th>slices flagged (of {h['n_slices']})</th><th>largest outlier z</th></tr>"
+               f"{smp}</table>" if smp else "")
+        )
+    excluded = list(stats.attrs.get(schema.ATTR_EXCLUDED) or [])
+    if excluded:
+        body += f"<p><b>These statistics exclude {len(excluded)} sample(s):</b> {_e(', '.join(excluded))}.</p>"
+    text = page.read_text(encoding="utf-8")
+    page.write_text(text.replace("</body>", f"<h2>Numerical health and outlier samples</h2>{body}</body>", 1), encoding="utf-8")
+
+
+def _write_figure(out: Path, stem: str, fig: Figure) -> list[str]:
+    names = []
+    for fmt in ("png", "svg"):
+        (out / f"{stem}.{fmt}").write_bytes(figure_bytes(fig, fmt))
+        names.append(f"{stem}.{fmt}")
+    return names
 
 
 def _write_report(out: Path, stats, info: dict, tasks: tuple[str, str], top: int) -> Path:

@@ -51,6 +51,25 @@ DAMPING = "damping"
 # `scores` group: task-A membership of the pooled rows
 IS_A = "is_a"
 
+# `diagnostics` group (written by the score stage; pipeline/diagnostics.py): numerical health
+# per (block, layer, head) and per-sample diagnostics per (block, layer, head, sample_i)
+DIAGNOSTICS = "diagnostics"
+FISHER_MIN = "fisher_min"
+FISHER_MEDIAN = "fisher_median"
+FISHER_MAX = "fisher_max"
+DAMPED_SHARE = "damped_share"  # share of the slice's entries where λ > Î
+EFFECTIVE_DIM = "effective_dim"  # Σ Î/(Î+λ) over the slice
+N_PARAMS = "n_params"  # entries per slice, per block
+ILL_CONDITIONED = "ill_conditioned"
+GRAD_NORM = "grad_norm"  # ‖g_i‖ over the slice
+FISHER_NORM = "fisher_norm"  # √A_ii, from the pooled alignment diagonal
+ROW_MEAN = "interference_row_mean"  # mean over the other task's k of M[i, k]
+COL_MEAN = "interference_col_mean"  # mean over the other task's k of M[k, i]
+OUTLIER_SCORE = "outlier_score"
+OUTLIER = "outlier"
+ATTR_EXCLUDED = "excluded_samples"  # `stats` attr: sample ids left out by `qkov stats --exclude`
+ATTR_EXCLUDED_TASKS = "excluded_tasks"  # the task of each excluded id (ids may repeat across tasks)
+
 # completed-shard records in `_work`; sketch mode runs two passes, each with its own record
 DONE = "done"
 DONE_FISHER = "done_fisher"  # sketch mode pass 1: the shard's Fisher partial sum is written

@@ -165,6 +165,11 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
         executor.compute(store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False))
     except ValueError as e:
         raise corrupt_chunk_error(store, e) or e
+    # numerical health and per-sample diagnostics from what is now stored (no model pass); written
+    # before the scores are marked complete, so complete scores always come with them
+    from .diagnostics import run_diagnostics
+
+    run_diagnostics(store, executor, scores_complete=False, config=job.config_dict(), config_hash=job.config_hash())
     store.mark_complete(schema.SCORES_GROUP)
     return store.open_scores()
 

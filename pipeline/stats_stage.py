@@ -354,14 +354,17 @@ def stats_group_name(name: str | None = None) -> str:
     return S.stats_group(name)
 
 
-def _check_target(store: RunStore, group: str, settings: StatsSpec, replace: bool) -> None:
+def _check_target(store: RunStore, group: str, settings: StatsSpec, replace: bool,
+                  excluded: list[str] | None = None) -> None:
     attrs = store.group_attrs(group)
     if attrs is None or replace or attrs.get(S.ATTR_COMPLETE) is not True:
         return  # absent, explicitly replaced, or an interrupted write: overwrite
     old = {k: attrs.get(k) for k in SETTINGS_KEYS}
     new = settings.model_dump(mode="json")
+    # the samples left out (`--exclude`) are a setting too: never silently swapped
+    old[S.ATTR_EXCLUDED], new[S.ATTR_EXCLUDED] = sorted(attrs.get(S.ATTR_EXCLUDED) or []), sorted(excluded or [])
     if old != new:
-        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in SETTINGS_KEYS if old[k] != new[k])
+        diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in (*SETTINGS_KEYS, S.ATTR_EXCLUDED) if old[k] != new[k])
         raise StatsStageError(
             f"group '{group}' in {store.path} holds statistics with different settings ({diff}); "
             "pass replace=True (--replace) to overwrite it, or a name (--name) to write 'stats_<name>' beside it"
@@ -387,7 +390,7 @@ def _require_finite(store: RunStore, ds: xr.Dataset) -> None:
 
 
 def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str | None = None,
-              replace: bool = False) -> xr.Dataset:
+              replace: bool = False, exclude: "list[str] | None" = None) -> xr.Dataset:
     """The stats stage: statistics of a run's scores into `stats` (or `stats_<name>`).
 
     Same settings as an existing group: recomputed and overwritten. Different settings:
@@ -395,8 +398,17 @@ def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str 
     `rerun_stats`). Returns the (loaded) dataset.
     """
     group = S.stats_group(name)
-    scores = store.open_dataset(S.SCORES_GROUP, "the statistics")
-    _check_target(store, group, settings, replace)
+    scores = full = store.open_dataset(S.SCORES_GROUP, "the statistics")
+    dropped = np.zeros(0, dtype=np.int64)
+    if exclude:  # `--exclude`: the stored scores without those samples' rows and columns (Fisher unchanged)
+        from .diagnostics import resolve_samples, without_samples
+
+        dropped = resolve_samples(full, exclude)
+        scores = without_samples(full, dropped)
+    excluded = [str(x) for x in full[S.SAMPLE_I].values[dropped]]
+    task_of = np.where(np.asarray(full[IS_A].values, dtype=bool), str(full.attrs.get(S.ATTR_TASK_A)),
+                       str(full.attrs.get(S.ATTR_TASK_B)))
+    _check_target(store, group, settings, replace, excluded)
     try:
         ds = compute_stats(scores, settings, executor)
     except ValueError as e:
@@ -404,6 +416,8 @@ def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str 
 
         raise corrupt_chunk_error(store, e) or e
     _require_finite(store, ds)
+    ds.attrs[S.ATTR_EXCLUDED] = excluded  # always recorded, [] when every sample took part
+    ds.attrs[S.ATTR_EXCLUDED_TASKS] = [str(t) for t in task_of[dropped]]
     store.write_dataset(ds, group, complete=True)
     ds.attrs[S.ATTR_COMPLETE] = True  # as stored
     return ds
@@ -427,11 +441,11 @@ def stats_settings(store: RunStore, **overrides: Any) -> StatsSpec:
 
 
 def rerun_stats(store: RunStore, executor=None, *, name: str | None = None, replace: bool = False,
-                **overrides: Any) -> xr.Dataset:
+                exclude: "list[str] | None" = None, **overrides: Any) -> xr.Dataset:
     """`qkov stats`: rerun the statistics of an existing run with new settings (the stored ones,
     `overrides` applied), holding the run's lock so that it never writes beside a running
     `qkov run`. The CLI and `qkov.run_stats` both call this."""
     store.require(S.SCORES_GROUP, "the statistics")
     settings = stats_settings(store, **overrides)
     with store.lock():
-        return run_stats(store, settings, executor, name=name, replace=replace)
+        return run_stats(store, settings, executor, name=name, replace=replace, exclude=exclude)

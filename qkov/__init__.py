@@ -29,9 +29,11 @@ def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, ove
 
 def run_stats(run_path, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
               alpha: float | None = None, alternative: str | None = None, seed: int | None = None,
-              name: str | None = None, replace: bool = False, scheduler: str | None = None, storage_options=None):
+              name: str | None = None, replace: bool = False, scheduler: str | None = None, storage_options=None,
+              exclude: list[str] | None = None):
     """`qkov stats`: rerun the statistics with the run's stored settings, the given ones
-    changed (None keeps the stored value). Holds the run's lock, as the CLI does."""
+    changed (None keeps the stored value). Holds the run's lock, as the CLI does.
+    `exclude`: sample ids left out (from the stored scores; the Fisher is not re-estimated)."""
     from pipeline.stats_stage import rerun_stats
 
     store = RunStore.coerce(run_path, storage_options)
@@ -42,8 +44,8 @@ def run_stats(run_path, *, null: str | None = None, n_permutations: int | None =
         from pipeline.executors import executor_for
 
         with connect(scheduler) as client:
-            return rerun_stats(store, executor_for(client), name=name, replace=replace, **settings)
-    return rerun_stats(store, name=name, replace=replace, **settings)
+            return rerun_stats(store, executor_for(client), name=name, replace=replace, exclude=exclude, **settings)
+    return rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
 
 
 def open_stats(run_path, name: str | None = None, storage_options=None):
