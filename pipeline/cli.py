@@ -141,14 +141,19 @@ def _print_summary(path: str, storage_options=None, stats_name: str | None = Non
     console.print(format_significant(significant_heads(path, storage_options=storage_options, stats_name=stats_name)))
 
 
-def _preflight(job, *, resume: bool, overwrite: bool, local: bool):
+def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False):
     from pipeline.extract import sample_count_warning
     from pipeline.run import preflight
 
-    plan = preflight(job, resume=resume, overwrite=overwrite, local=local)
+    plan = preflight(job, resume=resume, overwrite=overwrite, local=local)  # refuses a run that cannot fit the disk
     note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
     if note:
         err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+    if show_plan and plan is not None:  # the lines `qkov plan` prints
+        from pipeline.plan import plan as run_plan
+
+        for line in run_plan(job, resume=resume or overwrite, extract_plan=plan).lines():
+            err.print(line, markup=False, highlight=False)
     return plan
 
 
@@ -177,7 +182,8 @@ def run(
 
             raise UsageError("--resume and --overwrite exclude each other; choose one")
         # every input and the output checked before any cluster starts
-        plan = _preflight(job, resume=resume, overwrite=overwrite, local=inline or not (scheduler or job.cluster.address or job.cluster.profile))
+        plan = _preflight(job, resume=resume, overwrite=overwrite, local=inline or not (scheduler or job.cluster.address or job.cluster.profile),
+                          show_plan=True)
         with _stage_progress() as tick:
             if inline:
                 summary = run_job(job, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
@@ -287,6 +293,24 @@ def check(
         console.print(format_checks(ds))
         if not bool(ds["passed"].all()):
             raise typer.Exit(1)
+
+
+@app.command()
+def plan(
+    job_file: Path = typer.Argument(..., help="TOML job file"),
+    resume: bool = typer.Option(False, "--resume", help="count what the run at the output already holds (as `qkov run --resume`)"),
+) -> None:
+    """Before running: predicted bytes per store group, peak disk use, peak memory per task, task
+    counts, and whether the output's free space holds the run (with the settings that would)."""
+    from pipeline.plan import plan as run_plan
+    from pipeline.spec import load_job
+
+    with _friendly():
+        p = run_plan(load_job(job_file), resume=resume)
+        for line in p.lines():
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if p.options:
+            console.print("  it would fit with: " + "; or ".join(p.options), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -172,6 +172,10 @@ def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, lo
         check_devices(job)
     plan = None if done else plan_extract(job)
     check_output(store, job, resume=resume, overwrite=overwrite, plan=plan)
+    if plan is not None:  # a run that cannot fit the output's free space is refused now, not hours in
+        from .plan import plan as run_plan, require_fits
+
+        require_fits(job, run_plan(job, resume=resume or overwrite, extract_plan=plan))
     return plan
 
 

@@ -172,6 +172,9 @@ class ClusterSpec(_Frozen):
 class OutputSpec(_Frozen):
     path: str
     storage_options: dict[str, Any] = {}
+    # bytes the run may occupy at most, when less than the file system reports free (a quota it
+    # does not show, space kept for other jobs); `qkov plan` / `qkov run` check the run against it
+    disk_budget: int | None = Field(default=None, ge=1)
 
 
 class JobSpec(_Frozen):

@@ -92,6 +92,14 @@ def check(job: JobSpec, n_samples: int = 4):
     return run_checks(job, n_samples=n_samples)
 
 
+def plan(job: JobSpec, *, resume: bool = False):
+    """`qkov plan`: predicted bytes per store group, peak disk, memory per task, task counts and
+    whether the output's free space holds the run (`RunPlan`; `.lines()` is what the CLI prints)."""
+    from pipeline.plan import plan as run_plan
+
+    return run_plan(job, resume=resume)
+
+
 def validate(job_file) -> JobSpec:
     """`qkov validate`: the job file parsed and checked, with every default filled in."""
     return load_job(job_file)
@@ -105,4 +113,4 @@ def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
 
 
 __all__ = ["JobSpec", "StatsSpec", "RunStore", "QkovError", "load_job", "parse_job", "run", "run_stats", "open_stats",
-           "open_scores", "open_gradients", "open_checks", "open_run", "query", "report", "check", "validate", "demo_job"]
+           "open_scores", "open_gradients", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo_job"]

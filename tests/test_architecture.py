@@ -104,6 +104,7 @@ PARITY = {
     "report": ("report", {"run_path": "run_path", "out": "out_dir"}),
     "check": ("check", {"job_file": "job"}),
     "validate": ("validate", {}),
+    "plan": ("plan", {"job_file": "job"}),
     "demo": ("demo_job", {"inline": None}),
 }
 

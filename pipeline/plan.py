@@ -1,0 +1,300 @@
+"""`qkov plan`: what a job will write and hold, before anything runs.
+
+From the job and the model's config alone (no weights read, no gradients computed): the
+bytes each store group will take, the peak disk use of the run, peak host and GPU memory
+per task, task counts, and whether the output's free space holds it. `qkov run` prints
+the same lines first and refuses a run that cannot fit, naming the settings that would.
+
+Byte figures are exact sums of what the stages write (chunk payloads, a 4-byte crc32c per
+chunk, ~1 KB of metadata per array); memory figures are estimates of the largest
+allocations (operands and outputs; activations from the model's width), stated as such.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import schema
+from .errors import UsageError
+from .spec import JobSpec
+
+META_BYTES = 1024  # zarr.json of one array (measured: 0.6–1.5 KB)
+CRC_BYTES = 4  # crc32c per chunk (extract.checksummed)
+ZSTD_F32 = 0.93  # zstd on float32 sums of squares (Fisher, its partials): measured 0.92-0.94
+
+
+@dataclass
+class RunPlan:
+    """Predicted sizes and counts of one job (see the module docstring)."""
+
+    n_a: int
+    n_b: int
+    layers: tuple[int, ...]
+    blocks: tuple[str, ...]
+    heads: dict[str, int]  # block -> heads stored (K/V: KV heads)
+    sizes: dict[str, int]  # block -> entries per head slice
+    groups: dict[str, int]  # store group -> bytes when the run is complete
+    peak_disk: int  # the most the output holds at any time
+    layer_groups: int  # extract → score → drop rounds (keep_gradients = false), else 1
+    memory: dict[str, int]  # "extract_gpu", "extract_host", "score_task", "stats_task" -> bytes (estimates)
+    tasks: dict[str, int]  # stage -> number of tasks
+    free: int | None  # bytes the run may still add: free space at the output, within [output] disk_budget; None: unknown
+    existing: int = 0  # bytes already in the output (a resumed run)
+    options: list[str] = field(default_factory=list)  # settings that would make a run fit, when it does not
+
+    @property
+    def total(self) -> int:
+        return sum(self.groups.values())
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.free is None else self.peak_disk - self.existing <= self.free
+
+    def lines(self) -> list[str]:
+        """The plan as the lines `qkov plan` and `qkov run` print."""
+        out = [f"plan: {self.n_a} + {self.n_b} samples, {len(self.layers)} layers, blocks {''.join(self.blocks)}"]
+        out.append("  store (bytes when complete): " + ", ".join(f"{g} {_size(b)}" for g, b in self.groups.items() if b)
+                   + f"; total {_size(self.total)}")
+        rounds = f" (layer groups of {math.ceil(len(self.layers) / self.layer_groups)}: {self.layer_groups} rounds)" if self.layer_groups > 1 else ""
+        out.append(f"  peak disk use {_size(self.peak_disk)}{rounds}")
+        m = self.memory
+        out.append(f"  peak memory per task (estimates): extract {_size(m['extract_gpu'])} on the device + "
+                   f"{_size(m['extract_host'])} host; score {_size(m['score_task'])}; stats {_size(m['stats_task'])}")
+        out.append("  tasks: " + ", ".join(f"{k} {v}" for k, v in self.tasks.items()))
+        if self.free is None:
+            out.append("  free space at the output: unknown (object store); not checked")
+        else:
+            need = self.peak_disk - self.existing
+            verdict = "fits" if self.fits else "does NOT fit"
+            out.append(f"  free space at the output {_size(self.free)}, needed {_size(need)}"
+                       + (f" (+{_size(self.existing)} already there)" if self.existing else "") + f": {verdict}")
+        return out
+
+
+def _size(b: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(b) < 1000 or unit == "TB":
+            return f"{b:.0f} {unit}" if unit == "B" else f"{b:.1f} {unit}"
+        b /= 1000
+    return f"{b:.1f} TB"
+
+
+def _chunked(n_values: int, itemsize: int, n_chunks: int) -> int:
+    return n_values * itemsize + n_chunks * CRC_BYTES
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the file system the output goes to (its nearest existing folder); None for URLs."""
+    from .store import is_url
+
+    if is_url(path):
+        return None
+    p = Path(str(path).removeprefix("file://")).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def du(path: str) -> int:
+    """Bytes under a local output (0 when missing or a URL)."""
+    from .store import is_url
+
+    if is_url(path):
+        return 0
+    root = Path(str(path).removeprefix("file://"))
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _geometry(job: JobSpec, ex=None):
+    """(ExtractPlan, parameter count, hidden size, number of layers) without reading weights."""
+    from .extract import meta_model, plan_extract
+
+    ex = ex or plan_extract(job)
+    config, model = meta_model(job)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 1024)
+    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or len(ex.layers)
+    return ex, _n_params(model), int(d), int(depth)
+
+
+def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
+    """The job's RunPlan (see the module docstring). `geometry` reuses `_geometry(job)`.
+    `resume` (or an --overwrite of an existing run): the bytes already at the output count
+    as available, since they are either part of the result or about to be removed."""
+    from .score import auto_sample_chunk, heads_per_task
+    from .store import RunStore
+
+    ex, n_params, d, depth = geometry or _geometry(job)
+    store = RunStore.of(job)
+    existing = du(store.path) if resume else 0
+    free = free_bytes(store.path)
+    if job.output.disk_budget is not None:  # the run may hold at most the budget, whatever is free
+        left = max(0, job.output.disk_budget - existing)
+        free = left if free is None else min(free, left)
+    s = job.score
+    n, L = ex.n_a + ex.n_b, len(ex.layers)
+    shards = len(ex.shards)
+    sketch = s.mode == "sketch"
+    g_item = 2 if s.storage_dtype == "bfloat16" and not sketch else 4
+    width = {b: (s.sketch_dim if sketch else ex.sizes[b]) for b in ex.blocks}
+    parts = 3 if sketch else 1
+    # per-sample bytes of one layer's stored gradients (all blocks, heads)
+    layer_sample = sum(parts * ex.heads[b] * width[b] * g_item for b in ex.blocks)
+    slices = sum(parts * ex.heads[b] for b in ex.blocks)  # arrays' chunks per (shard, layer)
+    n_arrays = parts * len(ex.blocks)
+    coords = n * 16  # ids, task, n_tokens, loss, finite, text preview (compressed)
+    groups: dict[str, int] = {}
+    # edge chunks are stored whole: a partial last shard takes a full shard's bytes
+    groups[schema.GRADIENTS] = shards * ex.shard_size * L * layer_sample + shards * L * slices * CRC_BYTES \
+        + (n_arrays + 10) * META_BYTES + coords
+    fisher_vals = sum(L * ex.heads[b] * ex.sizes[b] for b in ex.blocks)
+    # Fisher and its per-shard partial sums are float32 under Zarr's default zstd: ~7 % smaller (measured)
+    groups[schema.FISHER] = int(fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (L * CRC_BYTES + META_BYTES) + 4 * META_BYTES
+    work = int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES) + (2 + sketch) * (shards * 5 + META_BYTES)
+    s_item = 2 if s.scores_dtype == "bfloat16" else 4
+    widest = max(width.values())
+    c = min(n, auto_sample_chunk(n, widest, 4 if sketch else g_item))
+    t = math.ceil(n / c)
+    block_heads = sum(ex.heads[b] for b in ex.blocks)
+    groups[schema.SCORES_GROUP] = 2 * L * block_heads * t * t * (c * c * s_item + CRC_BYTES) \
+        + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
+    n_fam = block_heads  # the family: one test per block head
+    # ~40 small variables per (score, block, layer, head), compressed
+    groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 40 * META_BYTES
+    # per (block, layer, block head, sample) diagnostics beside the scores
+    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
+    # score, stats and later groups never need the gradients: with keep_gradients = false each
+    # layer group's gradients go once its scores are written, and the run proceeds group by group
+    keep = getattr(job.output, "keep_gradients", True)
+    rounds = 1 if keep else layer_rounds(job, L, groups[schema.GRADIENTS], free)
+    if keep:
+        groups[schema.WORK] = work  # removed on success only when gradients are dropped as well (see run.py)
+        peak = sum(groups.values())
+    else:
+        groups[schema.WORK] = 0
+        per_round = math.ceil(L / rounds)
+        grad_round = groups[schema.GRADIENTS] * per_round // L
+        work_round = work * per_round // L
+        groups[schema.GRADIENTS] = 0
+        peak = sum(groups.values()) + grad_round + work_round
+    # memory per task: extraction holds the weights, a batch's per-sample gradients of the chosen
+    # slices (float32) and the activations; its writer holds two shards; a score task its operands
+    bsz = job.extract.batch_size
+    w_item = 2 if job.model.dtype in ("bfloat16", "float16") else 4
+    T = max((len(x) for x in ex.input_ids), default=1)
+    per_sample_f32 = sum(L * ex.heads[b] * ex.sizes[b] * 4 for b in ex.blocks)
+    acts = bsz * T * d * 24 * depth * w_item  # ~24 d-wide activations per token and layer kept for backward
+    memory = {
+        "extract_gpu": n_params * w_item + bsz * per_sample_f32 + acts,
+        "extract_host": 2 * ex.shard_size * L * layer_sample + n_params * w_item,
+        "score_task": 0,
+        "stats_task": 0,
+    }
+    score_tasks = 0
+    for b in ex.blocks:
+        hc = heads_per_task(ex.heads[b], c, width[b], 4 if sketch else g_item)
+        operands = 2 * hc * c * width[b] * (4 if sketch else g_item) * parts
+        formed = 3 * c * width[b] * 4  # one head's w, w², |g| (float32)
+        out = 2 * hc * c * c * 4
+        memory["score_task"] = max(memory["score_task"], operands + formed + out)
+        score_tasks += L * math.ceil(ex.heads[b] / hc) * t * t
+    k, nb = job.stats.n_permutations, job.stats.n_bootstrap
+    memory["stats_task"] = c * c * 8 + (k + nb + 2) * c * 8 * 2
+    tasks = {
+        "extract": math.ceil(shards / 4) if shards >= 8 else shards,
+        "score": score_tasks,
+        "stats": 2 * n_fam * L * t * t,
+    }
+    return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
+                   groups=groups, peak_disk=peak, layer_groups=rounds, memory=memory, tasks=tasks,
+                   free=free, existing=existing)
+
+
+def layer_rounds(job: JobSpec, n_layers: int, gradient_bytes: int, free: int | None) -> int:
+    """How many extract → score → drop rounds a keep_gradients = false run takes: the fewest
+    whose gradients (one round's share) fit in half the free space, or `[output]
+    layers_per_group` when set."""
+    per = getattr(job.output, "layers_per_group", None)
+    if per:
+        return math.ceil(n_layers / per)
+    if free is None or gradient_bytes <= free // 2:
+        return 1
+    per_layer = max(1, gradient_bytes // n_layers)
+    fit = max(1, (free // 2) // per_layer)
+    return math.ceil(n_layers / fit)
+
+
+def _with(job: JobSpec, **sections) -> JobSpec:
+    """The job with some section fields changed (validated as a job file would be)."""
+    cfg = job.model_dump(mode="json")
+    for sec, kv in sections.items():
+        cfg[sec] = {**cfg.get(sec, {}), **kv}
+    return JobSpec.model_validate(cfg)
+
+
+def fitting_options(job: JobSpec, plan: RunPlan, geometry, resume: bool = False) -> list[str]:
+    """Settings (one change at a time, then together) under which the run fits the free space."""
+    if plan.free is None or plan.fits:
+        return []
+    tries: list[tuple[str, dict]] = []
+    if getattr(job.output, "keep_gradients", True):
+        tries.append(("[output] keep_gradients = false", {"output": {"keep_gradients": False}}))
+    if job.score.scores_dtype != "bfloat16":
+        tries.append(('[score] scores_dtype = "bfloat16"', {"score": {"scores_dtype": "bfloat16"}}))
+    if job.score.storage_dtype != "bfloat16" and job.score.mode == "exact":
+        tries.append(('[score] storage_dtype = "bfloat16"', {"score": {"storage_dtype": "bfloat16"}}))
+    if job.score.mode == "exact":
+        tries.append(('[score] mode = "sketch", sketch_dim = 1024', {"score": {"mode": "sketch", "sketch_dim": 1024}}))
+    out = []
+    combined: dict = {}
+    for label, change in tries:
+        for sec, kv in change.items():
+            combined.setdefault(sec, {}).update(kv)
+        try:
+            p = plan_job(_with(job, **change), geometry=geometry, resume=resume)
+        except Exception:  # noqa: BLE001 - an option this job cannot take is simply not offered
+            continue
+        if p.fits:
+            out.append(f"{label} (peak {_size(p.peak_disk)})")
+    if not out and len(tries) > 1:
+        try:
+            p = plan_job(_with(job, **combined), geometry=geometry, resume=resume)
+            if p.fits:
+                out.append(" + ".join(label for label, _ in tries) + f" (peak {_size(p.peak_disk)})")
+        except Exception:  # noqa: BLE001
+            pass
+    # fewer layers, with the settings as they are
+    L = len(plan.layers)
+    per_layer = max(1, plan.peak_disk // L)
+    most = int((plan.free + plan.existing) // per_layer)
+    if 0 < most < L:
+        out.append(f"[score] layers = {list(plan.layers[:most]) if most <= 6 else f'{most} of the {L} layers'}")
+    return out
+
+
+def plan(job: JobSpec, *, resume: bool = False, extract_plan=None) -> RunPlan:
+    """`qkov plan`: the job's RunPlan, with the options that would make it fit when it does not.
+    `extract_plan`: reuse one already made (preflight's)."""
+    geometry = _geometry(job, extract_plan)
+    p = plan_job(job, resume=resume, geometry=geometry)
+    p.options = fitting_options(job, p, geometry, resume)
+    return p
+
+
+def require_fits(job: JobSpec, p: RunPlan) -> None:
+    """`qkov run` refuses, before it starts, a run whose peak disk use exceeds the free space."""
+    if p.fits is False:
+        need = p.peak_disk - p.existing
+        hint = ("; it would fit with: " + "; or ".join(p.options)) if p.options else "; no single setting makes it fit: free space or choose fewer samples"
+        where = "free" + (" within [output] disk_budget" if job.output.disk_budget is not None else "")
+        raise UsageError(f"the run needs {_size(need)} at {job.output.path} but only {_size(p.free)} is {where}{hint}. "
+                         "(`qkov plan JOB.toml` shows the figures.)")
+
+
+__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layer_rounds"]

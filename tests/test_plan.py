@@ -1,0 +1,45 @@
+"""`qkov plan` and the disk check of `qkov run` (issue 17): predicted store bytes against a
+real tiny run, and an early refusal (exit 2, nothing written) naming settings that fit."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.plan import du, plan
+from pipeline.run import run_job
+from qkov.testing import tiny_job, write_job_file
+
+
+@pytest.mark.parametrize("score", [{}, {"storage_dtype": "bfloat16", "scores_dtype": "bfloat16"}], ids=["f32", "bf16"])
+def test_plan_predicts_the_store_of_a_real_run(tmp_path, score):
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=9, score=score)
+    p = plan(job)
+    assert p.fits and p.free is not None and p.tasks["score"] > 0 and p.memory["score_task"] > 0
+    run_job(job)
+    out = Path(job.output.path)
+    for group in ("gradients", "fisher", "scores", "stats", "_work"):
+        real = du(str(out / group))
+        assert real > 0 and abs(p.groups[group] - real) <= 0.10 * real, (group, p.groups[group], real)
+    assert abs(p.total - du(str(out))) <= 0.10 * du(str(out)), (p.total, du(str(out)))
+
+
+def test_run_refuses_a_job_that_cannot_fit_and_names_what_would(tmp_path):
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=9)
+    need = plan(job).peak_disk
+    budget = int(need * 0.8)  # bf16 gradients (about half of the store) bring it under
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run"), "disk_budget": budget})
+    res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
+    text = " ".join(res.output.split())
+    assert res.exit_code == 2, res.output
+    assert "the run needs" in text and "disk_budget" in text and 'storage_dtype = "bfloat16"' in text, text
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    shown = CliRunner().invoke(app, ["plan", str(toml)])
+    assert shown.exit_code == 0 and "does NOT fit" in shown.output and "it would fit with" in shown.output, shown.output
+    ok = write_job_file(job, tmp_path / "ok.toml", output={"path": str(tmp_path / "run"), "disk_budget": budget},
+                        score={"storage_dtype": "bfloat16"})
+    res = CliRunner().invoke(app, ["run", str(ok), "--inline"])
+    assert res.exit_code == 0, res.output
+    assert "peak disk use" in res.output and du(str(tmp_path / "run")) <= budget
