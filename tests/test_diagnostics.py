@@ -12,7 +12,7 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from pipeline import schema as S
-from pipeline.diagnostics import (OUTLIER_Z, fisher_health, head_diagnostics, modified_z, other_task_means,
+from pipeline.diagnostics import (HEALTH_VARS as D_HEALTH, OUTLIER_Z, fisher_health, head_diagnostics, modified_z, other_task_means,
                                   resolve_samples)
 from pipeline.errors import QkovError, UsageError
 from pipeline.executors import InlineExecutor
@@ -322,3 +322,25 @@ def test_report_has_a_health_panel(planted, tmp_path):
     assert "Numerical health" in page
     assert str(diag[S.SAMPLE_I].values[k]) in page
     assert f"{ILL[0]}</td><td class='num'>{ILL[1]}</td><td class='num'>{ILL[2]}" in page
+
+
+def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_slice(base_run, tmp_path):
+    """Sketch mode stores no gradients: grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)). With
+    k >= P the projection is injective, so every diagnostic equals exact mode's (float rounding)."""
+    from pathlib import Path
+
+    from pipeline.run import run_job
+    from qkov.testing import tiny_job
+
+    exact = RunStore(base_run.output.path).open_dataset(S.DIAGNOSTICS).load()
+    k = int(exact[S.N_PARAMS].max())
+    job = tiny_job(Path(base_run.output.path).parent, "llama_gqa", n_a=N_A, n_b=N_B,
+                   score={"mode": "sketch", "sketch_dim": k}, output={"path": str(tmp_path / "sketch")})
+    run_job(job)
+    sk = RunStore(job.output.path).open_dataset(S.DIAGNOSTICS).load()
+    assert sk.attrs["mode"] == "sketch" and "estimate" in sk.attrs["source"]
+    for v in (*D_HEALTH, S.GRAD_NORM, S.FISHER_NORM, S.ROW_MEAN, S.COL_MEAN, S.OUTLIER_SCORE):
+        np.testing.assert_allclose(sk[v].values, exact[v].values, rtol=1e-4, atol=1e-6 * float(np.nanmax(np.abs(exact[v].values))),
+                                   err_msg=v)
+    near = np.abs(exact[S.OUTLIER_SCORE].values - OUTLIER_Z) < 1e-3  # rounding may tip a value sitting on the cut
+    assert np.array_equal(sk[S.OUTLIER].values[~near], exact[S.OUTLIER].values[~near])
