@@ -42,6 +42,14 @@ def _edit(path, group: str, var: str, fn) -> None:
     arr[...] = fn(np.asarray(arr[...]))
 
 
+def _float_var(path, group: str, dims: int = 2) -> str:
+    """A float variable of `group` with at least `dims` dims (the largest such), whatever the store layout names it."""
+    ds = xr.open_zarr(str(path), group=group, consolidated=False)
+    names = [n for n, v in ds.data_vars.items() if v.dtype.kind == "f" and v.ndim >= dims]
+    assert names, f"no float variable in {group}"
+    return max(sorted(names), key=lambda n: ds[n].size)
+
+
 def _bump_large(rel: float):
     """Multiply one value of at least a tenth of the variable's largest magnitude by (1 + rel)."""
     def fn(x):
@@ -57,16 +65,16 @@ def test_a_run_equals_itself_and_its_float_rounding(run):
     assert_runs_close(path, path)
     noisy = _copy(run, "noisy")
     eps = np.finfo(np.float32).eps
-    for group, var in ((schema.GRADIENTS, "Q"), (schema.SCORES_GROUP, "alignment"), (schema.FISHER, "K")):
-        _edit(noisy, group, var, lambda x: (x * np.float32(1 + 4 * eps)).astype(x.dtype))  # a few ulps everywhere
+    for group in (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP):
+        _edit(noisy, group, _float_var(path, group), lambda x: (x * np.float32(1 + 4 * eps)).astype(x.dtype))  # a few ulps
     assert_runs_close(noisy, path)
 
 
-@pytest.mark.parametrize("group, var", [(schema.GRADIENTS, "Q"), (schema.FISHER, "V"), (schema.SCORES_GROUP, "interference"),
-                                        (schema.STATS, "ci_high")])
-def test_one_value_off_by_1e_3_relative_is_rejected(run, group, var):
+@pytest.mark.parametrize("group", [schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP, schema.STATS])
+def test_one_value_off_by_1e_3_relative_is_rejected(run, group):
     _, path = run
-    bad = _copy(run, f"bad-{group}-{var}")
+    var = _float_var(path, group, dims=1)
+    bad = _copy(run, f"bad-{group}")
     _edit(bad, group, var, _bump_large(1e-3))
     with pytest.raises(AssertionError, match=rf"{group}: {var}: 1 of \d+ values differ beyond rtol"):
         assert_runs_close(bad, path)
