@@ -47,6 +47,7 @@ from workers.grads import per_sample_grads
 from workers.kernels import slice_scores
 from workers.layouts import AttentionLayout, discover_layout
 from workers.losses import loss_task_for
+from workers import prediction as pred
 from workers.slicing import QUERY_BLOCKS, slice_all
 
 from . import schema
@@ -55,6 +56,9 @@ from .spec import JobSpec, LayoutSpec
 
 CHECK_DIM = schema.CHECK
 CHECK_NAMES = ("additivity", "scale", "reparameterisation", "ablation", "symmetry")
+PREDICTION = "prediction"  # the prediction check's row (run_checks(prediction=True); `qkov check` runs it)
+PREDICTION_SLICE = "prediction_slice"  # its per-slice variables' dimension in `checks`
+PREDICTION_ETA = "prediction_eta"  # (η, η/2)
 
 SCALE_C = 3.0
 REPARAM_ALPHA = 2.0
@@ -548,6 +552,40 @@ def _session(job: JobSpec, n_samples: int, layers) -> _Session:
     )
 
 
+def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResult, xr.Dataset]:
+    """Does transfer predict a real loss change? (workers.prediction): per slice, the change of task
+    A's mean loss under a natural-gradient step on B in that slice alone, measured by a float64
+    forward pass, against −η·transfer; Spearman ρ, median relative error, and err(η)/err(η/2)."""
+    f = s.job.fisher
+    labels = s.labels if any(x is not None for x in s.labels) else None
+    r = pred.prediction_check(
+        s.model, s.layout, s.input_ids, labels, s.n_a, s.loss_task, fisher_source=f.source, beta=f.beta,
+        fisher_batch=f.batch_size, damping_rel=f.damping_rel, damping_abs=f.damping_abs, n_slices=n_slices, eta=eta,
+        batch_size=s.job.extract.batch_size,
+    )
+    d, e = PREDICTION_SLICE, PREDICTION_ETA
+    per_slice = xr.Dataset(
+        {
+            "prediction_block": (d, np.array([x.block for x in r.slices], dtype=object)),
+            "prediction_layer": (d, np.array([x.layer for x in r.slices], dtype=np.int64)),
+            "prediction_head": (d, np.array([x.head for x in r.slices], dtype=np.int64)),
+            "prediction_transfer": (d, r.transfer),
+            "prediction_predicted": ((d, e), np.stack([r.predicted(k) for k in range(len(r.etas))], axis=1)),
+            "prediction_measured": ((d, e), r.measured),
+            "prediction_above_noise": (d, r.above_noise),
+        },
+        coords={e: np.array(r.etas, dtype=np.float64)},
+    )
+    per_slice["prediction_predicted"].attrs["meaning"] = "−η·transfer (pipeline path): predicted change of task A's mean loss"
+    per_slice["prediction_measured"].attrs["meaning"] = "L_A(θ + Δθ_s) − L_A(θ), float64 forward pass, Δθ_s = −η(Î_s+λ)⁻¹ḡ_B,s"
+    summary = {"eta": r.eta, "rho": r.rho, "median_rel_error": r.median_rel_error,
+               "median_rel_error_half_eta": r.median_rel_error_at(1), "halving_ratio": r.halving_ratio,
+               "base_loss": r.base_loss, "noise": r.noise, "n_slices": len(r.slices),
+               "n_above_noise": int(r.above_noise.sum())}
+    per_slice.attrs["prediction"] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
+    return CheckResult(PREDICTION, r.passed, r.median_rel_error, pred.REL_ERROR_MAX, r.detail(), r.rho), per_slice
+
+
 def checks_dataset(results: Sequence[CheckResult]) -> xr.Dataset:
     """One row per check: passed, value, tolerance, rank_correlation, detail."""
     return xr.Dataset(
@@ -562,14 +600,17 @@ def checks_dataset(results: Sequence[CheckResult]) -> xr.Dataset:
     )
 
 
-def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=None) -> xr.Dataset:
+def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=None, prediction: bool = False,
+               prediction_slices: int = pred.DEFAULT_N_SLICES, prediction_eta: float = pred.DEFAULT_ETA) -> xr.Dataset:
     """Run the DESIGN §4 sanity checks on the first `n_samples` of each task.
 
     `layers` (default: the job's score.layers, else every layer) limits the layers
     checked; all four blocks are checked whatever score.blocks says. Memory: the full
     per-sample gradients of the checked layers' projections, ~2·n_samples copies.
     With `write`, the result goes to the run's `checks` group (the run's root is
-    created if needed; no other group is touched).
+    created if needed; no other group is touched). With `prediction` (on in `qkov check`), the
+    prediction check runs too: `prediction_slices` slices at step size `prediction_eta`, its
+    per-slice figures stored along `prediction_slice`.
     """
     from workers.models import model_identity
 
@@ -585,7 +626,14 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
         check_scale(s, base, tol), check_reparameterisation(s, base_slices, base, tol), check_ablation(s),
         check_symmetry(s, base, tol),
     ]
+    per_slice = None
+    if prediction:
+        res, per_slice = check_prediction(s, prediction_slices, prediction_eta)
+        results.append(res)
     ds = checks_dataset(results)
+    if per_slice is not None:
+        ds = ds.merge(per_slice, combine_attrs="drop")
+        ds.attrs["prediction"] = per_slice.attrs["prediction"]
     from .store import provenance
 
     ds.attrs.update(provenance(

@@ -281,15 +281,20 @@ def report(
 def check(
     job_file: Path = typer.Argument(..., help="TOML job file"),
     n_samples: int = typer.Option(4, "--n-samples", help="samples per task used by the checks"),
+    prediction: bool = typer.Option(True, "--prediction/--no-prediction",
+                                    help="also check that transfer predicts a measured loss change (float64 forward passes)"),
+    prediction_slices: int = typer.Option(60, "--prediction-slices", help="slices the prediction check steps"),
+    prediction_eta: float = typer.Option(1e-6, "--prediction-eta", help="the prediction check's natural-gradient step size η"),
 ) -> None:
-    """Sanity checks on the job's model: additivity, scale, ablation, symmetry."""
+    """Sanity checks on the job's model: additivity, scale, ablation, symmetry, prediction."""
     from pipeline.checks import check_checks_output, format_checks, run_checks
     from pipeline.spec import load_job
 
     with _friendly():
         job = load_job(job_file)
         check_checks_output(job)  # before any model work: never into a folder that is not a run
-        ds = run_checks(job, n_samples=n_samples)
+        ds = run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
+                        prediction_eta=prediction_eta)
         console.print(format_checks(ds))
         if not bool(ds["passed"].all()):
             raise typer.Exit(1)

@@ -85,11 +85,14 @@ def report(run_path, out_dir=None, stats_name: str | None = None, storage_option
     return make_report(run_path, out_dir=out_dir, stats_name=stats_name, storage_options=storage_options)
 
 
-def check(job: JobSpec, n_samples: int = 4):
-    """`qkov check`: the sanity checks on the job's model, written to the run's `checks` group."""
+def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_slices: int = 60,
+          prediction_eta: float = 1e-6):
+    """`qkov check`: the sanity checks on the job's model (with `prediction`, also whether transfer
+    predicts a measured loss change), written to the run's `checks` group."""
     from pipeline.checks import run_checks
 
-    return run_checks(job, n_samples=n_samples)
+    return run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
+                      prediction_eta=prediction_eta)
 
 
 def plan(job: JobSpec, *, resume: bool = False):
