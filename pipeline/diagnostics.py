@@ -291,7 +291,7 @@ def open_diagnostics(store: RunStore) -> xr.Dataset | None:
 
 
 def head_diagnostics(diag: xr.Dataset, block: str, layer: int, head: int, pairs: Sequence[dict],
-                     top: int = 5) -> dict[str, Any]:
+                     top: int = 5, run: str = "RUN") -> dict[str, Any]:
     """One slice's health, its flagged samples, its most interfering samples in both
     directions and a warning when flagged samples dominate `pairs` (the top pairs shown)."""
     d = diag.sel({S.BLOCK: block, S.LAYER: layer, S.HEAD: head})
@@ -324,7 +324,7 @@ def head_diagnostics(diag: xr.Dataset, block: str, layer: int, head: int, pairs:
         who = sorted({p["sample_a"] for p in hit if p["sample_a"] in flagged_a} | {p["sample_b"] for p in hit if p["sample_b"] in flagged_b})
         warning = (f"{len(hit)} of the {len(pairs)} top pairs involve samples flagged as norm outliers in this slice "
                    f"({', '.join(who)}); the ranking says more about those samples' gradient size than about the head. "
-                   f"Check them, or compare `qkov stats RUN --exclude {','.join(who)} --name without-outliers`.")
+                   f"Check them, or compare `qkov stats {run} --exclude {','.join(who)} --name without-outliers`.")
     return {"health": health, "flagged": flagged, "warning": warning,
             "a_on_b": most(is_a), "b_on_a": most(~is_a), "n_flagged_in_top_pairs": len(hit)}
 

@@ -150,7 +150,7 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
             "in_family": bool(stats["in_family"].sel({schema.BLOCK: b, schema.HEAD: head}).values),
             "stats": {s: _slice_stats(stats, s, b, layer, head) for s in (str(x) for x in stats[schema.SCORE].values)},
             "top_pairs": [_pair_row(p, r + 1) for r, p in enumerate(pairs)],
-            "diagnostics": None if diag is None else head_diagnostics(diag, b, layer, head, pairs),
+            "diagnostics": None if diag is None else head_diagnostics(diag, b, layer, head, pairs, run=store.path),
         })
     return {
         "run": store.path,
