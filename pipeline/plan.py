@@ -171,18 +171,17 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
     # score, stats and later groups never need the gradients: with keep_gradients = false each
     # layer group's gradients go once its scores are written, and the run proceeds group by group
-    keep = getattr(job.output, "keep_gradients", True)
-    rounds = 1 if keep else layer_rounds(job, L, groups[schema.GRADIENTS], free)
-    if keep:
-        groups[schema.WORK] = work  # removed on success only when gradients are dropped as well (see run.py)
+    if job.output.keep_gradients:
+        rounds = 1
+        groups[schema.WORK] = work
         peak = sum(groups.values())
-    else:
-        groups[schema.WORK] = 0
-        per_round = math.ceil(L / rounds)
-        grad_round = groups[schema.GRADIENTS] * per_round // L
-        work_round = work * per_round // L
-        groups[schema.GRADIENTS] = 0
-        peak = sum(groups.values()) + grad_round + work_round
+    else:  # pipeline/layer_groups.py: one group's gradients and Fisher partials at a time, beside the results
+        per_layer = max(1, (groups[schema.GRADIENTS] + work) // L)
+        groups[schema.GRADIENTS] = n * 16 + 10 * META_BYTES  # its coordinates stay
+        groups[schema.WORK] = 0  # removed on success
+        per = layers_per_group(job, L, per_layer, free, sum(groups.values()))
+        rounds = math.ceil(L / per)
+        peak = sum(groups.values()) + per * per_layer
     # memory per task: extraction holds the weights, a batch's per-sample gradients of the chosen
     # slices (float32) and the activations; its writer holds two shards; a score task its operands
     bsz = job.extract.batch_size
@@ -216,18 +215,14 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
                    free=free, existing=existing)
 
 
-def layer_rounds(job: JobSpec, n_layers: int, gradient_bytes: int, free: int | None) -> int:
-    """How many extract → score → drop rounds a keep_gradients = false run takes: the fewest
-    whose gradients (one round's share) fit in half the free space, or `[output]
-    layers_per_group` when set."""
-    per = getattr(job.output, "layers_per_group", None)
-    if per:
-        return math.ceil(n_layers / per)
-    if free is None or gradient_bytes <= free // 2:
-        return 1
-    per_layer = max(1, gradient_bytes // n_layers)
-    fit = max(1, (free // 2) // per_layer)
-    return math.ceil(n_layers / fit)
+def layers_per_group(job: JobSpec, n_layers: int, per_layer: int, free: int | None, results: int) -> int:
+    """Layers per group of a keep_gradients = false run: `[output] layers_per_group`, else as
+    many as fit (90 %) of the free space left beside the results, at least one."""
+    if job.output.layers_per_group:
+        return min(n_layers, job.output.layers_per_group)
+    if free is None:
+        return n_layers
+    return int(min(n_layers, max(1, (0.9 * free - results) // per_layer)))
 
 
 def _with(job: JobSpec, **sections) -> JobSpec:
@@ -243,7 +238,7 @@ def fitting_options(job: JobSpec, plan: RunPlan, geometry, resume: bool = False)
     if plan.free is None or plan.fits:
         return []
     tries: list[tuple[str, dict]] = []
-    if getattr(job.output, "keep_gradients", True):
+    if job.output.keep_gradients:
         tries.append(("[output] keep_gradients = false", {"output": {"keep_gradients": False}}))
     if job.score.scores_dtype != "bfloat16":
         tries.append(('[score] scores_dtype = "bfloat16"', {"score": {"scores_dtype": "bfloat16"}}))
@@ -297,4 +292,4 @@ def require_fits(job: JobSpec, p: RunPlan) -> None:
                          "(`qkov plan JOB.toml` shows the figures.)")
 
 
-__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layer_rounds"]
+__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layers_per_group"]

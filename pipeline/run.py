@@ -245,10 +245,23 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             run_stats(store, job.stats, executor, replace=True)
             tick("stats", 1, 1)
 
+        def by_layer_groups() -> None:  # keep_gradients = false: extract → score → drop per layer group
+            nonlocal plan
+            from .layer_groups import run_layer_groups
+
+            plan = plan or plan_extract(job)
+            summary.extract = run_layer_groups(store, job, executor, plan, progress=tick)
+
+        from .layer_groups import is_grouped
+
+        grouped = not job.output.keep_gradients or is_grouped(store)
         stages = (  # (name, the groups it writes, how to run it)
             ("extract", (schema.GRADIENTS, schema.FISHER), extract),
             ("score", (schema.SCORES_GROUP,), score),
             ("stats", (), stats),  # always: cheap, and the job's settings are the ones asked for
+        ) if not grouped else (
+            ("score", (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP), by_layer_groups),  # extract and score, interleaved
+            ("stats", (), stats),
         )
         for name, groups, stage in stages:
             t = time.perf_counter()
@@ -257,4 +270,6 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             else:
                 stage()
             summary.timings[name] = time.perf_counter() - t
+        if grouped:  # the layer groups' bookkeeping (their sub-runs are gone already)
+            store.delete(schema.WORK)
     return summary

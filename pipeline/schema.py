@@ -142,6 +142,18 @@ SCORES_LAYOUT = "compact-v1"
 ATTR_SCORES_DTYPE = "scores_dtype"  # on `scores`: float32 | bfloat16 (bf16 bits as uint16 + ATTR_ENCODING)
 
 
+# keep_gradients = false: the run proceeds in layer groups, each extracted into its own
+# sub-run under `_work/r<k>`, scored into the run's `scores`, then deleted
+ATTR_LAYER_GROUPS = "layer_groups"  # `_work` attr: the layers of each group, fixed when the run starts
+ATTR_GROUPS_DONE = "layer_groups_done"  # `_work` attr: groups whose scores and Fisher are written
+ATTR_GRADIENTS_DROPPED = "gradients_dropped"  # `gradients` attr: only its coordinates are kept
+
+
+def layer_group_path(k: int) -> str:
+    """Where layer group k's sub-run lives inside the run (under `_work`, removed on success)."""
+    return f"{WORK}/r{k}"
+
+
 def stored_pooled_name(score: str, block: str) -> str:
     """Stored variable of one block's pooled matrices in the compact `scores` layout."""
     if block not in BLOCKS:

@@ -175,6 +175,10 @@ class OutputSpec(_Frozen):
     # bytes the run may occupy at most, when less than the file system reports free (a quota it
     # does not show, space kept for other jobs); `qkov plan` / `qkov run` check the run against it
     disk_budget: int | None = Field(default=None, ge=1)
+    # false: gradients are dropped once the scores computed from them are written; a run larger
+    # than the free disk then goes layer group by layer group (extract → score → drop)
+    keep_gradients: bool = True
+    layers_per_group: int | None = Field(default=None, ge=1)  # with keep_gradients = false; None: as the disk allows
 
 
 class JobSpec(_Frozen):

@@ -283,6 +283,25 @@ class RunStore:
             for entry in map(Path, self.entries()):
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
 
+    def write_region(self, ds, group: str, region: dict, *, compute: bool = True):
+        """Write `ds` into a region of an existing group (whole chunks; the variables that do not
+        span the region's dims are left out). With compute=False returns the delayed write."""
+        ds = ds.drop_vars([v for v in ds.variables if not set(region) <= set(ds[v].dims)])
+        with _quiet_zarr():
+            return ds.to_zarr(self.zarr(), group=group, mode="r+", region=region, compute=compute, zarr_format=3,
+                              consolidated=False)
+
+    def delete(self, group: str | None = None) -> None:
+        """Delete one group of the run, or (None) the whole store: a layer group's finished
+        sub-run, or `_work` once the run is complete."""
+        target = self.path.rstrip("/") + (f"/{group}" if group else "")
+        if is_url(target):
+            fs, p = fsspec_fs(target, self.storage_options)
+            if fs.exists(p):
+                fs.rm(p, recursive=True)
+        else:
+            shutil.rmtree(target.removeprefix("file://"), ignore_errors=True)
+
     # ---- ownership --------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[str]:
@@ -336,6 +355,12 @@ def scores_view(raw):
         schema.SAMPLE_J: ids,
     }
     return xr.Dataset(data, coords=coords, attrs=dict(raw.attrs))
+
+
+def fsspec_fs(path: str, storage_options: dict | None = None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(path, **(storage_options or {}))
 
 
 def decoded(var):

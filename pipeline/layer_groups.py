@@ -1,0 +1,153 @@
+"""`[output] keep_gradients = false`: a run in layer groups, extract → score → drop.
+
+The layers are split into groups fixed when the run starts (as many layers per group as
+the output's free space holds next to the results, or `[output] layers_per_group`). Each
+group is an ordinary extraction into its own sub-run, `_work/r<k>` (gradients, Fisher,
+completed-shard records: the same `--resume` guarantees), whose scores are then written
+into the run's `scores` (a region of the compact layout: the layers of that group) and
+whose Fisher into the run's `fisher`; the group is recorded as done and its sub-run,
+gradients included, deleted. The Fisher of a layer depends on that layer's gradients only
+(λ per tensor), so a group's Fisher and scores equal those of an ungrouped run. The run
+keeps `gradients` with its coordinates only (sample ids, tasks, texts, losses), so query
+and report work; the statistics never need gradients. `_work` is removed on success.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from . import schema
+from .errors import StoreError
+from .extract import ExtractPlan, checksummed, run_extract
+from .score import compact_scores
+from .spec import JobSpec
+from .store import RunStore, provenance
+
+ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fisher/scores templates are written
+
+
+def is_grouped(store: RunStore) -> bool:
+    """The run at `store` was started in layer groups (whatever the job file now says)."""
+    return store.exists() and schema.ATTR_LAYER_GROUPS in (store.group_attrs(schema.WORK) or {})
+
+
+def group_layers(job: JobSpec, plan: ExtractPlan) -> list[list[int]]:
+    """The layer groups of a new run: `layers_per_group`, or as few groups as the disk allows."""
+    from .plan import _geometry, plan_job
+
+    n_groups = plan_job(job, geometry=_geometry(job, plan)).layer_groups
+    per = math.ceil(len(plan.layers) / max(1, n_groups))
+    return [list(plan.layers[i : i + per]) for i in range(0, len(plan.layers), per)]
+
+
+def sub_job(job: JobSpec, layers: list[int], path: str) -> JobSpec:
+    """The job of one layer group's sub-run: the same job on `layers`, keeping its gradients."""
+    cfg = job.model_dump(mode="json")
+    cfg["score"]["layers"] = list(layers)
+    cfg["output"].update(path=path, keep_gradients=True, layers_per_group=None, disk_budget=None)
+    return JobSpec.model_validate(cfg)
+
+
+def _templates(store: RunStore, job: JobSpec, grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset,
+               layers: list[int]) -> None:
+    """The run's `gradients` (coordinates only), `fisher` and `scores` over every layer, metadata only."""
+    L = len(layers)
+    lay = np.array(layers, dtype=np.int32)
+    prov = provenance(job.config_dict(), job.config_hash(), stage="extract")
+    coords = grads.drop_vars(list(grads.data_vars)).load().assign_coords({schema.LAYER: lay})
+    coords.attrs.update(prov)
+    coords.attrs.update({schema.ATTR_GRADIENTS_DROPPED: True, schema.ATTR_COMPLETE: False})
+    store.write_dataset(coords, schema.GRADIENTS)
+
+    f = {}
+    for b in (v for v in fisher.data_vars if v != schema.DAMPING):
+        var = fisher[b]
+        f[b] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=(1, *var.shape[1:]), dtype=var.dtype))
+    f[schema.DAMPING] = xr.Variable(fisher[schema.DAMPING].dims, da.zeros((fisher.sizes[schema.BLOCK], L), chunks=(fisher.sizes[schema.BLOCK], 1)))
+    fds = xr.Dataset(f, coords={schema.LAYER: lay, schema.BLOCK: fisher[schema.BLOCK].values})
+    fds.attrs.update({k: v for k, v in fisher.attrs.items() if not k.startswith("lambda_")})
+    fds.attrs.update(prov)
+    fds.attrs[schema.ATTR_COMPLETE] = False
+    store.write_dataset(fds, schema.FISHER, encoding={b: {"chunks": fds[b].data.chunksize} for b in f}, compute=False)
+
+    c = int(scores.attrs["sample_chunk"])
+    s = {}
+    for name, var in scores.data_vars.items():
+        s[name] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=(1, 1, c, c), dtype=var.dtype), attrs=var.attrs)
+    sds = xr.Dataset(s, coords={k: v for k, v in scores.coords.items() if k != schema.LAYER}).assign_coords({schema.LAYER: lay})
+    sds.attrs.update(scores.attrs)
+    sds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=c))
+    sds.attrs[schema.ATTR_COMPLETE] = False
+    store.write_dataset(sds, schema.SCORES_GROUP, compute=False,
+                        encoding={v: {"chunks": (1, 1, c, c), "compressors": checksummed()} for v in s})
+
+
+def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan, progress=None) -> dict:
+    """Extract, score and drop each layer group in turn (see the module docstring). Returns
+    extraction counts as `run_extract` does, summed over the groups computed in this call."""
+    tick = progress or (lambda *_: None)
+    work = store.root("r+").require_group(schema.WORK)
+    groups = work.attrs.get(schema.ATTR_LAYER_GROUPS)
+    if groups is None:  # fixed once: a resumed run keeps its groups whatever the job's disk settings say now
+        groups = group_layers(job, plan)
+        work.attrs[schema.ATTR_LAYER_GROUPS] = groups
+        work.attrs[schema.ATTR_GROUPS_DONE] = []
+    layers = [l for g in groups for l in g]
+    if layers != list(plan.layers):
+        raise StoreError(f"--resume refused: this run's layer groups {groups} do not cover the job's layers {list(plan.layers)}")
+    done = set(work.attrs.get(schema.ATTR_GROUPS_DONE, []))
+    n_shards = len(plan.shards)
+    total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups)}
+    tick("score", len(done), len(groups))
+    for k, group in enumerate(groups):
+        sub = RunStore(f"{store.path.rstrip('/')}/{schema.layer_group_path(k)}", store.storage_options)
+        if k in done:
+            sub.delete()  # recorded, but the run stopped before its sub-run was deleted
+            continue
+        sjob = sub_job(job, group, sub.path)
+        if not (sub.is_complete(schema.GRADIENTS) and sub.is_complete(schema.FISHER)):
+            from .run import _has_template
+
+            fresh = not sub.exists() or not _has_template(sub)
+            if fresh:
+                sub.create_run(sjob.config_dict(), sjob.config_hash(), stage="layer group")
+            res = run_extract(sub, sjob, executor, plan=dataclasses.replace(plan, layers=tuple(group)), fresh=fresh,
+                              on_progress=lambda d, n, k=k: tick("extract", k * n_shards + d, n_shards * len(groups)))
+            total["computed"] += res["computed"]
+            total["weights_hash"] = res["weights_hash"]
+            total["skipped"] = res["skipped"]
+        grads, fisher = sub.open_gradients(decode=False), sub.open_fisher()
+        if not work.attrs.get(ATTR_TEMPLATES):
+            first = compact_scores(grads, fisher, device=job.score.device, scores_dtype=job.score.scores_dtype)
+            _templates(store, job, grads, fisher, first, layers)
+            work.attrs[ATTR_TEMPLATES] = True
+        main = store.root()[schema.GRADIENTS]
+        if not np.array_equal(np.asarray(main[schema.FINITE][:]), np.asarray(grads[schema.FINITE].values)):
+            raise StoreError(f"layer group {k} skipped other samples for non-finite gradients than group 0; "
+                             "rerun with [output] keep_gradients = true")
+        chunk = int(store.group_attrs(schema.SCORES_GROUP)["sample_chunk"])
+        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, scores_dtype=job.score.scores_dtype)
+        region = {schema.LAYER: slice(layers.index(group[0]), layers.index(group[0]) + len(group))}
+        executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False))
+        store.write_region(fisher.load(), schema.FISHER, region)
+        done.add(k)
+        work.attrs[schema.ATTR_GROUPS_DONE] = sorted(done)  # recorded before the gradients go
+        sub.delete()
+        tick("score", len(done), len(groups))
+    _finish(store, job)
+    return total
+
+
+def _finish(store: RunStore, job: JobSpec) -> None:
+    """Every group written: the Fisher's per-tensor λ attrs, then the groups marked complete."""
+    root = store.root("r+")
+    f = root[schema.FISHER]
+    lam = np.asarray(f[schema.DAMPING][:])
+    blocks = [str(b) for b in np.asarray(root[schema.FISHER][schema.BLOCK][:])]
+    f.attrs.update({f"lambda_{b}": [float(x) for x in lam[i]] for i, b in enumerate(blocks)})
+    for g in (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP):
+        store.mark_complete(g)

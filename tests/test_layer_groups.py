@@ -1,0 +1,124 @@
+"""`[output] keep_gradients = false` (issue 17): a run in layer groups (extract → score → drop)
+equals an ordinary run, keeps no gradients or `_work`, and resumes after being killed mid-way."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from pipeline import schema
+from pipeline.run import run_job
+from pipeline.store import RunStore
+from qkov.testing import assert_runs_close, tiny_job, write_job_file
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = (schema.FISHER, schema.SCORES_GROUP, schema.STATS)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An ordinary run (gradients kept) that a layer-grouped run must reproduce."""
+    tmp = tmp_path_factory.mktemp("groups")
+    job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=12, extract={"shard_size": 1, "batch_size": 1},
+                   stats={"n_permutations": 49, "n_bootstrap": 49}, output={"path": str(tmp / "reference")})
+    run_job(job)
+    return tmp, job
+
+
+def _grouped(job, path, **output):
+    return job.model_copy(update={"output": job.output.model_copy(update={"path": str(path), "keep_gradients": False, **output})})
+
+
+def _work_attrs(path) -> dict:
+    try:
+        return dict(zarr.open_group(str(path), path=schema.WORK, mode="r").attrs)
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
+        return {}
+
+
+def _done_shards(path) -> int:
+    try:
+        return int(np.asarray(zarr.open_group(str(path), mode="r")[schema.WORK][schema.DONE][:]).sum())
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError, zarr.errors.NodeNotFoundError):
+        return -1
+
+
+def test_layer_groups_equal_an_ordinary_run_and_keep_no_gradients(reference):
+    tmp, ref = reference
+    out = tmp / "grouped"
+    summary = run_job(_grouped(ref, out, layers_per_group=1))
+    assert summary.extract["groups"] == 2 and summary.extract["computed"] == 2 * 24
+    assert_runs_close(out, ref.output.path, groups=RESULTS)
+    assert not (out / schema.WORK).exists()  # the groups' sub-runs and bookkeeping are gone
+    grads = xr.open_zarr(str(out), group=schema.GRADIENTS, consolidated=False)
+    assert not grads.data_vars and grads.attrs[schema.ATTR_GRADIENTS_DROPPED] is True
+    assert list(grads[schema.SAMPLE_ID].values) == list(RunStore(ref.output.path).open_gradients()[schema.SAMPLE_ID].values)
+    import qkov
+
+    q = qkov.query(str(out), layer=1, head=2, block="K", top=3)  # query needs scores and ids, not gradients
+    want = qkov.query(ref.output.path, layer=1, head=2, block="K", top=3)
+    assert [p["sample_a"] for p in q["blocks"][0]["top_pairs"]] == [p["sample_a"] for p in want["blocks"][0]["top_pairs"]]
+    assert len(q["blocks"][0]["top_pairs"]) == 3
+
+
+def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference, tmp_path):
+    """`qkov run` in layer groups of one layer is frozen while it extracts group 1 (group 0 is
+    scored and its gradients deleted), SIGKILLed, then resumed: the result equals the ordinary run."""
+    tmp, ref = reference
+    out = tmp_path / "killed"
+    toml = write_job_file(ref, tmp_path / "job.toml", output={"path": str(out), "keep_gradients": False, "layers_per_group": 1})
+    group1 = out / schema.layer_group_path(1)
+    log = tmp_path / "run.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(toml), "--inline"], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        start = time.monotonic()
+        while not (_done_shards(group1) >= 2 or proc.poll() is not None or time.monotonic() - start > 300):
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed mid-way:\n" + log.read_text()
+        proc.send_signal(signal.SIGSTOP)
+        assert _work_attrs(out)[schema.ATTR_GROUPS_DONE] == [0]  # group 0 scored ...
+        assert not (out / schema.layer_group_path(0)).exists()  # ... and its gradients dropped
+        done_at_kill = _done_shards(group1)
+        assert 2 <= done_at_kill < 24  # group 1 half extracted
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=60)
+    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(toml), "--inline", "--resume"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    text = " ".join((res.stdout + res.stderr).split())
+    assert f"extract: {24 - done_at_kill} of 48 shards computed" in text, text  # only what the kill left undone
+    assert_runs_close(out, ref.output.path, groups=RESULTS)
+    assert not (out / schema.WORK).exists()
+
+
+def test_the_disk_budget_sets_the_layer_groups(reference, tmp_path):
+    """Without layers_per_group, a keep_gradients = false run takes as many layers per group as
+    fit beside the results: a budget that holds one layer's gradients, not two, gives two groups."""
+    from pipeline.plan import plan
+
+    tmp, ref = reference
+    one = plan(_grouped(ref, tmp_path / "run", layers_per_group=1))
+    whole = plan(_grouped(ref, tmp_path / "run"))
+    assert whole.layer_groups == 1 and one.layer_groups == 2 and one.peak_disk < whole.peak_disk
+    budget = int(one.peak_disk / 0.85)  # < whole.peak_disk: one layer per group
+    job = _grouped(ref, tmp_path / "run", disk_budget=budget)
+    p = plan(job)
+    assert p.layer_groups == 2 and p.fits, p.lines()
+    assert not plan(job.model_copy(update={"output": job.output.model_copy(update={"keep_gradients": True})})).fits
+    summary = run_job(job)
+    assert summary.extract["groups"] == 2
+    assert_runs_close(tmp_path / "run", ref.output.path, groups=RESULTS)
