@@ -37,6 +37,7 @@ COMMANDS = ("sbatch", "squeue", "scontrol", "scancel", "sinfo", "srun", "unshare
 NODE_CPUS = 8  # configured, not detected (SlurmdParameters=config_overrides): room for a batch job and its workers
 NODE_MEMORY_MB = 16000
 PARTITION = "debug"
+CRED_EXPIRE_S = 10  # job credential lifetime; a requeued job starts again after it (the default 120 s is slow for tests)
 
 
 class SlurmUnavailable(RuntimeError):
@@ -61,7 +62,8 @@ SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket
+# cred_expire (default 120 s) is also how long a requeued job waits before it starts again
+AuthInfo=socket={root}/munge/munge.socket,cred_expire={CRED_EXPIRE_S}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -76,6 +78,8 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 MailProg=/bin/true
 SchedulerType=sched/backfill
+# look at pending jobs every 2 s (default 60 s / 30 s): a requeued job starts soon after it may
+SchedulerParameters=sched_interval=2,bf_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # the node's CPUs/memory below are taken as configured, not as detected

@@ -265,9 +265,8 @@ def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference)
     assert RunStore(str(out)).read_lock() is None, "the stopped run did not release its lock"
     assert complete_groups(out) == [], "a stopped run marked a group complete"
 
+    # the same job id and script again, after the cluster's credential lifetime (AuthInfo cred_expire)
     slurm.run("scontrol", "requeue", str(job_id))
-    # Slurm holds a requeued job back for two minutes (its BeginTime); a user may release it at once
-    slurm.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     second = slurm.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
     log = log_of(tmp, job_id)
     assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0", f"{second}\n{log}\n{slurm.logs()}"
@@ -275,3 +274,21 @@ def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference)
     assert f"extract: {SHARDS - done} of {SHARDS} shards computed" in " ".join(log.split()), log
     assert complete_groups(out) == ["gradients", "fisher", "scores", "stats"]
     assert_runs_close(out, job.output.path)
+
+
+# ---------------------------------------------------------------- the documented configuration
+
+
+def test_readme_shows_the_slurm_conf_the_tests_use():
+    """deploy/slurm/README.md documents the test cluster's slurm.conf and gres.conf: exactly
+    what tests/slurm_cluster.py writes (comments aside), with $ROOT and $HOST for the paths."""
+    import re
+
+    from slurm_cluster import gres_conf, slurm_conf
+
+    text = (RECIPE / "README.md").read_text()
+    section = text[text.index("## The test cluster's slurm.conf"):]
+    blocks = re.findall(r"```\n(.*?)```", section, re.S)
+    settings = lambda conf: [l for l in conf.splitlines() if l.strip() and not l.startswith("#")]  # noqa: E731
+    assert settings(blocks[0]) == settings(slurm_conf(Path("$ROOT"), "$HOST"))
+    assert settings(blocks[1]) == settings(gres_conf("$HOST"))
