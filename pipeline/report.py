@@ -446,8 +446,9 @@ def _add_health_panel(page: Path, store: RunStore, stats: xr.Dataset, top: int =
     excluded = list(stats.attrs.get(schema.ATTR_EXCLUDED) or [])
     if excluded:
         body += f"<p><b>These statistics exclude {len(excluded)} sample(s):</b> {_e(', '.join(excluded))}.</p>"
-    text = page.read_text(encoding="utf-8")
-    page.write_text(text.replace("</body>", f"<h2>Numerical health and outlier samples</h2>{body}</body>", 1), encoding="utf-8")
+    text, end = page.read_text(encoding="utf-8"), "</body>"
+    cut = text.rfind(end) if end in text else len(text)  # the page's own end tag, never one quoted in a script
+    page.write_text(f"{text[:cut]}<h2>Numerical health and outlier samples</h2>{body}{text[cut:]}", encoding="utf-8")
 
 
 def _write_figure(out: Path, stem: str, fig: Figure) -> list[str]:
