@@ -106,6 +106,14 @@ class RunStore:
             return zarr.open_group(self.zarr(read_only=(mode == "r")), mode=mode, zarr_format=3)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"no qkov run at {self.path}: {e}. Run `qkov run JOB.toml` first, or check the path.") from None
+        except (ValueError, TypeError, KeyError) as e:  # undecodable or malformed zarr.json
+            raise self.damaged(e) from None
+
+    def damaged(self, e: BaseException) -> StoreError:
+        """The error for metadata that cannot be read (bytes that are not UTF-8 JSON, missing keys)."""
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return StoreError(f"{self.path} is damaged: its Zarr metadata cannot be read ({type(e).__name__}: {first}). "
+                          "Restore the run from a copy, or rerun the job with --overwrite.")
 
     def exists(self) -> bool:
         try:
@@ -113,6 +121,8 @@ class RunStore:
             return True
         except (OSError, zarr.errors.GroupNotFoundError):  # missing, or not a folder at all
             return False
+        except (ValueError, TypeError, KeyError) as e:  # something is there, but unreadable
+            raise self.damaged(e) from None
 
     def is_run(self) -> bool:
         return self.exists() and bool(self.root().attrs.get(schema.ATTR_RUN))
@@ -144,6 +154,8 @@ class RunStore:
             g = zarr.open_group(self.zarr(read_only=True), path=group, mode="r", use_consolidated=False)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
             return None
+        except (ValueError, TypeError) as e:
+            raise self.damaged(e) from None
         return dict(g.attrs)
 
     def is_complete(self, group: str) -> bool:

@@ -376,3 +376,178 @@ def test_stats_on_incomplete_scores(env, complete_run):
 
 def test_stats_on_a_path_without_a_run(env):
     refused("stats", env[0] / "nowhere", says=("no qkov run at",))
+
+
+# ---------------------------------------------------------------- untrusted inputs (issue 18)
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _one_line_refusal(*args) -> str:
+    """Exit code 2, exactly one error message (rich may wrap it), no traceback."""
+    code, out = qkov(*args)
+    assert code == 2, out
+    assert out.count("error:") == 1 and "Traceback" not in out, out
+    return out
+
+
+class TestUntrustedInputs:
+    """Corrupted, undecodable, inconsistent and oversized inputs to validate, run, stats, query and
+    report: each ends with exit code 2, one message that names what to fix, and no new files."""
+
+    @pytest.fixture(scope="class")
+    def base(self, tmp_path_factory):
+        tmp = tmp_path_factory.mktemp("untrusted")
+        job = tiny_job(tmp, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
+        out = tmp / "done"
+        toml = write_job_file(job, tmp / "done.toml", output={"path": str(out)})
+        assert qkov("run", toml, "--inline")[0] == 0
+        return tmp, job, out
+
+    def refused_everywhere(self, base, name: str, says: str, **sections) -> None:
+        """`validate` and `run` (inline and on the embedded cluster's path) refuse the job alike."""
+        tmp, job, _ = base
+        case = tmp / name
+        case.mkdir(exist_ok=True)
+        sections.setdefault("output", {"path": str(case / "run")})
+        toml = write_job_file(job, case / "job.toml", **sections)
+        before = _tree(tmp)
+        for args in (("validate", toml), ("run", toml, "--inline"), ("run", toml)):
+            out = _one_line_refusal(*args)
+            assert says in out, f"{args[0]}: {says!r} not in {out}"
+        assert _tree(tmp) == before
+
+    # ---- the job file and task files
+    def test_undecodable_job_file(self, base):
+        tmp = base[0]
+        bad = tmp / "latin1.toml"
+        bad.write_bytes(write_job_file(base[1], tmp / "x.toml").read_bytes().replace(b"[model]", b"# r\xe9sum\xe9\n[model]", 1))
+        before = _tree(tmp)
+        for cmd in ("validate", "run", "check"):
+            assert "not UTF-8 text" in _one_line_refusal(cmd, bad)
+        assert _tree(tmp) == before
+
+    def test_binary_garbage_as_job_file(self, base):
+        tmp = base[0]
+        bad = tmp / "garbage.toml"
+        bad.write_bytes(bytes(range(256)) * 4)
+        for cmd in ("validate", "run"):
+            _one_line_refusal(cmd, bad)
+
+    def test_undecodable_task_file(self, base):
+        bad = base[0] / "latin1.jsonl"
+        bad.write_bytes(b'{"id": "ok", "input_ids": [5, 6, 7]}\n{"id": "caf\xe9", "input_ids": [5, 6]}\n')
+        self.refused_everywhere(base, "latin1-task", "line 2: not UTF-8 text", tasks={"a": {"path": str(bad)}})
+
+    def test_surrogate_escape_in_an_id(self, base):
+        bad = base[0] / "surrogate.jsonl"
+        bad.write_text('{"id": "ok", "input_ids": [5, 6, 7]}\n{"id": "x\\udc80", "input_ids": [5, 6]}\n')
+        self.refused_everywhere(base, "surrogate", "unpaired surrogate", tasks={"a": {"path": str(bad)}})
+
+    def test_samples_longer_than_the_models_positions(self, base):
+        from qkov.testing import save_model
+
+        folder = save_model(tiny_model("gpt2", seed=0), None, base[0] / "gpt2")  # 64 learned positions
+        long = task_file(base[0] / "long.jsonl", [{"id": f"l{k}", "input_ids": [5] * 100} for k in range(3)])
+        self.refused_everywhere(base, "positions", "longer than the model's 64 positions",
+                                model={"path": str(folder), "max_length": 128}, tasks={"a": {"path": long}})
+
+    def test_labels_outside_the_classifiers_classes(self, base):
+        from qkov.testing import save_model
+
+        folder = save_model(tiny_model("bert", seed=0), None, base[0] / "bert")  # 2 classes
+        rows = lambda k0: [{"id": f"s{k}", "input_ids": [5, 6, 7, 8], "label": k % 2} for k in range(k0, k0 + 3)]
+        a = task_file(base[0] / "labels-a.jsonl", rows(0)[:2] + [{"id": "bad", "input_ids": [5, 6, 7], "label": 7}])
+        b = task_file(base[0] / "labels-b.jsonl", rows(10))
+        self.refused_everywhere(base, "labels", "label outside the classifier's 2 classes",
+                                model={"path": str(folder)}, tasks={"a": {"path": a}, "b": {"path": b}})
+
+    def test_one_sample_per_task(self, base):
+        self.refused_everywhere(base, "n1", "at least 2 per task", tasks={"a": {"limit": 1}, "b": {"limit": 1}})
+
+    # ---- model folders
+    def broken_model(self, base, name: str) -> Path:
+        folder = base[0] / name
+        shutil.copytree(base[1].model.path, folder)
+        return folder
+
+    def test_truncated_weights(self, base):
+        folder = self.broken_model(base, "truncated")
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:-1000])
+        self.refused_everywhere(base, "truncated-run", "truncated or corrupt safetensors", model={"path": str(folder)})
+
+    def test_missing_weights(self, base):
+        folder = self.broken_model(base, "noweights")
+        (folder / "model.safetensors").unlink()
+        self.refused_everywhere(base, "noweights-run", "has no weight files", model={"path": str(folder)})
+
+    def test_pickle_only_weights(self, base):
+        folder = self.broken_model(base, "pickle")
+        (folder / "model.safetensors").unlink()
+        torch.save(tiny_model("llama_gqa", seed=0).state_dict(), folder / "pytorch_model.bin")
+        self.refused_everywhere(base, "pickle-run", "safetensors weights only", model={"path": str(folder)})
+
+    def test_config_inconsistent_with_the_weights(self, base):
+        folder = self.broken_model(base, "inconsistent")
+        cfg = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 8}))
+        self.refused_everywhere(base, "inconsistent-run", "do not match config.json", model={"path": str(folder)})
+
+    def test_undecodable_model_config(self, base):
+        folder = self.broken_model(base, "badconfig")
+        (folder / "config.json").write_bytes(b'{"model_type": "llama", "x": "\xff"}')
+        self.refused_everywhere(base, "badconfig-run", "not UTF-8 text", model={"path": str(folder)})
+
+    # ---- devices and storage
+    def test_a_device_that_does_not_exist(self, base):
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a CUDA device")
+        self.refused_everywhere(base, "nocuda", "no CUDA device", extract={"device": "cuda"})
+
+    def test_storage_backend_not_installed(self, base):
+        import importlib.util
+
+        if importlib.util.find_spec("gcsfs") is not None:
+            pytest.skip("gcsfs is installed")
+        self.refused_everywhere(base, "gcs", "storage backend is not installed", output={"path": "gs://bucket/run"})
+
+    def test_storage_without_reachable_credentials(self, base):
+        so = {"key": "nobody", "secret": "nothing", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+        self.refused_everywhere(base, "s3", "cannot reach the output", output={"path": "s3://bucket/run", "storage_options": so})
+
+    # ---- existing runs: stats, query, report
+    def test_corrupted_run_metadata(self, base):
+        tmp, _, done = base
+        run = tmp / "meta-corrupt"
+        shutil.copytree(done, run)
+        for meta in (run / "zarr.json", run / "scores" / "zarr.json"):  # e.g. a half-synced copy
+            meta.write_bytes(b'{"zarr_format": 3, "node_type": "gro\xff')
+        before = _tree(tmp)
+        _one_line_refusal("stats", run)
+        _one_line_refusal("query", run, "--layer", 0, "--head", 0)
+        _one_line_refusal("report", run, "--out", tmp / "meta-corrupt-report")
+        assert _tree(tmp) == before
+
+    def test_a_file_where_a_run_should_be(self, base):
+        tmp = base[0]
+        f = tmp / "notes.txt"
+        f.write_text("not a run")
+        before = _tree(tmp)
+        _one_line_refusal("stats", f)
+        _one_line_refusal("query", f, "--layer", 0, "--head", 0)
+        _one_line_refusal("report", f, "--out", tmp / "notes-report")
+        assert _tree(tmp) == before
+
+    def test_names_and_places_the_file_system_refuses(self, base):
+        tmp, _, done = base
+        run = tmp / "names"
+        shutil.copytree(done, run)
+        (tmp / "a-file").write_text("x")
+        before = _tree(tmp)
+        assert "stats name" in _one_line_refusal("stats", run, "--n-permutations", 19, "--name", "../../escape")
+        _one_line_refusal("report", run, "--out", tmp / "a-file" / "report")
+        _one_line_refusal("query", run, "--layer", 99, "--head", 0)
+        assert _tree(tmp) == before

@@ -653,7 +653,7 @@ def sigint_job(tmp_path_factory):
     return tmp, job, ref
 
 
-def _interrupt_during(toml: Path, stage: str, timeout: float = 90.0) -> tuple[int | None, str]:
+def _interrupt_during(toml: Path, stage: str, timeout: float = 300.0) -> tuple[int | None, str]:
     """Start `qkov run` in its own process group, send SIGINT to the whole group (as a terminal's
     Ctrl-C does) once `stage` has started, and wait for the process to end: (exit code or None
     when it hung, its stderr)."""
