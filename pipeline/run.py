@@ -272,4 +272,7 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             summary.timings[name] = time.perf_counter() - t
         if grouped:  # the layer groups' bookkeeping (their sub-runs are gone already)
             store.delete(schema.WORK)
+    # after the lock is gone (its group must not be listed): the README's xarray calls open the
+    # finished run without "failed to open with consolidated metadata" warnings
+    store.consolidate()
     return summary

@@ -267,6 +267,14 @@ class RunStore:
             self.refresh_consolidated()
         return out
 
+    def consolidate(self) -> None:
+        """Write the root's consolidated metadata (one read opens the whole run), as a finished
+        run has it: xarray then opens the run and each group without a warning. qkov's own
+        readers never use it (consolidated=False), so a later stale copy cannot mislead them;
+        `write_dataset` keeps it in step."""
+        with _quiet_zarr():
+            zarr.consolidate_metadata(self.zarr())
+
     def refresh_consolidated(self) -> None:
         """Keep the root's consolidated view (used by open_datatree) in step, when there is one."""
         with _quiet_zarr():

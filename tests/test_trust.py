@@ -717,3 +717,19 @@ def test_ctrl_c_to_the_process_group_never_hangs_and_resume_gives_the_same_resul
         code, text = _cli("run", toml, "--inline", "--resume")
         assert code == 0, f"try {k}: {text}"
         assert_runs_close(out, ref)
+
+
+def test_a_finished_run_opens_in_xarray_without_warnings(done_run):
+    """The README's snippets: consolidated metadata is written when a run completes."""
+    import warnings
+
+    import xarray as xr
+
+    out = str(done_run[3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tree = xr.open_datatree(out, engine="zarr")
+        stats = xr.open_zarr(out, group="stats")
+        scores = xr.open_zarr(out, group="scores")
+    assert "_lock" not in tree.children and "stats" in tree.children
+    assert stats.sel(score="interference", block="Q").q_value.ndim == 2 and scores.data_vars
