@@ -381,7 +381,7 @@ def check_scale(s: _Session, base: Scores, tol: float) -> CheckResult:
     worst = max(errs.values())
     detail = (
         f"loss ×{c:g}: g ×c. Fisher recomputed from the scaled loss (Î ×c², λ_rel·mean(Î) ×c²): M ×c, A ×1; "
-        f"Fisher held at the unscaled one: M ×c³, A ×c². DESIGN §4's 'M ×c, A ×c²' matches neither convention. "
+        f"Fisher held at the unscaled one: M ×c³, A ×c². "
         + ("" if exact_refit else "λ_abs binds (λ_abs > λ_rel·mean Î), so the refit-Fisher factors are not exact and are not tested. ")
         + "max relative errors: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
         + f"; per-head mean interference rankings: Spearman ρ = {rho:.6f}, {flips} order flip(s) beyond rounding"
@@ -601,7 +601,8 @@ def checks_dataset(results: Sequence[CheckResult]) -> xr.Dataset:
 
 
 def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=None, prediction: bool = False,
-               prediction_slices: int = pred.DEFAULT_N_SLICES, prediction_eta: float = pred.DEFAULT_ETA) -> xr.Dataset:
+               prediction_slices: int = pred.DEFAULT_N_SLICES, prediction_eta: float = pred.DEFAULT_ETA,
+               progress=None) -> xr.Dataset:
     """Run the DESIGN §4 sanity checks on the first `n_samples` of each task.
 
     `layers` (default: the job's score.layers, else every layer) limits the layers
@@ -614,22 +615,39 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
     """
     from workers.models import model_identity
 
+    steps = ["loading the model and the per-sample gradients", "head additivity", "loss scaling",
+             "per-head reparameterisation", "head ablation", "swapping the tasks"] + (["prediction"] if prediction else [])
+    done = iter(range(len(steps) + 1))
+
+    def step() -> None:  # `progress(what, k, n)` before each step: `qkov check` shows it
+        k = next(done)
+        if progress is not None:
+            progress(steps[k] if k < len(steps) else "done", k, len(steps))
+
+    step()
     s = _session(job, n_samples, layers)
     tol = FLOAT_NOISE_TOL[job.model.dtype]
     kind = s.layout.kind  # how Q/K/V share their projection outputs, as discovered (or declared)
     grads = s.grads(logits=s.base_logits)
     base_slices = s.slices(grads)
     base = s.scores(base_slices)
+    step()
     results = [check_additivity(s, grads, base, kind)]
     del grads  # the full tensors are only needed by the additivity reference
-    results += [
-        check_scale(s, base, tol), check_reparameterisation(s, base_slices, base, tol), check_ablation(s),
-        check_symmetry(s, base, tol),
-    ]
+    step()
+    results.append(check_scale(s, base, tol))
+    step()
+    results.append(check_reparameterisation(s, base_slices, base, tol))
+    step()
+    results.append(check_ablation(s))
+    step()
+    results.append(check_symmetry(s, base, tol))
     per_slice = None
     if prediction:
+        step()
         res, per_slice = check_prediction(s, prediction_slices, prediction_eta)
         results.append(res)
+    step()
     ds = checks_dataset(results)
     if per_slice is not None:
         ds = ds.merge(per_slice, combine_attrs="drop")

@@ -294,7 +294,8 @@ def check(
         job = load_job(job_file)
         check_checks_output(job)  # before any model work: never into a folder that is not a run
         ds = run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
-                        prediction_eta=prediction_eta)
+                        prediction_eta=prediction_eta,
+                        progress=lambda what, k, n: err.print(f"{_stamp()} check {k}/{n}: {escape(what)}", highlight=False))
         console.print(format_checks(ds))
         if not bool(ds["passed"].all()):
             raise typer.Exit(1)

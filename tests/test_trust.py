@@ -733,3 +733,14 @@ def test_a_finished_run_opens_in_xarray_without_warnings(done_run):
         scores = xr.open_zarr(out, group="scores")
     assert "_lock" not in tree.children and "stats" in tree.children
     assert stats.sel(score="interference", block="Q").q_value.ndim == 2 and scores.data_vars
+
+
+def test_check_shows_progress_and_speaks_to_users(done_run):
+    _, _, toml, _ = done_run
+    code, text = _cli("check", toml, "--n-samples", 2, "--no-prediction")
+    assert code in (0, 1), text
+    flat = " ".join(text.split())
+    for k, what in enumerate(("loading the model", "head additivity", "loss scaling", "per-head reparameterisation",
+                              "head ablation", "swapping the tasks", "done")):
+        assert f"check {k}/6: {what}" in flat, text
+    assert "§" not in text and "DESIGN" not in text, text
