@@ -60,6 +60,14 @@ def open_gradients(run_path, storage_options=None):
     return RunStore.coerce(run_path, storage_options).open_gradients()
 
 
+def open_diagnostics(run_path, storage_options=None):
+    """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
+    flags; README "Health and outliers"), loaded; None for a run scored before they were recorded."""
+    from pipeline.diagnostics import open_diagnostics as _open
+
+    return _open(RunStore.coerce(run_path, storage_options))
+
+
 def open_checks(run_path, storage_options=None):
     return RunStore.coerce(run_path, storage_options).open_checks()
 
@@ -116,4 +124,4 @@ def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
 
 
 __all__ = ["JobSpec", "StatsSpec", "RunStore", "QkovError", "load_job", "parse_job", "run", "run_stats", "open_stats",
-           "open_scores", "open_gradients", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo_job"]
+           "open_scores", "open_gradients", "open_diagnostics", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo_job"]
