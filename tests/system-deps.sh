@@ -4,8 +4,9 @@
 #   iproute2          (`ip`) for that cluster's private loopback-only network namespace
 #   chromium          the report tests render the HTML page headless
 # It runs as `make test`'s first step. As root with apt-get it installs what is missing
-# (Debian package names); elsewhere (a user's laptop, no apt) it says what is missing and
-# returns 0: the tests that need a missing part then say so themselves.
+# (Debian package names); elsewhere (a user's laptop, no apt), or when apt fails, it says
+# what is missing and returns 0: the tests that need a missing part then say so themselves
+# (tests/test_slurm.py fails under CI=true and skips otherwise).
 # Idempotent and quiet; when everything is installed it only runs dpkg-query (< 0.1 s).
 set -euo pipefail
 
@@ -32,8 +33,9 @@ if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >"$log" 2>&1
     apt-get update -qq >>"$log" 2>&1 || true
     if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >>"$log" 2>&1; then
         tail -n 30 "$log" >&2
-        echo "tests/system-deps.sh: installing ${missing[*]} failed (above); the tests that need them will fail" >&2
-        exit 1
+        # the rest of the suite still runs; the tests that need these fail in CI (CI=true), skip elsewhere
+        echo "tests/system-deps.sh: installing ${missing[*]} failed (above); the tests that need them cannot run" >&2
+        exit 0
     fi
 fi
 # Debian starts services from package postinst scripts where an init system runs; the
