@@ -223,7 +223,9 @@ def start_slurm(root: Path, timeout: float = 60) -> SlurmCluster:
         raise SlurmUnavailable(f"missing {missing}: run tests/system-deps.sh as root (apt-get install slurm-wlm munge)")
     if os.geteuid() != 0:
         raise SlurmUnavailable("the test cluster runs slurmd as root (it starts jobs as the submitting user)")
-    root = Path(root)
+    root = Path(root).resolve()
+    if len(str(root / "munge" / "munge.socket")) > 100:  # a unix socket path must fit sockaddr_un (108 bytes)
+        raise SlurmUnavailable(f"{root} is too long a folder for munged's socket; use a shorter temporary folder")
     for d in ("state", "spool", "log", "run", "munge"):
         (root / d).mkdir(parents=True, exist_ok=True)
     (root / "munge").chmod(0o711)  # munged: the socket's folder must be searchable, not writable, by others

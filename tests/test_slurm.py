@@ -46,7 +46,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory) -> SlurmCluster:
-    # short root: munge's socket path must fit a sockaddr_un (108 bytes)
     try:
         cluster = start_slurm(tmp_path_factory.mktemp("slurm"))
     except SlurmUnavailable as e:
