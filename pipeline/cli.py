@@ -132,13 +132,18 @@ def _stage_progress() -> Iterator:
         yield tick
 
 
-def _print_summary(path: str, storage_options=None, stats_name: str | None = None) -> None:
-    from pipeline.query import format_significant, significant_heads
+def _print_summary(path: str, storage_options=None, stats_name: str | None = None, top: int = 5) -> None:
+    """Where the results are, then the answers: one table per question (conflict, share,
+    differ), each naming its question, with direction, chance and effect (issue 16)."""
+    from pipeline.query import format_headlines, headline_tables, load_stats
 
     console.print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
     console.print(f"  read them with: xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
     console.print(f"  heads:  qkov query {escape(path)} --layer L --head H      report:  qkov report {escape(path)}", highlight=False)
-    console.print(format_significant(significant_heads(path, storage_options=storage_options, stats_name=stats_name)))
+    stats = load_stats(path, stats_name, storage_options)
+    # tables are wider than a pipe's default 80 columns; a log file keeps them unwrapped
+    out = console if console.is_terminal else Console(file=console.file, width=160)
+    out.print(format_headlines(headline_tables(stats, top)))
 
 
 def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False):

@@ -57,11 +57,26 @@ def _grouped(stats: xr.Dataset) -> bool:
     return np.unique(kv).size < kv.size
 
 
+# effect sizes shown with a head's statistics when the run has them (issue 16): per score,
+# and per slice of one score (sharing: interference; transfer, cosine: alignment)
+EFFECT_VARS: tuple[str, ...] = ("effect", "effect_ci_low", "effect_ci_high", "direction", "q_value_hier", "significant_hier")
+OWN_VARS: dict[str, tuple[str, ...]] = {
+    "interference": ("sharing_ab", "sharing_ab_ci_low", "sharing_ab_ci_high", "sharing_ba", "sharing_ba_ci_low",
+                     "sharing_ba_ci_high"),
+    "alignment": ("transfer", "transfer_ci_low", "transfer_ci_high", "transfer_p_value", "transfer_q_value",
+                  "transfer_direction", "cosine", "cosine_ci_low", "cosine_ci_high"),
+}
+
+
 def _slice_stats(stats: xr.Dataset, score: str, block: str, layer: int, head: int) -> dict[str, Any]:
-    s = stats.sel({schema.SCORE: score, schema.BLOCK: block, schema.LAYER: layer, schema.HEAD: head})
+    where = {schema.BLOCK: block, schema.LAYER: layer, schema.HEAD: head}
+    s = stats.sel({schema.SCORE: score, **where})
     out = {v: _num(s[v].values) for v in STAT_VARS}
     # what label permutations give; absent in runs written before it was recorded
     out["null_mean"] = _num(s["null_mean"].values) if "null_mean" in s else None
+    out.update({v: _num(s[v].values) for v in EFFECT_VARS if v in s})
+    own = stats.sel(where)
+    out.update({v: _num(own[v].values) for v in OWN_VARS.get(score, ()) if v in stats})
     return out
 
 
@@ -169,13 +184,112 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
     }
 
 
+# ---------------------------------------------------------------- ranking (pure, on a stats dataset)
+
+# What each headline table answers. The three questions differ, and so do their numbers:
+# "conflict" reads the transfer test (alignment: is <g_A, g_B> below 0?), "shared" the
+# sharing ratios (interference), "differ" the label-permutation test (mean vs chance).
+QUESTIONS: dict[str, str] = {
+    "conflict": "heads where the tasks conflict",
+    "shared": "heads the tasks share most",
+    "differ": "heads where the tasks differ most",
+}
+# labels of the flag variables: direction (vs chance) and transfer_direction (vs 0)
+DIRECTION_WORDS = {1: "▲ above chance", -1: "▼ below chance", 0: "not significant"}
+TRANSFER_WORDS = {-1: "conflict", 1: "synergy", 0: "not significant"}
+
+
+def _family_index(stats: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(block, layer, head) indices of the family: every Q/O head, one head per KV group for K/V."""
+    fam = np.asarray(stats["in_family"].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
+    fam3 = np.broadcast_to(fam[:, None, :], (fam.shape[0], stats.sizes[schema.LAYER], fam.shape[1]))
+    return np.nonzero(fam3)
+
+
+def _values(stats: xr.Dataset, var: str, score: str | None, idx: tuple[np.ndarray, ...]) -> np.ndarray:
+    """`var` at the family indices as float; NaN where the run lacks it (older statistics)."""
+    n = idx[0].size
+    if var not in stats:
+        return np.full(n, np.nan)
+    v = stats[var]
+    if schema.SCORE in v.dims:
+        if score not in [str(s) for s in stats[schema.SCORE].values]:
+            return np.full(n, np.nan)
+        v = v.sel({schema.SCORE: score})
+    dims = [d for d in (schema.BLOCK, schema.LAYER, schema.HEAD) if d in v.dims]
+    arr = np.asarray(v.transpose(*dims).values, dtype=float)
+    return arr[tuple(i for d, i in zip((schema.BLOCK, schema.LAYER, schema.HEAD), idx) if d in v.dims)]
+
+
+def slice_table(stats: xr.Dataset, score: str) -> dict[str, np.ndarray]:
+    """Every family slice's numbers for one score, as flat arrays (the tables and the report's
+    hover text read these): ids, the labels-null test, its effect vs chance with CI and
+    direction, and the score's own effect sizes. Runs whose statistics predate `effect`
+    get effect = mean − null_mean (CI shifted by the same amount)."""
+    idx = _family_index(stats)
+    bi, li, hi = idx
+    blocks, layers, heads = stats[schema.BLOCK].values, stats[schema.LAYER].values, stats[schema.HEAD].values
+    kv = stats[schema.KV_HEAD].values
+    grouped = _grouped(stats)
+    t: dict[str, np.ndarray] = {
+        "block": np.array([str(blocks[b]) for b in bi], dtype=object),
+        "layer": np.array([int(layers[l]) for l in li]),
+        "head": np.array([int(heads[h]) for h in hi]),
+        "kv_head": np.array([int(kv[h]) if grouped and schema.head_dim(str(blocks[b])) == schema.KV_HEAD else -1
+                             for b, h in zip(bi, hi)]),
+    }
+    for v in (*STAT_VARS, "null_mean", *EFFECT_VARS, *OWN_VARS.get(score, ()), "layer_q_value", "layer_significant"):
+        t[v] = _values(stats, v, score, idx)
+    if "effect" not in stats:
+        t["effect"] = t["mean"] - t["null_mean"]
+        t["effect_ci_low"], t["effect_ci_high"] = t["ci_low"] - t["null_mean"], t["ci_high"] - t["null_mean"]
+    if "direction" not in stats:
+        t["direction"] = np.where(t["significant"] > 0, np.sign(np.nan_to_num(t["effect"])), 0.0)
+    # chance as the effect defines it (the exact mean over all label permutations; null_mean is
+    # its Monte Carlo estimate), so that mean − chance = effect in every table
+    t["chance"] = t["mean"] - t["effect"]
+    # effect relative to chance: unitless, so slices of different blocks compare (interference > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t["effect_rel"] = t["effect"] / np.abs(t["chance"])
+        if score == "interference":
+            t["sharing"] = np.sqrt(t["sharing_ab"] * t["sharing_ba"])  # both directions in one number
+    return t
+
+
+def _strength(t: dict[str, np.ndarray], score: str, alternative: str | None) -> np.ndarray:
+    """The effect size that breaks q-value ties (many slices sit at the permutation floor),
+    larger = stronger in the tested direction; NaN = weakest. Interference: effect / chance
+    (comparable across blocks); alignment: effect."""
+    e = t["effect_rel"] if score == "interference" else t["effect"]
+    e = {"greater": e, "less": -e}.get(alternative or "", np.abs(e))
+    return np.where(np.isfinite(e), e, -np.inf)
+
+
+def _rows(t: dict[str, np.ndarray], order: np.ndarray, score: str) -> list[dict]:
+    out = []
+    for k in order:
+        r = {"block": str(t["block"][k]), "layer": int(t["layer"][k]), "head": int(t["head"][k]),
+             "kv_head": int(t["kv_head"][k]) if t["kv_head"][k] >= 0 else None, "score": score}
+        r.update({v: _num(a[k]) for v, a in t.items() if v not in r and v not in ("kv_head",)})
+        for flag in ("significant", "significant_hier", "layer_significant"):
+            if r.get(flag) is not None:
+                r[flag] = bool(r[flag])
+        for flag in ("direction", "transfer_direction"):
+            if r.get(flag) is not None:
+                r[flag] = int(r[flag])
+        out.append(r)
+    return out
+
+
 def significant_heads(run: "str | RunStore", score: str = "interference", top: int = 10, storage_options: dict | None = None,
                       stats_name: str | None = None, only_significant: bool = False) -> list[dict]:
-    """The `top` in-family slices with the smallest q-values (ties: larger effect first).
+    """The `top` in-family slices with the smallest q-values of the labels-null test ("where do
+    the tasks differ?"); ties, e.g. at the permutation floor, broken by effect size.
 
     Each entry: block, layer, head, kv_head (a K/V entry's KV head under GQA/MQA, else
-    None), score and the slice's statistics.
-    `only_significant` drops slices with q > alpha.
+    None), score, the slice's statistics, chance (`null_mean`), `effect` with CI,
+    `effect_rel` (effect / chance) and `direction` (+1 above chance, −1 below, 0 not
+    significant). `only_significant` drops slices with q > alpha.
     """
     if score not in schema.SCORES:
         raise UsageError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
@@ -187,28 +301,84 @@ def rank_heads(stats: xr.Dataset, score: str, top: int = 10, only_significant: b
     """`significant_heads` on an opened stats dataset (pure; the report uses it too)."""
     if score not in [str(s) for s in stats[schema.SCORE].values]:
         return []
-    s = stats.sel({schema.SCORE: score})
-    fam = np.broadcast_to(s["in_family"].transpose(schema.BLOCK, schema.HEAD).values[:, None, :],
-                          (s.sizes[schema.BLOCK], s.sizes[schema.LAYER], s.sizes[schema.HEAD]))
-    arr = {v: s[v].transpose(schema.BLOCK, schema.LAYER, schema.HEAD).values for v in STAT_VARS}
-    keep = fam & ~np.isnan(arr["q_value"])
+    t = slice_table(stats, score)
+    keep = ~np.isnan(t["q_value"])
     if only_significant:
-        keep &= arr["significant"].astype(bool)
-    bi, li, hi = np.nonzero(keep)
-    # effect in the tested direction breaks q ties ("less": smaller mean is stronger)
-    sign = -1.0 if stats.attrs.get("alternative") == "less" else 1.0
-    order = np.lexsort((-sign * arr["mean"][bi, li, hi], arr["q_value"][bi, li, hi]))[:top]
-    blocks, layers, heads = s[schema.BLOCK].values, s[schema.LAYER].values, s[schema.HEAD].values
-    kv = s[schema.KV_HEAD].values
-    grouped = _grouped(stats)
-    out = []
-    for k in order:
-        b, l, h = bi[k], li[k], hi[k]
-        shared = grouped and schema.head_dim(str(blocks[b])) == schema.KV_HEAD
-        out.append({"block": str(blocks[b]), "layer": int(layers[l]), "head": int(heads[h]),
-                    "kv_head": int(kv[h]) if shared else None, "score": score,
-                    **{v: _num(arr[v][b, l, h]) for v in STAT_VARS}})
-    return out
+        keep &= t["significant"] > 0
+    cand = np.flatnonzero(keep)
+    strength = _strength(t, score, stats.attrs.get("alternative"))[cand]
+    order = cand[np.lexsort((-strength, t["q_value"][cand]))][:top]
+    return _rows(t, order, score)
+
+
+def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, ...] = ("interference",)) -> list[dict]:
+    """The answers a reader should see first, one table per question (`QUESTIONS`):
+
+    * conflict — slices whose transfer (alignment, ⟨ḡ_A, ḡ_B⟩) is significantly below 0
+      (transfer test, BH over the family), smallest q first, ties by the more negative cosine;
+    * shared — the largest sharing ratios (interference; geometric mean of A→B and B→A), with
+      each direction's CI and the labels-null verdict beside them;
+    * differ — per score in `differ_scores`, slices whose mean differs from chance (labels
+      null, q ≤ α), smallest q first, ties by effect size; direction always shown.
+
+    Each table: key, question, score, rows (dicts as `rank_heads`), n_found, family, alpha,
+    and `note` (what it counts, or why the table is empty)."""
+    alpha = stats.attrs.get("alpha")
+    alt = stats.attrs.get("alternative")
+    scores = [str(s) for s in stats[schema.SCORE].values]
+    tables = []
+
+    if "alignment" in scores:
+        t = slice_table(stats, "alignment")
+        fam = t["block"].size
+        table = {"key": "conflict", "question": QUESTIONS["conflict"], "score": "alignment", "family": fam,
+                 "alpha": alpha, "rows": [], "n_found": 0}
+        if np.isnan(t["transfer"]).all():
+            table["note"] = "this run's statistics have no transfer test: rerun `qkov stats` to add it"
+        else:
+            d = t["transfer_direction"]
+            conflict = np.flatnonzero(d == -1)
+            order = conflict[np.lexsort((t["transfer"][conflict], np.nan_to_num(t["cosine"][conflict], nan=0.0),
+                                         t["transfer_q_value"][conflict]))]
+            table.update(rows=_rows(t, order[:top], "alignment"), n_found=int(conflict.size))
+            table["note"] = (f"{conflict.size} of {fam} slices conflict (transfer < 0, BH q ≤ {alpha}: a step on "
+                             f"one task's loss raises the other's); {int((d == 1).sum())} show synergy (transfer > 0)")
+        tables.append(table)
+
+    if "interference" in scores:
+        t = slice_table(stats, "interference")
+        fam = t["block"].size
+        table = {"key": "shared", "question": QUESTIONS["shared"], "score": "interference", "family": fam,
+                 "alpha": alpha, "rows": [], "n_found": 0}
+        if np.isnan(t["sharing"]).all():
+            table["note"] = "this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
+        else:
+            ok = np.flatnonzero(np.isfinite(t["sharing"]))
+            order = ok[np.argsort(-t["sharing"][ok], kind="stable")]
+            table.update(rows=_rows(t, order[:top], "interference"), n_found=int(ok.size))
+            table["note"] = (f"the {min(top, ok.size)} largest sharing ratios of {fam} slices (interference: mean over "
+                             "A×B / the task's own mean; 1 = the other task's gradients land on this task's weights as "
+                             "heavily as its own samples' do, → 0 = separated)")
+        tables.append(table)
+
+    for score in differ_scores:
+        if score not in scores:
+            continue
+        t = slice_table(stats, score)
+        fam = t["block"].size
+        sig = np.flatnonzero((t["significant"] > 0) & ~np.isnan(t["q_value"]))
+        strength = _strength(t, score, alt)[sig]
+        order = sig[np.lexsort((-strength, t["q_value"][sig]))]
+        up, down = int((t["direction"][sig] > 0).sum()), int((t["direction"][sig] < 0).sum())
+        what = "interfere" if score == "interference" else "align"
+        tables.append({
+            "key": "differ", "question": QUESTIONS["differ"], "score": score, "family": fam, "alpha": alpha,
+            "rows": _rows(t, order[:top], score), "n_found": int(sig.size),
+            "note": (f"{sig.size} of {fam} slices differ from chance ({score}, label-permutation null, {alt}, "
+                     f"BH q ≤ {alpha}): {up} above chance (cross-task pairs {what} more than random pairs of the "
+                     f"pooled samples), {down} below (less)"),
+        })
+    return tables
 
 
 # ---------------------------------------------------------------- rich rendering
@@ -218,11 +388,63 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _preview(text: str | None, pretok: bool | None, n_tokens: int | None, width: int = 60) -> str:
-    if pretok or text is None:
-        return f"(pre-tokenised, {n_tokens} tokens)"
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
+def _ci(r: dict, var: str, spec: str = ".3g") -> str:
+    lo, hi = r.get(f"{var}_ci_low"), r.get(f"{var}_ci_high")
+    return "" if lo is None and hi is None else f" [{_fmt(lo, spec)}, {_fmt(hi, spec)}]"
+
+
+def _pct(x: Any) -> str:
+    return "–" if x is None else f"{100 * x:+.1f}%"
+
+
+def head_label(r: dict) -> str:
+    return f"{r['head']} (kv {r['kv_head']})" if r.get("kv_head") is not None else str(r["head"])
+
+
+def direction_words(r: dict, key: str = "direction") -> str:
+    d = r.get(key)
+    words = TRANSFER_WORDS if key == "transfer_direction" else DIRECTION_WORDS
+    return "?" if d is None else words[int(d)]
+
+
+# (header, cell) per headline table; one spec for the console and the report's tables.
+# Each cell is (text, sort value).
+def _cells(kind: str, r: dict) -> list[tuple[str, str, Any]]:
+    q_key = "transfer_q_value" if kind == "conflict" else "q_value"
+    out = [("block", r["block"], r["block"]), ("layer", str(r["layer"]), r["layer"]), ("head", head_label(r), r["head"])]
+    if kind == "conflict":
+        out += [("direction", direction_words(r, "transfer_direction"), r.get("transfer_direction")),
+                ("transfer [CI]", _fmt(r.get("transfer"), ".3g") + _ci(r, "transfer"), r.get("transfer")),
+                ("cosine [CI]", _fmt(r.get("cosine"), ".2f") + _ci(r, "cosine", ".2f"), r.get("cosine"))]
+    elif kind == "shared":
+        out += [("sharing", _fmt(r.get("sharing"), ".3f"), r.get("sharing")),
+                ("A→B [CI]", _fmt(r.get("sharing_ab"), ".3f") + _ci(r, "sharing_ab", ".3f"), r.get("sharing_ab")),
+                ("B→A [CI]", _fmt(r.get("sharing_ba"), ".3f") + _ci(r, "sharing_ba", ".3f"), r.get("sharing_ba")),
+                ("vs chance", direction_words(r), r.get("direction")),
+                ("mean", _fmt(r.get("mean")), r.get("mean")), ("chance", _fmt(r.get("chance")), r.get("chance"))]
+    else:
+        out += [("direction", direction_words(r), r.get("direction")),
+                ("mean", _fmt(r.get("mean")), r.get("mean")), ("chance", _fmt(r.get("chance")), r.get("chance")),
+                ("effect [CI]", _fmt(r.get("effect"), ".3g") + _ci(r, "effect"), r.get("effect"))]
+        if r["score"] == "interference":
+            out.append(("effect / chance", _pct(r.get("effect_rel")), r.get("effect_rel")))
+    out.append(("q", _fmt(r.get(q_key), ".3g"), r.get(q_key)))
+    if kind == "differ":
+        out.append(("p_fwer", _fmt(r.get("p_fwer"), ".3g"), r.get("p_fwer")))
+    return out
+
+
+def headline_cells(table: dict) -> tuple[list[str], list[list[tuple[str, Any]]]]:
+    """Column headers and, per row, (text, sort value) cells of a `headline_tables` table."""
+    rows = [_cells(table["key"], r) for r in table["rows"]]
+    headers = [h for h, _, _ in rows[0]] if rows else []
+    return headers, [[(txt, v) for _, txt, v in row] for row in rows]
+
+
+def headline_title(table: dict) -> str:
+    what = {"conflict": "alignment: transfer test, vs 0", "shared": "interference: sharing ratio",
+            "differ": f"{table['score']}: mean vs chance"}[table["key"]]
+    return f"{table['question'].capitalize()} ({what})"
 
 
 def _plain(x: Any):
@@ -233,26 +455,86 @@ def _plain(x: Any):
     return Text(str(x))
 
 
+def _dir_style(text: str) -> str:
+    return {"▲": "bold red", "▼": "bold blue", "c": "bold red", "s": "bold blue"}.get(text[:1], "dim")
+
+
+def format_headlines(tables: list[dict]):
+    """The run summary: one rich table per question, each titled with the question, its
+    count line under it; direction in words (and colour) in every row."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    parts = []
+    for tb in tables:
+        headers, rows = headline_cells(tb)
+        t = Table(title=_plain(headline_title(tb)), caption=_plain(tb.get("note", "")), title_justify="left",
+                  caption_justify="left", title_style="bold")
+        if not rows:
+            parts += [Text(headline_title(tb), style="bold"), Text("  none. " + tb.get("note", ""))]
+            continue
+        for h in headers:
+            t.add_column(h, justify="left" if h in ("block", "direction", "vs chance") else "right")
+        for row in rows:
+            cells = []
+            for h, (txt, _) in zip(headers, row):
+                cells.append(Text(txt, style=_dir_style(txt)) if h in ("direction", "vs chance") else _plain(txt))
+            t.add_row(*cells)
+        parts.append(t)
+    return Group(*parts)
+
+
+def _preview(text: str | None, pretok: bool | None, n_tokens: int | None, width: int = 60) -> str:
+    if pretok or text is None:
+        return f"(pre-tokenised, {n_tokens} tokens)"
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def _effect_cell(score: str, s: dict) -> str:
+    """The score's own effect size, in words: sharing (interference), transfer and cosine (alignment)."""
+    if score == "interference" and s.get("sharing_ab") is not None:
+        return (f"sharing A→B {_fmt(s['sharing_ab'], '.3f')}{_ci(s, 'sharing_ab', '.3f')}, "
+                f"B→A {_fmt(s.get('sharing_ba'), '.3f')}{_ci(s, 'sharing_ba', '.3f')}")
+    if score == "alignment" and s.get("transfer") is not None:
+        return (f"transfer {_fmt(s['transfer'], '.3g')}{_ci(s, 'transfer')} "
+                f"({direction_words(s, 'transfer_direction')}, q {_fmt(s.get('transfer_q_value'), '.3g')}); "
+                f"cosine {_fmt(s.get('cosine'), '.2f')}{_ci(s, 'cosine', '.2f')}")
+    return "–"
+
+
 def _stats_table(res: dict):
     from rich.table import Table
+    from rich.text import Text
 
     settings = res["settings"]
     kv = f" (KV head {res['kv_head']})" if res["kv_head"] is not None else ""
     t = Table(title=_plain(f"layer {res['layer']} · head {res['head']}{kv} — "
                            f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs"),
-              caption=_plain(f"{res['stats_group']}: {settings.get('alternative')}, {settings.get('n_permutations')} "
-                             f"permutations, BH q ≤ α={settings.get('alpha')} marks significant; p_fwer = max-T; "
-                             f"CI {settings.get('ci_level')} bootstrap; chance = mean over the label permutations"),
+              caption=_plain(f"{res['stats_group']}: does the A×B mean differ from chance (the mean over label "
+                             f"permutations)? {settings.get('alternative')}, {settings.get('n_permutations')} "
+                             f"permutations, BH q ≤ α={settings.get('alpha')}; p_fwer = max-T; CIs "
+                             f"{settings.get('ci_level')} two-way bootstrap. Sharing: A×B mean / a task's own "
+                             "mean (1 = shared, → 0 = separated); transfer < 0 = conflict, > 0 = synergy"),
               title_justify="left", caption_justify="left")
-    for col, just in (("block", "left"), ("score", "left"), ("mean", "right"), ("chance", "right"), ("CI", "right"),
-                      ("p", "right"), ("q (BH)", "right"), ("p_fwer", "right"), ("sig.", "center")):
-        t.add_column(col, justify=just)
+    for col, just in (("block", "left"), ("score", "left"), ("vs chance", "left"), ("mean", "right"),
+                      ("chance", "right"), ("effect [CI]", "right"), ("q (BH)", "right"), ("p_fwer", "right"),
+                      ("task effect size", "left")):
+        t.add_column(col, justify=just, overflow="fold")
     for blk in res["blocks"]:
         label = blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else "")
         for i, (score, s) in enumerate(blk["stats"].items()):
-            t.add_row(label if i == 0 else "", score, _fmt(s["mean"]), _fmt(s.get("null_mean")),
-                      _plain(f"[{_fmt(s['ci_low'], '.3g')}, {_fmt(s['ci_high'], '.3g')}]"), _fmt(s["p_value"], ".3g"), _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"),
-                      "[bold green]✔[/]" if s["significant"] else "", end_section=i == len(blk["stats"]) - 1)
+            words = direction_words(s)
+            if s.get("direction") is None and s.get("null_mean") is None:
+                words = "✔ significant" if s["significant"] else "not significant"
+            effect = s.get("effect")
+            if effect is None and s.get("null_mean") is not None and s.get("mean") is not None:
+                effect = s["mean"] - s["null_mean"]
+            t.add_row(label if i == 0 else "", score, Text(words, style=_dir_style(words)), _fmt(s["mean"]),
+                      _fmt(s.get("null_mean")), _plain(_fmt(effect, ".3g") + _ci(s, "effect")),
+                      _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"), _plain(_effect_cell(score, s)),
+                      end_section=i == len(blk["stats"]) - 1)
     return t
 
 
@@ -288,7 +570,7 @@ def format_query(result: dict):
 
 
 def format_significant(rows: list[dict]):
-    """A rich table of `significant_heads` for the run summary."""
+    """A rich table of `significant_heads`: where the tasks differ from chance, with direction."""
     from rich.table import Table
     from rich.text import Text
 
@@ -296,12 +578,12 @@ def format_significant(rows: list[dict]):
         return Text("no statistics to rank (no in-family slices with a q-value)")
     score = rows[0]["score"]
     n_sig = sum(bool(r["significant"]) for r in rows)
-    t = Table(title=f"top {len(rows)} slices by q-value ({score}); {n_sig} of them significant", title_justify="left")
-    for col in ("block", "layer", "head", "mean", "CI", "p", "q (BH)", "p_fwer", "sig."):
-        t.add_column(col, justify="left" if col == "block" else "right")
-    for r in rows:
-        head = f"{r['head']} (kv {r['kv_head']})" if r["kv_head"] is not None else str(r["head"])
-        t.add_row(r["block"], str(r["layer"]), head, _fmt(r["mean"]),
-                  _plain(f"[{_fmt(r['ci_low'], '.3g')}, {_fmt(r['ci_high'], '.3g')}]"), _fmt(r["p_value"], ".3g"),
-                  _fmt(r["q_value"], ".3g"), _fmt(r["p_fwer"], ".3g"), "[bold green]✔[/]" if r["significant"] else "")
+    t = Table(title=f"{QUESTIONS['differ'].capitalize()} ({score}: mean vs chance): top {len(rows)} slices by q-value, "
+                    f"{n_sig} of them significant", title_justify="left")
+    headers, cells = headline_cells({"key": "differ", "rows": rows})
+    for h in headers:
+        t.add_column(h, justify="left" if h in ("block", "direction") else "right")
+    for row in cells:
+        t.add_row(*[Text(txt, style=_dir_style(txt)) if h == "direction" else _plain(txt)
+                    for h, (txt, _) in zip(headers, row)])
     return t

@@ -1,14 +1,25 @@
-"""`qkov report`: layer × head heatmaps per block and score, a q-value summary, one HTML page.
+"""`qkov report`: what the statistics answer, drawn so that it cannot be misread, in one page.
 
-Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so making a
-report never switches the backend of the caller's session (e.g. a notebook).
-The HTML page is self-contained: PNGs embedded as base64 data URIs, inline CSS,
-no scripts, so it can be mailed or attached as one file. The PNGs are also
-written beside it for slides and papers.
+The page answers three questions, each with its own numbers (README, "Which question does
+each number answer?"): where the tasks *conflict* (alignment: the transfer test against 0,
+drawn as the cosine of the task-mean gradients), which heads they *share* (interference:
+the sharing ratio, 1 = as heavily as a task's own samples) and where they *differ* from
+chance (the label-permutation test, drawn as the effect relative to chance). Every heatmap
+draws an effect on a diverging, colour-blind-safe ColorBrewer scale centred on the
+neutral value, with one scale shared by the Q/K/V/O panels, so colour and the ▲/▼ marks
+always agree; raw means are a collapsed extra with per-block scales.
 
-K/V are drawn per KV head: under GQA/MQA the query heads of a group share one
-K/V slice, which is one test in the family, so one column per KV head shows each
-test once (the figure names the query heads of each column).
+Files: `report.html` (one self-contained page: inline CSS, SVG and script, the data as
+embedded JSON, no network), each figure as a 300-dpi PNG and an SVG for papers, and
+`run_info.json`. The page is interactive: hovering a cell shows its mean, chance, effect
+with CI and q; clicking it shows the head's top sample pairs (embedded); tables sort by
+any column and filter by block, layer, head and significance. Machine paths are never
+written: the run is named relative to the report folder, other files by their name.
+
+Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so making a report
+never switches the backend of the caller's session (e.g. a notebook). K/V are drawn per
+KV head: under GQA/MQA the query heads of a group share one K/V slice, which is one test
+in the family, so one column per KV head shows each test once.
 """
 from __future__ import annotations
 
@@ -16,6 +27,8 @@ import base64
 import html
 import io
 import json
+import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -23,62 +36,164 @@ import matplotlib
 import numpy as np
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from . import schema
 from .errors import UsageError
-from .query import describe_values, rank_heads
+from .query import (QUESTIONS, describe_values, direction_words, head_label, headline_cells, headline_tables,
+                    headline_title, slice_table)
 from .store import RunStore, is_url
 
 REPORT_HTML = "report.html"
-SCORE_LABEL = {
-    "interference": "mean interference M (≥ 0)",
-    "alignment": "mean alignment A (signed; < 0 = conflict)",
+DPI = 300  # written figures (papers, slides); the page draws its own SVG
+SCREEN_DPI = 110
+NAN_COLOUR = "#d9d9d9"  # no statistic: neutral grey, distinct from every colour of the maps
+
+# The effect heatmaps. Each: the score it reads, the value drawn, the ColorBrewer map
+# (colour-blind safe; red = the "worse" end: more interference than chance, conflict),
+# the words at both ends and what the marks mean.
+HEATMAPS: dict[str, dict[str, Any]] = {
+    "differ": {
+        "score": "interference",
+        "title": "Where the tasks differ: cross-task interference vs chance",
+        "value": "(mean − chance) / chance of the A×B interference, in % (chance = the exact mean over all label permutations)",
+        "cbar": "interference vs chance (%)",
+        "cmap": "RdBu_r", "low": "less than random pairs", "high": "more than random pairs",
+        "marks": ("significantly above chance (q ≤ α)", "significantly below chance (q ≤ α)"),
+        "flag": "direction",
+    },
+    "sharing": {
+        "score": "interference",
+        "title": "Which heads the tasks share: sharing ratio",
+        "value": "sharing ratio, geometric mean of A→B and B→A (mean interference over A×B / the task's own mean "
+                 "over pairs of different samples), log scale",
+        "cbar": "sharing ratio (log scale)",
+        "cmap": "PuOr_r", "low": "separated (→ 0)", "high": "shared (1 = as much as a task's own samples)",
+        "marks": None,
+        "flag": None,
+    },
+    "conflict": {
+        "score": "alignment",
+        "title": "Where the tasks conflict: cosine of the task-mean gradients",
+        "value": "cosine of ḡ_A and ḡ_B in the (Î+λ)⁻¹ metric (transfer / the task-mean norms); grey = a task's mean "
+                 "gradient is indistinguishable from 0 in that slice",
+        "cbar": "cosine (alignment)",
+        "cmap": "RdBu", "low": "conflict (a step on B raises A's loss)", "high": "synergy",
+        "marks": ("significant synergy (transfer q ≤ α)", "significant conflict (transfer q ≤ α)"),
+        "flag": "transfer_direction",
+    },
 }
-SIG_MARK = dict(marker="o", color="white", markeredgecolor="black", linestyle="none")
-# direction of a significant slice: above or below what label permutations give
-SIG_ABOVE = {**SIG_MARK, "marker": "^"}
-SIG_BELOW = {**SIG_MARK, "marker": "v"}
-DPI = 110
+RAW_LABEL = {
+    "interference": "mean interference M (≥ 0)",
+    "alignment": "mean alignment A (signed)",
+}
 
 
 # ---------------------------------------------------------------- data shaping (pure)
 
 
-def block_matrix(stats: xr.Dataset, score: str, block: str) -> dict[str, Any]:
-    """The (layer × column) mean and significance of one block; K/V columns = KV heads.
-
-    Returns values, significant, column labels, the x-axis label and, for shared
-    K/V, the query heads of each column.
-    """
-    s = stats.sel({schema.SCORE: score, schema.BLOCK: block})
-    heads = s[schema.HEAD].values
-    kv = s[schema.KV_HEAD].values if schema.KV_HEAD in s.coords else heads
+def block_columns(stats: xr.Dataset, block: str) -> dict[str, Any]:
+    """The columns one block is drawn with: every head for Q/O; one column per KV head for
+    K/V under GQA/MQA (its first query head stands for it). Returns head indices (positions
+    along `head`), column labels, x label, KV groups (or None) and layers."""
+    heads = stats[schema.HEAD].values
+    kv = stats[schema.KV_HEAD].values if schema.KV_HEAD in stats.coords else heads
     cols = np.arange(heads.size)
     groups = None
     if schema.head_dim(block) == schema.KV_HEAD and np.unique(kv).size < heads.size:
-        cols = np.flatnonzero(np.asarray(s["in_family"].values, dtype=bool))  # one representative per KV head
+        fam = np.asarray(stats["in_family"].sel({schema.BLOCK: block}).values, dtype=bool)
+        cols = np.flatnonzero(fam)
         groups = [[int(h) for h in heads[kv == kv[c]]] for c in cols]
-    mean = s["mean"].transpose(schema.LAYER, schema.HEAD).values[:, cols]
-    sig = s["significant"].transpose(schema.LAYER, schema.HEAD).values[:, cols].astype(bool)
-    # runs written before null_mean existed: direction unknown, drawn as "above"
-    null = s["null_mean"].transpose(schema.LAYER, schema.HEAD).values[:, cols] if "null_mean" in s else np.full(mean.shape, -np.inf)
     return {
-        "values": np.asarray(mean, dtype=float),
-        "significant": sig,
-        "above": np.asarray(mean > null, dtype=bool),
-        "columns": [int(kv[c]) for c in cols] if groups else [int(heads[c]) for c in cols],
+        "cols": cols,
+        "heads": [int(heads[c]) for c in cols],
+        "labels": [int(kv[c]) for c in cols] if groups else [int(heads[c]) for c in cols],
         "xlabel": "KV head" if groups else "head",
         "groups": groups,
-        "layers": [int(x) for x in s[schema.LAYER].values],
+        "layers": [int(x) for x in stats[schema.LAYER].values],
     }
 
 
-def _group_note(kv_heads: list[int], groups: list[list[int]]) -> str:
-    """'KV 0: q-heads 0–3; KV 1: q-heads 4–7' (contiguous groups as ranges)."""
-    spans = [f"{g[0]}–{g[-1]}" if len(g) > 1 and g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g)) for g in groups]
-    return "; ".join(f"KV {k}: q-heads {s}" for k, s in zip(kv_heads, spans))
+def slice_id(block: str, layer: int, head: int) -> str:
+    """A slice's key in the page (anchors, embedded data): block-layer-head (K/V: the first
+    query head of its KV group)."""
+    return f"{block}-{layer}-{head}"
+
+
+def _matrix(stats: xr.Dataset, var: str, score: str | None, block: str, cols: np.ndarray) -> np.ndarray:
+    if var not in stats:
+        return np.full((stats.sizes[schema.LAYER], cols.size), np.nan)
+    v = stats[var]
+    if schema.SCORE in v.dims:
+        v = v.sel({schema.SCORE: score})
+    return np.asarray(v.sel({schema.BLOCK: block}).transpose(schema.LAYER, schema.HEAD).values, dtype=float)[:, cols]
+
+
+def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
+    """What one effect heatmap draws, per block: values, marks (+1 ▲ / −1 ▼ / 0), slice ids;
+    and the one colour scale all blocks share (symmetric about the neutral value, which is
+    0 on the drawn scale). None when the run lacks the variables."""
+    spec = HEATMAPS[kind]
+    score = spec["score"]
+    if score not in [str(s) for s in stats[schema.SCORE].values]:
+        return None
+    panels = {}
+    for b in (str(x) for x in stats[schema.BLOCK].values):
+        c = block_columns(stats, b)
+        cols = c["cols"]
+        if kind == "differ":
+            mean, null = _matrix(stats, "mean", score, b, cols), _matrix(stats, "null_mean", score, b, cols)
+            eff = _matrix(stats, "effect", score, b, cols) if "effect" in stats else mean - null
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = 100.0 * eff / np.abs(mean - eff)  # chance = mean − effect, as in the tables
+        elif kind == "sharing":
+            ab, ba = _matrix(stats, "sharing_ab", None, b, cols), _matrix(stats, "sharing_ba", None, b, cols)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                v = 0.5 * (np.log2(ab) + np.log2(ba))  # log2 of the geometric mean; 0 = ratio 1
+        else:
+            v = _matrix(stats, "cosine", None, b, cols)
+        marks = np.zeros(v.shape, dtype=int)
+        if spec["flag"] == "direction":
+            if "direction" in stats:
+                marks = np.nan_to_num(_matrix(stats, "direction", score, b, cols)).astype(int)
+            else:  # statistics written before `direction`: significant, signed by the effect
+                sig = np.nan_to_num(_matrix(stats, "significant", score, b, cols)) > 0
+                marks = np.where(sig, np.sign(np.nan_to_num(v)), 0).astype(int)
+        elif spec["flag"]:
+            marks = np.nan_to_num(_matrix(stats, spec["flag"], None, b, cols)).astype(int)
+        panels[b] = {**c, "values": v, "marks": marks,
+                     "ids": [[slice_id(b, layer, h) for h in c["heads"]] for layer in c["layers"]]}
+    every = np.concatenate([p["values"].ravel() for p in panels.values()])
+    every = every[np.isfinite(every)]
+    if every.size == 0:
+        return None
+    lim = float(np.abs(every).max()) or 1.0
+    if kind == "conflict":
+        lim = min(lim, 1.0)
+    return {"kind": kind, **spec, "panels": panels, "vmin": -lim, "vmax": lim}
+
+
+def colour_of(data: dict[str, Any]):
+    """value → hex colour on the heatmap's shared scale (NaN → grey); the page and the written
+    figures use this same map."""
+    cmap = matplotlib.colormaps[data["cmap"]]
+    norm = Normalize(data["vmin"], data["vmax"])
+
+    def f(v: float) -> str:
+        return NAN_COLOUR if not np.isfinite(v) else to_hex(cmap(norm(v)))
+    return f
+
+
+def tick_label(kind: str, v: float) -> str:
+    """What a colour-bar tick at drawn value v reads: %, a ratio (sharing is drawn as log2) or a cosine."""
+    if kind == "sharing":
+        r = 2.0 ** v
+        return f"×{r:.3g}"
+    if kind == "differ":
+        return f"{v:+.3g}%" if v else "0 (chance)"
+    return f"{v:+.2g}" if v else "0"
 
 
 def n_significant(stats: xr.Dataset, score: str) -> int:
@@ -88,18 +203,19 @@ def n_significant(stats: xr.Dataset, score: str) -> int:
     return int((sig.astype(bool) & fam).sum())
 
 
+def _group_note(kv_heads: list[int], groups: list[list[int]]) -> str:
+    """'KV 0: q-heads 0–3; KV 1: q-heads 4–7' (contiguous groups as ranges)."""
+    spans = [f"{g[0]}–{g[-1]}" if len(g) > 1 and g == list(range(g[0], g[-1] + 1)) else ",".join(map(str, g)) for g in groups]
+    return "; ".join(f"KV {k}: q-heads {s}" for k, s in zip(kv_heads, spans))
+
+
 def _ticks(n: int, cell: float, label_inches: float) -> np.ndarray:
     """Every k-th index so that tick labels (about label_inches each) do not overlap."""
     step = max(1, int(np.ceil(label_inches / cell)))
     return np.arange(0, n, step)
 
 
-# ---------------------------------------------------------------- figures
-
-
-def _cmap(name: str):
-    # NaN cells (no statistic) in neutral grey, distinct from every colour of the maps
-    return matplotlib.colormaps[name].with_extremes(bad="#d9d9d9")
+# ---------------------------------------------------------------- written figures
 
 
 def _cell_inches(n_layers: int, n_cols: int) -> float:
@@ -107,57 +223,58 @@ def _cell_inches(n_layers: int, n_cols: int) -> float:
     return float(min(0.34, 9.0 / max(n_layers, 1), 11.0 / max(n_cols, 1)))
 
 
-def heatmap_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Figure:
-    """One row of layer × head panels (Q, K, V, O present) of a score's mean, significant cells dotted."""
-    blocks = [str(b) for b in stats[schema.BLOCK].values]
-    mats = {b: block_matrix(stats, score, b) for b in blocks}
-    n_layers = len(mats[blocks[0]]["layers"])
-    total_cols = sum(len(m["columns"]) for m in mats.values())
-    cell = _cell_inches(n_layers, total_cols)
-    # each panel: its cells plus room for the colorbar and labels
-    widths = [max(len(m["columns"]) * cell, 0.9) + 1.3 for m in mats.values()]
-    fig = Figure(figsize=(max(sum(widths) + 0.8, 7.0), n_layers * cell + 2.6), dpi=DPI, layout="constrained")
+MARK_STYLE = {1: dict(marker="^", color="white", markeredgecolor="black", linestyle="none"),
+              -1: dict(marker="v", color="white", markeredgecolor="black", linestyle="none")}
+
+
+def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]) -> Figure:
+    """One row of layer × head panels (one per block) on the shared diverging scale, one colour
+    bar whose ends say what they mean, ▲/▼ on significant cells, a legend saying the same."""
+    panels = data["panels"]
+    blocks = list(panels)
+    n_layers = len(next(iter(panels.values()))["layers"])
+    cell = _cell_inches(n_layers, sum(len(p["cols"]) for p in panels.values()))
+    widths = [max(len(p["cols"]) * cell, 0.6) + 0.6 for p in panels.values()]
+    fig = Figure(figsize=(max(sum(widths) + 2.2, 7.0), n_layers * cell + 2.9), dpi=SCREEN_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(blocks), width_ratios=widths, squeeze=False)[0]
-    alpha = stats.attrs.get("alpha")
-    marker_size = float(np.clip(cell * 72 * 0.45, 3.0, 9.0))  # points, about half a cell
+    cmap = matplotlib.colormaps[data["cmap"]].with_extremes(bad=NAN_COLOUR)
+    marker_size = float(np.clip(cell * 72 * 0.45, 3.0, 9.0))
+    im = None
     for ax, b in zip(axes, blocks):
-        m = mats[b]
-        v = m["values"]
-        if score == "alignment":  # signed: diverging map centred on 0
-            lim = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
-            lim = lim or 1.0
-            im = ax.imshow(v, cmap=_cmap("RdBu_r"), vmin=-lim, vmax=lim, aspect="auto", interpolation="nearest")
-        else:
-            im = ax.imshow(v, cmap=_cmap("viridis"), aspect="auto", interpolation="nearest")
-        for where, mark in ((m["significant"] & m["above"], SIG_ABOVE), (m["significant"] & ~m["above"], SIG_BELOW)):
-            rows, cols = np.nonzero(where)
-            ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **mark)
-        xt, yt = _ticks(len(m["columns"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
-        ax.set_xticks(xt, [str(m["columns"][i]) for i in xt])
-        ax.set_yticks(yt, [str(m["layers"][i]) for i in yt])
-        ax.set_xlabel(m["xlabel"])
+        p = panels[b]
+        im = ax.imshow(p["values"], cmap=cmap, vmin=data["vmin"], vmax=data["vmax"], aspect="auto",
+                       interpolation="nearest")
+        for sign, style in MARK_STYLE.items():
+            rows, cols = np.nonzero(p["marks"] == sign)
+            ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **style)
+        xt, yt = _ticks(len(p["cols"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
+        ax.set_xticks(xt, [str(p["labels"][i]) for i in xt])
+        ax.set_yticks(yt, [str(p["layers"][i]) for i in yt])
+        ax.set_xlabel(p["xlabel"])
         ax.set_ylabel("layer")
         ax.tick_params(labelsize=8)
-        ax.set_title(f"{b} · {score}" + ("\n(per KV head)" if m["groups"] else ""), fontsize=10)
-        # a full-height bar about 0.13 in thick, whatever the panel's shape
-        cax = ax.inset_axes([1.04, 0.0, 0.13 / max(len(m["columns"]) * cell, 0.9), 1.0])
-        cb = fig.colorbar(im, cax=cax)
-        cb.set_label(SCORE_LABEL.get(score, f"mean {score}"), fontsize=8)
-        cb.ax.tick_params(labelsize=7)
-        cb.formatter.set_powerlimits((-3, 4))
-    fig.suptitle(f"{score} (mean over {tasks[0]}×{tasks[1]} pairs), by layer × head", fontsize=12)
-    notes = [f"significant: BH q ≤ α = {alpha} over the family of {stats.attrs.get('family_size', '?')} slices "
-             f"(alternative: {stats.attrs.get('alternative', '?')}); each panel has its own color scale"]
-    shared = next((m for m in mats.values() if m["groups"]), None)
-    if shared:
-        notes.append("K/V: GQA groups share one K/V slice (one test each), drawn once per KV head — "
-                     + _group_note(shared["columns"], shared["groups"]))
-    handles = [Line2D([], [], markersize=7, markeredgewidth=1.0, **SIG_ABOVE),
-               Line2D([], [], markersize=7, markeredgewidth=1.0, **SIG_BELOW)]
-    labels = ["significant, above the permutation null (more than chance)\n" + "\n".join(notes),
-              "significant, below the permutation null (less than chance)"]
-    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=8, ncols=2)
+        ax.set_title(b + ("\n(per KV head)" if p["groups"] else ""), fontsize=10)
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.9, aspect=25, pad=0.02)
+    ticks = np.linspace(data["vmin"], data["vmax"], 5)
+    cb.set_ticks(ticks, labels=[tick_label(data["kind"], float(t)) for t in ticks])
+    cb.set_label(data["cbar"], fontsize=8)
+    cb.ax.tick_params(labelsize=7)
+    # what the two ends mean, at the ends
+    cb.ax.text(0.5, 1.02, textwrap.fill("↑ " + data["high"], 18), transform=cb.ax.transAxes, ha="center", va="bottom", fontsize=6.5)
+    cb.ax.text(0.5, -0.02, textwrap.fill("↓ " + data["low"], 18), transform=cb.ax.transAxes, ha="center", va="top", fontsize=6.5)
+    fig.suptitle(f"{data['title']} ({tasks[0]} × {tasks[1]}), by layer × head", fontsize=11)
+    handles, labels = [], []
+    if data["marks"]:
+        for sign, text in zip((1, -1), data["marks"]):
+            handles.append(Line2D([], [], markersize=7, markeredgewidth=1.0, **MARK_STYLE[sign]))
+            labels.append(text)
+    text = textwrap.fill("colour: " + data["value"] + "; one scale for all blocks, centred on the neutral value", 130)
+    for n in notes:
+        text += "\n" + textwrap.fill(n, 130)
+    handles.append(Line2D([], [], linestyle="none"))
+    labels.append(text)
+    fig.legend(handles, labels, loc="outside lower center", frameon=False, fontsize=7, ncols=1)
     return fig
 
 
@@ -167,7 +284,7 @@ def summary_figure(stats: xr.Dataset) -> Figure:
     blocks = [str(b) for b in stats[schema.BLOCK].values]
     alpha = float(stats.attrs.get("alpha", 0.05))
     n_perm = stats.attrs.get("n_permutations")
-    fig = Figure(figsize=(5.2 * len(scores) + 0.6, 4.4), dpi=DPI, layout="constrained")
+    fig = Figure(figsize=(5.2 * len(scores) + 0.6, 4.4), dpi=SCREEN_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(scores), sharey=True, squeeze=False)[0]
     rng = np.random.default_rng(0)  # fixed jitter: the same run gives the same picture
@@ -183,23 +300,23 @@ def summary_figure(stats: xr.Dataset) -> Figure:
             top = max(top, float(np.nanmax(y)) if np.isfinite(y).any() else 0.0)
             x = i + rng.uniform(-0.22, 0.22, y.size)
             ax.scatter(x[~sig], y[~sig], s=14, color="#9e9e9e", alpha=0.8, linewidths=0)
-            ax.scatter(x[sig], y[sig], s=22, color="#d62728", edgecolors="black", linewidths=0.5)
+            ax.scatter(x[sig], y[sig], s=22, color="#b2182b", edgecolors="black", linewidths=0.5)
             ax.annotate(f"{int(sig.sum())}/{sig.size}", (i, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(0, -4), textcoords="offset points", ha="center", va="top", fontsize=8)
-        ax.axhline(-np.log10(alpha), color="#d62728", linestyle="--", linewidth=1)
+        ax.axhline(-np.log10(alpha), color="#b2182b", linestyle="--", linewidth=1)
         if floor:
             ax.axhline(floor, color="#555555", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(blocks)), blocks)
         ax.set_xlim(-0.6, len(blocks) - 0.4)
         ax.set_xlabel("block")
-        ax.set_title(f"{score}: BH q-value of each slice (significant / family per block)", fontsize=10)
+        ax.set_title(f"{score}: does the A×B mean differ from chance?\nBH q of each slice (significant / family)", fontsize=9)
         ax.grid(axis="y", color="#eeeeee")
     axes[0].set_ylabel("−log10 q  (higher = stronger evidence)")
     axes[0].set_ylim(0, top * 1.18 + 0.05)
-    handles = [Line2D([], [], marker="o", color="#d62728", markeredgecolor="black", linestyle="none"),
+    handles = [Line2D([], [], marker="o", color="#b2182b", markeredgecolor="black", linestyle="none"),
                Line2D([], [], marker="o", color="#9e9e9e", linestyle="none"),
-               Line2D([], [], color="#d62728", linestyle="--")]
-    labels = ["significant slice", "not significant", f"α = {alpha}"]
+               Line2D([], [], color="#b2182b", linestyle="--")]
+    labels = ["differs from chance (either direction)", "not significant", f"α = {alpha}"]
     if floor:
         handles.append(Line2D([], [], color="#555555", linestyle=":"))
         labels.append(f"smallest attainable p = 1/(1+{n_perm} permutations)")
@@ -207,17 +324,47 @@ def summary_figure(stats: xr.Dataset) -> Figure:
     return fig
 
 
-def png_bytes(fig: Figure) -> bytes:
+def figure_bytes(fig: Figure, fmt: str) -> bytes:
+    """PNG at 300 dpi, or SVG (text kept as text, no timestamp: the same run gives the same file)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
+    if fmt == "svg":
+        fig.savefig(buf, format="svg", facecolor="white", metadata={"Date": None})
+    else:
+        fig.savefig(buf, format="png", dpi=DPI, facecolor="white")
     return buf.getvalue()
+
+
+def png_bytes(fig: Figure) -> bytes:
+    return figure_bytes(fig, "png")
 
 
 # ---------------------------------------------------------------- run information (I/O)
 
 
-def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS) -> dict[str, Any]:
-    """What the page header shows: model, tasks, sample counts, settings, provenance."""
+def shown_path(path: Any, out: Path | None, run_parent: Path | None) -> str | None:
+    """A path as the page may show it: URLs as they are; a local path relative to the report
+    folder when it lies beside the run (the run itself, files next to it), else only its
+    last component after '…/'. The page never carries a machine's absolute paths."""
+    if path in (None, ""):
+        return None
+    p = str(path)
+    if is_url(p) and not p.startswith("file://"):
+        return p
+    local = Path(p.removeprefix("file://")).expanduser()
+    if not local.is_absolute():
+        return p if ".." not in local.parts else f"…/{local.name}"
+    if out is not None and run_parent is not None:
+        try:
+            local.resolve().relative_to(run_parent.resolve())
+            return os.path.relpath(local.resolve(), out.resolve())
+        except ValueError:
+            pass
+    return f"…/{local.name}"
+
+
+def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS, out: Path | None = None) -> dict[str, Any]:
+    """What the page header shows: model, tasks, sample counts, settings, provenance (paths as
+    `shown_path` writes them, relative to `out`)."""
     grads = store.group_attrs(schema.GRADIENTS) or {}
     prov = store.provenance(schema.GRADIENTS)
     cfg = prov.get("config") or store.config()
@@ -225,17 +372,19 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
     layout = prov.get("layout", {})
     tasks = cfg.get("tasks", {})
     fisher = store.group_attrs(schema.FISHER) or {}
+    parent = None if is_url(store.path) else Path(store.path.removeprefix("file://")).expanduser().resolve().parent
+    where = lambda p: shown_path(p, out, parent)  # noqa: E731
     return {
-        "run": store.path,
-        "model": model.get("name") or model.get("path") or "?",
+        "run": where(store.path),
+        "model": model.get("name") or where(model.get("path")) or "?",
         "model_class": layout.get("model_class"),
         "dtype": model.get("dtype"),
         "weights_hash": grads.get(schema.ATTR_WEIGHTS_HASH),
         "heads": f"{layout.get('n_heads', '?')} query heads, {layout.get('n_kv_heads', '?')} KV heads, "
                  f"head_dim {layout.get('head_dim', '?')}",
         "layers": describe_values([int(x) for x in stats[schema.LAYER].values]) + f" (of {layout.get('n_layers', '?')})",
-        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": tasks.get("a", {}).get("path"), "n": stats.attrs.get(schema.ATTR_N_A)},
-        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": tasks.get("b", {}).get("path"), "n": stats.attrs.get(schema.ATTR_N_B)},
+        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": where(tasks.get("a", {}).get("path")), "n": stats.attrs.get(schema.ATTR_N_A)},
+        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": where(tasks.get("b", {}).get("path")), "n": stats.attrs.get(schema.ATTR_N_B)},
         "skipped": list(grads.get(schema.ATTR_SKIPPED_SAMPLES, [])),
         "max_length": model.get("max_length"),
         "fisher": {k: fisher.get(k) for k in ("source", "beta", "batch_size", "damping_rel", "damping_abs") if k in fisher},
@@ -250,19 +399,241 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
     }
 
 
+PREVIEW_CHARS = 160
+
+
+def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: int = 200_000_000) -> dict[str, Any]:
+    """The page's embedded pairs: per family slice and score, the n highest interference pairs
+    and the n most negative alignment pairs (conflicting: a natural-gradient step on j raises
+    i's loss), as [index into A, index into B, value]; the samples once, with a text preview.
+
+    Reads each (block, layer) of `scores` once. Above `budget` pair values in all, no pairs
+    are embedded (the page then points to `qkov query`)."""
+    from .query import _sample_info
+
+    scores = store.open_scores()
+    present = [s for s in schema.SCORES if s in scores and s in [str(x) for x in stats[schema.SCORE].values]]
+    n_a, n_b = scores.sizes[schema.SAMPLE_A], scores.sizes[schema.SAMPLE_B]
+    blocks = [str(b) for b in stats[schema.BLOCK].values]
+    layers = [int(x) for x in stats[schema.LAYER].values]
+    cols = {b: block_columns(stats, b) for b in blocks}
+    n_slices = sum(len(c["cols"]) for c in cols.values()) * len(layers)
+    task_a, task_b = str(scores.attrs[schema.ATTR_TASK_A]), str(scores.attrs[schema.ATTR_TASK_B])
+    info = _sample_info(store)
+
+    def samples(ids, task):
+        out = []
+        for i in ids:
+            s = info.get((task, str(i)), {})
+            text = s.get("text")
+            prev = (f"(pre-tokenised, {s.get('n_tokens')} tokens)" if s.get("pretokenised") or text is None
+                    else " ".join(text.split())[:PREVIEW_CHARS])
+            out.append([str(i), prev])
+        return out
+
+    result = {"n": n, "samples": {"a": samples(scores[schema.SAMPLE_A].values, task_a),
+                                   "b": samples(scores[schema.SAMPLE_B].values, task_b)}, "pairs": {}}
+    if n <= 0 or n_slices * n_a * n_b * len(present) > budget:
+        result["n"] = 0
+        return result
+    k = min(n, n_a * n_b)
+    for b in blocks:
+        heads = cols[b]["heads"]
+        for layer in layers:
+            for score in present:
+                m = np.asarray(scores[score].sel({schema.BLOCK: b, schema.LAYER: layer})
+                               .isel({schema.HEAD: cols[b]["cols"]})
+                               .transpose(schema.HEAD, schema.SAMPLE_A, schema.SAMPLE_B).values, dtype=float)
+                flat = (m if score == "interference" else -m).reshape(m.shape[0], -1)
+                flat = np.where(np.isfinite(flat), flat, -np.inf)
+                part = np.argpartition(-flat, k - 1, axis=1)[:, :k]
+                for hi, h in enumerate(heads):
+                    best = part[hi][np.argsort(-flat[hi, part[hi]], kind="stable")]
+                    ia, ib = np.unravel_index(best, (n_a, n_b))
+                    result["pairs"].setdefault(slice_id(b, layer, h), {})[score] = [
+                        [int(i), int(j), float(m[hi, i, j])] for i, j in zip(ia, ib)]
+    return result
+
+
+def slice_data(stats: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Per family slice (by `slice_id`) and score, the numbers the page's hover shows."""
+    keys = {"mean": "mean", "chance": "chance", "effect": "effect", "effect_ci_low": "lo", "effect_ci_high": "hi",
+            "effect_rel": "rel", "q_value": "q", "p_fwer": "pf", "direction": "dir", "ci_low": "mlo", "ci_high": "mhi",
+            "sharing_ab": "sab", "sharing_ab_ci_low": "sablo", "sharing_ab_ci_high": "sabhi", "sharing_ba": "sba",
+            "sharing_ba_ci_low": "sbalo", "sharing_ba_ci_high": "sbahi", "transfer": "tr", "transfer_ci_low": "trlo",
+            "transfer_ci_high": "trhi", "transfer_q_value": "trq", "transfer_direction": "trdir", "cosine": "cos",
+            "cosine_ci_low": "coslo", "cosine_ci_high": "coshi", "layer_q_value": "lq"}
+    out: dict[str, dict[str, Any]] = {}
+    for score in (str(s) for s in stats[schema.SCORE].values):
+        t = slice_table(stats, score)
+        for i in range(t["block"].size):
+            sid = slice_id(str(t["block"][i]), int(t["layer"][i]), int(t["head"][i]))
+            row = out.setdefault(sid, {"b": str(t["block"][i]), "l": int(t["layer"][i]), "h": int(t["head"][i]),
+                                       "kv": int(t["kv_head"][i]) if t["kv_head"][i] >= 0 else None})
+            vals = {}
+            for var, short in keys.items():
+                if var in t:
+                    x = float(t[var][i])
+                    vals[short] = None if not np.isfinite(x) else (round(x, 6) if short in ("dir", "trdir") else x)
+            row[score] = vals
+    return out
+
+
+def raw_mean_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Figure:
+    """The raw A×B means (optional, `raw_means=True`): one panel per block with its own scale,
+    since the blocks' scores have different magnitudes; not compared with chance."""
+    blocks = [str(b) for b in stats[schema.BLOCK].values]
+    cols = {b: block_columns(stats, b) for b in blocks}
+    n_layers = stats.sizes[schema.LAYER]
+    cell = _cell_inches(n_layers, sum(len(c["cols"]) for c in cols.values()))
+    widths = [max(len(c["cols"]) * cell, 0.9) + 1.3 for c in cols.values()]
+    fig = Figure(figsize=(max(sum(widths) + 0.8, 7.0), n_layers * cell + 2.4), dpi=SCREEN_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(blocks), width_ratios=widths, squeeze=False)[0]
+    for ax, b in zip(axes, blocks):
+        c = cols[b]
+        v = _matrix(stats, "mean", score, b, c["cols"])
+        if score == "alignment":
+            lim = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
+            im = ax.imshow(v, cmap=matplotlib.colormaps["RdBu"].with_extremes(bad=NAN_COLOUR), vmin=-(lim or 1.0),
+                           vmax=lim or 1.0, aspect="auto", interpolation="nearest")
+        else:
+            im = ax.imshow(v, cmap=matplotlib.colormaps["viridis"].with_extremes(bad=NAN_COLOUR), aspect="auto",
+                           interpolation="nearest")
+        xt, yt = _ticks(len(c["cols"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
+        ax.set_xticks(xt, [str(c["labels"][i]) for i in xt])
+        ax.set_yticks(yt, [str(c["layers"][i]) for i in yt])
+        ax.set_xlabel(c["xlabel"])
+        ax.set_ylabel("layer")
+        ax.tick_params(labelsize=8)
+        ax.set_title(b + ("\n(per KV head)" if c["groups"] else ""), fontsize=10)
+        cax = ax.inset_axes([1.04, 0.0, 0.13 / max(len(c["cols"]) * cell, 0.9), 1.0])
+        cb = fig.colorbar(im, cax=cax)
+        cb.set_label(RAW_LABEL.get(score, f"mean {score}"), fontsize=8)
+        cb.ax.tick_params(labelsize=7)
+        cb.formatter.set_powerlimits((-3, 4))
+    fig.suptitle(f"raw mean {score} over {tasks[0]}×{tasks[1]} pairs (each block its own scale; not compared with chance)",
+                 fontsize=11)
+    return fig
+
+
 # ---------------------------------------------------------------- HTML (pure)
 
 _CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;max-width:1240px;
+body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:24px auto;max-width:1280px;
      color:#1f2328;line-height:1.45;padding:0 16px}
 h1{font-size:1.6em;margin-bottom:.1em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #d0d7de;padding-bottom:.2em}
+h3{font-size:1.05em;margin:1.2em 0 .2em}
 .sub{color:#57606a;margin-top:0} code{background:#f6f8fa;padding:1px 4px;border-radius:4px;font-size:.92em}
-table{border-collapse:collapse;font-size:.9em;margin:.5em 0}
-th,td{border:1px solid #d0d7de;padding:4px 9px;text-align:left;vertical-align:top}
-th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.sig td{background:#fff1f0} .grid{display:grid;grid-template-columns:max-content 1fr;gap:0}
-figure{margin:.8em 0 1.6em} figure img{max-width:100%;height:auto;border:1px solid #eaeef2}
-figcaption{color:#57606a;font-size:.9em;margin-top:.3em} .note{color:#57606a;font-size:.9em}
+table{border-collapse:collapse;font-size:.88em;margin:.4em 0}
+th,td{border:1px solid #d0d7de;padding:3px 8px;text-align:left;vertical-align:top}
+th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+th.sort{cursor:pointer;user-select:none} th.sort:after{content:" ⇅";color:#8c959f}
+th[aria-sort=ascending]:after{content:" ▲";color:#1f2328} th[aria-sort=descending]:after{content:" ▼";color:#1f2328}
+.up{color:#b2182b;font-weight:600} .down{color:#2166ac;font-weight:600} .ns{color:#6e7781}
+.filters{font-size:.85em;color:#57606a;margin:.3em 0} .filters input,.filters select{font-size:1em;margin:0 .6em 0 .2em}
+.scroll{max-height:32em;overflow:auto;border:1px solid #eaeef2}
+figure{margin:.6em 0 1.4em} figure img{max-width:100%;height:auto;border:1px solid #eaeef2}
+figcaption{color:#57606a;font-size:.9em;margin-top:.3em;max-width:1000px} .note{color:#57606a;font-size:.9em}
+svg.heat a rect{stroke:#fff;stroke-width:.5} svg.heat a:hover rect,svg.heat a:focus rect{stroke:#000;stroke-width:2}
+svg.heat text{font-size:10px;fill:#1f2328} svg.heat text.mark{pointer-events:none;paint-order:stroke;stroke:#fff;stroke-width:2.2px;fill:#000}
+#tip{position:fixed;display:none;pointer-events:none;background:#fff;border:1px solid #8c959f;border-radius:6px;
+     box-shadow:0 4px 14px rgba(0,0,0,.18);padding:6px 9px;font-size:12.5px;max-width:430px;z-index:10}
+#tip b{font-size:13px} #tip div{margin:1px 0}
+#pairs{position:fixed;right:14px;bottom:14px;width:min(760px,94vw);max-height:62vh;overflow:auto;background:#fff;
+       border:1px solid #8c959f;border-radius:8px;box-shadow:0 6px 22px rgba(0,0,0,.25);padding:8px 14px;display:none;z-index:9}
+#pairs.open{display:block} #pairs .close{float:right;cursor:pointer;font-size:1.1em;border:none;background:none}
+#pairs td.txt{max-width:260px;font-size:.92em;color:#424a53}
+"""
+
+# Sorting, filtering, hover and the pairs panel; plain DOM, no library, nothing fetched.
+_JS = r"""
+(function(){
+const DATA = JSON.parse(document.getElementById('qkov-data').textContent);
+const A = DATA.tasks.a, B = DATA.tasks.b;
+function f(x, p){ if (x === null || x === undefined) return '–'; p = p || 4;
+  const a = Math.abs(x); if (x !== 0 && (a >= 1e5 || a < 1e-3)) return x.toExponential(2);
+  return String(+x.toPrecision(p)); }
+function ci(lo, hi, p){ return (lo === null && hi === null) || lo === undefined ? '' : ' [' + f(lo, p || 3) + ', ' + f(hi, p || 3) + ']'; }
+function pct(x){ return x === null || x === undefined ? '–' : (x >= 0 ? '+' : '') + (100 * x).toFixed(1) + '%'; }
+const DIR = {'1': '<span class="up">▲ above chance</span>', '-1': '<span class="down">▼ below chance</span>', '0': '<span class="ns">not significant</span>'};
+const TDIR = {'-1': '<span class="up">conflict</span>', '1': '<span class="down">synergy</span>', '0': '<span class="ns">not significant</span>'};
+function esc(s){ return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c])); }
+function headName(s){ return s.b + ' · layer ' + s.l + ' · head ' + s.h + (s.kv === null ? '' : ' (KV head ' + s.kv + ')'); }
+function tipHtml(id, kind){
+  const s = DATA.slices[id]; if (!s) return '';
+  const score = kind === 'conflict' ? 'alignment' : 'interference';
+  const v = s[score] || {};
+  // the map's own answer first, then the labels-null test of the same score
+  const share = v.sab === undefined ? '' : '<div>sharing ' + esc(A) + '→' + esc(B) + ' ' + f(v.sab, 3) + ci(v.sablo, v.sabhi) + ' · ' + esc(B) + '→' + esc(A) + ' ' + f(v.sba, 3) + ci(v.sbalo, v.sbahi) + '</div>';
+  const transfer = v.tr === undefined ? '' : '<div>transfer ' + f(v.tr, 3) + ci(v.trlo, v.trhi) + ': ' + (TDIR[String(v.trdir)] || '–') + ', q ' + f(v.trq, 3) + '</div><div>cosine ' + (v.cos === null ? '– (a task\'s mean gradient is indistinguishable from 0 here)' : f(v.cos, 2) + ci(v.coslo, v.coshi, 2)) + '</div>';
+  const differ = '<div>' + score + ' vs chance (labels null): ' + (DIR[String(v.dir)] || '–') + '</div>'
+    + '<div>mean ' + f(v.mean) + ' · chance ' + f(v.chance) + '</div>'
+    + '<div>effect ' + f(v.effect, 3) + ci(v.lo, v.hi) + (score === 'interference' ? ' (' + pct(v.rel) + ' of chance)' : '') + '</div>'
+    + '<div>q ' + f(v.q, 3) + ' · p_fwer ' + f(v.pf, 3) + (v.lq === undefined ? '' : ' · layer q ' + f(v.lq, 3)) + '</div>';
+  let h = '<b>' + esc(headName(s)) + '</b>';
+  h += kind === 'conflict' ? transfer + differ : kind === 'sharing' ? share + differ : differ + share;
+  return h + '<div class="ns">click for the top pairs</div>';
+}
+const tip = document.getElementById('tip');
+document.querySelectorAll('svg.heat').forEach(svg => {
+  const kind = svg.dataset.kind;
+  svg.addEventListener('mouseover', e => { const r = e.target.closest('[data-id]'); if (!r) return;
+    tip.innerHTML = tipHtml(r.dataset.id, kind); tip.style.display = 'block'; });
+  svg.addEventListener('mousemove', e => { const w = tip.offsetWidth, hh = tip.offsetHeight;
+    let x = e.clientX + 14, y = e.clientY + 14;
+    if (x + w > innerWidth - 4) x = e.clientX - w - 14; if (y + hh > innerHeight - 4) y = e.clientY - hh - 14;
+    tip.style.left = Math.max(2, x) + 'px'; tip.style.top = Math.max(2, y) + 'px'; });
+  svg.addEventListener('mouseout', e => { if (!e.relatedTarget || !e.relatedTarget.closest || !e.relatedTarget.closest('[data-id]')) tip.style.display = 'none'; });
+});
+const panel = document.getElementById('pairs');
+function pairsTable(id, score){
+  const p = (DATA.pairs[id] || {})[score]; if (!p) return '';
+  const order = score === 'alignment' ? 'most negative alignment first (conflicting pairs: a natural-gradient step on the ' + esc(B) + ' sample raises the ' + esc(A) + ' sample\'s loss)' : 'highest interference first';
+  let h = '<h3>' + score + ': ' + order + '</h3><table class="pairs" data-score="' + score + '"><tr><th>#</th><th>' + esc(A) + ' id</th><th>' + esc(B) + ' id</th><th>' + score + '</th><th>' + esc(A) + ' text</th><th>' + esc(B) + ' text</th></tr>';
+  p.forEach((r, k) => { const a = DATA.samples.a[r[0]], b = DATA.samples.b[r[1]];
+    h += '<tr><td class="num">' + (k + 1) + '</td><td>' + esc(a[0]) + '</td><td>' + esc(b[0]) + '</td><td class="num">' + f(r[2]) + '</td><td class="txt">' + esc(a[1]) + '</td><td class="txt">' + esc(b[1]) + '</td></tr>'; });
+  return h + '</table>';
+}
+function showPairs(){
+  const m = location.hash.match(/^#pairs-(.+)$/);
+  if (!m) { panel.classList.remove('open'); return; }
+  const id = decodeURIComponent(m[1]), s = DATA.slices[id];
+  if (!s) { panel.classList.remove('open'); return; }
+  let h = '<button class="close" title="close" aria-label="close">✕</button><h2 style="margin-top:.2em">Top pairs — ' + esc(headName(s)) + '</h2>';
+  if (!DATA.pairs_n) h += '<p class="note">This run is too large to embed pairs; use <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code>.</p>';
+  else h += pairsTable(id, 'interference') + pairsTable(id, 'alignment');
+  h += '<p class="note">The same with full texts: <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code></p>';
+  panel.innerHTML = h; panel.classList.add('open'); panel.dataset.id = id; panel.scrollTop = 0;
+  panel.querySelector('.close').addEventListener('click', () => { history.replaceState(null, '', '#'); panel.classList.remove('open'); });
+}
+window.addEventListener('hashchange', showPairs); showPairs();
+
+function inRange(spec, v){ spec = spec.trim(); if (!spec) return true;
+  return spec.split(',').some(part => { const m = part.trim().match(/^(\d+)\s*(?:-|\.\.)\s*(\d+)$/);
+    if (m) return v >= +m[1] && v <= +m[2]; return part.trim() !== '' && +part.trim() === v; }); }
+document.querySelectorAll('table.qt').forEach(t => {
+  const bar = document.querySelector('.filters[data-table="' + t.id + '"]');
+  const rows = Array.from(t.tBodies[0].rows);
+  function apply(){ let n = 0; const get = k => { const el = bar && bar.querySelector('[data-f="' + k + '"]'); return el ? el.value : ''; };
+    rows.forEach(r => { const ok = (!get('block') || r.dataset.block === get('block')) && (!get('score') || r.dataset.score === get('score'))
+      && inRange(get('layer'), +r.dataset.layer) && inRange(get('head'), +r.dataset.head) && (!get('sig') || r.dataset.sig === get('sig'));
+      r.hidden = !ok; if (ok) n++; });
+    if (bar) bar.querySelector('.count').textContent = n + ' of ' + rows.length + ' rows shown'; }
+  if (bar) bar.querySelectorAll('input,select').forEach(el => el.addEventListener(el.tagName === 'INPUT' ? 'input' : 'change', apply));
+  Array.from(t.tHead.rows[0].cells).forEach((th, i) => { th.classList.add('sort'); th.tabIndex = 0;
+    const go = () => { const asc = th.getAttribute('aria-sort') !== 'ascending';
+      Array.from(t.tHead.rows[0].cells).forEach(c => c.removeAttribute('aria-sort')); th.setAttribute('aria-sort', asc ? 'ascending' : 'descending');
+      const key = r => { const c = r.cells[i], v = c.dataset.v; if (v === undefined || v === '') return null; const x = +v; return isNaN(x) ? v : x; };
+      const sorted = rows.slice().sort((a, b) => { const x = key(a), y = key(b);
+        if (x === null) return y === null ? 0 : 1; if (y === null) return -1;
+        const c = typeof x === 'number' && typeof y === 'number' ? x - y : String(x).localeCompare(String(y));
+        return asc ? c : -c; });
+      sorted.forEach(r => t.tBodies[0].appendChild(r)); };
+    th.addEventListener('click', go); th.addEventListener('keydown', e => { if (e.key === 'Enter') go(); }); });
+  apply();
+});
+})();
 """
 
 
@@ -274,10 +645,6 @@ def _num(x: Any, spec: str = ".4g") -> str:
     return "–" if x is None else format(x, spec)
 
 
-def _pct(level: Any) -> str:
-    return "–" if level is None else f"{100 * float(level):g}%"
-
-
 def _kv_table(rows: list[tuple[str, Any]]) -> str:
     body = "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
@@ -287,30 +654,203 @@ def _settings(d: dict) -> str:
     return ", ".join(f"{_e(k)}=<code>{_e(v)}</code>" for k, v in d.items()) or "–"
 
 
-def _heads_table(rows: list[dict], n_sig: int, family: Any, alpha: Any, ci_level: Any) -> str:
-    if not rows:
-        return "<p class='note'>no slices to rank.</p>"
-    head = "".join(f"<th>{c}</th>" for c in ("#", "block", "layer", "head", "mean", f"{_pct(ci_level)} CI", "p",
-                                              "q (BH)", "p_fwer (max-T)", "significant"))
+def _json_script(obj: Any) -> str:
+    """JSON inside <script type=application/json>: '<', '>' and '&' escaped so no text of a
+    sample can close the element."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _dir_class(text: str) -> str:
+    return {"▲": "up", "▼": "down", "c": "up", "s": "down"}.get(text[:1], "ns")
+
+
+def _sv(v: Any) -> str:
+    """A cell's sort value."""
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return ""
+    return _e(v)
+
+
+def _filters(table_id: str, blocks: list[str], scores: list[str] | None = None) -> str:
+    opts = "".join(f"<option>{_e(b)}</option>" for b in blocks)
+    score = ("score <select data-f='score'><option value=''>all</option>"
+             + "".join(f"<option>{_e(s)}</option>" for s in scores) + "</select>") if scores else ""
+    return (f"<div class='filters' data-table='{table_id}'>{score}block <select data-f='block'><option value=''>all</option>{opts}"
+            "</select>layer <input data-f='layer' size='7' placeholder='18 or 12-20'>head <input data-f='head' size='6' "
+            "placeholder='3 or 0-4'><select data-f='sig' aria-label='significance'><option value=''>significant or not</option>"
+            "<option value='1'>significant only</option><option value='0'>not significant only</option></select>"
+            "<span class='count'></span></div>")
+
+
+def _table(table_id: str, headers: list[str], rows: list[tuple[dict, list[tuple[str, Any]]]], blocks: list[str],
+           scores: list[str] | None = None) -> str:
+    """A sortable, filterable table: rows of (row attributes, [(text, sort value)])."""
+    head = "".join(f"<th scope='col'>{_e(h)}</th>" for h in headers)
     body = []
-    for i, r in enumerate(rows, 1):
-        hd = f"{r['head']} (KV {r['kv_head']})" if r["kv_head"] is not None else str(r["head"])
-        body.append(
-            f"<tr class='{'sig' if r['significant'] else ''}'><td class='num'>{i}</td><td>{_e(r['block'])}</td>"
-            f"<td class='num'>{r['layer']}</td><td class='num'>{_e(hd)}</td><td class='num'>{_num(r['mean'])}</td>"
-            f"<td class='num'>[{_num(r['ci_low'], '.3g')}, {_num(r['ci_high'], '.3g')}]</td>"
-            f"<td class='num'>{_num(r['p_value'], '.3g')}</td><td class='num'>{_num(r['q_value'], '.3g')}</td>"
-            f"<td class='num'>{_num(r['p_fwer'], '.3g')}</td><td>{'yes' if r['significant'] else 'no'}</td></tr>"
-        )
-    caption = (f"<p class='note'>{n_sig} of {_e(family)} family slices significant at BH q ≤ {_e(alpha)}; "
-               f"the {len(rows)} smallest q-values shown (ties: larger mean first). "
-               "K/V rows are one test per KV head, shown with the first query head of its group "
-               "(use that head with <code>qkov query</code>).</p>")
-    return f"{caption}<table><tr>{head}</tr>{''.join(body)}</table>"
+    for attrs, cells in rows:
+        a = "".join(f" data-{k}='{_e(v)}'" for k, v in attrs.items())
+        tds = []
+        for h, (txt, v) in zip(headers, cells):
+            if h == "head" and attrs.get("id"):
+                tds.append(f"<td class='num' data-v='{_sv(v)}'><a href='#pairs-{_e(attrs['id'])}'>{_e(txt)}</a></td>")
+            elif h in ("direction", "vs chance"):
+                tds.append(f"<td data-v='{_sv(v)}'><span class='{_dir_class(txt)}'>{_e(txt)}</span></td>")
+            elif h in ("block", "score", "selected"):
+                tds.append(f"<td data-v='{_sv(v)}'>{_e(txt)}</td>")
+            else:
+                tds.append(f"<td class='num' data-v='{_sv(v)}'>{_e(txt)}</td>")
+        body.append(f"<tr{a}>{''.join(tds)}</tr>")
+    return (_filters(table_id, blocks, scores)
+            + f"<div class='scroll'><table class='qt' id='{table_id}'><thead><tr>{head}</tr></thead>"
+              f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def render_html(info: dict, figures: list[dict], tables: dict[str, str]) -> str:
-    """The page. figures: {title, caption, png (bytes)}; tables: score → HTML table."""
+def _headline_html(tb: dict, blocks: list[str]) -> str:
+    headers, cells = headline_cells(tb)
+    sig_key = {"conflict": "transfer_direction", "shared": "direction", "differ": "direction"}[tb["key"]]
+    title = f"<h3 id='q-{tb['key']}-{tb['score']}'>{_e(headline_title(tb))}</h3><p class='note'>{_e(tb.get('note', ''))}</p>"
+    if not cells:
+        return title + "<p><b>None.</b></p>"
+    rows = []
+    for r, c in zip(tb["rows"], cells):
+        rows.append(({"id": slice_id(r["block"], r["layer"], r["head"]), "block": r["block"], "layer": r["layer"],
+                      "head": r["head"], "sig": int(bool(r.get(sig_key)))}, c))
+    return title + _table(f"t-{tb['key']}-{tb['score']}", headers, rows, blocks)
+
+
+def _all_slices_html(stats: xr.Dataset, blocks: list[str]) -> str:
+    headers = ["block", "layer", "head", "score", "vs chance", "mean", "chance", "effect [CI]", "effect / chance", "q",
+               "p_fwer", "task effect size"]
+    rows = []
+    scores = [str(s) for s in stats[schema.SCORE].values]
+    for score in scores:
+        t = slice_table(stats, score)
+        for i in range(t["block"].size):
+            num = lambda k, _i=i: None if not np.isfinite(t[k][_i]) else float(t[k][_i])  # noqa: E731
+            r = {k: num(k) for k in t if k not in ("block", "layer", "head", "kv_head")}
+            r.update(block=str(t["block"][i]), layer=int(t["layer"][i]), head=int(t["head"][i]),
+                     kv_head=int(t["kv_head"][i]) if t["kv_head"][i] >= 0 else None)
+            d = direction_words(r)
+            if score == "interference":
+                own = (f"sharing {_num(r.get('sharing'), '.3f')} (A→B {_num(r.get('sharing_ab'), '.3f')}, "
+                       f"B→A {_num(r.get('sharing_ba'), '.3f')})", r.get("sharing"))
+            else:
+                own = (f"cosine {_num(r.get('cosine'), '.2f')}; transfer {_num(r.get('transfer'), '.3g')} "
+                       f"{direction_words(r, 'transfer_direction')} (q {_num(r.get('transfer_q_value'), '.3g')})",
+                       r.get("cosine"))
+            rel = r.get("effect_rel") if score == "interference" else None
+            cells = [(r["block"], r["block"]), (str(r["layer"]), r["layer"]), (head_label(r), r["head"]), (score, score),
+                     (d, r.get("direction")), (_num(r.get("mean")), r.get("mean")),
+                     (_num(r.get("chance")), r.get("chance")),
+                     (f"{_num(r.get('effect'), '.3g')} [{_num(r.get('effect_ci_low'), '.3g')}, "
+                      f"{_num(r.get('effect_ci_high'), '.3g')}]", r.get("effect")),
+                     ("–" if rel is None else f"{100 * rel:+.1f}%", rel), (_num(r.get("q_value"), ".3g"), r.get("q_value")),
+                     (_num(r.get("p_fwer"), ".3g"), r.get("p_fwer")), own]
+            rows.append(({"id": slice_id(r["block"], r["layer"], r["head"]), "block": r["block"], "layer": r["layer"],
+                          "head": r["head"], "score": score, "sig": int(bool(r.get("significant")))}, cells))
+    return _table("t-all", headers, rows, blocks, scores)
+
+
+def _layers_html(stats: xr.Dataset, blocks: list[str]) -> str | None:
+    if "layer_q_value" not in stats:
+        return None
+    scores = [str(s) for s in stats[schema.SCORE].values]
+    headers = ["score", "block", "layer", "selected", "layer p", "layer q", "heads significant (layer → head)"]
+    rows = []
+    for score in scores:
+        for b in blocks:
+            for layer in (int(x) for x in stats[schema.LAYER].values):
+                sel = {schema.SCORE: score, schema.BLOCK: b, schema.LAYER: layer}
+                p, q = float(stats["layer_p_value"].sel(sel)), float(stats["layer_q_value"].sel(sel))
+                chosen = bool(stats["layer_significant"].sel(sel))
+                n_hier = None
+                if "significant_hier" in stats:
+                    fam = np.asarray(stats["in_family"].sel({schema.BLOCK: b}).values, dtype=bool)
+                    n_hier = int(np.asarray(stats["significant_hier"].sel(sel).values, dtype=bool)[fam].sum())
+                cells = [(score, score), (b, b), (str(layer), layer), ("yes" if chosen else "no", int(chosen)),
+                         (_num(p, ".3g"), p), (_num(q, ".3g"), q), ("–" if n_hier is None else str(n_hier), n_hier)]
+                rows.append(({"block": b, "layer": layer, "head": -1, "score": score, "sig": int(chosen)}, cells))
+    return _table("t-layers", headers, rows, blocks, scores)
+
+
+def heatmap_svg(data: dict[str, Any]) -> str:
+    """The page's interactive heatmap: the same cells, colours and marks as `effect_figure`, each
+    cell a link to its top pairs carrying its slice id (hover text comes from the embedded data)."""
+    panels = data["panels"]
+    colour = colour_of(data)
+    n_layers = len(next(iter(panels.values()))["layers"])
+    total = sum(len(p["cols"]) for p in panels.values())
+    cw = int(np.clip(760 // max(total, 1), 7, 24))
+    ch = int(np.clip(560 // max(n_layers, 1), 7, 22))
+    left, top, bottom, gap = 46, 30, 38, 18
+    x = left
+    parts = []
+    for b, p in panels.items():
+        w = len(p["cols"]) * cw
+        parts.append(f"<text x='{x + w / 2:.1f}' y='{top - 8}' text-anchor='middle' font-weight='600'>{_e(b)}</text>")
+        for r, layer in enumerate(p["layers"]):
+            for c, _ in enumerate(p["cols"]):
+                v = float(p["values"][r, c])
+                sid = p["ids"][r][c]
+                parts.append(f"<a href='#pairs-{sid}' aria-label='{_e(sid)}'><rect data-id='{sid}' "
+                             f"data-v='{'' if not np.isfinite(v) else format(v, '.6g')}' x='{x + c * cw}' y='{top + r * ch}' "
+                             f"width='{cw}' height='{ch}' fill='{colour(v)}'/></a>")
+                m = int(p["marks"][r, c])
+                if m:
+                    parts.append(f"<text class='mark' data-mark='{m}' x='{x + c * cw + cw / 2:.1f}' "
+                                 f"y='{top + r * ch + ch * 0.72:.1f}' text-anchor='middle' "
+                                 f"style='font-size:{max(7, int(min(cw, ch) * 0.7))}px'>{'▲' if m > 0 else '▼'}</text>")
+        step = max(1, int(np.ceil(16 / cw)))
+        for c in range(0, len(p["cols"]), step):
+            parts.append(f"<text x='{x + c * cw + cw / 2:.1f}' y='{top + n_layers * ch + 12}' text-anchor='middle'>"
+                         f"{p['labels'][c]}</text>")
+        parts.append(f"<text x='{x + w / 2:.1f}' y='{top + n_layers * ch + 28}' text-anchor='middle' fill='#57606a'>"
+                     f"{p['xlabel']}</text>")
+        x += w + gap
+    step = max(1, int(np.ceil(12 / ch)))
+    for r, layer in enumerate(next(iter(panels.values()))["layers"]):
+        if r % step == 0:
+            parts.append(f"<text x='{left - 6}' y='{top + r * ch + ch * 0.72:.1f}' text-anchor='end'>{layer}</text>")
+    parts.append(f"<text transform='translate(12,{top + n_layers * ch / 2:.0f}) rotate(-90)' text-anchor='middle' "
+                 "fill='#57606a'>layer</text>")
+    # the colour bar: the map sampled on the shared scale, top = high (tall enough for its ticks)
+    h = max(n_layers * ch, 120)
+    bx = x + 8
+    cmap = matplotlib.colormaps[data["cmap"]]
+    stops = "".join(f"<stop offset='{k / 20:.2f}' stop-color='{to_hex(cmap(1 - k / 20))}'/>" for k in range(21))
+    gid = f"grad-{data['kind']}"
+    parts.append(f"<defs><linearGradient id='{gid}' x1='0' y1='0' x2='0' y2='1'>{stops}</linearGradient></defs>")
+    parts.append(f"<rect x='{bx}' y='{top}' width='14' height='{h}' fill='url(#{gid})' stroke='#8c959f'/>")
+    for k in range(5):
+        v = data["vmax"] - k * (data["vmax"] - data["vmin"]) / 4
+        y = top + k * h / 4
+        parts.append(f"<line x1='{bx + 14}' x2='{bx + 18}' y1='{y:.1f}' y2='{y:.1f}' stroke='#57606a'/>"
+                     f"<text class='tick' x='{bx + 21}' y='{y + 3.5:.1f}'>{_e(tick_label(data['kind'], float(v)))}</text>")
+    parts.append(f"<text x='{bx}' y='{top - 8}' fill='#57606a'>↑ {_e(data['high'])}</text>"
+                 f"<text x='{bx}' y='{top + h + 14}' fill='#57606a'>↓ {_e(data['low'])}</text>")
+    width = bx + 8 + 6.2 * max(len(data["high"]), len(data["low"]), 12)
+    height = top + max(h + 34, n_layers * ch + bottom)
+    return (f"<svg class='heat' data-kind='{data['kind']}' role='img' aria-label='{_e(data['title'])}' "
+            f"xmlns='http://www.w3.org/2000/svg' width='{width:.0f}' height='{height:.0f}' "
+            f"viewBox='0 0 {width:.0f} {height:.0f}'>{''.join(parts)}</svg>")
+
+
+def _heatmap_caption(data: dict[str, Any], alpha: Any, family: Any, alternative: Any, files: list[str]) -> str:
+    marks = ""
+    if data["marks"]:
+        marks = f" ▲ {_e(data['marks'][0])}; ▼ {_e(data['marks'][1])} (BH over the family of {_e(family)} slices, α = {_e(alpha)}" \
+                + (f", labels null {_e(alternative)}" if data["kind"] == "differ" else ", transfer test two-sided") + ")."
+    links = " · ".join(f"<a href='{_e(f)}'>{_e(f)}</a>" for f in files)
+    return (f"<figcaption>Colour: {_e(data['value'])}. Diverging scale (ColorBrewer {_e(data['cmap'].removesuffix('_r'))}, "
+            f"colour-blind safe) centred on the neutral value and shared by all blocks: "
+            f"{_e(tick_label(data['kind'], data['vmin']))} to {_e(tick_label(data['kind'], data['vmax']))}; grey = no value."
+            f"{marks} Hover a cell for its numbers; click it for its top pairs. Files: {links}</figcaption>")
+
+
+def render_html(info: dict, sections: list[str], data: dict[str, Any]) -> str:
+    """The page: header, run table, the given HTML sections, the embedded data and the script."""
     a, b = info["task_a"], info["task_b"]
     title = f"qkov report — {a['name']} vs {b['name']}"
     st = info["stats"]
@@ -329,28 +869,16 @@ def render_html(info: dict, figures: list[dict], tables: dict[str, str]) -> str:
         ("provenance", f"config hash <code>{_e(info['config_hash'])}</code>, extracted {_e(info['created'])}; "
                        + ", ".join(f"{_e(k)} {_e(v)}" for k, v in info["versions"].items())),
     ]
-    figs = "".join(
-        f"<h2>{_e(f['title'])}</h2><figure><img alt='{_e(f['title'])}' "
-        f"src='data:image/png;base64,{base64.b64encode(f['png']).decode('ascii')}'>"
-        f"<figcaption>{f['caption']}</figcaption></figure>"
-        for f in figures
-    )
-    tabs = "".join(f"<h2>Top heads — {_e(score)}</h2>{t}" for score, t in tables.items())
-    how = (
-        "<p class='note'>Each cell is one attention slice (block, layer, head): the mean over all "
-        f"{_e(a['name'])}×{_e(b['name'])} sample pairs of the Fisher-normalised interference "
-        "M = Σ g<sub>i</sub>²/(Î+λ)·|g<sub>j</sub>| or alignment A = Σ g<sub>i</sub>g<sub>j</sub>/(Î+λ). "
-        f"A dot marks a slice whose label-permutation test ({_e(st.get('n_permutations'))} permutations, "
-        f"alternative <code>{_e(st.get('alternative'))}</code>) survives Benjamini–Hochberg at "
-        f"α = {_e(st.get('alpha'))} over the family of unique slices.</p>"
-    )
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{_e(title)}</title>"
         f"<style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><p class='sub'>where the two tasks interfere inside "
+        f"<h1>{_e(title)}</h1><p class='sub'>where the two tasks conflict, share and differ inside "
         f"<code>{_e(info['model'])}</code>, per attention head</p>"
-        f"{_kv_table(rows)}{how}{figs}{tabs}</body></html>"
+        f"{_kv_table(rows)}{''.join(sections)}"
+        "<div id='tip' role='tooltip'></div><aside id='pairs' aria-live='polite'></aside>"
+        f"<script type='application/json' id='qkov-data'>{_json_script(data)}</script>"
+        f"<script>{_JS}</script></body></html>"
     )
 
 
@@ -370,7 +898,8 @@ def _default_out(run: str, out_dir: str | Path | None) -> Path:
     return local.with_name(local.name + "-report")
 
 
-REPORT_FILES = (REPORT_HTML, "run_info.json", "summary_q.png")  # and heatmap_<score>.png
+REPORT_FILES = (REPORT_HTML, "run_info.json")  # and heatmap_*, summary_q.*, mean_*  (.png/.svg)
+FIGURE_PREFIXES = ("heatmap_", "summary_q", "mean_")
 
 
 def _check_out_dir(out: Path) -> None:
@@ -385,28 +914,32 @@ def _check_out_dir(out: Path) -> None:
         ours = "run" in json.loads((out / "run_info.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         pass
-    clash = sorted(p.name for p in out.iterdir() if p.name in REPORT_FILES or (p.name.startswith("heatmap_") and p.suffix == ".png"))
+    clash = sorted(p.name for p in out.iterdir() if p.name in REPORT_FILES
+                   or (p.name.startswith(FIGURE_PREFIXES) and p.suffix in (".png", ".svg")))
     if clash and not ours:
         raise UsageError(f"{out} holds {', '.join(clash)} that qkov did not write; refusing to overwrite them. "
                          "Choose another --out (a new or empty folder, or an earlier qkov report).")
 
 
 def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storage_options: dict | None = None,
-                stats_name: str | None = None, top: int = 10) -> Path:
-    """Write heatmap PNGs, a q-value summary PNG and `report.html` (self-contained); returns the HTML path.
+                stats_name: str | None = None, top: int = 10, pairs: int = 5, raw_means: bool = False) -> Path:
+    """Write `report.html` (self-contained, interactive), the effect heatmaps and the q-value
+    summary as 300-dpi PNG + SVG, and `run_info.json`; returns the HTML path.
 
     `out_dir` defaults to `<run>-report` (beside the run) for local runs and is required for URLs.
-    `stats_name` reports `stats_<name>` instead of `stats`.
+    `stats_name` reports `stats_<name>` instead of `stats`; `top` rows per headline table;
+    `pairs` top pairs embedded per slice and score; `raw_means` also draws the raw A×B means.
     """
     store = RunStore.coerce(run, storage_options)
     out = _default_out(store.path, out_dir)
     store.require(schema.GRADIENTS, "the report")
     stats = store.open_stats(stats_name)
-    info = run_info(store, stats, schema.stats_group(stats_name))
+    info = run_info(store, stats, schema.stats_group(stats_name), out)
     tasks = (str(info["task_a"]["name"]), str(info["task_b"]["name"]))
     _check_out_dir(out)
+    embedded = top_pairs_by_slice(store, stats, pairs)
     try:
-        path = _write_report(out, stats, info, tasks, top)
+        path = _write_report(out, stats, info, tasks, top, embedded, raw_means)
         _add_health_panel(path, store, stats)
         return path
     except OSError as e:
@@ -459,31 +992,78 @@ def _write_figure(out: Path, stem: str, fig: Figure) -> list[str]:
     return names
 
 
-def _write_report(out: Path, stats, info: dict, tasks: tuple[str, str], top: int) -> Path:
+def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, str], top: int,
+                  embedded: dict[str, Any], raw_means: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-
-    figures = []
     scores = [str(s) for s in stats[schema.SCORE].values]
-    for score in scores:
-        png = png_bytes(heatmap_figure(stats, score, tasks))
-        (out / f"heatmap_{score}.png").write_bytes(png)
-        figures.append({"title": f"{score.capitalize()} by layer × head",
-                        "caption": html.escape(f"Mean {score} over {tasks[0]}×{tasks[1]} pairs per slice; "
-                                               f"dots: significant slices. File heatmap_{score}.png."),
-                        "png": png})
-    png = png_bytes(summary_figure(stats))
-    (out / "summary_q.png").write_bytes(png)
-    figures.append({"title": "Evidence per block",
-                    "caption": "−log10 BH q-value of every slice in the family, per block; points above the dashed "
-                               "line are significant. File summary_q.png.",
-                    "png": png})
+    blocks = [str(b) for b in stats[schema.BLOCK].values]
+    st = info["stats"]
+    alpha, family, alternative = st.get("alpha"), st.get("family_size"), st.get("alternative")
+    notes = [f"K/V: GQA groups share one K/V slice (one test each), drawn once per KV head — {_group_note(c['labels'], c['groups'])}"
+             for c in (block_columns(stats, b) for b in blocks) if c["groups"]][:1]
 
-    tables = {}
-    alpha, family = stats.attrs.get("alpha"), stats.attrs.get("family_size")
-    for score in scores:
-        tables[score] = _heads_table(rank_heads(stats, score, top), n_significant(stats, score), family, alpha,
-                                     stats.attrs.get("ci_level"))
+    written: list[str] = []
+    sections = ["<h2>Answers</h2><p class='note'>Each table answers one question with its own numbers; "
+                "<b>direction</b> says which way. <i>Conflict</i>: does a step on one task's loss raise the other's "
+                "(transfer = ⟨ḡ<sub>A</sub>, ḡ<sub>B</sub>⟩ in the (Î+λ)⁻¹ metric, tested against 0)? <i>Share</i>: do "
+                "the other task's gradients land on the weights this task depends on (sharing ratio; 1 = as heavily as "
+                "its own samples)? <i>Differ</i>: is the cross-task mean above or below chance (label permutations)? "
+                "Below chance means cross-task pairs interfere <i>less</i> than random pairs, not that they do not "
+                "interfere. Click a head for its top pairs; click a column to sort.</p>"]
+    differ = tuple(s for s in ("interference",) if s in scores) or tuple(scores[:1])
+    for tb in headline_tables(stats, top, differ_scores=differ):
+        sections.append(_headline_html(tb, blocks))
+
+    for kind in HEATMAPS:
+        data = heatmap_data(stats, kind)
+        if data is None:
+            continue
+        files = _write_figure(out, f"heatmap_{kind}", effect_figure(data, tasks, notes))
+        written += files
+        sections.append(f"<h2 id='map-{kind}'>{_e(data['title'])}</h2><figure>{heatmap_svg(data)}"
+                        f"{_heatmap_caption(data, alpha, family, alternative, files)}</figure>")
+
+    layers = _layers_html(stats, blocks)
+    if layers:
+        sections.append("<h2>Which layers carry it</h2><p class='note'>Per score, block and layer: does any head differ "
+                        "from chance (the heads' permutation p-values combined over the same permutations)? BH over "
+                        "layer-blocks selects; heads are then tested inside the selected ones (Benjamini–Bogomolov), "
+                        "counted in the last column.</p>" + layers)
+    sections.append("<h2>Every slice</h2><p class='note'>One row per family slice and score (K/V once per KV head). "
+                    "Mean, chance and effect are in the score's units; q is the label-permutation test's BH q-value. "
+                    "Filter, sort, and click a head for its top pairs.</p>" + _all_slices_html(stats, blocks))
+
+    fig = summary_figure(stats)
+    files = _write_figure(out, "summary_q", fig)
+    written += files
+    svg = figure_bytes(fig, "svg")
+    sections.append("<h2>Evidence per block</h2><figure><img alt='BH q-value of every slice per block' "
+                    f"src='data:image/svg+xml;base64,{base64.b64encode(svg).decode('ascii')}'>"
+                    "<figcaption>−log10 BH q-value of the label-permutation test for every slice in the family, per "
+                    "block; points above the dashed line differ from chance (either direction: see the heatmaps). "
+                    f"Files: {' · '.join(f'<a href={chr(39)}{n}{chr(39)}>{n}</a>' for n in files)}</figcaption></figure>")
+    if raw_means:
+        raw = []
+        for score in scores:
+            fig = raw_mean_figure(stats, score, tasks)
+            names = _write_figure(out, f"mean_{score}", fig)
+            written += names
+            svg = figure_bytes(fig, "svg")
+            raw.append(f"<figure><img alt='raw mean {_e(score)}' src='data:image/svg+xml;base64,"
+                       f"{base64.b64encode(svg).decode('ascii')}'><figcaption>Files: "
+                       + " · ".join(f"<a href='{n}'>{n}</a>" for n in names) + "</figcaption></figure>")
+        sections.append("<details><summary>Raw means (each block its own scale; not compared with chance)</summary>"
+                        + "".join(raw) + "</details>")
+
+    # an earlier qkov report in this folder (checked by _check_out_dir) may hold figures this one
+    # does not draw (older versions, raw means): they would contradict the page beside them
+    for p in out.iterdir():
+        if p.name.startswith(FIGURE_PREFIXES) and p.suffix in (".png", ".svg") and p.name not in written:
+            p.unlink()
+
+    data = {"tasks": {"a": tasks[0], "b": tasks[1]}, "slices": slice_data(stats), "pairs": embedded["pairs"],
+            "pairs_n": embedded["n"], "samples": embedded["samples"]}
     path = out / REPORT_HTML
-    path.write_text(render_html(info, figures, tables), encoding="utf-8")
+    path.write_text(render_html(info, sections, data), encoding="utf-8")
     (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return path

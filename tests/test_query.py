@@ -148,21 +148,31 @@ def test_missing_groups_name_the_stage(text_run, tmp_path):
 
 
 @pytest.mark.parametrize("score", ["interference", "alignment"])
-def test_significant_heads_sorted_by_q_then_mean(text_run, score):
+def test_significant_heads_sorted_by_q_then_effect(text_run, score):
+    """Smallest q first; ties (e.g. at the permutation floor) broken by effect size in the tested
+    direction: effect / chance for interference, effect for alignment."""
     run, _ = text_run
     s = _stored(run, schema.STATS).load().sel(score=score)
+    alt = s.attrs["alternative"]
     rows = []
     for b in s["block"].values:
         for layer in s["layer"].values:
             for h in s["head"].values:
                 if bool(s.in_family.sel(block=b, head=h)):
                     x = s.sel(block=b, layer=layer, head=h)
-                    rows.append((float(x.q_value), -float(x["mean"]), str(b), int(layer), int(h)))
+                    e = float(x.effect) / abs(float(x["mean"] - x.effect)) if score == "interference" else float(x.effect)
+                    e = {"greater": e, "less": -e}.get(alt, abs(e))
+                    rows.append((float(x.q_value), -e, str(b), int(layer), int(h)))
     want = sorted(rows)[:5]
     got = significant_heads(run, score=score, top=5)
     assert [(r["block"], r["layer"], r["head"]) for r in got] == [w[2:] for w in want]
     assert [r["q_value"] for r in got] == pytest.approx([w[0] for w in want])
     assert all(r["score"] == score for r in got)
+    for r in got:  # every row carries chance, effect with CI and direction
+        x = s.sel(block=r["block"], layer=r["layer"], head=r["head"])
+        assert r["effect"] == pytest.approx(float(x.effect)) and r["direction"] == int(x.direction)
+        assert r["chance"] == pytest.approx(float(x["mean"] - x.effect))
+        assert r["effect_ci_low"] == pytest.approx(float(x.effect_ci_low))
     assert len(significant_heads(run, score=score, top=100)) == len(rows) == int(s.attrs["family_size"])
     sig_only = significant_heads(run, score=score, top=100, only_significant=True)
     assert all(r["significant"] for r in sig_only)
@@ -172,7 +182,80 @@ def test_significant_heads_sorted_by_q_then_mean(text_run, score):
 
     con = Console(record=True, width=200)
     con.print(format_significant(got))
-    assert f"top 5 slices by q-value ({score})" in con.export_text()
+    text = con.export_text()
+    assert f"Heads where the tasks differ most ({score}: mean vs chance): top 5 slices by q-value" in text
+    for r in got:
+        assert {1: "▲ above chance", -1: "▼ below chance", 0: "not significant"}[r["direction"]] in text
+
+
+def _planted_stats() -> xr.Dataset:
+    """Stats with known answers on 1 layer × 6 heads of Q and O (no GQA): interference below
+    chance at the permutation floor in O heads 0-2 (effects −10%, −40%, −20% of chance) and
+    above chance in Q head 1 (+5%, q larger); conflicts (transfer < 0) in Q heads 2 and 4 at one
+    q (cosines −0.1, −0.6), synergy in O head 5; sharing ratios 0.2 … 1.2."""
+    d4, d3 = ("score", "block", "layer", "head"), ("block", "layer", "head")
+    shape = (2, 2, 1, 6)
+    chance = np.full(shape, 100.0)
+    effect = np.zeros(shape)
+    q = np.full(shape, 0.6)
+    for h, e in ((0, -10.0), (1, -40.0), (2, -20.0)):
+        effect[0, 1, 0, h], q[0, 1, 0, h] = e, 0.004
+    effect[0, 0, 0, 1], q[0, 0, 0, 1] = 5.0, 0.03
+    sig = q <= 0.05
+    direction = np.where(sig, np.sign(effect), 0).astype(np.int8)
+    transfer = np.full((2, 1, 6), 0.5)
+    tq = np.full((2, 1, 6), 0.7)
+    cosine = np.full((2, 1, 6), 0.05)
+    transfer[0, 0, 2], transfer[0, 0, 4], transfer[1, 0, 5] = -3.0, -1.0, 2.0
+    tq[0, 0, 2] = tq[0, 0, 4] = tq[1, 0, 5] = 0.01
+    cosine[0, 0, 2], cosine[0, 0, 4], cosine[1, 0, 5] = -0.1, -0.6, 0.4
+    tdir = np.where(tq <= 0.05, np.sign(transfer), 0).astype(np.int8)
+    sharing = np.linspace(0.2, 1.2, 12).reshape(2, 1, 6)
+    zeros = np.zeros(shape)
+    return xr.Dataset(
+        {"mean": (d4, chance + effect), "null_mean": (d4, chance), "effect": (d4, effect),
+         "effect_ci_low": (d4, effect - 1), "effect_ci_high": (d4, effect + 1), "direction": (d4, direction),
+         "p_value": (d4, q / 4), "q_value": (d4, q), "significant": (d4, sig), "p_fwer": (d4, q), "ci_low": (d4, zeros),
+         "ci_high": (d4, zeros), "transfer": (d3, transfer), "transfer_q_value": (d3, tq), "transfer_direction": (d3, tdir),
+         "cosine": (d3, cosine), "sharing_ab": (d3, sharing), "sharing_ba": (d3, sharing),
+         "in_family": (("block", "head"), np.ones((2, 6), dtype=bool))},
+        coords={"score": ["interference", "alignment"], "block": ["Q", "O"], "layer": [7], "head": np.arange(6),
+                "kv_head": ("head", np.arange(6))},
+        attrs={"alpha": 0.05, "alternative": "two-sided", "family_size": 12, "n_permutations": 999},
+    )
+
+
+def test_headline_tables_answer_each_question_with_its_direction():
+    from rich.console import Console
+
+    from pipeline.query import QUESTIONS, format_headlines, headline_tables
+
+    tables = {t["key"]: t for t in headline_tables(_planted_stats(), top=10)}
+    assert {k: t["question"] for k, t in tables.items()} == QUESTIONS
+    conflict = tables["conflict"]
+    assert [(r["block"], r["head"]) for r in conflict["rows"]] == [("Q", 4), ("Q", 2)]  # q tie: the more negative cosine first
+    assert all(r["transfer_direction"] == -1 for r in conflict["rows"]) and conflict["n_found"] == 2
+    assert "1 show synergy" in conflict["note"]
+    differ = tables["differ"]
+    # the floor tie (q = 0.004) broken by |effect| / chance: −40% before −20% before −10%; then the +5%
+    assert [(r["block"], r["head"], r["direction"]) for r in differ["rows"]] == [("O", 1, -1), ("O", 2, -1), ("O", 0, -1), ("Q", 1, 1)]
+    assert [r["effect_rel"] for r in differ["rows"]] == pytest.approx([-0.4, -0.2, -0.1, 0.05])
+    assert "1 above chance" in differ["note"] and "3 below" in differ["note"]
+    shared = tables["shared"]
+    assert [r["sharing"] for r in shared["rows"]][:3] == pytest.approx([1.2, 1.2 - 1 / 11, 1.2 - 2 / 11])
+
+    con = Console(record=True, width=220)
+    con.print(format_headlines(list(tables.values())))
+    text = con.export_text()
+    for q in QUESTIONS.values():
+        assert q.capitalize() in text
+    assert "top interference" not in text.lower()
+    con = Console(record=True, width=220)
+    con.print(format_headlines([differ]))
+    rows = [ln for ln in con.export_text().splitlines() if ln.startswith(("│ O ", "│ Q "))]
+    assert len(rows) == 4
+    for ln, pct in zip(rows, ("-40.0%", "-20.0%", "-10.0%", "+5.0%")):  # direction and the signed effect side by side
+        assert ("▼ below chance" if pct[0] == "-" else "▲ above chance") in ln and pct in ln
 
 
 def test_named_stats_and_url_runs(text_run):

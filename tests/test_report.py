@@ -1,22 +1,25 @@
-"""`qkov report`: PNGs, a self-contained HTML page that embeds them, and a page Chromium renders."""
+"""`qkov report`: effect heatmaps that cannot be misread (diverging, centred, one scale for all
+blocks, marks that agree with the colour), 300-dpi PNG + SVG files, and one self-contained
+page without machine paths. The page's interaction is tested in Chromium by
+tests/test_report_browser.py."""
 from __future__ import annotations
 
-import base64
+import json
 import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from matplotlib.colors import to_rgb
 
-from pipeline.errors import QkovError
 from pipeline import schema
-from pipeline.report import heatmap_figure, make_report
+from pipeline.errors import QkovError
+from pipeline.report import HEATMAPS, colour_of, effect_figure, heatmap_data, heatmap_svg, make_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PNGS = ("heatmap_interference.png", "heatmap_alignment.png", "summary_q.png")
+FIGURES = ("heatmap_differ", "heatmap_sharing", "heatmap_conflict", "summary_q")
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +39,24 @@ def report(run) -> Path:
 
 
 class _Page(HTMLParser):
-    """Collects every tag and its attributes, and the visible text."""
+    """Collects every tag and its attributes, and the visible text (not the script's)."""
 
     def __init__(self):
         super().__init__()
         self.tags: list[tuple[str, dict]] = []
         self.text: list[str] = []
+        self._in_script = False
 
     def handle_starttag(self, tag, attrs):
         self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False if tag == "script" else self._in_script
 
     def handle_data(self, data):
-        self.text.append(data)
+        if not self._in_script:
+            self.text.append(data)
 
 
 def _parse(path: Path) -> _Page:
@@ -56,97 +65,161 @@ def _parse(path: Path) -> _Page:
     return page
 
 
-def test_report_writes_pngs_and_embeds_them(run, report):
+def test_report_writes_300dpi_png_and_svg_and_one_self_contained_page(run, report):
+    from PIL import Image
+
     assert report == Path(str(run) + "-report") / "report.html"
-    on_disk = {name: (report.parent / name).read_bytes() for name in PNGS}
-    assert all(b.startswith(PNG_MAGIC) for b in on_disk.values())
+    for stem in FIGURES:
+        png = report.parent / f"{stem}.png"
+        assert png.read_bytes().startswith(PNG_MAGIC)
+        assert Image.open(png).info["dpi"] == pytest.approx((300, 300), abs=0.5)
+        svg = (report.parent / f"{stem}.svg").read_text(encoding="utf-8")
+        assert "<svg" in svg and "</svg>" in svg
     page = _parse(report)
-    imgs = [a for t, a in page.tags if t == "img"]
-    assert len(imgs) == len(PNGS)
-    embedded = []
-    for a in imgs:
-        prefix = "data:image/png;base64,"
-        assert a["src"].startswith(prefix) and a.get("alt")
-        data = base64.b64decode(a["src"][len(prefix):], validate=True)
-        assert data.startswith(PNG_MAGIC)
-        embedded.append(data)
-    assert sorted(embedded) == sorted(on_disk.values())  # the page shows exactly the written files
-    # self-contained: no scripts, stylesheets or any other outside reference
-    assert not [t for t, _ in page.tags if t in ("script", "link", "iframe", "object", "embed")]
-    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href") and not v.startswith("data:")]
-    assert refs == []
+    # self-contained: inline style and script only; images as data URIs; links to the page
+    # itself or to the figure files written beside it
+    scripts = [a for t, a in page.tags if t == "script"]
+    assert len(scripts) == 2 and all("src" not in a for a in scripts)
+    assert not [t for t, _ in page.tags if t in ("link", "iframe", "object", "embed")]
+    for t, a in page.tags:
+        if "src" in a:
+            assert a["src"].startswith("data:image/"), a
+        if t == "a" and "href" in a:
+            href = a["href"]
+            assert href.startswith("#") or (report.parent / href).is_file(), href
 
 
-def test_report_names_the_run_and_ranks_heads(run, report):
-    from pipeline.query import significant_heads
-
-    text = "".join(_parse(report).text)
-    stats = xr.open_zarr(run, group=schema.STATS, consolidated=False)
-    for s in ("math vs code", "LlamaForCausalLM", "8 samples", "6 samples", "48 (A×B)",
-              f"n_permutations={stats.attrs['n_permutations']}", "Top heads — interference", "Top heads — alignment"):
-        assert s in text, s
+def test_report_shows_no_machine_paths(run, report):
+    """The run is named relative to the report, other files by their name only."""
     html = report.read_text(encoding="utf-8")
-    for score in ("interference", "alignment"):
-        best = significant_heads(run, score=score, top=1)[0]
-        assert f"{best['q_value']:.3g}" in html
-    assert html.count("<tr class=") == 2 * 10  # top-10 table per score
+    info = json.loads((report.parent / "run_info.json").read_text(encoding="utf-8"))
+    tmp_root = str(Path(run).parent.parent)
+    for text in (html, json.dumps(info)):
+        assert tmp_root not in text and str(Path.home()) + "/" not in text
+    assert info["run"] == f"../{Path(run).name}"
+    assert info["task_a"]["path"].startswith(("../", "…/")) and not info["task_a"]["path"].startswith("/")
 
 
-def test_heatmap_marks_exactly_the_significant_cells():
-    """Planted significance on a GQA layout (3 layers, 6 query heads, 2 KV heads): the dots sit on
-    those cells, K/V are drawn once per KV head, and the axes and titles say what is shown."""
-    rng = np.random.default_rng(0)
-    blocks, L, H = ["Q", "K", "V", "O"], 3, 6
+def test_report_tables_name_their_question_and_direction(run, report):
+    from pipeline.query import QUESTIONS, headline_tables
+    from pipeline.store import RunStore
+
+    page = _parse(report)
+    text = "".join(page.text)
+    for s in ("math vs code", "LlamaForCausalLM", "8 samples", "6 samples", "48 (A×B)"):
+        assert s in text, s
+    for q in QUESTIONS.values():
+        assert q.capitalize() in text, q
+    assert "Top heads" not in text and "top interference" not in text.lower()
+    stats = RunStore(run).open_stats()
+    html = report.read_text(encoding="utf-8")
+    for tb in headline_tables(stats, 10, differ_scores=("interference",)):
+        table_id = f"t-{tb['key']}-{tb['score']}"
+        assert (table_id in html) == bool(tb["rows"]), table_id
+        for r in tb["rows"]:
+            assert f"#pairs-{r['block']}-{r['layer']}-{r['head']}" in html
+
+
+def _synthetic(effect: np.ndarray, chance: np.ndarray, direction: np.ndarray, cosine: np.ndarray,
+               transfer_direction: np.ndarray, kv: np.ndarray, fam: np.ndarray) -> xr.Dataset:
+    """A stats dataset with the variables the heatmaps read: [score, block, layer, head]
+    for the labels-null ones, [block, layer, head] for sharing and the transfer test."""
+    d4, d3 = ("score", "block", "layer", "head"), ("block", "layer", "head")
+    mean = chance + effect
+    sig = direction != 0
+    n_s, n_b, n_l, n_h = effect.shape
+    return xr.Dataset(
+        {"mean": (d4, mean), "null_mean": (d4, chance * 1.01), "effect": (d4, effect), "direction": (d4, direction),
+         "significant": (d4, sig), "q_value": (d4, np.where(sig, 0.001, 0.5)),
+         "sharing_ab": (d3, np.full((n_b, n_l, n_h), 0.5)), "sharing_ba": (d3, np.full((n_b, n_l, n_h), 2.0)),
+         "cosine": (d3, cosine), "transfer_direction": (d3, transfer_direction),
+         "in_family": (("block", "head"), fam)},
+        coords={"score": ["interference", "alignment"][:n_s], "block": ["Q", "K", "V", "O"][:n_b],
+                "layer": np.arange(n_l), "head": np.arange(n_h), "kv_head": ("head", kv)},
+        attrs={"alpha": 0.05, "family_size": int(fam.sum() * n_l), "alternative": "two-sided", "n_permutations": 999},
+    )
+
+
+def test_effect_heatmaps_share_one_centred_scale_and_marks_follow_direction():
+    """The demo's old failure: a deep-red (large raw mean) cell carrying ▼. Here the colour
+    is the effect vs chance, so a slice whose mean is large but below chance is blue with
+    ▼; one scale, symmetric about 0, is shared by Q, K, V and O; K/V are drawn per KV head."""
+    L, H = 3, 6
     kv = np.repeat([0, 1], 3)
-    sig = np.zeros((2, 4, L, H), dtype=bool)
-    sig[0, 0, 1, 4] = sig[0, 0, 2, 0] = True  # Q
-    sig[0, 1, 0, 3] = True  # K, KV head 1 (query head 3 represents it)
-    sig[0, 2, 2, :3] = True  # V, KV head 0: all its query heads carry the same entry
-    fam = np.array([[True] * 6, [True, False, False, True, False, False], [True, False, False, True, False, False], [True] * 6])
-    v = rng.random((2, 4, L, H))
-    ds = xr.Dataset(
-        {"mean": (("score", "block", "layer", "head"), v), "significant": (("score", "block", "layer", "head"), sig),
-         "q_value": (("score", "block", "layer", "head"), np.where(sig, 0.01, 0.5)), "in_family": (("block", "head"), fam)},
-        coords={"score": ["interference", "alignment"], "block": blocks, "layer": [0, 1, 2], "head": np.arange(H),
-                "kv_head": ("head", kv)},
-        attrs={"alpha": 0.05, "family_size": 36, "alternative": "greater", "n_permutations": 99},
-    )
-    fig = heatmap_figure(ds, "interference", ("math", "code"))
-    panels = fig.axes
-    assert [ax.get_title().split("\n")[0] for ax in panels] == [f"{b} · interference" for b in blocks]
-    want = {"Q": {(4, 1), (0, 2)}, "K": {(1, 0)}, "V": {(0, 2)}, "O": set()}
-    for ax, b in zip(panels, blocks):
-        dots = {(x, y) for line in ax.lines for x, y in zip(np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist())}
-        assert dots == want[b], b
-        assert ax.get_ylabel() == "layer"
-        assert ax.get_xlabel() == ("KV head" if b in "KV" else "head")
-        assert ax.images[0].get_array().shape == (L, 2 if b in "KV" else H)
-    assert "math×code" in fig._suptitle.get_text()
-    labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "BH q ≤ α = 0.05" in labels[0] and "KV 0: q-heads 0–2; KV 1: q-heads 3–5" in labels[0]
-    cbar_labels = [c.get_ylabel() for ax in panels for c in ax.child_axes]  # colorbars sit in inset axes
-    assert cbar_labels == ["mean interference M (≥ 0)"] * 4
+    fam = np.array([[True] * 6, [True, False, False, True, False, False],
+                    [True, False, False, True, False, False], [True] * 6])
+    shape = (2, 4, L, H)
+    chance = np.full(shape, 10.0)
+    chance[:, 0] = 0.01  # Q: a block of tiny scores (relative effects compare across blocks)
+    effect = np.zeros(shape)
+    direction = np.zeros(shape, dtype=np.int8)
+    effect[0, 2, 1, 0], direction[0, 2, 1, 0] = -4.0, -1  # V, KV head 0: 40% below chance, mean 6 (large)
+    effect[0, 0, 2, 5], direction[0, 0, 2, 5] = 0.002, 1  # Q: 20% above chance on a tiny score
+    effect[0, 3, 0, 1] = 1.0  # O: +10%, not significant: coloured, unmarked
+    cosine = np.full((4, L, H), np.nan)
+    cosine[0, 0, 0], cosine[3, 2, 4] = -0.5, 0.25
+    tdir = np.zeros((4, L, H), dtype=np.int8)
+    tdir[0, 0, 0] = -1
+    ds = _synthetic(effect, chance, direction, cosine, tdir, kv, fam)
+
+    d = heatmap_data(ds, "differ")
+    assert d["vmin"] == -d["vmax"] == pytest.approx(-40.0)  # max |effect / chance| over every block, in %
+    assert [len(p["labels"]) for p in d["panels"].values()] == [6, 2, 2, 6]
+    v = d["panels"]["V"]
+    assert v["values"][1, 0] == pytest.approx(-40.0) and v["marks"][1, 0] == -1 and v["xlabel"] == "KV head"
+    assert d["panels"]["Q"]["values"][2, 5] == pytest.approx(20.0) and d["panels"]["Q"]["marks"][2, 5] == 1
+    assert d["panels"]["O"]["marks"][0, 1] == 0 and d["panels"]["O"]["values"][0, 1] == pytest.approx(10.0)
+    colour = colour_of(d)
+    r, g, b = to_rgb(colour(-40.0))
+    assert b > r + 0.3  # below chance is blue on RdBu_r ...
+    r, g, b = to_rgb(colour(20.0))
+    assert r > b + 0.2  # ... above chance red
+    assert min(to_rgb(colour(0.0))) > 0.9  # chance itself is (near) white
+    assert colour(float("nan")) == "#d9d9d9"
+
+    fig = effect_figure(d, ("math", "code"), [])
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["Q", "K", "V", "O"]
+    assert {ax.images[0].get_clim() for ax in panels} == {(-40.0, 40.0)}  # one scale for every block
+    marks = {}
+    for ax, blk in zip(panels, "QKVO"):
+        for line in ax.lines:
+            for x, y in zip(line.get_xdata(), line.get_ydata()):
+                marks[(blk, int(y), int(x))] = line.get_marker()
+    assert marks == {("V", 1, 0): "v", ("Q", 2, 5): "^"}
+    assert len([ax for ax in fig.axes if not ax.images]) == 1  # one colour bar
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:2] == list(HEATMAPS["differ"]["marks"])
+    assert "(mean − chance) / chance" in legend[2]
+
+    # the page draws the same cells with the same colours and marks
+    svg = heatmap_svg(d)
+    assert f"data-id='V-1-0' data-v='-40' x=" in svg and f"fill='{colour(-40.0)}'" in svg
+    assert svg.count("class='mark'") == 2 and svg.count("<rect data-id=") == (6 + 2 + 2 + 6) * L
+
+    c = heatmap_data(ds, "conflict")
+    assert (c["vmin"], c["vmax"]) == (-0.5, 0.5)
+    assert c["panels"]["Q"]["marks"][0, 0] == -1  # the conflict, ▼
+    r, g, b = to_rgb(colour_of(c)(-0.5))
+    assert r > b + 0.2  # conflict is red on RdBu
+    s = heatmap_data(ds, "sharing")
+    assert np.allclose(s["panels"]["Q"]["values"], 0.0)  # geometric mean of 0.5 and 2 = 1: the neutral value
 
 
-def test_heatmap_marks_direction_against_the_null():
-    """Significant cells above the permutation null's mean get ▲, below it ▼."""
-    L, H = 2, 3
-    sig = np.zeros((1, 1, L, H), dtype=bool)
-    sig[0, 0, 0, 1] = sig[0, 0, 1, 2] = True
-    mean = np.ones((1, 1, L, H))
-    null = np.ones((1, 1, L, H))
-    null[0, 0, 0, 1], null[0, 0, 1, 2] = 0.5, 2.0  # (0,1) above chance, (1,2) below
-    dims = ("score", "block", "layer", "head")
-    ds = xr.Dataset(
-        {"mean": (dims, mean), "null_mean": (dims, null), "significant": (dims, sig), "q_value": (dims, np.where(sig, 0.01, 0.5)),
-         "in_family": (("block", "head"), np.ones((1, H), dtype=bool))},
-        coords={"score": ["interference"], "block": ["Q"], "layer": [0, 1], "head": np.arange(H), "kv_head": ("head", np.arange(H))},
-        attrs={"alpha": 0.05, "family_size": 6, "alternative": "two-sided", "n_permutations": 99},
-    )
-    (ax,) = heatmap_figure(ds, "interference", ("a", "b")).axes[:1]
-    by_marker = {line.get_marker(): set(zip(np.asarray(line.get_xdata()).tolist(), np.asarray(line.get_ydata()).tolist()))
-                 for line in ax.lines}
-    assert by_marker == {"^": {(1, 0)}, "v": {(2, 1)}}
+def test_old_statistics_without_effect_sizes_still_report(run, tmp_path):
+    """Statistics written before the effect sizes: the differ map and table fall back to
+    mean − null_mean; sharing and conflict say they need a rerun of `qkov stats`."""
+    from pipeline.query import headline_tables
+    from pipeline.store import RunStore
+
+    stats = RunStore(run).open_stats()
+    old = stats[["mean", "null_mean", "p_value", "q_value", "significant", "p_fwer", "ci_low", "ci_high", "in_family"]]
+    assert heatmap_data(old, "sharing") is None and heatmap_data(old, "conflict") is None
+    d = heatmap_data(old, "differ")
+    m = old.sel(score="interference", block="O", layer=0, head=1)
+    assert d["panels"]["O"]["values"][0, 1] == pytest.approx(100 * float((m["mean"] - m.null_mean) / m.null_mean))
+    notes = {t["key"]: t.get("note", "") for t in headline_tables(old)}
+    assert "rerun `qkov stats`" in notes["conflict"] and "rerun `qkov stats`" in notes["shared"]
 
 
 def test_remote_run_needs_an_out_dir():
@@ -160,28 +233,3 @@ def test_missing_stats_names_the_stage(run, tmp_path):
     shutil.rmtree(cut / schema.STATS)
     with pytest.raises(QkovError, match=r"no 'stats' group; run the stats stage"):
         make_report(str(cut))
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed (Debian: apt-get install -y chromium); "
-                                                 "the page-rendering check needs a headless browser")
-def test_page_renders_in_headless_chromium(report, tmp_path):
-    shot = tmp_path / "shot.png"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-           "--enable-logging=stderr", "--v=0", report.resolve().as_uri()]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    page_errors = [ln for ln in proc.stderr.splitlines() if "Uncaught" in ln or "ERROR:CONSOLE" in ln]
-    assert page_errors == []
-    from PIL import Image
-
-    img = np.asarray(Image.open(shot).convert("RGB"))
-    assert img.shape == (2000, 1280, 3)
-    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # text and heatmaps, not a blank page
-    # the figures were drawn: the viridis/RdBu colours of the heatmaps are on screen
-    assert (img.std(axis=2) > 40).mean() > 0.01
