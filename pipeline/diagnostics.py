@@ -48,7 +48,7 @@ from workers.fisher import REG_FLOOR
 
 from . import schema as S
 from .errors import StoreError, UsageError
-from .store import RunStore, provenance
+from .store import RunStore, decoded, provenance
 
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 ILL_SHARE = 0.5  # ill_conditioned when λ exceeds Î on more than this share of the slice
@@ -192,11 +192,38 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset) -> di
         parts[f"health_{b}"] = da.map_blocks(_health_chunk, f, lam_d, dtype=np.float64,
                                              chunks=(f.chunks[0], f.chunks[1], (5,)))
     w = _other_weights(is_a)
-    m = scores[S.pooled_name("interference")].data
-    parts["rows"] = da.matmul(m, w)
-    parts["cols"] = da.matmul(da.swapaxes(m, 3, 4), w)
-    parts["diag"] = da.diagonal(scores[S.pooled_name("alignment")].data, axis1=3, axis2=4)
+    if S.pooled_name("interference") in scores and S.pooled_name("alignment") in scores:
+        m = scores[S.pooled_name("interference")].data
+        parts["rows"] = da.matmul(m, w)
+        parts["cols"] = da.matmul(da.swapaxes(m, 3, 4), w)
+        parts["diag"] = da.diagonal(scores[S.pooled_name("alignment")].data, axis1=3, axis2=4)
+    else:  # `score.keep_pairs` stored no N×N matrices: the same means from the operands
+        for b in blocks:
+            parts.update({f"{k}_{b}": x for k, x in _operand_parts(grads, fisher, b, keep, w, sketched).items()})
     return parts
+
+
+def _operand_parts(grads: xr.Dataset, fisher: xr.Dataset, b: str, keep: np.ndarray, w: np.ndarray,
+                   sketched: bool) -> dict[str, da.Array]:
+    """Row/column means over the other task and A_ii of one block without the N×N scores.
+    M is bilinear, M[i, k] = u_i · v_k with u = g²/(Î+λ), v = |g| (sketch mode: their stored
+    sketches), so mean over k of M[i, k] = u_i · v̄ and mean over k of M[k, i] = ū · v_i with
+    the task means ū, v̄; A_ii = Σ u_i (sketch mode: S(w_i)·S(w_i)). Two reads of the operands."""
+    if sketched:
+        u, v, ww = (decoded(grads[S.sketch_var(b, p)]).data[keep].rechunk({3: -1}) for p in S.SKETCH_PARTS)
+        u, v, ww = (x.astype(np.float64) for x in (u, v, ww))
+        a_ii = (ww * ww).sum(-1)
+    else:
+        from workers.fisher import inverse_damped_fisher
+
+        g = decoded(grads[b]).data[keep].rechunk({3: -1}).astype(np.float64)
+        inv = inverse_damped_fisher(fisher, b).rechunk({0: 1, 1: 1, 2: -1})
+        u, v = g * g * inv[None], abs(g)
+        a_ii = u.sum(-1)
+    wd = da.from_array(w)  # (N, 2): task-A mean, task-B mean
+    ubar, vbar = da.einsum("nlhp,nt->tlhp", u, wd), da.einsum("nlhp,nt->tlhp", v, wd)
+    return {"orows": da.einsum("nlhp,tlhp->nlht", u, vbar), "ocols": da.einsum("nlhp,tlhp->nlht", v, ubar),
+            "odiag": a_ii}
 
 
 def _attrs(var: str) -> dict[str, str]:
@@ -224,8 +251,12 @@ def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Datase
     per_head = lambda b, x: x[:, kv_of] if S.head_dim(b) == S.KV_HEAD else x  # noqa: E731  (L, H_b, …) → (L, H, …)
     health = np.stack([per_head(b, values[f"health_{b}"]) for b in blocks])  # (block, L, H, 5)
     gnorm = np.sqrt(np.stack([per_head(b, values[f"sq_{b}"].transpose(1, 2, 0)) for b in blocks]))  # (block, L, H, N)
-    fnorm = np.sqrt(np.maximum(values["diag"], 0.0))  # a sketched A_ii is ≥ 0 too; float32 rounding only
-    rows, cols = values["rows"], values["cols"]  # (block, L, H, N, 2)
+    if "diag" in values:  # from the pooled scores
+        diag, rows, cols = values["diag"], values["rows"], values["cols"]  # (block, L, H, N[, 2])
+    else:  # from the operands: (N, L, H_b[, 2]) per block
+        diag = np.stack([per_head(b, np.moveaxis(values[f"odiag_{b}"], 0, -1)) for b in blocks])
+        rows, cols = (np.stack([per_head(b, np.moveaxis(values[f"{k}_{b}"], 0, -2)) for b in blocks]) for k in ("orows", "ocols"))
+    fnorm = np.sqrt(np.maximum(diag, 0.0))  # a sketched A_ii is ≥ 0 too; float32 rounding only
     row_mean = np.where(is_a, rows[..., 1], rows[..., 0])
     col_mean = np.where(is_a, cols[..., 1], cols[..., 0])
     score = outlier_scores(gnorm, fnorm, is_a)
@@ -422,6 +453,10 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
     """The scores dataset with the pooled rows `drop` removed: their rows and columns of the
     pooled matrices and of the A×B blocks; n_a / n_b follow. Needs ≥ 2 samples left per task
     (the within-task means of the effect sizes take pairs of different samples)."""
+    if not any(S.pooled_name(s) in scores for s in S.SCORES):
+        raise UsageError(f"--exclude recomputes the statistics from the stored pair scores, and this run stored none "
+                         f"(score.keep_pairs = {scores.attrs.get('keep_pairs')!r}); rerun with keep_pairs = \"all\" to "
+                         "leave samples out afterwards, or drop them from the task files")
     is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
     keep = np.ones(is_a.size, dtype=bool)
     keep[np.asarray(drop, dtype=np.int64)] = False

@@ -344,3 +344,39 @@ def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_sli
                                    err_msg=v)
     near = np.abs(exact[S.OUTLIER_SCORE].values - OUTLIER_Z) < 1e-3  # rounding may tip a value sitting on the cut
     assert np.array_equal(sk[S.OUTLIER].values[~near], exact[S.OUTLIER].values[~near])
+    # and from the sketches alone (keep_pairs runs store no N×N scores)
+    from pipeline.diagnostics import diagnostics_dataset
+
+    store = RunStore(job.output.path)
+    got = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), _without_pairs(store.open_scores()))
+    _assert_same_diagnostics(got, sk)
+
+
+def _without_pairs(scores: xr.Dataset) -> xr.Dataset:
+    """The scores as a `score.keep_pairs` run stores them: no N×N matrices."""
+    return scores.drop_vars([v for v in scores.data_vars if S.SAMPLE_I in scores[v].dims or S.SAMPLE_A in scores[v].dims])
+
+
+def _assert_same_diagnostics(got: xr.Dataset, want: xr.Dataset) -> None:
+    for v in want.data_vars:
+        if want[v].dtype == bool:
+            continue
+        np.testing.assert_allclose(got[v].values, want[v].values, rtol=2e-5,
+                                   atol=1e-6 * float(np.nanmax(np.abs(want[v].values))), err_msg=v)
+    near = np.abs(want[S.OUTLIER_SCORE].values - OUTLIER_Z) < 1e-3
+    assert np.array_equal(got[S.OUTLIER].values[~near], want[S.OUTLIER].values[~near])
+
+
+def test_without_stored_pairs_the_diagnostics_come_from_the_operands(planted):
+    """keep_pairs runs store no N×N scores: means over the other task are u_i·v̄ and ū·v_i, A_ii = Σ u_i."""
+    from pipeline.diagnostics import diagnostics_dataset
+
+    store, diag, _, _ = planted
+    scores = _without_pairs(store.open_scores())
+    assert S.pooled_name("interference") not in scores
+    got = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), scores)
+    _assert_same_diagnostics(got, diag)
+    from pipeline.diagnostics import without_samples
+
+    with pytest.raises(UsageError, match="stored pair scores"):  # nothing to leave samples out of
+        without_samples(scores, np.array([0]))
