@@ -170,7 +170,7 @@ class RunStore:
         """Which command writes `group`, for "run this first" messages."""
         if group in (schema.GRADIENTS, schema.FISHER):
             return "the extract stage (`qkov run JOB.toml`)"
-        if group == schema.SCORES_GROUP:
+        if group in (schema.SCORES_GROUP, schema.DIAGNOSTICS):  # the score stage writes both
             return "the score stage (`qkov run JOB.toml`, or `--resume` to finish an interrupted run)"
         if group == schema.CHECKS:
             return "the checks (`qkov check JOB.toml`)"
