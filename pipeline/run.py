@@ -230,10 +230,8 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             summary.extract = run_extract(store, job, executor, plan=plan, fresh=fresh or not _has_template(store),
                                           on_progress=lambda d, n: tick("extract", d, n))
 
-        def score() -> None:
-            tick("score", 0, 1)
-            run_score(store, job, executor)
-            tick("score", 1, 1)
+        def score() -> None:  # progress per task of the score graph
+            run_score(store, job, executor, on_progress=lambda d, n: tick("score", d, n))
 
         def stats() -> None:
             if "score" in summary.skipped_stages and store.is_complete(schema.STATS):

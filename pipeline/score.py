@@ -10,6 +10,8 @@ and the per-query-head K/V are views made at read time (`store.scores_view`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import dask.array as da
 import numpy as np
 import xarray as xr
@@ -149,8 +151,10 @@ def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | 
                                       device=device, scores_dtype=scores_dtype))
 
 
-def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | None = None) -> xr.Dataset:
-    """The score stage: compute and write `scores` from the run's `gradients` and `fisher`."""
+def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | None = None,
+              on_progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
+    """The score stage: compute and write `scores` from the run's `gradients` and `fisher`;
+    `on_progress(done, total)` follows the graph's tasks (reads, kernels, writes)."""
     from .extract import checksummed, corrupt_chunk_error, require_intact_gradients
 
     store.require(schema.GRADIENTS, "scoring")
@@ -162,7 +166,11 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
     try:
-        executor.compute(store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False))
+        writes = store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False)
+        if on_progress is None:
+            executor.compute(writes)
+        else:
+            executor.compute(writes, on_progress=on_progress)
     except ValueError as e:
         raise corrupt_chunk_error(store, e) or e
     # numerical health and per-sample diagnostics from what is now stored (no model pass); written

@@ -744,3 +744,19 @@ def test_check_shows_progress_and_speaks_to_users(done_run):
                               "head ablation", "swapping the tasks", "done")):
         assert f"check {k}/6: {what}" in flat, text
     assert "§" not in text and "DESIGN" not in text, text
+
+
+@pytest.mark.parametrize("where", ["inline", "cluster"])
+def test_score_stage_reports_progress_per_task(done_run, tmp_path, where):
+    import re
+
+    from qkov.testing import write_job_file
+
+    _, job, _, _ = done_run
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run")},
+                          cluster={"n_workers": 1, "threads_per_worker": 1})
+    code, text = _cli("run", toml, *(["--inline"] if where == "inline" else []))
+    assert code == 0, text
+    totals = {int(n) for n in re.findall(r"score: \d+/(\d+)", text)}
+    assert totals and min(totals) > 1, text  # the graph's tasks, not one 0/1 bar
+    assert re.search(r"score: (\d+)/\1 done", text), text
