@@ -436,6 +436,25 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
     if n <= 0 or n_slices * n_a * n_b * len(present) > budget:
         result["n"] = 0
         return result
+    # runs that keep no pair matrices (keep_pairs = "top" | "none"): the pairs `qkov query` lists
+    from .errors import QkovError
+    from .score import top_pairs
+
+    index = {"a": {str(x): i for i, x in enumerate(scores[schema.SAMPLE_A].values)},
+             "b": {str(x): i for i, x in enumerate(scores[schema.SAMPLE_B].values)}}
+    for score in (str(s) for s in stats[schema.SCORE].values):
+        if score in present:
+            continue
+        for b in blocks:
+            for layer in layers:
+                for h in cols[b]["heads"]:
+                    try:
+                        got = top_pairs(scores, layer, h, b, n, score)
+                    except QkovError:  # fewer kept than asked, or none kept
+                        continue
+                    if got:
+                        result["pairs"].setdefault(slice_id(b, layer, h), {})[score] = [
+                            [index["a"][p["sample_a"]], index["b"][p["sample_b"]], float(p[score])] for p in got]
     k = min(n, n_a * n_b)
     for b in blocks:
         heads = cols[b]["heads"]
@@ -602,7 +621,8 @@ function showPairs(){
   if (!s) { panel.classList.remove('open'); return; }
   let h = '<button class="close" title="close" aria-label="close">✕</button><h2 style="margin-top:.2em">Top pairs — ' + esc(headName(s)) + '</h2>';
   if (!DATA.pairs_n) h += '<p class="note">This run is too large to embed pairs; use <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code>.</p>';
-  else h += pairsTable(id, 'interference') + pairsTable(id, 'alignment');
+  else { const t = pairsTable(id, 'interference') + pairsTable(id, 'alignment');
+    h += t || '<p class="note">This run keeps no sample pairs for this slice ([score] keep_pairs = "none").</p>'; }
   h += '<p class="note">The same with full texts: <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code></p>';
   panel.innerHTML = h; panel.classList.add('open'); panel.dataset.id = id; panel.scrollTop = 0;
   panel.querySelector('.close').addEventListener('click', () => { history.replaceState(null, '', '#'); panel.classList.remove('open'); });
