@@ -76,14 +76,20 @@ def _templates(store: RunStore, job: JobSpec, grads: xr.Dataset, fisher: xr.Data
 
     c = int(scores.attrs["sample_chunk"])
     s = {}
-    for name, var in scores.data_vars.items():
-        s[name] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=(1, 1, c, c), dtype=var.dtype), attrs=var.attrs)
+    chunks = {}
+    for name, var in scores.data_vars.items():  # pooled matrices in (c, c) tiles; keep_pairs' sums and top pairs whole
+        chunks[name] = (1, 1, c, c) if name.startswith("pooled_") else (1, 1, *var.shape[2:])
+        s[name] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=chunks[name], dtype=var.dtype), attrs=var.attrs)
     sds = xr.Dataset(s, coords={k: v for k, v in scores.coords.items() if k != schema.LAYER}).assign_coords({schema.LAYER: lay})
     sds.attrs.update(scores.attrs)
     sds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=c))
     sds.attrs[schema.ATTR_COMPLETE] = False
     store.write_dataset(sds, schema.SCORES_GROUP, compute=False,
-                        encoding={v: {"chunks": (1, 1, c, c), "compressors": checksummed()} for v in s})
+                        encoding={v: {"chunks": chunks[v], "compressors": checksummed()} for v in s})
+
+
+def _score_options(job: JobSpec) -> dict:
+    return dict(scores_dtype=job.score.scores_dtype, keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats)
 
 
 def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan, progress=None) -> dict:
@@ -101,7 +107,9 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         raise StoreError(f"--resume refused: this run's layer groups {groups} do not cover the job's layers {list(plan.layers)}")
     done = set(work.attrs.get(schema.ATTR_GROUPS_DONE, []))
     n_shards = len(plan.shards)
-    total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups)}
+    total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups),
+             "extract_s": 0.0, "score_s": 0.0}  # time spent in each, summed over the groups
+    import time
     tick("score", len(done), len(groups))
     for k, group in enumerate(groups):
         sub = RunStore(f"{store.path.rstrip('/')}/{schema.layer_group_path(k)}", store.storage_options)
@@ -115,14 +123,17 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             fresh = not sub.exists() or not _has_template(sub)
             if fresh:
                 sub.create_run(sjob.config_dict(), sjob.config_hash(), stage="layer group")
+            t0 = time.perf_counter()
             res = run_extract(sub, sjob, executor, plan=dataclasses.replace(plan, layers=tuple(group)), fresh=fresh,
                               on_progress=lambda d, n, k=k: tick("extract", k * n_shards + d, n_shards * len(groups)))
+            total["extract_s"] += time.perf_counter() - t0
             total["computed"] += res["computed"]
             total["weights_hash"] = res["weights_hash"]
             total["skipped"] = res["skipped"]
+        t0 = time.perf_counter()
         grads, fisher = sub.open_gradients(decode=False), sub.open_fisher()
         if not work.attrs.get(ATTR_TEMPLATES):
-            first = compact_scores(grads, fisher, device=job.score.device, scores_dtype=job.score.scores_dtype)
+            first = compact_scores(grads, fisher, device=job.score.device, **_score_options(job))
             _templates(store, job, grads, fisher, first, layers)
             work.attrs[ATTR_TEMPLATES] = True
         main = store.root()[schema.GRADIENTS]
@@ -130,10 +141,11 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             raise StoreError(f"layer group {k} skipped other samples for non-finite gradients than group 0; "
                              "rerun with [output] keep_gradients = true")
         chunk = int(store.group_attrs(schema.SCORES_GROUP)["sample_chunk"])
-        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, scores_dtype=job.score.scores_dtype)
+        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, **_score_options(job))
         region = {schema.LAYER: slice(layers.index(group[0]), layers.index(group[0]) + len(group))}
         executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False))
         store.write_region(fisher.load(), schema.FISHER, region)
+        total["score_s"] += time.perf_counter() - t0
         done.add(k)
         work.attrs[schema.ATTR_GROUPS_DONE] = sorted(done)  # recorded before the gradients go
         sub.delete()

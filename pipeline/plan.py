@@ -164,11 +164,19 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     block_heads = sum(ex.heads[b] for b in ex.blocks)
     groups[schema.SCORES_GROUP] = 2 * L * block_heads * t * t * (c * c * s_item + CRC_BYTES) \
         + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
+    if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
+        sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
+        top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0
+        groups[schema.SCORES_GROUP] = 2 * L * block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
+            + (8 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
     n_fam = block_heads  # the family: one test per block head
     # ~40 small variables per (score, block, layer, head), compressed
     groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 40 * META_BYTES
     # per (block, layer, block head, sample) diagnostics beside the scores
-    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
+    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES if s.keep_pairs == "all" else 0
+    # the root's zarr.json carries a consolidated copy of every node's metadata (~1.35x its size)
+    nodes = (n_arrays + 10) + (len(ex.blocks) + 4) + (2 * len(ex.blocks) + 8) + 40 + 24 + (len(ex.blocks) + 3)
+    groups["root"] = int(1.35 * nodes * META_BYTES)
     # score, stats and later groups never need the gradients: with keep_gradients = false each
     # layer group's gradients go once its scores are written, and the run proceeds group by group
     if job.output.keep_gradients:

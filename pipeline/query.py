@@ -99,7 +99,7 @@ def _pairs(scores: xr.Dataset, layer: int, head: int, block: str, top: int, scor
     negative first, the conflicting pairs (a natural-gradient step on j raises i's loss)."""
     from .score import top_pairs
 
-    if score == "alignment":
+    if score == "alignment" and score in scores:  # (keep_pairs = "top" stores the most negative ones already)
         neg = scores[[score]].copy()
         neg[score] = -neg[score]
         out = top_pairs(neg, layer, head, block, top, score)

@@ -154,6 +154,25 @@ def layer_group_path(k: int) -> str:
     return f"{WORK}/r{k}"
 
 
+# keep_pairs = "top" | "none": no N×N matrices; per block and score, the statistics' sums
+# (stats_stage.slice_statistics of the pooled matrix, reduced on the workers for the run's
+# [stats] n_permutations, n_bootstrap and seed) and, with "top", the top_k A×B pairs per slice
+ATTR_KEEP_PAIRS = "keep_pairs"  # on `scores`: all | top | none (absent: all)
+ATTR_SUMS_SETTINGS = "stat_sums_settings"  # on `scores`: the settings the sums were reduced for
+STAT = "stat"  # dimension of the sums
+RANK = "rank"  # dimension of the top pairs
+
+
+def stat_sums_name(score: str, block: str | None = None) -> str:
+    """The statistics' sums of one score (logical: block, layer, head, stat), stored per block."""
+    return f"stat_sums_{score}" + (f"_{block}" if block else "")
+
+
+def top_name(score: str, part: str = "value", block: str | None = None) -> str:
+    """Top pairs of one score: part value | a | b (the pair's positions in sample_a / sample_b)."""
+    return f"top_{score}" + ("" if part == "value" else f"_{part}") + (f"_{block}" if block else "")
+
+
 def stored_pooled_name(score: str, block: str) -> str:
     """Stored variable of one block's pooled matrices in the compact `scores` layout."""
     if block not in BLOCKS:

@@ -80,12 +80,52 @@ def auto_sample_chunk(n: int, width: int, itemsize: int) -> int:
     return n if n * width * itemsize <= TASK_BYTES else DEFAULT_SAMPLE_CHUNK
 
 
+def _tile_top(block: np.ndarray, *, n_a: int, k: int, largest: bool, block_info=None) -> np.ndarray:
+    """One tile's k best A×B pairs [1, 1, ci, cj] -> [1, 1, 1, 1, 3, k]: (value, row in A,
+    column in B), NaN-padded when the tile holds fewer A×B pairs."""
+    (r0, _), (c0, _) = block_info[0]["array-location"][2:4]
+    sub = block[0, 0, : max(0, n_a - r0), max(0, n_a - c0):]
+    out = np.full((3, k), np.nan)
+    if sub.size:
+        flat = sub.ravel().astype(np.float64)
+        key = -flat if largest else flat
+        take = np.argpartition(key, k - 1)[:k] if flat.size > k else np.arange(flat.size)
+        i, j = np.unravel_index(take, sub.shape)
+        out[:, : take.size] = flat[take], r0 + i, max(0, n_a - c0) + c0 - n_a + j
+    return out[None, None, None, None]
+
+
+def _merge_top(cand: np.ndarray, *, k: int, largest: bool) -> np.ndarray:
+    """The k best of every tile's candidates [1, 1, ti, tj, 3, k] -> [1, 1, 3, k], best first."""
+    c = np.moveaxis(cand[0, 0], -2, 0).reshape(3, -1)
+    c = c[:, ~np.isnan(c[0])]
+    order = np.argsort(-c[0] if largest else c[0], kind="stable")[:k]
+    out = np.full((3, k), np.nan)
+    out[:, : order.size] = c[:, order]
+    return out[None, None]
+
+
+def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
+    """(L, H, 3, k) lazily: per slice the k best A×B pairs of a pooled (L, H, N, N) score array."""
+    cand = arr.map_blocks(_tile_top, n_a=n_a, k=k, largest=largest, new_axis=[4, 5],
+                          chunks=arr.chunks[:2] + ((1,) * len(arr.chunks[2]), (1,) * len(arr.chunks[3]), (3,), (k,)),
+                          dtype=np.float64, meta=np.empty((0,) * 6, np.float64))
+    cand = cand.rechunk({2: -1, 3: -1})
+    return cand.map_blocks(_merge_top, k=k, largest=largest, drop_axis=[2, 3], chunks=arr.chunks[:2] + ((3,), (k,)),
+                           dtype=np.float64, meta=np.empty((0,) * 4, np.float64))
+
+
 def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
-                   accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32") -> xr.Dataset:
+                   accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32",
+                   keep_pairs: str = "all", top_k: int = 100, stats=None) -> xr.Dataset:
     """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
     matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
     else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
     `scores_dtype = "bfloat16"` stores them rounded to bf16 (bits as uint16).
+    `keep_pairs = "top" | "none"`: no N×N matrix; each tile is reduced as it leaves the kernel
+    to the statistics' sums for `stats` (a StatsSpec: the permutations and bootstrap draws of
+    its seed, `stats_stage.slice_statistics`) and, with "top", the `top_k` A×B pairs per slice
+    (interference highest, alignment most negative: what `qkov query` lists).
 
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes)."""
@@ -120,6 +160,16 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
         dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
         for name, arr in (("interference", inter), ("alignment", align)):
             arr = arr.rechunk((1, 1, c, c))
+            if keep_pairs != "all":
+                from .stats_stage import slice_statistics
+
+                sums = slice_statistics(arr[None], np.arange(n) < n_a_kept, stats.n_permutations, stats.n_bootstrap, stats.seed)[0]
+                data[schema.stat_sums_name(name, b)] = xr.Variable(dims[:2] + (schema.STAT,), sums)
+                if keep_pairs == "top":
+                    top = top_pairs_lazy(arr, n_a_kept, min(top_k, n_a_kept * (n - n_a_kept)), largest=(name == "interference"))
+                    for i, (part, dt) in enumerate((("value", np.float32), ("a", np.int32), ("b", np.int32))):
+                        data[schema.top_name(name, part, b)] = xr.Variable(dims[:2] + (schema.RANK,), top[:, :, i].astype(dt))
+                continue
             attrs = {}
             if scores_dtype == "bfloat16":  # rounded per chunk as it leaves the kernel
                 arr = arr.map_blocks(schema.encode, "bfloat16", dtype=np.uint16)
@@ -138,8 +188,11 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update({schema.ATTR_N_A: n_a_kept, schema.ATTR_N_B: n - n_a_kept, schema.ATTR_TASK_A: grads.attrs.get(schema.ATTR_TASK_A),
                      schema.ATTR_TASK_B: grads.attrs.get(schema.ATTR_TASK_B), schema.ATTR_SCORES_LAYOUT: schema.SCORES_LAYOUT,
-                     schema.ATTR_SCORES_DTYPE: scores_dtype},
+                     schema.ATTR_SCORES_DTYPE: scores_dtype, schema.ATTR_KEEP_PAIRS: keep_pairs},
                     sample_chunk=c)
+    if keep_pairs != "all":
+        ds.attrs[schema.ATTR_SUMS_SETTINGS] = {"n_permutations": stats.n_permutations, "n_bootstrap": stats.n_bootstrap,
+                                               "seed": stats.seed}
     return ds
 
 
@@ -161,7 +214,8 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     store.require(schema.FISHER, "scoring")
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
     ds = compact_scores(store.open_gradients(decode=False), store.open_fisher(), sample_chunk=sample_chunk,
-                        accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype)
+                        accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
+                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats)
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
@@ -177,6 +231,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     # before the scores are marked complete, so complete scores always come with them
     from .diagnostics import run_diagnostics
 
+    # (keep_pairs = "top" | "none": computed from the stored operands, pipeline/diagnostics.py)
     run_diagnostics(store, executor, scores_complete=False, config=job.config_dict(), config_hash=job.config_hash())
     store.mark_complete(schema.SCORES_GROUP)
     return store.open_scores()
@@ -184,9 +239,24 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
 
 def top_pairs(scores: xr.Dataset, layer: int, head: int, block: str = "Q", n: int = 10,
               score: str = "interference") -> list[dict]:
-    """The head's n highest-scoring (sample_a, sample_b) pairs with the users' sample ids."""
+    """The head's n highest-scoring (sample_a, sample_b) pairs with the users' sample ids.
+    A run with keep_pairs = "top" lists its stored top pairs (interference highest, alignment
+    most negative first); "none" has no pairs to list."""
+    a_ids, b_ids = scores[schema.SAMPLE_A].values, scores[schema.SAMPLE_B].values
+    if score not in scores:
+        from .errors import UsageError
+
+        keep = scores.attrs.get(schema.ATTR_KEEP_PAIRS, "all")
+        if schema.top_name(score) not in scores:
+            if keep == "none":
+                return []
+            raise UsageError(f"scores has no {score!r} pairs")
+        sel = dict(block=block, layer=layer, head=head)
+        v, ia, ib = (scores[schema.top_name(score, p)].sel(**sel).values for p in ("value", "a", "b"))
+        if n > v.size:
+            raise UsageError(f"this run kept the top {v.size} pairs per slice (keep_pairs = 'top', top_k); ask for at most {v.size}")
+        return [{"sample_a": str(a_ids[i]), "sample_b": str(b_ids[j]), score: float(x)} for x, i, j in zip(v[:n], ia[:n], ib[:n])]
     m = scores[score].sel(block=block, layer=layer, head=head).values
     order = np.argsort(m, axis=None)[::-1][:n]
     ia, ib = np.unravel_index(order, m.shape)
-    a_ids, b_ids = scores[schema.SAMPLE_A].values, scores[schema.SAMPLE_B].values
     return [{"sample_a": str(a_ids[i]), "sample_b": str(b_ids[j]), score: float(m[i, j])} for i, j in zip(ia, ib)]

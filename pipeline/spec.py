@@ -123,6 +123,10 @@ class ScoreSpec(_Frozen):
     blocks: list[Block] = ["Q", "K", "V", "O"]
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     scores_dtype: Literal["float32", "bfloat16"] = "float32"  # stored pair scores (bf16: half the bytes, ~3 digits)
+    # "all": the pooled N×N score matrices are stored; "top": each tile is reduced on the worker to
+    # what the statistics need plus the top_k pairs per slice (for query); "none": the sums only
+    keep_pairs: Literal["all", "top", "none"] = "all"
+    top_k: int = Field(default=100, ge=1)
     include_bias: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where score tasks run ("auto": the worker's GPU if it has one)
 

@@ -243,18 +243,31 @@ def _blank(shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
     return np.full(shape, np.nan)
 
 
+def _sums_groups(scores: xr.Dataset, settings: StatsSpec, groups: list) -> list:
+    """`groups`, once the stored sums are known to be those of `settings` (keep_pairs = "top" |
+    "none": the score stage reduced each tile for the run's permutations and bootstrap draws)."""
+    made = dict(scores.attrs.get(S.ATTR_SUMS_SETTINGS) or {})
+    want = {"n_permutations": settings.n_permutations, "n_bootstrap": settings.n_bootstrap, "seed": settings.seed}
+    if made != want:
+        raise StatsStageError(
+            f"this run kept no pair scores (keep_pairs = {scores.attrs.get(S.ATTR_KEEP_PAIRS)!r}): its score stage reduced them "
+            f"to the statistics of {made}, and {want} asks for others. Use those settings (alpha and alternative may "
+            "change), or rerun the job with [score] keep_pairs = \"all\" to keep the pair scores.")
+    return groups
+
+
 def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.Dataset:
     """The stats dataset (loaded) from an opened `scores` dataset; no I/O besides reading it.
 
     Runs its Dask graph on `executor` if given, else on whatever Dask scheduler is current.
     """
-    present = [s for s in S.SCORES if S.pooled_name(s) in scores]
+    present = [s for s in S.SCORES if S.pooled_name(s) in scores or S.stat_sums_name(s) in scores]
     if not present:
         raise StatsStageError(
             f"scores has none of {[S.pooled_name(s) for s in S.SCORES]}; the label-permutation null needs the pooled matrices"
         )
     dims = (S.BLOCK, S.LAYER, S.HEAD, S.SAMPLE_I, S.SAMPLE_J)
-    for s in present:
+    for s in (s for s in present if S.pooled_name(s) in scores):
         if scores[S.pooled_name(s)].dims != dims:
             raise StatsStageError(f"{S.pooled_name(s)} has dims {scores[S.pooled_name(s)].dims}, expected {dims}")
     is_a = _pooled_mask(scores)
@@ -272,6 +285,10 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
     args = (is_a, settings.n_permutations, settings.n_bootstrap, settings.seed)
     lazy = []
     for s in present:
+        if S.pooled_name(s) not in scores:  # keep_pairs = "top" | "none": sums reduced on the score workers
+            sums = scores[S.stat_sums_name(s)].data
+            lazy += [sums[bi][:, :, hi] for bi, hi in _sums_groups(scores, settings, groups)]
+            continue
         arr = scores[S.pooled_name(s)].data
         arr = arr if isinstance(arr, da.Array) else da.from_array(arr, chunks=(1, 1, 1, -1, -1))
         lazy += [slice_statistics(arr[bi][:, :, hi], *args) for bi, hi in groups]

@@ -353,16 +353,30 @@ def scores_view(raw):
     kv_of = np.asarray(raw[schema.KV_HEAD_OF].values)
     ids = raw[schema.SAMPLE_I].values
     n_a = int(raw.attrs[schema.ATTR_N_A])
-    pooled_dims = (schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_I, schema.SAMPLE_J)
-    data = {}
-    for s in schema.SCORES:
+    per_head = (schema.BLOCK, schema.LAYER, schema.HEAD)
+
+    def stacked(name: str) -> da.Array | None:  # one logical array from the per-block stored ones
+        if f"{name}_{blocks[0]}" not in raw:
+            return None
         parts = []
         for b in blocks:
-            arr = decoded(raw[schema.stored_pooled_name(s, b)]).data
+            arr = decoded(raw[f"{name}_{b}"]).data
             parts.append(arr[:, kv_of] if schema.head_dim(b) == schema.KV_HEAD else arr)
-        full = da.stack(parts)
-        data[schema.pooled_name(s)] = (pooled_dims, full)
-        data[s] = ((schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_A, schema.SAMPLE_B), full[..., :n_a, n_a:])
+        return da.stack(parts)
+
+    data = {}
+    for s in schema.SCORES:
+        full = stacked(schema.pooled_name(s))
+        if full is not None:  # keep_pairs = "all"
+            data[schema.pooled_name(s)] = (per_head + (schema.SAMPLE_I, schema.SAMPLE_J), full)
+            data[s] = (per_head + (schema.SAMPLE_A, schema.SAMPLE_B), full[..., :n_a, n_a:])
+        sums = stacked(schema.stat_sums_name(s))  # keep_pairs = "top" | "none"
+        if sums is not None:
+            data[schema.stat_sums_name(s)] = (per_head + (schema.STAT,), sums)
+        for part in ("value", "a", "b"):
+            top = stacked(schema.top_name(s, part))
+            if top is not None:
+                data[schema.top_name(s, part)] = (per_head + (schema.RANK,), top)
     coords = {
         schema.BLOCK: raw[schema.BLOCK].values,
         schema.LAYER: raw[schema.LAYER].values,
