@@ -175,8 +175,34 @@ def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, lo
     if plan is not None:  # a run that cannot fit the output's free space is refused now, not hours in
         from .plan import plan as run_plan, require_fits
 
-        require_fits(job, run_plan(job, resume=resume or overwrite, extract_plan=plan))
+        predicted = run_plan(job, resume=resume or overwrite, extract_plan=plan)
+        require_fits(job, predicted)
+        if local:
+            check_memory(job, predicted.memory)
     return plan
+
+
+def check_memory(job: JobSpec, memory: dict[str, int], host_total: int | None = None, gpu_total: int | None = None) -> None:
+    """Refuse, before anything is allocated, settings whose one extraction task needs more memory
+    than this machine has (the plan's estimates; the work runs here: inline or embedded)."""
+    import psutil
+    import torch
+
+    from .plan import _size
+
+    host_total = host_total if host_total is not None else psutil.virtual_memory().total
+    on_gpu = job.extract.device != "cpu" and torch.cuda.is_available()
+    if gpu_total is None and on_gpu:
+        gpu_total = min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
+    host_need = memory.get("extract_host", 0) + (0 if on_gpu else memory.get("extract_gpu", 0))
+    fix = ("lower extract.shard_size (samples per task) or extract.batch_size, or score fewer layers "
+           "(score.layers)")
+    if host_need > host_total:
+        raise UsageError(f"one extraction task needs about {_size(host_need)} of memory (estimate) but this machine has "
+                         f"{_size(host_total)}; {fix}")
+    if on_gpu and gpu_total and memory.get("extract_gpu", 0) > gpu_total:
+        raise UsageError(f"one extraction task needs about {_size(memory['extract_gpu'])} of GPU memory (estimate) but the "
+                         f"GPU has {_size(gpu_total)}; {fix}")
 
 
 def check_devices(job: JobSpec) -> None:

@@ -760,3 +760,21 @@ def test_score_stage_reports_progress_per_task(done_run, tmp_path, where):
     totals = {int(n) for n in re.findall(r"score: \d+/(\d+)", text)}
     assert totals and min(totals) > 1, text  # the graph's tasks, not one 0/1 bar
     assert re.search(r"score: (\d+)/\1 done", text), text
+
+
+def test_settings_that_need_more_memory_than_the_machine_has_are_refused_before_allocating(done_run, tmp_path, monkeypatch):
+    import collections
+
+    import psutil
+
+    from qkov.testing import write_job_file
+
+    _, job, _, _ = done_run
+    vm = collections.namedtuple("vm", "total available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: vm(64 * 1024, 64 * 1024))  # a 64 KiB machine
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run")})
+    for args in (("validate", toml), ("run", toml, "--inline")):
+        code, text = _cli(*args)
+        flat = " ".join(text.split())
+        assert code == 2 and "one extraction task needs about" in flat and "lower extract.shard_size" in flat, text
+    assert not (tmp_path / "run").exists()
