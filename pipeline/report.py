@@ -169,10 +169,17 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
     every = every[np.isfinite(every)]
     if every.size == 0:
         return None
-    lim = float(np.abs(every).max()) or 1.0
+    mag = np.abs(every)
+    lim = float(mag.max()) or 1.0
+    # one outlying cell must not wash out every other: beyond 1.5× the 98th percentile of
+    # |value| the scale stops there, the outliers take the end colours and the bar says ≤ / ≥
+    robust = float(np.percentile(mag, 98)) if mag.size >= 50 else lim
+    clipped = 0 < robust and lim > 1.5 * robust
+    if clipped:
+        lim = robust
     if kind == "conflict":
         lim = min(lim, 1.0)
-    return {"kind": kind, **spec, "panels": panels, "vmin": -lim, "vmax": lim}
+    return {"kind": kind, **spec, "panels": panels, "vmin": -lim, "vmax": lim, "clipped": clipped}
 
 
 def colour_of(data: dict[str, Any]):
@@ -186,14 +193,16 @@ def colour_of(data: dict[str, Any]):
     return f
 
 
-def tick_label(kind: str, v: float) -> str:
-    """What a colour-bar tick at drawn value v reads: %, a ratio (sharing is drawn as log2) or a cosine."""
+def tick_label(kind: str, v: float, edge: int = 0) -> str:
+    """What a colour-bar tick at drawn value v reads: %, a ratio (sharing is drawn as log2) or a
+    cosine; `edge` −1 / +1 marks the ends of a clipped scale (≤ / ≥)."""
     if kind == "sharing":
-        r = 2.0 ** v
-        return f"×{r:.3g}"
-    if kind == "differ":
-        return f"{v:+.3g}%" if v else "0 (chance)"
-    return f"{v:+.2g}" if v else "0"
+        text = f"×{2.0 ** v:.3g}"
+    elif kind == "differ":
+        text = f"{v:+.3g}%" if v else "0 (chance)"
+    else:
+        text = f"{v:+.2g}" if v else "0"
+    return {-1: "≤ ", 1: "≥ "}.get(edge, "") + text
 
 
 def n_significant(stats: xr.Dataset, score: str) -> int:
@@ -255,21 +264,25 @@ def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]
         ax.set_ylabel("layer")
         ax.tick_params(labelsize=8)
         ax.set_title(b + ("\n(per KV head)" if p["groups"] else ""), fontsize=10)
-    cb = fig.colorbar(im, ax=list(axes), shrink=0.9, aspect=25, pad=0.02)
+    clipped = data.get("clipped", False)
+    cb = fig.colorbar(im, ax=list(axes), shrink=0.9, aspect=25, pad=0.02, extend="both" if clipped else "neither")
     ticks = np.linspace(data["vmin"], data["vmax"], 5)
-    cb.set_ticks(ticks, labels=[tick_label(data["kind"], float(t)) for t in ticks])
+    edges = [-1, 0, 0, 0, 1] if clipped else [0] * 5
+    cb.set_ticks(ticks, labels=[tick_label(data["kind"], float(t), e) for t, e in zip(ticks, edges)])
     cb.set_label(data["cbar"], fontsize=8)
     cb.ax.tick_params(labelsize=7)
     # what the two ends mean, at the ends
-    cb.ax.text(0.5, 1.02, textwrap.fill("↑ " + data["high"], 18), transform=cb.ax.transAxes, ha="center", va="bottom", fontsize=6.5)
-    cb.ax.text(0.5, -0.02, textwrap.fill("↓ " + data["low"], 18), transform=cb.ax.transAxes, ha="center", va="top", fontsize=6.5)
+    cb.ax.text(0.5, 1.06 if clipped else 1.02, textwrap.fill("↑ " + data["high"], 18), transform=cb.ax.transAxes, ha="center", va="bottom", fontsize=6.5)
+    cb.ax.text(0.5, -0.06 if clipped else -0.02, textwrap.fill("↓ " + data["low"], 18), transform=cb.ax.transAxes, ha="center", va="top", fontsize=6.5)
     fig.suptitle(f"{data['title']} ({tasks[0]} × {tasks[1]}), by layer × head", fontsize=11)
     handles, labels = [], []
     if data["marks"]:
         for sign, text in zip((1, -1), data["marks"]):
             handles.append(Line2D([], [], markersize=7, markeredgewidth=1.0, **MARK_STYLE[sign]))
             labels.append(text)
-    text = textwrap.fill("colour: " + data["value"] + "; one scale for all blocks, centred on the neutral value", 130)
+    text = textwrap.fill("colour: " + data["value"] + "; one scale for all blocks, centred on the neutral value"
+                         + ("; it stops at the 98th percentile of |value|, cells beyond take the end colours"
+                            if clipped else ""), 130)
     for n in notes:
         text += "\n" + textwrap.fill(n, 130)
     handles.append(Line2D([], [], linestyle="none"))
@@ -603,6 +616,10 @@ document.querySelectorAll('svg.heat').forEach(svg => {
     let x = e.clientX + 14, y = e.clientY + 14;
     if (x + w > innerWidth - 4) x = e.clientX - w - 14; if (y + hh > innerHeight - 4) y = e.clientY - hh - 14;
     tip.style.left = Math.max(2, x) + 'px'; tip.style.top = Math.max(2, y) + 'px'; });
+  svg.addEventListener('focusin', e => { const r = e.target.querySelector && e.target.querySelector('[data-id]'); if (!r) return;
+    tip.innerHTML = tipHtml(r.dataset.id, kind); tip.style.display = 'block'; const b = r.getBoundingClientRect();
+    tip.style.left = Math.min(b.right + 8, innerWidth - tip.offsetWidth - 4) + 'px'; tip.style.top = Math.min(b.bottom + 8, innerHeight - tip.offsetHeight - 4) + 'px'; });
+  svg.addEventListener('focusout', () => { tip.style.display = 'none'; });
   svg.addEventListener('mouseout', e => { if (!e.relatedTarget || !e.relatedTarget.closest || !e.relatedTarget.closest('[data-id]')) tip.style.display = 'none'; });
 });
 const panel = document.getElementById('pairs');
@@ -846,8 +863,9 @@ def heatmap_svg(data: dict[str, Any]) -> str:
     for k in range(5):
         v = data["vmax"] - k * (data["vmax"] - data["vmin"]) / 4
         y = top + k * h / 4
+        edge = (1 if k == 0 else -1 if k == 4 else 0) if data.get("clipped") else 0
         parts.append(f"<line x1='{bx + 14}' x2='{bx + 18}' y1='{y:.1f}' y2='{y:.1f}' stroke='#57606a'/>"
-                     f"<text class='tick' x='{bx + 21}' y='{y + 3.5:.1f}'>{_e(tick_label(data['kind'], float(v)))}</text>")
+                     f"<text class='tick' x='{bx + 21}' y='{y + 3.5:.1f}'>{_e(tick_label(data['kind'], float(v), edge))}</text>")
     parts.append(f"<text x='{bx}' y='{top - 8}' fill='#57606a'>↑ {_e(data['high'])}</text>"
                  f"<text x='{bx}' y='{top + h + 14}' fill='#57606a'>↓ {_e(data['low'])}</text>")
     width = bx + 8 + 6.2 * max(len(data["high"]), len(data["low"]), 12)
@@ -865,7 +883,9 @@ def _heatmap_caption(data: dict[str, Any], alpha: Any, family: Any, alternative:
     links = " · ".join(f"<a href='{_e(f)}'>{_e(f)}</a>" for f in files)
     return (f"<figcaption>Colour: {_e(data['value'])}. Diverging scale (ColorBrewer {_e(data['cmap'].removesuffix('_r'))}, "
             f"colour-blind safe) centred on the neutral value and shared by all blocks: "
-            f"{_e(tick_label(data['kind'], data['vmin']))} to {_e(tick_label(data['kind'], data['vmax']))}; grey = no value."
+            f"{_e(tick_label(data['kind'], data['vmin']))} to {_e(tick_label(data['kind'], data['vmax']))}"
+            + ("; the scale stops at the 98th percentile of |value|, cells beyond it take the end colours "
+               "(hover for their value)" if data.get("clipped") else "") + "; grey = no value."
             f"{marks} Hover a cell for its numbers; click it for its top pairs. Files: {links}</figcaption>")
 
 

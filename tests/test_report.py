@@ -206,6 +206,33 @@ def test_effect_heatmaps_share_one_centred_scale_and_marks_follow_direction():
     assert np.allclose(s["panels"]["Q"]["values"], 0.0)  # geometric mean of 0.5 and 2 = 1: the neutral value
 
 
+def test_one_outlying_cell_does_not_wash_out_the_scale():
+    """Beyond 1.5× the 98th percentile of |effect| the shared scale stops (the demo: one head at
+    −99.7% of chance, the next at −59%); the outlier takes the end colour and the bar says ≤."""
+    from pipeline.report import tick_label
+
+    L, H = 10, 6
+    kv = np.repeat([0, 1], 3)
+    fam = np.array([[True] * 6, [True, False, False, True, False, False],
+                    [True, False, False, True, False, False], [True] * 6])
+    rng = np.random.default_rng(0)
+    chance = np.full((2, 4, L, H), 10.0)
+    effect = rng.uniform(-0.5, 0.5, chance.shape)  # within ±5% of chance
+    effect[0, 0, 4, 2] = -9.9  # one slice at −99%
+    zeros = np.zeros(chance.shape, dtype=np.int8)
+    ds = _synthetic(effect, chance, zeros, np.zeros((4, L, H)), zeros[0], kv, fam)
+    d = heatmap_data(ds, "differ")
+    assert d["clipped"] and 4.5 < d["vmax"] <= 5.0 and d["vmin"] == -d["vmax"]
+    colour = colour_of(d)
+    assert colour(d["panels"]["Q"]["values"][4, 2]) == colour(d["vmin"])  # the end colour
+    assert tick_label("differ", d["vmin"], -1).startswith("≤ −") or tick_label("differ", d["vmin"], -1).startswith("≤ -")
+    fig = effect_figure(d, ("a", "b"), [])
+    bar = [ax for ax in fig.axes if not ax.images][0]
+    assert [t.get_text()[:1] for t in bar.get_yticklabels()][::4] == ["≤", "≥"]
+    effect[0, 0, 4, 2] = -0.6  # no outlier: the full range, unclipped
+    assert not heatmap_data(_synthetic(effect, chance, zeros, np.zeros((4, L, H)), zeros[0], kv, fam), "differ")["clipped"]
+
+
 def test_old_statistics_without_effect_sizes_still_report(run, tmp_path):
     """Statistics written before the effect sizes: the differ map and table fall back to
     mean − null_mean; sharing and conflict say they need a rerun of `qkov stats`."""
