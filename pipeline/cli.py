@@ -349,50 +349,18 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run at --out that `qkov demo` did not make"),
 ) -> None:
     """The whole job on the embedded default: SmolLM2-135M, arithmetic vs Python code, a LocalCluster."""
-    from pipeline.cluster import cluster_client
-    from pipeline.demo import demo_job
-    from pipeline.report import make_report
-    from pipeline.run import run_job
+    from pipeline.demo import run_demo
 
-    with _friendly(), _sigterm_unwinds():
-        job = demo_job(out, samples=samples)
+    def announce(job) -> None:
         err.print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
                   f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
-        replace = _demo_may_replace(job, overwrite)
-        plan = _preflight(job, resume=False, overwrite=replace, local=True)
+
+    with _friendly(), _sigterm_unwinds():
         with _stage_progress() as tick:
-            if inline:
-                run_job(job, overwrite=replace, progress=tick, plan=plan)
-            else:
-                with cluster_client(job.cluster) as client:
-                    _print_cluster(client)
-                    run_job(job, client=client, overwrite=replace, progress=tick, plan=plan)
+            job, html = run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick,
+                                 on_job=announce, on_cluster=_print_cluster)
         _print_summary(job.output.path)
-        html = make_report(job.output.path)
         console.print(f"report: [bold]{escape(str(html))}[/]")
-
-
-def _demo_may_replace(job, overwrite: bool) -> bool:
-    """`qkov demo` replaces its own earlier demo run at --out (same model and built-in tasks);
-    any other run there only with --overwrite, and never a folder that is not a run."""
-    from pipeline.errors import StoreError
-    from pipeline.store import RunStore
-
-    store = RunStore.of(job)
-    if not store.exists():
-        return False
-    if overwrite:
-        return True
-    old = store.config() if store.is_run() else {}
-    mine = job.config_dict()
-    same = bool(old) and old.get("model") == mine["model"] and all(
-        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in ("a", "b"))
-    if not store.is_run():
-        raise StoreError(f"--out {store.path} exists and is not a qkov run; refusing to write into it. Choose another --out.")
-    if not same:
-        raise StoreError(f"--out {store.path} holds a qkov run that `qkov demo` did not make; refusing to replace it. "
-                         "Choose another --out, or pass --overwrite to replace it.")
-    return True
 
 
 def main() -> None:  # pragma: no cover - console entry

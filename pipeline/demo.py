@@ -5,7 +5,9 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from .errors import StoreError
 from .spec import JobSpec, parse_job
+from .store import RunStore
 
 
 def demo_job(out: str | Path = "runs/demo", samples: int | None = None) -> JobSpec:
@@ -16,3 +18,47 @@ def demo_job(out: str | Path = "runs/demo", samples: int | None = None) -> JobSp
     if samples is not None:
         cfg["tasks"]["a"]["limit"] = cfg["tasks"]["b"]["limit"] = samples
     return parse_job(cfg, base_dir=Path(str(data)), source="demo.toml")
+
+
+def may_replace(job: JobSpec, overwrite: bool) -> bool:
+    """`qkov demo` replaces its own earlier demo run at --out (same model and built-in tasks);
+    any other run there only with --overwrite, and never a folder that is not a run."""
+    store = RunStore.of(job)
+    if not store.exists():
+        return False
+    if overwrite:
+        return True
+    old = store.config() if store.is_run() else {}
+    mine = job.config_dict()
+    same = bool(old) and old.get("model") == mine["model"] and all(
+        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in ("a", "b"))
+    if not store.is_run():
+        raise StoreError(f"--out {store.path} exists and is not a qkov run; refusing to write into it. Choose another --out.")
+    if not same:
+        raise StoreError(f"--out {store.path} holds a qkov run that `qkov demo` did not make; refusing to replace it. "
+                         "Choose another --out, or pass --overwrite to replace it.")
+    return True
+
+
+def run_demo(out: str | Path = "runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False,
+             progress=None, on_job=None, on_cluster=None) -> tuple[JobSpec, Path]:
+    """`qkov demo` (CLI and API): the demo job checked, run on an embedded cluster (or inline) and
+    reported. Returns the job and the report's HTML path. `on_job(job)` / `on_cluster(client)`
+    let the CLI say what runs where before the work starts."""
+    from .cluster import cluster_client
+    from .report import make_report
+    from .run import preflight, run_job
+
+    job = demo_job(out, samples=samples)
+    if on_job is not None:
+        on_job(job)
+    replace = may_replace(job, overwrite)
+    plan = preflight(job, resume=False, overwrite=replace, local=True)
+    if inline:
+        run_job(job, overwrite=replace, progress=progress, plan=plan)
+    else:
+        with cluster_client(job.cluster) as client:
+            if on_cluster is not None:
+                on_cluster(client)
+            run_job(job, client=client, overwrite=replace, progress=progress, plan=plan)
+    return job, make_report(job.output.path)

@@ -111,9 +111,22 @@ def plan(job: JobSpec, *, resume: bool = False):
     return run_plan(job, resume=resume)
 
 
-def validate(job_file) -> JobSpec:
-    """`qkov validate`: the job file parsed and checked, with every default filled in."""
-    return load_job(job_file)
+def validate(job_file, *, resume: bool = False, overwrite: bool = False, scheduler: str | None = None) -> JobSpec:
+    """`qkov validate`: the job checked as `qkov run` would check it before starting (job file,
+    model, task files, devices where the work runs here, output); returns it with every
+    default filled in."""
+    from pipeline.run import preflight
+
+    job = load_job(job_file)
+    preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile))
+    return job
+
+
+def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False, progress=None):
+    """`qkov demo`: the embedded default job run end to end and reported; returns the report's path."""
+    from pipeline.demo import run_demo
+
+    return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=progress)[1]
 
 
 def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
@@ -124,4 +137,4 @@ def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
 
 
 __all__ = ["JobSpec", "StatsSpec", "RunStore", "QkovError", "load_job", "parse_job", "run", "run_stats", "open_stats",
-           "open_scores", "open_gradients", "open_diagnostics", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo_job"]
+           "open_scores", "open_gradients", "open_diagnostics", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo", "demo_job"]

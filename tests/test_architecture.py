@@ -105,7 +105,7 @@ PARITY = {
     "check": ("check", {"job_file": "job"}),
     "validate": ("validate", {}),
     "plan": ("plan", {"job_file": "job"}),
-    "demo": ("demo_job", {"inline": None}),
+    "demo": ("demo", {}),
 }
 
 
