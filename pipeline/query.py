@@ -492,18 +492,6 @@ def _preview(text: str | None, pretok: bool | None, n_tokens: int | None, width:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def _effect_cell(score: str, s: dict) -> str:
-    """The score's own effect size, in words: sharing (interference), transfer and cosine (alignment)."""
-    if score == "interference" and s.get("sharing_ab") is not None:
-        return (f"sharing A→B {_fmt(s['sharing_ab'], '.3f')}{_ci(s, 'sharing_ab', '.3f')}, "
-                f"B→A {_fmt(s.get('sharing_ba'), '.3f')}{_ci(s, 'sharing_ba', '.3f')}")
-    if score == "alignment" and s.get("transfer") is not None:
-        return (f"transfer {_fmt(s['transfer'], '.3g')}{_ci(s, 'transfer')} "
-                f"({direction_words(s, 'transfer_direction')}, q {_fmt(s.get('transfer_q_value'), '.3g')}); "
-                f"cosine {_fmt(s.get('cosine'), '.2f')}{_ci(s, 'cosine', '.2f')}")
-    return "–"
-
-
 def _stats_table(res: dict):
     from rich.table import Table
     from rich.text import Text
@@ -511,30 +499,58 @@ def _stats_table(res: dict):
     settings = res["settings"]
     kv = f" (KV head {res['kv_head']})" if res["kv_head"] is not None else ""
     t = Table(title=_plain(f"layer {res['layer']} · head {res['head']}{kv} — "
-                           f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs"),
-              caption=_plain(f"{res['stats_group']}: does the A×B mean differ from chance (the mean over label "
-                             f"permutations)? {settings.get('alternative')}, {settings.get('n_permutations')} "
-                             f"permutations, BH q ≤ α={settings.get('alpha')}; p_fwer = max-T; CIs "
-                             f"{settings.get('ci_level')} two-way bootstrap. Sharing: A×B mean / a task's own "
-                             "mean (1 = shared, → 0 = separated); transfer < 0 = conflict, > 0 = synergy"),
+                           f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs: "
+                           "does the A×B mean differ from chance?"),
+              caption=_plain(f"{res['stats_group']}: labels null ({settings.get('alternative')}, "
+                             f"{settings.get('n_permutations')} permutations), BH q ≤ α={settings.get('alpha')}; "
+                             "chance = the mean over all label permutations, effect = mean − chance; p_fwer = max-T; "
+                             f"CIs {settings.get('ci_level')} two-way bootstrap"),
               title_justify="left", caption_justify="left")
     for col, just in (("block", "left"), ("score", "left"), ("vs chance", "left"), ("mean", "right"),
-                      ("chance", "right"), ("effect [CI]", "right"), ("q (BH)", "right"), ("p_fwer", "right"),
-                      ("task effect size", "left")):
-        t.add_column(col, justify=just, overflow="fold")
+                      ("chance", "right"), ("effect [CI]", "right"), ("q", "right"), ("p_fwer", "right")):
+        t.add_column(col, justify=just)
     for blk in res["blocks"]:
         label = blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else "")
         for i, (score, s) in enumerate(blk["stats"].items()):
             words = direction_words(s)
             if s.get("direction") is None and s.get("null_mean") is None:
                 words = "✔ significant" if s["significant"] else "not significant"
-            effect = s.get("effect")
-            if effect is None and s.get("null_mean") is not None and s.get("mean") is not None:
-                effect = s["mean"] - s["null_mean"]
+            effect, chance = s.get("effect"), s.get("null_mean")
+            if effect is None and chance is not None and s.get("mean") is not None:
+                effect = s["mean"] - chance
+            elif effect is not None and s.get("mean") is not None:
+                chance = s["mean"] - effect  # the exact chance level the effect is measured from
             t.add_row(label if i == 0 else "", score, Text(words, style=_dir_style(words)), _fmt(s["mean"]),
-                      _fmt(s.get("null_mean")), _plain(_fmt(effect, ".3g") + _ci(s, "effect")),
-                      _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"), _plain(_effect_cell(score, s)),
-                      end_section=i == len(blk["stats"]) - 1)
+                      _fmt(chance), _plain(_fmt(effect, ".3g") + _ci(s, "effect")),
+                      _fmt(s["q_value"], ".3g"), _fmt(s["p_fwer"], ".3g"), end_section=i == len(blk["stats"]) - 1)
+    return t
+
+
+def _effects_table(res: dict):
+    """The head's task effect sizes per block: sharing (interference) and transfer/cosine
+    (alignment), or None for statistics written before them."""
+    from rich.table import Table
+    from rich.text import Text
+
+    rows = [(blk, blk["stats"].get("interference", {}), blk["stats"].get("alignment", {})) for blk in res["blocks"]]
+    if not any(i.get("sharing_ab") is not None or a.get("transfer") is not None for _, i, a in rows):
+        return None
+    a, b = res["tasks"]["a"], res["tasks"]["b"]
+    t = Table(title=_plain("do the tasks share this head, and does a step on one help or hurt the other?"),
+              caption=_plain(f"sharing: mean interference over A×B / the task's own (1 = shared, → 0 = separated); "
+                             f"transfer = <g_{a}, g_{b}> in the (Î+λ)⁻¹ metric, tested against 0 "
+                             "(< 0 conflict: a step on one task's loss raises the other's)"),
+              title_justify="left", caption_justify="left")
+    for col, just in (("block", "left"), (f"sharing {a}→{b} [CI]", "right"), (f"{b}→{a} [CI]", "right"),
+                      ("transfer [CI]", "right"), ("verdict", "left"), ("q", "right"), ("cosine [CI]", "right")):
+        t.add_column(_plain(col), justify=just)
+    for blk, i, al in rows:
+        verdict = direction_words(al, "transfer_direction") if al.get("transfer") is not None else "–"
+        t.add_row(blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else ""),
+                  _plain(_fmt(i.get("sharing_ab"), ".3f") + _ci(i, "sharing_ab", ".3f")),
+                  _plain(_fmt(i.get("sharing_ba"), ".3f") + _ci(i, "sharing_ba", ".3f")),
+                  _plain(_fmt(al.get("transfer"), ".3g") + _ci(al, "transfer")), Text(verdict, style=_dir_style(verdict)),
+                  _fmt(al.get("transfer_q_value"), ".3g"), _plain(_fmt(al.get("cosine"), ".2f") + _ci(al, "cosine", ".2f")))
     return t
 
 
@@ -562,6 +578,8 @@ def format_query(result: dict):
     from rich.console import Group
 
     parts = [_stats_table(result)]
+    effects = _effects_table(result)
+    parts += [effects] if effects is not None else []
     parts += [_pairs_table(result, blk) for blk in result["blocks"] if blk["top_pairs"]]
     from .diagnostics import format_head_diagnostics  # health, outlier warning, most interfering samples
 

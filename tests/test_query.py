@@ -115,8 +115,19 @@ def test_pairs_carry_the_texts_of_the_samples(text_run):
     con.print(format_query(query_head(run, 0, 1, top=3)))
     out = con.export_text()
     first = blk["top_pairs"][0]
-    for s in ("layer 0 · head 1", "words × ids", first["sample_a"], first["sample_b"], "pre-tokenised", "q (BH)"):
+    for s in ("layer 0 · head 1", "words × ids", first["sample_a"], first["sample_b"], "pre-tokenised",
+              "does the A×B mean differ from chance?", "vs chance", "effect [CI]", "sharing words→ids [CI]",
+              "transfer [CI]", "cosine [CI]"):
         assert s in out, s
+    stats = _stored(run, schema.STATS).load()
+    for score in ("interference", "alignment"):  # each row: its direction in words and chance = mean − effect
+        x = stats.sel(score=score, block="Q", layer=0, head=1)
+        row = next(ln for ln in out.splitlines() if f" {score} " in ln and ln.startswith("│"))
+        assert {1: "▲ above chance", -1: "▼ below chance", 0: "not significant"}[int(x.direction)] in row
+        assert f"{float(x['mean'] - x.effect):.4g}" in row
+    verdict = {1: "synergy", -1: "conflict", 0: "not significant"}[int(stats.transfer_direction.sel(block="Q", layer=0, head=1))]
+    assert any(ln.startswith("│ Q") and verdict in ln and f"{float(stats.transfer.sel(block='Q', layer=0, head=1)):.3g}" in ln
+               for ln in out.splitlines())
 
 
 @pytest.mark.parametrize("kw, match", [
