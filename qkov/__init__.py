@@ -86,11 +86,13 @@ def query(run_path, layer: int, head: int, block: str | None = None, top: int = 
                       storage_options=storage_options)
 
 
-def report(run_path, out_dir=None, stats_name: str | None = None, storage_options=None):
-    """`qkov report`: heatmap PNGs and one HTML page; returns the page's path."""
+def report(run_path, out_dir=None, stats_name: str | None = None, storage_options=None, raw_means: bool = False):
+    """`qkov report`: effect heatmaps (300-dpi PNG + SVG) and one self-contained, interactive
+    HTML page; returns the page's path. `raw_means` also draws the raw A×B means."""
     from pipeline.report import make_report
 
-    return make_report(run_path, out_dir=out_dir, stats_name=stats_name, storage_options=storage_options)
+    return make_report(run_path, out_dir=out_dir, stats_name=stats_name, storage_options=storage_options,
+                       raw_means=raw_means)
 
 
 def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_slices: int = 60,
