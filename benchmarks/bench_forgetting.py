@@ -137,13 +137,13 @@ def ci(x: np.ndarray, seed: int = 0, n_boot: int = 10000) -> dict:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--k", type=int, default=27, help="heads frozen (of 30×9 = 270)")
-    ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--n-score", type=int, default=16, help="samples per task for the transfer scores")
+    ap.add_argument("--n-score", type=int, default=32, help="samples per task for the transfer scores")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--heldout", type=int, default=32, help="task A held-out samples (rows 32..32+n-1)")
@@ -152,7 +152,6 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from workers.fisher import ema_sample_weights  # noqa: F401  (the job's Fisher settings below)
     from workers.layouts import discover_layout
     from workers.losses import loss_task_for
     from workers.prediction import transfer_all

