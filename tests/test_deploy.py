@@ -148,11 +148,12 @@ def test_sbatch_script_is_valid_bash_with_gpu_workers_and_a_resumable_run():
     text = path.read_text()
     directives = dict(re.findall(r"^#SBATCH --([\w-]+)=?(\S*)", text, re.M))
     assert directives["gpus-per-task"] == "1" and int(directives["ntasks-per-node"]) >= 1
-    # a time limit or preemption warns the script (which passes SIGTERM to qkov once), and a
-    # requeued attempt appends to the same log; tests/test_slurm.py runs this for real
-    assert re.fullmatch(r"B:TERM@\d+", directives["signal"]) and "requeue" in directives
+    # a time limit ahead warns the script (SIGUSR1, which stops qkov with one SIGTERM); a SIGTERM
+    # to the whole job is not passed on; a requeued attempt appends to the same log.
+    # tests/test_slurm.py runs this for real
+    assert re.fullmatch(r"B:USR1@\d+", directives["signal"]) and "requeue" in directives
     assert directives["open-mode"] == "append"
-    assert re.search(r"^trap stop_qkov TERM$", text, re.M) and "trap '' TERM" in text
+    assert re.search(r"^trap stop_qkov USR1$", text, re.M) and re.search(r"^trap terminated TERM$", text, re.M)
     cmds = _sbatch_commands(text)
     assert set(cmds) == {"dask scheduler", "dask worker", "qkov run"}
     sched, worker, run = (parse_command(cmds[k]) for k in ("dask scheduler", "dask worker", "qkov run"))

@@ -9,10 +9,12 @@ down by pid). Three scenarios, each compared with the same tiny job run in-proce
    while it runs and none after.
 2. `sbatch deploy/slurm/qkov-run.sbatch JOB.toml`: the whole run inside one allocation;
    the output is complete and `qkov query` reads it.
-3. Requeue: the batch job gets the scheduler's SIGTERM mid-extraction (what the recipe's
-   `--signal=B:TERM@...` delivers before a time limit), ends with the lock released and
-   nothing marked complete; `scontrol requeue` runs the same script again, whose
-   `--resume` computes only the missing shards; the store equals an undisturbed run.
+3. Requeue: the batch job is stopped mid-extraction, first by the warning the recipe asks
+   for before a time limit (`--signal=B:USR1@300`), then, requeued, by what a time limit
+   or preemption does (SIGTERM to every process of the job); each time it ends with the
+   lock released and nothing marked complete, and `scontrol requeue` runs the same script
+   again, whose `--resume` computes only the missing shards; the store equals an
+   undisturbed run.
 
 Stores are compared with qkov.testing.assert_runs_close (float32 rounding tolerance,
 everything else exact): bitwise identity across processes is not promised.
@@ -240,6 +242,7 @@ def test_sbatch_recipe_runs_qkov_inside_an_allocation(slurm, reference):
 
 
 def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference):
+    """Stopped twice the ways a scheduler stops a job, requeued each time, finished by --resume."""
     from pipeline.store import RunStore
 
     tmp, job = reference
@@ -248,28 +251,34 @@ def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference)
     # one worker: one extraction task at a time, so the stop lands with tasks still queued
     job_id = sbatch_recipe(slurm, tmp, jobfile, workers=1)
 
-    deadline = time.monotonic() + 240
-    while done_shards(out) < 1:
-        state = slurm.job(job_id)["JobState"]
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state} before extraction began\n{log_of(tmp, job_id)}"
-        assert time.monotonic() < deadline, f"no shard done after 240 s\n{log_of(tmp, job_id)}"
-        time.sleep(0.05)
-    # the scheduler's warning before a time limit (#SBATCH --signal=B:TERM@...): SIGTERM to the batch shell
-    slurm.run("scancel", "--batch", "--signal=TERM", str(job_id))
-    first = slurm.wait_job(job_id, ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"), timeout=120)
-    log = log_of(tmp, job_id)
-    done = done_shards(out)
-    assert first["JobState"] == "FAILED" and first["ExitCode"].startswith("143:"), f"{first}\n{log}"
-    assert 0 < done < SHARDS, f"not stopped mid-extraction ({done} of {SHARDS} shards done)\n{log}"
-    assert RunStore(str(out)).read_lock() is None, "the stopped run did not release its lock"
-    assert complete_groups(out) == [], "a stopped run marked a group complete"
+    def stop_mid_extraction(after: int, *scancel: str) -> int:
+        deadline = time.monotonic() + 240
+        while done_shards(out) <= after:
+            state = slurm.job(job_id)["JobState"]
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state} before shard {after + 1} was done\n{log_of(tmp, job_id)}"
+            assert time.monotonic() < deadline, f"shard {after + 1} not done after 240 s\n{log_of(tmp, job_id)}"
+            time.sleep(0.05)
+        slurm.run("scancel", *scancel, str(job_id))
+        ended = slurm.wait_job(job_id, ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"), timeout=120)
+        log = log_of(tmp, job_id)
+        done = done_shards(out)
+        assert ended["JobState"] == "FAILED" and ended["ExitCode"].startswith("143:"), f"{ended}\n{log}"
+        assert after < done < SHARDS, f"not stopped mid-extraction ({done} of {SHARDS} shards done)\n{log}"
+        assert RunStore(str(out)).read_lock() is None, f"the stopped run did not release its lock\n{log}"
+        assert complete_groups(out) == [], "a stopped run marked a group complete"
+        # the same job id and script again, after the cluster's credential lifetime (AuthInfo cred_expire)
+        slurm.run("scontrol", "requeue", str(job_id))
+        return done
 
-    # the same job id and script again, after the cluster's credential lifetime (AuthInfo cred_expire)
-    slurm.run("scontrol", "requeue", str(job_id))
-    second = slurm.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    # 1. the warning before a time limit (#SBATCH --signal=B:USR1@300): SIGUSR1 to the batch script only
+    done = stop_mid_extraction(0, "--batch", "--signal=USR1")
+    # 2. what a time limit, scancel or preemption does: SIGTERM to every process of the job
+    done = stop_mid_extraction(done, "--full", "--signal=TERM")
+
+    third = slurm.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
     log = log_of(tmp, job_id)
-    assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0", f"{second}\n{log}\n{slurm.logs()}"
-    assert int(second["Restarts"]) == 1
+    assert third["JobState"] == "COMPLETED" and third["ExitCode"] == "0:0", f"{third}\n{log}\n{slurm.logs()}"
+    assert int(third["Restarts"]) == 2
     assert f"extract: {SHARDS - done} of {SHARDS} shards computed" in " ".join(log.split()), log
     assert complete_groups(out) == ["gradients", "fisher", "scores", "stats"]
     assert_runs_close(out, job.output.path)
