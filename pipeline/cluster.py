@@ -91,6 +91,16 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import logging
+
+    # when qkov closes its own cluster after a Ctrl-C, a worker still running a task reports the
+    # scheduler it can no longer reach and the task it was told to drop: expected, not news
+    def expected_at_shutdown(record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not ("Failed to communicate with scheduler during heartbeat" in msg or "ended with CancelledError" in msg)
+
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logging.getLogger(name).addFilter(expected_at_shutdown)
 
 
 def gpu_cluster(options: dict[str, dict[str, Any]]):
