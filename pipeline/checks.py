@@ -570,6 +570,7 @@ def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResul
             "prediction_layer": (d, np.array([x.layer for x in r.slices], dtype=np.int64)),
             "prediction_head": (d, np.array([x.head for x in r.slices], dtype=np.int64)),
             "prediction_transfer": (d, r.transfer),
+            "prediction_transfer_step_path": (d, r.transfer_indep),  # the same, by the step's independent path
             "prediction_predicted": ((d, e), np.stack([r.predicted(k) for k in range(len(r.etas))], axis=1)),
             "prediction_measured": ((d, e), r.measured),
             "prediction_above_noise": (d, r.above_noise),
@@ -581,7 +582,8 @@ def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResul
     summary = {"eta": r.eta, "rho": r.rho, "median_rel_error": r.median_rel_error,
                "median_rel_error_half_eta": r.median_rel_error_at(1), "halving_ratio": r.halving_ratio,
                "base_loss": r.base_loss, "noise": r.noise, "n_slices": len(r.slices),
-               "n_above_noise": int(r.above_noise.sum())}
+               "n_above_noise": int(r.above_noise.sum()), "n_resolved": int(r.resolved.sum()),
+               "median_precision": float(np.median(r.precision))}
     per_slice.attrs["prediction"] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
     return CheckResult(PREDICTION, r.passed, r.median_rel_error, pred.REL_ERROR_MAX, r.detail(), r.rho), per_slice
 

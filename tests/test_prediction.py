@@ -103,6 +103,19 @@ def test_prediction_passes_on_tiny_model(tiny):
     assert np.all(np.sign(r.measured[:, 0]) == np.sign(r.predicted()))
 
 
+def test_too_small_a_step_fails_the_halving_test(tiny):
+    """η so small that rounding (here eager attention's float32 softmax, ~1e-8 of the loss) is
+    what is left after the first-order term: halving η no longer halves the error."""
+    r = check(tiny, eta=1e-8)
+    lo, hi = P.HALVING_RANGE
+    assert not r.passed and not lo <= r.halving_ratio <= hi, r.detail()
+
+
+def test_the_two_paths_agree_on_transfer(tiny):
+    r = check(tiny)
+    assert np.median(r.precision) < 1e-4 and r.resolved.all()
+
+
 def test_too_large_a_step_fails(tiny):
     """η far outside the linear regime: the check must say so, not pass."""
     r = check(tiny, eta=1e-2)
@@ -244,6 +257,7 @@ def test_run_checks_writes_the_prediction_check(tmp_path):
     np.testing.assert_allclose(back["prediction_measured"].values, ds["prediction_measured"].values)
     assert set(back["prediction_block"].values.tolist()) == {"Q", "K", "V", "O"}
     assert back.attrs["prediction"]["n_slices"] == 12
+    np.testing.assert_allclose(back["prediction_transfer_step_path"].values, back["prediction_transfer"].values, rtol=1e-4)
     # without it, the checks are the five of DESIGN §4, as before
     assert [str(x) for x in run_checks(job, n_samples=2, write=False)[checks.CHECK_DIM].values] == list(checks.CHECK_NAMES)
 
