@@ -57,8 +57,8 @@ from .spec import JobSpec, LayoutSpec
 CHECK_DIM = schema.CHECK
 CHECK_NAMES = ("additivity", "scale", "reparameterisation", "ablation", "symmetry")
 PREDICTION = "prediction"  # the prediction check's row (run_checks(prediction=True); `qkov check` runs it)
-PREDICTION_SLICE = "prediction_slice"  # its per-slice variables' dimension in `checks`
-PREDICTION_ETA = "prediction_eta"  # (η, η/2)
+PREDICTION_SLICE = schema.PREDICTION_SLICE  # its per-slice variables' dimension in `checks`
+PREDICTION_ETA = schema.PREDICTION_ETA  # (η, η/2)
 
 SCALE_C = 3.0
 REPARAM_ALPHA = 2.0

@@ -34,6 +34,8 @@ SAMPLE_J = "sample_j"
 BLOCK = "block"
 SCORE = "score"
 CHECK = "check"  # one row per sanity check in `checks`
+PREDICTION_SLICE = "prediction_slice"  # `checks`: the prediction check's per-slice variables
+PREDICTION_ETA = "prediction_eta"  # `checks`: the step sizes (η, η/2) it measured at
 SKETCH = "sketch"  # sketch mode: the projected dimension replacing `param` in `gradients`
 
 # coordinate / variable names in `gradients`
