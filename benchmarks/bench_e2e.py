@@ -20,6 +20,13 @@ the same backward depth). From these the 30-layer time is extrapolated, and labe
 
 Before timing, one small warm-up extraction loads the model and CUDA on the worker;
 its time (what a cold `qkov run` pays once) is reported apart. Prints one JSON object.
+
+`--keep-gradients false` runs in layer groups (extract → score → drop) and takes every
+layer by default: the disk then holds the results and one group's gradients. The run's
+`qkov plan` lines are printed and recorded with the peak store size sampled each second,
+and the disk (fdatasync'd write, cold read) and pinned host→device bandwidths are measured
+in the same run; `io_ratios` gives extraction's write rate as a fraction of the disk's
+write bandwidth and the score stage's time over its I/O bound (issue 17).
 """
 from __future__ import annotations
 
@@ -80,11 +87,11 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "model": {"path": str(model), "dtype": "float32", "attn_implementation": a.attn, "max_length": a.seq},
         "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
-        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16"},
+        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16", "scores_dtype": a.scores_dtype},
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
         "cluster": {**({"n_workers": a.workers} if a.workers else {}),
                     **({"threads_per_worker": a.threads} if a.threads else {})},
-        "output": {"path": str(out)},
+        "output": {"path": str(out), "keep_gradients": a.keep_gradients == "true"},
     })
 
 
@@ -94,15 +101,15 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
 def bytes_per_layer(heads: dict[str, int], sizes: dict[str, int], n_a: int, n_b: int, n_heads: int,
                     shard_size: int, storage_bytes: int = 2) -> dict[str, int]:
     """Uncompressed store bytes one scored layer adds, per group (an upper bound: Zarr's
-    default zstd only shrinks them). K/V scores are stored per query head, like Q/O."""
+    default zstd only shrinks them). Scores are stored compactly: the pooled N×N matrices once
+    per block head (K/V per KV head), float32 (`qkov plan` gives the exact figures)."""
     n = n_a + n_b
     grad_entries = sum(heads[b] * sizes[b] for b in heads)  # one sample, one layer
-    shown = len(heads) * n_heads  # (block, head) score slices
     return {
         "gradients": n * grad_entries * storage_bytes,
         "_work": math.ceil(n / shard_size) * grad_entries * 4,  # per-shard Fisher partial sums
         "fisher": grad_entries * 4,
-        "scores": 2 * shown * (n * n + n_a * n_b) * 4,  # pooled N×N and the A×B view, both scores
+        "scores": 2 * sum(heads.values()) * n * n * 4,  # pooled N×N per block head, both scores
     }
 
 
@@ -151,6 +158,52 @@ def extrapolate(t: dict[str, float], n_layers_run: int, n_layers_model: int, cal
     out["stats_per_layer_s"] = t["stats"] / n_layers_run
     out["total_s"] = out["extract_s"] + out["score_s"] + out["stats_s"]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
+# ---------------------------------------------------------------- bandwidths, measured in the same run
+
+
+def measure_io(folder: Path, gib: float = 4.0) -> dict:
+    """Disk write (fdatasync'd) and cold read of one `gib` file in `folder` (its pages dropped
+    from the cache with posix_fadvise after the sync), and pinned host→device copies. GB/s."""
+    import torch
+
+    path = folder / "io-probe.bin"
+    block = np.random.default_rng(0).integers(0, 255, 64 * 2**20, dtype=np.uint8).tobytes()
+    n = max(1, int(gib * GiB) // len(block))
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(n):
+            f.write(block)
+        os.fdatasync(f.fileno())
+    write = n * len(block) / (time.perf_counter() - t)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    t = time.perf_counter()
+    while os.read(fd, 16 * 2**20):
+        pass
+    read = n * len(block) / (time.perf_counter() - t)
+    os.close(fd)
+    t = time.perf_counter()
+    with open(path, "rb") as f:  # now cached
+        while f.read(16 * 2**20):
+            pass
+    cached = n * len(block) / (time.perf_counter() - t)
+    path.unlink()
+    out = {"disk_write_gb_s": round(write / 1e9, 3), "disk_read_cold_gb_s": round(read / 1e9, 3),
+           "page_cache_read_gb_s": round(cached / 1e9, 3), "probe_gib": gib}
+    if torch.cuda.is_available():
+        x = torch.empty(2**30, dtype=torch.uint8).pin_memory()
+        y = torch.empty_like(x, device="cuda")
+        y.copy_(x, non_blocking=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            y.copy_(x, non_blocking=True)
+        torch.cuda.synchronize()
+        out["h2d_pinned_gb_s"] = round(5 * 2**30 / (time.perf_counter() - t) / 1e9, 2)
+        del x, y
+    return out
 
 
 # ---------------------------------------------------------------- running
@@ -218,7 +271,9 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     free = shutil.disk_usage(work).free
     reserve = max(int(a.reserve_gib * GiB), int(0.1 * free))
     fit = fit_layers(free, per_layer, reserve, n_layers_model)
-    if a.layers is None:
+    if a.layers is None and a.keep_gradients == "false":  # layer groups: the disk holds the results, not the gradients
+        layers = list(range(n_layers_model))[: a.max_layers or n_layers_model]
+    elif a.layers is None:
         k = min(fit, a.max_layers or n_layers_model)
         if k < 1:
             raise SystemExit(f"not even one layer fits: {per_layer / GiB:.2f} GiB per layer, {free / GiB:.1f} GiB free, "
@@ -226,7 +281,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         layers = spread(n_layers_model, k)
     else:
         layers = sorted(set(a.layers))
-        if len(layers) > fit and not a.ignore_disk:
+        if len(layers) > fit and not a.ignore_disk and a.keep_gradients == "true":
             raise SystemExit(f"{len(layers)} layers need {len(layers) * per_layer / GiB:.1f} GiB; {free / GiB:.1f} GiB free "
                              f"minus {reserve / GiB:.1f} GiB reserve fits {fit}. Give fewer --layers or --ignore-disk.")
     disk = {
@@ -244,6 +299,14 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     job = make_job(model, tasks, work / "run", layers, a)
     result: dict[str, Any] = {"benchmark": "e2e_exact_run", "geometry": a.geometry, "n_per_task": a.n, "seq": a.seq,
                               "layers": layers, "n_layers_model": n_layers_model, "disk": disk}
+    from pipeline.plan import plan as run_plan
+
+    predicted = run_plan(job)
+    result["plan"] = {"lines": predicted.lines(), "groups": predicted.groups, "peak_disk": predicted.peak_disk,
+                      "layer_groups": predicted.layer_groups, "fits": predicted.fits}
+    _log("\n".join(predicted.lines()))
+    result["io"] = measure_io(work, a.io_gib)
+    _log(f"bandwidths: {result['io']}")
     t = time.perf_counter()
     with cluster_client(job.cluster) as client:  # what `qkov run JOB.toml` does without --scheduler
         result["cluster_start_s"] = round(time.perf_counter() - t, 2)
@@ -264,7 +327,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         _log(f"warm-up (model load on every worker + a small extraction): {result['warmup_s']} s")
 
         calib_s = None
-        if len(layers) > 1 and not a.no_calibrate:
+        if len(layers) > 1 and not a.no_calibrate and a.keep_gradients == "true":
             cal = make_job(model, tasks, work / "calibration", [layers[0]], a)
             calib_s = _extract_only(cal, client)
             shutil.rmtree(work / "calibration")  # before the main run: its disk is needed
@@ -277,10 +340,29 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                 stage_start[stage] = time.perf_counter()
                 _log(f"{stage} started")
 
+        peak = {"bytes": 0}
+        import threading
+
+        stop = threading.Event()
+
+        def watch() -> None:  # peak disk use of the output while it runs
+            while not stop.wait(1.0):
+                try:
+                    peak["bytes"] = max(peak["bytes"], sum(store_bytes(Path(job.output.path)).values()))
+                except OSError:
+                    pass
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         t = time.perf_counter()
         summary = run_job(job, client=client, progress=tick)
         total = time.perf_counter() - t
+        stop.set()
+        watcher.join()
     times = dict(summary.timings)
+    if "extract" not in times:  # layer groups: extraction and scoring interleave; their own times
+        times["extract"], times["score"] = summary.extract["extract_s"], summary.extract["score_s"]
+    result["peak_store_bytes_sampled_1s"] = peak["bytes"]
     _log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
 
     plan = plan_extract(job)
@@ -296,6 +378,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                   "note": "matmul FLOPs of both scores over the pooled N×N pairs, divided by the whole stage's time "
                           "(store reads, decoding, host-device copies and writes included)"},
         "store_bytes": store_bytes(Path(job.output.path)),
+        "io_ratios": io_ratios(result["io"], plan, len(layers), times, a.scores_dtype),
         "extrapolated_to_all_layers": {"n_layers": n_layers_model,
                                        **extrapolate(times, len(layers), n_layers_model, calib_s),
                                        "store_gib": disk["all_layers_estimate_gib"],
@@ -310,6 +393,33 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         shutil.rmtree(work / "run", ignore_errors=True)
     result["benchmark_wall_s"] = round(time.perf_counter() - t_all, 2)
     return result
+
+
+def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str) -> dict:
+    """Bytes each stage moves and its time as a multiple of the I/O bound measured in this run.
+
+    Extraction writes the bf16 gradients; its rate is compared with the disk's write
+    bandwidth. The score stage reads them (bound: the cold disk read) and writes the compact
+    scores (bound: the disk write); with reads, copies and writes overlapped its floor is the
+    larger of the two, without overlap their sum; both are given."""
+    n = plan.n
+    grad = n * n_layers * sum(plan.heads[b] * plan.sizes[b] for b in plan.heads) * 2
+    scores = 2 * n_layers * sum(plan.heads.values()) * n * n * (2 if scores_dtype == "bfloat16" else 4)
+    w, r = io["disk_write_gb_s"] * 1e9, io["disk_read_cold_gb_s"] * 1e9
+    h2d = io.get("h2d_pinned_gb_s", float("inf")) * 1e9
+    floor_overlap = max(grad / r, scores / w, grad / h2d)
+    floor_serial = grad / r + scores / w + grad / h2d
+    return {
+        "gradient_bytes": grad, "score_bytes_written": scores,
+        "extract_write_gb_s": round(grad / times["extract"] / 1e9, 3),
+        "extract_write_fraction_of_disk_write": round(grad / times["extract"] / w, 3),
+        "score_io_bound_overlapped_s": round(floor_overlap, 2), "score_io_bound_serial_s": round(floor_serial, 2),
+        "score_time_over_bound_overlapped": round(times["score"] / floor_overlap, 2),
+        "score_time_over_bound_serial": round(times["score"] / floor_serial, 2),
+        "scores_bytes_per_layer": scores // n_layers,
+        "scores_bytes_per_layer_before_compact": 2 * 4 * plan.n_heads * (n * n + plan.n_a * plan.n_b) * 4,
+        "note": "bounds from the disk bandwidths and pinned H2D measured in this run (cold read, fdatasync'd write)",
+    }
 
 
 def _versions() -> dict[str, str]:
@@ -340,6 +450,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-calibrate", action="store_true", help="skip the 1-layer calibration extraction")
     p.add_argument("--keep", action="store_true", help="keep the run's store afterwards")
     p.add_argument("--json-out", help="also write the JSON here")
+    p.add_argument("--keep-gradients", choices=["true", "false"], default="true",
+                   help="[output] keep_gradients; false: layer groups, and every layer by default")
+    p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--io-gib", type=float, default=4.0, help="size of the disk bandwidth probe file")
     return p.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ def test_disk_arithmetic_for_smollm2_geometry():
     per = be.bytes_per_layer(heads, sizes, 1000, 1000, n_heads=9, shard_size=128)
     assert per["gradients"] == 2000 * 24 * 36864 * 2  # 3.54 GB a layer, 106 GB for 30
     assert 30 * per["gradients"] / 1e9 == pytest.approx(106.2, abs=0.1)
-    assert per["scores"] == 2 * 36 * (2000**2 + 1000**2) * 4  # pooled + A×B, both scores, K/V per query head
+    assert per["scores"] == 2 * 24 * 2000**2 * 4  # compact: pooled N×N per block head (K/V per KV head), both scores
     assert per["_work"] == 16 * 24 * 36864 * 4  # 16 shards' Fisher partial sums
     assert be.fit_layers(free=50 * 2**30, per_layer=5 * 2**30, reserve=5 * 2**30, n_layers=30) == 9
     assert be.fit_layers(free=2**30, per_layer=5 * 2**30, reserve=0, n_layers=30) == 0
@@ -35,7 +35,7 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     out = tmp_path / "result.json"
     res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--layers", "0", "1", "--batch", "4",
                    "--shard-size", "8", "--n-permutations", "19", "--n-bootstrap", "20", "--workers", "1",
-                   "--workdir", str(tmp_path / "work"), "--json-out", str(out)])
+                   "--workdir", str(tmp_path / "work"), "--json-out", str(out), "--io-gib", "0.05"])
     assert json.loads(out.read_text()) == res == json.loads(capsys.readouterr().out)
     assert res["layers"] == [0, 1] and res["n_layers_model"] == 2 and res["device"] == ["cpu"]
     assert set(res["stage_s"]) == {"extract", "score", "stats"} and all(v > 0 for v in res["stage_s"].values())
@@ -49,4 +49,9 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     assert x["label"].startswith("EXTRAPOLATED") and x["n_layers"] == 2 and x["total_s"] > 0
     assert res["disk"]["layers_that_fit"] == 2 and res["disk"]["per_layer_total_gib"] >= 0
     assert not (tmp_path / "work" / "run").exists()  # the run's store is removed unless --keep
+    # bandwidths measured in the same run, and the stages as ratios to them (issue 17)
+    assert all(res["io"][k] > 0 for k in ("disk_write_gb_s", "disk_read_cold_gb_s", "page_cache_read_gb_s"))
+    r = res["io_ratios"]
+    assert r["gradient_bytes"] == 16 * 2 * (4 + 2 + 2 + 4) * 16 * 64 * 2 and r["extract_write_fraction_of_disk_write"] > 0
+    assert r["score_time_over_bound_overlapped"] > 0 and res["plan"]["fits"] is True
     assert (tmp_path / "work" / "model-tiny" / be.MODEL_MARKER).is_file()
