@@ -103,7 +103,9 @@ class RunStore:
     def root(self, mode: str = "r") -> zarr.Group:
         """The run's root group. mode 'r' / 'r+' require it to exist."""
         try:
-            return zarr.open_group(self.zarr(read_only=(mode == "r")), mode=mode, zarr_format=3)
+            # never the consolidated copy: it is a snapshot, and qkov reads attrs that change after it
+            # (resume records, completion marks)
+            return zarr.open_group(self.zarr(read_only=(mode == "r")), mode=mode, zarr_format=3, use_consolidated=False)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as e:
             raise StoreError(f"no qkov run at {self.path}: {e}. Run `qkov run JOB.toml` first, or check the path.") from None
         except (ValueError, TypeError, KeyError) as e:  # undecodable or malformed zarr.json

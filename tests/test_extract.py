@@ -185,3 +185,24 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
     for b in "QKVO":
         assert grouped[b].dtype == np.uint16
         np.testing.assert_array_equal(grouped[b].values, ref[b].values)
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_all_zero_gradient_chunks_are_written_and_not_called_lost(tmp_path, storage):
+    """A shard whose gradients are exactly 0 in a slice (an ablated head, skipped samples) still
+    stores its chunk: zarr leaves all-fill chunks out by default, and the score stage's gate
+    would then call a finished run damaged."""
+    from pipeline.extract import damaged_shards, shard_tasks, write_template
+    from workers.writer import compute_shard, write_shard
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=2, n_b=2, extract={"shard_size": 2}, score={"storage_dtype": storage})
+    store = RunStore.of(job)
+    prepare_output(store, job, resume=False, overwrite=True)
+    plan = plan_extract(job)
+    write_template(store, plan, job)
+    for task in shard_tasks(store, plan, job, [0, 1]):
+        grads, *rest = compute_shard(task)
+        grads = {b: np.zeros_like(g) if b == "V" else g for b, g in grads.items()}  # V exactly 0 everywhere
+        write_shard(task, (grads, *rest))
+    assert damaged_shards(store) == []
+    assert (RunStore(job.output.path).open_gradients(complete=False)["V"].values == 0).all()

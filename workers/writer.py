@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 
 from pipeline import schema
 from pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
@@ -221,9 +222,13 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
         return ShardResult(task.shard, whash, (), device, worker_name(), rejected=tuple(bad))
     root = RunStore(task.store_path, task.storage_options).root("r+")
     stop = task.start + len(task.input_ids)
-    g = root[schema.GRADIENTS]
-    for b, arr in grads.items():
-        g[b][task.start : stop] = arr  # already in the stored representation (to_stored)
+    # every chunk is written, even an all-zero one (an ablated head, a shard of skipped samples):
+    # zarr would otherwise leave it out, and the score stage's intactness gate treats an absent
+    # chunk of a completed shard as lost
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        g = root[schema.GRADIENTS]
+        for b, arr in grads.items():
+            g[b][task.start : stop] = arr  # already in the stored representation (to_stored)
     g[schema.LOSS][task.start : stop] = losses
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
