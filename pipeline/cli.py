@@ -59,16 +59,31 @@ def _sigterm_unwinds() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    import gc
+
     interrupted = threading.Event()
     finished = threading.Event()
+    soon = threading.Event()
+
+    def in_gc_callback(frame) -> bool:
+        codes = {getattr(getattr(cb, "__func__", cb), "__code__", None) for cb in gc.callbacks}
+        while frame is not None:
+            if frame.f_code in codes:
+                return True
+            frame = frame.f_back
+        return False
 
     def on_sigint(signum, frame):
         interrupted.set()
+        if in_gc_callback(frame):  # raised here, it would be printed ("Exception ignored") and dropped
+            soon.set()
+            return
         raise KeyboardInterrupt
 
     def redeliver() -> None:
         interrupted.wait()
-        while not finished.wait(REDELIVER_S):
+        while not finished.wait(0.1 if soon.is_set() else REDELIVER_S):
+            soon.clear()
             os.kill(os.getpid(), signal.SIGINT)
 
     before_term = signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
