@@ -227,6 +227,17 @@ def _ticks(n: int, cell: float, label_inches: float) -> np.ndarray:
 # ---------------------------------------------------------------- written figures
 
 
+def _label_panel(ax, panel: dict, block: str, n_layers: int, cell: float) -> None:
+    """Ticks, axis labels and title of one block's layer × head panel (every heatmap draws them alike)."""
+    xt, yt = _ticks(len(panel["cols"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
+    ax.set_xticks(xt, [str(panel["labels"][i]) for i in xt])
+    ax.set_yticks(yt, [str(panel["layers"][i]) for i in yt])
+    ax.set_xlabel(panel["xlabel"])
+    ax.set_ylabel("layer")
+    ax.tick_params(labelsize=8)
+    ax.set_title(block + ("\n(per KV head)" if panel["groups"] else ""), fontsize=10)
+
+
 def _cell_inches(n_layers: int, n_cols: int) -> float:
     # cells shrink for big models so the figure stays about page-sized
     return float(min(0.34, 9.0 / max(n_layers, 1), 11.0 / max(n_cols, 1)))
@@ -257,13 +268,7 @@ def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]
         for sign, style in MARK_STYLE.items():
             rows, cols = np.nonzero(p["marks"] == sign)
             ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **style)
-        xt, yt = _ticks(len(p["cols"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
-        ax.set_xticks(xt, [str(p["labels"][i]) for i in xt])
-        ax.set_yticks(yt, [str(p["layers"][i]) for i in yt])
-        ax.set_xlabel(p["xlabel"])
-        ax.set_ylabel("layer")
-        ax.tick_params(labelsize=8)
-        ax.set_title(b + ("\n(per KV head)" if p["groups"] else ""), fontsize=10)
+        _label_panel(ax, p, b, n_layers, cell)
     clipped = data.get("clipped", False)
     cb = fig.colorbar(im, ax=list(axes), shrink=0.9, aspect=25, pad=0.02, extend="both" if clipped else "neither")
     ticks = np.linspace(data["vmin"], data["vmax"], 5)
@@ -532,13 +537,7 @@ def raw_mean_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Fi
         else:
             im = ax.imshow(v, cmap=matplotlib.colormaps["viridis"].with_extremes(bad=NAN_COLOUR), aspect="auto",
                            interpolation="nearest")
-        xt, yt = _ticks(len(c["cols"]), cell, 0.24), _ticks(n_layers, cell, 0.15)
-        ax.set_xticks(xt, [str(c["labels"][i]) for i in xt])
-        ax.set_yticks(yt, [str(c["layers"][i]) for i in yt])
-        ax.set_xlabel(c["xlabel"])
-        ax.set_ylabel("layer")
-        ax.tick_params(labelsize=8)
-        ax.set_title(b + ("\n(per KV head)" if c["groups"] else ""), fontsize=10)
+        _label_panel(ax, c, b, n_layers, cell)
         cax = ax.inset_axes([1.04, 0.0, 0.13 / max(len(c["cols"]) * cell, 0.9), 1.0])
         cb = fig.colorbar(im, cax=cax)
         cb.set_label(RAW_LABEL.get(score, f"mean {score}"), fontsize=8)
