@@ -218,6 +218,23 @@ def run(
         _print_summary(job.output.path, job.output.storage_options)
 
 
+def _differ_counts(ds) -> str:
+    """Per score, how many family slices differ from chance and which way (labels null, BH)."""
+    from pipeline import schema
+
+    parts = []
+    for score in ds[schema.SCORE].values:
+        d = ds.sel({schema.SCORE: score})
+        fam = d["in_family"]
+        sig = d["significant"].where(fam, False)
+        if "direction" in d:
+            above, below = int((sig & (d["direction"] > 0)).sum()), int((sig & (d["direction"] < 0)).sum())
+            parts.append(f"{score}: {above} slices above chance, {below} below")
+        else:
+            parts.append(f"{score}: {int(sig.sum())} slices differ from chance")
+    return "; ".join(parts) + f" (label-permutation null, BH q ≤ {ds.attrs['alpha']})"
+
+
 @app.command()
 def stats(
     run_path: str = typer.Argument(..., metavar="RUN", help="run directory or URL"),
@@ -254,8 +271,7 @@ def stats(
         if ds.attrs.get("excluded_samples"):
             console.print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
                           f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
-        n_sig = int(ds["significant"].where(ds["in_family"], False).sum())
-        console.print(f"statistics written ({'stats_' + name if name else 'stats'}): {n_sig} significant slices at alpha={ds.attrs['alpha']}")
+        console.print(f"statistics written ({'stats_' + name if name else 'stats'}): " + _differ_counts(ds), highlight=False)
         _print_summary(run_path, stats_name=name)
 
 
