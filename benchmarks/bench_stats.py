@@ -34,7 +34,7 @@ import xarray as xr
 
 def synthetic_scores(layers: int, heads: int, kv_heads: int, n: int, seed: int = 0) -> xr.Dataset:
     from pipeline import schema as S
-    from pipeline.stats_stage import IS_A
+    from pipeline.schema import IS_A
 
     N = 2 * n
     kv = np.arange(heads) // (heads // kv_heads)

@@ -28,9 +28,6 @@ from .errors import StatsStageError, UsageError
 from .spec import StatsSpec, config_hash
 from .store import RunStore, provenance
 
-IS_A = S.IS_A  # bool coord on sample_i marking task-A samples in the pooled matrices
-ATTR_N_A = S.ATTR_N_A
-ATTR_N_B = S.ATTR_N_B
 SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
 
 _VAR_DOCS = {
@@ -181,13 +178,13 @@ def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: in
 
 def _pooled_mask(scores: xr.Dataset) -> np.ndarray:
     n = scores.sizes[S.SAMPLE_I]
-    if IS_A in scores.coords:
-        is_a = np.asarray(scores[IS_A].values, dtype=bool)
+    if S.IS_A in scores.coords:
+        is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
     else:  # store order is A then B
-        is_a = np.arange(n) < int(scores.attrs[ATTR_N_A])
-    for key, want in ((ATTR_N_A, int(is_a.sum())), (ATTR_N_B, int((~is_a).sum()))):
+        is_a = np.arange(n) < int(scores.attrs[S.ATTR_N_A])
+    for key, want in ((S.ATTR_N_A, int(is_a.sum())), (S.ATTR_N_B, int((~is_a).sum()))):
         if key in scores.attrs and int(scores.attrs[key]) != want:
-            raise StatsStageError(f"scores attr {key}={scores.attrs[key]} disagrees with coord {IS_A} ({want})")
+            raise StatsStageError(f"scores attr {key}={scores.attrs[key]} disagrees with coord {S.IS_A} ({want})")
     if is_a.all() or not is_a.any():
         raise StatsStageError(f"need samples of both tasks in the pooled scores, got n_a={is_a.sum()}, n_b={(~is_a).sum()}")
     return is_a
@@ -350,8 +347,8 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
         "layer_test": f"per (block, layer): nonparametric combination ({LAYER_COMBINE}) of the family heads' "
                       "permutation p-values over the same permutations; layer -> head: Benjamini & Bogomolov "
                       "(2014) at alpha",
-        ATTR_N_A: int(is_a.sum()),
-        ATTR_N_B: int((~is_a).sum()),
+        S.ATTR_N_A: int(is_a.sum()),
+        S.ATTR_N_B: int((~is_a).sum()),
     })
     attrs.update(provenance(cfg, config_hash(cfg), stage="stats", scores_provenance=scores.attrs.get(S.ATTR_PROVENANCE)))
     coords = {
@@ -365,10 +362,6 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
 
 
 # ---------------------------------------------------------------- the stage
-
-
-def stats_group_name(name: str | None = None) -> str:
-    return S.stats_group(name)
 
 
 def _check_target(store: RunStore, group: str, settings: StatsSpec, replace: bool,
@@ -423,7 +416,7 @@ def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str 
         dropped = resolve_samples(full, exclude)
         scores = without_samples(full, dropped)
     excluded = [str(x) for x in full[S.SAMPLE_I].values[dropped]]
-    task_of = np.where(np.asarray(full[IS_A].values, dtype=bool), str(full.attrs.get(S.ATTR_TASK_A)),
+    task_of = np.where(np.asarray(full[S.IS_A].values, dtype=bool), str(full.attrs.get(S.ATTR_TASK_A)),
                        str(full.attrs.get(S.ATTR_TASK_B)))
     _check_target(store, group, settings, replace, excluded)
     try:

@@ -14,7 +14,8 @@ from pipeline import schema as S
 from pipeline import stats as st
 from pipeline.spec import StatsSpec, config_hash
 from pipeline.executors import DaskExecutor
-from pipeline.stats_stage import IS_A, StatsStageError, compute_stats
+from pipeline.stats_stage import StatsStageError, compute_stats
+from pipeline.schema import IS_A
 from pipeline.stats_stage import run_stats as _run_stats
 from pipeline.store import RunStore, StoreError
 
