@@ -17,11 +17,11 @@ import numpy as np
 import xarray as xr
 
 from workers.fisher import inverse_damped_fisher
-from workers.kernels import pair_kernel, sketch_pair_kernel
+from workers.kernels import direct_pair_kernel, pair_kernel, sketch_pair_kernel
 
 from . import schema
 from .spec import JobSpec
-from .store import RunStore, decoded, provenance, scores_view
+from .store import DirectChunks, RunStore, decoded, provenance, scores_view
 
 DEFAULT_SAMPLE_CHUNK = 512
 
@@ -54,6 +54,25 @@ def block_scores(g: da.Array, inv, accumulate: str = "auto", device: str = "auto
         gt, "lhip", gt, "lhjp", inv_d, "lhp",
         new_axes={"s": 2}, concatenate=True, dtype=np.float32, accumulate=accumulate, device=device,
         encoding=encoding,
+    )
+    return both[0], both[1]
+
+
+def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, accumulate: str = "auto", device: str = "auto",
+                        encoding: str | None = None) -> tuple[da.Array, da.Array]:
+    """`block_scores` with tasks that read their own operands from the gradient chunk files
+    (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order):
+    no gradient bytes pass through the Dask graph, so a slice's read, host→device copy and
+    kernel are one task, and tasks of different slices overlap on the worker's threads."""
+    n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
+    hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
+    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
+    ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
+    both = da.blockwise(
+        direct_pair_kernel, "slhij",
+        da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j",
+        new_axes={"s": 2}, concatenate=True, dtype=np.float32, meta=np.empty((0,) * 5, np.float32),
+        reader=reader, accumulate=accumulate, device=device, encoding=encoding,
     )
     return both[0], both[1]
 
@@ -117,7 +136,7 @@ def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
 
 def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
                    accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32",
-                   keep_pairs: str = "all", top_k: int = 100, stats=None) -> xr.Dataset:
+                   keep_pairs: str = "all", top_k: int = 100, stats=None, readers: dict | None = None) -> xr.Dataset:
     """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
     matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
     else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
@@ -128,7 +147,8 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     (interference highest, alignment most negative: what `qkov query` lists).
 
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
-    as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes)."""
+    as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
+    `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves."""
     n_a = int(grads.attrs[schema.ATTR_N_A])
     finite = np.asarray(grads[schema.FINITE].values, dtype=bool)
     keep = np.flatnonzero(finite)  # samples skipped for non-finite gradients take no part
@@ -154,9 +174,14 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
         else:
             var = grads[b]
             raw = var.dtype == np.uint16  # bf16 bits, not yet decoded
-            g = var.data[keep].rechunk((c, 1, 1, -1))
-            inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device,
-                                        encoding=var.attrs.get(schema.ATTR_ENCODING) if raw else None)
+            encoding = var.attrs.get(schema.ATTR_ENCODING) if raw else None
+            reader = (readers or {}).get(b)
+            if reader is not None and (raw or var.dtype == reader.dtype) and reader.shape == var.shape:
+                inter, align = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, accumulate, device,
+                                                   encoding=encoding)
+            else:
+                g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
+                inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
         dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
         for name, arr in (("interference", inter), ("alignment", align)):
             arr = arr.rechunk((1, 1, c, c))
@@ -213,9 +238,11 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     store.require(schema.GRADIENTS, "scoring")
     store.require(schema.FISHER, "scoring")
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
-    ds = compact_scores(store.open_gradients(decode=False), store.open_fisher(), sample_chunk=sample_chunk,
+    grads = store.open_gradients(decode=False)
+    readers = {b: DirectChunks.open(store, schema.GRADIENTS, b) for b in schema.BLOCKS if b in grads}
+    ds = compact_scores(grads, store.open_fisher(), sample_chunk=sample_chunk,
                         accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
-                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats)
+                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers)
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata as _md
+import itertools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import zarr
 
 from . import schema
@@ -227,6 +229,10 @@ class RunStore:
             self.require(schema.GRADIENTS, "reading gradients")
         with _quiet_zarr():
             ds = xr.open_zarr(self.zarr(read_only=True), group=schema.GRADIENTS, consolidated=False)
+        for b in list(ds.data_vars):  # read chunk files directly where the format allows (DirectChunks)
+            direct = DirectChunks.open(self, schema.GRADIENTS, b) if ds[b].ndim >= 3 else None
+            if direct is not None and direct.shape == ds[b].shape:
+                ds[b] = ds[b].copy(data=direct_dask(direct, f"{schema.GRADIENTS}-{b}"))
         if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
             for b in list(ds.data_vars):
                 ds[b] = decoded(ds[b])
@@ -264,10 +270,30 @@ class RunStore:
         with _quiet_zarr():
             out = ds.to_zarr(self.zarr(), group=group, mode="w", compute=compute, encoding=encoding or {},
                              zarr_format=3, consolidated=False)
+        if not compute:  # the template is written: its chunks go straight to their files where they can
+            out = self._direct_writes(ds, group) or out
         if compute and complete:
             self.mark_complete(group)
             self.refresh_consolidated()
         return out
+
+    def _direct_writes(self, ds, group: str):
+        """A delayed write of every Dask-backed variable of `ds` through `DirectChunks` (whole
+        chunks, as the variables are chunked like their arrays), or None when any of them
+        needs zarr's own writer."""
+        import dask.array as da
+
+        sources, targets = [], []
+        for name, var in ds.variables.items():
+            if not isinstance(var.data, da.Array):
+                continue
+            direct = DirectChunks.open(self, group, str(name))
+            if direct is None or direct.shape != var.shape or any(
+                    any(c != k for c in cs[:-1]) or cs[-1] > k for cs, k in zip(var.data.chunks, direct.chunks)):
+                return None
+            sources.append(var.data)
+            targets.append(direct)
+        return da.store(sources, targets, lock=False, compute=False) if sources else None
 
     def consolidate(self) -> None:
         """Write the root's consolidated metadata (one read opens the whole run), as a finished
@@ -391,6 +417,163 @@ def scores_view(raw):
         schema.SAMPLE_J: ids,
     }
     return xr.Dataset(data, coords=coords, attrs=dict(raw.attrs))
+
+
+# ---- direct chunk I/O -------------------------------------------------------
+# The large arrays (gradients, pooled scores) have one fixed chunk format: the raw
+# little-endian bytes (zarr's `bytes` codec) then a 4-byte crc32c (`Crc32cCodec`), no
+# sharding, no compression. On a local disk the stages read and write those chunk files
+# themselves: zarr's codec pipeline copies every chunk two or three times (a fill-value
+# buffer, a merge, np.append for the checksum) and funnels all chunks through one event
+# loop, which held extraction's writes near 1 GB/s and slice reads near 0.9 GB/s on the
+# H200 host (benchmarks/profile_stages.py). The files are byte for byte what zarr writes
+# (tests/test_store_direct.py), so zarr, xarray and every other reader see the same store.
+
+
+class DirectChunks:
+    """Whole-chunk reads and writes of one array in the fixed chunk format, without zarr.
+    Picklable (paths and shapes only), so Dask tasks read their own operands. `__getitem__`
+    takes any basic selection (what `dask.array.from_array` asks for)."""
+
+    def __init__(self, folder: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill, keys: list[str]):
+        self.folder, self.shape, self.chunks = folder, tuple(shape), tuple(chunks)
+        self.dtype, self.fill, self.ndim = np.dtype(dtype), fill, len(shape)
+        self._sep = keys  # [prefix, separator] of the default chunk key encoding
+
+    @classmethod
+    def open(cls, store: "RunStore", group: str, name: str) -> "DirectChunks | None":
+        """The array's direct reader/writer, or None where zarr must do it (a remote store,
+        another codec chain, sharding, a big-endian dtype)."""
+        if is_url(store.path):
+            return None
+        from zarr.codecs import BytesCodec, Crc32cCodec
+
+        try:
+            arr = store.root()[group][name]
+        except KeyError:
+            return None
+        meta = arr.metadata
+        codecs = getattr(meta, "codecs", ())
+        enc = getattr(meta, "chunk_key_encoding", None)
+        if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], Crc32cCodec)
+                or getattr(enc, "name", None) != "default" or arr.dtype.byteorder == ">"):
+            return None
+        folder = os.path.join(str(store.path).removeprefix("file://"), group, name)
+        fill = arr.metadata.fill_value
+        return cls(folder, arr.shape, arr.chunks, arr.dtype.str, None if fill is None else np.asarray(fill).item(),
+                   ["c", enc.separator])
+
+    def _path(self, idx: tuple[int, ...]) -> str:
+        prefix, sep = self._sep
+        return os.path.join(self.folder, sep.join([prefix, *map(str, idx)]) if sep == "/" else
+                            prefix + sep + sep.join(map(str, idx)))
+
+    def write(self, idx: tuple[int, ...], data: np.ndarray) -> None:
+        """Write chunk `idx` whole (an edge chunk's data may be smaller: padded with the fill
+        value, as zarr stores it). Atomic: a temporary file renamed into place."""
+        import google_crc32c
+
+        data = np.asarray(data)
+        if data.shape != self.chunks:
+            full = np.full(self.chunks, self.fill if self.fill is not None else 0, dtype=self.dtype)
+            full[tuple(slice(0, k) for k in data.shape)] = data
+            data = full
+        buf = np.ascontiguousarray(data, dtype=self.dtype)
+        view = memoryview(buf).cast("B")
+        crc = np.array([google_crc32c.value(buf)], dtype="<u4").tobytes()
+        path = self._path(idx)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            f = open(tmp, "wb", buffering=0)
+        except FileNotFoundError:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            f = open(tmp, "wb", buffering=0)
+        try:
+            with f:
+                f.write(view)
+                f.write(crc)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_into(self, idx: tuple[int, ...], out: np.ndarray) -> bool:
+        """Read chunk `idx` into `out` (C-contiguous, the chunk's shape) and check its crc32c;
+        False (and `out` filled with the fill value) when the chunk was never written. A
+        mismatch raises zarr's checksum ValueError, which the stages turn into a StoreError."""
+        import google_crc32c
+
+        view = memoryview(out).cast("B")
+        try:
+            f = open(self._path(idx), "rb", buffering=0)
+        except FileNotFoundError:
+            out.fill(self.fill if self.fill is not None else 0)
+            return False
+        with f:
+            got = f.readinto(view)
+            tail = f.read(8)
+        if got != view.nbytes or len(tail) != 4:
+            raise ValueError(f"Stored and computed checksum do not match: chunk {self._path(idx)} has "
+                             f"{got + len(tail)} bytes, not {view.nbytes + 4}")
+        if np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
+            raise ValueError(f"Stored and computed checksum do not match (chunk {self._path(idx)})")
+        return True
+
+    def __setitem__(self, key, value) -> None:
+        """Write whole chunks (what `dask.array.store` hands over for an array chunked like this one)."""
+        sel = _basic_selection(key, self.shape)
+        value = np.broadcast_to(np.asarray(value, dtype=self.dtype), tuple(s.stop - s.start for s in sel))
+        if any(s.start % c or (s.stop % c and s.stop != n) for s, c, n in zip(sel, self.chunks, self.shape)):
+            raise ValueError(f"direct chunk writes take whole chunks, got {key!r} for chunks {self.chunks}")
+        for idx in itertools.product(*(range(s.start // c, -(-s.stop // c)) for s, c in zip(sel, self.chunks))):
+            part = tuple(slice(i * c - s.start, min(s.stop, (i + 1) * c) - s.start) for i, s, c in zip(idx, sel, self.chunks))
+            self.write(idx, value[part])
+
+    def __getitem__(self, key) -> np.ndarray:
+        sel = _basic_selection(key, self.shape)
+        out = np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(sel, self.shape)), dtype=self.dtype)
+        spans = [range(s.start // c, -(-s.stop // c)) for s, c in zip(sel, self.chunks)]
+        buf = None
+        for idx in itertools.product(*spans):
+            lo = [i * c for i, c in zip(idx, self.chunks)]
+            inner = tuple(slice(max(s.start, a) - a, min(s.stop, a + c) - a) for s, a, c in zip(sel, lo, self.chunks))
+            where = tuple(slice(max(s.start, a) - s.start, min(s.stop, a + c) - s.start) for s, a, c in zip(sel, lo, self.chunks))
+            whole = all(i.start == 0 and i.stop == c for i, c in zip(inner, self.chunks))
+            target = out[where]
+            if whole and target.flags.c_contiguous:
+                self.read_into(idx, target)  # straight into the result: no copy
+                continue
+            if buf is None:
+                buf = np.empty(self.chunks, dtype=self.dtype)
+            self.read_into(idx, buf)
+            target[...] = buf[inner]
+        return out
+
+
+def _basic_selection(key, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A tuple of step-1 slices with bounds, one per axis (dask asks for nothing else)."""
+    key = key if isinstance(key, tuple) else (key,)
+    if any(k is Ellipsis for k in key):
+        i = next(j for j, k in enumerate(key) if k is Ellipsis)
+        key = key[:i] + (slice(None),) * (len(shape) - len(key) + 1) + key[i + 1:]
+    key = key + (slice(None),) * (len(shape) - len(key))
+    out = []
+    for k, n in zip(key, shape):
+        if not isinstance(k, slice):
+            raise TypeError(f"direct chunk reads take slices, got {k!r}")
+        start, stop, step = k.indices(n)
+        if step != 1:
+            raise TypeError("direct chunk reads take step-1 slices")
+        out.append(slice(start, max(start, stop)))
+    return tuple(out)
+
+
+def direct_dask(chunks: DirectChunks, name: str):
+    """A lazy dask array over `chunks`, one task per stored chunk."""
+    import dask.array as da
+
+    return da.from_array(chunks, chunks=chunks.chunks, asarray=False, lock=False, fancy=False,
+                         meta=np.empty((0,) * chunks.ndim, chunks.dtype), name=f"direct-{name}-{uuid.uuid4().hex[:8]}")
 
 
 def fsspec_fs(path: str, storage_options: dict | None = None):

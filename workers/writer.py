@@ -19,7 +19,7 @@ import zarr
 from pipeline import schema
 from pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
 from pipeline.spec import ModelSpec
-from pipeline.store import RunStore
+from pipeline.store import DirectChunks, RunStore
 
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
@@ -117,9 +117,9 @@ def _layer_params(layout: AttentionLayout, blocks, layer: int) -> list[str]:
 def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
-    Each phase computes only what it writes: exact mode the gradients {B: (n, L, H, P)} and
-    the Fisher partial; the sketch-mode Fisher pass only the Fisher partial (empty gradients);
-    the sketch pass only the sketched operands {B_u|B_v|B_w: (n, L, H, k)} (empty Fisher).
+    Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
+    store chunk one contiguous (n, P) block, written without a copy) and the Fisher partial; the sketch-mode Fisher pass only the Fisher partial (empty gradients);
+    the sketch pass only the sketched operands {B_u|B_v|B_w: (L, H, n, k)} (empty Fisher).
     Per batch, per-sample gradients are formed one layer at a time and consumed on the
     device (sliced, squared into the Fisher, sketched) before the next layer's, so device
     memory holds one layer's (B, out, in) gradients, not the model's."""
@@ -131,16 +131,15 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
     sizes = {b: layout.block_size(b) for b in task.blocks}
     keep_grads, sketching, keep_fisher = task.phase == "exact", task.phase == "sketch", task.phase != "sketch"
-    host = np.dtype(schema.stored_dtype(task.storage_dtype))  # buffers hold what the store holds
-    grads = {b: np.zeros((n, L, heads[b], sizes[b]), dtype=host) for b in task.blocks if keep_grads}
+    shapes = {b: (L, heads[b], n, sizes[b]) for b in task.blocks if keep_grads}
     if sketching:
         from .sketch import PARTS, sketch_layer, stored_inverse_fisher
 
-        grads = {schema.sketch_var(b, p): np.zeros((n, L, heads[b], task.sketch_dim), dtype=host)
-                 for b in task.blocks for p in PARTS}
+        shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim) for b in task.blocks for p in PARTS}
         # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
         inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
                for b in task.blocks}
+    grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
     fisher = {b: torch.zeros((L, heads[b], sizes[b]), dtype=torch.float64, device=device)
@@ -163,20 +162,85 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
             for b in task.blocks:
                 t = slice_block(layout.blocks[(b, layer)], full).float()  # (B, H, P)
                 t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
-                if not bool(torch.isfinite(t).all()):
-                    raise RuntimeError(f"non-finite gradients in block {b} layer {layer} for samples judged finite")
+                grads.check_finite(t, f"block {b} layer {layer}")
                 if keep_fisher:
                     fisher[b][li] += torch.einsum("i,ihp->hp", w, t.double() ** 2)
                 if keep_grads:
-                    grads[b][s:e, li] = to_stored(t, task.storage_dtype)
+                    grads.put(b, li, s, t)
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
                     for p, x in sketch_layer(t, inv[b][li], proj).items():
-                        grads[schema.sketch_var(b, p)][s:e, li] = to_stored(x.float(), task.storage_dtype)
+                        grads.put(schema.sketch_var(b, p), li, s, x.float())
                 del t
             del full
         del res
-    return grads, losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
+    return grads.to_host(), losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
+
+
+class ShardBuffers:
+    """A shard's gradient slices {name: (L, H, n, P)} in the store's representation, filled
+    batch by batch. On a GPU they stay on the device until the shard is done, when one
+    copy per array moves them into reused pinned host memory: no per-batch device→host
+    copies and synchronisations stalling the next batch's backward pass, and no host-side
+    transposes or zero-filled allocations. Where a shard's slices would
+    take more than a quarter of the free device memory they go to the host per batch."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], storage_dtype: str, device: str):
+        self.storage_dtype, self.device = storage_dtype, device
+        self.dtype = torch.bfloat16 if storage_dtype == "bfloat16" else torch.float32
+        self.host_np = np.dtype(schema.stored_dtype(storage_dtype))
+        size = sum(int(np.prod(v)) for v in shapes.values()) * (2 if storage_dtype == "bfloat16" else 4)
+        on_device = device != "cpu" and torch.cuda.is_available() and size <= torch.cuda.mem_get_info()[0] // 4
+        self.on_device = on_device
+        self.bufs = {k: (torch.empty(v, dtype=self.dtype, device=device) if on_device
+                         else np.zeros(v, dtype=self.host_np)) for k, v in shapes.items()}
+        self._bad: list = []
+
+    def check_finite(self, t: torch.Tensor, where: str) -> None:
+        """Non-finite values in samples judged finite are a bug; on a GPU the check is kept
+        on the device and read once per shard (no synchronisation per slice)."""
+        if self.on_device:
+            self._bad.append((torch.isfinite(t).all(), where))
+        elif not bool(torch.isfinite(t).all()):
+            raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
+
+    def put(self, name: str, li: int, start: int, t: torch.Tensor) -> None:
+        """Store the batch's (B, H, P) float32 slice at layer li, samples start:start+B."""
+        if self.on_device:  # bf16 rounded on the device (round-to-nearest-even, as on CPU)
+            self.bufs[name][li, :, start : start + t.shape[0]] = t.to(self.dtype).transpose(0, 1)
+        else:
+            self.bufs[name][li, :, start : start + t.shape[0]] = to_stored(t, self.storage_dtype).swapaxes(0, 1)
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        if not self.on_device:
+            return self.bufs
+        for ok, where in self._bad:
+            if not bool(ok):
+                raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
+        out = {}
+        for k, d in self.bufs.items():
+            h = _pinned(k, d.shape, self.dtype)
+            h.copy_(d, non_blocking=True)
+            out[k] = h
+        torch.cuda.current_stream().synchronize()
+        self.bufs = {}
+        view = np.uint16 if self.storage_dtype == "bfloat16" else np.float32
+        return {k: (h.view(torch.int16) if self.dtype == torch.bfloat16 else h).numpy().view(view) for k, h in out.items()}
+
+
+# Pinned host buffers for the shards' gradients, reused by every shard of a worker. Two sets,
+# used in turn: extract_shards holds at most two computed shards (one written, one computing).
+_PINNED: dict = {}
+_PINNED_TURN: dict = {}
+
+
+def _pinned(name: str, shape: tuple[int, ...], dtype) -> torch.Tensor:
+    turn = _PINNED_TURN[name] = 1 - _PINNED_TURN.get(name, 1)
+    key = (name, turn)
+    have = _PINNED.get(key)
+    if have is None or have.dtype != dtype or have.numel() < int(np.prod(shape)):
+        have = _PINNED[key] = torch.empty(int(np.prod(shape)), dtype=dtype, pin_memory=True)
+    return have[: int(np.prod(shape))].view(shape)
 
 
 def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
@@ -220,15 +284,24 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     grads, losses, fisher, bad, whash, device = computed
     if bad and task.nonfinite == "error":
         return ShardResult(task.shard, whash, (), device, worker_name(), rejected=tuple(bad))
-    root = RunStore(task.store_path, task.storage_options).root("r+")
+    store = RunStore(task.store_path, task.storage_options)
+    root = store.root("r+")
     stop = task.start + len(task.input_ids)
     # every chunk is written, even an all-zero one (an ablated head, a shard of skipped samples):
     # zarr would otherwise leave it out, and the score stage's intactness gate treats an absent
     # chunk of a completed shard as lost
-    with zarr.config.set({"array.write_empty_chunks": True}):
-        g = root[schema.GRADIENTS]
-        for b, arr in grads.items():
-            g[b][task.start : stop] = arr  # already in the stored representation (to_stored)
+    g = root[schema.GRADIENTS]
+    for b, arr in grads.items():  # (L, H, n, P), already in the stored representation (to_stored)
+        direct = DirectChunks.open(store, schema.GRADIENTS, b)
+        if (direct is not None and task.start % direct.chunks[0] == 0 and direct.chunks[1:] == (1, 1, arr.shape[3])
+                and (len(task.input_ids) == direct.chunks[0] or stop == direct.shape[0])):  # whole chunks
+            k = task.start // direct.chunks[0]
+            for li in range(arr.shape[0]):
+                for h in range(arr.shape[1]):
+                    direct.write((k, li, h, 0), arr[li, h][:, None, None, :])
+            continue
+        with zarr.config.set({"array.write_empty_chunks": True}):
+            g[b][task.start : stop] = arr.transpose(2, 0, 1, 3)
     g[schema.LOSS][task.start : stop] = losses
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
