@@ -87,7 +87,8 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "model": {"path": str(model), "dtype": "float32", "attn_implementation": a.attn, "max_length": a.seq},
         "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
-        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16", "scores_dtype": a.scores_dtype},
+        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16", "scores_dtype": a.scores_dtype,
+                  "keep_pairs": getattr(a, "keep_pairs", "all")},
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
         "cluster": {**({"n_workers": a.workers} if a.workers else {}),
                     **({"threads_per_worker": a.threads} if a.threads else {})},
@@ -360,6 +361,10 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         stop.set()
         watcher.join()
     times = dict(summary.timings)
+    try:  # the score stage's own split: pair scores vs the diagnostics pass
+        result["score_parts_s"] = RunStore.of(job).group_attrs("scores").get("stage_seconds")
+    except Exception:  # noqa: BLE001 - a layer-grouped run has no single split
+        result["score_parts_s"] = None
     if "extract" not in times:  # layer groups: extraction and scoring interleave; their own times
         times["extract"], times["score"] = summary.extract["extract_s"], summary.extract["score_s"]
     result["peak_store_bytes_sampled_1s"] = peak["bytes"]
@@ -378,7 +383,8 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                   "note": "matmul FLOPs of both scores over the pooled N×N pairs, divided by the whole stage's time "
                           "(store reads, decoding, host-device copies and writes included)"},
         "store_bytes": store_bytes(Path(job.output.path)),
-        "io_ratios": io_ratios(result["io"], plan, len(layers), times, a.scores_dtype),
+        "io_ratios": io_ratios(result["io"], plan, len(layers), times, a.scores_dtype,
+                                getattr(a, "keep_pairs", "all")),
         "extrapolated_to_all_layers": {"n_layers": n_layers_model,
                                        **extrapolate(times, len(layers), n_layers_model, calib_s),
                                        "store_gib": disk["all_layers_estimate_gib"],
@@ -395,7 +401,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     return result
 
 
-def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str) -> dict:
+def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str, keep_pairs: str = "all") -> dict:
     """Bytes each stage moves and its time as a multiple of the I/O bound measured in this run.
 
     Extraction writes the bf16 gradients; its rate is compared with the disk's write
@@ -405,6 +411,7 @@ def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str) -> 
     n = plan.n
     grad = n * n_layers * sum(plan.heads[b] * plan.sizes[b] for b in plan.heads) * 2
     scores = 2 * n_layers * sum(plan.heads.values()) * n * n * (2 if scores_dtype == "bfloat16" else 4)
+    scores *= keep_pairs == "all"  # top/none write no N×N matrices
     w, r = io["disk_write_gb_s"] * 1e9, io["disk_read_cold_gb_s"] * 1e9
     h2d = io.get("h2d_pinned_gb_s", float("inf")) * 1e9
     floor_overlap = max(grad / r, scores / w, grad / h2d)
@@ -453,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-gradients", choices=["true", "false"], default="true",
                    help="[output] keep_gradients; false: layer groups, and every layer by default")
     p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--keep-pairs", choices=["all", "top", "none"], default="all",
+                   help="score.keep_pairs (top/none: no N×N matrices are written)")
     p.add_argument("--io-gib", type=float, default=4.0, help="size of the disk bandwidth probe file")
     return p.parse_args(argv)
 

@@ -48,7 +48,7 @@ from workers.fisher import REG_FLOOR
 
 from . import schema as S
 from .errors import StoreError, UsageError
-from .store import RunStore, decoded, provenance
+from .store import DirectChunks, RunStore, decoded, provenance
 
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 ILL_SHARE = 0.5  # ill_conditioned when λ exceeds Î on more than this share of the slice
@@ -171,7 +171,11 @@ def _health_chunk(f: np.ndarray, lam: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the stage
 
 
-def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset) -> dict[str, Any]:
+TASK_BYTES = 256 * 2**20  # gradient bytes one norm task reads (heads of a layer batched up to it)
+
+
+def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, readers: dict | None = None,
+                device: str = "auto") -> dict[str, Any]:
     """The Dask reductions: per block the squared gradient norms (N, L, H_b) and the Fisher
     health (L, H_b, 5); over the pooled scores the alignment diagonal and the other-task
     row/column means of the interference (block, L, H, N)."""
@@ -183,8 +187,19 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset) -> di
     for b in blocks:
         var = grads[S.sketch_var(b, "v") if sketched else b]  # sketch mode: S(|g|), ‖S(|g|)‖² ≈ ‖g‖²
         enc = var.attrs.get(S.ATTR_ENCODING) if var.dtype == np.uint16 else None
-        raw = var.data[keep].rechunk({3: -1})
-        parts[f"sq_{b}"] = raw.map_blocks(_sq_norms, enc, drop_axis=3, dtype=np.float64)
+        reader = (readers or {}).get(b)
+        if reader is not None and reader.shape == var.shape and not sketched:  # read by the tasks themselves
+            from workers.kernels import direct_sq_norms
+
+            n_l, n_h = reader.shape[1], reader.shape[2]
+            hc = max(1, min(n_h, TASK_BYTES // max(1, keep.size * reader.shape[3] * reader.dtype.itemsize)))
+            sq = da.blockwise(direct_sq_norms, "lhn", da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h",
+                              da.from_array(keep, chunks=-1), "n", dtype=np.float64, concatenate=True,
+                              meta=np.empty((0, 0, 0), np.float64), reader=reader, encoding=enc, device=device)
+            parts[f"sq_{b}"] = sq.transpose(2, 0, 1)
+        else:
+            raw = var.data[keep].rechunk({3: -1})
+            parts[f"sq_{b}"] = raw.map_blocks(_sq_norms, enc, drop_axis=3, dtype=np.float64)
         f = fisher[b].data
         f = (f if isinstance(f, da.Array) else da.from_array(f)).rechunk((1, -1, -1))
         lam = np.asarray(fisher[S.DAMPING].sel({S.BLOCK: b}).values, dtype=np.float64)[:, None, None]
@@ -231,13 +246,14 @@ def _attrs(var: str) -> dict[str, str]:
     return {"question": q, "units": u, "direction": d, "description": q}
 
 
-def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None) -> xr.Dataset:
+def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None, *,
+                        readers: dict | None = None, device: str = "auto") -> xr.Dataset:
     """The (loaded) `diagnostics` dataset of a run's gradients, Fisher and pooled scores."""
     ids = np.asarray(scores[S.SAMPLE_I].values).astype(object)
     keep = np.flatnonzero(np.asarray(grads[S.FINITE].values, dtype=bool))
     if not np.array_equal(np.asarray(grads[S.SAMPLE_ID].values).astype(object)[keep], ids):
         raise StoreError("the scores' samples are not the gradients' kept samples; the run's groups do not belong together")
-    parts = _lazy_parts(grads, fisher, scores)
+    parts = _lazy_parts(grads, fisher, scores, readers, device)
     names = list(parts)
     if executor is None:
         import dask
@@ -300,12 +316,14 @@ def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Datase
 
 
 def run_diagnostics(store: RunStore, executor=None, *, scores_complete: bool = True, config=None,
-                    config_hash: str | None = None) -> xr.Dataset:
+                    config_hash: str | None = None, device: str = "auto") -> xr.Dataset:
     """Compute and write the `diagnostics` group of a run from its stored gradients, Fisher and
     scores (the score stage calls this before it marks the scores complete, hence
     `scores_complete=False` there). Returns the loaded dataset."""
     scores = store.open_dataset(S.SCORES_GROUP, "the diagnostics", complete=scores_complete)
-    ds = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), scores, executor)
+    grads = store.open_gradients(decode=False)
+    readers = {b: DirectChunks.open(store, S.GRADIENTS, b) for b in S.BLOCKS if b in grads}
+    ds = diagnostics_dataset(grads, store.open_fisher(), scores, executor, readers=readers, device=device)
     ds.attrs.update(provenance(config, config_hash, stage="diagnostics"))
     store.write_dataset(ds, S.DIAGNOSTICS, complete=True)
     return ds

@@ -218,8 +218,16 @@ class RunStore:
         if complete:
             self.require(group, needed_by or f"reading '{group}'")
         with _quiet_zarr():
-            ds = xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False)
+            ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False), group)
         return scores_view(ds) if group == schema.SCORES_GROUP else ds
+
+    def _direct(self, ds, group: str):
+        """`ds` with its large variables (3+ dims) read by `DirectChunks` where the format allows."""
+        for name in list(ds.data_vars):
+            direct = DirectChunks.open(self, group, str(name)) if ds[name].ndim >= 3 else None
+            if direct is not None and direct.shape == ds[name].shape:
+                ds[name] = ds[name].copy(data=direct_dask(direct, f"{group}-{name}"))
+        return ds
 
     def open_gradients(self, decode: bool = True, *, complete: bool = True):
         """The `gradients` group, lazily; bfloat16 storage decoded to float32 unless decode=False."""
@@ -228,11 +236,8 @@ class RunStore:
         if complete:
             self.require(schema.GRADIENTS, "reading gradients")
         with _quiet_zarr():
-            ds = xr.open_zarr(self.zarr(read_only=True), group=schema.GRADIENTS, consolidated=False)
-        for b in list(ds.data_vars):  # read chunk files directly where the format allows (DirectChunks)
-            direct = DirectChunks.open(self, schema.GRADIENTS, b) if ds[b].ndim >= 3 else None
-            if direct is not None and direct.shape == ds[b].shape:
-                ds[b] = ds[b].copy(data=direct_dask(direct, f"{schema.GRADIENTS}-{b}"))
+            ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=schema.GRADIENTS, consolidated=False),
+                              schema.GRADIENTS)
         if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
             for b in list(ds.data_vars):
                 ds[b] = decoded(ds[b])

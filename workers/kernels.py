@@ -134,6 +134,21 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     return device_scores(a_all, b_all, sw_all, acc).cpu().numpy()[:, None]
 
 
+def direct_sq_norms(layer: np.ndarray, heads: np.ndarray, rows: np.ndarray, *, reader, encoding: str | None = None,
+                    device: str = "auto") -> np.ndarray:
+    """Σ_p g[p]² of the rows `rows` of heads `heads` of layer `layer[0]` (float64, (1, Hc, n)),
+    read from the chunk files like `direct_pair_kernel` (the diagnostics' gradient norms)."""
+    import torch
+
+    dev = resolve_device(device)
+    if dev != "cuda":
+        one_thread_in_worker()
+    host = _read_rows(reader, int(layer[0]), [int(h) for h in heads], rows, "a", pinned=(dev == "cuda"))
+    x = _to_device(host, encoding, dev, torch.float32)
+    out = torch.stack([(x[h].double() ** 2).sum(-1) for h in range(x.shape[0])])
+    return out.cpu().numpy()[None]
+
+
 _BUFFERS = threading.local()  # per score thread: reused host buffers (pinned on a GPU), by role
 
 
