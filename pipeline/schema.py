@@ -141,7 +141,7 @@ def pooled_name(score: str) -> str:
 # (block, layer, head, …) `pooled_<score>` and the A×B `<score>` as views of them.
 ATTR_SCORES_LAYOUT = "scores_layout"  # on `scores`: absent = the logical dataset as stored (before 2026-11-29)
 SCORES_LAYOUT = "compact-v1"
-ATTR_STAGE_SECONDS = "stage_seconds"  # {part: seconds} of the stage that wrote the group
+ATTR_STAGE_SECONDS = "stage_seconds"  # in a group's provenance: {part: seconds} of the stage that wrote it
 ATTR_SCORES_DTYPE = "scores_dtype"  # on `scores`: float32 | bfloat16 (bf16 bits as uint16 + ATTR_ENCODING)
 
 
