@@ -329,10 +329,8 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     tables = []
 
     if "alignment" in scores:
-        t = slice_table(stats, "alignment")
-        fam = t["block"].size
-        table = {"key": "conflict", "question": QUESTIONS["conflict"], "score": "alignment", "family": fam,
-                 "alpha": alpha, "rows": [], "n_found": 0}
+        t, table = _table(stats, "conflict", "alignment", alpha)
+        fam = table["family"]
         if np.isnan(t["transfer"]).all():
             table["note"] = "this run's statistics have no transfer test: rerun `qkov stats` to add it"
         else:
@@ -346,10 +344,8 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
         tables.append(table)
 
     if "interference" in scores:
-        t = slice_table(stats, "interference")
-        fam = t["block"].size
-        table = {"key": "shared", "question": QUESTIONS["shared"], "score": "interference", "family": fam,
-                 "alpha": alpha, "rows": [], "n_found": 0}
+        t, table = _table(stats, "shared", "interference", alpha)
+        fam = table["family"]
         if np.isnan(t["sharing"]).all():
             table["note"] = "this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
         else:
@@ -364,21 +360,26 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     for score in differ_scores:
         if score not in scores:
             continue
-        t = slice_table(stats, score)
-        fam = t["block"].size
+        t, table = _table(stats, "differ", score, alpha)
+        fam = table["family"]
         sig = np.flatnonzero((t["significant"] > 0) & ~np.isnan(t["q_value"]))
         strength = _strength(t, score, alt)[sig]
         order = sig[np.lexsort((-strength, t["q_value"][sig]))]
         up, down = int((t["direction"][sig] > 0).sum()), int((t["direction"][sig] < 0).sum())
         what = "interfere" if score == "interference" else "align"
-        tables.append({
-            "key": "differ", "question": QUESTIONS["differ"], "score": score, "family": fam, "alpha": alpha,
-            "rows": _rows(t, order[:top], score), "n_found": int(sig.size),
-            "note": (f"{sig.size} of {fam} slices differ from chance ({score}, label-permutation null, {alt}, "
-                     f"BH q ≤ {alpha}): {up} above chance (cross-task pairs {what} more than random pairs of the "
-                     f"pooled samples), {down} below (less)"),
-        })
+        table.update(rows=_rows(t, order[:top], score), n_found=int(sig.size))
+        table["note"] = (f"{sig.size} of {fam} slices differ from chance ({score}, label-permutation null, {alt}, "
+                         f"BH q ≤ {alpha}): {up} above chance (cross-task pairs {what} more than random pairs of the "
+                         f"pooled samples), {down} below (less)")
+        tables.append(table)
     return tables
+
+
+def _table(stats: xr.Dataset, key: str, score: str, alpha) -> tuple[dict, dict]:
+    """One headline table's slice table and its empty frame (rows and note filled by the caller)."""
+    t = slice_table(stats, score)
+    return t, {"key": key, "question": QUESTIONS[key], "score": score, "family": t["block"].size, "alpha": alpha,
+               "rows": [], "n_found": 0}
 
 
 # ---------------------------------------------------------------- rich rendering
