@@ -525,20 +525,21 @@ class TestUntrustedInputs:
         shutil.copytree(done, run)
         for meta in (run / "zarr.json", run / "scores" / "zarr.json"):  # e.g. a half-synced copy
             meta.write_bytes(b'{"zarr_format": 3, "node_type": "gro\xff')
-        before = _tree(tmp)
-        _one_line_refusal("stats", run)
-        _one_line_refusal("query", run, "--layer", 0, "--head", 0)
-        _one_line_refusal("report", run, "--out", tmp / "meta-corrupt-report")
-        assert _tree(tmp) == before
+        self.readers_refuse(tmp, run, tmp / "meta-corrupt-report")
 
     def test_a_file_where_a_run_should_be(self, base):
         tmp = base[0]
         f = tmp / "notes.txt"
         f.write_text("not a run")
+        self.readers_refuse(tmp, f, tmp / "notes-report")
+
+    @staticmethod
+    def readers_refuse(tmp: Path, run: Path, report_out: Path) -> None:
+        """stats, query and report each refuse `run` in one line and leave nothing under `tmp`."""
         before = _tree(tmp)
-        _one_line_refusal("stats", f)
-        _one_line_refusal("query", f, "--layer", 0, "--head", 0)
-        _one_line_refusal("report", f, "--out", tmp / "notes-report")
+        _one_line_refusal("stats", run)
+        _one_line_refusal("query", run, "--layer", 0, "--head", 0)
+        _one_line_refusal("report", run, "--out", report_out)
         assert _tree(tmp) == before
 
     def test_names_and_places_the_file_system_refuses(self, base):

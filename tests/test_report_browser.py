@@ -166,21 +166,13 @@ class Chromium:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> str:
-    from pipeline.run import run_job
-    from qkov.testing import tiny_job
-
-    job = tiny_job(tmp_path_factory.mktemp("browser"), "llama_gqa", n_a=8, n_b=6,
-                   tasks={"a": {"name": "math"}, "b": {"name": "code"}})
-    run_job(job)
-    return job.output.path
+def run(report_run) -> str:  # the session's shared tiny run (tests/conftest.py)
+    return report_run
 
 
 @pytest.fixture(scope="module")
-def report(run) -> Path:
-    from pipeline.report import make_report
-
-    return make_report(run)
+def report(report_page) -> Path:
+    return report_page
 
 
 @pytest.fixture(scope="module")
