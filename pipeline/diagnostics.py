@@ -48,7 +48,7 @@ from workers.fisher import REG_FLOOR
 
 from . import schema as S
 from .errors import StoreError, UsageError
-from .store import DirectChunks, RunStore, decoded, provenance
+from .store import RunStore, decoded, provenance
 
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 ILL_SHARE = 0.5  # ill_conditioned when λ exceeds Î on more than this share of the slice
@@ -171,9 +171,6 @@ def _health_chunk(f: np.ndarray, lam: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- the stage
 
 
-TASK_BYTES = 256 * 2**20  # gradient bytes one norm task reads (heads of a layer batched up to it)
-
-
 def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, readers: dict | None = None,
                 device: str = "auto") -> dict[str, Any]:
     """The Dask reductions: per block the squared gradient norms (N, L, H_b) and the Fisher
@@ -191,8 +188,10 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, reade
         if reader is not None and reader.shape == var.shape and not sketched:  # read by the tasks themselves
             from workers.kernels import direct_sq_norms
 
+            from .score import heads_per_task
+
             n_l, n_h = reader.shape[1], reader.shape[2]
-            hc = max(1, min(n_h, TASK_BYTES // max(1, keep.size * reader.shape[3] * reader.dtype.itemsize)))
+            hc = heads_per_task(n_h, keep.size, reader.shape[3], reader.dtype.itemsize)
             sq = da.blockwise(direct_sq_norms, "lhn", da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h",
                               da.from_array(keep, chunks=-1), "n", dtype=np.float64, concatenate=True,
                               meta=np.empty((0, 0, 0), np.float64), reader=reader, encoding=enc, device=device)
@@ -322,7 +321,7 @@ def run_diagnostics(store: RunStore, executor=None, *, scores_complete: bool = T
     `scores_complete=False` there). Returns the loaded dataset."""
     scores = store.open_dataset(S.SCORES_GROUP, "the diagnostics", complete=scores_complete)
     grads = store.open_gradients(decode=False)
-    readers = {b: DirectChunks.open(store, S.GRADIENTS, b) for b in S.BLOCKS if b in grads}
+    readers = store.direct_chunks(S.GRADIENTS)
     ds = diagnostics_dataset(grads, store.open_fisher(), scores, executor, readers=readers, device=device)
     ds.attrs.update(provenance(config, config_hash, stage="diagnostics"))
     store.write_dataset(ds, S.DIAGNOSTICS, complete=True)

@@ -22,7 +22,7 @@ from workers.kernels import direct_pair_kernel, pair_kernel, sketch_pair_kernel
 
 from . import schema
 from .spec import JobSpec
-from .store import DirectChunks, RunStore, decoded, provenance, scores_view
+from .store import RunStore, decoded, provenance, scores_view
 
 DEFAULT_SAMPLE_CHUNK = 512
 
@@ -240,7 +240,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     store.require(schema.FISHER, "scoring")
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
     grads = store.open_gradients(decode=False)
-    readers = {b: DirectChunks.open(store, schema.GRADIENTS, b) for b in schema.BLOCKS if b in grads}
+    readers = store.direct_chunks(schema.GRADIENTS)
     ds = compact_scores(grads, store.open_fisher(), sample_chunk=sample_chunk,
                         accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
                         keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers)

@@ -221,23 +221,31 @@ class RunStore:
             ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False), group)
         return scores_view(ds) if group == schema.SCORES_GROUP else ds
 
+    def direct_chunks(self, group: str) -> dict[str, "DirectChunks"]:
+        """The arrays of `group` whose chunk files `DirectChunks` reads and writes, by name
+        ({} on a remote store or for a group that is not there)."""
+        if is_url(self.path):
+            return {}
+        try:
+            arrays = dict(self.root()[group].arrays())
+        except KeyError:
+            return {}
+        folder = os.path.join(str(self.path).removeprefix("file://"), group)
+        found = {name: DirectChunks.of(arr, os.path.join(folder, name)) for name, arr in arrays.items()}
+        return {name: d for name, d in found.items() if d is not None}
+
     def _direct(self, ds, group: str):
         """`ds` with its large variables (3+ dims) read by `DirectChunks` where the format allows."""
+        readers = self.direct_chunks(group)
         for name in list(ds.data_vars):
-            direct = DirectChunks.open(self, group, str(name)) if ds[name].ndim >= 3 else None
-            if direct is not None and direct.shape == ds[name].shape:
+            direct = readers.get(str(name))
+            if direct is not None and ds[name].ndim >= 3 and direct.shape == ds[name].shape:
                 ds[name] = ds[name].copy(data=direct_dask(direct, f"{group}-{name}"))
         return ds
 
     def open_gradients(self, decode: bool = True, *, complete: bool = True):
         """The `gradients` group, lazily; bfloat16 storage decoded to float32 unless decode=False."""
-        import xarray as xr
-
-        if complete:
-            self.require(schema.GRADIENTS, "reading gradients")
-        with _quiet_zarr():
-            ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=schema.GRADIENTS, consolidated=False),
-                              schema.GRADIENTS)
+        ds = self.open_dataset(schema.GRADIENTS, "reading gradients", complete=complete)
         if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
             for b in list(ds.data_vars):
                 ds[b] = decoded(ds[b])
@@ -289,10 +297,11 @@ class RunStore:
         import dask.array as da
 
         sources, targets = [], []
+        readers = self.direct_chunks(group)
         for name, var in ds.variables.items():
             if not isinstance(var.data, da.Array):
                 continue
-            direct = DirectChunks.open(self, group, str(name))
+            direct = readers.get(str(name))
             if direct is None or direct.shape != var.shape or any(
                     any(c != k for c in cs[:-1]) or cs[-1] > k for cs, k in zip(var.data.chunks, direct.chunks)):
                 return None
@@ -446,32 +455,24 @@ class DirectChunks:
         self._sep = keys  # [prefix, separator] of the default chunk key encoding
 
     @classmethod
-    def open(cls, store: "RunStore", group: str, name: str) -> "DirectChunks | None":
-        """The array's direct reader/writer, or None where zarr must do it (a remote store,
-        another codec chain, sharding, a big-endian dtype)."""
-        if is_url(store.path):
-            return None
+    def of(cls, arr: zarr.Array, folder: str) -> "DirectChunks | None":
+        """`arr`'s direct reader/writer (its chunk files under `folder`), or None where zarr must
+        do it (another codec chain, sharding, another chunk key encoding, a big-endian dtype)."""
         from zarr.codecs import BytesCodec, Crc32cCodec
 
-        try:
-            arr = store.root()[group][name]
-        except KeyError:
-            return None
         meta = arr.metadata
         codecs = getattr(meta, "codecs", ())
         enc = getattr(meta, "chunk_key_encoding", None)
         if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], Crc32cCodec)
                 or getattr(enc, "name", None) != "default" or arr.dtype.byteorder == ">"):
             return None
-        folder = os.path.join(str(store.path).removeprefix("file://"), group, name)
-        fill = arr.metadata.fill_value
+        fill = meta.fill_value
         return cls(folder, arr.shape, arr.chunks, arr.dtype.str, None if fill is None else np.asarray(fill).item(),
                    ["c", enc.separator])
 
     def _path(self, idx: tuple[int, ...]) -> str:
-        prefix, sep = self._sep
-        return os.path.join(self.folder, sep.join([prefix, *map(str, idx)]) if sep == "/" else
-                            prefix + sep + sep.join(map(str, idx)))
+        prefix, sep = self._sep  # zarr's default chunk key encoding: c/0/1 (or c.0.1)
+        return os.path.join(self.folder, sep.join([prefix, *map(str, idx)]))
 
     def write(self, idx: tuple[int, ...], data: np.ndarray) -> None:
         """Write chunk `idx` whole (an edge chunk's data may be smaller: padded with the fill
@@ -505,7 +506,8 @@ class DirectChunks:
     def read_into(self, idx: tuple[int, ...], out: np.ndarray) -> bool:
         """Read chunk `idx` into `out` (C-contiguous, the chunk's shape) and check its crc32c;
         False (and `out` filled with the fill value) when the chunk was never written. A
-        mismatch raises zarr's checksum ValueError, which the stages turn into a StoreError."""
+        mismatch (or a truncated file) raises zarr's checksum ValueError, which the stages turn
+        into a StoreError."""
         import google_crc32c
 
         view = memoryview(out).cast("B")
@@ -517,11 +519,9 @@ class DirectChunks:
         with f:
             got = f.readinto(view)
             tail = f.read(8)
-        if got != view.nbytes or len(tail) != 4:
-            raise ValueError(f"Stored and computed checksum do not match: chunk {self._path(idx)} has "
-                             f"{got + len(tail)} bytes, not {view.nbytes + 4}")
-        if np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
-            raise ValueError(f"Stored and computed checksum do not match (chunk {self._path(idx)})")
+        if got != view.nbytes or len(tail) != 4 or np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
+            size = "" if got == view.nbytes and len(tail) == 4 else f"; it has {got + len(tail)} bytes, not {view.nbytes + 4}"
+            raise ValueError(f"Stored and computed checksum do not match (chunk {self._path(idx)}{size})")
         return True
 
     def __setitem__(self, key, value) -> None:

@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 from pipeline.extract import checksummed
-from pipeline.store import DirectChunks, RunStore
+from pipeline.store import RunStore
 
 
 def _array(root: Path, name: str, shape, chunks, dtype, fill):
@@ -31,7 +31,7 @@ def test_direct_writes_are_zarrs_bytes_and_reads_are_zarrs_values(tmp_path, dtyp
     by_zarr = _array(tmp_path / "z", "x", shape, chunks, dtype, fill)
     by_zarr[:] = data
     _array(tmp_path / "d", "x", shape, chunks, dtype, fill)
-    direct = DirectChunks.open(RunStore(str(tmp_path / "d")), "grp", "x")
+    direct = RunStore(str(tmp_path / "d")).direct_chunks("grp").get("x")
     assert direct is not None
     direct[:] = data  # whole chunks, the edge chunk padded with the fill value as zarr pads it
     assert _files(tmp_path / "z" / "grp" / "x") == _files(tmp_path / "d" / "grp" / "x")
@@ -44,7 +44,7 @@ def test_direct_writes_are_zarrs_bytes_and_reads_are_zarrs_values(tmp_path, dtyp
 def test_a_missing_chunk_reads_as_the_fill_value_like_zarr(tmp_path):
     arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
     arr[:4] = 1.0
-    direct = DirectChunks.open(RunStore(str(tmp_path)), "grp", "x")
+    direct = RunStore(str(tmp_path)).direct_chunks("grp").get("x")
     np.testing.assert_array_equal(direct[:], arr[:])
     assert np.isnan(direct[4:]).all()
 
@@ -56,7 +56,7 @@ def test_a_corrupted_chunk_is_a_checksum_error_like_zarrs(tmp_path):
     raw = bytearray(chunk.read_bytes())
     raw[5] ^= 0x40
     chunk.write_bytes(bytes(raw))
-    direct = DirectChunks.open(RunStore(str(tmp_path)), "grp", "x")
+    direct = RunStore(str(tmp_path)).direct_chunks("grp").get("x")
     with pytest.raises(ValueError, match="checksum"):
         direct[:]
     with pytest.raises(ValueError, match="checksum"):
@@ -69,7 +69,7 @@ def test_a_corrupted_chunk_is_a_checksum_error_like_zarrs(tmp_path):
 
 def test_partial_chunk_writes_are_refused(tmp_path):
     _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
-    direct = DirectChunks.open(RunStore(str(tmp_path)), "grp", "x")
+    direct = RunStore(str(tmp_path)).direct_chunks("grp").get("x")
     with pytest.raises(ValueError, match="whole chunks"):
         direct[1:4] = np.zeros((3, 4), np.float32)
     assert not (tmp_path / "grp" / "x" / "c").exists()
@@ -80,8 +80,8 @@ def test_zarr_does_it_where_the_format_is_not_ours(tmp_path):
     g.create_array("zstd", shape=(4,), chunks=(2,), dtype="float32")  # zarr's default compressor
     g.create_array("sharded", shape=(4,), chunks=(2,), shards=(4,), dtype="float32", compressors=checksummed())
     for name in ("zstd", "sharded", "absent"):
-        assert DirectChunks.open(RunStore(str(tmp_path)), "grp", name) is None
-    assert DirectChunks.open(RunStore("memory://qkov-direct"), "grp", "zstd") is None  # not a local disk
+        assert RunStore(str(tmp_path)).direct_chunks("grp").get(name) is None
+    assert RunStore("memory://qkov-direct").direct_chunks("grp") == {}  # not a local disk
 
 
 def test_direct_reads_pickle_for_dask_workers(tmp_path):
@@ -89,7 +89,7 @@ def test_direct_reads_pickle_for_dask_workers(tmp_path):
 
     arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
     arr[:] = 2.0
-    direct = pickle.loads(pickle.dumps(DirectChunks.open(RunStore(str(tmp_path)), "grp", "x")))
+    direct = pickle.loads(pickle.dumps(RunStore(str(tmp_path)).direct_chunks("grp").get("x")))
     np.testing.assert_array_equal(direct[:], arr[:])
 
 
@@ -106,8 +106,8 @@ def test_score_tasks_reading_chunks_themselves_equal_the_dask_read_path(tmp_path
     job = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=5, score={"storage_dtype": storage})
     run_job(job)
     store = RunStore.of(job)
-    readers = {b: DirectChunks.open(store, schema.GRADIENTS, b) for b in schema.BLOCKS}
-    assert all(r is not None for r in readers.values())
+    readers = store.direct_chunks(schema.GRADIENTS)
+    assert all(readers.get(b) is not None for b in schema.BLOCKS)
     grads, fisher = store.open_gradients(decode=False), store.open_fisher()
     via_zarr = xr_open(store, schema.GRADIENTS)
     finite = grads[schema.FINITE].values.copy()

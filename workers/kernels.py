@@ -56,6 +56,19 @@ def _operands_dtype(encoding: str | None, dev: str, accumulate: str):
     return _accumulate_dtype(dev, accumulate)
 
 
+def _kernel_device(device: str) -> str:
+    """The task's device, set up for a score kernel: on a GPU, float32 matmuls without TF32
+    (exact-mode scores: no 10-bit mantissa products); on CPU, one torch thread per task."""
+    import torch
+
+    dev = resolve_device(device)
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+    else:
+        one_thread_in_worker()
+    return dev
+
+
 def _accumulate_dtype(dev: str, accumulate: str):
     import torch
 
@@ -92,13 +105,9 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
     """
     import torch
 
-    dev = resolve_device(device)
+    dev = _kernel_device(device)
     acc = _accumulate_dtype(dev, accumulate)
     op = _operands_dtype(encoding, dev, accumulate)
-    if dev == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False  # exact-mode scores: no 10-bit mantissa products
-    else:
-        one_thread_in_worker()
     same = gj is gi  # a diagonal chunk pair handed over as one block
     a_all = _device_tensor(gi[0], encoding, dev, op)
     b_all = a_all if same else _device_tensor(gj[0], encoding, dev, op)
@@ -115,13 +124,9 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     concatenation or transpose copies on the way. Same output as `pair_kernel`."""
     import torch
 
-    dev = resolve_device(device)
+    dev = _kernel_device(device)
     acc = _accumulate_dtype(dev, accumulate)
     op = _operands_dtype(encoding, dev, accumulate)
-    if dev == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    else:
-        one_thread_in_worker()
     same = rows_i.shape == rows_j.shape and bool(np.array_equal(rows_i, rows_j))
     l, hs = int(layer[0]), [int(h) for h in heads]
     a_host = _read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda"))
@@ -140,9 +145,7 @@ def direct_sq_norms(layer: np.ndarray, heads: np.ndarray, rows: np.ndarray, *, r
     read from the chunk files like `direct_pair_kernel` (the diagnostics' gradient norms)."""
     import torch
 
-    dev = resolve_device(device)
-    if dev != "cuda":
-        one_thread_in_worker()
+    dev = _kernel_device(device)
     host = _read_rows(reader, int(layer[0]), [int(h) for h in heads], rows, "a", pinned=(dev == "cuda"))
     x = _to_device(host, encoding, dev, torch.float32)
     out = torch.stack([(x[h].double() ** 2).sum(-1) for h in range(x.shape[0])])
@@ -172,20 +175,19 @@ def _read_rows(reader, layer: int, heads: list[int], rows: np.ndarray, role: str
     wanted, in order, is read straight into its place in the buffer."""
     cs, p = reader.chunks[0], reader.shape[3]
     out, tensor = _host_buffer(role, (len(heads), len(rows), p), reader.dtype, pinned)
-    rows = np.asarray(rows, dtype=np.int64)
-    k_of = rows // cs
+    rows = np.asarray(rows, dtype=np.int64)  # ascending and distinct (kept sample indices)
+    chunks, first = np.unique(rows // cs, return_index=True)
+    spans = [(int(k), a, b) for k, a, b in zip(chunks, first, [*first[1:], rows.size])]
     tmp = None
     for hi, h in enumerate(heads):
-        for k in np.unique(k_of):
-            at = np.flatnonzero(k_of == k)
-            lo, n_k = int(k) * cs, min(cs, reader.shape[0] - int(k) * cs)
-            if at.size == n_k == cs and at[-1] - at[0] == n_k - 1 and rows[at[0]] == lo and rows[at[-1]] == lo + n_k - 1:
-                reader.read_into((int(k), layer, h, 0), out[hi, at[0] : at[0] + cs])
+        for k, a, b in spans:  # rows[a:b] lie in chunk k
+            if b - a == cs:  # the whole chunk, in order
+                reader.read_into((k, layer, h, 0), out[hi, a:b])
                 continue
             if tmp is None:
                 tmp = np.empty(reader.chunks, dtype=reader.dtype)
-            reader.read_into((int(k), layer, h, 0), tmp)
-            out[hi, at] = tmp[rows[at] - lo, 0, 0]
+            reader.read_into((k, layer, h, 0), tmp)
+            out[hi, a:b] = tmp[rows[a:b] - k * cs, 0, 0]
     return out, tensor
 
 
@@ -226,12 +228,8 @@ def sketch_pair_kernel(ui: np.ndarray, vj: np.ndarray, wi: np.ndarray, wj: np.nd
     rules as `pair_kernel`."""
     import torch
 
-    dev = resolve_device(device)
+    dev = _kernel_device(device)
     dt = _accumulate_dtype(dev, accumulate)
-    if dev == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-    else:
-        one_thread_in_worker()
     u, v, w, w2 = (_device_tensor(x[0], None, dev, dt) for x in (ui, vj, wi, wj))
     out = torch.stack([u @ v.transpose(1, 2), w @ w2.transpose(1, 2)]).to(torch.float32).cpu().numpy()
     return out[:, None]

@@ -19,7 +19,7 @@ import zarr
 from pipeline import schema
 from pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
 from pipeline.spec import ModelSpec
-from pipeline.store import DirectChunks, RunStore
+from pipeline.store import RunStore
 
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
@@ -118,8 +118,9 @@ def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, d
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
     Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
-    store chunk one contiguous (n, P) block, written without a copy) and the Fisher partial; the sketch-mode Fisher pass only the Fisher partial (empty gradients);
-    the sketch pass only the sketched operands {B_u|B_v|B_w: (L, H, n, k)} (empty Fisher).
+    store chunk one contiguous (n, P) block, written without a copy) and the Fisher partial;
+    the sketch-mode Fisher pass only the Fisher partial (empty gradients); the sketch pass
+    only the sketched operands {B_u|B_v|B_w: (L, H, n, k)} (empty Fisher).
     Per batch, per-sample gradients are formed one layer at a time and consumed on the
     device (sliced, squared into the Fisher, sketched) before the next layer's, so device
     memory holds one layer's (B, out, in) gradients, not the model's."""
@@ -182,25 +183,24 @@ class ShardBuffers:
     batch by batch. On a GPU they stay on the device until the shard is done, when one
     copy per array moves them into reused pinned host memory: no per-batch device→host
     copies and synchronisations stalling the next batch's backward pass, and no host-side
-    transposes or zero-filled allocations. Where a shard's slices would
-    take more than a quarter of the free device memory they go to the host per batch."""
+    transposes or zero-filled allocations. Where a shard's slices would take more than a
+    quarter of the free device memory they go to the host per batch."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]], storage_dtype: str, device: str):
-        self.storage_dtype, self.device = storage_dtype, device
+        self.storage_dtype = storage_dtype
         self.dtype = torch.bfloat16 if storage_dtype == "bfloat16" else torch.float32
         self.host_np = np.dtype(schema.stored_dtype(storage_dtype))
-        size = sum(int(np.prod(v)) for v in shapes.values()) * (2 if storage_dtype == "bfloat16" else 4)
-        on_device = device != "cpu" and torch.cuda.is_available() and size <= torch.cuda.mem_get_info()[0] // 4
-        self.on_device = on_device
-        self.bufs = {k: (torch.empty(v, dtype=self.dtype, device=device) if on_device
+        size = sum(int(np.prod(v)) for v in shapes.values()) * self.host_np.itemsize
+        self.on_device = device != "cpu" and torch.cuda.is_available() and size <= torch.cuda.mem_get_info()[0] // 4
+        self.bufs = {k: (torch.empty(v, dtype=self.dtype, device=device) if self.on_device
                          else np.zeros(v, dtype=self.host_np)) for k, v in shapes.items()}
-        self._bad: list = []
+        self._finite: list = []  # on a GPU: (all-finite flag on the device, where)
 
     def check_finite(self, t: torch.Tensor, where: str) -> None:
         """Non-finite values in samples judged finite are a bug; on a GPU the check is kept
         on the device and read once per shard (no synchronisation per slice)."""
         if self.on_device:
-            self._bad.append((torch.isfinite(t).all(), where))
+            self._finite.append((torch.isfinite(t).all(), where))
         elif not bool(torch.isfinite(t).all()):
             raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
 
@@ -214,9 +214,9 @@ class ShardBuffers:
     def to_host(self) -> dict[str, np.ndarray]:
         if not self.on_device:
             return self.bufs
-        for ok, where in self._bad:
-            if not bool(ok):
-                raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
+        if self._finite and not bool(torch.stack([ok for ok, _ in self._finite]).all()):  # one synchronisation
+            where = next(w for ok, w in self._finite if not bool(ok))
+            raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
         out = {}
         for k, d in self.bufs.items():
             h = _pinned(k, d.shape, self.dtype)
@@ -224,8 +224,8 @@ class ShardBuffers:
             out[k] = h
         torch.cuda.current_stream().synchronize()
         self.bufs = {}
-        view = np.uint16 if self.storage_dtype == "bfloat16" else np.float32
-        return {k: (h.view(torch.int16) if self.dtype == torch.bfloat16 else h).numpy().view(view) for k, h in out.items()}
+        return {k: (h.view(torch.int16) if self.dtype == torch.bfloat16 else h).numpy().view(self.host_np)
+                for k, h in out.items()}
 
 
 # Pinned host buffers for the shards' gradients, reused by every shard of a worker. Two sets,
@@ -291,17 +291,11 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     # zarr would otherwise leave it out, and the score stage's intactness gate treats an absent
     # chunk of a completed shard as lost
     g = root[schema.GRADIENTS]
-    for b, arr in grads.items():  # (L, H, n, P), already in the stored representation (to_stored)
-        direct = DirectChunks.open(store, schema.GRADIENTS, b)
-        if (direct is not None and task.start % direct.chunks[0] == 0 and direct.chunks[1:] == (1, 1, arr.shape[3])
-                and (len(task.input_ids) == direct.chunks[0] or stop == direct.shape[0])):  # whole chunks
-            k = task.start // direct.chunks[0]
-            for li in range(arr.shape[0]):
-                for h in range(arr.shape[1]):
-                    direct.write((k, li, h, 0), arr[li, h][:, None, None, :])
-            continue
-        with zarr.config.set({"array.write_empty_chunks": True}):
-            g[b][task.start : stop] = arr.transpose(2, 0, 1, 3)
+    direct = store.direct_chunks(schema.GRADIENTS)
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        for b, arr in grads.items():  # (L, H, n, P), already in the stored representation (to_stored)
+            # each (layer, head) chunk is a contiguous (n, P) block of arr: DirectChunks writes it without a copy
+            (direct.get(b) or g[b])[task.start : stop] = arr.transpose(2, 0, 1, 3)
     g[schema.LOSS][task.start : stop] = losses
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
