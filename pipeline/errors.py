@@ -40,6 +40,11 @@ class StoreError(QkovError, RuntimeError):
     """A run store that cannot be used as asked (missing, incomplete, owned, foreign)."""
 
 
+class CorruptChunkError(StoreError, ValueError):
+    """A chunk whose bytes do not match their checksum (corrupted or half-written after it was
+    stored). A ValueError too, like zarr's own checksum error, so one handler serves both."""
+
+
 class StatsStageError(StoreError):
     """The statistics cannot be computed or written as asked."""
 

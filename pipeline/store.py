@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from . import schema
-from .errors import StoreError  # noqa: F401  (re-exported for callers of the store)
+from .errors import CorruptChunkError, StoreError  # noqa: F401  (StoreError re-exported for callers of the store)
 
 
 def is_url(path: str) -> bool:
@@ -506,8 +506,7 @@ class DirectChunks:
     def read_into(self, idx: tuple[int, ...], out: np.ndarray) -> bool:
         """Read chunk `idx` into `out` (C-contiguous, the chunk's shape) and check its crc32c;
         False (and `out` filled with the fill value) when the chunk was never written. A
-        mismatch (or a truncated file) raises zarr's checksum ValueError, which the stages turn
-        into a StoreError."""
+        mismatch (or a truncated file) raises CorruptChunkError."""
         import google_crc32c
 
         view = memoryview(out).cast("B")
@@ -521,7 +520,9 @@ class DirectChunks:
             tail = f.read(8)
         if got != view.nbytes or len(tail) != 4 or np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
             size = "" if got == view.nbytes and len(tail) == 4 else f"; it has {got + len(tail)} bytes, not {view.nbytes + 4}"
-            raise ValueError(f"Stored and computed checksum do not match (chunk {self._path(idx)}{size})")
+            raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum{size}; the store "
+                                    "was corrupted after it was written. Rerun the job with --overwrite (or restore the "
+                                    "run from a copy).")
         return True
 
     def __setitem__(self, key, value) -> None:

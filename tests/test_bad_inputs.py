@@ -527,6 +527,18 @@ class TestUntrustedInputs:
             meta.write_bytes(b'{"zarr_format": 3, "node_type": "gro\xff')
         self.readers_refuse(tmp, run, tmp / "meta-corrupt-report")
 
+    def test_a_corrupted_score_chunk(self, base):
+        """One flipped bit in a stored score chunk: every reader names the chunk (no traceback)."""
+        tmp, _, done = base
+        run = tmp / "chunk-corrupt"
+        shutil.copytree(done, run)
+        chunk = next(p for p in sorted((run / "scores").rglob("*")) if p.is_file() and "pooled_interference" in str(p)
+                     and "/c/" in str(p))
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        chunk.write_bytes(bytes(data))
+        self.readers_refuse(tmp, run, tmp / "chunk-corrupt-report")
+
     def test_a_file_where_a_run_should_be(self, base):
         tmp = base[0]
         f = tmp / "notes.txt"
