@@ -362,7 +362,10 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         watcher.join()
     times = dict(summary.timings)
     try:  # the score stage's own split: pair scores vs the diagnostics pass
-        result["score_parts_s"] = RunStore.of(job).group_attrs("scores")["provenance"].get("stage_seconds")
+        from pipeline import schema
+
+        prov = RunStore.of(job).group_attrs(schema.SCORES_GROUP)[schema.ATTR_PROVENANCE]
+        result["score_parts_s"] = prov.get(schema.ATTR_STAGE_SECONDS)
     except Exception:  # noqa: BLE001 - a layer-grouped run has no single split
         result["score_parts_s"] = None
     if "extract" not in times:  # layer groups: extraction and scoring interleave; their own times
