@@ -245,21 +245,36 @@ def _attrs(var: str) -> dict[str, str]:
     return {"question": q, "units": u, "direction": d, "description": q}
 
 
-def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None, *,
-                        readers: dict | None = None, device: str = "auto") -> xr.Dataset:
-    """The (loaded) `diagnostics` dataset of a run's gradients, Fisher and pooled scores."""
+def diagnostics_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, readers: dict | None = None,
+                      device: str = "auto") -> dict[str, Any]:
+    """The lazy reductions `diagnostics_from_parts` assembles. `scores` may be the stored
+    scores or the score stage's own lazy dataset (`scores_view` of it): computed in the same
+    graph as the score writes, each score tile is then reduced while it is in memory instead
+    of being read back."""
     ids = np.asarray(scores[S.SAMPLE_I].values).astype(object)
     keep = np.flatnonzero(np.asarray(grads[S.FINITE].values, dtype=bool))
     if not np.array_equal(np.asarray(grads[S.SAMPLE_ID].values).astype(object)[keep], ids):
         raise StoreError("the scores' samples are not the gradients' kept samples; the run's groups do not belong together")
-    parts = _lazy_parts(grads, fisher, scores, readers, device)
-    names = list(parts)
+    return _lazy_parts(grads, fisher, scores, readers, device)
+
+
+def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None, *,
+                        readers: dict | None = None, device: str = "auto") -> xr.Dataset:
+    """The (loaded) `diagnostics` dataset of a run's gradients, Fisher and pooled scores."""
+    parts = diagnostics_parts(grads, fisher, scores, readers, device)
     if executor is None:
         import dask
 
-        values = dict(zip(names, dask.compute(*parts.values())))
+        computed = dask.compute(*parts.values())
     else:
-        values = dict(zip(names, executor.compute(*parts.values())))
+        computed = executor.compute(*parts.values())
+    return diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores)
+
+
+def diagnostics_from_parts(values: dict[str, np.ndarray], grads: xr.Dataset, fisher: xr.Dataset,
+                           scores: xr.Dataset) -> xr.Dataset:
+    """The `diagnostics` dataset from the computed `diagnostics_parts`."""
+    ids = np.asarray(scores[S.SAMPLE_I].values).astype(object)
     blocks = [str(b) for b in scores[S.BLOCK].values]
     kv_of = np.asarray(scores[S.KV_HEAD].values)
     is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
@@ -323,9 +338,13 @@ def run_diagnostics(store: RunStore, executor=None, *, scores_complete: bool = T
     grads = store.open_gradients(decode=False)
     readers = store.direct_chunks(S.GRADIENTS)
     ds = diagnostics_dataset(grads, store.open_fisher(), scores, executor, readers=readers, device=device)
+    write_diagnostics(store, ds, config, config_hash)
+    return ds
+
+
+def write_diagnostics(store: RunStore, ds: xr.Dataset, config=None, config_hash: str | None = None) -> None:
     ds.attrs.update(provenance(config, config_hash, stage="diagnostics"))
     store.write_dataset(ds, S.DIAGNOSTICS, complete=True)
-    return ds
 
 
 def open_diagnostics(store: RunStore) -> xr.Dataset | None:

@@ -241,34 +241,35 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
     grads = store.open_gradients(decode=False)
     readers = store.direct_chunks(schema.GRADIENTS)
-    ds = compact_scores(grads, store.open_fisher(), sample_chunk=sample_chunk,
+    fisher = store.open_fisher()
+    ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,
                         accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
                         keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers)
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
+    # numerical health and per-sample diagnostics (no model pass), reduced in the same graph as
+    # the score writes: each score tile is reduced while in memory, the gradient norms read
+    # beside the score tasks. Written before the scores are marked complete, so complete scores
+    # always come with them. (keep_pairs = "top" | "none": from the operands, pipeline/diagnostics.py)
+    from .diagnostics import diagnostics_from_parts, diagnostics_parts, write_diagnostics
+
     t0 = time.perf_counter()
     try:
         writes = store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False)
-        if on_progress is None:
-            executor.compute(writes)
-        else:
-            executor.compute(writes, on_progress=on_progress)
+        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device)
+        progress = {} if on_progress is None else {"on_progress": on_progress}
+        computed = executor.compute(writes, *parts.values(), **progress)[1:]
     except ValueError as e:
         raise corrupt_chunk_error(store, e) or e
-    # numerical health and per-sample diagnostics from what is now stored (no model pass); written
-    # before the scores are marked complete, so complete scores always come with them
-    from .diagnostics import run_diagnostics
-
-    # (keep_pairs = "top" | "none": computed from the stored operands, pipeline/diagnostics.py)
     t1 = time.perf_counter()
-    run_diagnostics(store, executor, scores_complete=False, config=job.config_dict(), config_hash=job.config_hash(),
-                    device=job.score.device)
+    write_diagnostics(store, diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores_view(ds)),
+                      job.config_dict(), job.config_hash())
     # where the stage's time went (seconds), for users and the benchmarks: part of the provenance
     # (like its timestamp), so runs that agree in every result still compare equal
     attrs = store.root("r+")[schema.SCORES_GROUP].attrs
     attrs[schema.ATTR_PROVENANCE] = {**dict(attrs.get(schema.ATTR_PROVENANCE) or {}), schema.ATTR_STAGE_SECONDS: {
-        "pair_scores": round(t1 - t0, 3), "diagnostics": round(time.perf_counter() - t1, 3)}}
+        "scores_and_diagnostics": round(t1 - t0, 3), "diagnostics_write": round(time.perf_counter() - t1, 3)}}
     store.mark_complete(schema.SCORES_GROUP)
     return store.open_scores()
 

@@ -150,6 +150,12 @@ def _chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int
     A×B column is also the bootstrap of T) and the N A×B margins (`st.ab_margins`)."""
     (r0, r1), (c0, c1) = block_info[0]["array-location"][3:5]
     left, right, wa, wb = _weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
+    from workers.device import resolve_device
+
+    if resolve_device("auto") == "cuda":  # a GPU worker: the same sums as a few float64 matmuls on its device
+        from workers.kernels import stat_sums
+
+        return stat_sums(block, left, right, wa, wb, is_a, (r0, c0), "cuda")[..., None, None, :]
     perm = st.cross_sums(block, left[:, r0:r1], right[:, c0:c1])
     pairs = st.pair_sums(block, wa, wb, is_a, (r0, c0))
     margins = st.ab_margins(block, is_a, (r0, c0))
