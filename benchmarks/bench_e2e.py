@@ -335,10 +335,14 @@ def run_benchmark(a: argparse.Namespace) -> dict:
             _log(f"calibration extraction (layer {layers[0]} only): {calib_s:.1f} s")
 
         stage_start: dict[str, float] = {}
+        stage_wall: dict[str, float] = {}  # wall clock of each stage's first tick, for the worker profiles
+        if a.profile:
+            client.get_task_stream()  # registers the scheduler's task-stream plugin before the run
 
         def tick(stage: str, done: int, total: int) -> None:
             if stage not in stage_start:
                 stage_start[stage] = time.perf_counter()
+                stage_wall[stage] = time.time()
                 _log(f"{stage} started")
 
         peak = {"bytes": 0}
@@ -360,6 +364,9 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         total = time.perf_counter() - t
         stop.set()
         watcher.join()
+        if a.profile:
+            bounds = sorted(stage_wall.items(), key=lambda kv: kv[1]) + [("end", time.time())]
+            result["profile"] = {st: stage_profile(client, t0, t1) for (st, t0), (_, t1) in zip(bounds, bounds[1:])}
     times = dict(summary.timings)
     try:  # the score stage's own split: pair scores vs the diagnostics pass
         from pipeline import schema
@@ -438,6 +445,40 @@ def _versions() -> dict[str, str]:
     return {p: md.version(p) for p in ("torch", "transformers", "dask", "distributed", "zarr", "numpy")}
 
 
+def stage_profile(client, start: float, stop: float, top: int = 25) -> dict:
+    """Where the workers' time went between two wall-clock times: per task prefix the tasks'
+    summed compute seconds and their count (the scheduler's task stream), and the top
+    functions by samples of distributed's own statistical profiler (self and inclusive)."""
+    from dask.utils import key_split
+
+    per: dict[str, list[float]] = {}
+    for rec in client.get_task_stream(start=start, stop=stop):
+        for ss in rec.get("startstops", ()):
+            row = per.setdefault(f"{key_split(rec['key'])}:{ss['action']}", [0.0, 0])
+            row[0] += ss["stop"] - ss["start"]
+            row[1] += 1
+    tree = client.profile(start=start, stop=stop)
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+
+    def walk(node: dict, seen: frozenset) -> None:
+        d = node.get("description") or {}
+        name = f"{Path(str(d.get('filename', '?'))).name}:{d.get('name', '?')}"
+        kids = node.get("children", {}).values()
+        self_n[name] = self_n.get(name, 0) + node["count"] - sum(k["count"] for k in kids)
+        if name not in seen:  # recursion counted once
+            incl[name] = incl.get(name, 0) + node["count"]
+        for k in kids:
+            walk(k, seen | {name})
+
+    walk(tree, frozenset())
+    total = max(1, tree.get("count", 1))
+    best = lambda d: [(k, round(v / total, 3)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
+    return {"wall_s": round(stop - start, 2),
+            "task_seconds": {k: [round(v[0], 2), v[1]] for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])},
+            "profile_samples": total, "self_share": best(self_n), "inclusive_share": best(incl)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=1000, help="samples per task")
@@ -465,6 +506,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--keep-pairs", choices=["all", "top", "none"], default="all",
                    help="score.keep_pairs (top/none: no N×N matrices are written)")
+    p.add_argument("--profile", action="store_true",
+                   help="record per stage the workers' task seconds and profiler top functions (result['profile'])")
     p.add_argument("--io-gib", type=float, default=4.0, help="size of the disk bandwidth probe file")
     return p.parse_args(argv)
 

@@ -132,8 +132,9 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             total["skipped"] = res["skipped"]
         t0 = time.perf_counter()
         grads, fisher = sub.open_gradients(decode=False), sub.open_fisher()
+        readers = sub.direct_chunks(schema.GRADIENTS)  # score tasks read their own rows, as in run_score
         if not work.attrs.get(ATTR_TEMPLATES):
-            first = compact_scores(grads, fisher, device=job.score.device, **_score_options(job))
+            first = compact_scores(grads, fisher, device=job.score.device, readers=readers, **_score_options(job))
             _templates(store, job, grads, fisher, first, layers)
             work.attrs[ATTR_TEMPLATES] = True
         main = store.root()[schema.GRADIENTS]
@@ -141,7 +142,8 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             raise StoreError(f"layer group {k} skipped other samples for non-finite gradients than group 0; "
                              "rerun with [output] keep_gradients = true")
         chunk = int(store.group_attrs(schema.SCORES_GROUP)["sample_chunk"])
-        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, **_score_options(job))
+        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, readers=readers,
+                                **_score_options(job))
         region = {schema.LAYER: slice(layers.index(group[0]), layers.index(group[0]) + len(group))}
         executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False))
         store.write_region(fisher.load(), schema.FISHER, region)

@@ -128,7 +128,7 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     `resume` (or an --overwrite of an existing run): the bytes already at the output count
     as available, since they are either part of the result or about to be removed."""
     from .score import auto_sample_chunk, heads_per_task
-    from .store import RunStore
+    from .store import RunStore, is_url
 
     ex, n_params, d, depth = geometry or _geometry(job)
     store = RunStore.of(job)
@@ -159,7 +159,7 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     work = int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES) + (2 + sketch) * (shards * 5 + META_BYTES)
     s_item = 2 if s.scores_dtype == "bfloat16" else 4
     widest = max(width.values())
-    c = min(n, auto_sample_chunk(n, widest, 4 if sketch else g_item))
+    c = min(n, auto_sample_chunk(n, widest, 4 if sketch else g_item, direct=not sketch and not is_url(store.path)))
     t = math.ceil(n / c)
     block_heads = sum(ex.heads[b] for b in ex.blocks)
     groups[schema.SCORES_GROUP] = 2 * L * block_heads * t * t * (c * c * s_item + CRC_BYTES) \

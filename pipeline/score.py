@@ -10,6 +10,7 @@ and the per-query-head K/V are views made at read time (`store.scores_view`).
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable
 
@@ -59,23 +60,40 @@ def block_scores(g: da.Array, inv, accumulate: str = "auto", device: str = "auto
     return both[0], both[1]
 
 
+def _scores_part(pair: tuple) -> np.ndarray:
+    return pair[0]
+
+
+def _norms_part(pairs: list) -> np.ndarray:
+    return pairs[0][1]  # the row chunk's norms, from its first column tile
+
+
 def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, accumulate: str = "auto", device: str = "auto",
-                        encoding: str | None = None) -> tuple[da.Array, da.Array]:
+                        encoding: str | None = None) -> tuple[da.Array, da.Array, da.Array]:
     """`block_scores` with tasks that read their own operands from the gradient chunk files
     (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order):
     no gradient bytes pass through the Dask graph, so a slice's read, host→device copy and
-    kernel are one task, and tasks of different slices overlap on the worker's threads."""
+    kernel are one task, and tasks of different slices overlap on the worker's threads.
+    Also returns the squared gradient norms (sample, layer, head) float64 that the same
+    tasks compute from the rows they read (the diagnostics' grad_norm, without a second
+    read of the gradients)."""
     n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
     hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
     inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
     ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
-    both = da.blockwise(
-        direct_pair_kernel, "slhij",
+    # one task per tile returns (scores, norms); the two arrays below take their parts, so the
+    # tile tasks have two dependents and are not fused into (and run twice by) either
+    pairs = da.blockwise(
+        direct_pair_kernel, "lhij",
         da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j",
-        new_axes={"s": 2}, concatenate=True, dtype=np.float32, meta=np.empty((0,) * 5, np.float32),
-        reader=reader, accumulate=accumulate, device=device, encoding=encoding,
+        concatenate=True, dtype=np.float32, meta=np.empty((0,) * 4, np.float32),
+        reader=reader, accumulate=accumulate, device=device, encoding=encoding, with_norms=True,
     )
-    return both[0], both[1]
+    both = pairs.map_blocks(_scores_part, new_axis=0, chunks=((2,), *pairs.chunks), dtype=np.float32,
+                            meta=np.empty((0,) * 5, np.float32))
+    sq = da.blockwise(_norms_part, "lhi", pairs, "lhij", concatenate=False, dtype=np.float64,
+                      meta=np.empty((0,) * 3, np.float64))
+    return both[0], both[1], sq.transpose(2, 0, 1)
 
 
 def sketch_block_scores(u: da.Array, v: da.Array, w: da.Array, accumulate: str = "auto",
@@ -93,11 +111,22 @@ def sketch_block_scores(u: da.Array, v: da.Array, w: da.Array, accumulate: str =
     return both[0], both[1]
 
 
-def auto_sample_chunk(n: int, width: int, itemsize: int) -> int:
+DIRECT_TASK_BYTES = 2**30  # rows one direct-read score task holds: read by the task itself, never through Dask
+
+
+def auto_sample_chunk(n: int, width: int, itemsize: int, direct: bool = False) -> int:
     """Samples per score chunk: all of them when one head's whole slice fits a task (each
     chunk then travels to the worker, and its GPU, once per slice instead of once per chunk
-    pair), else DEFAULT_SAMPLE_CHUNK."""
-    return n if n * width * itemsize <= TASK_BYTES else DEFAULT_SAMPLE_CHUNK
+    pair), else DEFAULT_SAMPLE_CHUNK. `direct` (tasks read their own rows from a local
+    store): the fewest equal chunks whose rows fit DIRECT_TASK_BYTES, since each of the k
+    row chunks is read k times (a slice of 8000 samples in 512-sample tiles was read 16
+    times over, 1.3 TB for a 3-layer run of SmolLM2)."""
+    if n * width * itemsize <= TASK_BYTES:
+        return n
+    if not direct:
+        return DEFAULT_SAMPLE_CHUNK
+    k = math.ceil(n * width * itemsize / DIRECT_TASK_BYTES)
+    return max(DEFAULT_SAMPLE_CHUNK, math.ceil(n / k))
 
 
 def _tile_top(block: np.ndarray, *, n_a: int, k: int, largest: bool, block_info=None) -> np.ndarray:
@@ -137,7 +166,8 @@ def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
 
 def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
                    accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32",
-                   keep_pairs: str = "all", top_k: int = 100, stats=None, readers: dict | None = None) -> xr.Dataset:
+                   keep_pairs: str = "all", top_k: int = 100, stats=None, readers: dict | None = None,
+                   sq_norms: dict | None = None) -> xr.Dataset:
     """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
     matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
     else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
@@ -149,7 +179,9 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
 
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
-    `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves."""
+    `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves;
+    then `sq_norms`, a dict if given, receives {block: lazy (sample, layer, head) Σ g²} that
+    those tasks compute on the side (`direct_block_scores`)."""
     n_a = int(grads.attrs[schema.ATTR_N_A])
     finite = np.asarray(grads[schema.FINITE].values, dtype=bool)
     keep = np.flatnonzero(finite)  # samples skipped for non-finite gradients take no part
@@ -163,7 +195,8 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     blocks = [b for b in schema.BLOCKS if (schema.sketch_var(b, "u") if sketched else b) in grads]
     if sample_chunk is None:
         widest = max((grads[schema.sketch_var(b, "u") if sketched else b] for b in blocks), key=lambda v: v.shape[-1])
-        sample_chunk = auto_sample_chunk(n, widest.shape[-1], 4 if sketched else widest.dtype.itemsize)
+        direct = not sketched and all(b in (readers or {}) for b in blocks)
+        sample_chunk = auto_sample_chunk(n, widest.shape[-1], 4 if sketched else widest.dtype.itemsize, direct)
     c = min(n, sample_chunk)
     n_kv = int(kv_of.max()) + 1
     data = {}
@@ -178,8 +211,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
             encoding = var.attrs.get(schema.ATTR_ENCODING) if raw else None
             reader = (readers or {}).get(b)
             if reader is not None and (raw or var.dtype == reader.dtype) and reader.shape == var.shape:
-                inter, align = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, accumulate, device,
-                                                   encoding=encoding)
+                inter, align, sq = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, accumulate,
+                                                       device, encoding=encoding)
+                if sq_norms is not None:
+                    sq_norms[b] = sq
             else:
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
@@ -244,7 +279,8 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     fisher = store.open_fisher()
     ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,
                         accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
-                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers)
+                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers,
+                        sq_norms=(sq := {}))
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
@@ -257,7 +293,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     t0 = time.perf_counter()
     try:
         writes = store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False)
-        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device)
+        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device, sq_norms=sq)
         progress = {} if on_progress is None else {"on_progress": on_progress}
         computed = executor.compute(writes, *parts.values(), **progress)[1:]
     except ValueError as e:

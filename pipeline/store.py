@@ -290,24 +290,34 @@ class RunStore:
             self.refresh_consolidated()
         return out
 
-    def _direct_writes(self, ds, group: str):
+    def _direct_writes(self, ds, group: str, region: dict | None = None):
         """A delayed write of every Dask-backed variable of `ds` through `DirectChunks` (whole
-        chunks, as the variables are chunked like their arrays), or None when any of them
-        needs zarr's own writer."""
+        chunks, as the variables are chunked like their arrays; `region` {dim: slice}: into
+        that part of the stored arrays, at chunk boundaries), or None when any of them needs
+        zarr's own writer."""
         import dask.array as da
 
-        sources, targets = [], []
+        sources, targets, regions = [], [], []
         readers = self.direct_chunks(group)
         for name, var in ds.variables.items():
             if not isinstance(var.data, da.Array):
                 continue
             direct = readers.get(str(name))
-            if direct is None or direct.shape != var.shape or any(
-                    any(c != k for c in cs[:-1]) or cs[-1] > k for cs, k in zip(var.data.chunks, direct.chunks)):
+            if direct is None or direct.ndim != var.ndim:
+                return None
+            region = region or {}
+            where = tuple(slice(region[d].start or 0, (region[d].start or 0) + n) if d in region else slice(0, n)
+                          for d, n in zip(var.dims, var.shape))
+            fits = all((w.stop <= big if d in region else n == big) and w.start % k == 0
+                       for d, n, w, big, k in zip(var.dims, var.shape, where, direct.shape, direct.chunks))
+            whole = all(all(c == k for c in cs[:-1]) and (cs[-1] == k or (cs[-1] < k and w.stop == big))
+                        for cs, k, w, big in zip(var.data.chunks, direct.chunks, where, direct.shape))
+            if not (fits and whole):
                 return None
             sources.append(var.data)
             targets.append(direct)
-        return da.store(sources, targets, lock=False, compute=False) if sources else None
+            regions.append(where)
+        return da.store(sources, targets, regions=regions, lock=False, compute=False) if sources else None
 
     def consolidate(self) -> None:
         """Write the root's consolidated metadata (one read opens the whole run), as a finished
@@ -348,7 +358,16 @@ class RunStore:
     def write_region(self, ds, group: str, region: dict, *, compute: bool = True):
         """Write `ds` into a region of an existing group (whole chunks; the variables that do not
         span the region's dims are left out). With compute=False returns the delayed write."""
+        import dask.array as da
+
         ds = ds.drop_vars([v for v in ds.variables if not set(region) <= set(ds[v].dims)])
+        direct = None if compute else self._direct_writes(ds, group, region)
+        if direct is not None:  # the Dask variables straight into their chunk files; the rest (coordinates) now
+            small = ds.drop_vars([v for v in ds.data_vars if isinstance(ds[v].data, da.Array)])
+            if small.variables:
+                with _quiet_zarr():
+                    small.to_zarr(self.zarr(), group=group, mode="r+", region=region, zarr_format=3, consolidated=False)
+            return direct
         with _quiet_zarr():
             return ds.to_zarr(self.zarr(), group=group, mode="r+", region=region, compute=compute, zarr_format=3,
                               consolidated=False)

@@ -116,12 +116,15 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
 
 
 def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray, *,
-                       reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None) -> np.ndarray:
+                       reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None,
+                       with_norms: bool = False):
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
     (`reader`, a pipeline.store.DirectChunks) into one reused host buffer per thread —
     pinned on a GPU, so the host→device copy runs at full speed — with no Dask
-    concatenation or transpose copies on the way. Same output as `pair_kernel`."""
+    concatenation or transpose copies on the way. Same output as `pair_kernel`;
+    `with_norms`: (that, Σ_p g_i[p]² float64 (1, Hc, len(rows_i))), the diagnostics'
+    squared gradient norms from the rows already on the device (no second read)."""
     import torch
 
     dev = _kernel_device(device)
@@ -136,7 +139,21 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     else:
         b_all = _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
     sw_all = torch.as_tensor(np.asarray(inv)[0], device=dev).sqrt().to(op)
-    return device_scores(a_all, b_all, sw_all, acc).cpu().numpy()[:, None]
+    scores = device_scores(a_all, b_all, sw_all, acc).cpu().numpy()[:, None]
+    if not with_norms:
+        return scores
+    return scores, _sq_norms(a_all)[None]
+
+
+def _sq_norms(x, rows_per_step: int = 1024) -> np.ndarray:
+    """Σ_p x[h, i, p]² in float64 (Hc, n), a block of rows at a time (bf16 and float32 widen
+    exactly; the float64 copy of a whole slice would be 4x the operands' bytes)."""
+    import torch
+
+    out = torch.empty(x.shape[:2], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[1], rows_per_step):
+        out[:, i : i + rows_per_step] = (x[:, i : i + rows_per_step].double() ** 2).sum(-1)
+    return out.cpu().numpy()
 
 
 def direct_sq_norms(layer: np.ndarray, heads: np.ndarray, rows: np.ndarray, *, reader, encoding: str | None = None,
@@ -147,9 +164,7 @@ def direct_sq_norms(layer: np.ndarray, heads: np.ndarray, rows: np.ndarray, *, r
 
     dev = _kernel_device(device)
     host = _read_rows(reader, int(layer[0]), [int(h) for h in heads], rows, "a", pinned=(dev == "cuda"))
-    x = _to_device(host, encoding, dev, torch.float32)
-    out = torch.stack([(x[h].double() ** 2).sum(-1) for h in range(x.shape[0])])
-    return out.cpu().numpy()[None]
+    return _sq_norms(_to_device(host, encoding, dev, torch.float32))[None]
 
 
 _BUFFERS = threading.local()  # per score thread: reused host buffers (pinned on a GPU), by role
@@ -235,6 +250,29 @@ def sketch_pair_kernel(ui: np.ndarray, vj: np.ndarray, wi: np.ndarray, wj: np.nd
     return out[:, None]
 
 
+_WEIGHTS_ON_DEVICE: dict = {}  # (id of the host weights, device) -> (host weights kept alive, device copies)
+_WEIGHTS_LOCK = threading.Lock()
+
+
+def _device_weights(left, right, wa, wb, device: str) -> tuple:
+    """The stats weight rows as float64 tensors on `device`, copied once per worker process:
+    they are the same for every chunk of a run (stats_stage._weights caches the host arrays,
+    so their identity is the key), and re-sending ~100 MB of them per chunk cost more than
+    the chunk's sums."""
+    import torch
+
+    key = (id(left), id(right), id(wa), id(wb), device)
+    with _WEIGHTS_LOCK:
+        hit = _WEIGHTS_ON_DEVICE.get(key)
+        if hit is None:
+            if len(_WEIGHTS_ON_DEVICE) >= 4:
+                _WEIGHTS_ON_DEVICE.pop(next(iter(_WEIGHTS_ON_DEVICE)))
+            hit = ((left, right, wa, wb), tuple(torch.from_numpy(np.array(x, dtype=np.float64)).to(device)
+                                                for x in (left, right, wa, wb)))  # a copy: the host rows are read-only
+            _WEIGHTS_ON_DEVICE[key] = hit
+    return hit[1]
+
+
 def stat_sums(block: np.ndarray, left: np.ndarray, right: np.ndarray, wa: np.ndarray, wb: np.ndarray,
               is_a: np.ndarray, offset: tuple[int, int], device: str) -> np.ndarray:
     """The stats stage's sums of one pooled-score chunk on `device`, float64 throughout:
@@ -248,30 +286,35 @@ def stat_sums(block: np.ndarray, left: np.ndarray, right: np.ndarray, wa: np.nda
 
     dev = torch.device(device)
     f64 = torch.float64
-    t = lambda x: torch.as_tensor(np.ascontiguousarray(x), device=dev)  # noqa: E731
-    S = t(np.asarray(block)).to(f64)
+    L, R, WA, WB = _device_weights(left, right, wa, wb, device)
+    idx = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64), device=dev)  # noqa: E731  (small index vectors)
+    S = torch.as_tensor(np.ascontiguousarray(block), device=dev).to(f64)
     lead, (n, m) = S.shape[:-2], S.shape[-2:]
     S = S.reshape(-1, n, m)
     r0, c0 = offset
-    rows, cols = np.arange(r0, r0 + n), np.arange(c0, c0 + m)
     is_a = np.asarray(is_a, dtype=bool)
+    rows = np.arange(r0, r0 + n)
     ra, rb = rows[is_a[rows]], rows[~is_a[rows]]
 
-    def bilinear(rows_sel, lw, rights):  # Σ_ij lw[k, i] S[i, j] right[k, j], left product shared
+    def bilinear(rows_sel, lw, rights):  # Σ_ij lw[k, i] S[i, j] right[k, j] over rows_sel, left product shared
         if rows_sel.size == 0:
             return [torch.zeros((S.shape[0], lw.shape[0]), dtype=f64, device=dev) for _ in rights]
-        prod = t(lw[:, rows_sel]).to(f64) @ S[:, t(rows_sel - r0)]  # (g, K, m)
-        return [(prod * t(r[:, cols]).to(f64)).sum(-1) for r in rights]
+        if rows_sel.size == n:  # every row of the chunk: slices, no gather
+            prod = lw[:, r0 : r0 + n] @ S
+        else:
+            prod = lw.index_select(1, idx(rows_sel)) @ S.index_select(1, idx(rows_sel - r0))  # (g, K, m)
+        return [(prod * r[:, c0 : c0 + m]).sum(-1) for r in rights]
 
-    (perm,) = bilinear(rows, left, [right])
-    ab, aa = bilinear(ra, wa, [wb, wa])
-    ba, bb = bilinear(rb, wb, [wa, wb])
+    (perm,) = bilinear(rows, L, [R])
+    ab, aa = bilinear(ra, WA, [WB, WA])
+    ba, bb = bilinear(rb, WB, [WA, WB])
     diag = np.arange(max(r0, c0), min(r0 + n, c0 + m))
-    for part, w, sel in ((aa, wa, diag[is_a[diag]] if diag.size else diag), (bb, wb, diag[~is_a[diag]] if diag.size else diag)):
+    for part, w, sel in ((aa, WA, diag[is_a[diag]]), (bb, WB, diag[~is_a[diag]])):
         if sel.size:
-            part -= S[:, t(sel - r0), t(sel - c0)] @ (t(w[:, sel]).to(f64) ** 2).T
+            part -= S[:, idx(sel - r0), idx(sel - c0)] @ (w.index_select(1, idx(sel)) ** 2).T
     pairs = torch.stack([ab, ba, aa, bb], dim=-1).reshape(S.shape[0], -1)
-    ra_m, cb_m = t(is_a[rows]).to(f64), t(~is_a[cols]).to(f64)
+    ra_m = torch.as_tensor(is_a[r0 : r0 + n], dtype=f64, device=dev)
+    cb_m = torch.as_tensor(~is_a[c0 : c0 + m], dtype=f64, device=dev)
     margins = torch.zeros((S.shape[0], is_a.size), dtype=f64, device=dev)
     margins[:, r0 : r0 + n] += (S @ cb_m) * ra_m
     margins[:, c0 : c0 + m] += (ra_m @ S) * cb_m
