@@ -172,7 +172,7 @@ def _health_chunk(f: np.ndarray, lam: np.ndarray) -> np.ndarray:
 
 
 def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, readers: dict | None = None,
-                device: str = "auto", sq_norms: dict | None = None) -> dict[str, Any]:
+                device: str = "auto", side: dict | None = None) -> dict[str, Any]:
     """The Dask reductions: per block the squared gradient norms (N, L, H_b) and the Fisher
     health (L, H_b, 5); over the pooled scores the alignment diagonal and the other-task
     row/column means of the interference (block, L, H, N)."""
@@ -180,13 +180,14 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, reade
     sketched = grads.attrs.get(S.ATTR_MODE) == "sketch"
     blocks = [str(b) for b in scores[S.BLOCK].values]
     is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
+    side = side or {}
     parts: dict[str, Any] = {}
     for b in blocks:
         var = grads[S.sketch_var(b, "v") if sketched else b]  # sketch mode: S(|g|), ‖S(|g|)‖² ≈ ‖g‖²
         enc = var.attrs.get(S.ATTR_ENCODING) if var.dtype == np.uint16 else None
         reader = (readers or {}).get(b)
-        if (sq_norms or {}).get(b) is not None:  # computed by the score tasks
-            parts[f"sq_{b}"] = sq_norms[b]
+        if f"sq_{b}" in side:  # computed by the score tasks
+            parts[f"sq_{b}"] = side[f"sq_{b}"]
         elif reader is not None and reader.shape == var.shape and not sketched:  # read by the tasks themselves
             from workers.kernels import direct_sq_norms
 
@@ -215,7 +216,11 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, reade
         parts["diag"] = da.diagonal(scores[S.pooled_name("alignment")].data, axis1=3, axis2=4)
     else:  # `score.keep_pairs` stored no N×N matrices: the same means from the operands
         for b in blocks:
-            parts.update({f"{k}_{b}": x for k, x in _operand_parts(grads, fisher, b, keep, w, sketched).items()})
+            names = [f"{k}_{b}" for k in ("orows", "ocols", "odiag")]
+            if all(k in side for k in names):  # reduced by the score tasks from their tiles
+                parts.update({k: side[k] for k in names})
+            else:
+                parts.update({f"{k}_{b}": x for k, x in _operand_parts(grads, fisher, b, keep, w, sketched).items()})
     return parts
 
 
@@ -248,17 +253,17 @@ def _attrs(var: str) -> dict[str, str]:
 
 
 def diagnostics_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, readers: dict | None = None,
-                      device: str = "auto", sq_norms: dict | None = None) -> dict[str, Any]:
+                      device: str = "auto", side: dict | None = None) -> dict[str, Any]:
     """The lazy reductions `diagnostics_from_parts` assembles. `scores` may be the stored
     scores or the score stage's own lazy dataset (`scores_view` of it): computed in the same
     graph as the score writes, each score tile is then reduced while it is in memory instead
-    of being read back; `sq_norms` {block: lazy (sample, layer, head)} are the squared
-    gradient norms the score tasks computed beside the scores (`compact_scores`)."""
+    of being read back; `side` holds parts the score tasks computed beside the scores
+    (`compact_scores`), used instead of computing them again."""
     ids = np.asarray(scores[S.SAMPLE_I].values).astype(object)
     keep = np.flatnonzero(np.asarray(grads[S.FINITE].values, dtype=bool))
     if not np.array_equal(np.asarray(grads[S.SAMPLE_ID].values).astype(object)[keep], ids):
         raise StoreError("the scores' samples are not the gradients' kept samples; the run's groups do not belong together")
-    return _lazy_parts(grads, fisher, scores, readers, device, sq_norms)
+    return _lazy_parts(grads, fisher, scores, readers, device, side)
 
 
 def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None, *,

@@ -19,7 +19,7 @@ import numpy as np
 import xarray as xr
 
 from workers.fisher import inverse_damped_fisher
-from workers.kernels import direct_pair_kernel, pair_kernel, sketch_pair_kernel
+from workers.kernels import direct_pair_kernel, direct_tile_reduce, pair_kernel, sketch_pair_kernel
 
 from . import schema
 from .spec import JobSpec
@@ -96,6 +96,86 @@ def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, accumulate: s
     return both[0], both[1], sq.transpose(2, 0, 1)
 
 
+def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple, **kw) -> dict:
+    """One tile of `reduced_block_scores` (runs in the task): the stats weights of the run's
+    seed, regenerated (and cached) on the worker as the stats stage does, then the kernel."""
+    from .diagnostics import _other_weights
+    from .stats_stage import _weights
+
+    is_a = np.arange(n) < n_a
+    return direct_tile_reduce(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, weights=_weights(is_a.tobytes(), *stats_args),
+                              other=_other_weights(is_a), n_a=n_a, **kw)
+
+
+def _flat(parts) -> list:
+    return [x for p in parts for x in _flat(p)] if isinstance(parts, list) else [parts]
+
+
+def _sum_part(parts, *, key: str, s: int | None = None, scale=None):
+    """The sum over the tiles handed in (nested lists of `direct_tile_reduce` dicts) of one part."""
+    total = sum(d[key] if s is None else d[key][s] for d in _flat(parts))
+    return (total * scale if scale is not None else total)[None]
+
+
+def _first_part(parts, *, key: str):
+    return next(d[key] for d in _flat(parts) if key in d)[None]
+
+
+def _merge_tops(parts, *, s: int, k: int, largest: bool) -> np.ndarray:
+    """The k best of the tiles' candidates per head (value, row in A, column in B), best first."""
+    cand = np.concatenate([d["top"][s] for d in _flat(parts)], axis=-1)  # (Hc, 3, tiles·k)
+    out = np.full((cand.shape[0], 3, k), np.nan)
+    for h, c in enumerate(cand):
+        c = c[:, ~np.isnan(c[0])]
+        order = np.argsort(-c[0] if largest else c[0], kind="stable")[:k]
+        out[h, :, : order.size] = c[:, order]
+    return out[None]
+
+
+def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, stats, top_k: int,
+                         accumulate: str = "auto", device: str = "auto", encoding: str | None = None) -> dict:
+    """`keep_pairs = "top" | "none"` with direct reads: one task per tile reads its rows,
+    computes both scores and reduces them on its device (`workers.kernels.direct_tile_reduce`);
+    no N×N array leaves the device or enters the graph. Returns lazy arrays: per score
+    (`interference`, `alignment`) the stats sums (layer, head, width) and, with top_k, the
+    top pairs (layer, head, 3, k); and for the diagnostics `sq` (sample, layer, head) Σ g²,
+    `orows`/`ocols` (sample, layer, head, 2) the interference's means over each task, and
+    `odiag` (sample, layer, head) the alignment diagonal (`pipeline.diagnostics`' names)."""
+    n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
+    n = len(rows)
+    hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
+    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
+    ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
+    pos = da.arange(n, chunks=chunk)
+    n_perm, n_boot = stats.n_permutations, stats.n_bootstrap
+    tiles = da.blockwise(
+        _reduce_task, "lhij",
+        da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j", pos, "i", pos, "j",
+        concatenate=True, dtype=np.float64, meta=np.empty((0,) * 4, np.float64),
+        n=n, n_a=n_a, stats_args=(n_perm, n_boot, stats.seed), top_k=top_k, reader=reader, accumulate=accumulate,
+        device=device, encoding=encoding,
+    )
+    width = 1 + n_perm + 4 * (1 + n_boot) + n
+    scale = np.ones(width)
+    scale[: 1 + n_perm] = 1.0 / (n_a * (n - n_a))  # sums -> means; the effect sums stay raw (as slice_statistics)
+    f64 = dict(dtype=np.float64, concatenate=False)
+    out = {}
+    for s, name in enumerate(("interference", "alignment")):
+        out[f"sums_{name}"] = da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": width}, key="sums", s=s,
+                                           scale=scale, meta=np.empty((0,) * 3, np.float64), **f64)
+        if top_k:
+            out[f"top_{name}"] = da.blockwise(_merge_tops, "lhck", tiles, "lhij", new_axes={"c": 3, "k": top_k}, s=s,
+                                              k=top_k, largest=(s == 0), meta=np.empty((0,) * 4, np.float64), **f64)
+    m3, m4 = np.empty((0,) * 3, np.float64), np.empty((0,) * 4, np.float64)
+    out["sq"] = da.blockwise(_first_part, "lhi", tiles, "lhij", key="norms", meta=m3, **f64).transpose(2, 0, 1)
+    out["odiag"] = da.blockwise(_first_part, "lhi", tiles, "lhij", key="diag", meta=m3, **f64).transpose(2, 0, 1)
+    out["orows"] = da.blockwise(_sum_part, "lhit", tiles, "lhij", new_axes={"t": 2}, key="rows", meta=m4,
+                                **f64).transpose(2, 0, 1, 3)
+    out["ocols"] = da.blockwise(_sum_part, "lhjt", tiles, "lhij", new_axes={"t": 2}, key="cols", meta=m4,
+                                **f64).transpose(2, 0, 1, 3)
+    return out
+
+
 def sketch_block_scores(u: da.Array, v: da.Array, w: da.Array, accumulate: str = "auto",
                         device: str = "auto") -> tuple[da.Array, da.Array]:
     """`block_scores` for sketch mode: u, v, w (sample, layer, head, sketch) with the sketch
@@ -167,7 +247,7 @@ def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
 def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
                    accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32",
                    keep_pairs: str = "all", top_k: int = 100, stats=None, readers: dict | None = None,
-                   sq_norms: dict | None = None) -> xr.Dataset:
+                   side: dict | None = None) -> xr.Dataset:
     """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
     matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
     else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
@@ -180,8 +260,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
     `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves;
-    then `sq_norms`, a dict if given, receives {block: lazy (sample, layer, head) Σ g²} that
-    those tasks compute on the side (`direct_block_scores`)."""
+    then `side`, a dict if given, receives what those tasks compute on the side for the
+    diagnostics, under `pipeline.diagnostics`' part names: `sq_<block>` (sample, layer,
+    head) Σ g², and with keep_pairs "top" | "none" the marginals `orows_`/`ocols_<block>` and
+    the alignment diagonal `odiag_<block>` (`direct_block_scores`, `reduced_block_scores`)."""
     n_a = int(grads.attrs[schema.ATTR_N_A])
     finite = np.asarray(grads[schema.FINITE].values, dtype=bool)
     keep = np.flatnonzero(finite)  # samples skipped for non-finite gradients take no part
@@ -210,11 +292,26 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
             raw = var.dtype == np.uint16  # bf16 bits, not yet decoded
             encoding = var.attrs.get(schema.ATTR_ENCODING) if raw else None
             reader = (readers or {}).get(b)
-            if reader is not None and (raw or var.dtype == reader.dtype) and reader.shape == var.shape:
+            direct = reader is not None and (raw or var.dtype == reader.dtype) and reader.shape == var.shape
+            if direct and keep_pairs != "all":  # reduced on the device, tile by tile: nothing N×N leaves it
+                dims = (schema.LAYER, schema.head_dim(b))
+                k = min(top_k, n_a_kept * (n - n_a_kept)) if keep_pairs == "top" else 0
+                red = reduced_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, n_a_kept, stats, k,
+                                           accumulate, device, encoding=encoding)
+                for name in ("interference", "alignment"):
+                    data[schema.stat_sums_name(name, b)] = xr.Variable(dims + (schema.STAT,), red[f"sums_{name}"])
+                    if k:
+                        for i, (part, dt) in enumerate((("value", np.float32), ("a", np.int32), ("b", np.int32))):
+                            data[schema.top_name(name, part, b)] = xr.Variable(dims + (schema.RANK,),
+                                                                               red[f"top_{name}"][:, :, i].astype(dt))
+                if side is not None:
+                    side.update({f"{key}_{b}": red[key] for key in ("sq", "orows", "ocols", "odiag")})
+                continue
+            if direct:
                 inter, align, sq = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, accumulate,
                                                        device, encoding=encoding)
-                if sq_norms is not None:
-                    sq_norms[b] = sq
+                if side is not None:
+                    side[f"sq_{b}"] = sq
             else:
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
@@ -280,7 +377,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,
                         accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
                         keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers,
-                        sq_norms=(sq := {}))
+                        side=(side := {}))
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
@@ -293,7 +390,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     t0 = time.perf_counter()
     try:
         writes = store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False)
-        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device, sq_norms=sq)
+        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device, side=side)
         progress = {} if on_progress is None else {"on_progress": on_progress}
         computed = executor.compute(writes, *parts.values(), **progress)[1:]
     except ValueError as e:

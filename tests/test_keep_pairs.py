@@ -84,3 +84,45 @@ def test_tiles_merge_to_the_same_sums_and_top_pairs(runs):
     ia, ib = np.unravel_index(np.argsort(-ab, axis=None, kind="stable")[:7], ab.shape)
     assert list(tiled[schema.top_name("interference", "a", "V")].values[0, 1]) == list(ia)  # V: KV head 1
     assert list(tiled[schema.top_name("interference", "b", "V")].values[0, 1]) == list(ib)
+
+
+def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
+    """With direct reads (a local store) each tile is reduced inside its score task
+    (`reduced_block_scores`); whole or in 5-sample tiles, its sums and top pairs equal the
+    Dask-graph reduction of the same tiles (`slice_statistics`, `top_pairs_lazy`)."""
+    from pipeline.score import compact_scores
+    from pipeline.spec import StatsSpec
+
+    store = runs["all"]
+    stats = StatsSpec(n_permutations=99, n_bootstrap=49, alternative="two-sided")
+    grads, fisher = store.open_gradients(decode=False), store.open_fisher()
+    readers = store.direct_chunks(schema.GRADIENTS)
+    for chunk in (None, 5):
+        ref = compact_scores(grads, fisher, keep_pairs="top", top_k=7, stats=stats, sample_chunk=chunk).load()
+        side: dict = {}
+        got = compact_scores(grads, fisher, keep_pairs="top", top_k=7, stats=stats, sample_chunk=chunk, readers=readers,
+                             side=side).load()
+        assert set(got.data_vars) == set(ref.data_vars)
+        assert {f"{k}_Q" for k in ("sq", "orows", "ocols", "odiag")} <= set(side)
+        for v in ref.data_vars:
+            scale = np.abs(ref[v].values).max()
+            if ref[v].dtype.kind == "f":  # sums and pair values; positions exactly
+                np.testing.assert_allclose(got[v].values, ref[v].values, rtol=1e-5, atol=1e-6 * scale, err_msg=v)
+            else:
+                assert np.array_equal(got[v].values, ref[v].values), v
+
+
+def test_diagnostics_of_top_and_none_equal_those_of_all(runs):
+    """The diagnostics a keep_pairs = "top" | "none" run reduces from its tiles on the device
+    (norms, marginals, alignment diagonal) equal those computed from the stored pooled scores."""
+    from pipeline.diagnostics import open_diagnostics
+
+    want = open_diagnostics(runs["all"])
+    for keep in ("top", "none"):
+        got = open_diagnostics(runs[keep])
+        for v in want.data_vars:
+            a, b = np.asarray(got[v].values), np.asarray(want[v].values)
+            if a.dtype.kind == "f":
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.nanmax(np.abs(b)), err_msg=f"{keep} {v}")
+            else:
+                assert np.array_equal(a, b), f"{keep} {v}"

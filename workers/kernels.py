@@ -284,13 +284,22 @@ def stat_sums(block: np.ndarray, left: np.ndarray, right: np.ndarray, wa: np.nda
     that a GPU runs in milliseconds where CPU threads take seconds per slice."""
     import torch
 
-    dev = torch.device(device)
-    f64 = torch.float64
-    L, R, WA, WB = _device_weights(left, right, wa, wb, device)
+    S = torch.as_tensor(np.ascontiguousarray(block), device=torch.device(device))
+    lead = S.shape[:-2]
+    out = _stat_sums_t(S.reshape(-1, *S.shape[-2:]), _device_weights(left, right, wa, wb, device), is_a, offset)
+    return out.cpu().numpy().reshape(*lead, -1)
+
+
+def _stat_sums_t(S, weights, is_a: np.ndarray, offset: tuple[int, int]):
+    """`stat_sums` on a (g, n, m) tensor of chunks (any float dtype) with the weights already
+    on its device; returns a (g, width) float64 tensor there."""
+    import torch
+
+    dev, f64 = S.device, torch.float64
+    L, R, WA, WB = weights
     idx = lambda x: torch.as_tensor(np.asarray(x, dtype=np.int64), device=dev)  # noqa: E731  (small index vectors)
-    S = torch.as_tensor(np.ascontiguousarray(block), device=dev).to(f64)
-    lead, (n, m) = S.shape[:-2], S.shape[-2:]
-    S = S.reshape(-1, n, m)
+    S = S.to(f64)
+    n, m = S.shape[-2:]
     r0, c0 = offset
     is_a = np.asarray(is_a, dtype=bool)
     rows = np.arange(r0, r0 + n)
@@ -318,5 +327,66 @@ def stat_sums(block: np.ndarray, left: np.ndarray, right: np.ndarray, wa: np.nda
     margins = torch.zeros((S.shape[0], is_a.size), dtype=f64, device=dev)
     margins[:, r0 : r0 + n] += (S @ cb_m) * ra_m
     margins[:, c0 : c0 + m] += (ra_m @ S) * cb_m
-    out = torch.cat([perm, pairs, margins], dim=-1)
-    return out.cpu().numpy().reshape(*lead, -1)
+    return torch.cat([perm, pairs, margins], dim=-1)
+
+
+def _tile_top_t(tile, n_a: int, offset: tuple[int, int], k: int, largest: bool):
+    """A score tile's k best A×B pairs per head, tile (hc, n, m) at pooled `offset`:
+    (hc, 3, k) float64 numpy (value, row in A, column in B), NaN-padded, best first."""
+    import torch
+
+    r0, c0 = offset
+    hc, n, m = tile.shape
+    out = np.full((hc, 3, k), np.nan)
+    sub = tile[:, : max(0, min(n, n_a - r0)), max(0, n_a - c0):]
+    if sub.numel():
+        kk = min(k, sub.shape[1] * sub.shape[2])
+        vals, where = torch.topk(sub.reshape(hc, -1), kk, dim=1, largest=largest)
+        where = where.cpu().numpy()
+        out[:, 0, :kk] = vals.double().cpu().numpy()
+        out[:, 1, :kk] = r0 + where // sub.shape[2]
+        out[:, 2, :kk] = c0 + max(0, n_a - c0) + where % sub.shape[2] - n_a
+    return out
+
+
+def direct_tile_reduce(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray,
+                       pos_i: np.ndarray, pos_j: np.ndarray, *, reader, weights: tuple, other: np.ndarray, n_a: int,
+                       top_k: int, accumulate: str = "auto", device: str = "auto", encoding: str | None = None) -> dict:
+    """`direct_pair_kernel` for `score.keep_pairs = "top" | "none"`: the tile's scores never
+    leave the device; the task returns what the statistics, `qkov query` and the diagnostics
+    need of them, each a partial that adds up (or merges) over the slice's tiles:
+      sums  (2, Hc, width)  the stats sums of both scores (`stat_sums`; `weights` = the
+                            stats stage's (left, right, wa, wb) rows)
+      top   (2, Hc, 3, k)   the tile's k best A×B pairs (interference highest, alignment lowest)
+      norms (Hc, ci)        Σ g² of the tile's rows
+      rows  (Hc, ci, 2)     Σ_j M[i, j]·other[j] over the tile's columns (other = (N, 2)
+                            task-A / task-B mean weights: the diagnostics' marginals)
+      cols  (Hc, cj, 2)     Σ_i M[i, j]·other[i] over the tile's rows
+      diag  (Hc, ci)        the alignment diagonal A_ii, on diagonal tiles only
+    `pos_i`/`pos_j` are the tile's pooled positions (rows_i/rows_j its store rows)."""
+    import torch
+
+    dev = _kernel_device(device)
+    acc = _accumulate_dtype(dev, accumulate)
+    op = _operands_dtype(encoding, dev, accumulate)
+    same = rows_i.shape == rows_j.shape and bool(np.array_equal(rows_i, rows_j))
+    l, hs = int(layer[0]), [int(h) for h in heads]
+    a_all = _to_device(_read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda")), encoding, dev, op)
+    b_all = a_all if same else _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
+    sw_all = torch.as_tensor(np.asarray(inv)[0], device=dev).sqrt().to(op)
+    scores = device_scores(a_all, b_all, sw_all, acc)  # (2, Hc, ci, cj) float32 on the device
+    hc, ci, cj = scores.shape[1:]
+    r0, c0 = int(pos_i[0]), int(pos_j[0])
+    is_a = np.arange(weights[0].shape[1]) < n_a
+    out = {"sums": _stat_sums_t(scores.reshape(2 * hc, ci, cj), _device_weights(*weights, dev), is_a, (r0, c0))
+                   .reshape(2, hc, -1).cpu().numpy(),
+           "norms": _sq_norms(a_all)}
+    if top_k:
+        out["top"] = np.stack([_tile_top_t(scores[s], n_a, (r0, c0), top_k, largest=(s == 0)) for s in (0, 1)])
+    w = torch.as_tensor(np.asarray(other, dtype=np.float64), device=dev)
+    inter = scores[0].double()
+    out["rows"] = (inter @ w[c0 : c0 + cj]).cpu().numpy()
+    out["cols"] = (inter.transpose(1, 2) @ w[r0 : r0 + ci]).cpu().numpy()
+    if r0 == c0 and ci == cj:
+        out["diag"] = scores[1].diagonal(dim1=1, dim2=2).double().cpu().numpy()
+    return out
