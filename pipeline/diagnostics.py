@@ -209,18 +209,17 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, reade
         parts[f"health_{b}"] = da.map_blocks(_health_chunk, f, lam_d, dtype=np.float64,
                                              chunks=(f.chunks[0], f.chunks[1], (5,)))
     w = _other_weights(is_a)
-    if S.pooled_name("interference") in scores and S.pooled_name("alignment") in scores:
+    reduced = [f"{k}_{b}" for b in blocks for k in ("orows", "ocols", "odiag")]
+    if all(k in side for k in reduced):  # reduced by the score tasks from the tiles they held
+        parts.update({k: side[k] for k in reduced})
+    elif S.pooled_name("interference") in scores and S.pooled_name("alignment") in scores:
         m = scores[S.pooled_name("interference")].data
         parts["rows"] = da.matmul(m, w)
         parts["cols"] = da.matmul(da.swapaxes(m, 3, 4), w)
         parts["diag"] = da.diagonal(scores[S.pooled_name("alignment")].data, axis1=3, axis2=4)
     else:  # `score.keep_pairs` stored no N×N matrices: the same means from the operands
         for b in blocks:
-            names = [f"{k}_{b}" for k in ("orows", "ocols", "odiag")]
-            if all(k in side for k in names):  # reduced by the score tasks from their tiles
-                parts.update({k: side[k] for k in names})
-            else:
-                parts.update({f"{k}_{b}": x for k, x in _operand_parts(grads, fisher, b, keep, w, sketched).items()})
+            parts.update({f"{k}_{b}": x for k, x in _operand_parts(grads, fisher, b, keep, w, sketched).items()})
     return parts
 
 

@@ -5,7 +5,8 @@ the output's free space holds next to the results, or `[output] layers_per_group
 group is an ordinary extraction into its own sub-run, `_work/r<k>` (gradients, Fisher,
 completed-shard records: the same `--resume` guarantees), whose scores are then written
 into the run's `scores` (a region of the compact layout: the layers of that group) and
-whose Fisher into the run's `fisher`; the group is recorded as done and its sub-run,
+whose Fisher into the run's `fisher` and whose diagnostics into the run's `diagnostics`
+(reduced in the same graph as the scores); the group is recorded as done and its sub-run,
 gradients included, deleted. The Fisher of a layer depends on that layer's gradients only
 (λ per tensor), so a group's Fisher and scores equal those of an ungrouped run. The run
 keeps `gradients` with its coordinates only (sample ids, tasks, texts, losses), so query
@@ -23,9 +24,10 @@ import xarray as xr
 from . import schema
 from .errors import StoreError
 from .extract import ExtractPlan, checksummed, run_extract
+from .diagnostics import diagnostics_from_parts, diagnostics_parts
 from .score import compact_scores
 from .spec import JobSpec
-from .store import RunStore, provenance
+from .store import RunStore, provenance, scores_view
 
 ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fisher/scores templates are written
 
@@ -88,6 +90,26 @@ def _templates(store: RunStore, job: JobSpec, grads: xr.Dataset, fisher: xr.Data
                         encoding={v: {"chunks": chunks[v], "compressors": checksummed()} for v in s})
 
 
+def _diagnostics_template(store: RunStore, job: JobSpec, diag: xr.Dataset, layers: list[int]) -> None:
+    """The run's `diagnostics` over every layer, metadata only (the per-layer variables are
+    written group by group, `diag` being the first group's)."""
+    L = len(layers)
+    data = {}
+    for name, var in diag.data_vars.items():
+        if schema.LAYER in var.dims:
+            shape = tuple(L if d == schema.LAYER else n for d, n in zip(var.dims, var.shape))
+            chunks = tuple(1 if d == schema.LAYER else n for d, n in zip(var.dims, var.shape))
+            data[name] = xr.Variable(var.dims, da.zeros(shape, chunks=chunks, dtype=var.dtype), attrs=var.attrs)
+        else:
+            data[name] = var
+    ds = xr.Dataset(data, coords={k: v for k, v in diag.coords.items() if k != schema.LAYER})
+    ds = ds.assign_coords({schema.LAYER: np.array(layers, dtype=diag[schema.LAYER].dtype)})
+    ds.attrs.update(diag.attrs)
+    ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="diagnostics"))
+    ds.attrs[schema.ATTR_COMPLETE] = False
+    store.write_dataset(ds, schema.DIAGNOSTICS, compute=False)  # the zeros are never computed
+
+
 def _score_options(job: JobSpec) -> dict:
     return dict(scores_dtype=job.score.scores_dtype, keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats)
 
@@ -142,10 +164,18 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             raise StoreError(f"layer group {k} skipped other samples for non-finite gradients than group 0; "
                              "rerun with [output] keep_gradients = true")
         chunk = int(store.group_attrs(schema.SCORES_GROUP)["sample_chunk"])
-        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, readers=readers,
+        side: dict = {}
+        scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, readers=readers, side=side,
                                 **_score_options(job))
         region = {schema.LAYER: slice(layers.index(group[0]), layers.index(group[0]) + len(group))}
-        executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False))
+        # the group's diagnostics are reduced in the same graph as its score writes (as run_score does)
+        parts = diagnostics_parts(grads, fisher, scores_view(scores), readers, job.score.device, side=side)
+        computed = executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False),
+                                    *parts.values())[1:]
+        diag = diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores_view(scores))
+        if store.group_attrs(schema.DIAGNOSTICS) is None:
+            _diagnostics_template(store, job, diag, layers)
+        store.write_region(diag, schema.DIAGNOSTICS, region)
         store.write_region(fisher.load(), schema.FISHER, region)
         total["score_s"] += time.perf_counter() - t0
         done.add(k)
@@ -163,5 +193,5 @@ def _finish(store: RunStore, job: JobSpec) -> None:
     lam = np.asarray(f[schema.DAMPING][:])
     blocks = [str(b) for b in np.asarray(root[schema.FISHER][schema.BLOCK][:])]
     f.attrs.update({f"lambda_{b}": [float(x) for x in lam[i]] for i, b in enumerate(blocks)})
-    for g in (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP):
+    for g in (schema.GRADIENTS, schema.FISHER, schema.DIAGNOSTICS, schema.SCORES_GROUP):
         store.mark_complete(g)

@@ -172,9 +172,8 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     n_fam = block_heads  # the family: one test per block head
     # ~40 small variables per (score, block, layer, head), compressed
     groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 40 * META_BYTES
-    # per (block, layer, block head, sample) diagnostics beside the scores
-    # (not yet written by layer-grouped runs: pipeline/layer_groups.py does not call the diagnostics)
-    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES if job.output.keep_gradients else 0
+    # per (block, layer, block head, sample) diagnostics beside the scores (layer-grouped runs too)
+    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
     # the root's zarr.json carries a consolidated copy of every node's metadata (~1.35x its size)
     nodes = (n_arrays + 10) + (len(ex.blocks) + 4) + (2 * len(ex.blocks) + 8) + 40 + 24 + (len(ex.blocks) + 3)
     groups["root"] = int(1.35 * nodes * META_BYTES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Callable
 
 import dask.array as da
@@ -60,40 +61,14 @@ def block_scores(g: da.Array, inv, accumulate: str = "auto", device: str = "auto
     return both[0], both[1]
 
 
-def _scores_part(pair: tuple) -> np.ndarray:
-    return pair[0]
+def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, **kw) -> dict:
+    """One tile of `direct_block_scores` (runs in the task): its scores and, beside them, the
+    diagnostics' partials (`workers.kernels.side_parts`)."""
+    from .diagnostics import _other_weights
 
-
-def _norms_part(pairs: list) -> np.ndarray:
-    return pairs[0][1]  # the row chunk's norms, from its first column tile
-
-
-def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, accumulate: str = "auto", device: str = "auto",
-                        encoding: str | None = None) -> tuple[da.Array, da.Array, da.Array]:
-    """`block_scores` with tasks that read their own operands from the gradient chunk files
-    (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order):
-    no gradient bytes pass through the Dask graph, so a slice's read, host→device copy and
-    kernel are one task, and tasks of different slices overlap on the worker's threads.
-    Also returns the squared gradient norms (sample, layer, head) float64 that the same
-    tasks compute from the rows they read (the diagnostics' grad_norm, without a second
-    read of the gradients)."""
-    n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
-    hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
-    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
-    ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
-    # one task per tile returns (scores, norms); the two arrays below take their parts, so the
-    # tile tasks have two dependents and are not fused into (and run twice by) either
-    pairs = da.blockwise(
-        direct_pair_kernel, "lhij",
-        da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j",
-        concatenate=True, dtype=np.float32, meta=np.empty((0,) * 4, np.float32),
-        reader=reader, accumulate=accumulate, device=device, encoding=encoding, with_norms=True,
-    )
-    both = pairs.map_blocks(_scores_part, new_axis=0, chunks=((2,), *pairs.chunks), dtype=np.float32,
-                            meta=np.empty((0,) * 5, np.float32))
-    sq = da.blockwise(_norms_part, "lhi", pairs, "lhij", concatenate=False, dtype=np.float64,
-                      meta=np.empty((0,) * 3, np.float64))
-    return both[0], both[1], sq.transpose(2, 0, 1)
+    scores, side = direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, _other_weights(np.arange(n) < n_a)),
+                                      **kw)
+    return {"scores": scores, **side}
 
 
 def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple, **kw) -> dict:
@@ -107,18 +82,70 @@ def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a
                               other=_other_weights(is_a), n_a=n_a, **kw)
 
 
+def _tile_tasks(task, reader, rows: np.ndarray, inv, chunk: int, **kw) -> da.Array:
+    """One `task` per (layer, head group, row chunk, column chunk) tile of a block, each
+    returning a dict; the arrays made from its parts (`_side_arrays` and the callers) share
+    the tile tasks, which have several dependents and so are never fused into one of them."""
+    n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
+    hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
+    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
+    ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
+    pos = da.arange(len(rows), chunks=chunk)
+    with warnings.catch_warnings():  # "increasing the number of chunks": the tiles, by design
+        warnings.simplefilter("ignore", da.PerformanceWarning)
+        return da.blockwise(
+            task, "lhij",
+            da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j", pos, "i", pos, "j",
+            concatenate=True, dtype=np.float64, meta=np.empty((0,) * 4, np.float64), reader=reader, n=len(rows), **kw)
+
+
 def _flat(parts) -> list:
     return [x for p in parts for x in _flat(p)] if isinstance(parts, list) else [parts]
 
 
 def _sum_part(parts, *, key: str, s: int | None = None, scale=None):
-    """The sum over the tiles handed in (nested lists of `direct_tile_reduce` dicts) of one part."""
+    """The sum over the tiles handed in (nested lists of tile dicts) of one part."""
     total = sum(d[key] if s is None else d[key][s] for d in _flat(parts))
     return (total * scale if scale is not None else total)[None]
 
 
 def _first_part(parts, *, key: str):
     return next(d[key] for d in _flat(parts) if key in d)[None]
+
+
+def _side_arrays(tiles: da.Array) -> dict[str, da.Array]:
+    """The diagnostics' parts from the tiles' `side_parts`, under pipeline.diagnostics' names:
+    `sq` (sample, layer, head) Σ g², `orows`/`ocols` (sample, layer, head, 2) the
+    interference's means over each task, `odiag` (sample, layer, head) the alignment diagonal."""
+    m3, m4 = np.empty((0,) * 3, np.float64), np.empty((0,) * 4, np.float64)
+    f64 = dict(dtype=np.float64, concatenate=False)
+    return {
+        "sq": da.blockwise(_first_part, "lhi", tiles, "lhij", key="norms", meta=m3, **f64).transpose(2, 0, 1),
+        "odiag": da.blockwise(_first_part, "lhi", tiles, "lhij", key="diag", meta=m3, **f64).transpose(2, 0, 1),
+        "orows": da.blockwise(_sum_part, "lhit", tiles, "lhij", new_axes={"t": 2}, key="rows", meta=m4,
+                              **f64).transpose(2, 0, 1, 3),
+        "ocols": da.blockwise(_sum_part, "lhjt", tiles, "lhij", new_axes={"t": 2}, key="cols", meta=m4,
+                              **f64).transpose(2, 0, 1, 3),
+    }
+
+
+def _scores_part(tile: dict) -> np.ndarray:
+    return tile["scores"]
+
+
+def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, accumulate: str = "auto",
+                        device: str = "auto", encoding: str | None = None) -> tuple[da.Array, da.Array, dict]:
+    """`block_scores` with tasks that read their own operands from the gradient chunk files
+    (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
+    first `n_a` of task A): no gradient bytes pass through the Dask graph, so a slice's read,
+    host→device copy and kernel are one task, and tasks of different slices overlap on the
+    worker's threads. Also returns the diagnostics' parts the same tasks reduce from the
+    rows and tiles they hold (`_side_arrays`: no second read of gradients or scores)."""
+    tiles = _tile_tasks(_pair_task, reader, rows, inv, chunk, n_a=n_a, accumulate=accumulate, device=device,
+                        encoding=encoding)
+    both = tiles.map_blocks(_scores_part, new_axis=0, chunks=((2,), *tiles.chunks), dtype=np.float32,
+                            meta=np.empty((0,) * 5, np.float32))
+    return both[0], both[1], _side_arrays(tiles)
 
 
 def _merge_tops(parts, *, s: int, k: int, largest: bool) -> np.ndarray:
@@ -138,41 +165,22 @@ def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, st
     computes both scores and reduces them on its device (`workers.kernels.direct_tile_reduce`);
     no N×N array leaves the device or enters the graph. Returns lazy arrays: per score
     (`interference`, `alignment`) the stats sums (layer, head, width) and, with top_k, the
-    top pairs (layer, head, 3, k); and for the diagnostics `sq` (sample, layer, head) Σ g²,
-    `orows`/`ocols` (sample, layer, head, 2) the interference's means over each task, and
-    `odiag` (sample, layer, head) the alignment diagonal (`pipeline.diagnostics`' names)."""
-    n_l, n_h, p = reader.shape[1], reader.shape[2], reader.shape[3]
+    top pairs (layer, head, 3, k); and the diagnostics' parts (`_side_arrays`)."""
     n = len(rows)
-    hc = heads_per_task(n_h, chunk, p, reader.dtype.itemsize)
-    inv_d = (inv if isinstance(inv, da.Array) else da.from_array(inv)).rechunk((1, hc, -1))
-    ids = da.from_array(np.asarray(rows, dtype=np.int64), chunks=chunk)
-    pos = da.arange(n, chunks=chunk)
     n_perm, n_boot = stats.n_permutations, stats.n_bootstrap
-    tiles = da.blockwise(
-        _reduce_task, "lhij",
-        da.arange(n_l, chunks=1), "l", da.arange(n_h, chunks=hc), "h", inv_d, "lhp", ids, "i", ids, "j", pos, "i", pos, "j",
-        concatenate=True, dtype=np.float64, meta=np.empty((0,) * 4, np.float64),
-        n=n, n_a=n_a, stats_args=(n_perm, n_boot, stats.seed), top_k=top_k, reader=reader, accumulate=accumulate,
-        device=device, encoding=encoding,
-    )
+    tiles = _tile_tasks(_reduce_task, reader, rows, inv, chunk, n_a=n_a, stats_args=(n_perm, n_boot, stats.seed),
+                        top_k=top_k, accumulate=accumulate, device=device, encoding=encoding)
     width = 1 + n_perm + 4 * (1 + n_boot) + n
     scale = np.ones(width)
     scale[: 1 + n_perm] = 1.0 / (n_a * (n - n_a))  # sums -> means; the effect sums stay raw (as slice_statistics)
     f64 = dict(dtype=np.float64, concatenate=False)
-    out = {}
+    out = _side_arrays(tiles)
     for s, name in enumerate(("interference", "alignment")):
         out[f"sums_{name}"] = da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": width}, key="sums", s=s,
                                            scale=scale, meta=np.empty((0,) * 3, np.float64), **f64)
         if top_k:
             out[f"top_{name}"] = da.blockwise(_merge_tops, "lhck", tiles, "lhij", new_axes={"c": 3, "k": top_k}, s=s,
                                               k=top_k, largest=(s == 0), meta=np.empty((0,) * 4, np.float64), **f64)
-    m3, m4 = np.empty((0,) * 3, np.float64), np.empty((0,) * 4, np.float64)
-    out["sq"] = da.blockwise(_first_part, "lhi", tiles, "lhij", key="norms", meta=m3, **f64).transpose(2, 0, 1)
-    out["odiag"] = da.blockwise(_first_part, "lhi", tiles, "lhij", key="diag", meta=m3, **f64).transpose(2, 0, 1)
-    out["orows"] = da.blockwise(_sum_part, "lhit", tiles, "lhij", new_axes={"t": 2}, key="rows", meta=m4,
-                                **f64).transpose(2, 0, 1, 3)
-    out["ocols"] = da.blockwise(_sum_part, "lhjt", tiles, "lhij", new_axes={"t": 2}, key="cols", meta=m4,
-                                **f64).transpose(2, 0, 1, 3)
     return out
 
 
@@ -308,10 +316,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                     side.update({f"{key}_{b}": red[key] for key in ("sq", "orows", "ocols", "odiag")})
                 continue
             if direct:
-                inter, align, sq = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, accumulate,
-                                                       device, encoding=encoding)
+                inter, align, parts = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, n_a_kept,
+                                                          accumulate, device, encoding=encoding)
                 if side is not None:
-                    side[f"sq_{b}"] = sq
+                    side.update({f"{key}_{b}": parts[key] for key in ("sq", "orows", "ocols", "odiag")})
             else:
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)

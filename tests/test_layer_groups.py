@@ -20,7 +20,7 @@ from pipeline.store import RunStore
 from qkov.testing import assert_runs_close, tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = (schema.FISHER, schema.SCORES_GROUP, schema.STATS)
+RESULTS = (schema.FISHER, schema.SCORES_GROUP, schema.DIAGNOSTICS, schema.STATS)  # diagnostics: written group by group too
 
 
 @pytest.fixture(scope="module")

@@ -117,14 +117,24 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
 
 def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray, *,
                        reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None,
-                       with_norms: bool = False):
+                       side: tuple | None = None):
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
     (`reader`, a pipeline.store.DirectChunks) into one reused host buffer per thread —
     pinned on a GPU, so the host→device copy runs at full speed — with no Dask
     concatenation or transpose copies on the way. Same output as `pair_kernel`;
-    `with_norms`: (that, Σ_p g_i[p]² float64 (1, Hc, len(rows_i))), the diagnostics'
-    squared gradient norms from the rows already on the device (no second read)."""
+    `side` = (pos_i, pos_j, other): (that, `side_parts` of the tile at those pooled
+    positions), the diagnostics' reductions from what is already on the device."""
+    a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
+    if side is None:
+        return scores.cpu().numpy()[:, None]
+    pos_i, pos_j, other = side
+    return scores.cpu().numpy()[:, None], side_parts(a_all, scores, other, int(pos_i[0]), int(pos_j[0]))
+
+
+def _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate: str, device: str, encoding: str | None):
+    """Read a tile's rows (`direct_pair_kernel`) and score them: (row operands, (2, Hc, ci, cj)
+    float32 [interference, alignment]), both on the task's device."""
     import torch
 
     dev = _kernel_device(device)
@@ -132,17 +142,30 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     op = _operands_dtype(encoding, dev, accumulate)
     same = rows_i.shape == rows_j.shape and bool(np.array_equal(rows_i, rows_j))
     l, hs = int(layer[0]), [int(h) for h in heads]
-    a_host = _read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda"))
-    a_all = _to_device(a_host, encoding, dev, op)
-    if same:
-        b_all = a_all
-    else:
-        b_all = _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
+    a_all = _to_device(_read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda")), encoding, dev, op)
+    b_all = a_all if same else _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
     sw_all = torch.as_tensor(np.asarray(inv)[0], device=dev).sqrt().to(op)
-    scores = device_scores(a_all, b_all, sw_all, acc).cpu().numpy()[:, None]
-    if not with_norms:
-        return scores
-    return scores, _sq_norms(a_all)[None]
+    return a_all, device_scores(a_all, b_all, sw_all, acc)
+
+
+def side_parts(a_all, scores, other: np.ndarray, r0: int, c0: int) -> dict:
+    """What the diagnostics need of one tile, partials that add up over the slice's tiles:
+      norms (Hc, ci)     Σ g² of the tile's rows (a_all: its row operands on the device)
+      rows  (Hc, ci, 2)  Σ_j M[i, j]·other[j] over the tile's columns (other = (N, 2)
+                         task-A / task-B mean weights: the interference's marginals)
+      cols  (Hc, cj, 2)  Σ_i M[i, j]·other[i] over the tile's rows
+      diag  (Hc, ci)     the alignment diagonal A_ii, on diagonal tiles (r0 = c0) only
+    scores: (2, Hc, ci, cj) [interference, alignment] at pooled position (r0, c0)."""
+    import torch
+
+    ci, cj = scores.shape[2:]
+    w = torch.as_tensor(np.asarray(other, dtype=np.float64), device=scores.device)
+    inter = scores[0].double()
+    out = {"norms": _sq_norms(a_all), "rows": (inter @ w[c0 : c0 + cj]).cpu().numpy(),
+           "cols": (inter.transpose(1, 2) @ w[r0 : r0 + ci]).cpu().numpy()}
+    if r0 == c0 and ci == cj:
+        out["diag"] = scores[1].diagonal(dim1=1, dim2=2).double().cpu().numpy()
+    return out
 
 
 def _sq_norms(x, rows_per_step: int = 1024) -> np.ndarray:
@@ -358,35 +381,16 @@ def direct_tile_reduce(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
       sums  (2, Hc, width)  the stats sums of both scores (`stat_sums`; `weights` = the
                             stats stage's (left, right, wa, wb) rows)
       top   (2, Hc, 3, k)   the tile's k best A×B pairs (interference highest, alignment lowest)
-      norms (Hc, ci)        Σ g² of the tile's rows
-      rows  (Hc, ci, 2)     Σ_j M[i, j]·other[j] over the tile's columns (other = (N, 2)
-                            task-A / task-B mean weights: the diagnostics' marginals)
-      cols  (Hc, cj, 2)     Σ_i M[i, j]·other[i] over the tile's rows
-      diag  (Hc, ci)        the alignment diagonal A_ii, on diagonal tiles only
+    and the diagnostics' `side_parts` (norms, rows, cols, diag).
     `pos_i`/`pos_j` are the tile's pooled positions (rows_i/rows_j its store rows)."""
-    import torch
-
-    dev = _kernel_device(device)
-    acc = _accumulate_dtype(dev, accumulate)
-    op = _operands_dtype(encoding, dev, accumulate)
-    same = rows_i.shape == rows_j.shape and bool(np.array_equal(rows_i, rows_j))
-    l, hs = int(layer[0]), [int(h) for h in heads]
-    a_all = _to_device(_read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda")), encoding, dev, op)
-    b_all = a_all if same else _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
-    sw_all = torch.as_tensor(np.asarray(inv)[0], device=dev).sqrt().to(op)
-    scores = device_scores(a_all, b_all, sw_all, acc)  # (2, Hc, ci, cj) float32 on the device
+    a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
     hc, ci, cj = scores.shape[1:]
+    dev = str(scores.device)
     r0, c0 = int(pos_i[0]), int(pos_j[0])
     is_a = np.arange(weights[0].shape[1]) < n_a
-    out = {"sums": _stat_sums_t(scores.reshape(2 * hc, ci, cj), _device_weights(*weights, dev), is_a, (r0, c0))
-                   .reshape(2, hc, -1).cpu().numpy(),
-           "norms": _sq_norms(a_all)}
+    out = side_parts(a_all, scores, other, r0, c0)
+    out["sums"] = _stat_sums_t(scores.reshape(2 * hc, ci, cj), _device_weights(*weights, dev), is_a, (r0, c0)).reshape(
+        2, hc, -1).cpu().numpy()
     if top_k:
         out["top"] = np.stack([_tile_top_t(scores[s], n_a, (r0, c0), top_k, largest=(s == 0)) for s in (0, 1)])
-    w = torch.as_tensor(np.asarray(other, dtype=np.float64), device=dev)
-    inter = scores[0].double()
-    out["rows"] = (inter @ w[c0 : c0 + cj]).cpu().numpy()
-    out["cols"] = (inter.transpose(1, 2) @ w[r0 : r0 + ci]).cpu().numpy()
-    if r0 == c0 and ci == cj:
-        out["diag"] = scores[1].diagonal(dim1=1, dim2=2).double().cpu().numpy()
     return out
