@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import dask.array as da
 import numpy as np
@@ -130,8 +131,7 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
     done = set(work.attrs.get(schema.ATTR_GROUPS_DONE, []))
     n_shards = len(plan.shards)
     total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups),
-             "extract_s": 0.0, "score_s": 0.0}  # time spent in each, summed over the groups
-    import time
+             "extract_s": 0.0, "score_s": 0.0, "drop_s": 0.0}  # time spent in each, summed over the groups
     tick("score", len(done), len(groups))
     for k, group in enumerate(groups):
         sub = RunStore(f"{store.path.rstrip('/')}/{schema.layer_group_path(k)}", store.storage_options)
@@ -180,7 +180,9 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         total["score_s"] += time.perf_counter() - t0
         done.add(k)
         work.attrs[schema.ATTR_GROUPS_DONE] = sorted(done)  # recorded before the gradients go
+        t0 = time.perf_counter()
         sub.delete()
+        total["drop_s"] += time.perf_counter() - t0
         tick("score", len(done), len(groups))
     _finish(store, job)
     return total

@@ -55,3 +55,16 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     assert r["gradient_bytes"] == 16 * 2 * (4 + 2 + 2 + 4) * 16 * 64 * 2 and r["extract_write_fraction_of_disk_write"] > 0
     assert r["score_time_over_bound_overlapped"] > 0 and res["plan"]["fits"] is True
     assert (tmp_path / "work" / "model-tiny" / be.MODEL_MARKER).is_file()
+
+
+def test_tiny_layer_grouped_run_reports_its_loop_and_profile(tmp_path):
+    res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--batch", "4", "--shard-size", "8",
+                   "--n-permutations", "19", "--n-bootstrap", "20", "--workers", "1", "--no-calibrate", "--keep-gradients",
+                   "false", "--profile", "--workdir", str(tmp_path / "work"), "--io-gib", "0.05"])
+    loop = res["layer_groups_s"]
+    assert loop["loop"] >= res["stage_s"]["extract"] + res["stage_s"]["score"] and loop["drop_gradients"] >= 0
+    assert loop["other"] == pytest.approx(loop["loop"] - res["stage_s"]["extract"] - res["stage_s"]["score"]
+                                          - loop["drop_gradients"], abs=2e-3)
+    # the workers' task seconds per stage, from the scheduler's task stream
+    assert "stats" in res["profile"] and all(st["wall_s"] >= 0 for st in res["profile"].values())
+    assert any(k.startswith("extract_shards") for st in res["profile"].values() for k in st["task_seconds"])
