@@ -151,12 +151,7 @@ def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, acc
 def _merge_tops(parts, *, s: int, k: int, largest: bool) -> np.ndarray:
     """The k best of the tiles' candidates per head (value, row in A, column in B), best first."""
     cand = np.concatenate([d["top"][s] for d in _flat(parts)], axis=-1)  # (Hc, 3, tiles·k)
-    out = np.full((cand.shape[0], 3, k), np.nan)
-    for h, c in enumerate(cand):
-        c = c[:, ~np.isnan(c[0])]
-        order = np.argsort(-c[0] if largest else c[0], kind="stable")[:k]
-        out[h, :, : order.size] = c[:, order]
-    return out[None]
+    return np.stack([_best_k(c, k, largest) for c in cand])[None]
 
 
 def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, stats, top_k: int,
@@ -234,12 +229,16 @@ def _tile_top(block: np.ndarray, *, n_a: int, k: int, largest: bool, block_info=
 
 def _merge_top(cand: np.ndarray, *, k: int, largest: bool) -> np.ndarray:
     """The k best of every tile's candidates [1, 1, ti, tj, 3, k] -> [1, 1, 3, k], best first."""
-    c = np.moveaxis(cand[0, 0], -2, 0).reshape(3, -1)
+    return _best_k(np.moveaxis(cand[0, 0], -2, 0).reshape(3, -1), k, largest)[None, None]
+
+
+def _best_k(c: np.ndarray, k: int, largest: bool) -> np.ndarray:
+    """The k best candidates (3, M) (value, row, column; NaN values are padding) -> (3, k), best first."""
     c = c[:, ~np.isnan(c[0])]
     order = np.argsort(-c[0] if largest else c[0], kind="stable")[:k]
     out = np.full((3, k), np.nan)
     out[:, : order.size] = c[:, order]
-    return out[None, None]
+    return out
 
 
 def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:

@@ -243,8 +243,26 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     remote = json.loads(out.stdout)
     local = query_head(job.output.path, 1, 2, top=3)
     assert remote.pop("run") == url and local.pop("run") == job.output.path
-    assert remote == json.loads(json.dumps(local))
+    # the same answer, to float32 rounding: a local run reduces the diagnostics inside its score
+    # tasks (DirectChunks), an S3 run from the stored arrays, in another summation order
+    _assert_json_close(remote, json.loads(json.dumps(local)))
     assert np.isfinite(remote["blocks"][0]["stats"]["interference"]["p_value"])
+
+
+def _assert_json_close(a, b, where: str = "") -> None:
+    """Equal JSON values, floats to a relative 1e-5 (absolute 1e-9)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_json_close(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list) and isinstance(b, list):
+        assert len(a) == len(b), where
+        for k, (x, y) in enumerate(zip(a, b)):
+            _assert_json_close(x, y, f"{where}[{k}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-9, nan_ok=True), where
+    else:
+        assert a == b, where
 
 
 def test_unreachable_scheduler_is_a_clear_error():
