@@ -23,9 +23,9 @@ import numpy as np
 import xarray as xr
 
 from . import schema
+from .diagnostics import diagnostics_from_parts, diagnostics_parts
 from .errors import StoreError
 from .extract import ExtractPlan, checksummed, run_extract
-from .diagnostics import diagnostics_from_parts, diagnostics_parts
 from .score import compact_scores
 from .spec import JobSpec
 from .store import RunStore, provenance, scores_view

@@ -284,7 +284,8 @@ class RunStore:
             out = ds.to_zarr(self.zarr(), group=group, mode="w", compute=compute, encoding=encoding or {},
                              zarr_format=3, consolidated=False)
         if not compute:  # the template is written: its chunks go straight to their files where they can
-            out = self._direct_writes(ds, group) or out
+            direct = self._direct_writes(ds, group)
+            out = out if direct is None else direct  # (a Dask collection: never tested for truth)
         if compute and complete:
             self.mark_complete(group)
             self.refresh_consolidated()
@@ -299,13 +300,13 @@ class RunStore:
 
         sources, targets, regions = [], [], []
         readers = self.direct_chunks(group)
+        region = region or {}
         for name, var in ds.variables.items():
             if not isinstance(var.data, da.Array):
                 continue
             direct = readers.get(str(name))
             if direct is None or direct.ndim != var.ndim:
                 return None
-            region = region or {}
             where = tuple(slice(region[d].start or 0, (region[d].start or 0) + n) if d in region else slice(0, n)
                           for d, n in zip(var.dims, var.shape))
             fits = all((w.stop <= big if d in region else n == big) and w.start % k == 0
