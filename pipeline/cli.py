@@ -31,6 +31,9 @@ def _friendly() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        from pipeline.errors import corrupt_chunk_error
+
+        e = corrupt_chunk_error(e) or e  # a damaged chunk read by zarr itself (a remote store): the store's fault
         if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
             err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)

@@ -55,3 +55,16 @@ class ClusterError(QkovError, RuntimeError):
 
 __all__ = ["QkovError", "UsageError", "JobFileError", "TaskFileError", "ModelLoadError", "UnsupportedModelError",
            "NonFiniteGradientError", "StoreError", "StatsStageError", "ClusterError"]
+
+
+def corrupt_chunk_error(e: BaseException, where: str | None = None) -> StoreError | None:
+    """A StoreError for a chunk whose crc32c checksum does not match (corrupted or half-written
+    bytes), or None when `e` is something else. DirectChunks names the chunk itself; zarr's
+    own reader (remote stores) raises a plain ValueError, named here by the run (`where`)."""
+    if isinstance(e, CorruptChunkError):
+        return e
+    if not isinstance(e, ValueError) or "checksum" not in str(e).lower():
+        return None
+    return StoreError(f"{where or 'the run'} is damaged: a chunk's bytes do not match its checksum "
+                      f"({str(e).splitlines()[0]}); the store was corrupted after it was written. Rerun the job with "
+                      "--overwrite (or restore the run from a copy).")

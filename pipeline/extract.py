@@ -22,7 +22,7 @@ from workers.writer import ShardResult, ShardTask, extract_shards
 
 from . import schema
 from .spec import JobSpec
-from .errors import CorruptChunkError, JobFileError, NonFiniteGradientError, StoreError, TaskFileError
+from .errors import JobFileError, NonFiniteGradientError, StoreError, TaskFileError
 from .store import RunStore, provenance
 
 
@@ -299,17 +299,6 @@ def reopen_damaged_shards(store: RunStore) -> list[int]:
             if store.has_group(g):
                 root[g].attrs[schema.ATTR_COMPLETE] = False
     return shards
-
-
-def corrupt_chunk_error(store: RunStore, e: BaseException) -> StoreError | None:
-    """A StoreError for a chunk whose crc32c checksum does not match (corrupted or half-written
-    bytes), or None when `e` is something else."""
-    if isinstance(e, CorruptChunkError):  # read by DirectChunks: it names the chunk already
-        return e
-    if "checksum" not in str(e).lower():
-        return None
-    return StoreError(f"{store.path} is damaged: a chunk's bytes do not match its checksum ({str(e).splitlines()[0]}); "
-                      "the store was corrupted after it was written. Rerun the job with --overwrite (or restore the run from a copy).")
 
 
 def require_intact_gradients(store: RunStore) -> None:

@@ -373,7 +373,8 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
               on_progress: Callable[[int, int], None] | None = None) -> xr.Dataset:
     """The score stage: compute and write `scores` from the run's `gradients` and `fisher`;
     `on_progress(done, total)` follows the graph's tasks (reads, kernels, writes)."""
-    from .extract import checksummed, corrupt_chunk_error, require_intact_gradients
+    from .errors import corrupt_chunk_error
+    from .extract import checksummed, require_intact_gradients
 
     store.require(schema.GRADIENTS, "scoring")
     store.require(schema.FISHER, "scoring")
@@ -401,7 +402,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
         progress = {} if on_progress is None else {"on_progress": on_progress}
         computed = executor.compute(writes, *parts.values(), **progress)[1:]
     except ValueError as e:
-        raise corrupt_chunk_error(store, e) or e
+        raise corrupt_chunk_error(e, store.path) or e
     t1 = time.perf_counter()
     write_diagnostics(store, diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores_view(ds)),
                       job.config_dict(), job.config_hash())

@@ -24,7 +24,7 @@ import xarray as xr
 
 from . import schema as S
 from . import stats as st
-from .errors import StatsStageError, UsageError
+from .errors import StatsStageError, UsageError, corrupt_chunk_error
 from .spec import StatsSpec, config_hash
 from .store import RunStore, provenance
 
@@ -428,9 +428,7 @@ def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str 
     try:
         ds = compute_stats(scores, settings, executor)
     except ValueError as e:
-        from .extract import corrupt_chunk_error
-
-        raise corrupt_chunk_error(store, e) or e
+        raise corrupt_chunk_error(e, store.path) or e
     _require_finite(store, ds)
     ds.attrs[S.ATTR_EXCLUDED] = excluded  # always recorded, [] when every sample took part
     ds.attrs[S.ATTR_EXCLUDED_TASKS] = [str(t) for t in task_of[dropped]]

@@ -539,6 +539,25 @@ class TestUntrustedInputs:
         chunk.write_bytes(bytes(data))
         self.readers_refuse(tmp, run, tmp / "chunk-corrupt-report")
 
+    def test_a_corrupted_score_chunk_read_by_zarr_itself(self, base):
+        """The same on a store DirectChunks does not read (fsspec's memory://, as S3 would be):
+        zarr's own checksum error is named as a damaged store, not printed as a traceback."""
+        import fsspec
+
+        tmp, _, done = base
+        fs = fsspec.filesystem("memory")
+        fs.put(str(done), "/chunk-corrupt-remote", recursive=True)
+        chunk = next(p for p in sorted(fs.find("/chunk-corrupt-remote/scores")) if "pooled_interference" in p and "/c/" in p)
+        data = bytearray(fs.cat(chunk))
+        data[len(data) // 2] ^= 0x40
+        fs.pipe(chunk, bytes(data))
+        run = "memory://chunk-corrupt-remote"
+        before = _tree(tmp)
+        for args in (("stats", run), ("query", run, "--layer", 0, "--head", 0), ("report", run, "--out", tmp / "remote-report")):
+            assert "checksum" in _one_line_refusal(*args)
+        assert _tree(tmp) == before
+        fs.rm("/chunk-corrupt-remote", recursive=True)
+
     def test_a_file_where_a_run_should_be(self, base):
         tmp = base[0]
         f = tmp / "notes.txt"
