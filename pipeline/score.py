@@ -165,13 +165,13 @@ def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, st
     n_perm, n_boot = stats.n_permutations, stats.n_bootstrap
     tiles = _tile_tasks(_reduce_task, reader, rows, inv, chunk, n_a=n_a, stats_args=(n_perm, n_boot, stats.seed),
                         top_k=top_k, accumulate=accumulate, device=device, encoding=encoding)
-    width = 1 + n_perm + 4 * (1 + n_boot) + n
-    scale = np.ones(width)
-    scale[: 1 + n_perm] = 1.0 / (n_a * (n - n_a))  # sums -> means; the effect sums stay raw (as slice_statistics)
+    from .stats_stage import sums_scale
+
+    scale = sums_scale(n_a, n - n_a, n_perm, n_boot)  # as slice_statistics scales its sums
     f64 = dict(dtype=np.float64, concatenate=False)
     out = _side_arrays(tiles)
     for s, name in enumerate(("interference", "alignment")):
-        out[f"sums_{name}"] = da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": width}, key="sums", s=s,
+        out[f"sums_{name}"] = da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": scale.size}, key="sums", s=s,
                                            scale=scale, meta=np.empty((0,) * 3, np.float64), **f64)
         if top_k:
             out[f"top_{name}"] = da.blockwise(_merge_tops, "lhck", tiles, "lhij", new_axes={"c": 3, "k": top_k}, s=s,

@@ -167,16 +167,22 @@ def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: in
     """Lazy [b, l, h, 1+K + 4(1+B) + N] per slice: T_obs and the K null T^π (means), then
     the raw effect sums and the A×B margins (see `_chunk_sums`; split by `_split`)."""
     is_a = np.asarray(is_a, dtype=bool)
-    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
-    width = 1 + n_perm + 4 * (1 + n_boot) + is_a.size
-    chunks = pooled.chunks[:3] + ((1,) * len(pooled.chunks[3]), (1,) * len(pooled.chunks[4]), (width,))
+    scale = sums_scale(int(is_a.sum()), int((~is_a).sum()), n_perm, n_boot)
+    chunks = pooled.chunks[:3] + ((1,) * len(pooled.chunks[3]), (1,) * len(pooled.chunks[4]), (scale.size,))
     sums = pooled.map_blocks(
         _chunk_sums, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed,
         new_axis=5, chunks=chunks, dtype=np.float64, meta=np.empty((0,) * 6, np.float64),
     )
-    scale = np.ones(width)
-    scale[: 1 + n_perm] = 1.0 / (n_a * n_b)  # sums -> means; the effect sums stay raw
     return sums.sum(axis=(3, 4)) * scale
+
+
+def sums_scale(n_a: int, n_b: int, n_perm: int, n_boot: int) -> np.ndarray:
+    """The factor that turns a slice's summed `_chunk_sums` into what `_split` reads, one per
+    entry (1+K + 4(1+B) + N of them): the K+1 cross sums become means; the effect sums and
+    margins stay raw."""
+    scale = np.ones(1 + n_perm + 4 * (1 + n_boot) + n_a + n_b)
+    scale[: 1 + n_perm] = 1.0 / (n_a * n_b)
+    return scale
 
 
 # ---------------------------------------------------------------- assembling the dataset
