@@ -48,7 +48,7 @@ from workers.fisher import REG_FLOOR
 
 from . import schema as S
 from .errors import StoreError, UsageError
-from .store import RunStore, decoded, provenance
+from .store import RunStore, decoded, provenance, scores_view
 
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
 ILL_SHARE = 0.5  # ill_conditioned when λ exceeds Î on more than this share of the slice
@@ -263,6 +263,18 @@ def diagnostics_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset,
     if not np.array_equal(np.asarray(grads[S.SAMPLE_ID].values).astype(object)[keep], ids):
         raise StoreError("the scores' samples are not the gradients' kept samples; the run's groups do not belong together")
     return _lazy_parts(grads, fisher, scores, readers, device, side)
+
+
+def compute_with_diagnostics(executor, writes, grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset,
+                             readers: dict | None, device: str, side: dict, on_progress=None) -> xr.Dataset:
+    """Run a score stage's delayed `writes` of the lazy compact `scores` and the diagnostics'
+    reductions as one graph (each score tile reduced while it is in memory; `side`: the parts
+    the score tasks computed, `compact_scores`). Returns the loaded `diagnostics` dataset."""
+    view = scores_view(scores)
+    parts = diagnostics_parts(grads, fisher, view, readers, device, side=side)
+    progress = {} if on_progress is None else {"on_progress": on_progress}
+    computed = executor.compute(writes, *parts.values(), **progress)[1:]
+    return diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, view)
 
 
 def diagnostics_dataset(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, executor=None, *,

@@ -23,12 +23,12 @@ import numpy as np
 import xarray as xr
 
 from . import schema
-from .diagnostics import diagnostics_from_parts, diagnostics_parts
+from .diagnostics import compute_with_diagnostics
 from .errors import StoreError
 from .extract import ExtractPlan, checksummed, run_extract
 from .score import compact_scores
 from .spec import JobSpec
-from .store import RunStore, provenance, scores_view
+from .store import RunStore, provenance
 
 ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fisher/scores templates are written
 
@@ -168,11 +168,8 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, readers=readers, side=side,
                                 **_score_options(job))
         region = {schema.LAYER: slice(layers.index(group[0]), layers.index(group[0]) + len(group))}
-        # the group's diagnostics are reduced in the same graph as its score writes (as run_score does)
-        parts = diagnostics_parts(grads, fisher, scores_view(scores), readers, job.score.device, side=side)
-        computed = executor.compute(store.write_region(scores, schema.SCORES_GROUP, region, compute=False),
-                                    *parts.values())[1:]
-        diag = diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores_view(scores))
+        diag = compute_with_diagnostics(executor, store.write_region(scores, schema.SCORES_GROUP, region, compute=False),
+                                        grads, fisher, scores, readers, job.score.device, side)
         if store.group_attrs(schema.DIAGNOSTICS) is None:
             _diagnostics_template(store, job, diag, layers)
         store.write_region(diag, schema.DIAGNOSTICS, region)

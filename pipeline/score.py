@@ -113,6 +113,9 @@ def _first_part(parts, *, key: str):
     return next(d[key] for d in _flat(parts) if key in d)[None]
 
 
+SIDE_PARTS = ("sq", "orows", "ocols", "odiag")  # what `_side_arrays` returns
+
+
 def _side_arrays(tiles: da.Array) -> dict[str, da.Array]:
     """The diagnostics' parts from the tiles' `side_parts`, under pipeline.diagnostics' names:
     `sq` (sample, layer, head) Σ g², `orows`/`ocols` (sample, layer, head, 2) the
@@ -269,8 +272,8 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves;
     then `side`, a dict if given, receives what those tasks compute on the side for the
     diagnostics, under `pipeline.diagnostics`' part names: `sq_<block>` (sample, layer,
-    head) Σ g², and with keep_pairs "top" | "none" the marginals `orows_`/`ocols_<block>` and
-    the alignment diagonal `odiag_<block>` (`direct_block_scores`, `reduced_block_scores`)."""
+    head) Σ g², the interference's marginals `orows_`/`ocols_<block>` and the alignment
+    diagonal `odiag_<block>` (`_side_arrays`)."""
     n_a = int(grads.attrs[schema.ATTR_N_A])
     finite = np.asarray(grads[schema.FINITE].values, dtype=bool)
     keep = np.flatnonzero(finite)  # samples skipped for non-finite gradients take no part
@@ -312,13 +315,13 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                             data[schema.top_name(name, part, b)] = xr.Variable(dims + (schema.RANK,),
                                                                                red[f"top_{name}"][:, :, i].astype(dt))
                 if side is not None:
-                    side.update({f"{key}_{b}": red[key] for key in ("sq", "orows", "ocols", "odiag")})
+                    side.update({f"{key}_{b}": red[key] for key in SIDE_PARTS})
                 continue
             if direct:
                 inter, align, parts = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, n_a_kept,
                                                           accumulate, device, encoding=encoding)
                 if side is not None:
-                    side.update({f"{key}_{b}": parts[key] for key in ("sq", "orows", "ocols", "odiag")})
+                    side.update({f"{key}_{b}": parts[key] for key in SIDE_PARTS})
             else:
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
@@ -389,23 +392,20 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
-    # numerical health and per-sample diagnostics (no model pass), reduced in the same graph as
-    # the score writes: each score tile is reduced while in memory, the gradient norms read
-    # beside the score tasks. Written before the scores are marked complete, so complete scores
-    # always come with them. (keep_pairs = "top" | "none": from the operands, pipeline/diagnostics.py)
-    from .diagnostics import diagnostics_from_parts, diagnostics_parts, write_diagnostics
+    # numerical health and per-sample diagnostics (no model pass), in the same graph as the score
+    # writes: from the parts the score tasks reduce from their rows and tiles (`side`), else from
+    # the tiles or the operands (pipeline/diagnostics.py). Written before the scores are marked
+    # complete, so complete scores always come with them.
+    from .diagnostics import compute_with_diagnostics, write_diagnostics
 
     t0 = time.perf_counter()
     try:
         writes = store.write_dataset(ds, schema.SCORES_GROUP, encoding=encoding, compute=False)
-        parts = diagnostics_parts(grads, fisher, scores_view(ds), readers, job.score.device, side=side)
-        progress = {} if on_progress is None else {"on_progress": on_progress}
-        computed = executor.compute(writes, *parts.values(), **progress)[1:]
+        diag = compute_with_diagnostics(executor, writes, grads, fisher, ds, readers, job.score.device, side, on_progress)
     except ValueError as e:
         raise corrupt_chunk_error(e, store.path) or e
     t1 = time.perf_counter()
-    write_diagnostics(store, diagnostics_from_parts(dict(zip(parts, computed)), grads, fisher, scores_view(ds)),
-                      job.config_dict(), job.config_hash())
+    write_diagnostics(store, diag, job.config_dict(), job.config_hash())
     # where the stage's time went (seconds), for users and the benchmarks: part of the provenance
     # (like its timestamp), so runs that agree in every result still compare equal
     attrs = store.root("r+")[schema.SCORES_GROUP].attrs

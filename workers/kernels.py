@@ -116,18 +116,15 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
 
 
 def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray, *,
-                       reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None,
-                       side: tuple | None = None):
+                       side: tuple, reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None):
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
     (`reader`, a pipeline.store.DirectChunks) into one reused host buffer per thread —
     pinned on a GPU, so the host→device copy runs at full speed — with no Dask
-    concatenation or transpose copies on the way. Same output as `pair_kernel`;
-    `side` = (pos_i, pos_j, other): (that, `side_parts` of the tile at those pooled
-    positions), the diagnostics' reductions from what is already on the device."""
+    concatenation or transpose copies on the way. Returns (`pair_kernel`'s output,
+    `side_parts` of the tile), `side` = (pos_i, pos_j, other): the tile's pooled positions
+    and the diagnostics' task-mean weights, reduced from what is already on the device."""
     a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
-    if side is None:
-        return scores.cpu().numpy()[:, None]
     pos_i, pos_j, other = side
     return scores.cpu().numpy()[:, None], side_parts(a_all, scores, other, int(pos_i[0]), int(pos_j[0]))
 
