@@ -54,7 +54,10 @@ class ClusterError(QkovError, RuntimeError):
 
 
 __all__ = ["QkovError", "UsageError", "JobFileError", "TaskFileError", "ModelLoadError", "UnsupportedModelError",
-           "NonFiniteGradientError", "StoreError", "StatsStageError", "ClusterError"]
+           "NonFiniteGradientError", "StoreError", "CorruptChunkError", "StatsStageError", "ClusterError"]
+
+# what a damaged chunk's message tells the user to do (DirectChunks and zarr's own reader alike)
+DAMAGED_FIX = "the store was corrupted after it was written. Rerun the job with --overwrite (or restore the run from a copy)."
 
 
 def corrupt_chunk_error(e: BaseException, where: str | None = None) -> StoreError | None:
@@ -66,5 +69,4 @@ def corrupt_chunk_error(e: BaseException, where: str | None = None) -> StoreErro
     if not isinstance(e, ValueError) or "checksum" not in str(e).lower():
         return None
     return StoreError(f"{where or 'the run'} is damaged: a chunk's bytes do not match its checksum "
-                      f"({str(e).splitlines()[0]}); the store was corrupted after it was written. Rerun the job with "
-                      "--overwrite (or restore the run from a copy).")
+                      f"({str(e).splitlines()[0]}); {DAMAGED_FIX}")

@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from . import schema
-from .errors import CorruptChunkError, StoreError  # noqa: F401  (StoreError re-exported for callers of the store)
+from .errors import DAMAGED_FIX, CorruptChunkError, StoreError  # noqa: F401  (StoreError re-exported for callers of the store)
 
 
 def is_url(path: str) -> bool:
@@ -540,9 +540,7 @@ class DirectChunks:
             tail = f.read(8)
         if got != view.nbytes or len(tail) != 4 or np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
             size = "" if got == view.nbytes and len(tail) == 4 else f"; it has {got + len(tail)} bytes, not {view.nbytes + 4}"
-            raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum{size}; the store "
-                                    "was corrupted after it was written. Rerun the job with --overwrite (or restore the "
-                                    "run from a copy).")
+            raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum{size}; {DAMAGED_FIX}")
         return True
 
     def __setitem__(self, key, value) -> None:
