@@ -479,7 +479,10 @@ def stage_profile(client, start: float, stop: float, top: int = 25) -> dict:
     walk(tree, frozenset())
     total = max(1, tree.get("count", 1))
     best = lambda d: [(k, round(v / total, 3)) for k, v in sorted(d.items(), key=lambda kv: -kv[1])[:top]]  # noqa: E731
-    return {"wall_s": round(stop - start, 2),
+    return {"note": "task_seconds: {task prefix:action: [seconds summed over its tasks, task count]} (more = more worker "
+                    "time); self_share / inclusive_share: the fraction of distributed's profiler samples of the workers' "
+                    "threads in that function itself / in it or below (higher = where the stage's time went)",
+            "wall_s": round(stop - start, 2),
             "task_seconds": {k: [round(v[0], 2), v[1]] for k, v in sorted(per.items(), key=lambda kv: -kv[1][0])},
             "profile_samples": total, "self_share": best(self_n), "inclusive_share": best(incl)}
 
