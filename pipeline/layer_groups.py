@@ -131,7 +131,7 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
     done = set(work.attrs.get(schema.ATTR_GROUPS_DONE, []))
     n_shards = len(plan.shards)
     total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups),
-             "extract_s": 0.0, "score_s": 0.0, "drop_s": 0.0}  # time spent in each, summed over the groups
+             "setup_s": 0.0, "extract_s": 0.0, "score_s": 0.0, "drop_s": 0.0}  # time spent in each, summed over the groups
     tick("score", len(done), len(groups))
     for k, group in enumerate(groups):
         sub = RunStore(f"{store.path.rstrip('/')}/{schema.layer_group_path(k)}", store.storage_options)
@@ -142,9 +142,11 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         if not (sub.is_complete(schema.GRADIENTS) and sub.is_complete(schema.FISHER)):
             from .run import _has_template
 
+            t0 = time.perf_counter()
             fresh = not sub.exists() or not _has_template(sub)
             if fresh:
                 sub.create_run(sjob.config_dict(), sjob.config_hash(), stage="layer group")
+            total["setup_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             res = run_extract(sub, sjob, executor, plan=dataclasses.replace(plan, layers=tuple(group)), fresh=fresh,
                               on_progress=lambda d, n, k=k: tick("extract", k * n_shards + d, n_shards * len(groups)))

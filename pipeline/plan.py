@@ -164,8 +164,11 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     block_heads = sum(ex.heads[b] for b in ex.blocks)
     groups[schema.SCORES_GROUP] = 2 * L * block_heads * t * t * (c * c * s_item + CRC_BYTES) \
         + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
+    sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
+    if s.keep_pairs == "all" and s.scores_dtype == "float32":
+        # the statistics' sums reduced beside the matrices (pipeline.score.compact_scores)
+        groups[schema.SCORES_GROUP] += 2 * L * block_heads * (sums_width * 8 + CRC_BYTES) + 2 * len(ex.blocks) * META_BYTES
     if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
-        sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
         top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0
         groups[schema.SCORES_GROUP] = 2 * L * block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
             + (8 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16

@@ -235,9 +235,11 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other; choose one")
     store = RunStore.of(job)
-    if plan is UNPLANNED:  # the CLI ran `preflight` before starting its cluster
-        plan = preflight(job, resume=resume, overwrite=overwrite, local=client is None)
     summary = RunSummary(store.path)
+    if plan is UNPLANNED:  # the CLI ran `preflight` before starting its cluster
+        t = time.perf_counter()
+        plan = preflight(job, resume=resume, overwrite=overwrite, local=client is None)
+        summary.timings["preflight"] = time.perf_counter() - t
     executor = executor_for(client)
     tick: Progress = progress or (lambda *_: None)
     with store.lock():
@@ -294,9 +296,11 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             else:
                 stage()
             summary.timings[name] = time.perf_counter() - t
+        t = time.perf_counter()
         if grouped:  # the layer groups' bookkeeping (their sub-runs are gone already)
             store.delete(schema.WORK)
     # after the lock is gone (its group must not be listed): the README's xarray calls open the
     # finished run without "failed to open with consolidated metadata" warnings
     store.consolidate()
+    summary.timings["finish"] = time.perf_counter() - t
     return summary

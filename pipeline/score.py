@@ -61,13 +61,17 @@ def block_scores(g: da.Array, inv, accumulate: str = "auto", device: str = "auto
     return both[0], both[1]
 
 
-def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, **kw) -> dict:
+def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple | None = None,
+               **kw) -> dict:
     """One tile of `direct_block_scores` (runs in the task): its scores and, beside them, the
-    diagnostics' partials (`workers.kernels.side_parts`)."""
+    diagnostics' partials (`workers.kernels.side_parts`) and, with `stats_args`, the stats sums."""
     from .diagnostics import _other_weights
+    from .stats_stage import _weights
 
-    scores, side = direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, _other_weights(np.arange(n) < n_a)),
-                                      **kw)
+    is_a = np.arange(n) < n_a
+    weights = None if stats_args is None else (_weights(is_a.tobytes(), *stats_args), n_a)
+    scores, side = direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, _other_weights(is_a)),
+                                      weights=weights, **kw)
     return {"scores": scores, **side}
 
 
@@ -137,18 +141,36 @@ def _scores_part(tile: dict) -> np.ndarray:
 
 
 def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, accumulate: str = "auto",
-                        device: str = "auto", encoding: str | None = None) -> tuple[da.Array, da.Array, dict]:
+                        device: str = "auto", encoding: str | None = None, stats=None) -> tuple[da.Array, da.Array, dict]:
     """`block_scores` with tasks that read their own operands from the gradient chunk files
     (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
     first `n_a` of task A): no gradient bytes pass through the Dask graph, so a slice's read,
     host→device copy and kernel are one task, and tasks of different slices overlap on the
     worker's threads. Also returns the diagnostics' parts the same tasks reduce from the
-    rows and tiles they hold (`_side_arrays`: no second read of gradients or scores)."""
-    tiles = _tile_tasks(_pair_task, reader, rows, inv, chunk, n_a=n_a, accumulate=accumulate, device=device,
-                        encoding=encoding)
+    rows and tiles they hold (`_side_arrays`: no second read of gradients or scores) and,
+    with `stats` (a StatsSpec), the statistics' sums of both scores (`_sums_arrays`), so
+    the stats stage of this run does not read the N×N scores back."""
+    stats_args = None if stats is None else (stats.n_permutations, stats.n_bootstrap, stats.seed)
+    tiles = _tile_tasks(_pair_task, reader, rows, inv, chunk, n_a=n_a, stats_args=stats_args, accumulate=accumulate,
+                        device=device, encoding=encoding)
     both = tiles.map_blocks(_scores_part, new_axis=0, chunks=((2,), *tiles.chunks), dtype=np.float32,
                             meta=np.empty((0,) * 5, np.float32))
-    return both[0], both[1], _side_arrays(tiles)
+    parts = _side_arrays(tiles)
+    if stats is not None:
+        parts.update(_sums_arrays(tiles, len(rows), n_a, stats))
+    return both[0], both[1], parts
+
+
+def _sums_arrays(tiles: da.Array, n: int, n_a: int, stats) -> dict[str, da.Array]:
+    """`sums_<score>` (layer, head, width): the tiles' stats sums added over the slice and
+    scaled as `stats_stage.slice_statistics` scales its own."""
+    from .stats_stage import sums_scale
+
+    scale = sums_scale(n_a, n - n_a, stats.n_permutations, stats.n_bootstrap)
+    return {f"sums_{name}": da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": scale.size}, key="sums", s=s,
+                                         scale=scale, meta=np.empty((0,) * 3, np.float64), dtype=np.float64,
+                                         concatenate=False)
+            for s, name in enumerate(schema.SCORES)}
 
 
 def _merge_tops(parts, *, s: int, k: int, largest: bool) -> np.ndarray:
@@ -164,21 +186,15 @@ def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, st
     no N×N array leaves the device or enters the graph. Returns lazy arrays: per score
     (`interference`, `alignment`) the stats sums (layer, head, width) and, with top_k, the
     top pairs (layer, head, 3, k); and the diagnostics' parts (`_side_arrays`)."""
-    n = len(rows)
-    n_perm, n_boot = stats.n_permutations, stats.n_bootstrap
-    tiles = _tile_tasks(_reduce_task, reader, rows, inv, chunk, n_a=n_a, stats_args=(n_perm, n_boot, stats.seed),
+    tiles = _tile_tasks(_reduce_task, reader, rows, inv, chunk, n_a=n_a,
+                        stats_args=(stats.n_permutations, stats.n_bootstrap, stats.seed),
                         top_k=top_k, accumulate=accumulate, device=device, encoding=encoding)
-    from .stats_stage import sums_scale
-
-    scale = sums_scale(n_a, n - n_a, n_perm, n_boot)  # as slice_statistics scales its sums
-    f64 = dict(dtype=np.float64, concatenate=False)
-    out = _side_arrays(tiles)
-    for s, name in enumerate(("interference", "alignment")):
-        out[f"sums_{name}"] = da.blockwise(_sum_part, "lhw", tiles, "lhij", new_axes={"w": scale.size}, key="sums", s=s,
-                                           scale=scale, meta=np.empty((0,) * 3, np.float64), **f64)
+    out = {**_side_arrays(tiles), **_sums_arrays(tiles, len(rows), n_a, stats)}
+    for s, name in enumerate(schema.SCORES):
         if top_k:
             out[f"top_{name}"] = da.blockwise(_merge_tops, "lhck", tiles, "lhij", new_axes={"c": 3, "k": top_k}, s=s,
-                                              k=top_k, largest=(s == 0), meta=np.empty((0,) * 4, np.float64), **f64)
+                                              k=top_k, largest=(s == 0), meta=np.empty((0,) * 4, np.float64),
+                                              dtype=np.float64, concatenate=False)
     return out
 
 
@@ -265,7 +281,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     `keep_pairs = "top" | "none"`: no N×N matrix; each tile is reduced as it leaves the kernel
     to the statistics' sums for `stats` (a StatsSpec: the permutations and bootstrap draws of
     its seed, `stats_stage.slice_statistics`) and, with "top", the `top_k` A×B pairs per slice
-    (interference highest, alignment most negative: what `qkov query` lists).
+    (interference highest, alignment most negative: what `qkov query` lists). With "all"
+    and float32 (and `stats`), the same sums are reduced from the tiles as they are written
+    (in the score tasks themselves with direct reads), so the stats stage of the run reads
+    no N×N score back (other settings, or bf16 scores, read the matrices).
 
     `grads` may be decoded (float32) or raw (`open_gradients(..., decode=False)`: bf16 bits
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
@@ -318,21 +337,30 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                     side.update({f"{key}_{b}": red[key] for key in SIDE_PARTS})
                 continue
             if direct:
+                # the stats sums of the run's settings too, from the float32 tiles the tasks hold (a
+                # bf16 store's statistics come from the stored, rounded values: read back)
+                in_task = stats if scores_dtype == "float32" else None
                 inter, align, parts = direct_block_scores(reader, keep, inverse_damped_fisher(fisher, b), c, n_a_kept,
-                                                          accumulate, device, encoding=encoding)
+                                                          accumulate, device, encoding=encoding, stats=in_task)
                 if side is not None:
                     side.update({f"{key}_{b}": parts[key] for key in SIDE_PARTS})
+                if in_task is not None:
+                    for name in schema.SCORES:
+                        data[schema.stat_sums_name(name, b)] = xr.Variable((schema.LAYER, schema.head_dim(b), schema.STAT),
+                                                                           parts[f"sums_{name}"])
             else:
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
         dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
         for name, arr in (("interference", inter), ("alignment", align)):
             arr = arr.rechunk((1, 1, c, c))
-            if keep_pairs != "all":
+            sums_here = stats is not None and (keep_pairs != "all" or scores_dtype == "float32")
+            if sums_here and schema.stat_sums_name(name, b) not in data:  # from the tiles in the graph, as they are written
                 from .stats_stage import slice_statistics
 
                 sums = slice_statistics(arr[None], np.arange(n) < n_a_kept, stats.n_permutations, stats.n_bootstrap, stats.seed)[0]
                 data[schema.stat_sums_name(name, b)] = xr.Variable(dims[:2] + (schema.STAT,), sums)
+            if keep_pairs != "all":
                 if keep_pairs == "top":
                     top = top_pairs_lazy(arr, n_a_kept, min(top_k, n_a_kept * (n - n_a_kept)), largest=(name == "interference"))
                     for i, (part, dt) in enumerate((("value", np.float32), ("a", np.int32), ("b", np.int32))):
@@ -358,9 +386,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                      schema.ATTR_TASK_B: grads.attrs.get(schema.ATTR_TASK_B), schema.ATTR_SCORES_LAYOUT: schema.SCORES_LAYOUT,
                      schema.ATTR_SCORES_DTYPE: scores_dtype, schema.ATTR_KEEP_PAIRS: keep_pairs},
                     sample_chunk=c)
-    if keep_pairs != "all":
-        ds.attrs[schema.ATTR_SUMS_SETTINGS] = {"n_permutations": stats.n_permutations, "n_bootstrap": stats.n_bootstrap,
-                                               "seed": stats.seed}
+    if any(v.startswith(schema.stat_sums_name("")) for v in data):  # what the stored sums were reduced for
+        from .stats_stage import sums_settings
+
+        ds.attrs[schema.ATTR_SUMS_SETTINGS] = sums_settings(stats)
     return ds
 
 

@@ -252,12 +252,23 @@ def _blank(shape: tuple[int, ...], like: np.ndarray) -> np.ndarray:
     return np.full(shape, np.nan)
 
 
+def sums_settings(settings: StatsSpec) -> dict:
+    """What stored stats sums depend on (`schema.ATTR_SUMS_SETTINGS`): alpha and the
+    alternative act later, on the sums."""
+    return {"n_permutations": settings.n_permutations, "n_bootstrap": settings.n_bootstrap, "seed": settings.seed}
+
+
+def _sums_match(scores: xr.Dataset, settings: StatsSpec) -> bool:
+    """The stored sums (the score stage reduced each tile for the run's permutations and
+    bootstrap draws) are those `settings` asks for."""
+    return dict(scores.attrs.get(S.ATTR_SUMS_SETTINGS) or {}) == sums_settings(settings)
+
+
 def _sums_groups(scores: xr.Dataset, settings: StatsSpec, groups: list) -> list:
     """`groups`, once the stored sums are known to be those of `settings` (keep_pairs = "top" |
-    "none": the score stage reduced each tile for the run's permutations and bootstrap draws)."""
-    made = dict(scores.attrs.get(S.ATTR_SUMS_SETTINGS) or {})
-    want = {"n_permutations": settings.n_permutations, "n_bootstrap": settings.n_bootstrap, "seed": settings.seed}
-    if made != want:
+    "none": no pair scores to compute others from)."""
+    if not _sums_match(scores, settings):
+        made, want = dict(scores.attrs.get(S.ATTR_SUMS_SETTINGS) or {}), sums_settings(settings)
         raise StatsStageError(
             f"this run kept no pair scores (keep_pairs = {scores.attrs.get(S.ATTR_KEEP_PAIRS)!r}): its score stage reduced them "
             f"to the statistics of {made}, and {want} asks for others. Use those settings (alpha and alternative may "
@@ -294,7 +305,9 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
     args = (is_a, settings.n_permutations, settings.n_bootstrap, settings.seed)
     lazy = []
     for s in present:
-        if S.pooled_name(s) not in scores:  # keep_pairs = "top" | "none": sums reduced on the score workers
+        # sums the score tasks reduced for these settings (keep_pairs = "top" | "none", and float32
+        # runs that kept their pairs): no N×N score is read back; other settings read the pairs
+        if S.pooled_name(s) not in scores or (S.stat_sums_name(s) in scores and _sums_match(scores, settings)):
             sums = scores[S.stat_sums_name(s)].data
             lazy += [sums[bi][:, :, hi] for bi, hi in _sums_groups(scores, settings, groups)]
             continue

@@ -38,7 +38,7 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
                    "--workdir", str(tmp_path / "work"), "--json-out", str(out), "--io-gib", "0.05"])
     assert json.loads(out.read_text()) == res == json.loads(capsys.readouterr().out)
     assert res["layers"] == [0, 1] and res["n_layers_model"] == 2 and res["device"] == ["cpu"]
-    assert set(res["stage_s"]) == {"extract", "score", "stats"} and all(v > 0 for v in res["stage_s"].values())
+    assert set(res["stage_s"]) == {"preflight", "extract", "score", "stats", "finish"} and all(v > 0 for v in res["stage_s"].values())
     assert res["run_total_s"] >= sum(res["stage_s"].values())
     assert res["cluster"]["workers"] == 1 and res["calibration_extract_1_layer_s"] > 0
     assert res["samples_per_s"]["extract"] > 0 and res["score"]["tflops_per_s"] >= 0
@@ -64,7 +64,8 @@ def test_tiny_layer_grouped_run_reports_its_loop_and_profile(tmp_path):
     loop = res["layer_groups_s"]
     assert loop["loop"] >= res["stage_s"]["extract"] + res["stage_s"]["score"] and loop["drop_gradients"] >= 0
     assert loop["other"] == pytest.approx(loop["loop"] - res["stage_s"]["extract"] - res["stage_s"]["score"]
-                                          - loop["drop_gradients"], abs=2e-3)
+                                          - loop["drop_gradients"] - loop["setup"], abs=3e-3)
+    assert {"preflight", "finish"} <= set(res["stage_s"]) and loop["setup"] >= 0
     # the workers' task seconds per stage, from the scheduler's task stream
     assert "stats" in res["profile"] and all(st["wall_s"] >= 0 for st in res["profile"].values())
     assert any(k.startswith("extract_shards") for st in res["profile"].values() for k in st["task_seconds"])

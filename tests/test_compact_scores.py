@@ -33,16 +33,20 @@ def _raw(store: RunStore) -> xr.Dataset:
     return xr.open_zarr(store.path, group=schema.SCORES_GROUP, consolidated=False)
 
 
-def _stored_bytes(store: RunStore) -> int:
+def _stored_bytes(store: RunStore, matrices_only: bool = False) -> int:
     root = Path(store.path) / schema.SCORES_GROUP
-    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "/c/" in str(p))
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and "/c/" in str(p)
+               and not (matrices_only and p.relative_to(root).parts[0].startswith(schema.stat_sums_name(""))))
 
 
 def test_stored_once_per_block_head_and_views_are_the_same_values(runs):
     store = runs["float32"]
     raw = _raw(store)
-    # nothing but the pooled matrices is stored, K/V on their KV heads
-    assert set(raw.data_vars) == {schema.stored_pooled_name(s, b) for s in schema.SCORES for b in schema.BLOCKS}
+    # the pooled matrices, K/V on their KV heads, and (float32) the statistics' sums the score
+    # tasks reduced beside them; no A×B copies
+    pooled = {schema.stored_pooled_name(s, b) for s in schema.SCORES for b in schema.BLOCKS}
+    assert set(raw.data_vars) == pooled | {schema.stat_sums_name(s, b) for s in schema.SCORES for b in schema.BLOCKS}
+    assert set(_raw(runs["bfloat16"]).data_vars) == pooled  # its statistics read the rounded values back
     assert raw[schema.stored_pooled_name("interference", "K")].dims == ("layer", "kv_head", "sample_i", "sample_j")
     assert raw.sizes["kv_head"] == 2 and raw.sizes["head"] == 4
     view = store.open_scores()
@@ -75,13 +79,35 @@ def test_scores_bytes_against_the_per_query_head_layout(runs):
     store = runs["float32"]
     view = store.open_scores()
     n, h, kv, L = N_A + N_B, 4, 2, view.sizes["layer"]
-    before = sum(view[v].nbytes for v in view.data_vars)  # what the previous layout stored (float32, uncompressed)
+    mats = [v for v in view.data_vars if not v.startswith(schema.stat_sums_name(""))]
+    before = sum(view[v].nbytes for v in mats)  # what the previous layout stored (float32, uncompressed)
     assert before == 2 * L * 4 * h * (n * n + N_A * N_B) * 4
-    got = _stored_bytes(store)
+    got = _stored_bytes(store, matrices_only=True)
     want = 2 * L * (2 * h + 2 * kv) * n * n * 4
     assert want <= got <= want * 1.02  # + a 4-byte crc32c per chunk
     assert got / before == pytest.approx((2 * h + 2 * kv) * n * n / (4 * h * (n * n + N_A * N_B)), rel=0.02)
     assert _stored_bytes(runs["bfloat16"]) <= got / 2 * 1.02
+
+
+def test_statistics_from_the_score_tasks_sums_equal_those_from_the_stored_pairs(runs):
+    """A float32 run's stats stage reads the sums its score tasks reduced, not the N×N scores;
+    the same statistics computed from the stored pair scores agree to float rounding."""
+    from pipeline.stats_stage import compute_stats
+    from pipeline.spec import StatsSpec
+
+    store = runs["float32"]
+    scores = store.open_scores()
+    settings = StatsSpec(**{k: v for k, v in store.open_stats().attrs.items() if k in StatsSpec.model_fields})
+    assert scores.attrs[schema.ATTR_SUMS_SETTINGS] == {"n_permutations": 199, "n_bootstrap": 99,
+                                                       "seed": settings.seed}
+    from_sums = compute_stats(scores, settings)
+    from_pairs = compute_stats(scores.drop_vars([v for v in scores.data_vars if v.startswith("stat_sums_")]), settings)
+    for var in from_pairs.data_vars:
+        x, y = from_sums[var].values, from_pairs[var].values
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9 * np.abs(np.nan_to_num(y)).max(), err_msg=var)
+        else:
+            assert np.array_equal(x, y), var
 
 
 def test_bfloat16_scores_are_the_rounded_float32_scores_and_keep_the_statistics(runs):

@@ -116,17 +116,24 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
 
 
 def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray, *,
-                       side: tuple, reader, accumulate: str = "auto", device: str = "auto", encoding: str | None = None):
+                       side: tuple, reader, weights: tuple | None = None, accumulate: str = "auto", device: str = "auto",
+                       encoding: str | None = None):
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
     (`reader`, a pipeline.store.DirectChunks) into one reused host buffer per thread —
     pinned on a GPU, so the host→device copy runs at full speed — with no Dask
     concatenation or transpose copies on the way. Returns (`pair_kernel`'s output,
     `side_parts` of the tile), `side` = (pos_i, pos_j, other): the tile's pooled positions
-    and the diagnostics' task-mean weights, reduced from what is already on the device."""
+    and the diagnostics' task-mean weights, reduced from what is already on the device.
+    With `weights` = (the stats weight rows, n_a), the side parts also hold the tile's
+    stats `sums` (as `direct_tile_reduce`), so the stats stage need not read the scores back."""
     a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
     pos_i, pos_j, other = side
-    return scores.cpu().numpy()[:, None], side_parts(a_all, scores, other, int(pos_i[0]), int(pos_j[0]))
+    r0, c0 = int(pos_i[0]), int(pos_j[0])
+    out = side_parts(a_all, scores, other, r0, c0)
+    if weights is not None:
+        out["sums"] = _tile_sums(scores, *weights, r0, c0)
+    return scores.cpu().numpy()[:, None], out
 
 
 def _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate: str, device: str, encoding: str | None):
@@ -350,6 +357,15 @@ def _stat_sums_t(S, weights, is_a: np.ndarray, offset: tuple[int, int]):
     return torch.cat([perm, pairs, margins], dim=-1)
 
 
+def _tile_sums(scores, weights: tuple, n_a: int, r0: int, c0: int) -> np.ndarray:
+    """The stats sums (2, Hc, width) float64 of a (2, Hc, ci, cj) score tile at pooled (r0, c0),
+    computed where the tile is; `weights` = the stats stage's (left, right, wa, wb) rows."""
+    hc, ci, cj = scores.shape[1:]
+    is_a = np.arange(weights[0].shape[1]) < n_a
+    return _stat_sums_t(scores.reshape(2 * hc, ci, cj), _device_weights(*weights, str(scores.device)), is_a,
+                        (r0, c0)).reshape(2, hc, -1).cpu().numpy()
+
+
 def _tile_top_t(tile, n_a: int, offset: tuple[int, int], k: int, largest: bool):
     """A score tile's k best A×B pairs per head, tile (hc, n, m) at pooled `offset`:
     (hc, 3, k) float64 numpy (value, row in A, column in B), NaN-padded, best first."""
@@ -381,13 +397,9 @@ def direct_tile_reduce(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     and the diagnostics' `side_parts` (norms, rows, cols, diag).
     `pos_i`/`pos_j` are the tile's pooled positions (rows_i/rows_j its store rows)."""
     a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
-    hc, ci, cj = scores.shape[1:]
-    dev = str(scores.device)
     r0, c0 = int(pos_i[0]), int(pos_j[0])
-    is_a = np.arange(weights[0].shape[1]) < n_a
     out = side_parts(a_all, scores, other, r0, c0)
-    out["sums"] = _stat_sums_t(scores.reshape(2 * hc, ci, cj), _device_weights(*weights, dev), is_a, (r0, c0)).reshape(
-        2, hc, -1).cpu().numpy()
+    out["sums"] = _tile_sums(scores, weights, n_a, r0, c0)
     if top_k:
         out["top"] = np.stack([_tile_top_t(scores[s], n_a, (r0, c0), top_k, largest=(s == 0)) for s in (0, 1)])
     return out
