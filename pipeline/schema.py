@@ -157,6 +157,12 @@ def layer_group_path(k: int) -> str:
     return f"{WORK}/r{k}"
 
 
+def dropped_group_path(k: int | str) -> str:
+    """Where a finished layer group's sub-run is moved to be deleted in the background
+    (k = "*": the pattern of all of them)."""
+    return f"{WORK}/dropping-r{k}"
+
+
 # keep_pairs = "top" | "none": no N×N matrices; per block and score, the statistics' sums
 # (stats_stage.slice_statistics of the pooled matrix, reduced on the workers for the run's
 # [stats] n_permutations, n_bootstrap and seed) and, with "top", the top_k A×B pairs per slice

@@ -122,3 +122,43 @@ def test_the_disk_budget_sets_the_layer_groups(reference, tmp_path):
     summary = run_job(job)
     assert summary.extract["groups"] == 2
     assert_runs_close(tmp_path / "run", ref.output.path, groups=RESULTS)
+
+
+def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_path, monkeypatch):
+    """A finished sub-run leaves its place at once (renamed aside) and is deleted by a thread;
+    the next group waits for that deletion only while the disk lacks the room it needs, and
+    a stopped run's half-deleted sub-runs are removed when it resumes."""
+    import shutil
+
+    from pipeline import layer_groups as lg
+
+    rmtree = shutil.rmtree
+
+    run = tmp_path / "run"
+    (run / schema.WORK).mkdir(parents=True)
+    sub = RunStore(str(run / schema.layer_group_path(0)))
+    (Path(sub.path) / "gradients").mkdir(parents=True)
+    (Path(sub.path) / "gradients" / "c").write_bytes(b"x" * 1000)
+    gate = __import__("threading").Event()
+
+    def slow_rmtree(path, **kw):  # a deletion that lasts until the test lets it finish
+        gate.wait(30)
+        rmtree(path, **kw)
+
+    monkeypatch.setattr(lg.shutil, "rmtree", slow_rmtree)
+    dropper = lg._Dropper(RunStore(str(run)))
+    dropper.drop(sub, 0)
+    assert not Path(sub.path).exists() and (run / schema.dropped_group_path(0)).exists()
+    t0 = time.perf_counter()
+    dropper.wait_for_room(0)  # room enough: no waiting for the deletion
+    assert time.perf_counter() - t0 < 0.5 and dropper.thread.is_alive()
+    __import__("threading").Timer(0.6, gate.set).start()
+    dropper.wait_for_room(2**62)  # no disk has that much free: waits until the deletion is over
+    assert time.perf_counter() - t0 >= 0.5 and not (run / schema.dropped_group_path(0)).exists()
+    dropper.wait()
+    assert dropper.waited >= 0.5
+    monkeypatch.setattr(lg.shutil, "rmtree", rmtree)
+    left = run / schema.dropped_group_path(3)
+    (left / "gradients").mkdir(parents=True)
+    lg._leftovers(RunStore(str(run)))
+    assert not left.exists() and (run / schema.WORK).exists()
