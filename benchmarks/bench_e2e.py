@@ -401,7 +401,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                           "(store reads, decoding, host-device copies and writes included)"},
         "store_bytes": store_bytes(Path(job.output.path)),
         "io_ratios": io_ratios(result["io"], plan, len(layers), times, a.scores_dtype,
-                                getattr(a, "keep_pairs", "all")),
+                                getattr(a, "keep_pairs", "all"), pooled_bytes(Path(job.output.path))),
         "extrapolated_to_all_layers": {"n_layers": n_layers_model,
                                        **extrapolate(times, len(layers), n_layers_model, calib_s),
                                        "store_gib": disk["all_layers_estimate_gib"],
@@ -418,17 +418,27 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     return result
 
 
-def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str, keep_pairs: str = "all") -> dict:
+def pooled_bytes(path: Path) -> int:
+    """Bytes on disk of a run's stored pooled score matrices (their chunk files)."""
+    root = path / "scores"
+    return sum(f.stat().st_size for d in root.glob("pooled_*") for f in d.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str, keep_pairs: str = "all",
+              scores: int | None = None) -> dict:
     """Bytes each stage moves and its time as a multiple of the I/O bound measured in this run.
 
     Extraction writes the bf16 gradients; its rate is compared with the disk's write
     bandwidth. The score stage reads them (bound: the cold disk read) and writes the compact
-    scores (bound: the disk write); with reads, copies and writes overlapped its floor is the
-    larger of the two, without overlap their sum; both are given."""
+    scores (bound: the disk write; `scores`: the pooled matrices' bytes as stored, measured,
+    else the uncompressed full matrices); with reads, copies and writes overlapped its floor
+    is the larger of the two, without overlap their sum; both are given."""
     n = plan.n
     grad = n * n_layers * sum(plan.heads[b] * plan.sizes[b] for b in plan.heads) * 2
-    scores = 2 * n_layers * sum(plan.heads.values()) * n * n * (2 if scores_dtype == "bfloat16" else 4)
+    if scores is None:
+        scores = 2 * n_layers * sum(plan.heads.values()) * n * n * (2 if scores_dtype == "bfloat16" else 4)
     scores *= keep_pairs == "all"  # top/none write no N×N matrices
+    before = 2 * 4 * plan.n_heads * (n * n + plan.n_a * plan.n_b) * (2 if scores_dtype == "bfloat16" else 4)
     w, r = io["disk_write_gb_s"] * 1e9, io["disk_read_cold_gb_s"] * 1e9
     h2d = io.get("h2d_pinned_gb_s", float("inf")) * 1e9
     floor_overlap = max(grad / r, scores / w, grad / h2d)
@@ -441,7 +451,8 @@ def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str, kee
         "score_time_over_bound_overlapped": round(times["score"] / floor_overlap, 2),
         "score_time_over_bound_serial": round(times["score"] / floor_serial, 2),
         "scores_bytes_per_layer": scores // n_layers,
-        "scores_bytes_per_layer_before_compact": 2 * 4 * plan.n_heads * (n * n + plan.n_a * plan.n_b) * 4,
+        "scores_bytes_per_layer_before_compact": before,
+        "scores_bytes_over_before_compact": round(scores / n_layers / before, 4),
         "note": "bounds from the disk bandwidths and pinned H2D measured in this run (cold read, fdatasync'd write)",
     }
 

@@ -520,9 +520,11 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
         raise UsageError(f"--exclude leaves {left_a} sample(s) of task {scores.attrs.get(S.ATTR_TASK_A)!r} and {left_b} of "
                          f"{scores.attrs.get(S.ATTR_TASK_B)!r}; the statistics need at least 2 per task")
     idx = np.flatnonzero(keep)
-    out = scores.isel({S.SAMPLE_I: idx, S.SAMPLE_J: idx, S.SAMPLE_A: np.flatnonzero(keep[is_a]),
-                       S.SAMPLE_B: np.flatnonzero(keep[~is_a])})
+    sums = [v for v in scores.data_vars if v.startswith(S.stat_sums_name(""))]  # reduced over every sample: not these
+    out = scores.drop_vars(sums).isel({S.SAMPLE_I: idx, S.SAMPLE_J: idx, S.SAMPLE_A: np.flatnonzero(keep[is_a]),
+                                       S.SAMPLE_B: np.flatnonzero(keep[~is_a])})
     out.attrs.update({S.ATTR_N_A: left_a, S.ATTR_N_B: left_b})
+    out.attrs.pop(S.ATTR_SUMS_SETTINGS, None)
     return out
 
 

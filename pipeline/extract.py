@@ -232,11 +232,12 @@ def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, 
     return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
-def checksummed() -> list:
-    """The chunk codecs after `bytes`: a crc32c checksum only (see write_template)."""
-    from zarr.codecs import Crc32cCodec
+def checksummed(compressed: bool = False) -> list:
+    """The chunk codecs after `bytes`: a crc32c checksum (see write_template), after
+    `schema.SCORES_COMPRESSION` where `compressed` (the pooled scores)."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
 
-    return [Crc32cCodec()]
+    return ([BloscCodec(**schema.SCORES_COMPRESSION)] if compressed else []) + [Crc32cCodec()]
 
 
 async def _keys(zstore, prefix: str) -> set[str]:

@@ -85,15 +85,15 @@ def _templates(store: RunStore, job: JobSpec, grads: xr.Dataset, fisher: xr.Data
     c = int(scores.attrs["sample_chunk"])
     s = {}
     chunks = {}
-    for name, var in scores.data_vars.items():  # pooled matrices in (c, c) tiles; keep_pairs' sums and top pairs whole
-        chunks[name] = (1, 1, c, c) if name.startswith("pooled_") else (1, 1, *var.shape[2:])
+    for name, var in scores.data_vars.items():  # pooled matrices in their tiles; keep_pairs' sums and top pairs whole
+        chunks[name] = (1, 1, *var.data.chunksize[2:]) if name.startswith("pooled_") else (1, 1, *var.shape[2:])
         s[name] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=chunks[name], dtype=var.dtype), attrs=var.attrs)
     sds = xr.Dataset(s, coords={k: v for k, v in scores.coords.items() if k != schema.LAYER}).assign_coords({schema.LAYER: lay})
     sds.attrs.update(scores.attrs)
     sds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=c))
     sds.attrs[schema.ATTR_COMPLETE] = False
     store.write_dataset(sds, schema.SCORES_GROUP, compute=False,
-                        encoding={v: {"chunks": chunks[v], "compressors": checksummed()} for v in s})
+                        encoding={v: {"chunks": chunks[v], "compressors": checksummed(v.startswith("pooled_"))} for v in s})
 
 
 def _diagnostics_template(store: RunStore, job: JobSpec, diag: xr.Dataset, layers: list[int]) -> None:

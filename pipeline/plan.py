@@ -22,6 +22,7 @@ from .spec import JobSpec
 
 META_BYTES = 1024  # zarr.json of one array (measured: 0.6–1.5 KB)
 CRC_BYTES = 4  # crc32c per chunk (extract.checksummed)
+BLOSC_HEADER = 16  # blosc's most per chunk beyond the raw bytes (the pooled scores' chunks)
 ZSTD_F32 = 0.93  # zstd on float32 sums of squares (Fisher, its partials): measured 0.92-0.94
 
 
@@ -162,7 +163,13 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     c = min(n, auto_sample_chunk(n, widest, 4 if sketch else g_item, direct=not sketch and not is_url(store.path)))
     t = math.ceil(n / c)
     block_heads = sum(ex.heads[b] for b in ex.blocks)
-    groups[schema.SCORES_GROUP] = 2 * L * block_heads * t * t * (c * c * s_item + CRC_BYTES) \
+    # pooled interference in (c, c) tiles and the folded alignment (schema.fold_symmetric), each
+    # chunk compressed by blosc: at most its bytes + a 16-byte header (real scores: ~0.8x, not counted)
+    rows, cols = schema.folded_shape(n)
+    fr, fc = (rows, cols) if c >= n else (c, min(c, cols))
+    folds = math.ceil(rows / fr) * math.ceil(cols / fc)
+    groups[schema.SCORES_GROUP] = L * block_heads * (t * t * (c * c * s_item + CRC_BYTES + BLOSC_HEADER)
+                                                     + folds * (fr * fc * s_item + CRC_BYTES + BLOSC_HEADER)) \
         + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
     sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
     if s.keep_pairs == "all" and s.scores_dtype == "float32":

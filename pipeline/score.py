@@ -136,6 +136,12 @@ def _side_arrays(tiles: da.Array) -> dict[str, da.Array]:
     }
 
 
+def _symmetrized(a: da.Array, chunk: int) -> da.Array:
+    """(…, N, N) with its strict lower triangle replaced by the mirror of its upper one."""
+    idx = da.arange(a.shape[-1], chunks=chunk)
+    return da.where(idx[:, None] <= idx[None, :], a, a.swapaxes(-1, -2))
+
+
 def _scores_part(tile: dict) -> np.ndarray:
     return tile["scores"]
 
@@ -312,6 +318,7 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     n_kv = int(kv_of.max()) + 1
     data = {}
     for b in blocks:
+        direct = False  # score tasks read their own rows (set below)
         if sketched:
             u, v, w = (decoded(grads[schema.sketch_var(b, p)]).data[keep].rechunk((c, 1, 1, -1))
                        for p in schema.SKETCH_PARTS)
@@ -352,6 +359,8 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
         dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
+        if not direct:  # the graph holds every tile: the same symmetric values for the sums, top pairs and store
+            align = _symmetrized(align.rechunk((1, 1, c, c)), c)
         for name, arr in (("interference", inter), ("alignment", align)):
             arr = arr.rechunk((1, 1, c, c))
             sums_here = stats is not None and (keep_pairs != "all" or scores_dtype == "float32")
@@ -366,11 +375,15 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                     for i, (part, dt) in enumerate((("value", np.float32), ("a", np.int32), ("b", np.int32))):
                         data[schema.top_name(name, part, b)] = xr.Variable(dims[:2] + (schema.RANK,), top[:, :, i].astype(dt))
                 continue
-            attrs = {}
+            attrs, stored_dims = {}, dims
+            if name == "alignment":  # symmetric: its upper triangle once (the kernel mirrors diagonal tiles)
+                rows, cols = schema.folded_shape(n)
+                arr = schema.fold_symmetric(arr).rechunk((1, 1, rows, cols) if c >= n else (1, 1, c, min(c, cols)))
+                attrs, stored_dims = {schema.ATTR_FOLDED: n}, dims[:2] + (schema.FOLD_ROW, schema.FOLD_COL)
             if scores_dtype == "bfloat16":  # rounded per chunk as it leaves the kernel
                 arr = arr.map_blocks(schema.encode, "bfloat16", dtype=np.uint16)
-                attrs = {schema.ATTR_ENCODING: "bfloat16"}
-            data[schema.stored_pooled_name(name, b)] = xr.Variable(dims, arr, attrs=attrs)
+                attrs[schema.ATTR_ENCODING] = "bfloat16"
+            data[schema.stored_pooled_name(name, b)] = xr.Variable(stored_dims, arr, attrs=attrs)
     coords = {
         schema.BLOCK: np.array(blocks, dtype=object),
         schema.LAYER: grads[schema.LAYER].values,
@@ -420,7 +433,8 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
                         side=(side := {}))
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
-    encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed()} for v in ds.data_vars}
+    encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed(v.startswith("pooled_"))}
+                for v in ds.data_vars}
     # numerical health and per-sample diagnostics (no model pass), in the same graph as the score
     # writes: from the parts the score tasks reduce from their rows and tiles (`side`), else from
     # the tiles or the operands (pipeline/diagnostics.py). Written before the scores are marked

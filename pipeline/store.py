@@ -402,14 +402,15 @@ def scores_view(raw):
     """The logical `scores` dataset from its stored form: `pooled_<score>` (block, layer, head,
     sample_i, sample_j) and the A×B `<score>` (block, layer, head, sample_a, sample_b), coord
     `kv_head(head)`. A compact store (schema.SCORES_LAYOUT) holds each block's pooled matrices
-    once on its own heads; here K/V are indexed per query head and the A×B block is sliced out,
+    once on its own heads (the symmetric alignment folded: its upper triangle once); here the
+    alignment is unfolded, K/V are indexed per query head and the A×B block is sliced out,
     lazily, so nothing is copied or read until a value is asked for. A store written before
     the compact layout already is the logical dataset and is returned as it is."""
     import dask.array as da
     import numpy as np
     import xarray as xr
 
-    if raw.attrs.get(schema.ATTR_SCORES_LAYOUT) != schema.SCORES_LAYOUT:
+    if raw.attrs.get(schema.ATTR_SCORES_LAYOUT) not in schema.COMPACT_LAYOUTS:
         return raw
     blocks = [str(b) for b in raw[schema.BLOCK].values]
     kv_of = np.asarray(raw[schema.KV_HEAD_OF].values)
@@ -422,7 +423,10 @@ def scores_view(raw):
             return None
         parts = []
         for b in blocks:
-            arr = decoded(raw[f"{name}_{b}"]).data
+            var = raw[f"{name}_{b}"]
+            arr = decoded(var).data
+            if schema.ATTR_FOLDED in var.attrs:  # the alignment's upper triangle, once (compact-v2)
+                arr = schema.unfold_symmetric(arr, int(var.attrs[schema.ATTR_FOLDED]))
             parts.append(arr[:, kv_of] if schema.head_dim(b) == schema.KV_HEAD else arr)
         return da.stack(parts)
 
@@ -455,8 +459,9 @@ def scores_view(raw):
 
 # ---- direct chunk I/O -------------------------------------------------------
 # The large arrays (gradients, pooled scores) have one fixed chunk format: the raw
-# little-endian bytes (zarr's `bytes` codec) then a 4-byte crc32c (`Crc32cCodec`), no
-# sharding, no compression. On a local disk the stages read and write those chunk files
+# little-endian bytes (zarr's `bytes` codec), for the pooled scores compressed by blosc
+# (`Blosc` codec: SCORES_COMPRESSION), then a 4-byte crc32c (`Crc32cCodec`), no sharding.
+# On a local disk the stages read and write those chunk files
 # themselves: zarr's codec pipeline copies every chunk two or three times (a fill-value
 # buffer, a merge, np.append for the checksum) and funnels all chunks through one event
 # loop, which held extraction's writes near 1 GB/s and slice reads near 0.9 GB/s on the
@@ -469,26 +474,41 @@ class DirectChunks:
     Picklable (paths and shapes only), so Dask tasks read their own operands. `__getitem__`
     takes any basic selection (what `dask.array.from_array` asks for)."""
 
-    def __init__(self, folder: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill, keys: list[str]):
+    def __init__(self, folder: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: str, fill, keys: list[str],
+                 blosc: dict | None = None):
         self.folder, self.shape, self.chunks = folder, tuple(shape), tuple(chunks)
         self.dtype, self.fill, self.ndim = np.dtype(dtype), fill, len(shape)
         self._sep = keys  # [prefix, separator] of the default chunk key encoding
+        self.blosc = blosc  # numcodecs' Blosc config of the array's blosc codec, or None (raw bytes)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_codec"}
+
+    @property
+    def codec(self):
+        """The blosc compressor, built once per process (it is not picklable)."""
+        if self.__dict__.get("_codec") is None:
+            from numcodecs import Blosc
+
+            self._codec = Blosc.from_config(dict(self.blosc))
+        return self._codec
 
     @classmethod
     def of(cls, arr: zarr.Array, folder: str) -> "DirectChunks | None":
         """`arr`'s direct reader/writer (its chunk files under `folder`), or None where zarr must
         do it (another codec chain, sharding, another chunk key encoding, a big-endian dtype)."""
-        from zarr.codecs import BytesCodec, Crc32cCodec
+        from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec
 
         meta = arr.metadata
-        codecs = getattr(meta, "codecs", ())
+        codecs = list(getattr(meta, "codecs", ()))
         enc = getattr(meta, "chunk_key_encoding", None)
+        blosc = codecs.pop(1) if len(codecs) == 3 and isinstance(codecs[1], BloscCodec) else None
         if (len(codecs) != 2 or not isinstance(codecs[0], BytesCodec) or not isinstance(codecs[1], Crc32cCodec)
                 or getattr(enc, "name", None) != "default" or arr.dtype.byteorder == ">"):
             return None
         fill = meta.fill_value
         return cls(folder, arr.shape, arr.chunks, arr.dtype.str, None if fill is None else np.asarray(fill).item(),
-                   ["c", enc.separator])
+                   ["c", enc.separator], None if blosc is None else _blosc_config(blosc))
 
     def _path(self, idx: tuple[int, ...]) -> str:
         prefix, sep = self._sep  # zarr's default chunk key encoding: c/0/1 (or c.0.1)
@@ -505,6 +525,8 @@ class DirectChunks:
             full[tuple(slice(0, k) for k in data.shape)] = data
             data = full
         buf = np.ascontiguousarray(data, dtype=self.dtype)
+        if self.blosc is not None:  # what zarr's BloscCodec writes: numcodecs' Blosc of the raw bytes
+            buf = np.frombuffer(self.codec.encode(buf.view(np.uint8).reshape(-1)), dtype=np.uint8)
         view = memoryview(buf).cast("B")
         crc = np.array([google_crc32c.value(buf)], dtype="<u4").tobytes()
         path = self._path(idx)
@@ -535,6 +557,14 @@ class DirectChunks:
         except FileNotFoundError:
             out.fill(self.fill if self.fill is not None else 0)
             return False
+        if self.blosc is not None:
+            with f:
+                data = f.read()
+            body = np.frombuffer(data, dtype=np.uint8)[:-4]
+            if len(data) < 4 or np.frombuffer(data[-4:], dtype="<u4")[0] != google_crc32c.value(body):
+                raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum; {DAMAGED_FIX}")
+            self.codec.decode(body, out=view)
+            return True
         with f:
             got = f.readinto(view)
             tail = f.read(8)
@@ -572,6 +602,14 @@ class DirectChunks:
             self.read_into(idx, buf)
             target[...] = buf[inner]
         return out
+
+
+def _blosc_config(codec) -> dict:
+    """numcodecs' Blosc config equal to what zarr's BloscCodec `codec` (its typesize set from
+    the array) encodes with: the same bytes as zarr writes."""
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[codec.shuffle.value]
+    return {"cname": codec.cname.value, "clevel": codec.clevel, "shuffle": shuffle,
+            "blocksize": codec.blocksize, "typesize": codec.typesize}
 
 
 def _basic_selection(key, shape: tuple[int, ...]) -> tuple[slice, ...]:

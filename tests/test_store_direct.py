@@ -12,27 +12,28 @@ from pipeline.extract import checksummed
 from pipeline.store import RunStore
 
 
-def _array(root: Path, name: str, shape, chunks, dtype, fill):
+def _array(root: Path, name: str, shape, chunks, dtype, fill, compressed: bool = False):
     g = zarr.open_group(zarr.storage.LocalStore(str(root)), mode="a", zarr_format=3)
     grp = g.require_group("grp")
     return grp.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
-                            compressors=checksummed(), dimension_names=[f"d{i}" for i in range(len(shape))])
+                            compressors=checksummed(compressed), dimension_names=[f"d{i}" for i in range(len(shape))])
 
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "zarr.json"}
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "blosc"])  # gradients; pooled scores
 @pytest.mark.parametrize("dtype,fill", [("uint16", 0), ("float32", np.nan), ("int32", -1)])
-def test_direct_writes_are_zarrs_bytes_and_reads_are_zarrs_values(tmp_path, dtype, fill):
+def test_direct_writes_are_zarrs_bytes_and_reads_are_zarrs_values(tmp_path, dtype, fill, compressed):
     rng = np.random.default_rng(0)
     shape, chunks = (10, 2, 3, 7), (4, 1, 1, 7)  # the sample axis ends in a partial chunk
     data = (rng.normal(size=shape) * 1000).astype(dtype)
-    by_zarr = _array(tmp_path / "z", "x", shape, chunks, dtype, fill)
+    by_zarr = _array(tmp_path / "z", "x", shape, chunks, dtype, fill, compressed)
     by_zarr[:] = data
-    _array(tmp_path / "d", "x", shape, chunks, dtype, fill)
+    _array(tmp_path / "d", "x", shape, chunks, dtype, fill, compressed)
     direct = RunStore(str(tmp_path / "d")).direct_chunks("grp").get("x")
-    assert direct is not None
+    assert direct is not None and (direct.blosc is not None) == compressed
     direct[:] = data  # whole chunks, the edge chunk padded with the fill value as zarr pads it
     assert _files(tmp_path / "z" / "grp" / "x") == _files(tmp_path / "d" / "grp" / "x")
     back = zarr.open_array(zarr.storage.LocalStore(str(tmp_path / "d")), path="grp/x")
@@ -49,8 +50,9 @@ def test_a_missing_chunk_reads_as_the_fill_value_like_zarr(tmp_path):
     assert np.isnan(direct[4:]).all()
 
 
-def test_a_corrupted_chunk_is_a_checksum_error_like_zarrs(tmp_path):
-    arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
+@pytest.mark.parametrize("compressed", [False, True], ids=["raw", "blosc"])
+def test_a_corrupted_chunk_is_a_checksum_error_like_zarrs(tmp_path, compressed):
+    arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan, compressed)
     arr[:] = np.arange(32, dtype=np.float32).reshape(8, 4)
     chunk = tmp_path / "grp" / "x" / "c" / "1" / "0"
     raw = bytearray(chunk.read_bytes())

@@ -31,15 +31,18 @@ def weighted_scores(a, b, sw, out_dtype=None):
     interference = (w_a²) @ |b|ᵀ and alignment = w_a @ w_bᵀ. g²/Î_reg is formed as
     (g/√Î_reg)² so that tiny gradients do not underflow in float32. `out_dtype` float32
     with bf16 operands keeps the fp32 accumulator's result (cuBLAS `out_dtype`) instead of
-    rounding it back to bf16. Pass b = a for a diagonal block (w is formed once)."""
+    rounding it back to bf16. Pass b = a for a diagonal block (w is formed once, and the
+    alignment is made exactly symmetric from its upper triangle)."""
     import torch
 
     def mm(x, y):
         return x @ y.T if out_dtype in (None, x.dtype) else torch.mm(x, y.T, out_dtype=out_dtype)
 
     wa = a * sw
-    wb = wa if b is a else b * sw
-    return mm(wa * wa, b.abs()), mm(wa, wb)
+    if b is a:  # a diagonal block: the alignment exactly symmetric, its upper triangle mirrored
+        align = mm(wa, wa)  # (the store keeps the upper triangle once: pipeline.schema.fold_symmetric)
+        return mm(wa * wa, a.abs()), torch.triu(align) + torch.triu(align, 1).transpose(0, 1)
+    return mm(wa * wa, b.abs()), mm(wa, b * sw)
 
 
 def _operands_dtype(encoding: str | None, dev: str, accumulate: str):
