@@ -72,7 +72,10 @@ def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: 
     weights = None if stats_args is None else (_weights(is_a.tobytes(), *stats_args), n_a)
     scores, side = direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, _other_weights(is_a)),
                                       weights=weights, **kw)
-    return {"scores": scores, **side}
+    align = scores[1]
+    if len(pos_i) == len(pos_j) == n:  # the whole slice: its alignment leaves the task folded, as stored
+        align = schema.fold_symmetric(align)
+    return {"inter": scores[0], "align": align, **side}
 
 
 def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple, **kw) -> dict:
@@ -142,8 +145,8 @@ def _symmetrized(a: da.Array, chunk: int) -> da.Array:
     return da.where(idx[:, None] <= idx[None, :], a, a.swapaxes(-1, -2))
 
 
-def _scores_part(tile: dict) -> np.ndarray:
-    return tile["scores"]
+def _get_part(tile: dict, key: str) -> np.ndarray:
+    return tile[key]
 
 
 def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, accumulate: str = "auto",
@@ -152,19 +155,24 @@ def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, acc
     (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
     first `n_a` of task A): no gradient bytes pass through the Dask graph, so a slice's read,
     host→device copy and kernel are one task, and tasks of different slices overlap on the
-    worker's threads. Also returns the diagnostics' parts the same tasks reduce from the
+    worker's threads. The alignment is returned folded (`schema.fold_symmetric`) where a
+    task holds a whole slice, else as N×N tiles. Also returns the diagnostics' parts the same tasks reduce from the
     rows and tiles they hold (`_side_arrays`: no second read of gradients or scores) and,
     with `stats` (a StatsSpec), the statistics' sums of both scores (`_sums_arrays`), so
     the stats stage of this run does not read the N×N scores back."""
     stats_args = None if stats is None else (stats.n_permutations, stats.n_bootstrap, stats.seed)
     tiles = _tile_tasks(_pair_task, reader, rows, inv, chunk, n_a=n_a, stats_args=stats_args, accumulate=accumulate,
                         device=device, encoding=encoding)
-    both = tiles.map_blocks(_scores_part, new_axis=0, chunks=((2,), *tiles.chunks), dtype=np.float32,
-                            meta=np.empty((0,) * 5, np.float32))
+    meta = np.empty((0,) * 4, np.float32)
+    inter = tiles.map_blocks(_get_part, key="inter", dtype=np.float32, meta=meta)
+    # a whole slice per task: the alignment comes folded (schema.fold_symmetric), as stored
+    whole = len(tiles.chunks[2]) == 1
+    fold_chunks = tuple((s,) for s in schema.folded_shape(len(rows))) if whole else tiles.chunks[2:]
+    align = tiles.map_blocks(_get_part, key="align", chunks=tiles.chunks[:2] + fold_chunks, dtype=np.float32, meta=meta)
     parts = _side_arrays(tiles)
     if stats is not None:
         parts.update(_sums_arrays(tiles, len(rows), n_a, stats))
-    return both[0], both[1], parts
+    return inter, align, parts
 
 
 def _sums_arrays(tiles: da.Array, n: int, n_a: int, stats) -> dict[str, da.Array]:
@@ -362,7 +370,8 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
         if not direct:  # the graph holds every tile: the same symmetric values for the sums, top pairs and store
             align = _symmetrized(align.rechunk((1, 1, c, c)), c)
         for name, arr in (("interference", inter), ("alignment", align)):
-            arr = arr.rechunk((1, 1, c, c))
+            if arr.shape[-2:] == (n, n):  # not the alignment folded in the score tasks
+                arr = arr.rechunk((1, 1, c, c))
             sums_here = stats is not None and (keep_pairs != "all" or scores_dtype == "float32")
             if sums_here and schema.stat_sums_name(name, b) not in data:  # from the tiles in the graph, as they are written
                 from .stats_stage import slice_statistics
@@ -378,7 +387,9 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
             attrs, stored_dims = {}, dims
             if name == "alignment":  # symmetric: its upper triangle once (the kernel mirrors diagonal tiles)
                 rows, cols = schema.folded_shape(n)
-                arr = schema.fold_symmetric(arr).rechunk((1, 1, rows, cols) if c >= n else (1, 1, c, min(c, cols)))
+                if arr.shape[-2:] != (rows, cols):  # not folded in the score tasks
+                    arr = schema.fold_symmetric(arr)
+                arr = arr.rechunk((1, 1, rows, cols) if c >= n else (1, 1, c, min(c, cols)))
                 attrs, stored_dims = {schema.ATTR_FOLDED: n}, dims[:2] + (schema.FOLD_ROW, schema.FOLD_COL)
             if scores_dtype == "bfloat16":  # rounded per chunk as it leaves the kernel
                 arr = arr.map_blocks(schema.encode, "bfloat16", dtype=np.uint16)
