@@ -191,8 +191,8 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     # layer group's gradients go once its scores are written, and the run proceeds group by group
     if job.output.keep_gradients:
         rounds = 1
-        groups[schema.WORK] = work
-        peak = sum(groups.values())
+        groups[schema.WORK] = work if job.output.keep_work else 0  # else removed on success
+        peak = sum(groups.values()) + (0 if job.output.keep_work else work)
     else:  # pipeline/layer_groups.py: one group's gradients and Fisher partials at a time, beside the results
         per_layer = max(1, (groups[schema.GRADIENTS] + work) // L)
         groups[schema.GRADIENTS] = n * 16 + 10 * META_BYTES  # its coordinates stay

@@ -297,7 +297,7 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
                 stage()
             summary.timings[name] = time.perf_counter() - t
         t = time.perf_counter()
-        if grouped:  # the layer groups' bookkeeping (their sub-runs are gone already)
+        if grouped or not job.output.keep_work:  # every stage is complete: its bookkeeping is not needed
             store.delete(schema.WORK)
     # after the lock is gone (its group must not be listed): the README's xarray calls open the
     # finished run without "failed to open with consolidated metadata" warnings

@@ -183,6 +183,9 @@ class OutputSpec(_Frozen):
     # than the free disk then goes layer group by layer group (extract → score → drop)
     keep_gradients: bool = True
     layers_per_group: int | None = Field(default=None, ge=1)  # with keep_gradients = false; None: as the disk allows
+    # true: keep `_work` (completed-shard records, Fisher partial sums) after the run succeeds, so
+    # that `--resume` can re-extract gradient shards lost later; false: removed on success
+    keep_work: bool = False
 
 
 class JobSpec(_Frozen):

@@ -343,7 +343,8 @@ def test_resume_after_the_task_files_changed(env):
     a = tmp / "changing-a.jsonl"
     shutil.copy(job.tasks.a.path, a)
     out = tmp / "changing" / "run"
-    toml = write_job_file(job, tmp / "changing.toml", tasks={"a": {"path": str(a)}}, output={"path": str(out)})
+    toml = write_job_file(job, tmp / "changing.toml", tasks={"a": {"path": str(a)}},
+                          output={"path": str(out), "keep_work": True})  # its records, to fake an interruption
     assert qkov("run", toml, "--inline")[0] == 0
     root = zarr.open_group(str(out), mode="r+")  # as if interrupted after the first shard
     root["gradients"].attrs[schema.ATTR_COMPLETE] = False
@@ -537,7 +538,15 @@ class TestUntrustedInputs:
         data = bytearray(chunk.read_bytes())
         data[len(data) // 2] ^= 0x40
         chunk.write_bytes(bytes(data))
-        self.readers_refuse(tmp, run, tmp / "chunk-corrupt-report")
+        # `qkov stats` with the run's own settings reads the sums its score stage reduced, not
+        # this chunk; other settings read the pair scores and meet the damage
+        self.readers_refuse(tmp, run, tmp / "chunk-corrupt-report", stats=("--n-permutations", 19, "--name", "other"))
+        sums = next(p for p in sorted((run / "scores").rglob("*")) if p.is_file() and "stat_sums_interference" in str(p)
+                    and "/c/" in str(p))
+        data = bytearray(sums.read_bytes())
+        data[len(data) // 2] ^= 0x40
+        sums.write_bytes(bytes(data))
+        assert "stat_sums_interference" in "".join(_one_line_refusal("stats", run).split())  # checksummed too (rich wraps)
 
     def test_a_corrupted_score_chunk_read_by_zarr_itself(self, base):
         """The same on a store DirectChunks does not read (fsspec's memory://, as S3 would be):
@@ -553,7 +562,8 @@ class TestUntrustedInputs:
         fs.pipe(chunk, bytes(data))
         run = "memory://chunk-corrupt-remote"
         before = _tree(tmp)
-        for args in (("stats", run), ("query", run, "--layer", 0, "--head", 0), ("report", run, "--out", tmp / "remote-report")):
+        for args in (("stats", run, "--n-permutations", 19, "--name", "other"), ("query", run, "--layer", 0, "--head", 0),
+                     ("report", run, "--out", tmp / "remote-report")):
             assert "checksum" in _one_line_refusal(*args)
         assert _tree(tmp) == before
         fs.rm("/chunk-corrupt-remote", recursive=True)
@@ -565,10 +575,11 @@ class TestUntrustedInputs:
         self.readers_refuse(tmp, f, tmp / "notes-report")
 
     @staticmethod
-    def readers_refuse(tmp: Path, run: Path, report_out: Path) -> None:
-        """stats, query and report each refuse `run` in one line and leave nothing under `tmp`."""
+    def readers_refuse(tmp: Path, run: Path, report_out: Path, stats: tuple = ()) -> None:
+        """stats (with `stats` options), query and report each refuse `run` in one line and leave
+        nothing under `tmp`."""
         before = _tree(tmp)
-        _one_line_refusal("stats", run)
+        _one_line_refusal("stats", run, *stats)
         _one_line_refusal("query", run, "--layer", 0, "--head", 0)
         _one_line_refusal("report", run, "--out", report_out)
         assert _tree(tmp) == before

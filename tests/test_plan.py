@@ -13,14 +13,17 @@ from pipeline.run import run_job
 from qkov.testing import tiny_job, write_job_file
 
 
-@pytest.mark.parametrize("score", [{}, {"storage_dtype": "bfloat16", "scores_dtype": "bfloat16"}], ids=["f32", "bf16"])
-def test_plan_predicts_the_store_of_a_real_run(tmp_path, score):
-    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=9, score=score)
+@pytest.mark.parametrize("score,keep_work", [({}, False), ({"storage_dtype": "bfloat16", "scores_dtype": "bfloat16"}, True)],
+                         ids=["f32", "bf16-keep-work"])
+def test_plan_predicts_the_store_of_a_real_run(tmp_path, score, keep_work):
+    job = tiny_job(tmp_path, "llama_gqa", n_a=10, n_b=9, score=score, output={"path": str(tmp_path / "run"), "keep_work": keep_work})
     p = plan(job)
     assert p.fits and p.free is not None and p.tasks["score"] > 0 and p.memory["score_task"] > 0
     run_job(job)
     out = Path(job.output.path)
-    for group in ("gradients", "fisher", "scores", "stats", "_work"):
+    assert (out / "_work").exists() == keep_work and (p.groups["_work"] > 0) == keep_work  # removed on success by default
+    assert (p.peak_disk > p.total) != keep_work  # a removed `_work` still counts while the run runs
+    for group in ("gradients", "fisher", "scores", "stats") + (("_work",) if keep_work else ()):
         real = du(str(out / group))
         assert real > 0 and abs(p.groups[group] - real) <= 0.10 * real, (group, p.groups[group], real)
     assert abs(p.total - du(str(out))) <= 0.10 * du(str(out)), (p.total, du(str(out)))

@@ -260,3 +260,19 @@ def test_stale_lock_is_recognised_only_when_the_owner_is_gone():
         assert not _lock_is_stale(record(dead.pid, on="another-host"))  # never guessed across machines
     finally:
         zombie.wait()
+
+
+def test_a_finished_run_keeps_no_work_and_a_resume_reruns_the_statistics_only(reference, tmp_path):
+    """`_work` (shard records, Fisher partial sums) is removed once every stage is complete
+    (`[output] keep_work = true` keeps it: tests/test_plan.py); `--resume` of the finished run
+    then finds extraction and scores complete and reproduces the statistics."""
+    import shutil
+
+    tmp, job = reference
+    ref = Path(job.output.path)
+    assert not (ref / schema.WORK).exists()
+    copy = tmp_path / "run"
+    shutil.copytree(ref, copy)
+    summary = run_job(job.model_copy(update={"output": job.output.model_copy(update={"path": str(copy)})}), resume=True)
+    assert {"extract", "score"} <= set(summary.skipped_stages) and not (copy / schema.WORK).exists()
+    assert_same_results(copy, ref)

@@ -95,7 +95,7 @@ def _run(tmp: Path, name: str, **score) -> Path:
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp, "llama_gqa", model_kwargs={"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN},
-                   score=score, output={"path": str(tmp / name)})
+                   score=score, output={"path": str(tmp / name), "keep_work": True})  # records read below
     run_job(job)
     return Path(job.output.path)
 

@@ -376,13 +376,13 @@ def test_samples_longer_than_the_models_positions_and_labels_outside_the_classes
 
 @pytest.fixture(scope="module")
 def done_run(tmp_path_factory):
-    """A finished tiny run and its job file."""
+    """A finished tiny run and its job file (`_work` kept: tests fake interruptions from it)."""
     from qkov.testing import tiny_job, write_job_file
 
     tmp = tmp_path_factory.mktemp("done")
     job = tiny_job(tmp, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
     out = tmp / "run"
-    toml = write_job_file(job, tmp / "job.toml", output={"path": str(out)})
+    toml = write_job_file(job, tmp / "job.toml", output={"path": str(out), "keep_work": True})
     code, text = _cli("run", toml, "--inline")
     assert code == 0, text
     return tmp, job, toml, out
@@ -436,7 +436,7 @@ def test_resume_after_the_weights_changed_is_refused_before_writing(done_run, tm
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=4, n_b=3, stats={"n_permutations": 9, "n_bootstrap": 9})
     model_dir, out = Path(job.model.path), tmp_path / "run"
-    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
+    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out), "keep_work": True})
     assert _cli("run", toml, "--inline")[0] == 0
     root = zarr.open_group(str(out), mode="r+")  # as if interrupted after the first shard
     root["gradients"].attrs[schema.ATTR_COMPLETE] = False
