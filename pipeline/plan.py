@@ -56,8 +56,11 @@ class RunPlan:
     def lines(self) -> list[str]:
         """The plan as the lines `qkov plan` and `qkov run` print."""
         out = [f"plan: {self.n_a} + {self.n_b} samples, {len(self.layers)} layers, blocks {''.join(self.blocks)}"]
-        out.append("  store (bytes when complete): " + ", ".join(f"{g} {_size(b)}" for g, b in self.groups.items() if b)
-                   + f"; total {_size(self.total)}")
+        # the pooled scores are compressed losslessly, by how much depends on the values: their
+        # figure is the bound (real scores store ~0.8x of it), and so is the total
+        out.append("  store (bytes when complete): " + ", ".join(
+            f"{g} {'≤ ' if g == schema.SCORES_GROUP else ''}{_size(b)}" for g, b in self.groups.items() if b)
+                   + f"; total ≤ {_size(self.total)} (≤: pair scores counted before their lossless compression; real ones store ~0.8x)")
         rounds = f" (layer groups of {math.ceil(len(self.layers) / self.layer_groups)}: {self.layer_groups} rounds)" if self.layer_groups > 1 else ""
         out.append(f"  peak disk use {_size(self.peak_disk)}{rounds}")
         m = self.memory
