@@ -139,10 +139,11 @@ def _side_arrays(tiles: da.Array) -> dict[str, da.Array]:
     }
 
 
-def _symmetrized(a: da.Array, chunk: int) -> da.Array:
-    """(…, N, N) with its strict lower triangle replaced by the mirror of its upper one."""
-    idx = da.arange(a.shape[-1], chunks=chunk)
-    return da.where(idx[:, None] <= idx[None, :], a, a.swapaxes(-1, -2))
+def _mirrored(a: np.ndarray) -> np.ndarray:
+    """(…, N, N) whole slices with the strict lower triangle replaced by the mirror of the upper
+    one (one task per slice: done tile by tile in the graph it took 5x the scoring of small tiles)."""
+    n = a.shape[-1]
+    return np.where(np.arange(n)[:, None] <= np.arange(n)[None, :], a, np.swapaxes(a, -1, -2))
 
 
 def _get_part(tile: dict, key: str) -> np.ndarray:
@@ -367,10 +368,10 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
                 g = (var.data if keep.size == var.shape[0] else var.data[keep]).rechunk((c, 1, 1, -1))
                 inter, align = block_scores(g, inverse_damped_fisher(fisher, b), accumulate, device, encoding=encoding)
         dims = (schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.SAMPLE_J)
-        if not direct:  # the graph holds every tile: the same symmetric values for the sums, top pairs and store
-            align = _symmetrized(align.rechunk((1, 1, c, c)), c)
+        if not direct:  # whole slices, mirrored: the same symmetric values for the sums, top pairs and store
+            align = align.rechunk((1, 1, n, n)).map_blocks(_mirrored, dtype=align.dtype)
         for name, arr in (("interference", inter), ("alignment", align)):
-            if arr.shape[-2:] == (n, n):  # not the alignment folded in the score tasks
+            if name == "interference" or (direct and arr.shape[-2:] == (n, n)):  # (not folded in the score tasks)
                 arr = arr.rechunk((1, 1, c, c))
             sums_here = stats is not None and (keep_pairs != "all" or scores_dtype == "float32")
             if sums_here and schema.stat_sums_name(name, b) not in data:  # from the tiles in the graph, as they are written
@@ -387,7 +388,9 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
             attrs, stored_dims = {}, dims
             if name == "alignment":  # symmetric: its upper triangle once (the kernel mirrors diagonal tiles)
                 rows, cols = schema.folded_shape(n)
-                if arr.shape[-2:] != (rows, cols):  # not folded in the score tasks
+                if arr.numblocks[-1] == 1 and arr.shape[-1] == n:  # whole slices: one fold per slice
+                    arr = arr.map_blocks(schema.fold_symmetric, chunks=arr.chunks[:2] + ((rows,), (cols,)), dtype=arr.dtype)
+                elif arr.shape[-2:] != (rows, cols):  # tiles (direct reads, slices over 1 GiB): Dask folds them
                     arr = schema.fold_symmetric(arr)
                 arr = arr.rechunk((1, 1, rows, cols) if c >= n else (1, 1, c, min(c, cols)))
                 attrs, stored_dims = {schema.ATTR_FOLDED: n}, dims[:2] + (schema.FOLD_ROW, schema.FOLD_COL)
