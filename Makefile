@@ -27,7 +27,9 @@ test: $(STAMP)
 	# system packages some tests need (slurm-wlm, munge, chromium): installed as root where
 	# apt-get exists and they are missing; otherwise a no-op
 	bash tests/system-deps.sh
-	$(BIN)/python -m pytest -q
+	# two workers: much of the suite waits on processes it starts (clusters, SLURM, browsers);
+	# the 25 slowest tests are listed at the end so the suite's time stays visible
+	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

@@ -1,6 +1,7 @@
 """The `qkov` command line: run, stats, query, report, check, demo, validate."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,8 +14,25 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="qkov: where do two tasks interfere inside a transformer? Per-head Fisher-normalised interference with valid statistics.")
-console = Console(stderr=False)
-err = Console(stderr=True)
+# Output width: a terminal's own (or COLUMNS); 160 columns where output is not a terminal (a
+# log, a pipe, a notebook's `!qkov`), so tables stay whole instead of cut at 80. Built per
+# print, never at import: a width fixed then would outlive the environment it was read from.
+PIPE_WIDTH = 160
+
+
+def _console(stderr: bool = False) -> Console:
+    c = Console(stderr=stderr)
+    if not c.is_terminal and "COLUMNS" not in os.environ:
+        c = Console(stderr=stderr, width=PIPE_WIDTH)
+    return c
+
+
+def console() -> Console:
+    return _console(stderr=False)
+
+
+def err() -> Console:
+    return _console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -36,7 +54,7 @@ def _friendly() -> Iterator[None]:
         e = corrupt_chunk_error(e) or e  # a damaged chunk read by zarr itself (a remote store): the store's fault
         if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
-            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(2) from None
         raise
 
@@ -96,7 +114,7 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     except KeyboardInterrupt:
         finished.set()
-        err.print("interrupted; nothing is marked complete that was not finished (continue a run with --resume)", highlight=False)
+        err().print("interrupted; nothing is marked complete that was not finished (continue a run with --resume)", highlight=False)
         raise typer.Exit(130) from None
     finally:
         finished.set()
@@ -133,13 +151,13 @@ def _plain_progress(every_s: float = 30.0) -> Iterator:
 
 @contextmanager
 def _stage_progress() -> Iterator:
-    if not err.is_terminal:
+    if not err().is_terminal:
         with _plain_progress() as tick:
             yield tick
         return
     cols = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*cols, console=err, transient=False) as prog:
+    with Progress(*cols, console=err(), transient=False) as prog:
         tasks: dict[str, int] = {}
 
         def tick(stage: str, done: int, total: int) -> None:
@@ -155,13 +173,11 @@ def _print_summary(path: str, storage_options=None, stats_name: str | None = Non
     differ), each naming its question, with direction, chance and effect (issue 16)."""
     from pipeline.query import format_headlines, headline_tables, load_stats
 
-    console.print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
-    console.print(f"  read them with: xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
-    console.print(f"  heads:  qkov query {escape(path)} --layer L --head H      report:  qkov report {escape(path)}", highlight=False)
+    console().print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
+    console().print(f"  read them with: xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
+    console().print(f"  heads:  qkov query {escape(path)} --layer L --head H      report:  qkov report {escape(path)}", highlight=False)
     stats = load_stats(path, stats_name, storage_options)
-    # tables are wider than a pipe's default 80 columns; a log file keeps them unwrapped
-    out = console if console.is_terminal else Console(file=console.file, width=160)
-    out.print(format_headlines(headline_tables(stats, top)))
+    console().print(format_headlines(headline_tables(stats, top)))
 
 
 def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False):
@@ -171,17 +187,17 @@ def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bo
     plan = preflight(job, resume=resume, overwrite=overwrite, local=local)  # refuses a run that cannot fit the disk
     note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
     if note:
-        err.print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+        err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
     if show_plan and plan is not None:  # the lines `qkov plan` prints
         from pipeline.plan import plan as run_plan
 
         for line in run_plan(job, resume=resume or overwrite, extract_plan=plan).lines():
-            err.print(line, markup=False, highlight=False)
+            err().print(line, markup=False, highlight=False)
     return plan
 
 
 def _print_cluster(client) -> None:
-    err.print(f"cluster: {escape(client.dashboard_link or client.scheduler.address)}"
+    err().print(f"cluster: {escape(client.dashboard_link or client.scheduler.address)}"
               + ("  (dashboard)" if client.dashboard_link else ""), highlight=False)
 
 
@@ -215,9 +231,9 @@ def run(
                     _print_cluster(client)
                     summary = run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
         if summary.extract:
-            err.print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
+            err().print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
                       + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
-        err.print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
+        err().print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
         _print_summary(job.output.path, job.output.storage_options)
 
 
@@ -272,9 +288,9 @@ def stats(
         else:
             ds = rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
         if ds.attrs.get("excluded_samples"):
-            console.print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
+            console().print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
                           f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
-        console.print(f"statistics written ({'stats_' + name if name else 'stats'}): " + _differ_counts(ds), highlight=False)
+        console().print(f"statistics written ({'stats_' + name if name else 'stats'}): " + _differ_counts(ds), highlight=False)
         _print_summary(run_path, stats_name=name)
 
 
@@ -297,9 +313,9 @@ def query(
     with _friendly():
         res = query_head(run_path, layer, head, block=block, top=top, score=score, stats_name=stats_name)
         if as_json:
-            console.print_json(json.dumps(res))
+            console().print_json(json.dumps(res))
         else:
-            console.print(format_query(res))
+            console().print(format_query(res))
 
 
 @app.command()
@@ -313,7 +329,7 @@ def report(
 
     with _friendly():
         html = make_report(run_path, out_dir=out, stats_name=stats_name)
-        console.print(f"report: [bold]{escape(str(html))}[/]")
+        console().print(f"report: [bold]{escape(str(html))}[/]")
 
 
 @app.command()
@@ -334,8 +350,8 @@ def check(
         check_checks_output(job)  # before any model work: never into a folder that is not a run
         ds = run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
                         prediction_eta=prediction_eta,
-                        progress=lambda what, k, n: err.print(f"{_stamp()} check {k}/{n}: {escape(what)}", highlight=False))
-        console.print(format_checks(ds))
+                        progress=lambda what, k, n: err().print(f"{_stamp()} check {k}/{n}: {escape(what)}", highlight=False))
+        console().print(format_checks(ds))
         if not bool(ds["passed"].all()):
             raise typer.Exit(1)
 
@@ -353,9 +369,9 @@ def plan(
     with _friendly():
         p = run_plan(load_job(job_file), resume=resume)
         for line in p.lines():
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            console().print(line, markup=False, highlight=False, soft_wrap=True)
         if p.options:
-            console.print("  it would fit with: " + "; or ".join(p.options), markup=False, highlight=False, soft_wrap=True)
+            console().print("  it would fit with: " + "; or ".join(p.options), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -372,7 +388,7 @@ def validate(
     with _friendly():
         job = load_job(job_file)
         _preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile))
-        console.print(to_toml(job.config_dict()), markup=False, highlight=False, soft_wrap=True)
+        console().print(to_toml(job.config_dict()), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -386,7 +402,7 @@ def demo(
     from pipeline.demo import run_demo
 
     def announce(job) -> None:
-        err.print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
+        err().print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
                   f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
 
     with _friendly(), _sigterm_unwinds():
@@ -394,7 +410,7 @@ def demo(
             job, html = run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick,
                                  on_job=announce, on_cluster=_print_cluster)
         _print_summary(job.output.path)
-        console.print(f"report: [bold]{escape(str(html))}[/]")
+        console().print(f"report: [bold]{escape(str(html))}[/]")
 
 
 def main() -> None:  # pragma: no cover - console entry

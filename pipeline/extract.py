@@ -447,7 +447,6 @@ def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights
         damping_abs=f.damping_abs,
         # extract.nonfinite = "skip": these samples' g² count as 0 in their batch's mean
         **{schema.ATTR_SKIPPED_SAMPLES: list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))},
-        **{f"lambda_{b}": [float(x) for x in lam[b]] for b in plan.blocks},
     )
     # one chunk per (block, layer): readers (the sketch pass, the score stage) go layer by layer
     encoding = {b: {"chunks": (1, plan.heads[b], plan.sizes[b])} for b in plan.blocks}

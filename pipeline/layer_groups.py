@@ -77,7 +77,7 @@ def _templates(store: RunStore, job: JobSpec, grads: xr.Dataset, fisher: xr.Data
         f[b] = xr.Variable(var.dims, da.zeros((L, *var.shape[1:]), chunks=(1, *var.shape[1:]), dtype=var.dtype))
     f[schema.DAMPING] = xr.Variable(fisher[schema.DAMPING].dims, da.zeros((fisher.sizes[schema.BLOCK], L), chunks=(fisher.sizes[schema.BLOCK], 1)))
     fds = xr.Dataset(f, coords={schema.LAYER: lay, schema.BLOCK: fisher[schema.BLOCK].values})
-    fds.attrs.update({k: v for k, v in fisher.attrs.items() if not k.startswith("lambda_")})
+    fds.attrs.update(fisher.attrs)
     fds.attrs.update(prov)
     fds.attrs[schema.ATTR_COMPLETE] = False
     store.write_dataset(fds, schema.FISHER, encoding={b: {"chunks": fds[b].data.chunksize} for b in f}, compute=False)
@@ -247,11 +247,6 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
 
 
 def _finish(store: RunStore, job: JobSpec) -> None:
-    """Every group written: the Fisher's per-tensor λ attrs, then the groups marked complete."""
-    root = store.root("r+")
-    f = root[schema.FISHER]
-    lam = np.asarray(f[schema.DAMPING][:])
-    blocks = [str(b) for b in np.asarray(root[schema.FISHER][schema.BLOCK][:])]
-    f.attrs.update({f"lambda_{b}": [float(x) for x in lam[i]] for i, b in enumerate(blocks)})
+    """Every group written: the groups marked complete."""
     for g in (schema.GRADIENTS, schema.FISHER, schema.DIAGNOSTICS, schema.SCORES_GROUP):
         store.mark_complete(g)

@@ -266,33 +266,43 @@ def _decoded(var: "xr.Variable") -> tuple[Any, float]:
     return v, RTOL
 
 
-def _same(x: Any, y: Any) -> bool:
-    """Equality of attribute values, with NaN equal to NaN (e.g. a float `_FillValue`) and arrays compared whole."""
+def _same(x: Any, y: Any, rtol: float = 0.0) -> bool:
+    """Equality of attribute values, with NaN equal to NaN (e.g. a float `_FillValue`), arrays
+    compared whole, and floats within `rtol` relative: a float attr computed from worker
+    results (e.g. a sum over the Fisher) carries the same rounding as the values."""
     import numpy as np
 
     if isinstance(x, dict) and isinstance(y, dict):
-        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+        return x.keys() == y.keys() and all(_same(x[k], y[k], rtol) for k in x)
     if isinstance(x, (list, tuple, np.ndarray)) or isinstance(y, (list, tuple, np.ndarray)):
         xa, ya = np.asarray(x, dtype=object), np.asarray(y, dtype=object)
-        return xa.shape == ya.shape and all(_same(u, v) for u, v in zip(xa.ravel(), ya.ravel()))
-    if isinstance(x, float) and isinstance(y, float) and x != x and y != y:
-        return True
+        return xa.shape == ya.shape and all(_same(u, v, rtol) for u, v in zip(xa.ravel(), ya.ravel()))
+    real = lambda v: isinstance(v, (float, np.floating))  # noqa: E731 - bools and ints stay exact
+    if real(x) and real(y):
+        if x != x or y != y:
+            return x != x and y != y
+        return abs(float(x) - float(y)) <= rtol * max(abs(float(x)), abs(float(y)))
     return bool(x == y)
 
 
 SLICE_DIMS = ("block", "layer", "head", "kv_head")  # one (block, layer, head) slice of the model
+LABEL_DIMS = ("score",)  # which quantity (interference, alignment): each keeps its own magnitude
 
 
 def _scale(magnitude, dims: tuple) -> Any:
     """The magnitude a value's rounding error is measured against: the largest |value| of its
     (block, layer, head) slice when the variable has more dims than those (gradients over
     samples and parameters, scores over sample pairs: rounding follows the slice's terms, and
-    slices differ in size by orders of magnitude); else the largest of the whole variable
-    (per-slice statistics such as a mean alignment can be ~0 by cancellation)."""
-    other = tuple(i for i, d in enumerate(dims) if d not in SLICE_DIMS)
-    if len(other) == len(dims) or len(other) == 0:
+    slices differ in size by orders of magnitude); else the largest over every slice of the
+    same quantity (per-slice statistics such as a mean alignment or a CI bound can be ~0 by
+    cancellation of terms as large as the largest statistic)."""
+    terms = tuple(i for i, d in enumerate(dims) if d not in SLICE_DIMS + LABEL_DIMS)
+    if len(terms) == len(dims):
         return magnitude.max()
-    return magnitude.max(axis=other, keepdims=True)
+    if terms:
+        return magnitude.max(axis=terms, keepdims=True)
+    slices = tuple(i for i, d in enumerate(dims) if d in SLICE_DIMS)
+    return magnitude.max(axis=slices, keepdims=True) if slices else magnitude
 
 
 def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = None, what: str = "") -> list[str]:
@@ -302,8 +312,9 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
     |a − b| ≤ rtol·|b| + rtol·max|b| elementwise, with NaN where the other is NaN; the max is
     over the value's (block, layer, head) slice where the variable has other dims too, else
     over the variable (`_scale`). A reordered float32 sum passes; one value off by 1e-3
-    relative fails unless it is under 1 % of that scale. Everything else (ids, tasks,
-    integers, booleans, shapes, dims, names) and every attribute but provenance must be equal.
+    relative fails unless it is under 1 % of that scale. Float attributes must agree within
+    rtol relative (they can come from worker results too). Everything else (ids, tasks,
+    integers, booleans, shapes, dims, names) and every other attribute but provenance must be equal.
     """
     import numpy as np
 
@@ -317,9 +328,10 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
     if dict(a.sizes) != dict(b.sizes):
         out.append(f"{where}sizes differ: {dict(a.sizes)} != {dict(b.sizes)}")
     drop = lambda attrs: {k: v for k, v in attrs.items() if k != schema.ATTR_PROVENANCE}  # noqa: E731
-    if not _same(drop(a.attrs), drop(b.attrs)):
+    attr_tol = RTOL if rtol is None else rtol
+    if not _same(drop(a.attrs), drop(b.attrs), attr_tol):
         keys = sorted(k for k in set(a.attrs) | set(b.attrs)
-                      if k != schema.ATTR_PROVENANCE and not _same(a.attrs.get(k), b.attrs.get(k)))
+                      if k != schema.ATTR_PROVENANCE and not _same(a.attrs.get(k), b.attrs.get(k), attr_tol))
         out.append(f"{where}attrs differ at {keys}")
     for name in sorted(b.variables, key=str):
         va, vb = a.variables[name], b.variables[name]
@@ -327,8 +339,8 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
         if va.dims != vb.dims or va.shape != vb.shape:
             out.append(f"{label}: dims/shape {va.dims}{va.shape} != {vb.dims}{vb.shape}")
             continue
-        if not _same(drop(va.attrs), drop(vb.attrs)):
-            keys = sorted(k for k in set(va.attrs) | set(vb.attrs) if not _same(va.attrs.get(k), vb.attrs.get(k)))
+        if not _same(drop(va.attrs), drop(vb.attrs), attr_tol):
+            keys = sorted(k for k in set(va.attrs) | set(vb.attrs) if not _same(va.attrs.get(k), vb.attrs.get(k), attr_tol))
             out.append(f"{label}: attrs differ at {keys}")
         xa, tol_a = _decoded(va)
         xb, tol_b = _decoded(vb)

@@ -516,7 +516,9 @@ class TestUntrustedInputs:
         self.refused_everywhere(base, "gcs", "storage backend is not installed", output={"path": "gs://bucket/run"})
 
     def test_storage_without_reachable_credentials(self, base):
-        so = {"key": "nobody", "secret": "nothing", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+        # one attempt per request: botocore's default retries back off for ~7 s before the same refusal
+        so = {"key": "nobody", "secret": "nothing", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+              "config_kwargs": {"retries": {"max_attempts": 1}}}
         self.refused_everywhere(base, "s3", "cannot reach the output", output={"path": "s3://bucket/run", "storage_options": so})
 
     # ---- existing runs: stats, query, report

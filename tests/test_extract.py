@@ -11,7 +11,7 @@ from pipeline.executors import DaskExecutor, InlineExecutor
 from pipeline.extract import pending_shards, plan_extract, run_extract
 from pipeline.run import prepare_output
 
-from qkov.testing import assert_runs_close, tiny_job
+from qkov.testing import RTOL, assert_runs_close, compare_datasets, tiny_job
 
 
 def extract(job, executor=None):
@@ -21,6 +21,12 @@ def extract(job, executor=None):
 
 def stored(job, block):
     return RunStore(job.output.path).open_gradients()[block].values
+
+
+def assert_close(got, want, rtol: float = RTOL):
+    """Two executions' float32 values: equal up to the rounding of reordered sums (another
+    thread count or CPU moves the last bits), relative to the largest value."""
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * np.abs(want).max())
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +126,7 @@ def test_resume_recomputes_only_unfinished_shards(tmp_path, base):
     info = run_extract(RunStore.of(job), job, InlineExecutor(), plan=plan, fresh=False)
     assert info["computed"] == 2 and info["shards"] == 5
     for b in "QKVO":
-        np.testing.assert_array_equal(stored(job, b), stored(job0, b))
+        assert_close(stored(job, b), stored(job0, b))
 
 
 def test_bfloat16_storage_round_trips_to_nearest_bf16(tmp_path, base):
@@ -133,10 +139,14 @@ def test_bfloat16_storage_round_trips_to_nearest_bf16(tmp_path, base):
     raw = xr.open_zarr(job.output.path, group="gradients", consolidated=False)
     assert raw["Q"].dtype == np.uint16 and raw["Q"].attrs[schema.ATTR_ENCODING] == "bfloat16"
     for b in "QKVO":
-        expect = torch.from_numpy(stored(job0, b)).to(torch.bfloat16).float().numpy()
-        np.testing.assert_array_equal(stored(job, b), expect)
+        want = stored(job0, b)  # float32, from another execution
+        got = stored(job, b)
+        assert np.array_equal(got, torch.from_numpy(got).to(torch.bfloat16).float().numpy())  # bf16 values
+        # round to nearest: within half a bf16 unit (2^-8 relative) of the float32 value, plus its rounding
+        np.testing.assert_allclose(got, want, rtol=2.0**-8 + RTOL, atol=RTOL * np.abs(want).max())
+        assert not np.allclose(got, want, rtol=2.0**-10, atol=0)  # and not float32 values
     # the Fisher is accumulated from the float32 gradients, not the rounded ones
-    np.testing.assert_array_equal(RunStore(job.output.path).open_fisher()["Q"].values, RunStore(job0.output.path).open_fisher()["Q"].values)
+    assert_close(RunStore(job.output.path).open_fisher()["Q"].values, RunStore(job0.output.path).open_fisher()["Q"].values)
 
 
 def test_layers_and_blocks_subset(tmp_path):
@@ -184,7 +194,8 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
     ref = RunStore(single.output.path).open_gradients(decode=False, complete=False).load()
     for b in "QKVO":
         assert grouped[b].dtype == np.uint16
-        np.testing.assert_array_equal(grouped[b].values, ref[b].values)
+    # bf16 bits decoded; a float32 rounding difference may move a value by one bf16 unit
+    assert compare_datasets(grouped.drop_attrs(deep=False), ref.drop_attrs(deep=False)) == []  # `ref` was never finished
 
 
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])

@@ -40,7 +40,7 @@ RECIPE = ROOT / "deploy" / "slurm"
 N_A = N_B = 12
 SHARDS = N_A + N_B  # one sample per shard, 4 shards per worker task: 6 tasks, enough to be caught in the middle
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one SLURM test cluster per session
 
 
 # ---------------------------------------------------------------- fixtures
@@ -115,12 +115,12 @@ def batch_job(tmp: Path, job, name: str) -> Path:
     return write_job_file(job, tmp / f"{name}.toml", output={"path": str(tmp / name)})
 
 
-def sbatch_recipe(slurm: SlurmCluster, tmp: Path, jobfile: Path, workers: int = 2) -> int:
+def sbatch_recipe(slurm: SlurmCluster, tmp: Path, jobfile: Path, workers: int = 2, **extra: str) -> int:
     """`sbatch deploy/slurm/qkov-run.sbatch JOB` as a user of a small cluster would: the script
     unchanged, its sizing overridden on the command line (one node, `workers` tasks of 1 CPU)."""
     return slurm.sbatch("--nodes=1", f"--ntasks-per-node={workers}", "--cpus-per-task=1", "--mem-per-cpu=1G", "--time=00:15:00",
                         f"--output={tmp}/%x-%j.log", str(RECIPE / "qkov-run.sbatch"), str(jobfile),
-                        env=job_env(slurm, tmp, QKOV_VENV=str(VENV)), cwd=tmp)
+                        env=job_env(slurm, tmp, QKOV_VENV=str(VENV), **extra), cwd=tmp)
 
 
 def assert_close_json(got, want, where: str = "") -> None:
@@ -242,38 +242,51 @@ def test_sbatch_recipe_runs_qkov_inside_an_allocation(slurm, reference):
 
 
 def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference):
-    """Stopped twice the ways a scheduler stops a job, requeued each time, finished by --resume."""
+    """Stopped twice the ways a scheduler stops a job, requeued each time, finished by --resume.
+
+    The stop must land mid-extraction whatever the machine's speed: the job's worker loads
+    tests/hold_worker.py, which holds it still after an extraction task while a `hold` file
+    exists. The test waits for that state (`held`), then signals; the held worker starts no
+    further shard, so the stopped run has done some shards but not all, by construction."""
     from pipeline.store import RunStore
 
     tmp, job = reference
     out = tmp / "run-requeue"
+    gate = tmp / "hold"
+    gate.mkdir(exist_ok=True)
+    (gate / "hold").touch()
     jobfile = batch_job(tmp, job, "run-requeue")
-    # one worker: one extraction task at a time, so the stop lands with tasks still queued
-    job_id = sbatch_recipe(slurm, tmp, jobfile, workers=1)
+    # one worker: one extraction task at a time
+    job_id = sbatch_recipe(slurm, tmp, jobfile, workers=1, QKOV_TEST_HOLD=str(gate),
+                           DASK_DISTRIBUTED__WORKER__PRELOAD=str(Path(__file__).with_name("hold_worker.py")))
 
     def stop_mid_extraction(after: int, *scancel: str) -> int:
-        deadline = time.monotonic() + 240
-        while done_shards(out) <= after:
+        deadline = time.monotonic() + 240  # a failure detector only: the stop waits for the held state
+        while not (gate / "held").exists():
             state = slurm.job(job_id)["JobState"]
-            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state} before shard {after + 1} was done\n{log_of(tmp, job_id)}"
-            assert time.monotonic() < deadline, f"shard {after + 1} not done after 240 s\n{log_of(tmp, job_id)}"
+            assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state} before the worker held\n{log_of(tmp, job_id)}"
+            assert time.monotonic() < deadline, f"the worker did not hold after 240 s\n{log_of(tmp, job_id)}"
             time.sleep(0.05)
+        held_at = done_shards(out)
         slurm.run("scancel", *scancel, str(job_id))
         ended = slurm.wait_job(job_id, ("FAILED", "COMPLETED", "CANCELLED", "TIMEOUT"), timeout=120)
         log = log_of(tmp, job_id)
         done = done_shards(out)
         assert ended["JobState"] == "FAILED" and ended["ExitCode"].startswith("143:"), f"{ended}\n{log}"
-        assert after < done < SHARDS, f"not stopped mid-extraction ({done} of {SHARDS} shards done)\n{log}"
+        assert done == held_at and after < done < SHARDS, f"not stopped mid-extraction ({done} of {SHARDS} shards done, {held_at} when held)\n{log}"
         assert RunStore(str(out)).read_lock() is None, f"the stopped run did not release its lock\n{log}"
         assert complete_groups(out) == [], "a stopped run marked a group complete"
-        # the same job id and script again, after the cluster's credential lifetime (AuthInfo cred_expire)
-        slurm.run("scontrol", "requeue", str(job_id))
+        (gate / "held").unlink()
         return done
 
     # 1. the warning before a time limit (#SBATCH --signal=B:USR1@300): SIGUSR1 to the batch script only
     done = stop_mid_extraction(0, "--batch", "--signal=USR1")
+    # the same job id and script again, after the cluster's credential lifetime (AuthInfo cred_expire)
+    slurm.run("scontrol", "requeue", str(job_id))
     # 2. what a time limit, scancel or preemption does: SIGTERM to every process of the job
     done = stop_mid_extraction(done, "--full", "--signal=TERM")
+    (gate / "hold").unlink()  # the third start runs to the end
+    slurm.run("scontrol", "requeue", str(job_id))
 
     third = slurm.wait_job(job_id, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
     log = log_of(tmp, job_id)

@@ -70,6 +70,24 @@ def test_a_run_equals_itself_and_its_float_rounding(run):
     assert_runs_close(noisy, path)
 
 
+def test_float_attrs_are_compared_at_the_values_tolerance(run):
+    """A float attr computed from worker results (a λ or a threshold) may differ in its last
+    bits between processes and CPUs, as the values do: a few ulps pass, 1e-3 relative fails,
+    and ints, bools and strings stay exact."""
+    _, path = run
+    near, far, other = _copy(run, "attr-near"), _copy(run, "attr-far"), _copy(run, "attr-int")
+    x = 0.123456789
+    for p, value in ((path, x), (near, x * (1 + 8 * float(np.finfo(np.float32).eps))), (far, x * (1 + 1e-3)), (other, x)):
+        attrs = zarr.open_group(str(p), mode="r+", zarr_format=3)[schema.FISHER].attrs
+        attrs["probe_float"] = value
+        attrs["probe_int"] = 7 if p != other else 8
+    assert_runs_close(near, path, groups=(schema.FISHER,))
+    with pytest.raises(AssertionError, match=r"fisher: attrs differ at \['probe_float'\]"):
+        assert_runs_close(far, path, groups=(schema.FISHER,))
+    with pytest.raises(AssertionError, match=r"fisher: attrs differ at \['probe_int'\]"):
+        assert_runs_close(other, path, groups=(schema.FISHER,))
+
+
 @pytest.mark.parametrize("group", [schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP, schema.STATS])
 def test_one_value_off_by_1e_3_relative_is_rejected(run, group):
     _, path = run
