@@ -443,17 +443,19 @@ def io_ratios(io: dict, plan, n_layers: int, times: dict, scores_dtype: str, kee
     h2d = io.get("h2d_pinned_gb_s", float("inf")) * 1e9
     floor_overlap = max(grad / r, scores / w, grad / h2d)
     floor_serial = grad / r + scores / w + grad / h2d
+    sig = lambda x: float(f"{x:.3g}")  # noqa: E731 - significant digits: a tiny run's small rates must not round to 0
     return {
         "gradient_bytes": grad, "score_bytes_written": scores,
-        "extract_write_gb_s": round(grad / times["extract"] / 1e9, 3),
-        "extract_write_fraction_of_disk_write": round(grad / times["extract"] / w, 3),
-        "score_io_bound_overlapped_s": round(floor_overlap, 2), "score_io_bound_serial_s": round(floor_serial, 2),
-        "score_time_over_bound_overlapped": round(times["score"] / floor_overlap, 2),
-        "score_time_over_bound_serial": round(times["score"] / floor_serial, 2),
+        "extract_write_gb_s": sig(grad / times["extract"] / 1e9),
+        "extract_write_fraction_of_disk_write": sig(grad / times["extract"] / w),
+        "score_io_bound_overlapped_s": sig(floor_overlap), "score_io_bound_serial_s": sig(floor_serial),
+        "score_time_over_bound_overlapped": sig(times["score"] / floor_overlap),
+        "score_time_over_bound_serial": sig(times["score"] / floor_serial),
         "scores_bytes_per_layer": scores // n_layers,
         "scores_bytes_per_layer_before_compact": before,
         "scores_bytes_over_before_compact": round(scores / n_layers / before, 4),
-        "note": "bounds from the disk bandwidths and pinned H2D measured in this run (cold read, fdatasync'd write)",
+        "note": "bounds from the disk bandwidths and pinned H2D measured in this run (cold read, fdatasync'd write); "
+                "*_over_bound and *_over_before_compact: lower is better; *_fraction_of_disk_write: higher is better",
     }
 
 
