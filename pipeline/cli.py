@@ -1,38 +1,21 @@
-"""The `qkov` command line: run, stats, query, report, check, demo, validate."""
+"""The `qkov` command line: run, stats, query, info, report, check, plan, validate, demo."""
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pipeline.console import console, err, stage_progress as _stage_progress, stamp as _stamp
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  # plain help: flags show as flags (rich help printed `<bool>` beside every one) and
+                  # help texts are shown as written (rich read `[cluster]` as markup and dropped it)
+                  rich_markup_mode=None,
                   help="qkov: where do two tasks interfere inside a transformer? Per-head Fisher-normalised interference with valid statistics.")
-# Output width: a terminal's own (or COLUMNS); 160 columns where output is not a terminal (a
-# log, a pipe, a notebook's `!qkov`), so tables stay whole instead of cut at 80. Built per
-# print, never at import: a width fixed then would outlive the environment it was read from.
-PIPE_WIDTH = 160
-
-
-def _console(stderr: bool = False) -> Console:
-    c = Console(stderr=stderr)
-    if not c.is_terminal and "COLUMNS" not in os.environ:
-        c = Console(stderr=stderr, width=PIPE_WIDTH)
-    return c
-
-
-def console() -> Console:
-    return _console(stderr=False)
-
-
-def err() -> Console:
-    return _console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -54,7 +37,9 @@ def _friendly() -> Iterator[None]:
         e = corrupt_chunk_error(e) or e  # a damaged chunk read by zarr itself (a remote store): the store's fault
         if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
-            err().print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            from pipeline.errors import cli_message
+
+            err().print(f"[bold red]error:[/] {escape(cli_message(e))}", highlight=False)
             raise typer.Exit(2) from None
         raise
 
@@ -123,61 +108,19 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before_term)
 
 
-def _stamp() -> str:
-    import datetime as dt
-
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@contextmanager
-def _plain_progress(every_s: float = 30.0) -> Iterator:
-    """Progress as timestamped lines, for stderr that is not a terminal (a batch job's log):
-    a line when a stage starts and ends, at each tenth of it, and at least every `every_s` seconds."""
-    import time
-
-    state: dict[str, tuple[float, int, bool]] = {}
-
-    def tick(stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        prev = state.get(stage)
-        decile, finished = (10 * done) // max(1, total), done >= total
-        if prev is not None and (prev[2] or (not finished and decile == prev[1] and now - prev[0] < every_s)):
-            return
-        state[stage] = (now, decile, finished)
-        print(f"{_stamp()} {stage}: {done}/{total}" + (" done" if finished else ""), file=sys.stderr, flush=True)
-
-    yield tick
-
-
-@contextmanager
-def _stage_progress() -> Iterator:
-    if not err().is_terminal:
-        with _plain_progress() as tick:
-            yield tick
-        return
-    cols = (TextColumn("[bold]{task.description:<8}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*cols, console=err(), transient=False) as prog:
-        tasks: dict[str, int] = {}
-
-        def tick(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = prog.add_task(stage, total=total)
-            prog.update(tasks[stage], completed=done, total=total)
-
-        yield tick
-
-
-def _print_summary(path: str, storage_options=None, stats_name: str | None = None, top: int = 5) -> None:
-    """Where the results are, then the answers: one table per question (conflict, share,
-    differ), each naming its question, with direction, chance and effect (issue 16)."""
+def _print_summary(path: str, storage_options=None, stats: str | None = None, top: int = 5) -> None:
+    """Where the results are, how to read them (for named statistics, with `--stats NAME`),
+    then the answers: one table per question (conflict, share, differ), each naming its
+    question, with direction, chance and effect (issue 16)."""
     from pipeline.query import format_headlines, headline_tables, load_stats
 
+    named = f" --stats {stats}" if stats else ""
     console().print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
-    console().print(f"  read them with: xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
-    console().print(f"  heads:  qkov query {escape(path)} --layer L --head H      report:  qkov report {escape(path)}", highlight=False)
-    stats = load_stats(path, stats_name, storage_options)
-    console().print(format_headlines(headline_tables(stats, top)))
+    console().print(f"  read them with: qkov.answers({escape(repr(path))}{f', stats={stats!r}' if stats else ''}) (a table), "
+                    f"or xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
+    console().print(f"  slices: qkov query {escape(path)}{escape(named)} [--layer L] [--head H] [--block B]      "
+                    f"report: qkov report {escape(path)}{escape(named)}", highlight=False)
+    console().print(format_headlines(headline_tables(load_stats(path, stats, storage_options), top)))
 
 
 def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False):
@@ -203,7 +146,7 @@ def _print_cluster(client) -> None:
 
 @app.command()
 def run(
-    job_file: Path = typer.Argument(..., help="TOML job file"),
+    job_file: Path = typer.Argument(..., metavar="JOB.toml", help="TOML job file"),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Dask scheduler address (tcp://host:8786); default: [cluster] of the job, else an embedded LocalCluster"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run of the same job"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run at the output path"),
@@ -256,7 +199,7 @@ def _differ_counts(ds) -> str:
 
 @app.command()
 def stats(
-    run_path: str = typer.Argument(..., metavar="RUN", help="run directory or URL"),
+    run: str = typer.Argument(..., metavar="RUN", help="run directory or URL"),
     null: Optional[str] = typer.Option(None, "--null", help="null hypothesis (labels)"),
     n_permutations: Optional[int] = typer.Option(None, "--n-permutations"),
     n_bootstrap: Optional[int] = typer.Option(None, "--n-bootstrap"),
@@ -277,7 +220,7 @@ def stats(
     from pipeline.store import RunStore
 
     with _friendly(), _sigterm_unwinds():
-        store = RunStore(run_path)
+        store = RunStore(run)
         settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                         alternative=alternative, seed=seed)
         if scheduler:
@@ -291,50 +234,96 @@ def stats(
             console().print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
                           f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
         console().print(f"statistics written ({'stats_' + name if name else 'stats'}): " + _differ_counts(ds), highlight=False)
-        _print_summary(run_path, stats_name=name)
+        _print_summary(run, stats=name)
+
+
+FORMATS = ("table", "csv", "json")
+
+
+def _output_format(fmt: str, as_json: bool, allowed: tuple[str, ...] = FORMATS) -> str:
+    from pipeline.errors import UsageError
+
+    if fmt not in allowed:
+        raise UsageError(f"--format {fmt!r} is not one of {' | '.join(allowed)}")
+    if as_json and fmt not in ("table", "json"):
+        raise UsageError(f"--json and --format {fmt} exclude each other; choose one")
+    return "json" if as_json else fmt
+
+
+def _print_json(data) -> None:
+    import json
+
+    print(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 @app.command()
 def query(
-    run_path: str = typer.Argument(..., metavar="RUN"),
-    layer: int = typer.Option(..., "--layer"),
-    head: int = typer.Option(..., "--head"),
-    block: Optional[str] = typer.Option(None, "--block", help="Q, K, V or O (default: all)"),
-    top: int = typer.Option(10, "--top", help="number of top interfering pairs"),
-    score: str = typer.Option("interference", "--score", help="interference | alignment"),
-    as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables"),
-    stats_name: Optional[str] = typer.Option(None, "--stats", help="read the statistics named NAME (stats_<NAME>, from `qkov stats --name`)"),
+    run: str = typer.Argument(..., metavar="RUN", help="run directory or URL"),
+    layer: Optional[int] = typer.Option(None, "--layer", help="one layer (default: every layer)"),
+    head: Optional[int] = typer.Option(None, "--head", help="one query head (default: every head); K and V: its KV head's slice"),
+    block: Optional[str] = typer.Option(None, "--block", help="Q, K, V or O (default: every block)"),
+    top: int = typer.Option(10, "--top", help="top sample pairs, shown when one head is selected (--layer and --head)"),
+    score: str = typer.Option("interference", "--score", help="pairs ranked by interference (highest first) | alignment (most negative first)"),
+    stats: Optional[str] = typer.Option(None, "--stats", help="read the statistics named NAME (stats_<NAME>, from `qkov stats --name`)"),
+    fmt: str = typer.Option("table", "--format", help="table | csv (one row per slice and question, as qkov.answers) | json"),
+    as_json: bool = typer.Option(False, "--json", help="the same as --format json"),
 ) -> None:
-    """A head's statistics and its top interfering sample pairs (with your sample ids)."""
-    import json
-
-    from pipeline.query import format_query, query_head
+    """The statistics of any selection of slices (a head, all heads of a layer, one block across
+    layers, the whole run); for one head (--layer and --head) also its top sample pairs, with
+    your sample ids and texts, and its numerical health."""
+    from pipeline.query import format_query, format_slices, query as run_query
 
     with _friendly():
-        res = query_head(run_path, layer, head, block=block, top=top, score=score, stats_name=stats_name)
-        if as_json:
-            console().print_json(json.dumps(res))
+        fmt = _output_format(fmt, as_json)
+        res = run_query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats)
+        if fmt == "json":
+            _print_json(res)
+        elif fmt == "csv":
+            import pandas as pd
+
+            from pipeline.query import ANSWER_COLUMNS
+
+            sys.stdout.write(pd.DataFrame(res["slices"], columns=list(ANSWER_COLUMNS)).to_csv(index=False))
         else:
-            console().print(format_query(res))
+            console().print(format_query(res) if layer is not None and head is not None else format_slices(res))
+
+
+@app.command()
+def info(
+    run: str = typer.Argument(..., metavar="RUN", help="run directory or URL"),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+) -> None:
+    """What a run holds: its groups (named statistics stats_<NAME> included) with their settings,
+    whether each is complete, and their bytes on disk; and who holds its lock, if anyone."""
+    from pipeline.info import describe_run, format_info
+
+    with _friendly():
+        fmt = _output_format(fmt, False, ("table", "json"))
+        res = describe_run(run)
+        if fmt == "json":
+            _print_json(res)
+        else:
+            console().print(format_info(res))
 
 
 @app.command()
 def report(
-    run_path: str = typer.Argument(..., metavar="RUN"),
+    run: str = typer.Argument(..., metavar="RUN", help="run directory or URL (`.` inside a run)"),
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN-report, beside the run)"),
-    stats_name: Optional[str] = typer.Option(None, "--stats", help="report the statistics named NAME (stats_<NAME>)"),
+    stats: Optional[str] = typer.Option(None, "--stats", help="report the statistics named NAME (stats_<NAME>)"),
+    raw_means: bool = typer.Option(False, "--raw-means", help="also draw the raw A×B means (each block on its own scale)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
     from pipeline.report import make_report
 
     with _friendly():
-        html = make_report(run_path, out_dir=out, stats_name=stats_name)
+        html = make_report(run, out_dir=out, stats_name=stats, raw_means=raw_means)
         console().print(f"report: [bold]{escape(str(html))}[/]")
 
 
 @app.command()
 def check(
-    job_file: Path = typer.Argument(..., help="TOML job file"),
+    job_file: Path = typer.Argument(..., metavar="JOB.toml", help="TOML job file"),
     n_samples: int = typer.Option(4, "--n-samples", help="samples per task used by the checks"),
     prediction: bool = typer.Option(True, "--prediction/--no-prediction",
                                     help="also check that transfer predicts a measured loss change (float64 forward passes)"),
@@ -358,7 +347,7 @@ def check(
 
 @app.command()
 def plan(
-    job_file: Path = typer.Argument(..., help="TOML job file"),
+    job_file: Path = typer.Argument(..., metavar="JOB.toml", help="TOML job file"),
     resume: bool = typer.Option(False, "--resume", help="count what the run at the output already holds (as `qkov run --resume`)"),
 ) -> None:
     """Before running: predicted bytes per store group, peak disk use, peak memory per task, task
@@ -376,7 +365,7 @@ def plan(
 
 @app.command()
 def validate(
-    job_file: Path = typer.Argument(..., help="TOML job file"),
+    job_file: Path = typer.Argument(..., metavar="JOB.toml", help="TOML job file"),
     resume: bool = typer.Option(False, "--resume", help="check as `qkov run --resume` would"),
     overwrite: bool = typer.Option(False, "--overwrite", help="check as `qkov run --overwrite` would"),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="as `qkov run --scheduler` (devices are then the workers' to check)"),

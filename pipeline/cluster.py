@@ -21,6 +21,7 @@ dask/distributed/zarr version, would otherwise fail deep inside a task.
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,62 @@ def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook
 
     for name in ("distributed.worker", "distributed.worker.state_machine"):
         logging.getLogger(name).addFilter(expected_at_shutdown)
+
+
+def dask_teardown(worker) -> None:  # noqa: ARG001 - the Dask preload hook, run as the worker closes
+    """The worker process is about to exit: its final garbage collection is skipped. A spawned
+    process ends with a full collection over every object torch and transformers created
+    (`Py_FinalizeEx`), which took the nanny's 4 s grace period on a busy 2-core machine: each
+    worker was killed with "Worker process still alive after 4.0 seconds, killing". Frozen
+    objects are left to the OS; nothing in a closed worker waits on their finalizers (the
+    stores' chunks are written and closed by the tasks that wrote them)."""
+    import gc
+
+    gc.freeze()
+
+
+# The embedded clusters' worker processes are started with multiprocessing's "spawn", which by
+# default re-runs the user's main script in every worker (as `__mp_main__`) so that objects
+# defined there can be unpickled. A script that calls `qkov.run(job)` at its top level, without
+# an `if __name__ == "__main__":` guard, then started a cluster inside each worker as it
+# started ("Nanny failed to start"). qkov's workers need nothing from the user's main module
+# (tasks are qkov's own functions; cloudpickle ships anything defined in `__main__` by value),
+# so while an embedded cluster is open its worker processes are started without it.
+# Fork is no alternative: the client process already runs torch's and Dask's threads.
+WORKER_PROCESS_NAME = "Dask Worker process (from Nanny)"  # distributed.nanny.WorkerProcess
+_MAIN_KEYS = ("init_main_from_path", "init_main_from_name")
+_skip_main_open = 0
+_skip_main_lock = threading.Lock()
+_prepare_original = None
+
+
+def _preparation_data_without_main(name):
+    data = _prepare_original(name)
+    if name == WORKER_PROCESS_NAME:
+        for key in _MAIN_KEYS:
+            data.pop(key, None)
+    return data
+
+
+@contextmanager
+def workers_without_main() -> Iterator[None]:
+    """While open, the Dask worker processes this process spawns do not import its main module
+    (`multiprocessing.spawn.get_preparation_data` leaves it out for them; other processes keep it)."""
+    global _skip_main_open, _prepare_original
+    from multiprocessing import spawn
+
+    with _skip_main_lock:
+        if _skip_main_open == 0:
+            _prepare_original = spawn.get_preparation_data
+            spawn.get_preparation_data = _preparation_data_without_main
+        _skip_main_open += 1
+    try:
+        yield
+    finally:
+        with _skip_main_lock:
+            _skip_main_open -= 1
+            if _skip_main_open == 0:
+                spawn.get_preparation_data = _prepare_original
 
 
 def gpu_cluster(options: dict[str, dict[str, Any]]):
@@ -368,8 +425,6 @@ def gpu_workers(client) -> list[str]:
 @contextmanager
 def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[object]:
     """A distributed Client for the run; what it started is closed on exit."""
-    from distributed import Client
-
     address = scheduler or spec.address
     if address:
         client = connect(address)
@@ -383,15 +438,25 @@ def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[
     if spec.profile:
         profile = parse_profile(spec.profile, spec.profiles[spec.profile])
         cluster, asked = profile_cluster(profile)
-    else:
-        profile, cluster, asked = None, local_cluster(spec), 0
+        with _client_of(cluster) as client:
+            wait = asked if profile.wait_for_workers is None else profile.wait_for_workers
+            await_workers(client, wait, profile.wait_timeout, f"profile {profile.name!r}")
+            check_workers(client)
+            yield client
+        return
+    with workers_without_main():  # held while the cluster lives: a nanny may restart a worker at any time
+        with _client_of(local_cluster(spec)) as client:
+            yield client
+
+
+@contextmanager
+def _client_of(cluster) -> Iterator[object]:
+    """A Client of `cluster`; both closed on exit (the cluster also when the Client fails)."""
+    from distributed import Client
+
     try:
         client = Client(cluster)
         try:
-            if profile is not None:
-                wait = asked if profile.wait_for_workers is None else profile.wait_for_workers
-                await_workers(client, wait, profile.wait_timeout, f"profile {profile.name!r}")
-                check_workers(client)
             yield client
         finally:
             client.close()

@@ -5,7 +5,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from .errors import StoreError
+from .errors import StoreError, option
 from .spec import JobSpec, parse_job
 from .store import RunStore
 
@@ -33,10 +33,11 @@ def may_replace(job: JobSpec, overwrite: bool) -> bool:
     same = bool(old) and old.get("model") == mine["model"] and all(
         (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in ("a", "b"))
     if not store.is_run():
-        raise StoreError(f"--out {store.path} exists and is not a qkov run; refusing to write into it. Choose another --out.")
+        raise StoreError(f"{option('out', store.path)} exists and is not a qkov run; refusing to write into it. "
+                         f"Choose another {option('out', 'DIR')}.")
     if not same:
-        raise StoreError(f"--out {store.path} holds a qkov run that `qkov demo` did not make; refusing to replace it. "
-                         "Choose another --out, or pass --overwrite to replace it.")
+        raise StoreError(f"{option('out', store.path)} holds a qkov run that `qkov demo` did not make; refusing to replace it. "
+                         f"Choose another {option('out', 'DIR')}, or pass {option('overwrite')} to replace it.")
     return True
 
 

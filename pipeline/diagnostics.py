@@ -47,7 +47,7 @@ import xarray as xr
 from workers.fisher import REG_FLOOR
 
 from . import schema as S
-from .errors import StoreError, UsageError
+from .errors import StoreError, UsageError, param
 from .store import RunStore, decoded, provenance, scores_view
 
 OUTLIER_Z = 3.5  # Iglewicz & Hoaglin's cut for the modified z-score
@@ -495,10 +495,10 @@ def resolve_samples(scores: xr.Dataset, requested: Sequence[str]) -> np.ndarray:
                 unknown.append(p)
     if ambiguous:
         names = list(tasks)
-        raise UsageError(f"--exclude: sample id(s) {ambiguous[:5]} occur in both tasks; write "
+        raise UsageError(f"{param('exclude')}: sample id(s) {ambiguous[:5]} occur in both tasks; write "
                          f"'{names[0]}:ID' or '{names[1]}:ID'")
     if unknown:
-        raise UsageError(f"--exclude: {len(unknown)} id(s) are not among the run's scored samples: {unknown[:5]}"
+        raise UsageError(f"{param('exclude')}: {len(unknown)} id(s) are not among the run's scored samples: {unknown[:5]}"
                          f"{' …' if len(unknown) > 5 else ''} (e.g. {', '.join(ids[:3])}; samples skipped for "
                          "non-finite gradients are not in the scores)")
     return np.array(sorted(found), dtype=np.int64)
@@ -509,7 +509,7 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
     pooled matrices and of the A×B blocks; n_a / n_b follow. Needs ≥ 2 samples left per task
     (the within-task means of the effect sizes take pairs of different samples)."""
     if not any(S.pooled_name(s) in scores for s in S.SCORES):
-        raise UsageError(f"--exclude recomputes the statistics from the stored pair scores, and this run stored none "
+        raise UsageError(f"{param('exclude')} recomputes the statistics from the stored pair scores, and this run stored none "
                          f"(score.keep_pairs = {scores.attrs.get('keep_pairs')!r}); rerun with keep_pairs = \"all\" to "
                          "leave samples out afterwards, or drop them from the task files")
     is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
@@ -517,7 +517,7 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
     keep[np.asarray(drop, dtype=np.int64)] = False
     left_a, left_b = int((keep & is_a).sum()), int((keep & ~is_a).sum())
     if min(left_a, left_b) < 2:
-        raise UsageError(f"--exclude leaves {left_a} sample(s) of task {scores.attrs.get(S.ATTR_TASK_A)!r} and {left_b} of "
+        raise UsageError(f"{param('exclude')} leaves {left_a} sample(s) of task {scores.attrs.get(S.ATTR_TASK_A)!r} and {left_b} of "
                          f"{scores.attrs.get(S.ATTR_TASK_B)!r}; the statistics need at least 2 per task")
     idx = np.flatnonzero(keep)
     sums = [v for v in scores.data_vars if v.startswith(S.stat_sums_name(""))]  # reduced over every sample: not these

@@ -7,9 +7,54 @@ callers that caught those before keep working.
 """
 from __future__ import annotations
 
+import re
+
+# An option a message tells the user to pass reads as the caller spells it: `--replace` on the
+# command line, `replace=True` in Python. Messages carry it as a marker (`option`); str(error)
+# is the Python spelling and `cli_message(error)` the command line's.
+_MARK = "\x00"
+_OPTION = re.compile(f"{_MARK}([^{_MARK}]*){_MARK}([^{_MARK}]*){_MARK}")
+
+
+_BARE = "\x01"
+
+
+def option(name: str, value: str | None = None) -> str:
+    """`name` (the API parameter) passed in a message: `--name VALUE` on the command line,
+    `name=VALUE` in Python; without a value a flag: `--name` / `name=True`."""
+    return f"{_MARK}{name}{_MARK}{value or ''}{_MARK}"
+
+
+def param(name: str) -> str:
+    """`name` (the API parameter) named in a message: `--name` on the command line, `name` in Python."""
+    return f"{_MARK}{name}{_MARK}{_BARE}{_MARK}"
+
+
+def render(message: str, cli: bool) -> str:
+    """A message with its options spelled for the command line (cli) or for Python."""
+    def spell(m: re.Match) -> str:
+        name, value = m.group(1), m.group(2)
+        flag = "--" + name.replace("_", "-")
+        if value == _BARE:
+            return flag if cli else name
+        if cli:
+            return flag + (f" {value}" if value else "")
+        return f"{name}={value or 'True'}"
+
+    return _OPTION.sub(spell, message)
+
 
 class QkovError(Exception):
-    """An error the user can fix; the message names what to change."""
+    """An error the user can fix; the message names what to change (options as Python
+    parameters; `cli_message` spells them as command-line flags)."""
+
+    def __str__(self) -> str:
+        return render(super().__str__(), cli=False)
+
+
+def cli_message(e: BaseException) -> str:
+    """What the command line prints for an error: options spelled as flags."""
+    return render(Exception.__str__(e), cli=True) if isinstance(e, QkovError) else str(e)
 
 
 class UsageError(QkovError, ValueError):

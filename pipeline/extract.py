@@ -22,7 +22,7 @@ from workers.writer import ShardResult, ShardTask, extract_shards
 
 from . import schema
 from .spec import JobSpec
-from .errors import JobFileError, NonFiniteGradientError, StoreError, TaskFileError
+from .errors import JobFileError, NonFiniteGradientError, StoreError, TaskFileError, option
 from .store import RunStore, provenance
 
 
@@ -385,16 +385,16 @@ def _check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
         scheme = root[schema.GRADIENTS].attrs.get(schema.ATTR_SKETCH_PROJECTION, "randperm-v1")
         if scheme != PROJECTION_SCHEME:
             raise StoreError(
-                f"--resume refused: this run's sketches were drawn with projection scheme {scheme!r} and this "
+                f"{option('resume')} refused: this run's sketches were drawn with projection scheme {scheme!r} and this "
                 f"qkov draws {PROJECTION_SCHEME!r}; finishing it would mix sketches that do not compare. "
-                "Start over with --overwrite."
+                f"Start over with {option('overwrite')}."
             )
     check_same_checkpoint(store, plan)
     stored = root[schema.WORK].attrs.get(schema.ATTR_PLAN)
     if stored is not None and stored != plan.fingerprint():
         raise StoreError(
-            "--resume refused: the samples differ from those this run started with (a task file or the "
-            "tokenizer changed since); restore them, or start over with --overwrite."
+            f"{option('resume')} refused: the samples differ from those this run started with (a task file or the "
+            f"tokenizer changed since); restore them, or start over with {option('overwrite')}."
         )
 
 
@@ -408,9 +408,9 @@ def check_same_checkpoint(store: RunStore, plan: ExtractPlan) -> None:
         return
     if stored and plan.checkpoint and stored != plan.checkpoint:
         raise StoreError(
-            f"--resume refused: the model's weight files differ from those this run started with (checkpoint "
+            f"{option('resume')} refused: the model's weight files differ from those this run started with (checkpoint "
             f"fingerprint {stored} then, {plan.checkpoint} now); finishing it would mix two models' gradients. "
-            "Restore the weights, or start over with --overwrite."
+            f"Restore the weights, or start over with {option('overwrite')}."
         )
 
 
@@ -476,10 +476,10 @@ def _finish_pass(store: RunStore, plan: ExtractPlan, results: list[ShardResult],
         raise NonFiniteGradientError(
             f"non-finite loss or gradients for {len(rejected)} sample(s): {rejected}; their shards were not written. "
             "Drop them from the task files, or set extract.nonfinite = 'skip' to record and exclude them "
-            "(then rerun with --overwrite)."
+            f"(then rerun with {option('overwrite')})."
         )
     if pending_shards(store, plan, record):
-        raise StoreError("some extraction shards did not complete; rerun with --resume")
+        raise StoreError(f"some extraction shards did not complete; rerun with {option('resume')}")
     return whash, skipped
 
 

@@ -28,7 +28,7 @@ import xarray as xr
 
 from . import schema
 from .diagnostics import compute_with_diagnostics
-from .errors import StoreError
+from .errors import StoreError, option
 from .extract import ExtractPlan, checksummed, run_extract
 from .score import compact_scores
 from .spec import JobSpec
@@ -182,12 +182,14 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         work.attrs[schema.ATTR_GROUPS_DONE] = []
     layers = [l for g in groups for l in g]
     if layers != list(plan.layers):
-        raise StoreError(f"--resume refused: this run's layer groups {groups} do not cover the job's layers {list(plan.layers)}")
+        raise StoreError(f"{option('resume')} refused: this run's layer groups {groups} do not cover the job's layers {list(plan.layers)}")
     done = set(work.attrs.get(schema.ATTR_GROUPS_DONE, []))
     n_shards = len(plan.shards)
     total = {"shards": n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [], "groups": len(groups),
              "setup_s": 0.0, "extract_s": 0.0, "score_s": 0.0, "drop_s": 0.0}  # time spent in each, summed over the groups
-    tick("score", len(done), len(groups))
+    # progress in the order the stages run: extraction starts (its first group), scoring follows it
+    tick("extract", len(done) * n_shards, n_shards * len(groups))
+    scoring = False
     _leftovers(store)
     dropper, last_bytes = _Dropper(store), 0
     for k, group in enumerate(groups):
@@ -212,6 +214,10 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             total["computed"] += res["computed"]
             total["weights_hash"] = res["weights_hash"]
             total["skipped"] = res["skipped"]
+        tick("extract", (k + 1) * n_shards, n_shards * len(groups))  # also for a group extracted before a resume
+        if not scoring:
+            tick("score", len(done), len(groups))
+            scoring = True
         t0 = time.perf_counter()
         grads, fisher = sub.open_gradients(decode=False), sub.open_fisher()
         readers = sub.direct_chunks(schema.GRADIENTS)  # score tasks read their own rows, as in run_score
@@ -239,6 +245,8 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
         work.attrs[schema.ATTR_GROUPS_DONE] = sorted(done)  # recorded before the gradients go
         last_bytes = max(last_bytes, du(sub.path))
         dropper.drop(sub, k)
+        tick("score", len(done), len(groups))
+    if not scoring:  # every group was scored before a resume
         tick("score", len(done), len(groups))
     dropper.wait()
     total["drop_s"] = dropper.waited

@@ -382,6 +382,158 @@ def _table(stats: xr.Dataset, key: str, score: str, alpha) -> tuple[dict, dict]:
                "rows": [], "n_found": 0}
 
 
+# ---------------------------------------------------------------- answers: one tidy table
+
+# One row per family slice and question: what the headline tables show (conflict / synergy,
+# shared, differ from chance), each row saying its question in words and the unit of its
+# estimate. Columns that do not apply to a question hold NaN.
+ANSWER_KEYS: tuple[str, ...] = ("block", "layer", "head", "kv_head", "score", "question", "asks", "units")
+ANSWER_VALUES: tuple[str, ...] = ("estimate", "ci_low", "ci_high", "p_value", "q_value", "significant", "direction", "verdict")
+ANSWER_EXTRAS: tuple[str, ...] = (
+    "mean", "chance", "effect_rel", "p_fwer", "q_value_hier", "layer_q_value",  # differ
+    "cosine", "cosine_ci_low", "cosine_ci_high",  # transfer
+    "sharing_ab", "sharing_ab_ci_low", "sharing_ab_ci_high", "sharing_ba", "sharing_ba_ci_low", "sharing_ba_ci_high",  # shared
+)
+ANSWER_COLUMNS: tuple[str, ...] = ANSWER_KEYS + ANSWER_VALUES + ANSWER_EXTRAS
+PLAIN_DIRECTION = {1: "above chance", -1: "below chance", 0: "not significant"}
+
+
+def _answer_texts(question: str, score: str, a: str, b: str, stats: xr.Dataset) -> tuple[str, str]:
+    """(the question in words, the unit of its estimate), with the tasks' names."""
+    if question == "differ":
+        return (f"Do {a} and {b} differ in this slice: is the mean {score} over {a} x {b} pairs above or below "
+                "chance (the mean under random task labels)?",
+                f"{score} score units; estimate = mean - chance")
+    if question == "transfer":
+        units = stats["transfer"].attrs.get("units") if "transfer" in stats else None
+        return (f"Does a natural-gradient step on {b}'s loss, through this slice, raise {a}'s loss (conflict) "
+                "or lower it (synergy)?",
+                units or "minus the first-order change of A's loss per unit natural-gradient step on B")
+    return (f"Do {a} and {b} share this slice: do their gradients land on the weights the other's loss depends "
+            "on as heavily as on their own?",
+            f"ratio, the geometric mean of {a}->{b} and {b}->{a} (sharing_ab, sharing_ba): 1 = as heavily as a "
+            "task's own samples, -> 0 = separated")
+
+
+def answers_table(stats: xr.Dataset, tasks: tuple[str, str] = ("A", "B")):
+    """`qkov.answers` on an opened stats dataset (pure): a pandas DataFrame with one row per
+    family slice and question, in the order differ (per score), transfer, shared; within a
+    question by block, layer, head. `kv_head` is the KV head the row's head reads (K/V rows
+    are that KV head's slice); `estimate` with `ci_low`/`ci_high` is the effect (differ: mean −
+    chance), transfer, or sharing ratio; p/q/significant/direction belong to the question's
+    test (NaN, False and 0 for `shared`, which has none). `attrs` hold the statistics' settings."""
+    import pandas as pd
+
+    a, b = tasks
+    scores = [str(s) for s in stats[schema.SCORE].values]
+    n = _family_index(stats)[0].size
+    frames = []
+
+    def frame(t: dict, score: str, question: str, values: dict) -> None:
+        asks, units = _answer_texts(question, score, a, b, stats)
+        kv_of = np.array([int(kv[heads.index(h)]) for h in t["head"]], dtype=np.int64)
+        cols = {"block": t["block"].astype(str), "layer": t["layer"].astype(np.int64), "head": t["head"].astype(np.int64),
+                "kv_head": kv_of, "score": score, "question": question, "asks": asks, "units": units}
+        cols.update(values)
+        frames.append(pd.DataFrame({c: cols.get(c, np.full(n, np.nan)) for c in ANSWER_COLUMNS}))
+
+    kv = np.asarray(stats[schema.KV_HEAD].values)
+    heads = [int(h) for h in stats[schema.HEAD].values]
+    for score in scores:
+        t = slice_table(stats, score)
+        direction = np.nan_to_num(t["direction"]).astype(np.int64)
+        frame(t, score, "differ", {
+            "estimate": t["effect"], "ci_low": t["effect_ci_low"], "ci_high": t["effect_ci_high"],
+            "p_value": t["p_value"], "q_value": t["q_value"], "significant": np.nan_to_num(t["significant"]) > 0,
+            "direction": direction, "verdict": np.array([PLAIN_DIRECTION[d] for d in direction], dtype=object),
+            **{v: t[v] for v in ("mean", "chance", "p_fwer", "q_value_hier", "layer_q_value")},
+            "effect_rel": t["effect_rel"] if score == "interference" else np.full(n, np.nan)})
+    if "alignment" in scores and "transfer" in stats:
+        t = slice_table(stats, "alignment")
+        direction = np.nan_to_num(t["transfer_direction"]).astype(np.int64)
+        frame(t, "alignment", "transfer", {
+            "estimate": t["transfer"], "ci_low": t["transfer_ci_low"], "ci_high": t["transfer_ci_high"],
+            "p_value": t["transfer_p_value"], "q_value": t["transfer_q_value"], "significant": direction != 0,
+            "direction": direction, "verdict": np.array([TRANSFER_WORDS[d] for d in direction], dtype=object),
+            **{v: t[v] for v in ("cosine", "cosine_ci_low", "cosine_ci_high")}})
+    if "interference" in scores and "sharing_ab" in stats:
+        t = slice_table(stats, "interference")
+        frame(t, "interference", "shared", {
+            "estimate": t["sharing"], "significant": np.zeros(n, dtype=bool), "direction": np.zeros(n, dtype=np.int64),
+            "verdict": "no test (a ratio)",
+            **{v: t[v] for v in ANSWER_EXTRAS if v.startswith("sharing_")}})
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(ANSWER_COLUMNS))
+    df.attrs.update({k: stats.attrs[k] for k in SETTINGS_SHOWN if k in stats.attrs})
+    return df
+
+
+def _task_names(store: RunStore) -> tuple[str, str]:
+    attrs = store.group_attrs(schema.SCORES_GROUP) or {}
+    return str(attrs.get(schema.ATTR_TASK_A, "A")), str(attrs.get(schema.ATTR_TASK_B, "B"))
+
+
+def answers(run: "str | RunStore", stats: str | None = None, storage_options: dict | None = None):
+    """The run's answers as a tidy pandas DataFrame (`answers_table`) from `stats` (or `stats_<name>`)."""
+    store = RunStore.coerce(run, storage_options)
+    return answers_table(store.open_stats(stats), _task_names(store))
+
+
+def _records(df) -> list[dict]:
+    """DataFrame rows as JSON-able dicts (NaN → None)."""
+    return [{k: _num(v) if isinstance(v, (float, np.floating, np.integer, np.bool_, bool)) else v for k, v in r.items()}
+            for r in df.to_dict(orient="records")]
+
+
+def select_slices(df, stats: xr.Dataset, layer: int | None = None, head: int | None = None, block: str | None = None):
+    """The answers rows of the slices a `qkov query` selection names: `head` selects Q/O rows of
+    that query head and the K/V rows of its KV head (K/V slices are stored once per KV head)."""
+    keep = np.ones(len(df), dtype=bool)
+    if layer is not None:
+        keep &= (df["layer"] == layer).to_numpy()
+    if block is not None:
+        keep &= (df["block"] == block).to_numpy()
+    if head is not None:
+        kv = int(stats[schema.KV_HEAD].sel({schema.HEAD: head}).values)
+        shared = df["block"].map(lambda b: schema.head_dim(b) == schema.KV_HEAD).to_numpy() & _grouped(stats)
+        keep &= np.where(shared, (df["kv_head"] == kv).to_numpy(), (df["head"] == head).to_numpy())
+    return df[keep].reset_index(drop=True)
+
+
+def query(run: "str | RunStore", layer: int | None = None, head: int | None = None, block: str | None = None,
+          top: int = 10, score: str = "interference", stats: str | None = None,
+          storage_options: dict | None = None) -> dict[str, Any]:
+    """`qkov query` with any subset of layer, head and block (none: the whole run). Always:
+    `slices`, the `answers` rows of the selected slices (JSON-able), and what the run is.
+    With both `layer` and `head`, also the head's statistics per block, its top `top` pairs by
+    `score` and its health (`query_head`'s keys)."""
+    store = RunStore.coerce(run, storage_options)
+    if layer is not None and head is not None:
+        res = query_head(store, layer, head, block=block, top=top, score=score, stats_name=stats)
+        st = store.open_stats(stats)
+        block = res["blocks"][0]["block"] if block is not None else None
+    else:
+        if score not in schema.SCORES:
+            raise UsageError(f"score {score!r} is unknown; choose one of {', '.join(schema.SCORES)}")
+        store.require(schema.SCORES_GROUP)
+        st = store.open_stats(stats)
+        for what, value, valid in (("layer", layer, [int(x) for x in st[schema.LAYER].values]),
+                                   ("head", head, [int(x) for x in st[schema.HEAD].values]),
+                                   ("block", None if block is None else block.upper(), [str(b) for b in st[schema.BLOCK].values])):
+            if value is not None:
+                _check_choice(what, value, valid)
+        block = None if block is None else block.upper()
+        a, b = _task_names(store)
+        scores_attrs = store.group_attrs(schema.SCORES_GROUP) or {}
+        res = {"run": store.path, "layer": layer, "head": head, "block": block, "tasks": {"a": a, "b": b},
+               "n_a": scores_attrs.get(schema.ATTR_N_A), "n_b": scores_attrs.get(schema.ATTR_N_B),
+               "stats_group": schema.stats_group(stats),
+               "excluded_samples": list(st.attrs.get(schema.ATTR_EXCLUDED) or []),
+               "settings": {k: st.attrs.get(k) for k in SETTINGS_SHOWN if k in st.attrs}}
+    df = select_slices(answers_table(st, (res["tasks"]["a"], res["tasks"]["b"])), st, layer, head, block)
+    res["slices"] = _records(df)
+    return res
+
+
 # ---------------------------------------------------------------- rich rendering
 
 
@@ -586,6 +738,53 @@ def format_query(result: dict):
 
     parts += [d for d in (format_head_diagnostics(result, blk) for blk in result["blocks"]) if d is not None]
     return Group(*parts)
+
+
+def _selection_words(res: dict) -> str:
+    parts = [f"{k} {res[k]}" for k in ("block", "layer", "head") if res.get(k) is not None]
+    return ", ".join(parts) if parts else "every slice"
+
+
+def format_slices(res: dict):
+    """A rich table of `query`'s selected slices, one row per (block, layer, head): does the
+    slice's interference differ from chance, do the tasks share it, does a step on one task
+    help or hurt the other through it. Every number in full (cells fold, never cut)."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    a, b = res["tasks"]["a"], res["tasks"]["b"]
+    by_slice: dict[tuple, dict[str, dict]] = {}
+    for r in res["slices"]:
+        key = (r["block"], r["layer"], r["head"], r["kv_head"])
+        by_slice.setdefault(key, {})[f"{r['question']}/{r['score']}"] = r
+    settings = res["settings"]
+    t = Table(title=_plain(f"{_selection_words(res)} — {a} × {b}, {len(by_slice)} slice(s): do the tasks differ, share, "
+                           "conflict?"),
+              caption=_plain(f"{res['stats_group']}: vs chance = interference vs the labels null ({settings.get('alternative')}, "
+                             f"{settings.get('n_permutations')} permutations, BH q ≤ {settings.get('alpha')}), effect = (mean − "
+                             "chance) / chance; sharing = geometric mean of both directions' mean interference over A×B / the "
+                             "task's own (1 = shared, → 0 = separated); transfer = <g_A, g_B> tested against 0 (conflict < 0 < "
+                             "synergy); K/V rows are their KV head's slice. Every number with its CI: --format csv or json."),
+              title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    cols = (("block", "left"), ("layer", "right"), ("head", "right"), ("vs chance", "left"), ("effect", "right"),
+            ("q", "right"), ("sharing", "right"), ("transfer", "left"), ("transfer [CI]", "right"), ("q", "right"),
+            ("cosine [CI]", "right"))
+    for col, just in cols:
+        t.add_column(_plain(col), justify=just, overflow="fold")
+    grouped = any(r["kv_head"] != r["head"] for r in res["slices"])
+    for (blk, layer, head, kv), rows in by_slice.items():
+        d = rows.get("differ/interference", {})
+        tr = rows.get("transfer/alignment", {})
+        label = f"{head} (kv {kv})" if grouped and schema.head_dim(blk) == schema.KV_HEAD else str(head)
+        vs = DIRECTION_WORDS.get(d.get("direction"), "?")
+        verdict = tr.get("verdict", "–")
+        t.add_row(blk, str(layer), label, Text(vs, style=_dir_style(vs)), _pct(d.get("effect_rel")),
+                  _fmt(d.get("q_value"), ".3g"), _fmt(rows.get("shared/interference", {}).get("estimate"), ".3f"),
+                  Text(verdict, style=_dir_style(verdict)),
+                  _plain(_fmt(tr.get("estimate"), ".3g") + _ci({"e_ci_low": tr.get("ci_low"), "e_ci_high": tr.get("ci_high")}, "e")),
+                  _fmt(tr.get("q_value"), ".3g"), _plain(_fmt(tr.get("cosine"), ".2f") + _ci(tr, "cosine", ".2f")))
+    return t
 
 
 def format_significant(rows: list[dict]):

@@ -41,7 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from . import schema
-from .errors import UsageError
+from .errors import UsageError, option
 from .query import (QUESTIONS, describe_values, direction_words, head_label, headline_cells, headline_tables,
                     headline_title, slice_table)
 from .store import RunStore, is_url
@@ -380,6 +380,14 @@ def shown_path(path: Any, out: Path | None, run_parent: Path | None) -> str | No
     return f"…/{local.name}"
 
 
+def _score_settings(score: dict) -> dict[str, Any]:
+    """The [score] settings the header shows: the sketch's only in sketch mode (an exact run's
+    config still carries the default sketch_dim, which described nothing it did)."""
+    shown = ("mode", "sketch_dim", "sketch_seed", "storage_dtype", "include_bias") if score.get("mode") == "sketch" else (
+        "mode", "storage_dtype", "include_bias")
+    return {k: score[k] for k in shown if k in score}
+
+
 def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS, out: Path | None = None) -> dict[str, Any]:
     """What the page header shows: model, tasks, sample counts, settings, provenance (paths as
     `shown_path` writes them, relative to `out`)."""
@@ -406,7 +414,7 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
         "skipped": list(grads.get(schema.ATTR_SKIPPED_SAMPLES, [])),
         "max_length": model.get("max_length"),
         "fisher": {k: fisher.get(k) for k in ("source", "beta", "batch_size", "damping_rel", "damping_abs") if k in fisher},
-        "score": {k: v for k, v in cfg.get("score", {}).items() if k in ("mode", "sketch_dim", "storage_dtype", "include_bias")},
+        "score": _score_settings(cfg.get("score", {})),
         "stats": {k: stats.attrs.get(k) for k in ("null", "alternative", "n_permutations", "n_bootstrap", "alpha",
                                                  "ci_level", "seed", "family_size") if k in stats.attrs},
         "stats_group": stats_group,
@@ -945,7 +953,7 @@ def _check_out_dir(out: Path) -> None:
     """The report folder is new, empty, or an earlier qkov report (its run_info.json says so):
     a user's own report.html (or a file where the folder should be) is never overwritten."""
     if out.exists() and not out.is_dir():
-        raise UsageError(f"cannot write the report to {out}: it is a file, not a folder. Choose another --out.")
+        raise UsageError(f"cannot write the report to {out}: it is a file, not a folder. Choose another {option('out', 'DIR')}.")
     if not out.is_dir():
         return
     ours = False
@@ -957,7 +965,7 @@ def _check_out_dir(out: Path) -> None:
                    or (p.name.startswith(FIGURE_PREFIXES) and p.suffix in (".png", ".svg")))
     if clash and not ours:
         raise UsageError(f"{out} holds {', '.join(clash)} that qkov did not write; refusing to overwrite them. "
-                         "Choose another --out (a new or empty folder, or an earlier qkov report).")
+                         f"Choose another {option('out', 'DIR')} (a new or empty folder, or an earlier qkov report).")
 
 
 def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storage_options: dict | None = None,
@@ -982,7 +990,7 @@ def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storag
         _add_health_panel(path, store, stats)
         return path
     except OSError as e:
-        raise UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable --out.") from None
+        raise UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable {option('out', 'DIR')}.") from None
 
 
 def _add_health_panel(page: Path, store: RunStore, stats: xr.Dataset, top: int = 10) -> None:

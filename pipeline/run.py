@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import schema
-from .errors import StoreError, UsageError
+from .errors import StoreError, UsageError, option
 from .executors import executor_for
 from .extract import plan_extract, run_extract
 from .score import run_score
@@ -50,26 +50,26 @@ def _check_resumable(store: RunStore, job: JobSpec) -> None:
     version = store.root().attrs.get(schema.ATTR_SCHEMA)
     if version != schema.SCHEMA_VERSION:
         raise StoreError(
-            f"--resume refused: {store.path} was written with store schema version {version}, this qkov writes "
-            f"version {schema.SCHEMA_VERSION}; start over with --overwrite or use the qkov that wrote it."
+            f"{option('resume')} refused: {store.path} was written with store schema version {version}, this qkov writes "
+            f"version {schema.SCHEMA_VERSION}; start over with {option('overwrite')} or use the qkov that wrote it."
         )
     # where the work runs and where the run lives (a moved or synced run) may change between
     # attempts; what is computed may not
     diff = [k for k in config_differences(store.config(), job.config_dict()) if not k.startswith(("cluster.", "output."))]
     if diff:
         raise StoreError(
-            f"--resume refused: the job file differs from the one this run was started with, at {diff}. "
-            "Restore those keys, or start over with --overwrite."
+            f"{option('resume')} refused: the job file differs from the one this run was started with, at {diff}. "
+            f"Restore those keys, or start over with {option('overwrite')}."
         )
 
 
 def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool) -> bool:
     """Decide fresh vs resume (the caller holds the lock); returns True when the run starts fresh."""
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; choose one")
+        raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
     exists = store.exists()
     if exists and not (resume or overwrite):
-        raise StoreError(f"output {store.path} already exists; pass --resume to continue it or --overwrite to replace it")
+        raise StoreError(f"output {store.path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it")
     if exists and resume:
         _check_resumable(store, job)
         return False
@@ -90,7 +90,7 @@ def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool
     writable, no live run owns it, and an existing output is resumable or replaceable. With
     `plan` (a resume), the samples and weight files must be those the run started with."""
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; choose one")
+        raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
     check_reachable(store)
     held = store.read_lock()
     if held is not None:
@@ -103,7 +103,7 @@ def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool
             )
     exists = store.exists()
     if exists and not (resume or overwrite):
-        raise StoreError(f"output {store.path} already exists; pass --resume to continue it or --overwrite to replace it")
+        raise StoreError(f"output {store.path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it")
     if exists and resume:
         _check_resumable(store, job)
         if plan is not None and _has_template(store):
@@ -164,7 +164,7 @@ def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, lo
     from .extract import plan_extract
 
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; choose one")
+        raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
     store = RunStore.of(job)
     check_reachable(store)
     done = resume and store.exists() and all(store.is_complete(g) for g in (schema.GRADIENTS, schema.FISHER))
@@ -233,7 +233,7 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
     The whole run holds the output's lock: a second run on it is refused.
     """
     if resume and overwrite:
-        raise UsageError("--resume and --overwrite exclude each other; choose one")
+        raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
     store = RunStore.of(job)
     summary = RunSummary(store.path)
     if plan is UNPLANNED:  # the CLI ran `preflight` before starting its cluster
@@ -276,7 +276,9 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             from .layer_groups import run_layer_groups
 
             plan = plan or plan_extract(job)
-            summary.extract = run_layer_groups(store, job, executor, plan, progress=tick)
+            summary.extract = ex = run_layer_groups(store, job, executor, plan, progress=tick)
+            # the stages interleave group by group: each one's time summed over the groups
+            summary.timings.update(extract=ex["setup_s"] + ex["extract_s"], score=ex["score_s"], drop=ex["drop_s"])
 
         from .layer_groups import is_grouped
 
@@ -295,7 +297,7 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
                 summary.skipped_stages.append(name)
             else:
                 stage()
-            summary.timings[name] = time.perf_counter() - t
+            summary.timings.setdefault(name, time.perf_counter() - t)
         t = time.perf_counter()
         if grouped or not job.output.keep_work:  # every stage is complete: its bookkeeping is not needed
             store.delete(schema.WORK)

@@ -11,6 +11,17 @@ SCHEMA_VERSION = 1
 
 BLOCKS: tuple[str, ...] = ("Q", "K", "V", "O")
 SCORES: tuple[str, ...] = ("interference", "alignment")
+# what each pair score answers, as the `scores` variables' attrs (question, units, direction)
+SCORE_DOCS: dict[str, tuple[str, str, str]] = {
+    "interference": ("How heavily does sample j's gradient land on the weights sample i's loss depends on, in this "
+                     "slice? M[i, j] = sum_p g_i[p]^2 / (I[p] + lambda) * |g_j[p]| (Fisher-normalised; asymmetric)",
+                     "gradient units: g_i^2 / (I + lambda) is unitless, times |g_j|",
+                     ">= 0; larger = j's gradient lands more heavily on the weights i depends on"),
+    "alignment": ("Does a natural-gradient step on sample j's loss, in this slice, lower or raise sample i's loss? "
+                  "A[i, j] = sum_p g_i[p] * g_j[p] / (I[p] + lambda) (symmetric)",
+                  "minus the first-order change of i's loss per unit natural-gradient step on j's loss",
+                  "negative = conflict (the step raises i's loss), positive = synergy, 0 = orthogonal"),
+}
 
 # groups
 GRADIENTS = "gradients"

@@ -24,7 +24,7 @@ import xarray as xr
 
 from . import schema as S
 from . import stats as st
-from .errors import StatsStageError, UsageError, corrupt_chunk_error
+from .errors import StatsStageError, UsageError, corrupt_chunk_error, option, param
 from .spec import StatsSpec, config_hash
 from .store import RunStore, provenance
 
@@ -402,7 +402,7 @@ def _check_target(store: RunStore, group: str, settings: StatsSpec, replace: boo
         diff = ", ".join(f"{k}: {old[k]!r} -> {new[k]!r}" for k in (*SETTINGS_KEYS, S.ATTR_EXCLUDED) if old[k] != new[k])
         raise StatsStageError(
             f"group '{group}' in {store.path} holds statistics with different settings ({diff}); "
-            "pass replace=True (--replace) to overwrite it, or a name (--name) to write 'stats_<name>' beside it"
+            f"pass {option('replace')} to overwrite it, or {option('name', 'NAME')} to write 'stats_NAME' beside it"
         )
 
 
@@ -456,12 +456,17 @@ def run_stats(store: RunStore, settings: StatsSpec, executor=None, *, name: str 
     return ds
 
 
-def stats_settings(store: RunStore, **overrides: Any) -> StatsSpec:
-    """The run's stored [stats] settings with `overrides` (None = keep) applied and validated;
-    errors name the option (`--n-permutations`)."""
+def stats_settings(store: RunStore, name: str | None = None, **overrides: Any) -> StatsSpec:
+    """The settings of the statistics `stats` (or `stats_<name>`) with `overrides` (None = keep)
+    applied and validated: the group's own settings where it holds finished statistics, else the
+    run's [stats] settings. So a rerun of a named group changes only what is passed, and its
+    refusal names only those differences. Errors name the option (`--n-permutations`)."""
     from pydantic import ValidationError
 
-    base = store.config().get("stats", {})
+    base = dict(store.config().get("stats", {}))
+    held = store.group_attrs(S.stats_group(name))
+    if held is not None and held.get(S.ATTR_COMPLETE) is True:
+        base.update({k: held[k] for k in SETTINGS_KEYS if k in held})
     unknown = sorted(set(overrides) - set(SETTINGS_KEYS))
     if unknown:
         raise UsageError(f"unknown statistics settings {unknown}; known: {list(SETTINGS_KEYS)}")
@@ -469,7 +474,7 @@ def stats_settings(store: RunStore, **overrides: Any) -> StatsSpec:
     try:
         return StatsSpec(**{**base, **given})
     except ValidationError as e:
-        raise UsageError("; ".join(f"--{'-'.join(str(x) for x in er['loc']).replace('_', '-')}: {er['msg']}"
+        raise UsageError("; ".join(f"{param('_'.join(str(x) for x in er['loc']))}: {er['msg']}"
                                    for er in e.errors())) from None
 
 
@@ -479,6 +484,6 @@ def rerun_stats(store: RunStore, executor=None, *, name: str | None = None, repl
     `overrides` applied), holding the run's lock so that it never writes beside a running
     `qkov run`. The CLI and `qkov.run_stats` both call this."""
     store.require(S.SCORES_GROUP, "the statistics")
-    settings = stats_settings(store, **overrides)
+    settings = stats_settings(store, name, **overrides)
     with store.lock():
         return run_stats(store, settings, executor, name=name, replace=replace, exclude=exclude)

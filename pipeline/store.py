@@ -219,7 +219,8 @@ class RunStore:
             self.require(group, needed_by or f"reading '{group}'")
         with _quiet_zarr():
             ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False), group)
-        return scores_view(ds) if group == schema.SCORES_GROUP else ds
+        ds = plain_text_coords(ds)
+        return with_score_attrs(scores_view(ds)) if group == schema.SCORES_GROUP else ds
 
     def direct_chunks(self, group: str) -> dict[str, "DirectChunks"]:
         """The arrays of `group` whose chunk files `DirectChunks` reads and writes, by name
@@ -271,9 +272,13 @@ class RunStore:
 
         with _quiet_zarr():
             tree = xr.open_datatree(self.path, engine="zarr", consolidated=False, storage_options=self.storage_options or None)
-        node = f"/{schema.SCORES_GROUP}"
-        if node in tree.groups and tree[node].attrs.get(schema.ATTR_SCORES_LAYOUT):
-            tree[node] = xr.DataTree(scores_view(tree[node].to_dataset()))
+        for name, child in list(tree.children.items()):
+            if child.children:  # bookkeeping with sub-groups (`_work`): as stored
+                continue
+            ds = child.to_dataset()
+            if name == schema.SCORES_GROUP:
+                ds = with_score_attrs(scores_view(ds) if ds.attrs.get(schema.ATTR_SCORES_LAYOUT) else ds)
+            tree[name] = xr.DataTree(plain_text_coords(ds))
         return tree
 
     def write_dataset(self, ds, group: str, *, encoding: dict | None = None, compute: bool = True, complete: bool | None = None):
@@ -393,9 +398,48 @@ class RunStore:
             yield token
         finally:
             release_lock(self.path, token, self.storage_options or None)
+            self._unlist_lock()
+
+    def _unlist_lock(self) -> None:
+        """Consolidated metadata refreshed while the lock was held (`write_dataset` keeps it in
+        step) lists the `_lock` group: written again without it, so that xarray never shows a
+        lock that is gone. Unless another process took the lock meanwhile (then its release does)."""
+        try:
+            with _quiet_zarr():
+                listed = zarr.open_group(self.zarr(read_only=True), mode="r").metadata.consolidated_metadata
+                if listed is not None and schema.LOCK_GROUP in listed.metadata and self.read_lock() is None:
+                    zarr.consolidate_metadata(self.zarr())
+        except (OSError, KeyError, ValueError, zarr.errors.GroupNotFoundError):
+            pass  # no run here (a refused start): nothing is consolidated
 
     def read_lock(self) -> dict | None:
         return read_lock(self.path, self.storage_options or None)
+
+
+def plain_text_coords(ds):
+    """`ds` with its text coordinates (sample ids, tasks, texts, blocks) as fixed-width `str`
+    arrays. Zarr reads them as numpy's variable-width StringDType, which xarray cannot plot
+    ("Plotting requires coordinates to be numeric…") and which `.astype(str)` does not convert."""
+    import numpy as np
+
+    text = {name: c for name, c in ds.coords.items() if c.dtype.kind == "T"}
+    if not text:
+        return ds
+    return ds.assign_coords({name: (c.dims, np.asarray(c.values.astype(object), dtype=str), c.attrs)
+                             for name, c in text.items()})
+
+
+def with_score_attrs(ds):
+    """The logical scores with what each answers (attrs `question`, `units`, `direction`, as the
+    statistics' variables carry); `pooled_<score>` is the same score over every pair of A∪B."""
+    for name in list(ds.data_vars):
+        base = str(name).removeprefix("pooled_")
+        if base in schema.SCORE_DOCS:
+            question, units, direction = schema.SCORE_DOCS[base]
+            if base != name:
+                question += f" (every pair of the pooled samples A and B; the A x B block is `{base}`)"
+            ds.variables[name].attrs.update(question=question, units=units, direction=direction)
+    return ds
 
 
 def scores_view(raw):

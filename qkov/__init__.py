@@ -1,10 +1,10 @@
-"""qkov's Python API: every CLI command as a function with the same parameters, returning
-xarray objects (or dicts). A RUN is a path or URL (or a `RunStore`).
+"""qkov's Python API: every CLI command as a function with the same parameter names, returning
+xarray objects, pandas DataFrames or dicts. A RUN is a path or URL (or a `RunStore`).
 
     import qkov
     job = qkov.load_job("job.toml")
-    qkov.run(job)
-    stats = qkov.open_stats(job.output.path)
+    qkov.run(job)                                  # works at a script's top level, no __main__ guard needed
+    qkov.answers(job.output.path)                  # one row per slice and question
     qkov.run_stats(job.output.path, n_permutations=9999, name="strict")
 """
 from __future__ import annotations
@@ -15,28 +15,36 @@ from pipeline.store import RunStore
 
 
 def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, overwrite: bool = False,
-        inline: bool = False, progress=None):
-    """`qkov run`: extract → score → stats. Uses the job's cluster (or `scheduler`), or runs
-    in-process with inline=True."""
+        inline: bool = False, progress=True):
+    """`qkov run`: extract → score → stats; returns a `RunSummary`. Uses the job's cluster (or
+    `scheduler`), or runs in-process with inline=True. The embedded cluster's workers never
+    import the calling script, so a plain script needs no `if __name__ == "__main__":` guard.
+
+    progress: True (default) prints each stage's progress to stderr as the CLI does (bars on a
+    terminal, timestamped lines in a log or notebook); False prints nothing; a callable is
+    called with (stage, done, total) instead."""
     from pipeline.cluster import cluster_client
+    from pipeline.console import progress_for
     from pipeline.run import run_job
 
-    if inline:
-        return run_job(job, resume=resume, overwrite=overwrite, progress=progress)
-    with cluster_client(job.cluster, scheduler) as client:
-        return run_job(job, client=client, resume=resume, overwrite=overwrite, progress=progress)
+    with progress_for(progress) as tick:
+        if inline:
+            return run_job(job, resume=resume, overwrite=overwrite, progress=tick)
+        with cluster_client(job.cluster, scheduler) as client:
+            return run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick)
 
 
-def run_stats(run_path, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
+def run_stats(run, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
               alpha: float | None = None, alternative: str | None = None, seed: int | None = None,
               name: str | None = None, replace: bool = False, scheduler: str | None = None, storage_options=None,
               exclude: list[str] | None = None):
-    """`qkov stats`: rerun the statistics with the run's stored settings, the given ones
-    changed (None keeps the stored value). Holds the run's lock, as the CLI does.
-    `exclude`: sample ids left out (from the stored scores; the Fisher is not re-estimated)."""
+    """`qkov stats`: rerun the statistics with the stored settings, the given ones changed (None
+    keeps the stored value): those of `stats_<name>` when that group exists, else the run's.
+    Holds the run's lock, as the CLI does. `exclude`: sample ids left out (from the stored
+    scores; the Fisher is not re-estimated)."""
     from pipeline.stats_stage import rerun_stats
 
-    store = RunStore.coerce(run_path, storage_options)
+    store = RunStore.coerce(run, storage_options)
     settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                     alternative=alternative, seed=seed)
     if scheduler:
@@ -48,51 +56,78 @@ def run_stats(run_path, *, null: str | None = None, n_permutations: int | None =
     return rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
 
 
-def open_stats(run_path, name: str | None = None, storage_options=None):
-    return RunStore.coerce(run_path, storage_options).open_stats(name)
+def open_stats(run, stats: str | None = None, storage_options=None):
+    """The statistics (`stats`, or `stats_<stats>` from `qkov stats --name`), loaded."""
+    return RunStore.coerce(run, storage_options).open_stats(stats)
 
 
-def open_scores(run_path, storage_options=None):
-    return RunStore.coerce(run_path, storage_options).open_scores()
+def open_scores(run, storage_options=None):
+    """The logical scores dataset, lazily (sample ids as plain `str` coordinates: plottable)."""
+    return RunStore.coerce(run, storage_options).open_scores()
 
 
-def open_gradients(run_path, storage_options=None):
-    return RunStore.coerce(run_path, storage_options).open_gradients()
+def open_gradients(run, storage_options=None):
+    return RunStore.coerce(run, storage_options).open_gradients()
 
 
-def open_diagnostics(run_path, storage_options=None):
+def open_diagnostics(run, storage_options=None):
     """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
     flags; README "Health and outliers"), loaded; None for a run scored before they were recorded."""
     from pipeline.diagnostics import open_diagnostics as _open
 
-    return _open(RunStore.coerce(run_path, storage_options))
+    return _open(RunStore.coerce(run, storage_options))
 
 
-def open_checks(run_path, storage_options=None):
-    return RunStore.coerce(run_path, storage_options).open_checks()
+def open_checks(run, storage_options=None):
+    return RunStore.coerce(run, storage_options).open_checks()
 
 
-def open_run(run_path, storage_options=None):
+def open_run(run, storage_options=None):
     """The whole run as an xarray DataTree (gradients lazily, not decoded)."""
-    return RunStore.coerce(run_path, storage_options).open_tree()
+    return RunStore.coerce(run, storage_options).open_tree()
 
 
-def query(run_path, layer: int, head: int, block: str | None = None, top: int = 10, score: str = "interference",
-          stats_name: str | None = None, storage_options=None):
-    """`qkov query`: one head's statistics and its top sample pairs."""
-    from pipeline.query import query_head
+def answers(run, stats: str | None = None, storage_options=None):
+    """The run's answers as a pandas DataFrame: one row per slice (block, layer, head; K/V once
+    per KV head, `kv_head` the KV head a row's head reads) and question — `differ` (per score:
+    the A×B mean vs chance, estimate = mean − chance), `transfer` (alignment: does a step on
+    B's loss raise A's loss, conflict, or lower it, synergy) and `shared` (interference sharing
+    ratio) — with the question in words (`asks`), the estimate's `units`, `estimate`,
+    `ci_low`/`ci_high`, `p_value`, `q_value`, `significant`, `direction`, `verdict`, and the
+    figures the headline tables show beside them (mean, chance, cosine, sharing per direction…).
+    `stats` reads `stats_<stats>`. `df.attrs` holds the statistics' settings; `df.to_csv` exports."""
+    from pipeline.query import answers as _answers
 
-    return query_head(run_path, layer, head, block=block, top=top, score=score, stats_name=stats_name,
-                      storage_options=storage_options)
+    return _answers(run, stats=stats, storage_options=storage_options)
 
 
-def report(run_path, out_dir=None, stats_name: str | None = None, storage_options=None, raw_means: bool = False):
+def info(run, storage_options=None) -> dict:
+    """`qkov info`: the run's groups (named statistics `stats_<name>` included), each with its
+    settings, whether it is complete and its bytes on disk; the run's total bytes and lock owner."""
+    from pipeline.info import describe_run
+
+    return describe_run(run, storage_options)
+
+
+def query(run, layer: int | None = None, head: int | None = None, block: str | None = None, top: int = 10,
+          score: str = "interference", stats: str | None = None, storage_options=None) -> dict:
+    """`qkov query`: the statistics of any selection of slices — one head, all heads of a layer,
+    one block across layers, the whole run. Always `slices`: the selected rows of `answers`
+    (JSON-able). With both `layer` and `head`, also the head's statistics per block (`blocks`),
+    its top `top` sample pairs ranked by `score`, with your ids and texts, and its health."""
+    from pipeline.query import query as _query
+
+    return _query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats,
+                  storage_options=storage_options)
+
+
+def report(run, out=None, stats: str | None = None, raw_means: bool = False, storage_options=None):
     """`qkov report`: effect heatmaps (300-dpi PNG + SVG) and one self-contained, interactive
-    HTML page; returns the page's path. `raw_means` also draws the raw A×B means."""
+    HTML page in `out` (default: RUN-report beside the run); returns the page's path. `stats`
+    reports `stats_<stats>`; `raw_means` also draws the raw A×B means."""
     from pipeline.report import make_report
 
-    return make_report(run_path, out_dir=out_dir, stats_name=stats_name, storage_options=storage_options,
-                       raw_means=raw_means)
+    return make_report(run, out_dir=out, stats_name=stats, storage_options=storage_options, raw_means=raw_means)
 
 
 def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_slices: int = 60,
@@ -124,11 +159,14 @@ def validate(job_file, *, resume: bool = False, overwrite: bool = False, schedul
     return job
 
 
-def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False, progress=None):
-    """`qkov demo`: the embedded default job run end to end and reported; returns the report's path."""
+def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False, progress=True):
+    """`qkov demo`: the embedded default job run end to end and reported; returns the report's
+    path. `progress` as in `run` (True: printed to stderr, False: silent, or a callable)."""
+    from pipeline.console import progress_for
     from pipeline.demo import run_demo
 
-    return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=progress)[1]
+    with progress_for(progress) as tick:
+        return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick)[1]
 
 
 def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
@@ -139,4 +177,5 @@ def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
 
 
 __all__ = ["JobSpec", "StatsSpec", "RunStore", "QkovError", "load_job", "parse_job", "run", "run_stats", "open_stats",
-           "open_scores", "open_gradients", "open_diagnostics", "open_checks", "open_run", "query", "report", "check", "validate", "plan", "demo", "demo_job"]
+           "open_scores", "open_gradients", "open_diagnostics", "open_checks", "open_run", "answers", "info", "query",
+           "report", "check", "validate", "plan", "demo", "demo_job"]

@@ -103,29 +103,66 @@ def test_no_other_module_defines_an_exception_class():
     assert not found, f"exception classes outside pipeline/errors.py: {found}"
 
 
-# CLI command -> API function; CLI-only options (presentation, cluster choice) listed per command
+# CLI command -> API function. A parameter has the same name in both; the only exceptions: the
+# job argument (a JOB.toml path on the command line, a loaded JobSpec in Python), output-format
+# options the CLI alone has (the API returns the data itself), and what only Python can pass.
 PARITY = {
     "run": ("run", {"job_file": "job"}),
-    "stats": ("run_stats", {"run_path": "run_path"}),
-    "query": ("query", {"run_path": "run_path", "as_json": None}),
-    "report": ("report", {"run_path": "run_path", "out": "out_dir"}),
+    "stats": ("run_stats", {}),
+    "query": ("query", {}),
+    "info": ("info", {}),
+    "report": ("report", {}),
     "check": ("check", {"job_file": "job"}),
     "validate": ("validate", {}),
     "plan": ("plan", {"job_file": "job"}),
     "demo": ("demo", {}),
 }
+CLI_ONLY = {"fmt", "as_json"}  # --format, --json: how the CLI prints what the API returns
+API_ONLY = {"storage_options", "progress"}  # a dict; a callback (the CLI reads the environment, always shows progress)
 
 
-def test_every_cli_parameter_is_reachable_from_the_api():
+def parity_problems(cmd: str, cli: list[str], api: list[str], job: dict[str, str]) -> list[str]:
+    """How a CLI command's parameters and its API function's differ in name (both directions)."""
+    problems = []
+    for param in cli:
+        if param not in CLI_ONLY and job.get(param, param) not in api:
+            problems.append(f"`qkov {cmd}` parameter {param!r} has no API parameter of that name {tuple(api)}")
+    mapped = {job.get(p, p) for p in cli}
+    for param in api:
+        if param not in mapped and param not in API_ONLY:
+            problems.append(f"API parameter {param!r} has no `qkov {cmd}` parameter of that name {tuple(cli)}")
+    return problems
+
+
+def test_every_cli_parameter_is_the_api_parameter_of_the_same_name():
     import qkov
     from pipeline.cli import app
 
     commands = {c.callback.__name__: c.callback for c in app.registered_commands}
     assert set(commands) == set(PARITY), f"CLI commands without an API mapping: {set(commands) ^ set(PARITY)}"
-    for cmd, (fn_name, renamed) in PARITY.items():
-        api = inspect.signature(getattr(qkov, fn_name)).parameters
-        for param in inspect.signature(commands[cmd]).parameters:
-            target = renamed.get(param, param)
-            if target is None:  # presentation only (e.g. --json): the API returns the data itself
-                continue
-            assert target in api, f"`qkov {cmd}` option {param!r} has no counterpart in qkov.{fn_name}{tuple(api)}"
+    problems = []
+    for cmd, (fn_name, job) in PARITY.items():
+        problems += parity_problems(cmd, list(inspect.signature(commands[cmd]).parameters),
+                                    list(inspect.signature(getattr(qkov, fn_name)).parameters), job)
+    assert not problems, "\n".join(problems)
+
+
+def test_parity_check_catches_a_renamed_parameter():
+    """The names this project once had on each side: `--stats` vs stats_name, `--out` vs out_dir."""
+    assert parity_problems("query", ["run", "stats"], ["run", "stats_name"], {}) == [
+        "`qkov query` parameter 'stats' has no API parameter of that name ('run', 'stats_name')",
+        "API parameter 'stats_name' has no `qkov query` parameter of that name ('run', 'stats')"]
+    assert parity_problems("report", ["run", "out"], ["run", "out_dir"], {})
+    assert parity_problems("run", ["job_file"], ["job"], {"job_file": "job"}) == []
+
+
+def test_the_api_names_a_run_and_a_stats_group_alike_everywhere():
+    """Every public function taking a run calls it `run`, and named statistics `stats`."""
+    import qkov
+
+    for name in qkov.__all__:
+        fn = getattr(qkov, name)
+        if not inspect.isfunction(fn):
+            continue
+        params = list(inspect.signature(fn).parameters)
+        assert not {"run_path", "stats_name", "out_dir"} & set(params), f"qkov.{name}{tuple(params)}"

@@ -217,3 +217,39 @@ def test_all_zero_gradient_chunks_are_written_and_not_called_lost(tmp_path, stor
         write_shard(task, (grads, *rest))
     assert damaged_shards(store) == []
     assert (RunStore(job.output.path).open_gradients(complete=False)["V"].values == 0).all()
+
+
+def test_tasks_sharing_a_workers_model_take_turns(tmp_path):
+    """A worker without a GPU resource runs one extraction task per thread on its one cached
+    model; per-sample gradients hook that model's modules, so tasks at once would capture each
+    other's activations. Shards computed from four threads at once equal the same shards
+    computed one after another."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.extract import shard_tasks, write_template
+    from workers.writer import compute_shard
+
+    # shards of 4, 4, 4 and 3 samples, one batch each: a hook that saw another task's call
+    # meets a batch of another size
+    job = tiny_job(tmp_path, "llama_gqa", n_a=8, n_b=7, min_len=32, max_len=48, extract={"shard_size": 4, "batch_size": 4})
+    store = RunStore.of(job)
+    prepare_output(store, job, resume=False, overwrite=True)
+    plan = plan_extract(job)
+    write_template(store, plan, job)
+    tasks = shard_tasks(store, plan, job, list(range(len(plan.shards))))
+    assert len(tasks) == 4
+    serial = [compute_shard(t) for t in tasks]
+    for _ in range(3):
+        start = threading.Barrier(len(tasks))
+
+        def at_once(task):
+            start.wait()
+            return compute_shard(task)
+
+        with ThreadPoolExecutor(max_workers=len(tasks)) as pool:
+            concurrent = list(pool.map(at_once, tasks))
+        for (g1, l1, *_), (g2, l2, *_) in zip(concurrent, serial):
+            assert_close(l1, l2)
+            for b in g2:
+                assert_close(g1[b], g2[b])

@@ -54,8 +54,16 @@ def _done_shards(path) -> int:
 def test_layer_groups_equal_an_ordinary_run_and_keep_no_gradients(reference):
     tmp, ref = reference
     out = tmp / "grouped"
-    summary = run_job(_grouped(ref, out, layers_per_group=1))
+    ticks: list[tuple[str, int, int]] = []
+    summary = run_job(_grouped(ref, out, layers_per_group=1), progress=lambda *t: ticks.append(t))
     assert summary.extract["groups"] == 2 and summary.extract["computed"] == 2 * 24
+    # progress in the order the stages run (`score: 0/2` came before `extract: 0/48`), every
+    # stage timed (the timings line had no extraction)
+    stages = [t[0] for t in ticks]
+    assert stages[0] == "extract" and ticks[stages.index("score")] == ("score", 0, 2), ticks
+    assert ("extract", 24, 48) in ticks[: stages.index("score")] and ticks[-1][0] == "stats", ticks
+    assert [k for k in summary.timings if k in ("extract", "score", "stats")] == ["extract", "score", "stats"], summary.timings
+    assert summary.timings["extract"] > 0 and summary.timings["score"] > 0
     assert_runs_close(out, ref.output.path, groups=RESULTS)
     assert not (out / schema.WORK).exists()  # the groups' sub-runs and bookkeeping are gone
     grads = xr.open_zarr(str(out), group=schema.GRADIENTS, consolidated=False)

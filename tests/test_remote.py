@@ -213,7 +213,7 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     """Workers write the store to S3 (credentials from their environment, endpoint from the
     job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""
     from pipeline.cluster import cluster_client
-    from pipeline.query import query_head
+    from pipeline.query import query as query_run
     from pipeline.spec import parse_job
 
     tmp, job = inline_run
@@ -241,7 +241,7 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients were made before the variable was set
     out = qkov("query", url, "--layer", "1", "--head", "2", "--top", "3", "--json")
     remote = json.loads(out.stdout)
-    local = query_head(job.output.path, 1, 2, top=3)
+    local = query_run(job.output.path, 1, 2, top=3)
     assert remote.pop("run") == url and local.pop("run") == job.output.path
     # the same answer, to float32 rounding: a local run reduces the diagnostics inside its score
     # tasks (DirectChunks), an S3 run from the stored arrays, in another summation order

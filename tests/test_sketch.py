@@ -260,5 +260,5 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
     config = RunStore(str(run)).config()
     config["output"]["path"] = str(run)
     job = parse_job(config)
-    with pytest.raises(StoreError, match="randperm-v1.*--overwrite"):
+    with pytest.raises(StoreError, match="randperm-v1.*overwrite=True"):
         run_extract(RunStore.of(job), job, executor_for(None), plan=plan_extract(job), fresh=False)

@@ -211,7 +211,7 @@ def test_sbatch_recipe_runs_qkov_inside_an_allocation(slurm, reference):
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.query import query_head
+    from pipeline.query import query as query_run
 
     tmp, job = reference
     jobfile = batch_job(tmp, job, "run-batch")
@@ -232,7 +232,7 @@ def test_sbatch_recipe_runs_qkov_inside_an_allocation(slurm, reference):
     res = CliRunner().invoke(app, ["query", str(out), "--layer", "1", "--head", "2", "--top", "3", "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
-    want = json.loads(json.dumps(query_head(job.output.path, 1, 2, top=3)))
+    want = json.loads(json.dumps(query_run(job.output.path, 1, 2, top=3)))
     assert got.pop("run") == str(out) and want.pop("run") == job.output.path
     assert_close_json(got, want)
     assert got["blocks"] and all(b["top_pairs"] for b in got["blocks"]), got

@@ -114,7 +114,20 @@ def _layer_params(layout: AttentionLayout, blocks, layer: int) -> list[str]:
     return [n for n in layout.param_names if n in names]
 
 
+# The cached model is shared by the worker's threads, and per-sample gradients hook its
+# modules: two tasks using it at once capture each other's activations (a shape error, or
+# silently wrong gradients where the shapes agree). A worker with no GPU resource runs one
+# device task per thread, so tasks take turns; each already uses all of the worker's threads.
+_MODEL_IN_USE = threading.Lock()
+
+
 def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+    """One shard's compute (see `_compute_shard`), one task at a time per process."""
+    with _MODEL_IN_USE:
+        return _compute_shard(task)
+
+
+def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
     Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
