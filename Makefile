@@ -28,8 +28,9 @@ test: $(STAMP)
 	# apt-get exists and they are missing; otherwise a no-op
 	bash tests/system-deps.sh
 	# two workers: much of the suite waits on processes it starts (clusters, SLURM, browsers);
-	# the 25 slowest tests are listed at the end so the suite's time stays visible
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	# whole test files per worker, so a module's fixtures (one SLURM cluster, one shared run)
+	# are made once; the 25 slowest tests are listed at the end so the suite's time stays visible
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run_all

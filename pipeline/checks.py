@@ -21,7 +21,7 @@ order) and compares against what the math says must happen:
 * reparameterisation: V rows of one KV head ×α and the O columns of its query
   heads ×1/α. The model's function is unchanged; undamped alignment is invariant
   (to float noise); the per-tensor damping moves it slightly (reported);
-  interference (the seed's metric) is not invariant (its ranking ρ is reported).
+  interference (M, asymmetric by construction) is not invariant (its ranking ρ is reported).
 * ablation: the layout's O columns of some heads are zeroed; their Q/K/V gradients
   (and scores) must then be exactly 0 and every other head's nonzero. Because the
   zeroed entries come from the layout's O index table, an O block sliced on the
@@ -420,8 +420,8 @@ def check_reparameterisation(s: _Session, base_slices: dict, base: Scores, tol: 
         f"{list(s.layout.layers)}: outputs change by {fdiff:.2e} of max |logit| (limit {FUNCTION_RTOL:g}); V "
         f"gradients of KV head 0 match ×1/{alpha:g} to {cov_err:.2e}; undamped "
         f"alignment moves by {exact_err:.2e} relative (must be float noise); with the job's damping it moves by "
-        f"{damped_err:.2e} (λ = λ_rel·mean(Î) per tensor does not rescale with the entries). Interference, the seed's "
-        f"metric, is NOT invariant to this reparameterisation: it moves by {inter_err:.2e} relative (V head ×1/α, "
+        f"{damped_err:.2e} (λ = λ_rel·mean(Î) per tensor does not rescale with the entries). Interference (M) "
+        f"is NOT invariant to this reparameterisation: it moves by {inter_err:.2e} relative (V head ×1/α, "
         f"O heads ×α), and its per-head ranking has Spearman ρ = {rho:.4f} before vs after"
     )
     passed = fdiff <= FUNCTION_RTOL and cov_err <= tol and exact_err <= tol
@@ -512,7 +512,7 @@ def check_symmetry(s: _Session, base: Scores, tol: float) -> CheckResult:
     detail = (
         f"tasks swapped (gradients recomputed in the order B, A; Fisher held fixed, since a pooled EMA over several "
         f"batches weights samples by stream position): alignment BA vs (AB)ᵀ max relative error {err:.2e}; "
-        f"per-head mean interference AB vs BA: Spearman ρ = {rho:.4f} (the seed's metric is asymmetric)"
+        f"per-head mean interference AB vs BA: Spearman ρ = {rho:.4f} (interference is asymmetric by construction)"
     )
     return CheckResult("symmetry", err <= tol, err, tol, detail, rho)
 

@@ -41,7 +41,7 @@ CONNECT_TIMEOUT = "30s"
 
 # The embedded clusters (scheduler, nannies, workers, dashboard) listen on loopback only: Dask's
 # TCP comms carry pickled code without authentication, so anyone who can reach a port can run
-# code on the workers. A remote cluster is the user's own choice (see the README's TLS notes).
+# code on the workers. A remote cluster is the user's own choice (see docs/cluster.md on TLS).
 LOOPBACK = "127.0.0.1"
 DASHBOARD = f"{LOOPBACK}:0"  # a free port on loopback
 

@@ -1,7 +1,7 @@
 """`qkov report`: what the statistics answer, drawn so that it cannot be misread, in one page.
 
-The page answers three questions, each with its own numbers (README, "Which question does
-each number answer?"): where the tasks *conflict* (alignment: the transfer test against 0,
+The page answers three questions, each with its own numbers (docs/results.md, "Which number
+answers which question"): where the tasks *conflict* (alignment: the transfer test against 0,
 drawn as the cosine of the task-mean gradients), which heads they *share* (interference:
 the sharing ratio, 1 = as heavily as a task's own samples) and where they *differ* from
 chance (the label-permutation test, drawn as the effect relative to chance). Every heatmap

@@ -269,7 +269,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see the README's job-file reference)"
+            msg = "unknown key (check the spelling; see docs/job-file.md)"
         elif e["type"] == "missing":
             msg = "required key is missing"
         else:
@@ -301,7 +301,7 @@ def load_job(path: str | Path) -> JobSpec:
     """Read and validate a TOML job file."""
     p = Path(path)
     if not p.is_file():
-        raise JobFileError(f"job file not found: {p} (give the path of a TOML job file; see the README for an example)")
+        raise JobFileError(f"job file not found: {p} (give the path of a TOML job file; see README.md for an example)")
     try:
         raw = p.read_bytes()
     except OSError as e:

@@ -72,7 +72,7 @@ def open_gradients(run, storage_options=None):
 
 def open_diagnostics(run, storage_options=None):
     """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
-    flags; README "Health and outliers"), loaded; None for a run scored before they were recorded."""
+    flags; docs/health.md), loaded; None for a run scored before they were recorded."""
     from pipeline.diagnostics import open_diagnostics as _open
 
     return _open(RunStore.coerce(run, storage_options))

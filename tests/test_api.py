@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.xdist_group("api")  # one worker shares the module's run
 
 
 def _cli(*args, env: dict | None = None):

@@ -1,6 +1,6 @@
 """Bad inputs are refused at the command line with exit code 2 and a message that says
 what to fix; none leaves behind a run that looks complete, and none touches an existing
-run. One test per row of the README's "Bad inputs and faults" table (same order).
+run. One test per row of the "Bad inputs" table in docs/faults.md (same order).
 
 The non-finite policies are here too: `error` names the samples, `skip` records them in
 the store and keeps them out of the Fisher and the scores (checked against references

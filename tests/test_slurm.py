@@ -40,7 +40,7 @@ RECIPE = ROOT / "deploy" / "slurm"
 N_A = N_B = 12
 SHARDS = N_A + N_B  # one sample per shard, 4 shards per worker task: 6 tasks, enough to be caught in the middle
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("slurm")]  # one SLURM test cluster per session
+pytestmark = pytest.mark.slow  # one module: `make test` distributes whole files (--dist loadfile), so one SLURM test cluster
 
 
 # ---------------------------------------------------------------- fixtures
