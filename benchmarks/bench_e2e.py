@@ -375,9 +375,10 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         result["score_parts_s"] = prov.get(schema.ATTR_STAGE_SECONDS)
     except Exception:  # noqa: BLE001 - a layer-grouped run has no single split
         result["score_parts_s"] = None
-    if "extract" not in times:  # layer groups: extraction and scoring interleave; their own times
-        grouped_s = times["score"]  # the whole extract → score → drop loop
+    if "loop_s" in (summary.extract or {}):  # layer groups: extraction and scoring interleave; their own times
+        grouped_s = summary.extract["loop_s"]  # the whole extract → score → drop loop
         times["extract"], times["score"] = summary.extract["extract_s"], summary.extract["score_s"]
+        times.pop("drop", None)  # reported below with the loop's other parts
         drop, setup = summary.extract.get("drop_s", 0.0), summary.extract.get("setup_s", 0.0)
         result["layer_groups_s"] = {"loop": round(grouped_s, 3), "drop_gradients": round(drop, 3), "setup": round(setup, 3),
                                     "other": round(grouped_s - times["extract"] - times["score"] - drop - setup, 3),

@@ -276,7 +276,9 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
             from .layer_groups import run_layer_groups
 
             plan = plan or plan_extract(job)
+            t0 = time.perf_counter()
             summary.extract = ex = run_layer_groups(store, job, executor, plan, progress=tick)
+            ex["loop_s"] = time.perf_counter() - t0  # the whole extract → score → drop loop
             # the stages interleave group by group: each one's time summed over the groups
             summary.timings.update(extract=ex["setup_s"] + ex["extract_s"], score=ex["score_s"], drop=ex["drop_s"])
 
