@@ -3,8 +3,10 @@
 `qkov check` runs the same check (workers.prediction) on a job's first samples; this script
 runs it on the demo job's model, tasks, Fisher and layers (0, 3, …, 27) with short samples,
 so that ≥ 50 slices fit a 2-core CPU, and writes benchmarks/results/<date>-prediction.json:
-per slice the transfer, the predicted and the measured change of task A's mean loss at η
-and η/2, and the acceptance figures (Spearman ρ, median relative error, err(η)/err(η/2)).
+per slice the transfer, the predicted and the measured change of task A's mean loss at η,
+η/2 and −η/2, the measured first-order slope, and the acceptance figures (Spearman ρ, median
+relative error, first-order error, err(η)/err(η/2) where the O(η²) term is resolved, the
+measurement noise).
 """
 from __future__ import annotations
 
@@ -64,11 +66,15 @@ def main(argv=None) -> dict:
                      "sample_ids": [x.id for x in tasks[0] + tasks[1]]},
         "passed": r.passed, "rho": r.rho, "median_rel_error": r.median_rel_error,
         "median_rel_error_half_eta": r.median_rel_error_at(1), "halving_ratio": r.halving_ratio,
+        "halving_tested": r.halving_tested, "n_resolved": int(r.resolved.sum()),
+        "median_first_order_error": r.median_first_order_error,
         "n_above_noise": int(r.above_noise.sum()), "base_loss": r.base_loss, "noise": r.noise,
+        "noise_summation_order": r.noise_reorder, "calls_below_float64": r.downcasts,
         "lam_mismatch": r.lam_mismatch, "detail": r.detail(),
         "slices": [{"block": s.block, "layer": s.layer, "head": s.head, "transfer": float(t),
                     "predicted": [float(-e * t) for e in r.etas], "measured": r.measured[k].tolist(),
-                    "rel_error": [float(r.rel_error(0)[k]), float(r.rel_error(1)[k])]}
+                    "rel_error": [float(r.rel_error(0)[k]), float(r.rel_error(1)[k])],
+                    "slope": float(r.slope[k]), "first_order_error": float(r.first_order_error[k])}
                    for k, (s, t) in enumerate(zip(r.slices, r.transfer))],
         "etas": list(r.etas),
         "seconds": time.time() - t0,

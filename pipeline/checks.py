@@ -58,7 +58,7 @@ CHECK_DIM = schema.CHECK
 CHECK_NAMES = ("additivity", "scale", "reparameterisation", "ablation", "symmetry")
 PREDICTION = "prediction"  # the prediction check's row (run_checks(prediction=True); `qkov check` runs it)
 PREDICTION_SLICE = schema.PREDICTION_SLICE  # its per-slice variables' dimension in `checks`
-PREDICTION_ETA = schema.PREDICTION_ETA  # (η, η/2)
+PREDICTION_ETA = schema.PREDICTION_ETA  # (η, η/2, −η/2)
 
 SCALE_C = 3.0
 REPARAM_ALPHA = 2.0
@@ -555,7 +555,8 @@ def _session(job: JobSpec, n_samples: int, layers) -> _Session:
 def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResult, xr.Dataset]:
     """Does transfer predict a real loss change? (workers.prediction): per slice, the change of task
     A's mean loss under a natural-gradient step on B in that slice alone, measured by a float64
-    forward pass, against −η·transfer; Spearman ρ, median relative error, and err(η)/err(η/2)."""
+    forward pass at η, η/2 and −η/2, against −η·transfer; Spearman ρ, median relative error, the
+    first-order error of the measured slope, and err(η)/err(η/2) where the O(η²) term stands above the noise."""
     f = s.job.fisher
     labels = s.labels if any(x is not None for x in s.labels) else None
     r = pred.prediction_check(
@@ -574,14 +575,31 @@ def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResul
             "prediction_predicted": ((d, e), np.stack([r.predicted(k) for k in range(len(r.etas))], axis=1)),
             "prediction_measured": ((d, e), r.measured),
             "prediction_above_noise": (d, r.above_noise),
+            "prediction_slope": (d, r.slope),  # measured −dΔL_A/dη, central difference: transfer when it holds
+            "prediction_first_order_error": (d, r.first_order_error),
         },
         coords={e: np.array(r.etas, dtype=np.float64)},
     )
     per_slice["prediction_predicted"].attrs["meaning"] = "−η·transfer (pipeline path): predicted change of task A's mean loss"
     per_slice["prediction_measured"].attrs["meaning"] = "L_A(θ + Δθ_s) − L_A(θ), float64 forward pass, Δθ_s = −η(Î_s+λ)⁻¹ḡ_B,s"
+    for v in ("prediction_predicted", "prediction_measured"):
+        per_slice[v].attrs.update(units="task A's mean-loss units (nats for a causal LM / cross-entropy)",
+                                  direction="negative: task A's loss falls under the step on B; positive: it rises")
+    per_slice["prediction_predicted"].attrs["question"] = "how much should task A's loss change under the step?"
+    per_slice["prediction_measured"].attrs["question"] = "how much did task A's loss change under the step?"
+    per_slice["prediction_slope"].attrs.update(
+        question="what first-order change of task A's mean loss per unit η did the measurement find?",
+        units="task A's loss units per unit η (η dimensionless); compare with prediction_transfer",
+        direction="positive: a step on B lowers A's loss (transfer); negative: raises it (conflict)")
+    per_slice["prediction_first_order_error"].attrs.update(
+        question="how far is the measured first-order slope from transfer?",
+        units="relative: |slope / transfer − 1| (dimensionless)",
+        direction=f"lower is better; the check needs the median ≤ {pred.FIRST_ORDER_MAX:g}")
     summary = {"eta": r.eta, "rho": r.rho, "median_rel_error": r.median_rel_error,
                "median_rel_error_half_eta": r.median_rel_error_at(1), "halving_ratio": r.halving_ratio,
-               "base_loss": r.base_loss, "noise": r.noise, "n_slices": len(r.slices),
+               "halving_tested": r.halving_tested, "median_first_order_error": r.median_first_order_error,
+               "base_loss": r.base_loss, "noise": r.noise, "noise_summation_order": r.noise_reorder,
+               "calls_below_float64": r.downcasts, "n_slices": len(r.slices),
                "n_above_noise": int(r.above_noise.sum()), "n_resolved": int(r.resolved.sum()),
                "median_precision": float(np.median(r.precision))}
     per_slice.attrs["prediction"] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in summary.items()}
@@ -652,7 +670,7 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
     step()
     ds = checks_dataset(results)
     if per_slice is not None:
-        ds = ds.merge(per_slice, combine_attrs="drop")
+        ds = ds.merge(per_slice, combine_attrs="override")  # the per-slice variables keep their attrs
         ds.attrs["prediction"] = per_slice.attrs["prediction"]
     from .store import provenance
 

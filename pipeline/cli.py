@@ -32,9 +32,10 @@ def _friendly() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        from pipeline.errors import corrupt_chunk_error
+        from pipeline.errors import corrupt_chunk_error, os_error
 
         e = corrupt_chunk_error(e) or e  # a damaged chunk read by zarr itself (a remote store): the store's fault
+        e = os_error(e) or e  # a full disk, a read-only mount, a name too long: the file system's refusal
         if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
             from pipeline.errors import cli_message
@@ -123,11 +124,11 @@ def _print_summary(path: str, storage_options=None, stats: str | None = None, to
     console().print(format_headlines(headline_tables(load_stats(path, stats, storage_options), top)))
 
 
-def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False):
+def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False, cluster: bool = True):
     from pipeline.extract import sample_count_warning
     from pipeline.run import preflight
 
-    plan = preflight(job, resume=resume, overwrite=overwrite, local=local)  # refuses a run that cannot fit the disk
+    plan = preflight(job, resume=resume, overwrite=overwrite, local=local, cluster=cluster)  # refuses a run that cannot fit the disk
     note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
     if note:
         err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
@@ -165,7 +166,7 @@ def run(
             raise UsageError("--resume and --overwrite exclude each other; choose one")
         # every input and the output checked before any cluster starts
         plan = _preflight(job, resume=resume, overwrite=overwrite, local=inline or not (scheduler or job.cluster.address or job.cluster.profile),
-                          show_plan=True)
+                          show_plan=True, cluster=not inline)
         with _stage_progress() as tick:
             if inline:
                 summary = run_job(job, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
@@ -176,6 +177,8 @@ def run(
         if summary.extract:
             err().print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
                       + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
+            if summary.extract.get("warning"):  # the sample counts left after skipping
+                err().print(f"[bold yellow]warning:[/] {escape(summary.extract['warning'])}", highlight=False)
         err().print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
         _print_summary(job.output.path, job.output.storage_options)
 
@@ -204,7 +207,7 @@ def stats(
     n_permutations: Optional[int] = typer.Option(None, "--n-permutations"),
     n_bootstrap: Optional[int] = typer.Option(None, "--n-bootstrap"),
     alpha: Optional[float] = typer.Option(None, "--alpha"),
-    alternative: Optional[str] = typer.Option(None, "--alternative", help="greater | less | two-sided"),
+    alternative: Optional[str] = typer.Option(None, "--alternative", help="two-sided (a new job's default) | greater | less; one-sided hides effects the other way"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     name: Optional[str] = typer.Option(None, "--name", help="keep these statistics beside earlier ones as stats_<name>"),
     replace: bool = typer.Option(False, "--replace", help="replace existing statistics computed with other settings"),
@@ -223,6 +226,9 @@ def stats(
         store = RunStore(run)
         settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                         alternative=alternative, seed=seed)
+        from pipeline.plan import check_stats_request
+
+        check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
         if scheduler:
             from pipeline.cluster import connect
 

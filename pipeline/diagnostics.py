@@ -469,8 +469,13 @@ def resolve_samples(scores: xr.Dataset, requested: Sequence[str]) -> np.ndarray:
     unknown: list[str] = []
     ambiguous: list[str] = []
 
+    # compared as Python strings: `ids == token` makes numpy turn `token` into a fixed-width
+    # string, which drops trailing NULs ("a\0" would match sample "a")
+    def matches(token: str) -> np.ndarray:
+        return np.array([i == token for i in ids], dtype=bool)
+
     def one(token: str) -> bool:
-        hits = np.flatnonzero(ids == token)
+        hits = np.flatnonzero(matches(token))
         if hits.size == 1:
             found.add(int(hits[0]))
             return True
@@ -479,7 +484,7 @@ def resolve_samples(scores: xr.Dataset, requested: Sequence[str]) -> np.ndarray:
             return True
         for name, mask in tasks.items():
             if token.startswith(name + ":"):
-                hits = np.flatnonzero((ids == token[len(name) + 1:]) & mask)
+                hits = np.flatnonzero(matches(token[len(name) + 1:]) & mask)
                 if hits.size == 1:
                     found.add(int(hits[0]))
                     return True

@@ -115,3 +115,28 @@ def corrupt_chunk_error(e: BaseException, where: str | None = None) -> StoreErro
         return None
     return StoreError(f"{where or 'the run'} is damaged: a chunk's bytes do not match its checksum "
                       f"({str(e).splitlines()[0]}); {DAMAGED_FIX}")
+
+
+# what the file system refuses (a full disk, a read-only mount, a name it cannot hold): the
+# user's to fix, and every stage's writes are whole chunks recorded done last, so --resume continues
+_OS_FIXES = {
+    "ENOSPC": "the disk is full: free space (`qkov plan JOB.toml` shows what the run needs) and continue with {resume}",
+    "EDQUOT": "the disk quota is used up: free space or raise the quota and continue with {resume}",
+    "EROFS": "the file system is read-only: choose a writable output.path (or remount it) and continue with {resume}",
+    "ENAMETOOLONG": "a file name is too long for the file system: choose a shorter output.path (or a shorter {name})",
+    "EACCES": "permission denied: choose a writable output.path",
+    "EPERM": "permission denied: choose a writable output.path",
+}
+
+
+def os_error(e: BaseException, where: str | None = None) -> StoreError | None:
+    """A one-line StoreError for an OSError the file system raised while qkov read or wrote a
+    run (no space, read-only, name too long, permission), or None when `e` is something else."""
+    import errno as _errno
+
+    name = _errno.errorcode.get(getattr(e, "errno", None) or -1) if isinstance(e, OSError) else None
+    if name not in _OS_FIXES:
+        return None
+    what = getattr(e, "filename", None) or where or "the output"
+    fix = _OS_FIXES[name].format(resume=option("resume"), name=param("name"))
+    return StoreError(f"the file system refused {what}: {e.strerror or name} ({name}); {fix}")

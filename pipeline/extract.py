@@ -131,6 +131,26 @@ def sample_count_warning(n_a: int, n_b: int, alpha: float) -> str | None:
     return None
 
 
+def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) -> str | None:
+    """extract.nonfinite = "skip": the sample counts rules applied to the samples left after
+    skipping (`finite`, store order: A then B). Fewer than 2 in a task is refused, as before
+    the run; returns `sample_count_warning` of the counts left (None when nothing was skipped)."""
+    finite = np.asarray(finite, dtype=bool)
+    if finite.all():
+        return None
+    kept = (int(finite[: plan.n_a].sum()), int(finite[plan.n_a:].sum()))
+    for spec, n, part, ids in ((job.tasks.a, kept[0], finite[: plan.n_a], plan.sample_ids[: plan.n_a]),
+                               (job.tasks.b, kept[1], finite[plan.n_a:], plan.sample_ids[plan.n_a:])):
+        if n < 2:
+            gone = [i for i, f in zip(ids, part) if not f]
+            raise TaskFileError(
+                f"task {spec.name!r} has {n} sample(s) left of {len(ids)}: extract.nonfinite = 'skip' left out {len(gone)} "
+                f"whose loss or gradients are not finite ({gone[:5]}{' …' if len(gone) > 5 else ''}); the statistics need "
+                f"at least 2 per task. Fix or replace those samples (or the model, if its weights hold NaN) and rerun "
+                f"with {option('overwrite')}")
+    return sample_count_warning(*kept, job.stats.alpha)
+
+
 def plan_extract(job: JobSpec) -> ExtractPlan:
     from workers.models import load_tokenizer
     from workers.models import checkpoint_fingerprint, model_folder
@@ -519,10 +539,13 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
         whash, skipped = _finish_pass(store, plan, results, record)
         if phase != "sketch":  # the pass that wrote the Fisher partial sums
+            # the sample counts after skipping, before anything is marked complete (a resume asks again)
+            warning = check_kept_samples(job, plan, store.root()[schema.GRADIENTS][schema.FINITE][:])
             consolidate_fisher(store, plan, job, whash)
     root = store.root("r+")
     g = root[schema.GRADIENTS]
     g.attrs[schema.ATTR_WEIGHTS_HASH] = whash
     g.attrs[schema.ATTR_SKIPPED_SAMPLES] = list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))
     store.mark_complete(schema.GRADIENTS)
-    return {"shards": len(plan.shards), "computed": len(todo[schema.DONE]), "weights_hash": whash, "skipped": skipped}
+    return {"shards": len(plan.shards), "computed": len(todo[schema.DONE]), "weights_hash": whash, "skipped": skipped,
+            "warning": warning}

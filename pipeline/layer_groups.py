@@ -39,8 +39,61 @@ ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fi
 
 
 def is_grouped(store: RunStore) -> bool:
-    """The run at `store` was started in layer groups (whatever the job file now says)."""
-    return store.exists() and schema.ATTR_LAYER_GROUPS in (store.group_attrs(schema.WORK) or {})
+    """The run at `store` was started in layer groups (whatever the job file now says): `_work`
+    records its groups, or (finished, `_work` removed) its gradients were dropped."""
+    if not store.exists():
+        return False
+    if schema.ATTR_LAYER_GROUPS in (store.group_attrs(schema.WORK) or {}):
+        return True
+    return bool((store.group_attrs(schema.GRADIENTS) or {}).get(schema.ATTR_GRADIENTS_DROPPED))
+
+
+def _damaged_layers(store: RunStore, n_layers: int, finished: bool) -> set[int]:
+    """Positions along `layer` whose score chunks are missing (a missing chunk reads as the fill
+    value; the scores' chunks are always written, unlike zarr's, which skips a chunk of fill
+    values: a Fisher or diagnostics chunk may legitimately be absent). A missing chunk of an
+    array not chunked per layer counts for every layer in a finished run (in a running one
+    it may not be written yet)."""
+    from .extract import missing_chunks
+
+    root = store.root()
+    out: set[int] = set()
+    for name, lost in missing_chunks(store, schema.SCORES_GROUP).items():
+        dims = tuple(root[schema.SCORES_GROUP][name].metadata.dimension_names or ())
+        if schema.LAYER in dims and root[schema.SCORES_GROUP][name].chunks[dims.index(schema.LAYER)] == 1:
+            out |= {idx[dims.index(schema.LAYER)] for idx in lost}
+        elif finished:
+            return set(range(n_layers))
+    return out
+
+
+def reopen_damaged_layers(store: RunStore) -> list[int]:
+    """--resume of a layer-grouped run: the groups whose score chunks are missing are recorded as not done (and those groups not complete), so the run extracts
+    and scores them again; the gradients they came from are gone. A finished run (its `_work`
+    removed) gets one group per layer, every layer done but the damaged ones. Returns the
+    layers reopened."""
+    if store.group_attrs(schema.SCORES_GROUP) is None:  # no group written yet: nothing recorded done
+        return []
+    root = store.root()
+    values = [int(v) for v in np.asarray(root[schema.SCORES_GROUP][schema.LAYER][:])]
+    attrs = store.group_attrs(schema.WORK) or {}
+    groups = attrs.get(schema.ATTR_LAYER_GROUPS)
+    finished = groups is None
+    if finished:
+        groups, done = [[v] for v in values], set(range(len(values)))
+    else:
+        done = set(attrs.get(schema.ATTR_GROUPS_DONE, []))
+    lost = {values[p] for p in _damaged_layers(store, len(values), finished)}
+    reopen = {k for k in done if lost & set(groups[k])}
+    if not reopen:
+        return []
+    work = store.root("r+").require_group(schema.WORK)
+    work.attrs.update({schema.ATTR_LAYER_GROUPS: groups, schema.ATTR_GROUPS_DONE: sorted(done - reopen),
+                       ATTR_TEMPLATES: True})
+    for g in (schema.SCORES_GROUP, schema.FISHER, schema.DIAGNOSTICS):
+        if store.has_group(g):
+            store.root("r+")[g].attrs[schema.ATTR_COMPLETE] = False
+    return sorted(l for k in reopen for l in groups[k])
 
 
 def group_layers(job: JobSpec, plan: ExtractPlan) -> list[list[int]]:
@@ -214,6 +267,7 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, plan: ExtractPlan,
             total["computed"] += res["computed"]
             total["weights_hash"] = res["weights_hash"]
             total["skipped"] = res["skipped"]
+            total["warning"] = res.get("warning")
         tick("extract", (k + 1) * n_shards, n_shards * len(groups))  # also for a group extracted before a resume
         if not scoring:
             tick("score", len(done), len(groups))

@@ -23,6 +23,7 @@ from .spec import JobSpec
 META_BYTES = 1024  # zarr.json of one array (measured: 0.6–1.5 KB)
 CRC_BYTES = 4  # crc32c per chunk (extract.checksummed)
 BLOSC_HEADER = 16  # blosc's most per chunk beyond the raw bytes (the pooled scores' chunks)
+ARRAY_RECORD_BYTES = 360  # a group's record of one array in its zarr.json (schema.ATTR_ARRAYS: dtype, shape, chunks, codecs)
 ZSTD_F32 = 0.93  # zstd on float32 sums of squares (Fisher, its partials): measured 0.92-0.94
 
 
@@ -183,8 +184,9 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
         groups[schema.SCORES_GROUP] = 2 * L * block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
             + (8 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
     n_fam = block_heads  # the family: one test per block head
-    # ~40 small variables per (score, block, layer, head), compressed
-    groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 40 * META_BYTES
+    # ~42 small variables per (score, block, layer, head), compressed; their zarr.json carry the
+    # variables' question/units/direction (~1.25 KB each) and the group's record of each array
+    groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 42 * (1250 + ARRAY_RECORD_BYTES)
     # per (block, layer, block head, sample) diagnostics beside the scores (layer-grouped runs too)
     groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
     # the root's zarr.json carries a consolidated copy of every node's metadata (~1.35x its size)
@@ -313,4 +315,63 @@ def require_fits(job: JobSpec, p: RunPlan) -> None:
                          "(`qkov plan JOB.toml` shows the figures.)")
 
 
-__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layers_per_group"]
+NAME_MAX = 255  # bytes of one file name on the common file systems (ext4, xfs, APFS, NTFS)
+
+
+def stats_memory(n_a: int, n_b: int, n_slices: int, n_permutations: int, n_bootstrap: int) -> int:
+    """Bytes the statistics hold at once at the least (an estimate, float64): the label
+    permutations and bootstrap weights every stats task draws (`stats_stage._weights`: the
+    draw, its argsort and the 0/1 indicators of both tasks, 5·K·N; the bootstrap rows
+    2·(1+B)·N) and the per-slice sums the caller gathers (slices × (1+K+4(1+B)+N))."""
+    n, k, b = n_a + n_b, n_permutations, n_bootstrap
+    return 8 * n * (5 * (1 + k) + 2 * (1 + b)) + 8 * n_slices * (1 + k + 4 * (1 + b) + n)
+
+
+def require_stats_memory(settings, n_a: int, n_b: int, n_slices: int, *, names: tuple[str, str],
+                         total: int | None = None) -> None:
+    """Refuse, before anything is allocated, statistics settings whose permutations and
+    bootstrap cannot fit this machine's memory (`names`: how the caller spells the two settings)."""
+    import psutil
+
+    total = psutil.virtual_memory().total if total is None else total
+    need = stats_memory(n_a, n_b, n_slices, settings.n_permutations, settings.n_bootstrap)
+    if need > total:
+        raise UsageError(
+            f"{names[0]} = {settings.n_permutations} with {names[1]} = {settings.n_bootstrap} needs at least "
+            f"{_size(need)} of memory for the statistics ({n_a} + {n_b} samples, {n_slices} slices; estimate) but this "
+            f"machine has {_size(total)}; lower {names[0]} (9999 resolves p down to 1e-4) or {names[1]}")
+
+
+def require_stats_name(name: str | None) -> None:
+    """A statistics name (`stats_<name>`) the store can hold as a folder name."""
+    from .errors import param
+
+    if name is None:
+        return
+    group = schema.stats_group(name)  # letters, digits, '_', '.', '-'
+    if len(group.encode()) > NAME_MAX:
+        raise UsageError(f"{param('name')} is {len(name)} characters; at most {NAME_MAX - len(group) + len(name)} fit (it "
+                         f"becomes the folder name '{group[:20]}…', and file names hold at most {NAME_MAX} bytes)")
+
+
+def check_stats_request(store, name: str | None = None, **overrides) -> None:
+    """`qkov stats` / `qkov.run_stats` before anything is read or allocated: the run has scores,
+    the name fits a file name, the settings are valid and their permutations fit in memory."""
+    from .errors import param
+    from .stats_stage import stats_settings
+
+    store.require(schema.SCORES_GROUP, "the statistics")
+    require_stats_name(name)
+    settings = stats_settings(store, name, **overrides)
+    try:
+        scores = store.root()[schema.SCORES_GROUP]
+        n = int(scores[schema.SAMPLE_I].shape[0])
+        slices = math.prod(int(scores[d].shape[0]) for d in (schema.BLOCK, schema.LAYER, schema.HEAD))
+    except KeyError:  # a layout without these coordinates: its reader names what is wrong
+        return
+    n_a = int(store.group_attrs(schema.SCORES_GROUP).get(schema.ATTR_N_A, n // 2))
+    require_stats_memory(settings, n_a, n - n_a, slices, names=(param("n_permutations"), param("n_bootstrap")))
+
+
+__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layers_per_group", "stats_memory",
+           "require_stats_memory", "require_stats_name", "check_stats_request"]

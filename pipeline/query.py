@@ -61,10 +61,10 @@ def _grouped(stats: xr.Dataset) -> bool:
 # and per slice of one score (sharing: interference; transfer, cosine: alignment)
 EFFECT_VARS: tuple[str, ...] = ("effect", "effect_ci_low", "effect_ci_high", "direction", "q_value_hier", "significant_hier")
 OWN_VARS: dict[str, tuple[str, ...]] = {
-    "interference": ("sharing_ab", "sharing_ab_ci_low", "sharing_ab_ci_high", "sharing_ba", "sharing_ba_ci_low",
+    "interference": ("sharing", "sharing_ci_low", "sharing_ci_high", "sharing_ab", "sharing_ab_ci_low", "sharing_ab_ci_high", "sharing_ba", "sharing_ba_ci_low",
                      "sharing_ba_ci_high"),
     "alignment": ("transfer", "transfer_ci_low", "transfer_ci_high", "transfer_p_value", "transfer_q_value",
-                  "transfer_direction", "cosine", "cosine_ci_low", "cosine_ci_high"),
+                  "transfer_direction", "cosine", "cosine_ci_low", "cosine_ci_high", "cosine_norm_z"),
 }
 
 
@@ -94,10 +94,21 @@ def _sample_info(store: RunStore) -> dict[tuple[str, str], dict[str, Any]]:
     }
 
 
+def kept_pairs(scores: xr.Dataset, score: str) -> int | None:
+    """How many pairs per slice a keep_pairs = "top" run kept of `score` (its top_k), else None
+    (keep_pairs = "all" keeps every pair; "none" keeps none and lists none)."""
+    name = schema.top_name(score)
+    return int(scores[name].shape[-1]) if score not in scores and name in scores else None
+
+
 def _pairs(scores: xr.Dataset, layer: int, head: int, block: str, top: int, score: str) -> list[dict]:
     """Top pairs from `score.top_pairs`. Interference: highest first. Alignment: most
-    negative first, the conflicting pairs (a natural-gradient step on j raises i's loss)."""
+    negative first, the conflicting pairs (a natural-gradient step on j raises i's loss).
+    A keep_pairs = "top" run lists at most the top_k pairs it kept."""
     from .score import top_pairs
+
+    kept = kept_pairs(scores, score)
+    top = top if kept is None else min(top, kept)
 
     if score == "alignment" and score in scores:  # (keep_pairs = "top" stores the most negative ones already)
         neg = scores[[score]].copy()
@@ -105,6 +116,55 @@ def _pairs(scores: xr.Dataset, layer: int, head: int, block: str, top: int, scor
         out = top_pairs(neg, layer, head, block, top, score)
         return [{**p, score: -p[score]} for p in out]
     return top_pairs(scores, layer, head, block, top, score)
+
+
+# What the alignment marginals answer (stated with every number, as the stats' attrs are).
+MARGINAL_DOCS = {
+    "question": "Which samples drive the transfer between the tasks in this slice? Per sample of A, its mean "
+                "alignment with B's samples (row mean of the A x B block); per sample of B, its mean alignment "
+                "with A's samples (column mean). transfer is the mean of either set, so the most negative ones "
+                "drive a conflict",
+    "units": "alignment units (as transfer); contribution = marginal / the task's sample count, which sums to "
+             "transfer over the task's samples",
+    "direction": "negative = the sample conflicts with the other task (a step on one raises the other's loss); "
+                 "most negative first",
+}
+
+
+def alignment_marginals(scores: xr.Dataset, block: str, layer: int, head: int, top: int = 5) -> dict | None:
+    """The samples whose mean alignment with the other task drives the slice's transfer
+    most negative (a conflict): the row/column means of the A×B block that the transfer test
+    uses (`stats.ab_margins`), from the statistics' stored sums where the score stage kept
+    them (their last N entries) or the pooled alignment. None without either (a run without
+    alignment). Keys: question, units, direction, transfer, n_a, n_b, and per task (`a`, `b`)
+    up to `top` samples with a negative marginal, most negative first: sample, marginal,
+    contribution (marginal / n, adds up to transfer over the task)."""
+    from . import stats as st
+
+    where = {schema.BLOCK: block, schema.LAYER: layer, schema.HEAD: head}
+    n = scores.sizes[schema.SAMPLE_I]
+    if schema.IS_A in scores.coords:
+        is_a = np.asarray(scores[schema.IS_A].values, dtype=bool)
+    else:  # store order is A then B
+        is_a = np.arange(n) < int(scores.attrs[schema.ATTR_N_A])
+    sums, pooled = schema.stat_sums_name("alignment"), schema.pooled_name("alignment")
+    if sums in scores:  # A x B margins, raw sums, at the end of the slice's sums
+        margins = np.asarray(scores[sums].sel(where).values, dtype=np.float64)[-n:]
+    elif pooled in scores:
+        margins = st.ab_margins(np.asarray(scores[pooled].sel(where).values, dtype=np.float64), is_a)
+    else:
+        return None
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    ids = [str(x) for x in scores[schema.SAMPLE_I].values]
+    out: dict[str, Any] = dict(MARGINAL_DOCS, n_a=n_a, n_b=n_b)
+    for key, mask, other, own in (("a", is_a, n_b, n_a), ("b", ~is_a, n_a, n_b)):
+        idx = np.flatnonzero(mask)
+        marg = margins[idx] / other
+        if key == "a":
+            out["transfer"] = _num(marg.mean())
+        order = [k for k in np.argsort(marg, kind="stable") if marg[k] < 0][:top]
+        out[key] = [{"sample": ids[idx[k]], "marginal": _num(marg[k]), "contribution": _num(marg[k] / own)} for k in order]
+    return out
 
 
 def ranking(score: str) -> str:
@@ -161,6 +221,7 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
         pairs = _pairs(scores, layer, head, b, top, score)
         per_block.append({
             "block": b,
+            "alignment_marginals": alignment_marginals(scores, b, layer, head, top=5),
             "kv_head": kv if shared else None,
             "in_family": bool(stats["in_family"].sel({schema.BLOCK: b, schema.HEAD: head}).values),
             "stats": {s: _slice_stats(stats, s, b, layer, head) for s in (str(x) for x in stats[schema.SCORE].values)},
@@ -174,6 +235,8 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
         "kv_head": kv if grouped else None,
         "score": score,
         "ranking": ranking(score),
+        "top_asked": top,
+        "top_kept": kept_pairs(scores, score),  # keep_pairs = "top": the pairs per slice the run kept
         "tasks": {"a": task_a, "b": task_b},
         "n_a": int(scores.sizes[schema.SAMPLE_A]),
         "n_b": int(scores.sizes[schema.SAMPLE_B]),
@@ -251,8 +314,8 @@ def slice_table(stats: xr.Dataset, score: str) -> dict[str, np.ndarray]:
     # effect relative to chance: unitless, so slices of different blocks compare (interference > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         t["effect_rel"] = t["effect"] / np.abs(t["chance"])
-        if score == "interference":
-            t["sharing"] = np.sqrt(t["sharing_ab"] * t["sharing_ba"])  # both directions in one number
+        if score == "interference" and "sharing" not in stats:  # statistics written before `sharing`
+            t["sharing"] = np.sqrt(t["sharing_ab"] * t["sharing_ba"])  # its point estimate; no CI
     return t
 
 
@@ -308,7 +371,10 @@ def rank_heads(stats: xr.Dataset, score: str, top: int = 10, only_significant: b
     cand = np.flatnonzero(keep)
     strength = _strength(t, score, stats.attrs.get("alternative"))[cand]
     order = cand[np.lexsort((-strength, t["q_value"][cand]))][:top]
-    return _rows(t, order, score)
+    rows = _rows(t, order, score)
+    for r in rows:  # non-significant rows are listed too: their verdict depends on the test's side
+        r["alternative"] = stats.attrs.get("alternative")
+    return rows
 
 
 def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, ...] = ("interference",)) -> list[dict]:
@@ -316,8 +382,9 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
 
     * conflict — slices whose transfer (alignment, ⟨ḡ_A, ḡ_B⟩) is significantly below 0
       (transfer test, BH over the family), smallest q first, ties by the more negative cosine;
-    * shared — the largest sharing ratios (interference; geometric mean of A→B and B→A), with
-      each direction's CI and the labels-null verdict beside them;
+    * shared — the largest `sharing` (interference; the geometric mean of both directions,
+      free of the tasks' gradient sizes) among slices not significantly below chance (labels
+      null), with its CI, each direction's ratio and the labels-null verdict beside them;
     * differ — per score in `differ_scores`, slices whose mean differs from chance (labels
       null, q ≤ α), smallest q first, ties by effect size; direction always shown.
 
@@ -332,7 +399,8 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
         t, table = _table(stats, "conflict", "alignment", alpha)
         fam = table["family"]
         if np.isnan(t["transfer"]).all():
-            table["note"] = "this run's statistics have no transfer test: rerun `qkov stats` to add it"
+            table["note"] = ("this run's statistics have no transfer test: rerun `qkov stats` to add it" if "transfer" not in stats
+                             else "the transfer test is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
         else:
             d = t["transfer_direction"]
             conflict = np.flatnonzero(d == -1)
@@ -347,14 +415,23 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
         t, table = _table(stats, "shared", "interference", alpha)
         fam = table["family"]
         if np.isnan(t["sharing"]).all():
-            table["note"] = "this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
+            table["note"] = ("this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
+                             if "sharing" not in stats and "sharing_ab" not in stats
+                             else "the sharing ratio is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
         else:
-            ok = np.flatnonzero(np.isfinite(t["sharing"]))
+            finite = np.isfinite(t["sharing"])
+            below = finite & (t["direction"] == -1)  # the tasks overlap significantly less than chance here
+            ok = np.flatnonzero(finite & ~below)
             order = ok[np.argsort(-t["sharing"][ok], kind="stable")]
             table.update(rows=_rows(t, order[:top], "interference"), n_found=int(ok.size))
-            table["note"] = (f"the {min(top, ok.size)} largest sharing ratios of {fam} slices (interference: mean over "
-                             "A×B / the task's own mean; 1 = the other task's gradients land on this task's weights as "
-                             "heavily as its own samples' do, → 0 = separated)")
+            table["note"] = (f"the {min(top, ok.size)} largest sharing values of {ok.size} slices not significantly below "
+                             f"chance ({int(below.sum())} of {fam} are, and are left out: their tasks overlap less than "
+                             "random task labels give). sharing = √(B→A · A→B), where X→Y = how heavily X's gradients "
+                             "land on the weights Y's loss depends on, relative to Y's own samples; the tasks' gradient "
+                             "sizes cancel: 1 = the tasks load the weights alike, → 0 = separated")
+            if alt == "greater":
+                table["note"] += ("; the labels null here is one-sided (greater), which cannot flag a slice below "
+                                  "chance, so none could be left out: rerun `qkov stats --alternative two-sided`")
         tables.append(table)
 
     for score in differ_scores:
@@ -409,10 +486,11 @@ def _answer_texts(question: str, score: str, a: str, b: str, stats: xr.Dataset) 
         return (f"Does a natural-gradient step on {b}'s loss, through this slice, raise {a}'s loss (conflict) "
                 "or lower it (synergy)?",
                 units or "minus the first-order change of A's loss per unit natural-gradient step on B")
-    return (f"Do {a} and {b} share this slice: do their gradients land on the weights the other's loss depends "
-            "on as heavily as on their own?",
-            f"ratio, the geometric mean of {a}->{b} and {b}->{a} (sharing_ab, sharing_ba): 1 = as heavily as a "
-            "task's own samples, -> 0 = separated")
+    return (f"Do {a} and {b} load the same weights of this slice, whatever the size of their gradients?",
+            f"unitless ratio sqrt({b}->{a} * {a}->{b}), free of the tasks' gradient sizes: 1 = the tasks load the "
+            f"weights alike, -> 0 = separated; X->Y = how heavily X's gradients land on the weights Y's loss depends "
+            f"on, relative to Y's own samples (sharing_ab = {b}->{a}, sharing_ba = {a}->{b}; each scales with X's "
+            "gradient size)")
 
 
 def answers_table(stats: xr.Dataset, tasks: tuple[str, str] = ("A", "B")):
@@ -439,13 +517,16 @@ def answers_table(stats: xr.Dataset, tasks: tuple[str, str] = ("A", "B")):
 
     kv = np.asarray(stats[schema.KV_HEAD].values)
     heads = [int(h) for h in stats[schema.HEAD].values]
+    alt = stats.attrs.get("alternative")
     for score in scores:
         t = slice_table(stats, score)
         direction = np.nan_to_num(t["direction"]).astype(np.int64)
         frame(t, score, "differ", {
             "estimate": t["effect"], "ci_low": t["effect_ci_low"], "ci_high": t["effect_ci_high"],
             "p_value": t["p_value"], "q_value": t["q_value"], "significant": np.nan_to_num(t["significant"]) > 0,
-            "direction": direction, "verdict": np.array([PLAIN_DIRECTION[d] for d in direction], dtype=object),
+            "direction": direction,
+            "verdict": np.array([direction_words({"direction": d, "effect": _num(e)}, alternative=alt).replace("▲ ", "")
+                                 .replace("▼ ", "") for d, e in zip(direction, t["effect"])], dtype=object),
             **{v: t[v] for v in ("mean", "chance", "p_fwer", "q_value_hier", "layer_q_value")},
             "effect_rel": t["effect_rel"] if score == "interference" else np.full(n, np.nan)})
     if "alignment" in scores and "transfer" in stats:
@@ -459,7 +540,8 @@ def answers_table(stats: xr.Dataset, tasks: tuple[str, str] = ("A", "B")):
     if "interference" in scores and "sharing_ab" in stats:
         t = slice_table(stats, "interference")
         frame(t, "interference", "shared", {
-            "estimate": t["sharing"], "significant": np.zeros(n, dtype=bool), "direction": np.zeros(n, dtype=np.int64),
+            "estimate": t["sharing"], "ci_low": t["sharing_ci_low"], "ci_high": t["sharing_ci_high"],
+            "significant": np.zeros(n, dtype=bool), "direction": np.zeros(n, dtype=np.int64),
             "verdict": "no test (a ratio)",
             **{v: t[v] for v in ANSWER_EXTRAS if v.startswith("sharing_")}})
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(ANSWER_COLUMNS))
@@ -554,10 +636,26 @@ def head_label(r: dict) -> str:
     return f"{r['head']} (kv {r['kv_head']})" if r.get("kv_head") is not None else str(r["head"])
 
 
-def direction_words(r: dict, key: str = "direction") -> str:
+def direction_words(r: dict, key: str = "direction", alternative: str | None = None) -> str:
+    """The verdict of a row's test in words. Against chance under a one-sided `alternative`,
+    an effect on the untested side reads "not tested (greater)" rather than "not significant":
+    a one-sided test cannot find it, however large it is."""
     d = r.get(key)
     words = TRANSFER_WORDS if key == "transfer_direction" else DIRECTION_WORDS
-    return "?" if d is None else words[int(d)]
+    if d is None:
+        return "?"
+    if key == "direction" and int(d) == 0 and alternative in ("greater", "less") and r.get("effect") is not None:
+        if (r["effect"] < 0) if alternative == "greater" else (r["effect"] > 0):
+            return f"not tested ({alternative}: one-sided)"
+    return words[int(d)]
+
+
+def cosine_text(r: dict) -> str:
+    """The cosine with its CI, or "no direction" where a task-mean norm is not told apart from 0
+    (the stats' cosine rule); "–" where the row has no transfer at all."""
+    if r.get("cosine") is None:
+        return "no direction" if r.get("transfer") is not None else "–"
+    return _fmt(r.get("cosine"), ".2f") + _ci(r, "cosine", ".2f")
 
 
 # (header, cell) per headline table; one spec for the console and the report's tables.
@@ -568,15 +666,16 @@ def _cells(kind: str, r: dict) -> list[tuple[str, str, Any]]:
     if kind == "conflict":
         out += [("direction", direction_words(r, "transfer_direction"), r.get("transfer_direction")),
                 ("transfer [CI]", _fmt(r.get("transfer"), ".3g") + _ci(r, "transfer"), r.get("transfer")),
-                ("cosine [CI]", _fmt(r.get("cosine"), ".2f") + _ci(r, "cosine", ".2f"), r.get("cosine"))]
+                ("cosine [CI]", cosine_text(r), r.get("cosine"))]
     elif kind == "shared":
-        out += [("sharing", _fmt(r.get("sharing"), ".3f"), r.get("sharing")),
-                ("A→B [CI]", _fmt(r.get("sharing_ab"), ".3f") + _ci(r, "sharing_ab", ".3f"), r.get("sharing_ab")),
-                ("B→A [CI]", _fmt(r.get("sharing_ba"), ".3f") + _ci(r, "sharing_ba", ".3f"), r.get("sharing_ba")),
+        # sharing_ab = B's gradients on A's weights (B→A); sharing_ba = A→B
+        out += [("sharing [CI]", _fmt(r.get("sharing"), ".3f") + _ci(r, "sharing", ".3f"), r.get("sharing")),
+                ("B→A [CI]", _fmt(r.get("sharing_ab"), ".3f") + _ci(r, "sharing_ab", ".3f"), r.get("sharing_ab")),
+                ("A→B [CI]", _fmt(r.get("sharing_ba"), ".3f") + _ci(r, "sharing_ba", ".3f"), r.get("sharing_ba")),
                 ("vs chance", direction_words(r), r.get("direction")),
                 ("mean", _fmt(r.get("mean")), r.get("mean")), ("chance", _fmt(r.get("chance")), r.get("chance"))]
     else:
-        out += [("direction", direction_words(r), r.get("direction")),
+        out += [("direction", direction_words(r, alternative=r.get("alternative")), r.get("direction")),
                 ("mean", _fmt(r.get("mean")), r.get("mean")), ("chance", _fmt(r.get("chance")), r.get("chance")),
                 ("effect [CI]", _fmt(r.get("effect"), ".3g") + _ci(r, "effect"), r.get("effect"))]
         if r["score"] == "interference":
@@ -595,7 +694,7 @@ def headline_cells(table: dict) -> tuple[list[str], list[list[tuple[str, Any]]]]
 
 
 def headline_title(table: dict) -> str:
-    what = {"conflict": "alignment: transfer test, vs 0", "shared": "interference: sharing ratio",
+    what = {"conflict": "alignment: transfer test, vs 0", "shared": "interference: sharing, free of gradient sizes",
             "differ": f"{table['score']}: mean vs chance"}[table["key"]]
     return f"{table['question'].capitalize()} ({what})"
 
@@ -655,7 +754,8 @@ def _stats_table(res: dict):
                            f"{res['tasks']['a']} × {res['tasks']['b']}, {res['n_a']}×{res['n_b']} pairs: "
                            "does the A×B mean differ from chance?"),
               caption=_plain(f"{res['stats_group']}: labels null ({settings.get('alternative')}, "
-                             f"{settings.get('n_permutations')} permutations), BH q ≤ α={settings.get('alpha')}; "
+                             f"{settings.get('n_permutations')} permutations), BH q ≤ α={settings.get('alpha')}"
+                             f"{one_sided_words(settings.get('alternative'))}; "
                              "chance = the mean over all label permutations, effect = mean − chance; p_fwer = max-T; "
                              f"CIs {settings.get('ci_level')} two-way bootstrap"),
               title_justify="left", caption_justify="left")
@@ -665,7 +765,7 @@ def _stats_table(res: dict):
     for blk in res["blocks"]:
         label = blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else "")
         for i, (score, s) in enumerate(blk["stats"].items()):
-            words = direction_words(s)
+            words = direction_words(s, alternative=settings.get("alternative"))
             if s.get("direction") is None and s.get("null_mean") is None:
                 words = "✔ significant" if s["significant"] else "not significant"
             effect, chance = s.get("effect"), s.get("null_mean")
@@ -679,6 +779,15 @@ def _stats_table(res: dict):
     return t
 
 
+def one_sided_words(alternative: str | None) -> str:
+    """What a one-sided labels null hides, for captions ("" for two-sided)."""
+    if alternative not in ("greater", "less"):
+        return ""
+    hidden = "below" if alternative == "greater" else "above"
+    return (f" (one-sided: a slice {hidden} chance is never flagged, however far; `qkov stats --alternative two-sided` "
+            "tests both ways)")
+
+
 def _effects_table(res: dict):
     """The head's task effect sizes per block: sharing (interference) and transfer/cosine
     (alignment), or None for statistics written before them."""
@@ -690,20 +799,24 @@ def _effects_table(res: dict):
         return None
     a, b = res["tasks"]["a"], res["tasks"]["b"]
     t = Table(title=_plain("do the tasks share this head, and does a step on one help or hurt the other?"),
-              caption=_plain(f"sharing: mean interference over A×B / the task's own (1 = shared, → 0 = separated); "
-                             f"transfer = <g_{a}, g_{b}> in the (Î+λ)⁻¹ metric, tested against 0 "
-                             "(< 0 conflict: a step on one task's loss raises the other's)"),
+              caption=_plain(f"sharing = √({b}→{a} · {a}→{b}), unitless, free of the tasks' gradient sizes (1 = the tasks "
+                             f"load the weights alike, → 0 = separated); X→Y = how heavily X's gradients land on the "
+                             f"weights Y's loss depends on, relative to Y's own samples (scales with X's gradient size); "
+                             f"transfer = <g_{a}, g_{b}> in the (Î+λ)⁻¹ metric, tested against 0 (two-sided; < 0 conflict: "
+                             "a step on one task's loss raises the other's); cosine: no direction where a task-mean "
+                             "gradient is not told apart from 0"),
               title_justify="left", caption_justify="left")
-    for col, just in (("block", "left"), (f"sharing {a}→{b} [CI]", "right"), (f"{b}→{a} [CI]", "right"),
+    for col, just in (("block", "left"), ("sharing [CI]", "right"), (f"{b}→{a} [CI]", "right"), (f"{a}→{b} [CI]", "right"),
                       ("transfer [CI]", "right"), ("verdict", "left"), ("q", "right"), ("cosine [CI]", "right")):
         t.add_column(_plain(col), justify=just)
     for blk, i, al in rows:
         verdict = direction_words(al, "transfer_direction") if al.get("transfer") is not None else "–"
         t.add_row(blk["block"] + (f" (kv {blk['kv_head']})" if blk["kv_head"] is not None else ""),
+                  _plain(_fmt(i.get("sharing"), ".3f") + _ci(i, "sharing", ".3f")),
                   _plain(_fmt(i.get("sharing_ab"), ".3f") + _ci(i, "sharing_ab", ".3f")),
                   _plain(_fmt(i.get("sharing_ba"), ".3f") + _ci(i, "sharing_ba", ".3f")),
                   _plain(_fmt(al.get("transfer"), ".3g") + _ci(al, "transfer")), Text(verdict, style=_dir_style(verdict)),
-                  _fmt(al.get("transfer_q_value"), ".3g"), _plain(_fmt(al.get("cosine"), ".2f") + _ci(al, "cosine", ".2f")))
+                  _fmt(al.get("transfer_q_value"), ".3g"), _plain(cosine_text(al)))
     return t
 
 
@@ -711,7 +824,10 @@ def _pairs_table(res: dict, blk: dict):
     from rich.table import Table
 
     score = res["score"]
-    t = Table(title=_plain(f"{blk['block']} · top {len(blk['top_pairs'])} pairs, {res['ranking']}"),
+    shown, asked, kept = len(blk["top_pairs"]), res.get("top_asked"), res.get("top_kept")
+    note = (f" (shown {shown} of the {asked} asked: the run kept the top {kept} pairs per slice, keep_pairs = \"top\")"
+            if kept is not None and asked is not None and asked > shown else "")
+    t = Table(title=_plain(f"{blk['block']} · top {shown} pairs, {res['ranking']}{note}"),
               title_justify="left")
     t.add_column("#", justify="right")
     t.add_column(_plain(f"{res['tasks']['a']} id"))
@@ -726,6 +842,32 @@ def _pairs_table(res: dict, blk: dict):
     return t
 
 
+def _marginals_table(res: dict, blk: dict):
+    """The samples of each task whose mean alignment with the other task is most negative (what
+    drives a conflict), with the question, unit and direction in the title; None without any."""
+    from rich.table import Table
+
+    m = blk.get("alignment_marginals")
+    if not m or not (m["a"] or m["b"]):
+        return None
+    a, b = res["tasks"]["a"], res["tasks"]["b"]
+    kv = f" (kv {blk['kv_head']})" if blk.get("kv_head") is not None else ""
+    t = Table(title=_plain(f"{blk['block']}{kv} · alignment marginals: which samples drive the conflict? transfer "
+                           f"{_fmt(m['transfer'], '.3g')} = the mean over {a}'s samples of their mean alignment with {b}, "
+                           f"and the mean over {b}'s of theirs with {a}"),
+              caption=_plain(f"marginal: alignment units (as transfer), negative = the sample conflicts with the other "
+                             f"task, most negative first (only negative ones); contribution = marginal / the task's "
+                             f"{m['n_a']} or {m['n_b']} samples, adding up to transfer over the task"),
+              title_justify="left", caption_justify="left")
+    for col, just in (("task", "left"), ("sample", "left"), ("mean alignment with the other task", "right"),
+                      ("contribution to transfer", "right")):
+        t.add_column(_plain(col), justify=just)
+    for key, task in (("a", a), ("b", b)):
+        for r in m[key]:
+            t.add_row(_plain(task), _plain(r["sample"]), _fmt(r["marginal"], ".4g"), _fmt(r["contribution"], ".3g"))
+    return t
+
+
 def format_query(result: dict):
     """A rich renderable of `query_head`'s result: the stats table, then each block's top pairs."""
     from rich.console import Group
@@ -734,6 +876,7 @@ def format_query(result: dict):
     effects = _effects_table(result)
     parts += [effects] if effects is not None else []
     parts += [_pairs_table(result, blk) for blk in result["blocks"] if blk["top_pairs"]]
+    parts += [m for m in (_marginals_table(result, blk) for blk in result["blocks"]) if m is not None]
     from .diagnostics import format_head_diagnostics  # health, outlier warning, most interfering samples
 
     parts += [d for d in (format_head_diagnostics(result, blk) for blk in result["blocks"]) if d is not None]
@@ -759,13 +902,16 @@ def format_slices(res: dict):
         key = (r["block"], r["layer"], r["head"], r["kv_head"])
         by_slice.setdefault(key, {})[f"{r['question']}/{r['score']}"] = r
     settings = res["settings"]
+    alt = settings.get("alternative")
     t = Table(title=_plain(f"{_selection_words(res)} — {a} × {b}, {len(by_slice)} slice(s): do the tasks differ, share, "
                            "conflict?"),
-              caption=_plain(f"{res['stats_group']}: vs chance = interference vs the labels null ({settings.get('alternative')}, "
-                             f"{settings.get('n_permutations')} permutations, BH q ≤ {settings.get('alpha')}), effect = (mean − "
-                             "chance) / chance; sharing = geometric mean of both directions' mean interference over A×B / the "
-                             "task's own (1 = shared, → 0 = separated); transfer = <g_A, g_B> tested against 0 (conflict < 0 < "
-                             "synergy); K/V rows are their KV head's slice. Every number with its CI: --format csv or json."),
+              caption=_plain(f"{res['stats_group']}: vs chance = interference vs the labels null ({alt}, "
+                             f"{settings.get('n_permutations')} permutations, BH q ≤ {settings.get('alpha')}"
+                             f"{one_sided_words(alt)}), effect = (mean − chance) / chance; sharing = √({b}→{a} · {a}→{b}) "
+                             "with its CI, unitless and free of the tasks' gradient sizes (1 = the tasks load the weights "
+                             "alike, → 0 = separated); transfer = <g_A, g_B> tested against 0, two-sided (conflict < 0 < "
+                             "synergy); cosine: no direction where a task-mean gradient is not told apart from 0; K/V rows "
+                             "are their KV head's slice. Every number with its CI: --format csv or json."),
               title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     cols = (("block", "left"), ("layer", "right"), ("head", "right"), ("vs chance", "left"), ("effect", "right"),
             ("q", "right"), ("sharing", "right"), ("transfer", "left"), ("transfer [CI]", "right"), ("q", "right"),
@@ -777,14 +923,18 @@ def format_slices(res: dict):
         d = rows.get("differ/interference", {})
         tr = rows.get("transfer/alignment", {})
         label = f"{head} (kv {kv})" if grouped and schema.head_dim(blk) == schema.KV_HEAD else str(head)
-        vs = DIRECTION_WORDS.get(d.get("direction"), "?")
+        vs = direction_words({"direction": d.get("direction"), "effect": d.get("estimate")}, alternative=alt)
         verdict = tr.get("verdict", "–")
         t.add_row(blk, str(layer), label, Text(vs, style=_dir_style(vs)), _pct(d.get("effect_rel")),
-                  _fmt(d.get("q_value"), ".3g"), _fmt(rows.get("shared/interference", {}).get("estimate"), ".3f"),
+                  _fmt(d.get("q_value"), ".3g"), _plain(_shared_text(rows.get("shared/interference", {}))),
                   Text(verdict, style=_dir_style(verdict)),
                   _plain(_fmt(tr.get("estimate"), ".3g") + _ci({"e_ci_low": tr.get("ci_low"), "e_ci_high": tr.get("ci_high")}, "e")),
-                  _fmt(tr.get("q_value"), ".3g"), _plain(_fmt(tr.get("cosine"), ".2f") + _ci(tr, "cosine", ".2f")))
+                  _fmt(tr.get("q_value"), ".3g"), _plain(cosine_text({**tr, "transfer": tr.get("estimate")})))
     return t
+
+
+def _shared_text(r: dict) -> str:
+    return _fmt(r.get("estimate"), ".3f") + _ci({"e_ci_low": r.get("ci_low"), "e_ci_high": r.get("ci_high")}, "e", ".3f")
 
 
 def format_significant(rows: list[dict]):

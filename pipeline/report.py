@@ -3,23 +3,30 @@
 The page answers three questions, each with its own numbers (docs/results.md, "Which number
 answers which question"): where the tasks *conflict* (alignment: the transfer test against 0,
 drawn as the cosine of the task-mean gradients), which heads they *share* (interference:
-the sharing ratio, 1 = as heavily as a task's own samples) and where they *differ* from
-chance (the label-permutation test, drawn as the effect relative to chance). Every heatmap
-draws an effect on a diverging, colour-blind-safe ColorBrewer scale centred on the
-neutral value, with one scale shared by the Q/K/V/O panels, so colour and the ▲/▼ marks
-always agree; raw means are a collapsed extra with per-block scales.
+`sharing`, the geometric mean of both directions' ratios, in which each task's gradient size
+cancels; 1 = the tasks load the weights alike, → 0 = separated) and where they *differ* from
+chance (the label-permutation test, drawn as the effect relative to chance). The effect maps
+(differ, conflict) use a diverging, colour-blind-safe ColorBrewer scale centred on the
+neutral value; sharing, which lives in [0, ~1] with no neutral middle, a sequential one from
+its smallest to its largest value. One scale is shared by the Q/K/V/O panels, so colour and
+the ▲/▼ marks always agree, and on the effect maps a cell whose own test is not significant
+is muted (pale, hatched): the deepest colours sit only on significant heads. Raw means are a
+collapsed extra with per-block scales. "Evidence per block" plots each table's own test: the
+transfer test behind conflict/synergy, the label-permutation test behind "differ".
 
 Files: `report.html` (one self-contained page: inline CSS, SVG and script, the data as
 embedded JSON, no network), each figure as a 300-dpi PNG and an SVG for papers, and
 `run_info.json`. The page is interactive: hovering a cell shows its mean, chance, effect
-with CI and q; clicking it shows the head's top sample pairs (embedded); tables sort by
+with CI and q; clicking it shows the head's top sample pairs (embedded, with `qkov query`'s
+outlier warning) and, for alignment, the samples that drive a conflict most; tables sort by
 any column and filter by block, layer, head and significance. Machine paths are never
 written: the run is named relative to the report folder, other files by their name.
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so making a report
-never switches the backend of the caller's session (e.g. a notebook). K/V are drawn per
-KV head: under GQA/MQA the query heads of a group share one K/V slice, which is one test
-in the family, so one column per KV head shows each test once.
+never switches the backend of the caller's session (e.g. a notebook); user text (task names)
+is never read as mathtext or LaTeX. K/V are drawn per KV head: under GQA/MQA the query heads
+of a group share one K/V slice, which is one test in the family, so one column per KV head
+shows each test once.
 """
 from __future__ import annotations
 
@@ -37,8 +44,11 @@ import numpy as np
 import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, to_hex
+from matplotlib.collections import PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Rectangle
+from matplotlib.text import Text
 
 from . import schema
 from .errors import UsageError, option
@@ -51,9 +61,10 @@ DPI = 300  # written figures (papers, slides); the page draws its own SVG
 SCREEN_DPI = 110
 NAN_COLOUR = "#d9d9d9"  # no statistic: neutral grey, distinct from every colour of the maps
 
-# The effect heatmaps. Each: the score it reads, the value drawn, the ColorBrewer map
-# (colour-blind safe; red = the "worse" end: more interference than chance, conflict),
-# the words at both ends and what the marks mean.
+# The heatmaps. Each: the score it reads, the value drawn, the ColorBrewer map (colour-blind
+# safe; red = the "worse" end: more interference than chance, conflict), the words at both
+# ends, what the marks mean, the flag variable of the map's own test (marks and muting) and
+# whether the scale is sequential (sharing: no neutral middle) instead of centred.
 HEATMAPS: dict[str, dict[str, Any]] = {
     "differ": {
         "score": "interference",
@@ -62,29 +73,35 @@ HEATMAPS: dict[str, dict[str, Any]] = {
         "cbar": "interference vs chance (%)",
         "cmap": "RdBu_r", "low": "less than random pairs", "high": "more than random pairs",
         "marks": ("significantly above chance (q ≤ α)", "significantly below chance (q ≤ α)"),
-        "flag": "direction",
+        "flag": "direction", "test": "the label-permutation test",
+        "nan": "no value",
     },
     "sharing": {
         "score": "interference",
-        "title": "Which heads the tasks share: sharing ratio",
-        "value": "sharing ratio, geometric mean of A→B and B→A (mean interference over A×B / the task's own mean "
-                 "over pairs of different samples), log scale",
-        "cbar": "sharing ratio (log scale)",
-        "cmap": "PuOr_r", "low": "separated (→ 0)", "high": "shared (1 = as much as a task's own samples)",
+        "title": "Which heads the tasks share: sharing",
+        "value": "sharing = √(sharing_ab · sharing_ba), the geometric mean of both directions' interference ratios "
+                 "(mean over A×B / a task's own mean over pairs of different samples), in which each task's gradient "
+                 "size cancels: 1 = the tasks' gradients fall on the weights alike (as one task's would), → 0 = "
+                 "disjoint weights",
+        "cbar": "sharing (unitless)",
+        "cmap": "YlGnBu", "sequential": True, "low": "separated (→ 0)", "high": "shared (1 = alike)",
         "marks": None,
-        "flag": None,
+        "flag": None, "test": None,
+        "nan": "no value (a task's own mean interference is not positive)",
     },
     "conflict": {
         "score": "alignment",
         "title": "Where the tasks conflict: cosine of the task-mean gradients",
-        "value": "cosine of ḡ_A and ḡ_B in the (Î+λ)⁻¹ metric (transfer / the task-mean norms); grey = a task's mean "
-                 "gradient is indistinguishable from 0 in that slice",
+        "value": "cosine of ḡ_A and ḡ_B in the (Î+λ)⁻¹ metric (transfer / the task-mean norms)",
         "cbar": "cosine (alignment)",
         "cmap": "RdBu", "low": "conflict (a step on B raises A's loss)", "high": "synergy",
         "marks": ("significant synergy (transfer q ≤ α)", "significant conflict (transfer q ≤ α)"),
-        "flag": "transfer_direction",
+        "flag": "transfer_direction", "test": "the transfer test",
+        "nan": "no direction (a task's mean gradient is indistinguishable from 0 here)",
     },
 }
+MUTE = 0.8  # a not-significant cell keeps 20% of its colour over white: never the deepest on the map
+MUTE_EDGE = "#8c959f"  # its hatching
 RAW_LABEL = {
     "interference": "mean interference M (≥ 0)",
     "alignment": "mean alignment A (signed)",
@@ -131,14 +148,29 @@ def _matrix(stats: xr.Dataset, var: str, score: str | None, block: str, cols: np
     return np.asarray(v.sel({schema.BLOCK: block}).transpose(schema.LAYER, schema.HEAD).values, dtype=float)[:, cols]
 
 
+def sharing_of(stats: xr.Dataset) -> xr.DataArray | None:
+    """`sharing` per (block, layer, head): the stored variable; for statistics written before
+    it, √(sharing_ab · sharing_ba) from the stored directions (the same number: each task's
+    gradient size cancels). None when the run has neither."""
+    if "sharing" in stats:
+        return stats["sharing"]
+    if "sharing_ab" in stats and "sharing_ba" in stats:
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(stats["sharing_ab"] * stats["sharing_ba"])
+    return None
+
+
 def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
-    """What one effect heatmap draws, per block: values, marks (+1 ▲ / −1 ▼ / 0), slice ids;
-    and the one colour scale all blocks share (symmetric about the neutral value, which is
-    0 on the drawn scale). None when the run lacks the variables."""
+    """What one heatmap draws, per block: values, marks (+1 ▲ / −1 ▼ / 0), `muted` (finite
+    cells whose own test is not significant; none for sharing, which has no test), slice ids;
+    and the one colour scale all blocks share (effect maps: symmetric about the neutral value,
+    which is 0 on the drawn scale; sharing: from its smallest to its largest value). None
+    when the run lacks the variables."""
     spec = HEATMAPS[kind]
     score = spec["score"]
     if score not in [str(s) for s in stats[schema.SCORE].values]:
         return None
+    share = sharing_of(stats) if kind == "sharing" else None
     panels = {}
     for b in (str(x) for x in stats[schema.BLOCK].values):
         c = block_columns(stats, b)
@@ -149,9 +181,8 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
             with np.errstate(divide="ignore", invalid="ignore"):
                 v = 100.0 * eff / np.abs(mean - eff)  # chance = mean − effect, as in the tables
         elif kind == "sharing":
-            ab, ba = _matrix(stats, "sharing_ab", None, b, cols), _matrix(stats, "sharing_ba", None, b, cols)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                v = 0.5 * (np.log2(ab) + np.log2(ba))  # log2 of the geometric mean; 0 = ratio 1
+            v = (np.full((stats.sizes[schema.LAYER], cols.size), np.nan) if share is None else
+                 np.asarray(share.sel({schema.BLOCK: b}).transpose(schema.LAYER, schema.HEAD).values, dtype=float)[:, cols])
         else:
             v = _matrix(stats, "cosine", None, b, cols)
         marks = np.zeros(v.shape, dtype=int)
@@ -163,12 +194,24 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
                 marks = np.where(sig, np.sign(np.nan_to_num(v)), 0).astype(int)
         elif spec["flag"]:
             marks = np.nan_to_num(_matrix(stats, spec["flag"], None, b, cols)).astype(int)
-        panels[b] = {**c, "values": v, "marks": marks,
+        muted = np.isfinite(v) & (marks == 0) if spec["flag"] else np.zeros(v.shape, dtype=bool)
+        panels[b] = {**c, "values": v, "marks": marks, "muted": muted,
                      "ids": [[slice_id(b, layer, h) for h in c["heads"]] for layer in c["layers"]]}
     every = np.concatenate([p["values"].ravel() for p in panels.values()])
     every = every[np.isfinite(every)]
     if every.size == 0:
-        return None
+        # every cosine undefined (no task-mean direction anywhere) is an answer to draw: grey
+        # cells with their transfer marks; a run without the variable is not
+        if kind != "conflict" or "cosine" not in stats:
+            return None
+        every = np.array([1.0])
+    if spec.get("sequential"):
+        # where the values live: a scale from 0 to 1 would paint a run whose sharing spans
+        # 0.93–1.0 in one colour; the bar's ticks say where the values sit
+        lo, hi = float(every.min()), float(every.max())
+        if hi - lo < 1e-3 * max(abs(hi), 1e-12):
+            lo, hi = lo - 0.05 * max(abs(lo), 1e-3), hi + 0.05 * max(abs(hi), 1e-3)
+        return {"kind": kind, **spec, "panels": panels, "vmin": lo, "vmax": hi, "clipped": False}
     mag = np.abs(every)
     lim = float(mag.max()) or 1.0
     # one outlying cell must not wash out every other: beyond 1.5× the 98th percentile of
@@ -182,22 +225,29 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
     return {"kind": kind, **spec, "panels": panels, "vmin": -lim, "vmax": lim, "clipped": clipped}
 
 
+def _mute(rgb: tuple) -> tuple:
+    return tuple((1 - MUTE) * float(x) + MUTE for x in rgb[:3])
+
+
 def colour_of(data: dict[str, Any]):
-    """value → hex colour on the heatmap's shared scale (NaN → grey); the page and the written
-    figures use this same map."""
+    """(value, muted=False) → hex colour on the heatmap's shared scale (NaN → grey; muted: the
+    colour kept at 1 − MUTE over white); the page and the written figures use this same map."""
     cmap = matplotlib.colormaps[data["cmap"]]
     norm = Normalize(data["vmin"], data["vmax"])
 
-    def f(v: float) -> str:
-        return NAN_COLOUR if not np.isfinite(v) else to_hex(cmap(norm(v)))
+    def f(v: float, muted: bool = False) -> str:
+        if not np.isfinite(v):
+            return NAN_COLOUR
+        rgb = cmap(norm(v))
+        return to_hex(_mute(rgb) if muted else rgb)
     return f
 
 
 def tick_label(kind: str, v: float, edge: int = 0) -> str:
-    """What a colour-bar tick at drawn value v reads: %, a ratio (sharing is drawn as log2) or a
-    cosine; `edge` −1 / +1 marks the ends of a clipped scale (≤ / ≥)."""
+    """What a colour-bar tick at drawn value v reads: %, the sharing ratio or a cosine; `edge`
+    −1 / +1 marks the ends of a clipped scale (≤ / ≥)."""
     if kind == "sharing":
-        text = f"×{2.0 ** v:.3g}"
+        text = f"{v:.3g}"
     elif kind == "differ":
         text = f"{v:+.3g}%" if v else "0 (chance)"
     else:
@@ -247,15 +297,36 @@ MARK_STYLE = {1: dict(marker="^", color="white", markeredgecolor="black", linest
               -1: dict(marker="v", color="white", markeredgecolor="black", linestyle="none")}
 
 
+def _mute_overlay(ax, muted: np.ndarray) -> None:
+    """Pale and hatch the not-significant cells of a panel drawn by imshow: white at MUTE over
+    them (so the figure's colour is `colour_of(…)(v, muted=True)`), thin hatching on top."""
+    if not muted.any():
+        return
+    over = np.zeros(muted.shape + (4,))
+    over[muted] = (1.0, 1.0, 1.0, MUTE)
+    ax.imshow(over, aspect="auto", interpolation="nearest")
+    rows, cols = np.nonzero(muted)
+    ax.add_collection(PatchCollection([Rectangle((c - 0.5, r - 0.5), 1, 1) for r, c in zip(rows, cols)],
+                                      facecolor="none", edgecolor=MUTE_EDGE, linewidth=0, hatch="////"))
+
+
+def _scale_words(data: dict[str, Any]) -> str:
+    if data.get("sequential"):
+        return "; one sequential scale for all blocks, from the smallest to the largest value (no test: no muting)"
+    return (f"; one scale for all blocks, centred on the neutral value; pale, hatched = not significant by "
+            f"{data['test']} (q > α), so the deepest colours sit only on significant heads")
+
+
 def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]) -> Figure:
-    """One row of layer × head panels (one per block) on the shared diverging scale, one colour
-    bar whose ends say what they mean, ▲/▼ on significant cells, a legend saying the same."""
+    """One row of layer × head panels (one per block) on the shared scale, one colour bar whose
+    ends say what they mean, ▲/▼ on significant cells, not-significant cells muted (pale,
+    hatched), a legend saying the same."""
     panels = data["panels"]
     blocks = list(panels)
     n_layers = len(next(iter(panels.values()))["layers"])
     cell = _cell_inches(n_layers, sum(len(p["cols"]) for p in panels.values()))
     widths = [max(len(p["cols"]) * cell, 0.6) + 0.6 for p in panels.values()]
-    fig = Figure(figsize=(max(sum(widths) + 2.2, 7.0), n_layers * cell + 2.9), dpi=SCREEN_DPI, layout="constrained")
+    fig = Figure(figsize=(max(sum(widths) + 2.2, 7.0), n_layers * cell + 3.1), dpi=SCREEN_DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(blocks), width_ratios=widths, squeeze=False)[0]
     cmap = matplotlib.colormaps[data["cmap"]].with_extremes(bad=NAN_COLOUR)
@@ -265,6 +336,7 @@ def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]
         p = panels[b]
         im = ax.imshow(p["values"], cmap=cmap, vmin=data["vmin"], vmax=data["vmax"], aspect="auto",
                        interpolation="nearest")
+        _mute_overlay(ax, p["muted"])
         for sign, style in MARK_STYLE.items():
             rows, cols = np.nonzero(p["marks"] == sign)
             ax.plot(cols, rows, markersize=marker_size, markeredgewidth=1.0, **style)
@@ -279,13 +351,20 @@ def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]
     # what the two ends mean, at the ends
     cb.ax.text(0.5, 1.06 if clipped else 1.02, textwrap.fill("↑ " + data["high"], 18), transform=cb.ax.transAxes, ha="center", va="bottom", fontsize=6.5)
     cb.ax.text(0.5, -0.06 if clipped else -0.02, textwrap.fill("↓ " + data["low"], 18), transform=cb.ax.transAxes, ha="center", va="top", fontsize=6.5)
-    fig.suptitle(f"{data['title']} ({tasks[0]} × {tasks[1]}), by layer × head", fontsize=11)
+    # task names are the user's text: never mathtext ("a$b_c^d")
+    fig.suptitle(f"{data['title']} ({tasks[0]} × {tasks[1]}), by layer × head", fontsize=11, parse_math=False)
     handles, labels = [], []
     if data["marks"]:
         for sign, text in zip((1, -1), data["marks"]):
             handles.append(Line2D([], [], markersize=7, markeredgewidth=1.0, **MARK_STYLE[sign]))
             labels.append(text)
-    text = textwrap.fill("colour: " + data["value"] + "; one scale for all blocks, centred on the neutral value"
+    if any(p["muted"].any() for p in panels.values()):
+        handles.append(Rectangle((0, 0), 1, 1, facecolor=_mute((0.6, 0.6, 0.6)), edgecolor=MUTE_EDGE, hatch="////", linewidth=0))
+        labels.append(f"not significant by {data['test']} (pale, hatched)")
+    if any((~np.isfinite(p["values"])).any() for p in panels.values()):
+        handles.append(Rectangle((0, 0), 1, 1, facecolor=NAN_COLOUR, linewidth=0))
+        labels.append("grey: " + data["nan"])
+    text = textwrap.fill("colour: " + data["value"] + _scale_words(data)
                          + ("; it stops at the 98th percentile of |value|, cells beyond take the end colours"
                             if clipped else ""), 130)
     for n in notes:
@@ -296,54 +375,96 @@ def effect_figure(data: dict[str, Any], tasks: tuple[str, str], notes: list[str]
     return fig
 
 
-def summary_figure(stats: xr.Dataset) -> Figure:
-    """-log10 q of every family slice, per block and score, with α and the permutation floor."""
+def _evidence_panels(stats: xr.Dataset, differ_scores: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each headline table's own test, as the evidence figure plots it: conflict/synergy → the
+    transfer test (transfer_q_value, transfer_direction: −1 conflict / +1 synergy); differ →
+    the label-permutation test of each differ score (q_value, direction: ±1 above/below
+    chance). Sharing has no test."""
     scores = [str(s) for s in stats[schema.SCORE].values]
+    out = []
+    if "alignment" in scores and "transfer_q_value" in stats:
+        out.append({"title": "conflict / synergy (alignment): transfer test vs 0, two-sided",
+                    "q": "transfer_q_value", "flag": "transfer_direction", "score": None,
+                    "labels": {-1: ("conflict (transfer < 0)", "#b2182b"), 1: ("synergy (transfer > 0)", "#2166ac")},
+                    "floor": False})
+    for score in differ_scores:
+        if score in scores:
+            alt = stats.attrs.get("alternative") or "?"
+            out.append({"title": f"differ ({score}): mean vs chance, label-permutation test ({alt})",
+                        "q": "q_value", "flag": "direction" if "direction" in stats else "significant", "score": score,
+                        "labels": {1: ("above chance", "#b2182b"), -1: ("below chance", "#2166ac")}, "floor": True})
+    return out
+
+
+def evidence_figure(stats: xr.Dataset, differ_scores: tuple[str, ...] = ("interference",)) -> Figure:
+    """−log10 BH q of every family slice, per block, for each headline table's own test
+    (`_evidence_panels`), coloured by the direction the table reads; α and, for the
+    permutation test, the smallest attainable p."""
+    panels = _evidence_panels(stats, differ_scores)
     blocks = [str(b) for b in stats[schema.BLOCK].values]
     alpha = float(stats.attrs.get("alpha", 0.05))
     n_perm = stats.attrs.get("n_permutations")
-    fig = Figure(figsize=(5.2 * len(scores) + 0.6, 4.4), dpi=SCREEN_DPI, layout="constrained")
+    fig = Figure(figsize=(5.4 * max(len(panels), 1) + 0.6, 4.6), dpi=SCREEN_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(scores), sharey=True, squeeze=False)[0]
+    axes = fig.subplots(1, max(len(panels), 1), sharey=True, squeeze=False)[0]
     rng = np.random.default_rng(0)  # fixed jitter: the same run gives the same picture
     floor = np.log10(1 + n_perm) if n_perm else None
-    top = max(-np.log10(alpha), floor or 0.0)
-    for ax, score in zip(axes, scores):
+    top = -np.log10(alpha)
+    fam_all = np.asarray(stats["in_family"].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
+    handles, labels = {}, {}
+    for ax, pan in zip(axes, panels):
         for i, b in enumerate(blocks):
-            s = stats.sel({schema.SCORE: score, schema.BLOCK: b})
-            fam = np.asarray(s["in_family"].values, dtype=bool)
-            q = s["q_value"].transpose(schema.LAYER, schema.HEAD).values[:, fam].ravel()
-            sig = s["significant"].transpose(schema.LAYER, schema.HEAD).values[:, fam].ravel().astype(bool)
+            fam = fam_all[i]
+            q = _matrix(stats, pan["q"], pan["score"], b, np.flatnonzero(fam)).ravel()
+            d = np.nan_to_num(_matrix(stats, pan["flag"], pan["score"], b, np.flatnonzero(fam)).ravel())
+            if pan["flag"] == "significant":  # statistics written before `direction`
+                eff = _matrix(stats, "mean", pan["score"], b, np.flatnonzero(fam)).ravel() - \
+                    _matrix(stats, "null_mean", pan["score"], b, np.flatnonzero(fam)).ravel()
+                d = np.where(d > 0, np.sign(np.nan_to_num(eff)), 0)
             y = -np.log10(np.clip(q, 1e-300, 1.0))
             top = max(top, float(np.nanmax(y)) if np.isfinite(y).any() else 0.0)
             x = i + rng.uniform(-0.22, 0.22, y.size)
-            ax.scatter(x[~sig], y[~sig], s=14, color="#9e9e9e", alpha=0.8, linewidths=0)
-            ax.scatter(x[sig], y[sig], s=22, color="#b2182b", edgecolors="black", linewidths=0.5)
-            ax.annotate(f"{int(sig.sum())}/{sig.size}", (i, 1.0), xycoords=("data", "axes fraction"),
+            ns = d == 0
+            handles["ns"] = ax.scatter(x[ns], y[ns], s=14, color="#9e9e9e", alpha=0.8, linewidths=0)
+            labels["ns"] = "not significant"
+            for sign, (word, colour) in pan["labels"].items():
+                m = d == sign
+                h = ax.scatter(x[m], y[m], s=22, color=colour, edgecolors="black", linewidths=0.5,
+                               marker="v" if sign < 0 else "^")
+                if m.any() or (pan["title"], sign) not in labels:
+                    handles[(pan["title"], sign)], labels[(pan["title"], sign)] = h, word
+            ax.annotate(f"{int((d != 0).sum())}/{d.size}", (i, 1.0), xycoords=("data", "axes fraction"),
                         xytext=(0, -4), textcoords="offset points", ha="center", va="top", fontsize=8)
         ax.axhline(-np.log10(alpha), color="#b2182b", linestyle="--", linewidth=1)
-        if floor:
+        if floor and pan["floor"]:
             ax.axhline(floor, color="#555555", linestyle=":", linewidth=1)
         ax.set_xticks(range(len(blocks)), blocks)
         ax.set_xlim(-0.6, len(blocks) - 0.4)
         ax.set_xlabel("block")
-        ax.set_title(f"{score}: does the A×B mean differ from chance?\nBH q of each slice (significant / family)", fontsize=9)
+        ax.set_title(textwrap.fill(pan["title"], 80) + "\nBH q of each slice (significant / family)", fontsize=9)
         ax.grid(axis="y", color="#eeeeee")
+    if not panels:
+        axes[0].text(0.5, 0.5, "these statistics have no test to plot", ha="center", va="center", transform=axes[0].transAxes)
     axes[0].set_ylabel("−log10 q  (higher = stronger evidence)")
     axes[0].set_ylim(0, top * 1.18 + 0.05)
-    handles = [Line2D([], [], marker="o", color="#b2182b", markeredgecolor="black", linestyle="none"),
-               Line2D([], [], marker="o", color="#9e9e9e", linestyle="none"),
-               Line2D([], [], color="#b2182b", linestyle="--")]
-    labels = ["differs from chance (either direction)", "not significant", f"α = {alpha}"]
-    if floor:
-        handles.append(Line2D([], [], color="#555555", linestyle=":"))
-        labels.append(f"smallest attainable p = 1/(1+{n_perm} permutations)")
-    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), frameon=False, fontsize=8)
+    hs = [handles[k] for k in handles if k != "ns"] + ([handles["ns"]] if "ns" in handles else [])
+    ls = [labels[k] for k in handles if k != "ns"] + (["not significant"] if "ns" in handles else [])
+    hs.append(Line2D([], [], color="#b2182b", linestyle="--"))
+    ls.append(f"α = {alpha}")
+    if floor and any(p["floor"] for p in panels):
+        hs.append(Line2D([], [], color="#555555", linestyle=":"))
+        ls.append(f"smallest attainable permutation p = 1/(1+{n_perm})")
+    fig.legend(hs, ls, loc="outside lower center", ncols=min(len(ls), 4), frameon=False, fontsize=8)
     return fig
 
 
 def figure_bytes(fig: Figure, fmt: str) -> bytes:
-    """PNG at 300 dpi, or SVG (text kept as text, no timestamp: the same run gives the same file)."""
+    """PNG at 300 dpi, or SVG (text kept as text, no timestamp: the same run gives the same file).
+    No text of a figure is parsed as mathtext or LaTeX (the caller's rcParams may ask for
+    usetex): task names such as "a$b_c^d" are the user's text, shown as written."""
+    for t in fig.findobj(Text):
+        t.set_usetex(False)
+        t.set_parse_math(False)
     buf = io.BytesIO()
     if fmt == "svg":
         fig.savefig(buf, format="svg", facecolor="white", metadata={"Date": None})
@@ -458,7 +579,8 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
         return out
 
     result = {"n": n, "samples": {"a": samples(scores[schema.SAMPLE_A].values, task_a),
-                                   "b": samples(scores[schema.SAMPLE_B].values, task_b)}, "pairs": {}}
+                                   "b": samples(scores[schema.SAMPLE_B].values, task_b)}, "pairs": {},
+              "marginals": conflict_marginals(scores, stats)}
     if n <= 0 or n_slices * n_a * n_b * len(present) > budget:
         result["n"] = 0
         return result
@@ -497,20 +619,93 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
                     ia, ib = np.unravel_index(best, (n_a, n_b))
                     result["pairs"].setdefault(slice_id(b, layer, h), {})[score] = [
                         [int(i), int(j), float(m[hi, i, j])] for i, j in zip(ia, ib)]
+    result["warnings"] = outlier_warnings(store, scores, result["pairs"])
     return result
+
+
+def conflict_marginals(scores: xr.Dataset, stats: xr.Dataset, top: int = 5) -> dict[str, dict]:
+    """Per slice id of a significant conflict (transfer_direction = −1, family slices), the
+    samples that drive it: `qkov query`'s alignment marginals (`query.alignment_marginals`:
+    each sample's mean alignment with the other task's samples, the most negative first,
+    with its question, units and direction)."""
+    from .query import alignment_marginals
+
+    if "transfer_direction" not in stats:
+        return {}
+    out = {}
+    for b in (str(x) for x in stats[schema.BLOCK].values):
+        c = block_columns(stats, b)
+        d = _matrix(stats, "transfer_direction", None, b, c["cols"])
+        for li, hi in zip(*np.nonzero(d == -1)):
+            layer, head = c["layers"][li], c["heads"][hi]
+            m = alignment_marginals(scores, b, layer, head, top=top)
+            if m is not None:
+                out[slice_id(b, layer, head)] = m
+    return out
+
+
+def outlier_warnings(store: RunStore, scores: xr.Dataset, pairs: dict[str, dict[str, list]]) -> dict[str, dict[str, str]]:
+    """Per slice id and score, `qkov query`'s warning that flagged norm outliers dominate the
+    embedded top pairs (`diagnostics.head_diagnostics`, the same rule and words; the run
+    written as RUN, never a machine path). Only slices whose pairs involve a flagged sample
+    are asked: no other can warn."""
+    from .diagnostics import head_diagnostics, open_diagnostics
+
+    diag = open_diagnostics(store)
+    if diag is None or not pairs:
+        return {}
+    ids_a, ids_b = [str(x) for x in scores[schema.SAMPLE_A].values], [str(x) for x in scores[schema.SAMPLE_B].values]
+    flag = np.asarray(diag[schema.OUTLIER].transpose(schema.BLOCK, schema.LAYER, schema.HEAD, schema.SAMPLE_I).values, dtype=bool)
+    d_ids = [str(x) for x in diag[schema.SAMPLE_I].values]
+    d_is_a = np.asarray(diag[schema.IS_A].values, dtype=bool)
+    pos = {str(b): k for k, b in enumerate(diag[schema.BLOCK].values)}
+    lpos = {int(x): k for k, x in enumerate(diag[schema.LAYER].values)}
+    hpos = {int(x): k for k, x in enumerate(diag[schema.HEAD].values)}
+    out: dict[str, dict[str, str]] = {}
+    for sid, per in pairs.items():
+        b, layer, h = sid.split("-")
+        f = flag[pos[b], lpos[int(layer)], hpos[int(h)]]
+        fa = {d_ids[k] for k in np.flatnonzero(f & d_is_a)}
+        fb = {d_ids[k] for k in np.flatnonzero(f & ~d_is_a)}
+        for score, rows in per.items():
+            shown = [{"sample_a": ids_a[i], "sample_b": ids_b[j]} for i, j, _ in rows]
+            if not any(p["sample_a"] in fa or p["sample_b"] in fb for p in shown):
+                continue
+            w = head_diagnostics(diag, b, int(layer), int(h), shown, top=0, run="RUN")["warning"]
+            if w:
+                out.setdefault(sid, {})[score] = w
+    return out
+
+
+def _with_sharing(stats: xr.Dataset, t: dict[str, np.ndarray], score: str) -> dict[str, np.ndarray]:
+    """A `slice_table` with `sharing` (and its CI where stored) from `sharing_of`, whatever
+    the table computed itself."""
+    from .query import _family_index
+
+    if score != "interference":
+        return t
+    share = sharing_of(stats)
+    idx = _family_index(stats)
+    dims = (schema.BLOCK, schema.LAYER, schema.HEAD)
+    for var, arr in (("sharing", share), ("sharing_ci_low", stats.get("sharing_ci_low")),
+                     ("sharing_ci_high", stats.get("sharing_ci_high"))):
+        if arr is not None:
+            t[var] = np.asarray(arr.transpose(*dims).values, dtype=float)[idx]
+    return t
 
 
 def slice_data(stats: xr.Dataset) -> dict[str, dict[str, Any]]:
     """Per family slice (by `slice_id`) and score, the numbers the page's hover shows."""
     keys = {"mean": "mean", "chance": "chance", "effect": "effect", "effect_ci_low": "lo", "effect_ci_high": "hi",
             "effect_rel": "rel", "q_value": "q", "p_fwer": "pf", "direction": "dir", "ci_low": "mlo", "ci_high": "mhi",
+            "sharing": "sh", "sharing_ci_low": "shlo", "sharing_ci_high": "shhi",
             "sharing_ab": "sab", "sharing_ab_ci_low": "sablo", "sharing_ab_ci_high": "sabhi", "sharing_ba": "sba",
             "sharing_ba_ci_low": "sbalo", "sharing_ba_ci_high": "sbahi", "transfer": "tr", "transfer_ci_low": "trlo",
             "transfer_ci_high": "trhi", "transfer_q_value": "trq", "transfer_direction": "trdir", "cosine": "cos",
             "cosine_ci_low": "coslo", "cosine_ci_high": "coshi", "layer_q_value": "lq"}
     out: dict[str, dict[str, Any]] = {}
     for score in (str(s) for s in stats[schema.SCORE].values):
-        t = slice_table(stats, score)
+        t = _with_sharing(stats, slice_table(stats, score), score)
         for i in range(t["block"].size):
             sid = slice_id(str(t["block"][i]), int(t["layer"][i]), int(t["head"][i]))
             row = out.setdefault(sid, {"b": str(t["block"][i]), "l": int(t["layer"][i]), "h": int(t["head"][i]),
@@ -552,7 +747,7 @@ def raw_mean_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Fi
         cb.ax.tick_params(labelsize=7)
         cb.formatter.set_powerlimits((-3, 4))
     fig.suptitle(f"raw mean {score} over {tasks[0]}×{tasks[1]} pairs (each block its own scale; not compared with chance)",
-                 fontsize=11)
+                 fontsize=11, parse_math=False)
     return fig
 
 
@@ -575,6 +770,8 @@ th[aria-sort=ascending]:after{content:" ▲";color:#1f2328} th[aria-sort=descend
 figure{margin:.6em 0 1.4em} figure img{max-width:100%;height:auto;border:1px solid #eaeef2}
 figcaption{color:#57606a;font-size:.9em;margin-top:.3em;max-width:1000px} .note{color:#57606a;font-size:.9em}
 svg.heat a rect{stroke:#fff;stroke-width:.5} svg.heat a:hover rect,svg.heat a:focus rect{stroke:#000;stroke-width:2}
+svg.heat a rect.hatch,svg.heat a:hover rect.hatch,svg.heat a:focus rect.hatch{stroke:none;pointer-events:none}
+.warn{background:#fff8c5;border:1px solid #d4a72c;border-radius:6px;padding:4px 8px;font-size:.9em}
 svg.heat text{font-size:10px;fill:#1f2328} svg.heat text.mark{pointer-events:none;paint-order:stroke;stroke:#fff;stroke-width:2.2px;fill:#000}
 #tip{position:fixed;display:none;pointer-events:none;background:#fff;border:1px solid #8c959f;border-radius:6px;
      box-shadow:0 4px 14px rgba(0,0,0,.18);padding:6px 9px;font-size:12.5px;max-width:430px;z-index:10}
@@ -604,8 +801,11 @@ function tipHtml(id, kind){
   const score = kind === 'conflict' ? 'alignment' : 'interference';
   const v = s[score] || {};
   // the map's own answer first, then the labels-null test of the same score
-  const share = v.sab === undefined ? '' : '<div>sharing ' + esc(A) + '→' + esc(B) + ' ' + f(v.sab, 3) + ci(v.sablo, v.sabhi) + ' · ' + esc(B) + '→' + esc(A) + ' ' + f(v.sba, 3) + ci(v.sbalo, v.sbahi) + '</div>';
-  const transfer = v.tr === undefined ? '' : '<div>transfer ' + f(v.tr, 3) + ci(v.trlo, v.trhi) + ': ' + (TDIR[String(v.trdir)] || '–') + ', q ' + f(v.trq, 3) + '</div><div>cosine ' + (v.cos === null ? '– (a task\'s mean gradient is indistinguishable from 0 here)' : f(v.cos, 2) + ci(v.coslo, v.coshi, 2)) + '</div>';
+  // sharing: both directions in one size-free number; each direction (sharing_ab = B's gradients
+  // onto the weights A depends on) also carries the tasks' gradient-size ratio
+  const share = v.sh === undefined ? '' : '<div>sharing ' + f(v.sh, 3) + ci(v.shlo, v.shhi) + ' (1 = the tasks load the weights alike, → 0 = separated)</div>'
+    + (v.sab === undefined ? '' : '<div class="ns">per direction, scaled by the tasks\' gradient-size ratio: ' + esc(B) + ' onto ' + esc(A) + ' ' + f(v.sab, 3) + ci(v.sablo, v.sabhi) + ' · ' + esc(A) + ' onto ' + esc(B) + ' ' + f(v.sba, 3) + ci(v.sbalo, v.sbahi) + '</div>');
+  const transfer = v.tr === undefined ? '' : '<div>transfer ' + f(v.tr, 3) + ci(v.trlo, v.trhi) + ': ' + (TDIR[String(v.trdir)] || '–') + ', q ' + f(v.trq, 3) + '</div><div>cosine ' + (v.cos === null ? 'no direction (a task\'s mean gradient is indistinguishable from 0 here)' : f(v.cos, 2) + ci(v.coslo, v.coshi, 2)) + '</div>';
   const differ = '<div>' + score + ' vs chance (labels null): ' + (DIR[String(v.dir)] || '–') + '</div>'
     + '<div>mean ' + f(v.mean) + ' · chance ' + f(v.chance) + '</div>'
     + '<div>effect ' + f(v.effect, 3) + ci(v.lo, v.hi) + (score === 'interference' ? ' (' + pct(v.rel) + ' of chance)' : '') + '</div>'
@@ -633,10 +833,23 @@ const panel = document.getElementById('pairs');
 function pairsTable(id, score){
   const p = (DATA.pairs[id] || {})[score]; if (!p) return '';
   const order = score === 'alignment' ? 'most negative alignment first (conflicting pairs: a natural-gradient step on the ' + esc(B) + ' sample raises the ' + esc(A) + ' sample\'s loss)' : 'highest interference first';
-  let h = '<h3>' + score + ': ' + order + '</h3><table class="pairs" data-score="' + score + '"><tr><th>#</th><th>' + esc(A) + ' id</th><th>' + esc(B) + ' id</th><th>' + score + '</th><th>' + esc(A) + ' text</th><th>' + esc(B) + ' text</th></tr>';
+  // qkov query's outlier warning (the same rule), above the pairs it is about
+  const w = (DATA.warnings[id] || {})[score];
+  let h = '<h3>' + score + ': ' + order + '</h3>' + (w ? '<p class="warn" data-score="' + score + '">⚠ warning: ' + esc(w) + '</p>' : '')
+    + '<table class="pairs" data-score="' + score + '"><tr><th>#</th><th>' + esc(A) + ' id</th><th>' + esc(B) + ' id</th><th>' + score + '</th><th>' + esc(A) + ' text</th><th>' + esc(B) + ' text</th></tr>';
   p.forEach((r, k) => { const a = DATA.samples.a[r[0]], b = DATA.samples.b[r[1]];
     h += '<tr><td class="num">' + (k + 1) + '</td><td>' + esc(a[0]) + '</td><td>' + esc(b[0]) + '</td><td class="num">' + f(r[2]) + '</td><td class="txt">' + esc(a[1]) + '</td><td class="txt">' + esc(b[1]) + '</td></tr>'; });
   return h + '</table>';
+}
+function marginalsHtml(mg){
+  // qkov query's alignment marginals, with the question, units and direction they carry
+  let h = '<h3>alignment: the samples that drive the conflict most</h3><p class="note">' + esc(mg.question) + '. Units: ' + esc(mg.units) + '. Direction: ' + esc(mg.direction) + '. Transfer ' + f(mg.transfer, 3) + '.</p>';
+  const text = {}; ['a', 'b'].forEach(k => DATA.samples[k].forEach(x => { text[k + ':' + x[0]] = x[1]; }));
+  [['a', A, B], ['b', B, A]].forEach(([k, who, other]) => { const rows = mg[k] || []; if (!rows.length) return;
+    h += '<table class="marg" data-task="' + k + '"><tr><th>' + esc(who) + ' sample</th><th>mean alignment with ' + esc(other) + '</th><th>contribution to transfer</th><th>text</th></tr>';
+    rows.forEach(r => { h += '<tr><td>' + esc(r.sample) + '</td><td class="num">' + f(r.marginal) + '</td><td class="num">' + f(r.contribution) + '</td><td class="txt">' + esc(text[k + ':' + r.sample] || '') + '</td></tr>'; });
+    h += '</table>'; });
+  return h;
 }
 function showPairs(){
   const m = location.hash.match(/^#pairs-(.+)$/);
@@ -647,6 +860,9 @@ function showPairs(){
   if (!DATA.pairs_n) h += '<p class="note">This run is too large to embed pairs; use <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code>.</p>';
   else { const t = pairsTable(id, 'interference') + pairsTable(id, 'alignment');
     h += t || '<p class="note">This run keeps no sample pairs for this slice ([score] keep_pairs = "none").</p>'; }
+  const mg = (DATA.marginals || {})[id];
+  if (mg) h += marginalsHtml(mg);
+  else if (s.alignment) h += '<p class="note">Not a significant conflict: the samples that drive its transfer are listed by <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code>.</p>';
   h += '<p class="note">The same with full texts: <code>qkov query RUN --layer ' + s.l + ' --head ' + s.h + ' --block ' + s.b + '</code></p>';
   panel.innerHTML = h; panel.classList.add('open'); panel.dataset.id = id; panel.scrollTop = 0;
   panel.querySelector('.close').addEventListener('click', () => { history.replaceState(null, '', '#'); panel.classList.remove('open'); });
@@ -764,13 +980,44 @@ def _headline_html(tb: dict, blocks: list[str]) -> str:
     return title + _table(f"t-{tb['key']}-{tb['score']}", headers, rows, blocks)
 
 
-def _all_slices_html(stats: xr.Dataset, blocks: list[str]) -> str:
+def _ci_text(r: dict, var: str, spec: str) -> str:
+    lo, hi = r.get(f"{var}_ci_low"), r.get(f"{var}_ci_high")
+    return "" if lo is None and hi is None else f" [{_num(lo, spec)}, {_num(hi, spec)}]"
+
+
+def _drivers_html(rows: list[dict], embedded: dict[str, Any], tasks: tuple[str, str], k: int = 3) -> str:
+    """Under the conflict table: per listed head, the k samples of each task that drive the
+    conflict most (`conflict_marginals`), with what the numbers are."""
+    marg = embedded.get("marginals") or {}
+    body, docs = [], None
+    for r in rows:
+        sid = slice_id(r["block"], r["layer"], r["head"])
+        m = marg.get(sid)
+        if not m:
+            continue
+        docs = m
+        cells = "".join("<td>" + ", ".join(f"{_e(x['sample'])} ({_num(x['marginal'], '.3g')})" for x in m[key][:k]) + "</td>"
+                        for key in ("a", "b"))
+        body.append(f"<tr data-id='{_e(sid)}'><td>{_e(r['block'])}</td><td class='num'>{r['layer']}</td><td class='num'>"
+                    f"<a href='#pairs-{_e(sid)}'>{_e(head_label(r))}</a></td><td class='num'>{_num(m.get('transfer'), '.3g')}"
+                    f"</td>{cells}</tr>")
+    if not body:
+        return ""
+    a, b = tasks
+    return (f"<h4 id='drivers'>Which samples drive each conflict</h4><p class='note'>{_e(docs['question'])}. Units: "
+            f"{_e(docs['units'])}. Direction: {_e(docs['direction'])}. Per conflict head, the {k} most negative of each "
+            "task (as <code>qkov query</code> lists them); click a head for more, with texts.</p>"
+            f"<table id='t-drivers'><tr><th>block</th><th>layer</th><th>head</th><th>transfer</th><th>{_e(a)} samples (mean "
+            f"alignment with {_e(b)})</th><th>{_e(b)} samples (mean alignment with {_e(a)})</th></tr>{''.join(body)}</table>")
+
+
+def _all_slices_html(stats: xr.Dataset, blocks: list[str], tasks: tuple[str, str] = ("A", "B")) -> str:
     headers = ["block", "layer", "head", "score", "vs chance", "mean", "chance", "effect [CI]", "effect / chance", "q",
                "p_fwer", "task effect size"]
     rows = []
     scores = [str(s) for s in stats[schema.SCORE].values]
     for score in scores:
-        t = slice_table(stats, score)
+        t = _with_sharing(stats, slice_table(stats, score), score)
         for i in range(t["block"].size):
             num = lambda k, _i=i: None if not np.isfinite(t[k][_i]) else float(t[k][_i])  # noqa: E731
             r = {k: num(k) for k in t if k not in ("block", "layer", "head", "kv_head")}
@@ -778,10 +1025,14 @@ def _all_slices_html(stats: xr.Dataset, blocks: list[str]) -> str:
                      kv_head=int(t["kv_head"][i]) if t["kv_head"][i] >= 0 else None)
             d = direction_words(r)
             if score == "interference":
-                own = (f"sharing {_num(r.get('sharing'), '.3f')} (A→B {_num(r.get('sharing_ab'), '.3f')}, "
-                       f"B→A {_num(r.get('sharing_ba'), '.3f')})", r.get("sharing"))
+                # sharing_ab = B's gradients on the weights A depends on: "B onto A"; each direction
+                # carries the tasks' gradient-size ratio, `sharing` does not
+                own = (f"sharing {_num(r.get('sharing'), '.3f')}{_ci_text(r, 'sharing', '.3f')} (per direction, "
+                       f"scaled by the tasks' gradient-size ratio: {tasks[1]} onto {tasks[0]} {_num(r.get('sharing_ab'), '.3f')}, "
+                       f"{tasks[0]} onto {tasks[1]} {_num(r.get('sharing_ba'), '.3f')})", r.get("sharing"))
             else:
-                own = (f"cosine {_num(r.get('cosine'), '.2f')}; transfer {_num(r.get('transfer'), '.3g')} "
+                cos = "no direction" if r.get("cosine") is None else _num(r.get("cosine"), ".2f")
+                own = (f"cosine {cos}; transfer {_num(r.get('transfer'), '.3g')} "
                        f"{direction_words(r, 'transfer_direction')} (q {_num(r.get('transfer_q_value'), '.3g')})",
                        r.get("cosine"))
             rel = r.get("effect_rel") if score == "interference" else None
@@ -830,7 +1081,10 @@ def heatmap_svg(data: dict[str, Any]) -> str:
     ch = int(np.clip(560 // max(n_layers, 1), 7, 22))
     left, top, bottom, gap = 46, 30, 38, 18
     x = left
-    parts = []
+    hatch_id = f"hatch-{data['kind']}"
+    parts = [f"<defs><pattern id='{hatch_id}' width='4' height='4' patternUnits='userSpaceOnUse' "
+             f"patternTransform='rotate(45)'><line x1='0' y1='0' x2='0' y2='4' stroke='{MUTE_EDGE}' stroke-width='0.8'/>"
+             "</pattern></defs>"]
     for b, p in panels.items():
         w = len(p["cols"]) * cw
         parts.append(f"<text x='{x + w / 2:.1f}' y='{top - 8}' text-anchor='middle' font-weight='600'>{_e(b)}</text>")
@@ -838,9 +1092,14 @@ def heatmap_svg(data: dict[str, Any]) -> str:
             for c, _ in enumerate(p["cols"]):
                 v = float(p["values"][r, c])
                 sid = p["ids"][r][c]
+                muted = bool(p["muted"][r, c])
+                # the hatch is drawn over the cell inside its link, so hover and click still reach it
+                hatch = (f"<rect class='hatch' x='{x + c * cw}' y='{top + r * ch}' width='{cw}' height='{ch}' "
+                         f"fill='url(#{hatch_id})'/>" if muted else "")
                 parts.append(f"<a href='#pairs-{sid}' aria-label='{_e(sid)}'><rect data-id='{sid}' "
-                             f"data-v='{'' if not np.isfinite(v) else format(v, '.6g')}' x='{x + c * cw}' y='{top + r * ch}' "
-                             f"width='{cw}' height='{ch}' fill='{colour(v)}'/></a>")
+                             f"data-v='{'' if not np.isfinite(v) else format(v, '.6g')}'{' data-muted=1' if muted else ''} "
+                             f"x='{x + c * cw}' y='{top + r * ch}' width='{cw}' height='{ch}' fill='{colour(v, muted)}'/>"
+                             f"{hatch}</a>")
                 m = int(p["marks"][r, c])
                 if m:
                     parts.append(f"<text class='mark' data-mark='{m}' x='{x + c * cw + cw / 2:.1f}' "
@@ -882,17 +1141,26 @@ def heatmap_svg(data: dict[str, Any]) -> str:
             f"viewBox='0 0 {width:.0f} {height:.0f}'>{''.join(parts)}</svg>")
 
 
-def _heatmap_caption(data: dict[str, Any], alpha: Any, family: Any, alternative: Any, files: list[str]) -> str:
+def _heatmap_caption(data: dict[str, Any], alpha: Any, family: Any, alternative: Any, files: list[str],
+                     note: str = "") -> str:
     marks = ""
     if data["marks"]:
         marks = f" ▲ {_e(data['marks'][0])}; ▼ {_e(data['marks'][1])} (BH over the family of {_e(family)} slices, α = {_e(alpha)}" \
                 + (f", labels null {_e(alternative)}" if data["kind"] == "differ" else ", transfer test two-sided") + ")."
     links = " · ".join(f"<a href='{_e(f)}'>{_e(f)}</a>" for f in files)
-    return (f"<figcaption>Colour: {_e(data['value'])}. Diverging scale (ColorBrewer {_e(data['cmap'].removesuffix('_r'))}, "
-            f"colour-blind safe) centred on the neutral value and shared by all blocks: "
-            f"{_e(tick_label(data['kind'], data['vmin']))} to {_e(tick_label(data['kind'], data['vmax']))}"
-            + ("; the scale stops at the 98th percentile of |value|, cells beyond it take the end colours "
-               "(hover for their value)" if data.get("clipped") else "") + "; grey = no value."
+    rng = f"{_e(tick_label(data['kind'], data['vmin']))} to {_e(tick_label(data['kind'], data['vmax']))}"
+    if data.get("sequential"):
+        scale = (f"Sequential scale (ColorBrewer {_e(data['cmap'])}, colour-blind safe) from the smallest to the largest "
+                 f"value of this run, shared by all blocks: {rng}. There is no test of sharing (its bootstrap CI is in "
+                 f"the hover), so no cell is muted")
+    else:
+        scale = (f"Diverging scale (ColorBrewer {_e(data['cmap'].removesuffix('_r'))}, colour-blind safe) centred on the "
+                 f"neutral value and shared by all blocks: {rng}"
+                 + ("; the scale stops at the 98th percentile of |value|, cells beyond it take the end colours "
+                    "(hover for their value)" if data.get("clipped") else "")
+                 + f"; <b>pale, hatched</b> = not significant by {_e(data['test'])} (q &gt; α): its colour is kept at "
+                   f"{100 * (1 - MUTE):.0f}%, so the deepest colours sit only on significant heads")
+    return (f"<figcaption>Colour: {_e(data['value'])}. {scale}; grey = {_e(data['nan'])}.{_e(note) and ' ' + _e(note)}"
             f"{marks} Hover a cell for its numbers; click it for its top pairs. Files: {links}</figcaption>")
 
 
@@ -1053,13 +1321,15 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
     sections = ["<h2>Answers</h2><p class='note'>Each table answers one question with its own numbers; "
                 "<b>direction</b> says which way. <i>Conflict</i>: does a step on one task's loss raise the other's "
                 "(transfer = ⟨ḡ<sub>A</sub>, ḡ<sub>B</sub>⟩ in the (Î+λ)⁻¹ metric, tested against 0)? <i>Share</i>: do "
-                "the other task's gradients land on the weights this task depends on (sharing ratio; 1 = as heavily as "
-                "its own samples)? <i>Differ</i>: is the cross-task mean above or below chance (label permutations)? "
+                "the two tasks load the same weights (sharing: the geometric mean of both directions' ratios, in which "
+                "each task's gradient size cancels; 1 = alike, → 0 = separated)? <i>Differ</i>: is the cross-task mean above or below chance (label permutations)? "
                 "Below chance means cross-task pairs interfere <i>less</i> than random pairs, not that they do not "
                 "interfere. Click a head for its top pairs; click a column to sort.</p>"]
     differ = tuple(s for s in ("interference",) if s in scores) or tuple(scores[:1])
     for tb in headline_tables(stats, top, differ_scores=differ):
         sections.append(_headline_html(tb, blocks))
+        if tb["key"] == "conflict" and tb["rows"]:
+            sections.append(_drivers_html(tb["rows"], embedded, tasks))
 
     for kind in HEATMAPS:
         data = heatmap_data(stats, kind)
@@ -1067,8 +1337,11 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
             continue
         files = _write_figure(out, f"heatmap_{kind}", effect_figure(data, tasks, notes))
         written += files
+        rule = ""
+        if kind == "conflict" and "cosine" in stats and stats["cosine"].attrs.get("cosine_rule"):
+            rule = f"No direction (NaN) by the stored rule: {stats['cosine'].attrs['cosine_rule']}"
         sections.append(f"<h2 id='map-{kind}'>{_e(data['title'])}</h2><figure>{heatmap_svg(data)}"
-                        f"{_heatmap_caption(data, alpha, family, alternative, files)}</figure>")
+                        f"{_heatmap_caption(data, alpha, family, alternative, files, rule)}</figure>")
 
     layers = _layers_html(stats, blocks)
     if layers:
@@ -1078,16 +1351,19 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
                         "counted in the last column.</p>" + layers)
     sections.append("<h2>Every slice</h2><p class='note'>One row per family slice and score (K/V once per KV head). "
                     "Mean, chance and effect are in the score's units; q is the label-permutation test's BH q-value. "
-                    "Filter, sort, and click a head for its top pairs.</p>" + _all_slices_html(stats, blocks))
+                    "Filter, sort, and click a head for its top pairs.</p>" + _all_slices_html(stats, blocks, tasks))
 
-    fig = summary_figure(stats)
+    fig = evidence_figure(stats, differ)
     files = _write_figure(out, "summary_q", fig)
     written += files
     svg = figure_bytes(fig, "svg")
-    sections.append("<h2>Evidence per block</h2><figure><img alt='BH q-value of every slice per block' "
+    tests = "; ".join(p["title"] for p in _evidence_panels(stats, differ)) or "none"
+    sections.append("<h2>Evidence per block</h2><figure><img alt='BH q-value of every slice per block, per table test' "
                     f"src='data:image/svg+xml;base64,{base64.b64encode(svg).decode('ascii')}'>"
-                    "<figcaption>−log10 BH q-value of the label-permutation test for every slice in the family, per "
-                    "block; points above the dashed line differ from chance (either direction: see the heatmaps). "
+                    "<figcaption>−log10 BH q-value of every slice in the family, per block, for the test behind each "
+                    f"table ({_e(tests)}): the transfer test for conflict / synergy (▼ red conflict, ▲ blue synergy), the "
+                    "label-permutation test for “differ” (▲ red above chance, ▼ blue below). Points above the dashed "
+                    "line are significant. Sharing has no test (its CI is in the hover and the tables). "
                     f"Files: {' · '.join(f'<a href={chr(39)}{n}{chr(39)}>{n}</a>' for n in files)}</figcaption></figure>")
     if raw_means:
         raw = []
@@ -1109,7 +1385,8 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
             p.unlink()
 
     data = {"tasks": {"a": tasks[0], "b": tasks[1]}, "slices": slice_data(stats), "pairs": embedded["pairs"],
-            "pairs_n": embedded["n"], "samples": embedded["samples"]}
+            "pairs_n": embedded["n"], "samples": embedded["samples"], "warnings": embedded.get("warnings", {}),
+            "marginals": embedded.get("marginals", {})}
     path = out / REPORT_HTML
     path.write_text(render_html(info, sections, data), encoding="utf-8")
     (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")

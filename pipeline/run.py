@@ -5,6 +5,7 @@ groups of the stage before it and is skipped when its own group is already compl
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -16,7 +17,7 @@ from .extract import plan_extract, run_extract
 from .score import run_score
 from .spec import JobSpec
 from .stats_stage import run_stats
-from .store import RunStore
+from .store import RunStore, is_url
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 UNPLANNED = object()  # run_job's `plan` when no preflight ran yet
@@ -63,10 +64,56 @@ def _check_resumable(store: RunStore, job: JobSpec) -> None:
         )
 
 
+REPLACING = "_replacing"  # `--overwrite` in progress: the old run's entries, moved here and deleted last
+
+
+def replacing(store: RunStore) -> bool:
+    """An `--overwrite` stopped (Ctrl-C, a kill) while it deleted the old run: the old run is no
+    longer a run (its root metadata went first), its leftovers wait under `_replacing`."""
+    return store.has_group(REPLACING)
+
+
+def _remove(store: RunStore, entry: str, trash: str | None) -> None:
+    """One step of `replace_run`: `entry` moved into `trash` (a local disk: one rename), or deleted
+    (an object store, `trash` None: no rename there)."""
+    if trash is None:
+        store._fs()[0].rm(entry, recursive=True)
+    else:
+        os.replace(entry, os.path.join(trash, f"{os.path.basename(entry)}.old"))
+
+
+def replace_run(store: RunStore) -> None:
+    """Delete the old run at `store` (the caller holds its lock), so that an interruption at any
+    point leaves no part of it that reads as a run, or as a group beside a new run: a marker
+    group `_replacing` is written first, then the root's metadata goes (from here nothing
+    opens it as a run), then every other entry is moved into the marker (a local disk) or
+    deleted (object stores), and the marker last. A stopped replacement is finished by the
+    next `--overwrite` and refused by `--resume` (`replacing`)."""
+    import zarr
+
+    if not replacing(store):
+        if not store.is_run():  # never delete something that is not a qkov run
+            raise StoreError(f"{store.path} exists and is not a qkov run; refusing to overwrite it. Choose another output.path.")
+        zarr.create_group(store=store.zarr(), path=REPLACING, overwrite=True, zarr_format=3)
+    local = not is_url(store.path)
+    root = store.path.rstrip("/")
+    trash = f"{root.removeprefix('file://')}/{REPLACING}" if local else None
+    meta = f"{root.removeprefix('file://')}/zarr.json" if local else f"{store._fs()[1].rstrip('/')}/zarr.json"
+    if (os.path.exists(meta) if local else store._fs()[0].exists(meta)):
+        _remove(store, meta, trash)
+    for entry in store.entries():
+        if entry.rstrip("/").rsplit("/", 1)[-1] != REPLACING:
+            _remove(store, entry, trash)
+    store.delete(REPLACING)
+
+
 def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool) -> bool:
     """Decide fresh vs resume (the caller holds the lock); returns True when the run starts fresh."""
     if resume and overwrite:
         raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
+    check_root(store, resume=resume, overwrite=overwrite)
+    if replacing(store):  # check_root let only --overwrite through
+        replace_run(store)
     exists = store.exists()
     if exists and not (resume or overwrite):
         raise StoreError(f"output {store.path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it")
@@ -74,7 +121,7 @@ def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bo
         _check_resumable(store, job)
         return False
     if exists and overwrite:
-        store.remove_run()
+        replace_run(store)
     elif store.entries():  # creating a zarr group with mode "w" would wipe the folder
         raise StoreError(
             f"output {store.path} exists, is not empty and is not a qkov run; refusing to write into it. "
@@ -82,6 +129,48 @@ def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bo
         )
     store.create_run(job.config_dict(), job.config_hash())
     return True
+
+
+def enclosing_run(store: RunStore) -> str | None:
+    """The Zarr store (a qkov run, or one of its groups' folders) that the output's real folder
+    (symlinks resolved) lies inside, or None. A run written there would nest in another run's
+    metadata: a symlink into another run's group is the usual way in."""
+    import json
+    from pathlib import Path
+
+    if is_url(store.path):
+        return None
+    real = Path(store.path.removeprefix("file://")).expanduser().resolve()
+    for folder in real.parents:
+        meta = folder / "zarr.json"
+        if meta.is_file():
+            try:
+                attrs = json.loads(meta.read_bytes()).get("attributes") or {}
+            except (ValueError, AttributeError):
+                attrs = {}
+            return f"{folder} (a qkov run)" if attrs.get(schema.ATTR_RUN) else f"{folder} (a Zarr store)"
+    return None
+
+
+def check_root(store: RunStore, *, resume: bool, overwrite: bool) -> None:
+    """The output is a qkov run's root (symlinks resolved) or a folder that is missing or empty,
+    never a place inside another run; an interrupted `--overwrite` is finished only by another."""
+    inside = enclosing_run(store)
+    if inside is not None:
+        from pathlib import Path
+
+        real = Path(store.path.removeprefix("file://")).expanduser().resolve()
+        shown = store.path if str(real) == store.path.removeprefix("file://") else f"{store.path} (-> {real})"
+        raise StoreError(f"output.path {shown} lies inside {inside}; a run there would write into another run. "
+                         "Choose an output.path outside any run.")
+    if replacing(store):
+        if not overwrite:
+            raise StoreError(f"{store.path} holds a run that an interrupted {option('overwrite')} was deleting (its "
+                             f"'{REPLACING}' folder); pass {option('overwrite')} to finish replacing it, or choose another output.path")
+        return
+    if resume and store.exists() and not store.is_run():
+        raise StoreError(f"{option('resume')} refused: {store.path} is a Zarr group but not the root of a qkov run "
+                         "(a run's group?); pass the run's own folder as output.path.")
 
 
 def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool, plan=None) -> None:
@@ -92,6 +181,7 @@ def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool
     if resume and overwrite:
         raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
     check_reachable(store)
+    check_root(store, resume=resume, overwrite=overwrite)
     held = store.read_lock()
     if held is not None:
         from .store import _describe_owner, _lock_is_stale
@@ -101,6 +191,8 @@ def check_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bool
                 f"another qkov run owns the output {store.path} ({_describe_owner(held)}); wait for it to finish. "
                 f"If that process is gone (e.g. on another machine), delete {store.path}/{schema.LOCK_GROUP} and retry."
             )
+    if replacing(store):  # the next --overwrite finishes the deletion (check_root refused the rest)
+        return
     exists = store.exists()
     if exists and not (resume or overwrite):
         raise StoreError(f"output {store.path} already exists; pass {option('resume')} to continue it or {option('overwrite')} to replace it")
@@ -156,15 +248,29 @@ def check_reachable(store: RunStore) -> None:
         raise StoreError(f"cannot write the output {store.path}: {probe} is not writable. Choose a writable output.path.")
 
 
-def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, local: bool = True):
+def check_shared_output(job: JobSpec) -> None:
+    """The work runs on a Dask cluster (worker processes): its output must be a store every
+    process reaches. fsspec's memory:// lives in one process's memory: each worker would
+    write into its own, empty copy."""
+    if job.output.path.startswith("memory://"):
+        raise UsageError(f"output.path {job.output.path}: a memory:// store lives in this process only, and the "
+                         f"cluster's workers are other processes; run in this process ({option('inline')}) or write "
+                         "to a folder or an object store")
+
+
+def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, local: bool = True,
+              cluster: bool = False):
     """Everything that can be checked before a cluster starts or the output is touched: the
     model folder and checkpoint, the task files against the model, layers, sample counts,
-    devices (`local`: the work runs on this machine) and the output. Returns the extraction
+    devices (`local`: the work runs on this machine), the output (`cluster`: written by a
+    Dask cluster's worker processes) and the statistics' memory. Returns the extraction
     plan, or None when a resumed run's extraction is already complete (nothing to plan)."""
     from .extract import plan_extract
 
     if resume and overwrite:
         raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
+    if cluster:
+        check_shared_output(job)
     store = RunStore.of(job)
     check_reachable(store)
     done = resume and store.exists() and all(store.is_complete(g) for g in (schema.GRADIENTS, schema.FISHER))
@@ -175,7 +281,12 @@ def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, lo
     if plan is not None:  # a run that cannot fit the output's free space is refused now, not hours in
         from .plan import plan as run_plan, require_fits
 
+        from .plan import require_stats_memory
+
         predicted = run_plan(job, resume=resume or overwrite, extract_plan=plan)
+        # first: permutations beyond memory also make the scores' stored sums beyond any disk
+        slices = len(predicted.layers) * len(predicted.blocks) * max(predicted.heads.values())
+        require_stats_memory(job.stats, plan.n_a, plan.n_b, slices, names=("stats.n_permutations", "stats.n_bootstrap"))
         require_fits(job, predicted)
         if local:
             check_memory(job, predicted.memory)
@@ -230,15 +341,32 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
 
     Every input (model, layout, task files, layers) is validated before the output is
     touched, so a bad input leaves no output behind and never removes a previous run.
-    The whole run holds the output's lock: a second run on it is refused.
+    The whole run holds the output's lock: a second run on it is refused. What the file
+    system refuses on the way (a full disk, a read-only mount, a name too long) is a
+    StoreError naming the fix; the run stays resumable (every write is a whole chunk,
+    recorded done after it is written).
     """
+    from .errors import os_error
+
+    try:
+        return _run_job(job, client=client, resume=resume, overwrite=overwrite, progress=progress, plan=plan)
+    except OSError as e:
+        refused = os_error(e, job.output.path)
+        if refused is None:
+            raise
+        raise refused from None
+
+
+def _run_job(job: JobSpec, *, client, resume: bool, overwrite: bool, progress: Progress | None, plan) -> RunSummary:
     if resume and overwrite:
         raise UsageError(f"{option('resume')} and {option('overwrite')} exclude each other; choose one")
+    if client is not None:
+        check_shared_output(job)
     store = RunStore.of(job)
     summary = RunSummary(store.path)
     if plan is UNPLANNED:  # the CLI ran `preflight` before starting its cluster
         t = time.perf_counter()
-        plan = preflight(job, resume=resume, overwrite=overwrite, local=client is None)
+        plan = preflight(job, resume=resume, overwrite=overwrite, local=client is None, cluster=client is not None)
         summary.timings["preflight"] = time.perf_counter() - t
     executor = executor_for(client)
     tick: Progress = progress or (lambda *_: None)
@@ -247,8 +375,12 @@ def run_job(job: JobSpec, *, client=None, resume: bool = False, overwrite: bool 
         if not fresh:  # completed-shard records are checked against the chunks that exist
             from .extract import missing_chunks, reopen_damaged_shards
 
+            from .layer_groups import is_grouped, reopen_damaged_layers
+
             summary.repaired = reopen_damaged_shards(store)
-            if store.is_complete(schema.SCORES_GROUP) and missing_chunks(store, schema.SCORES_GROUP):
+            if is_grouped(store):  # no gradients to score again from: the damaged layers' groups run again
+                summary.repaired_scores = bool(reopen_damaged_layers(store))
+            elif store.is_complete(schema.SCORES_GROUP) and missing_chunks(store, schema.SCORES_GROUP):
                 store.root("r+")[schema.SCORES_GROUP].attrs[schema.ATTR_COMPLETE] = False
                 summary.repaired_scores = True
 

@@ -46,7 +46,7 @@ BLOCK = "block"
 SCORE = "score"
 CHECK = "check"  # one row per sanity check in `checks`
 PREDICTION_SLICE = "prediction_slice"  # `checks`: the prediction check's per-slice variables
-PREDICTION_ETA = "prediction_eta"  # `checks`: the step sizes (η, η/2) it measured at
+PREDICTION_ETA = "prediction_eta"  # `checks`: the step sizes (η, η/2, −η/2) it measured at
 SKETCH = "sketch"  # sketch mode: the projected dimension replacing `param` in `gradients`
 
 # coordinate / variable names in `gradients`
@@ -295,3 +295,8 @@ def param_dims(sizes: dict[str, int]) -> dict[str, str]:
     if len(set(sizes.values())) <= 1:
         return {b: PARAM for b in sizes}
     return {b: f"{PARAM}_{b}" for b in sizes}
+
+
+# on every group `RunStore.write_dataset` writes: per array [data_type, shape, chunk_shape, codec names] as
+# written, so that an array's zarr.json edited or damaged afterwards is refused instead of believed
+ATTR_ARRAYS = "qkov_arrays"

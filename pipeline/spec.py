@@ -151,7 +151,7 @@ class ScoreSpec(_Frozen):
 
 class StatsSpec(_Frozen):
     null: Literal["labels"] = "labels"
-    alternative: Literal["greater", "less", "two-sided"] = "greater"
+    alternative: Literal["greater", "less", "two-sided"] = "two-sided"
     n_permutations: int = Field(default=999, ge=1)
     n_bootstrap: int = Field(default=1000, ge=1)
     alpha: float = Field(default=0.05, gt=0.0, lt=1.0)

@@ -135,7 +135,7 @@ def _null_moments(t_obs: np.ndarray, t_null: np.ndarray) -> tuple[np.ndarray, ..
     return mean, sd, tol, degenerate, finite
 
 
-def p_values(t_obs: np.ndarray, t_null: np.ndarray, alternative: Alternative = "greater") -> np.ndarray:
+def p_values(t_obs: np.ndarray, t_null: np.ndarray, alternative: Alternative = "two-sided") -> np.ndarray:
     """Permutation p-values: t_obs [F], t_null [K, F] -> [F] (see module doc)."""
     _check_alternative(alternative)
     t_obs = np.asarray(t_obs, dtype=np.float64)
@@ -183,7 +183,7 @@ def _oriented(z: np.ndarray, alternative: str) -> np.ndarray:
     return np.abs(z)
 
 
-def maxt_pvalues(t_obs: np.ndarray, t_null: np.ndarray, alternative: Alternative = "greater") -> np.ndarray:
+def maxt_pvalues(t_obs: np.ndarray, t_null: np.ndarray, alternative: Alternative = "two-sided") -> np.ndarray:
     """Westfall–Young single-step max-T FWER-adjusted p-values over the family.
 
     Each slice is standardised by the mean/sd of its K + 1 values (z = (T − m)/sd) so
@@ -348,31 +348,81 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 
 
 def interference_effects(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """sharing_ab = mean M over A×B / mean M over pairs i ≠ i' in A: how heavily task B's
-    gradients land on the weights task A's loss depends on, relative to A's own other
-    samples (1 = as much as A itself; → 0 = separated). sharing_ba: the B→A direction
-    (M is asymmetric). effect = mean over A×B − the exact permutation-null mean. NaN
-    where the within-task mean is not positive (e.g. an ablated head)."""
+    """Sharing from the block means of the interference M_ij = <u_i, v_j>, u = g²/(Î+λ), v = |g|.
+
+    sharing_ab = mean M over A×B / mean M over pairs i ≠ i' in A = <ū_A, v̄_B> / <ū_A, v̄_A>:
+    how heavily task B's gradients land on the weights task A's loss depends on (B onto A),
+    relative to A's own other samples. It is direction-specific and carries B's gradient
+    size: scaling B's gradients by c scales it by c. sharing_ba: the same, A onto B (× 1/c:
+    u_B = g_B²/(Î+λ) grows by c², its own-sample mass ⟨ū_B, v̄_B⟩ by c³).
+    sharing = √(sharing_ab · sharing_ba): the sizes cancel (c · 1/c), so it answers
+    "do the tasks load the same weights?" alone: 0 = disjoint weights, 1 = the two tasks'
+    gradients are spread over the weights alike (identically distributed tasks). Computed
+    per weight row (observed and each bootstrap resample) from the same sums, so its CI is
+    that of the geometric mean itself. effect = mean over A×B − the exact permutation-null
+    mean. NaN where a within-task mean is not positive (e.g. an ablated head).
+    """
+    ab, ba = _ratio(means["ab"], means["aa"]), _ratio(means["ba"], means["bb"])
+    with np.errstate(invalid="ignore"):
+        both = ab * ba
+        sharing = np.where(both >= 0, np.sqrt(np.abs(both)), np.nan)  # M ≥ 0: a negative product is damage
     return {
-        "sharing_ab": _ratio(means["ab"], means["aa"]),
-        "sharing_ba": _ratio(means["ba"], means["bb"]),
+        "sharing_ab": ab,
+        "sharing_ba": ba,
+        "sharing": sharing,
         "effect": means["ab"] - means["pooled"],
     }
 
 
-def alignment_effects(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+# Cosine is a ratio with the task-mean norms below it: where a norm is noise, so is the
+# ratio (unbiased norm estimates can even undershoot |transfer| and give |ratio| > 1).
+COSINE_MIN_Z = 2.0
+COSINE_RULE = ("NaN (no direction) unless each task's squared mean-gradient norm, estimated without bias "
+               "(within-task mean over pairs i != i'), is at least cosine_min_z standard errors above 0; the "
+               "standard error is the sd of the same estimate over the two-way bootstrap resamples of the CIs "
+               "(fewer than 2 defined resamples: no direction). Where both pass, the ratio is clipped to [-1, 1] "
+               "(the unbiased norms may undershoot) and each bootstrap replicate needs positive norms.")
+
+
+def norm_z(within: np.ndarray) -> np.ndarray:
+    """z of a within-task mean (a squared task-mean norm) against 0: within [..., R], row 0
+    the estimate, rows 1.. its bootstrap replicates -> [...] = estimate / sd(replicates).
+    NaN with fewer than 2 defined replicates; ±inf where the replicates have no spread
+    (every resample gives the same nonzero estimate)."""
+    obs, reps = within[..., 0], within[..., 1:]
+    ok = np.isfinite(reps)
+    n = ok.sum(-1)
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+        sd = np.nanstd(np.where(ok, reps, np.nan), axis=-1, ddof=1)
+        z = np.where(sd > 0, obs / np.where(sd > 0, sd, 1.0), np.where(obs > 0, np.inf, np.where(obs < 0, -np.inf, np.nan)))
+    return np.where(n >= 2, z, np.nan)
+
+
+def alignment_effects(means: dict[str, np.ndarray], min_z: float | None = COSINE_MIN_Z) -> dict[str, np.ndarray]:
     """transfer = mean A_ij over A×B = ⟨ḡ_A, ḡ_B⟩ in the (Î+λ)⁻¹ metric (negative =
     conflict); cosine = transfer / √(‖μ_A‖² ‖μ_B‖²) with the squared norms of the task
-    means estimated without bias (within-task means over i ≠ i'). The unbiased norms can
-    undershoot the plug-in ones, so the ratio is clipped to [−1, 1]; NaN where a norm
-    estimate is not positive (that task's mean gradient is indistinguishable from 0 in
-    the slice, so it has no direction). effect as for interference."""
+    means estimated without bias (within-task means over i ≠ i'), NaN (no direction)
+    by `COSINE_RULE`: unless both norm estimates are ≥ `min_z` bootstrap standard errors
+    above 0 (`norm_z` over rows 1.., the resamples; so means [..., R] need R ≥ 3), for the
+    observed row and every resample of the slice. min_z=None: point estimates without
+    resamples, where only a non-positive norm estimate gives NaN. Where defined the ratio
+    is clipped to [−1, 1]. cosine_norm_z = the smaller z of the two tasks (NaN with
+    min_z=None). effect as for interference."""
+    aa, bb = means["aa"], means["bb"]
     with np.errstate(invalid="ignore"):
-        denom = np.sqrt(np.where((means["aa"] > 0) & (means["bb"] > 0), means["aa"] * means["bb"], np.nan))
+        denom = np.sqrt(np.where((aa > 0) & (bb > 0), aa * bb, np.nan))
+    cosine = np.clip(_ratio(means["ab"], denom), -1.0, 1.0)
+    if min_z is None:
+        z = np.full(aa.shape[:-1], np.nan)
+    else:
+        z = np.minimum(norm_z(aa), norm_z(bb))  # NaN if either is
+        cosine = np.where((z >= min_z)[..., None], cosine, np.nan)  # NaN compares False: no direction
     return {
         "transfer": means["ab"],
-        "cosine": np.clip(_ratio(means["ab"], denom), -1.0, 1.0),
+        "cosine": cosine,
         "effect": means["ab"] - means["pooled"],
+        "cosine_norm_z": z,
     }
 
 
@@ -482,7 +532,7 @@ def group_pvalues(
     t_obs: np.ndarray,
     t_null: np.ndarray,
     groups: np.ndarray,
-    alternative: Alternative = "greater",
+    alternative: Alternative = "two-sided",
     combine: str = "fisher",
 ) -> np.ndarray:
     """One permutation p-value per group of slices (e.g. the heads of one block of one
@@ -552,21 +602,25 @@ def hierarchical_fdr(p_group: np.ndarray, p_member: np.ndarray, member_group: np
 # ---------------------------------------------------------------- per-family summaries
 
 
-def effect_summary(score: str, sums: np.ndarray, margins: np.ndarray, is_a: np.ndarray, n_boot: int, seed: int, level: float) -> dict[str, np.ndarray]:
+def effect_summary(score: str, sums: np.ndarray, margins: np.ndarray, is_a: np.ndarray, n_boot: int, seed: int, level: float,
+                   min_z: float = COSINE_MIN_Z) -> dict[str, np.ndarray]:
     """Point estimates and bootstrap CIs of one score's effects for F slices.
 
     sums [..., 1+B, 4]: `pair_sums` with `effect_weights(is_a, n_boot, seed)`;
     margins [..., N]: `ab_margins`. Returns, each [...]: for both scores `effect` (mean −
     exact permutation-null mean) with `_ci_low`/`_ci_high`; for interference
-    `sharing_ab`, `sharing_ba` with CIs; for alignment `transfer`, `cosine` with CIs
-    and the transfer test's `transfer_p_value`.
+    `sharing`, `sharing_ab`, `sharing_ba` with CIs; for alignment `transfer`, `cosine`
+    with CIs (cosine NaN by `COSINE_RULE` at `min_z`), `cosine_norm_z` and the transfer
+    test's `transfer_p_value`.
     """
     if score not in ("interference", "alignment"):
         raise ValueError(f"unknown score {score!r}")
     wa, wb = effect_weights(is_a, n_boot, seed)
     means = pair_means(sums, wa, wb)
-    eff = interference_effects(means) if score == "interference" else alignment_effects(means)
+    eff = interference_effects(means) if score == "interference" else alignment_effects(means, min_z)
     out: dict[str, np.ndarray] = {}
+    if "cosine_norm_z" in eff:  # one value per slice, no resamples
+        out["cosine_norm_z"] = eff.pop("cosine_norm_z")
     for name, vals in eff.items():  # [..., 1+B]: row 0 observed, then the resamples
         out[name] = vals[..., 0]
         out[f"{name}_ci_low"], out[f"{name}_ci_high"] = bootstrap_interval(np.moveaxis(vals[..., 1:], -1, 0), level)

@@ -30,17 +30,46 @@ from .store import RunStore, provenance
 
 SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
 
-_VAR_DOCS = {
-    "mean": "T = mean over i in A, j in B of the score",
-    "null_mean": "mean of T over the label permutations (what chance gives); mean above it = more than chance",
-    "p_value": "permutation p-value, (1 + #exceedances) / (1 + n_permutations)",
-    "q_value": "Benjamini-Hochberg q-value over the family (per score)",
-    "significant": "q_value <= alpha",
-    "p_fwer": "Westfall-Young single-step max-T adjusted p-value over the family (per score)",
-    "ci_low": "two-way bootstrap percentile CI of T, lower bound",
-    "ci_high": "two-way bootstrap percentile CI of T, upper bound",
-    "in_family": "False for K/V query-head entries that repeat their KV head",
+# The labels-null test's variables (score dim): the docs as (description, question, units,
+# direction); `question`, `units`, `direction` are stored as attrs on every variable, as on
+# the effect sizes below and the logical scores (schema.SCORE_DOCS).
+_SCORE_UNITS = "units of the score (see the `units` attr of that score in qkov.open_scores)"
+_VAR_DOCS: dict[str, tuple[str, str, str, str]] = {
+    "mean": ("T = mean over i in A, j in B of the score",
+             "How large is the score between the tasks' samples in this slice? (mean over the A x B pairs)",
+             _SCORE_UNITS, "as the score: interference larger = heavier overlap; alignment < 0 conflict, > 0 synergy"),
+    "null_mean": ("mean of T over the label permutations (what chance gives); mean above it = more than chance",
+                  "What would the A x B mean be if the task labels were random? (Monte Carlo mean over the "
+                  "label permutations)", _SCORE_UNITS, "the chance level: mean above it = more than chance"),
+    "p_value": ("permutation p-value, (1 + #exceedances) / (1 + n_permutations)",
+                "How often do random task labels give an A x B mean at least as extreme as the observed one? "
+                "(labels null, attr alternative of the group)", "1 (probability)",
+                "small = evidence that the tasks differ from chance in this slice"),
+    "q_value": ("Benjamini-Hochberg q-value over the family (per score)",
+                "What is the smallest false discovery rate at which this slice counts as differing from chance? "
+                "(BH over the family, per score)", "1 (rate)", "<= alpha: significant"),
+    "significant": ("q_value <= alpha", "Does this slice differ from chance at the group's alpha (q_value <= alpha)?",
+                    "1 (boolean)", "True = differs from chance, in the direction of `direction`"),
+    "p_fwer": ("Westfall-Young single-step max-T adjusted p-value over the family (per score)",
+               "Could a slice this extreme arise by chance anywhere in the family? (max-T family-wise adjusted "
+               "p-value, per score)", "1 (probability)", "<= alpha: significant with family-wise error control"),
+    "ci_low": ("two-way bootstrap percentile CI of T, lower bound",
+               "Lower bound of the two-way bootstrap percentile CI of mean (level: attr ci_level)", _SCORE_UNITS,
+               "as mean"),
+    "ci_high": ("two-way bootstrap percentile CI of T, upper bound",
+                "Upper bound of the two-way bootstrap percentile CI of mean (level: attr ci_level)", _SCORE_UNITS,
+                "as mean"),
+    "in_family": ("False for K/V query-head entries that repeat their KV head",
+                  "Is this (block, head) entry its own member of the multiple-testing family? (K/V entries of "
+                  "query heads that share a KV head repeat it)", "1 (boolean)",
+                  "True = counted once in BH and max-T; False = a copy of its KV head's values"),
 }
+
+
+def _var_attrs(var: str) -> dict[str, Any]:
+    description, question, units, direction = _VAR_DOCS[var]
+    return {"description": description, "question": question, "units": units, "direction": direction}
+
 
 # Effect sizes and layer → head tests (issue 16): what each answers, in which unit, and
 # how to read it; stored as attrs `question`, `units`, `direction` on every variable.
@@ -58,11 +87,24 @@ _EFFECT_DOCS: dict[str, tuple[str, str, str]] = {  # name: (question, units, dir
                       "Fisher combination of the heads' permutation p-values)?", "1", "small = evidence"),
     "layer_q_value": ("BH q-value of layer_p_value over the (block, layer) family of the score", "1", "<= alpha: selected"),
     "layer_significant": ("Is this layer-block selected (layer_q_value <= alpha)?", "1", "True = the layer-block carries an effect"),
-    "sharing_ab": ("How heavily do task B's gradients land on the weights task A's loss depends on, relative "
-                   "to A's own other samples? (interference: mean over A x B / mean over i != i' in A)",
-                   "ratio", "1 = as much as A's own samples (shared head); -> 0 = separated"),
-    "sharing_ba": ("The same in the B -> A direction (interference is asymmetric): mean over B x A / mean "
-                   "over j != j' in B", "ratio", "1 = shared; -> 0 = separated"),
+    "sharing": ("Do the two tasks load the same weights of this slice, whatever the size of their gradients? "
+                "(geometric mean sqrt(sharing_ab * sharing_ba) of the interference ratios of both directions, per "
+                "bootstrap resample alike: each task's gradient size cancels)",
+                "unitless ratio, independent of either task's gradient scale",
+                "1 = the tasks spread their gradients over the weights alike (as one task would); -> 0 = disjoint "
+                "weights (separated); typically in [0, 1]"),
+    "sharing_ab": ("How heavily do task B's gradients land on the weights task A's loss depends on (B onto A), "
+                   "relative to A's own other samples? (interference: mean over A x B / mean over i != i' in A; "
+                   "direction-specific)",
+                   "ratio that scales with B's gradient size relative to A's (x c when B's gradients are x c): "
+                   "partly a ratio of the tasks' gradient sizes; `sharing` is the size-free answer",
+                   "larger = B's gradients land more heavily on A's weights; 1 = as heavily as A's own samples'"),
+    "sharing_ba": ("How heavily do task A's gradients land on the weights task B's loss depends on (A onto B), "
+                   "relative to B's own other samples? (interference: mean over B x A / mean over j != j' in B; "
+                   "direction-specific)",
+                   "ratio that scales with A's gradient size relative to B's (x 1/c when B's gradients are x c): "
+                   "partly a ratio of the tasks' gradient sizes; `sharing` is the size-free answer",
+                   "larger = A's gradients land more heavily on B's weights; 1 = as heavily as B's own samples'"),
     "transfer": ("Does a natural-gradient step on task B's mean loss, restricted to this slice, lower or "
                  "raise task A's mean loss? (alignment: mean over A x B = <g_A, g_B> in the (I+lambda)^-1 metric)",
                  "minus the first-order change of A's loss per unit natural-gradient step on B",
@@ -73,12 +115,16 @@ _EFFECT_DOCS: dict[str, tuple[str, str, str]] = {  # name: (question, units, dir
     "transfer_direction": ("Do the tasks conflict or help each other in this slice (transfer_q_value <= alpha)?",
                            "1", "-1 conflict, +1 synergy, 0 not significant"),
     "cosine": ("Do the task-mean gradients point the same way, whatever their size? (transfer / the "
-               "unbiased norms of the task means, in the same metric; clipped to [-1, 1])",
-               "cosine", "-1 opposite (conflict), 0 orthogonal, +1 same direction"),
+               "unbiased norms of the task means, in the same metric; NaN = no direction: a task-mean norm not "
+               "distinguishable from 0, see attrs cosine_rule and cosine_min_z)",
+               "cosine", "-1 opposite (conflict), 0 orthogonal, +1 same direction; NaN = no direction"),
+    "cosine_norm_z": ("How clearly are both task-mean gradients distinguishable from 0 in this slice? (the smaller "
+                      "of the two tasks' squared-norm estimates over its bootstrap standard error)",
+                      "standard errors", "cosine is defined where this is >= cosine_min_z; larger = clearer"),
 }
-_CI_OF = ("effect", "sharing_ab", "sharing_ba", "transfer", "cosine")  # these get _ci_low / _ci_high
+_CI_OF = ("effect", "sharing", "sharing_ab", "sharing_ba", "transfer", "cosine")  # these get _ci_low / _ci_high
 _FLAGS = {"direction": "below_chance not_significant above_chance", "transfer_direction": "conflict not_significant synergy"}
-_SCORE_OF = {"sharing_ab": "interference", "sharing_ba": "interference", "transfer": "alignment",
+_SCORE_OF = {"sharing": "interference", "cosine_norm_z": "alignment", "sharing_ab": "interference", "sharing_ba": "interference", "transfer": "alignment",
              "transfer_p_value": "alignment", "transfer_q_value": "alignment", "transfer_direction": "alignment",
              "cosine": "alignment"}
 LAYER_COMBINE = "fisher"
@@ -98,6 +144,8 @@ def _effect_attrs(var: str) -> dict[str, Any]:
         attrs.update(flag_values=[-1, 0, 1], flag_meanings=_FLAGS[var])
     if base in _SCORE_OF:
         attrs["score"] = _SCORE_OF[base]
+    if base in ("cosine", "cosine_norm_z"):  # the no-direction rule, on the bounds too
+        attrs.update(cosine_rule=st.COSINE_RULE, cosine_min_z=st.COSINE_MIN_Z)
     return attrs
 
 
@@ -354,8 +402,8 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
     out["significant"] = out["significant"].astype(bool)
 
     vdims = (S.SCORE, S.BLOCK, S.LAYER, S.HEAD)
-    data_vars = {v: (vdims, out[v], {"description": _VAR_DOCS[v]}) for v in out}
-    data_vars["in_family"] = ((S.BLOCK, S.HEAD), in_fam, {"description": _VAR_DOCS["in_family"]})
+    data_vars = {v: (vdims, out[v], _var_attrs(v)) for v in out}
+    data_vars["in_family"] = ((S.BLOCK, S.HEAD), in_fam, _var_attrs("in_family"))
     data_vars.update({v: (vdims, a, _effect_attrs(v)) for v, a in head_out.items()})
     data_vars.update({v: ((S.SCORE, S.BLOCK, S.LAYER), a, _effect_attrs(v)) for v, a in layer_out.items()})
     data_vars.update({v: ((S.BLOCK, S.LAYER, S.HEAD), a, _effect_attrs(v)) for v, a in own_out.items()})

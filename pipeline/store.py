@@ -23,7 +23,14 @@ import numpy as np
 import zarr
 
 from . import schema
-from .errors import DAMAGED_FIX, CorruptChunkError, StoreError  # noqa: F401  (StoreError re-exported for callers of the store)
+from .errors import DAMAGED_FIX, CorruptChunkError, QkovError, StoreError  # noqa: F401  (StoreError re-exported for callers of the store)
+
+# what the `scores` group's layout attrs and the gradients' encodings may say (schema version 1)
+KEEP_PAIRS = ("all", "top", "none")
+SCORES_DTYPES = ("float32", "bfloat16")
+ENCODINGS = ("float32", "bfloat16")
+# variables up to this size are read when their group is opened (RunStore._eager)
+EAGER_BYTES = 64 << 20
 
 
 def is_url(path: str) -> bool:
@@ -77,6 +84,200 @@ def _quiet_zarr() -> Iterator[None]:
         yield
 
 
+def checksummed_encoding(ds, encoding: dict | None):
+    """(`ds`, `encoding`) with a crc32c checksum last in every variable's codec chain: after the
+    compressors a variable is given (`encoding`, or its own `.encoding` as read), else after zarr's
+    default zstd. Every chunk qkov writes through the store is then verified when read."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    def chained(enc: dict) -> dict:
+        enc = dict(enc)
+        chain = enc.pop("compressors", enc.pop("compressor", "default"))
+        chain = [ZstdCodec()] if isinstance(chain, str) else list(chain) if isinstance(chain, (list, tuple)) else [] if chain is None else [chain]
+        if not chain or not _is_crc32c(chain[-1]):
+            chain.append(Crc32cCodec())
+        return {**enc, "compressors": chain}
+
+    given = {k: chained(v) for k, v in (encoding or {}).items()}
+    ds = ds.copy(deep=False)  # new Variables: their encodings are set here, not the caller's
+    for name, var in ds.variables.items():
+        if name not in given:
+            var.encoding = chained(var.encoding)
+    return ds, given
+
+
+def _is_crc32c(codec) -> bool:
+    name = codec.get("name") if isinstance(codec, dict) else getattr(codec, "codec_name", None) or type(codec).__name__
+    return str(name).lower() in ("crc32c", "crc32ccodec")
+
+
+def _array_record(doc: dict) -> list:
+    """What `RunStore.check_arrays` compares of an array's zarr.json: [data_type, shape, chunk shape, codec names]."""
+    if doc.get("node_type") != "array":
+        raise ValueError(f"not an array (node_type {doc.get('node_type')!r})")
+    return json.loads(json.dumps([doc["data_type"], list(doc["shape"]), list(doc["chunk_grid"]["configuration"]["chunk_shape"]),
+                                  [c["name"] for c in doc.get("codecs", [])]]))
+
+
+def _show(value) -> str:
+    return json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
+
+
+def _computes(arr) -> bool:
+    try:
+        arr.compute(scheduler="sync")
+        return True
+    except Exception:  # noqa: BLE001 - looking for the variable that failed
+        return False
+
+
+async def _list_dir(store, prefix: str) -> list[str]:
+    return [name async for name in store.list_dir(prefix)]
+
+
+async def _read_docs(store, keys: list[str]) -> list[bytes | None]:
+    """The bytes stored under `keys` (None where missing), fetched concurrently."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    async def one(key: str) -> bytes | None:
+        try:
+            buf = await store.get(key, prototype=default_buffer_prototype())
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return None if buf is None else buf.to_bytes()
+
+    return list(await asyncio.gather(*(one(k) for k in keys)))
+
+
+# ---- checked chunk reads ------------------------------------------------------
+# Every chunk zarr reads from a run (read-only) passes `check_chunk` first: its crc32c where its
+# array's codecs end with one, and its decoded size against the array's metadata (dtype x chunk
+# shape), read from the compressor's header (blosc, zstd) without decoding. zarr verifies the
+# checksum itself, but its error names no chunk, and a chunk of another size than its metadata
+# declares reached users as a reshape, zstd or blosc traceback (or, read into a larger buffer,
+# as numbers). DirectChunks applies the same checks to the chunks it reads itself.
+
+
+def _crc32c(data) -> int:
+    import google_crc32c
+
+    return google_crc32c.value(data)
+
+
+def _zstd_content_size(frame: bytes) -> int | None:
+    """The decompressed size a zstd frame's header declares (None when it declares none)."""
+    if len(frame) < 6 or frame[:4] != b"\x28\xb5\x2f\xfd":
+        return -1  # not a zstd frame at all
+    fhd = frame[4]
+    fcs_flag, single, dict_flag = fhd >> 6, (fhd >> 5) & 1, fhd & 3
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+    size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    if size == 0 or len(frame) < pos + size:
+        return None
+    value = int.from_bytes(frame[pos:pos + size], "little")
+    return value + 256 if size == 2 else value
+
+
+def decoded_size(body: bytes, compressors: tuple[str, ...]) -> int | None:
+    """The size `body` (a chunk without its checksum) decodes to, where its format says it cheaply."""
+    if not compressors:
+        return len(body)
+    if compressors == ("blosc",):
+        return int.from_bytes(body[4:8], "little") if len(body) >= 16 else -1
+    if compressors == ("zstd",):
+        return _zstd_content_size(body)
+    return None
+
+
+def size_error(where: str, size: int, expected: int, shape, dtype) -> CorruptChunkError:
+    what = "is not in the format its array's metadata declares" if size < 0 else f"holds {size} bytes of data"
+    return CorruptChunkError(f"{where} is damaged: it {what}, but the array's zarr.json declares chunks of {tuple(shape)} "
+                             f"{dtype} ({expected} bytes; a truncated chunk, or edited metadata); {DAMAGED_FIX}")
+
+
+def checksum_error(where: str, note: str = "") -> CorruptChunkError:
+    return CorruptChunkError(f"{where} is damaged: its bytes do not match its checksum{note}; {DAMAGED_FIX}")
+
+
+class _ChunkSpec:
+    """What a chunk of one array must be: its codec names and, for fixed-size types, its decoded bytes."""
+
+    def __init__(self, doc: dict):
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+
+        self.codecs = tuple(c["name"] for c in doc.get("codecs", []))
+        self.shape = tuple(doc["chunk_grid"]["configuration"]["chunk_shape"])
+        dtype = ArrayV3Metadata.from_dict(dict(doc)).dtype.to_native_dtype()
+        self.dtype = str(doc["data_type"]) if isinstance(doc["data_type"], str) else dtype.str
+        fixed = dtype.kind not in "OTV" and self.codecs[:1] == ("bytes",)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * dtype.itemsize if fixed else None
+
+    def check(self, data: bytes, where: str) -> None:
+        codecs = self.codecs
+        if codecs and codecs[-1] == "crc32c":
+            body = np.frombuffer(data, dtype=np.uint8)[:-4]  # a view: no copy
+            if len(data) < 4 or int.from_bytes(data[-4:], "little") != _crc32c(body):
+                raise checksum_error(where)
+            codecs = codecs[:-1]
+        else:
+            body = np.frombuffer(data, dtype=np.uint8)
+        if self.nbytes is None:
+            return
+        compressors = codecs[1:]
+        size = decoded_size(body[:32].tobytes() if compressors else body, compressors)
+        if size is not None and size != self.nbytes:
+            raise size_error(where, size, self.nbytes, self.shape, self.dtype)
+
+
+class CheckedStore(zarr.storage.WrapperStore):
+    """A run's store, read-only, that checks every chunk zarr reads before zarr decodes it
+    (`_ChunkSpec.check`), raising a CorruptChunkError that names the chunk and the fix."""
+
+    def __init__(self, store, where: str):
+        super().__init__(store)
+        self.where = str(where).rstrip("/")
+        self._specs: dict[str, _ChunkSpec | None] = {}
+
+    def _with_store(self, store):
+        return type(self)(store, self.where)
+
+    def __repr__(self) -> str:
+        return f"CheckedStore({self._store!r})"
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is None or byte_range is not None or key.rsplit("/", 1)[-1] == "zarr.json":
+            return buf
+        spec = await self._spec(key, prototype)
+        if spec is not None:
+            spec.check(buf.to_bytes(), f"{self.where}/{key}")
+        return buf
+
+    async def _spec(self, key: str, prototype) -> "_ChunkSpec | None":
+        """The spec of the array `key` is a chunk of (zarr's default chunk key encoding: the array's
+        path, then `c` and the chunk's indices), or None for other keys."""
+        parts = key.split("/")
+        at = None
+        for i in range(len(parts) - 1, 0, -1):
+            if (parts[i] == "c" and all(p.isdigit() for p in parts[i + 1:])) or (
+                    i == len(parts) - 1 and parts[i].startswith("c.") and parts[i][2:].replace(".", "").isdigit()):
+                at = i
+                break
+        if at is None:
+            return None
+        array = "/".join(parts[:at])
+        if array not in self._specs:
+            doc = await self._store.get(f"{array}/zarr.json", prototype)
+            try:
+                meta = json.loads(doc.to_bytes()) if doc is not None else None
+                self._specs[array] = _ChunkSpec(meta) if meta and meta.get("node_type") == "array" else None
+            except Exception:  # noqa: BLE001 - unreadable metadata: zarr itself refuses it when opening
+                self._specs[array] = None
+        return self._specs[array]
+
+
 class RunStore:
     """One run's store. Small and picklable (a path and storage options), so a worker task
     can carry it; opening is lazy."""
@@ -100,7 +301,10 @@ class RunStore:
 
     # ---- opening --------------------------------------------------------
     def zarr(self, read_only: bool = False):
-        return zarr_store(self.path, self.storage_options or None, read_only=read_only)
+        """The run's zarr store; read-only, every chunk zarr reads from it is checked first (its
+        checksum, its size against the array's metadata: `CheckedStore`)."""
+        store = zarr_store(self.path, self.storage_options or None, read_only=read_only)
+        return CheckedStore(store, self.path) if read_only else store
 
     def root(self, mode: str = "r") -> zarr.Group:
         """The run's root group. mode 'r' / 'r+' require it to exist."""
@@ -113,10 +317,12 @@ class RunStore:
         except (ValueError, TypeError, KeyError) as e:  # undecodable or malformed zarr.json
             raise self.damaged(e) from None
 
-    def damaged(self, e: BaseException) -> StoreError:
-        """The error for metadata that cannot be read (bytes that are not UTF-8 JSON, missing keys)."""
+    def damaged(self, e: BaseException, group: str | None = None) -> StoreError:
+        """The error for metadata that cannot be read (bytes that are not UTF-8 JSON, missing keys,
+        arrays whose shapes or types do not fit together)."""
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        return StoreError(f"{self.path} is damaged: its Zarr metadata cannot be read ({type(e).__name__}: {first}). "
+        where = self.path + (f"/{group}" if group else "")
+        return StoreError(f"{where} is damaged: its Zarr metadata cannot be read ({type(e).__name__}: {first}). "
                           "Restore the run from a copy, or rerun the job with --overwrite.")
 
     def exists(self) -> bool:
@@ -153,7 +359,12 @@ class RunStore:
         return self.group_attrs(group) is not None
 
     def group_attrs(self, group: str) -> dict | None:
-        """The group's own attrs (never a consolidated copy, which may be stale), or None if absent."""
+        """The group's own attrs (never a consolidated copy, which may be stale), or None if absent;
+        without the store's record of its arrays (schema.ATTR_ARRAYS)."""
+        attrs = self._attrs(group)
+        return None if attrs is None else {k: v for k, v in attrs.items() if k != schema.ATTR_ARRAYS}
+
+    def _attrs(self, group: str) -> dict | None:
         try:
             g = zarr.open_group(self.zarr(read_only=True), path=group, mode="r", use_consolidated=False)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -193,12 +404,31 @@ class RunStore:
         if attrs.get(schema.ATTR_COMPLETE) is not True:
             raise StoreError(f"{who}{self.path} has an incomplete '{group}' group (not marked complete: an interrupted run?); "
                              f"run {self.stage_hint(group)} first")
-        ver = attrs.get(schema.ATTR_SCHEMA)
-        if ver is not None and ver != schema.SCHEMA_VERSION:
-            raise StoreError(
-                f"the '{group}' group of {self.path} was written with store schema version {ver}, this qkov reads version "
-                f"{schema.SCHEMA_VERSION}; rerun the job with this version (qkov run --overwrite) or use the qkov that wrote it."
-            )
+        self.check_layout(group, attrs)
+
+    def check_layout(self, group: str, attrs: dict) -> None:
+        """Refuse a group (or the run's root) written in a store schema version or layout this qkov
+        does not read, in one line naming the version found and the one expected; the same schema
+        version may hold a layout added later (a `scores` layout, an encoding), refused here rather
+        than read as another one."""
+        use = "use the qkov that wrote it (`qkov info` shows its version), or rerun the job with this one (qkov run --overwrite)"
+        for where, found in (("root", self._root_schema()), (f"'{group}' group", attrs.get(schema.ATTR_SCHEMA))):
+            if found is not None and found != schema.SCHEMA_VERSION:
+                raise StoreError(f"the {where} of {self.path} was written with store schema version {found!r}, this qkov "
+                                 f"reads version {schema.SCHEMA_VERSION}; {use}.")
+        known = {schema.ATTR_SCORES_LAYOUT: schema.COMPACT_LAYOUTS, schema.ATTR_KEEP_PAIRS: KEEP_PAIRS,
+                 schema.ATTR_SCORES_DTYPE: SCORES_DTYPES} if group == schema.SCORES_GROUP else {}
+        for attr, versions in known.items():
+            found = attrs.get(attr)
+            if found is not None and found not in versions:
+                raise StoreError(f"the '{group}' group of {self.path} has {attr} = {found!r}, this qkov reads "
+                                 f"{' or '.join(map(repr, versions))} (store schema version {schema.SCHEMA_VERSION}); {use}.")
+
+    def _root_schema(self):
+        """The store schema version stamped on the run's root (read once per RunStore)."""
+        if "_root_version" not in self.__dict__:
+            self._root_version = (self._attrs("") or {}).get(schema.ATTR_SCHEMA)
+        return self._root_version
 
     def provenance(self, group: str | None = None) -> dict[str, Any]:
         """The recorded provenance of the root (or of one group)."""
@@ -217,10 +447,81 @@ class RunStore:
 
         if complete:
             self.require(group, needed_by or f"reading '{group}'")
-        with _quiet_zarr():
-            ds = self._direct(xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False), group)
+        attrs = self._attrs(group)
+        if attrs is not None:
+            if not complete:
+                self.check_layout(group, attrs)
+            self.check_arrays(group, attrs.get(schema.ATTR_ARRAYS))
+        try:
+            with _quiet_zarr():
+                ds = xr.open_zarr(self.zarr(read_only=True), group=group, consolidated=False)
+        except QkovError:  # a damaged chunk of a coordinate, named by CheckedStore
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as e:  # metadata that does not hold together
+            raise self.damaged(e, self.unreadable_node(group) or group) from None
+        ds.attrs.pop(schema.ATTR_ARRAYS, None)
+        for name, var in ds.variables.items():
+            enc = var.attrs.get(schema.ATTR_ENCODING)
+            if enc is not None and enc not in ENCODINGS:
+                raise StoreError(f"{self.path}/{group}/{name} is stored in encoding {enc!r}, this qkov reads "
+                                 f"{' or '.join(map(repr, ENCODINGS))} (store schema version {schema.SCHEMA_VERSION}); use the "
+                                 "qkov that wrote it (`qkov info` shows its version), or rerun the job with this one (qkov run --overwrite).")
+        ds = self._eager(self._direct(ds, group), group)
         ds = plain_text_coords(ds)
         return with_score_attrs(scores_view(ds)) if group == schema.SCORES_GROUP else ds
+
+    def _eager(self, ds, group: str):
+        """`ds` with its small variables read now (and kept as Dask arrays of the same chunks, for
+        callers that map over blocks): a damaged chunk there is refused when the group is opened,
+        not later inside a reader that might take the error for something else. The large ones
+        (gradients, Fisher, the pooled scores) stay lazy; their chunks are checked when read
+        (DirectChunks, CheckedStore)."""
+        import dask
+        import dask.array as da
+
+        names = [name for name, var in ds.variables.items() if isinstance(var.data, da.Array) and var.nbytes <= EAGER_BYTES
+                 and not (var.ndim >= 3 and (group in (schema.GRADIENTS, schema.FISHER) or str(name).startswith("pooled_")))]
+        try:  # threads here, never a cluster's workers that a caller's client may have made the default
+            values = dask.compute(*(ds.variables[n].data for n in names), scheduler="threads")
+        except QkovError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an undecodable chunk of a store without checksums (written before them)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            bad = next((n for n in names if not _computes(ds.variables[n].data)), None)
+            raise CorruptChunkError(f"{self.path}/{group}" + (f"/{bad}" if bad else "") + " is damaged: a chunk cannot be "
+                                    f"decoded ({type(e).__name__}: {first}); {DAMAGED_FIX}") from None
+        for name, value in zip(names, values):
+            ds.variables[name].data = da.from_array(value, chunks=ds.variables[name].data.chunks)
+        return ds
+
+    def check_arrays(self, group: str, recorded: dict | None) -> None:
+        """Each array of `group` as its writer recorded it (schema.ATTR_ARRAYS: data type, shape,
+        chunk shape, codecs): a zarr.json edited or damaged afterwards is refused in one line
+        naming the array and the field, not believed (a float64 declared over float32 chunks, a
+        sample axis of 12 over chunks of 9). Groups written before the record skip this."""
+        if not isinstance(recorded, dict):
+            return
+        docs = _sync(_read_docs(self.zarr(read_only=True), [f"{group}/{name}/zarr.json" for name in recorded]))
+        fields = ("data type", "shape", "chunk shape", "codecs")
+        for (name, want), doc in zip(recorded.items(), docs):
+            where = f"{self.path}/{group}/{name}"
+            if doc is None:
+                raise StoreError(f"{where} is missing (its folder or zarr.json was removed): {DAMAGED_FIX}")
+            try:
+                found = _array_record(json.loads(doc))
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+                raise self.damaged(e, f"{group}/{name}") from None
+            for field, w, f in zip(fields, want, found):
+                if w != f:
+                    raise StoreError(f"{where}/zarr.json declares {field} {_show(f)}, but the array was written with "
+                                     f"{_show(w)}; {DAMAGED_FIX}")
+
+    def record_arrays(self, group: str) -> None:
+        """Record each array of `group` as just written (see `check_arrays`)."""
+        g = zarr.open_group(self.zarr(), path=group, mode="r+", use_consolidated=False)
+        names = sorted(g.array_keys())
+        docs = _sync(_read_docs(self.zarr(), [f"{group}/{name}/zarr.json" for name in names]))
+        g.attrs[schema.ATTR_ARRAYS] = {name: _array_record(json.loads(doc)) for name, doc in zip(names, docs) if doc is not None}
 
     def direct_chunks(self, group: str) -> dict[str, "DirectChunks"]:
         """The arrays of `group` whose chunk files `DirectChunks` reads and writes, by name
@@ -285,9 +586,13 @@ class RunStore:
         """Write a dataset as `group` (replacing it). With compute=False returns the delayed
         write (a Dask graph for the caller's executor). complete=True marks it complete afterwards
         (only when computed here); the caller marks a delayed write complete once it ran."""
+        ds, encoding = checksummed_encoding(ds, encoding)
+        if compute and complete and self._is_consolidated():
+            self.check_metadata()  # what refreshing the consolidated metadata reads: refused before anything is written
         with _quiet_zarr():
-            out = ds.to_zarr(self.zarr(), group=group, mode="w", compute=compute, encoding=encoding or {},
+            out = ds.to_zarr(self.zarr(), group=group, mode="w", compute=compute, encoding=encoding,
                              zarr_format=3, consolidated=False)
+        self.record_arrays(group)  # the arrays exist now (a delayed write has written its metadata)
         if not compute:  # the template is written: its chunks go straight to their files where they can
             direct = self._direct_writes(ds, group)
             out = out if direct is None else direct  # (a Dask collection: never tested for truth)
@@ -333,11 +638,50 @@ class RunStore:
         with _quiet_zarr():
             zarr.consolidate_metadata(self.zarr())
 
+    def check_metadata(self) -> None:
+        """Every node's metadata in the run can be read (what consolidating it reads), else the
+        one-line error naming the first that cannot."""
+        try:
+            with _quiet_zarr():
+                for _ in zarr.open_group(self.zarr(read_only=True), mode="r", use_consolidated=False).members(max_depth=None):
+                    pass
+        except QkovError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, NotImplementedError) as e:
+            raise self.damaged(e, self.unreadable_node()) from None
+
+    def unreadable_node(self, under: str = "") -> str | None:
+        """The path of the first group or array at or under `under` whose zarr.json zarr cannot read, or None."""
+        from zarr.core.metadata.v3 import ArrayV3Metadata
+
+        store = self.zarr(read_only=True)
+        todo = [under.strip("/")]
+        while todo:
+            group = todo.pop()
+            children = _sync(_list_dir(store, group))
+            paths = [f"{group}/{c}".lstrip("/") for c in children]
+            for path, doc in zip(paths, _sync(_read_docs(store, [f"{p}/zarr.json" for p in paths]))):
+                if doc is None:
+                    continue
+                try:
+                    meta = json.loads(doc)
+                    if meta.get("node_type") == "group":
+                        todo.append(path)
+                    else:
+                        ArrayV3Metadata.from_dict(meta)
+                except Exception:  # noqa: BLE001 - whatever zarr would trip over
+                    return path
+        return None
+
     def refresh_consolidated(self) -> None:
         """Keep the root's consolidated view (used by open_datatree) in step, when there is one."""
         with _quiet_zarr():
-            if zarr.open_group(self.zarr(read_only=True), mode="r").metadata.consolidated_metadata is not None:
+            if self._is_consolidated():
                 zarr.consolidate_metadata(self.zarr())
+
+    def _is_consolidated(self) -> bool:
+        with _quiet_zarr():
+            return zarr.open_group(self.zarr(read_only=True), mode="r").metadata.consolidated_metadata is not None
 
     # ---- the run as a whole ---------------------------------------------
     def create_run(self, config: dict, config_hash: str, stage: str = "run") -> zarr.Group:
@@ -600,8 +944,9 @@ class DirectChunks:
         import google_crc32c
 
         view = memoryview(out).cast("B")
+        path = self._path(idx)
         try:
-            f = open(self._path(idx), "rb", buffering=0)
+            f = open(path, "rb", buffering=0)
         except FileNotFoundError:
             out.fill(self.fill if self.fill is not None else 0)
             return False
@@ -610,15 +955,19 @@ class DirectChunks:
                 data = f.read()
             body = np.frombuffer(data, dtype=np.uint8)[:-4]
             if len(data) < 4 or np.frombuffer(data[-4:], dtype="<u4")[0] != google_crc32c.value(body):
-                raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum; {DAMAGED_FIX}")
+                raise checksum_error(path)
+            size = decoded_size(bytes(body[:16]), ("blosc",))  # blosc would fill a larger buffer only in part
+            if size != view.nbytes:
+                raise size_error(path, size, view.nbytes, self.chunks, self.dtype)
             self.codec.decode(body, out=view)
             return True
         with f:
             got = f.readinto(view)
             tail = f.read(8)
-        if got != view.nbytes or len(tail) != 4 or np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
-            size = "" if got == view.nbytes and len(tail) == 4 else f"; it has {got + len(tail)} bytes, not {view.nbytes + 4}"
-            raise CorruptChunkError(f"{self._path(idx)} is damaged: its bytes do not match its checksum{size}; {DAMAGED_FIX}")
+        if got != view.nbytes or len(tail) != 4:  # a chunk of another size than the metadata declares, or truncated
+            raise size_error(path, max(os.path.getsize(path) - 4, 0), view.nbytes, self.chunks, self.dtype)
+        if np.frombuffer(tail, dtype="<u4")[0] != google_crc32c.value(out):
+            raise checksum_error(path)
         return True
 
     def __setitem__(self, key, value) -> None:

@@ -27,9 +27,12 @@ def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, ove
     from pipeline.console import progress_for
     from pipeline.run import run_job
 
+    from pipeline.run import check_shared_output
+
     with progress_for(progress) as tick:
         if inline:
             return run_job(job, resume=resume, overwrite=overwrite, progress=tick)
+        check_shared_output(job)  # before the cluster starts
         with cluster_client(job.cluster, scheduler) as client:
             return run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick)
 
@@ -44,9 +47,12 @@ def run_stats(run, *, null: str | None = None, n_permutations: int | None = None
     scores; the Fisher is not re-estimated)."""
     from pipeline.stats_stage import rerun_stats
 
+    from pipeline.plan import check_stats_request
+
     store = RunStore.coerce(run, storage_options)
     settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                     alternative=alternative, seed=seed)
+    check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
     if scheduler:
         from pipeline.cluster import connect
         from pipeline.executors import executor_for
@@ -155,7 +161,8 @@ def validate(job_file, *, resume: bool = False, overwrite: bool = False, schedul
     from pipeline.run import preflight
 
     job = load_job(job_file)
-    preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile))
+    preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile),
+              cluster=True)  # as `run` (not inline) would
     return job
 
 

@@ -12,6 +12,9 @@
 * `assert_runs_close(a, b)` — two run stores hold the same results, up to float rounding
   (another CPU, process or reduction order changes the last bits of float32; a real error
   does not hide under the tolerance).
+* `plant_heads(run, conflict=…, sharing=…)` — a finished tiny run's scores replaced by
+  synthetic ones with known conflict and sharing heads, statistics recomputed (the report's
+  "cannot be read backwards" test).
 """
 from __future__ import annotations
 
@@ -314,7 +317,8 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
     over the variable (`_scale`). A reordered float32 sum passes; one value off by 1e-3
     relative fails unless it is under 1 % of that scale. Float attributes must agree within
     rtol relative (they can come from worker results too). Everything else (ids, tasks,
-    integers, booleans, shapes, dims, names) and every other attribute but provenance must be equal.
+    integers, booleans, shapes, dims, names) and every other attribute but provenance and the
+    store's record of its arrays must be equal.
     """
     import numpy as np
 
@@ -327,11 +331,14 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
                 f"only in b {sorted(set(b.variables) - set(a.variables))}"]
     if dict(a.sizes) != dict(b.sizes):
         out.append(f"{where}sizes differ: {dict(a.sizes)} != {dict(b.sizes)}")
-    drop = lambda attrs: {k: v for k, v in attrs.items() if k != schema.ATTR_PROVENANCE}  # noqa: E731
+    # what produced a group and how it is chunked (the store's record of its arrays: a layer-grouped
+    # run chunks the Fisher's damping per layer) are not results
+    ignored = (schema.ATTR_PROVENANCE, schema.ATTR_ARRAYS)
+    drop = lambda attrs: {k: v for k, v in attrs.items() if k not in ignored}  # noqa: E731
     attr_tol = RTOL if rtol is None else rtol
     if not _same(drop(a.attrs), drop(b.attrs), attr_tol):
         keys = sorted(k for k in set(a.attrs) | set(b.attrs)
-                      if k != schema.ATTR_PROVENANCE and not _same(a.attrs.get(k), b.attrs.get(k), attr_tol))
+                      if k not in ignored and not _same(a.attrs.get(k), b.attrs.get(k), attr_tol))
         out.append(f"{where}attrs differ at {keys}")
     for name in sorted(b.variables, key=str):
         va, vb = a.variables[name], b.variables[name]
@@ -393,8 +400,96 @@ def assert_runs_close(run_a: str | Path, run_b: str | Path, *, groups: Iterable[
     assert not problems, f"{run_a} differs from {run_b}:\n  " + "\n  ".join(problems)
 
 
+
+# --------------------------------------------------------------------------- planted heads
+
+Slice = tuple[str, int, int]  # (block, layer, head); K/V: any query head of the KV group
+
+
+def plant_heads(run: str | Path, *, conflict: Iterable[Slice] = (), sharing: Iterable[Slice] = (),
+                seed: int = 0, n_features: int = 24, **stats: Any) -> None:
+    """Replace every slice's pooled scores of a finished run (keep_pairs = "all", float32
+    scores) by scores of synthetic per-sample gradients g with known answers, then recompute
+    its `stats` from them (the run's settings with `stats` overrides, e.g. alternative; by
+    default another seed than the stored sums', so that they are not reused).
+
+    With Î + λ = 1, interference M_ij = Σ g_ip² |g_jp| and alignment A_ij = Σ g_ip g_jp over
+    `n_features` features, noise N(0, 1) on each task's support:
+
+    * every other slice: separated tasks: A on features [0, ⅔), B on [⅓, 1), each task's
+      mean (+1) on its own third only, so the task means are orthogonal (transfer ≈ 0) and the
+      overlap is noise (sharing ≈ 0.25, below chance);
+    * `sharing`: both tasks identically distributed on every feature with mean 0 (sharing ≈ 1,
+      transfer ≈ 0);
+    * `conflict`: as the others, with A's mean +1 on [0, ⅔) and B's mean −1 on the shared
+      third: a step on B raises A's loss (transfer ≈ −n_features/3, cosine < 0).
+
+    The run's `diagnostics` (norms, outlier flags) still describe the original scores."""
+    import dask.array as da
+    import numpy as np
+    import zarr
+
+    from pipeline import schema as S
+    from pipeline.stats_stage import rerun_stats, slice_statistics
+    from pipeline.store import RunStore
+
+    store = RunStore(str(run))
+    scores = store.open_scores()
+    attrs = scores.attrs
+    if attrs.get(S.ATTR_SCORES_LAYOUT) not in S.COMPACT_LAYOUTS or S.pooled_name("alignment") not in scores:
+        raise ValueError("plant_heads needs a compact-layout run that keeps every pair (keep_pairs = 'all')")
+    if attrs.get(S.ATTR_SCORES_DTYPE, "float32") != "float32":
+        raise ValueError("plant_heads writes float32 scores only")
+    n_a, n_b = int(attrs[S.ATTR_N_A]), int(attrs[S.ATTR_N_B])
+    is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
+    kv_of = np.asarray(scores[S.KV_HEAD].values)
+    third = n_features // 3
+    own_a, own_b, shared = slice(0, third), slice(2 * third, n_features), slice(third, 2 * third)
+
+    def key(block: str, layer: int, head: int) -> tuple[str, int, int]:  # the stored (block, layer, head or KV head)
+        return block, int(layer), int(kv_of[head]) if S.head_dim(block) == S.KV_HEAD else int(head)
+
+    kinds = {key(*x): "conflict" for x in conflict}
+    kinds.update({key(*x): "sharing" for x in sharing})
+    group = zarr.open_group(store.zarr(), path=S.SCORES_GROUP, mode="r+")
+    for bi, block in enumerate(str(b) for b in scores[S.BLOCK].values):
+        arrays = {s: group[S.stored_pooled_name(s, block)] for s in S.SCORES}
+        values = {s: np.zeros(a.shape, np.float32) for s, a in arrays.items()}  # one write per array
+        full = {s: np.zeros(arrays["interference"].shape, np.float32) for s in S.SCORES}  # unfolded, for the sums
+        for li in range(arrays["interference"].shape[0]):
+            for hi in range(arrays["interference"].shape[1]):
+                layer = int(scores[S.LAYER].values[li])
+                kind = kinds.get((block, layer, hi), "separated")
+                rng = np.random.default_rng([seed, bi, li, hi])
+                g = np.zeros((is_a.size, n_features))
+                if kind == "sharing":
+                    g[:] = rng.normal(size=g.shape)
+                else:
+                    g[is_a, : 2 * third] = rng.normal(size=(n_a, 2 * third))
+                    g[~is_a, third:] = rng.normal(size=(n_b, n_features - third))
+                    g[is_a, own_a] += 1.0
+                    g[~is_a, own_b] += 1.0
+                    if kind == "conflict":
+                        g[is_a, shared] += 1.0
+                        g[~is_a, shared] -= 1.0
+                inter = (g**2) @ np.abs(g).T
+                align = g @ g.T
+                for s, m in (("interference", inter), ("alignment", align)):
+                    full[s][li, hi] = m = m.astype(np.float32)
+                    values[s][li, hi] = S.fold_symmetric(m) if S.ATTR_FOLDED in arrays[s].attrs else m
+        for s, arr in arrays.items():
+            arr[...] = values[s]
+            name = S.stat_sums_name(s, block)
+            if name in group:  # the statistics' sums the score stage stored, redone from the new scores
+                made = attrs.get(S.ATTR_SUMS_SETTINGS) or {}
+                sums = slice_statistics(da.from_array(full[s][None], chunks=(1, 1, 1, -1, -1)), is_a,
+                                        int(made["n_permutations"]), int(made["n_bootstrap"]), int(made["seed"]))
+                group[name][...] = sums.compute()[0]
+    rerun_stats(store, replace=True, **stats)
+
+
 __all__ = [
     "VOCAB", "TinyArchitecture", "SUPPORTED", "ARCHITECTURES", "ENCODERS", "architecture", "tiny_model", "save_model",
     "random_batch", "write_task_file", "tiny_job", "job_toml", "write_job_file", "RESULT_GROUPS", "compare_datasets",
-    "assert_runs_close",
+    "assert_runs_close", "plant_heads",
 ]

@@ -278,6 +278,19 @@ def test_nonfinite_skip_records_and_excludes_the_samples(env, nan_job):
     assert (stats.attrs["n_a"], stats.attrs["n_b"]) == (len(kept_a), len(kept_b))
 
 
+@pytest.mark.parametrize("kept", [0, 1])
+def test_nonfinite_skip_checks_the_sample_counts_left(env, nan_job, kept):
+    """extract.nonfinite = "skip" leaving task b with 0 (a ValueError traceback) or 1 sample (ran
+    without a word): refused in one line with the counts after skipping; nothing marked complete."""
+    tmp, job = env
+    rows = [{"id": f"b{k}", "input_ids": [5, 6, 7, 8, 9, 10] if k < kept else [5, 6, BAD_TOKEN, 8, 9]} for k in range(2)]
+    b = task_file(tmp / f"nan-b-kept{kept}.jsonl", rows)
+    out = run_refused(env, f"nan-kept{kept}", **{**nan_job, "tasks": {**nan_job["tasks"], "b": {"path": b}},
+                                                  "extract": {**nan_job["extract"], "nonfinite": "skip"}},
+                      says=(f"task 'beta' has {kept} sample(s) left of 2", "at least 2 per task"))
+    assert (out / "gradients").exists()  # extracted, never marked complete
+
+
 # ---------------------------------------------------------------- the output
 
 

@@ -75,10 +75,12 @@ def exact_null_mean(S: np.ndarray, n_a: int) -> np.ndarray:
 
 
 def effects(S_inter, S_align, is_a, n_boot=0, seed=0):
+    """Effects per weight row; the cosine's no-direction rule needs resamples, so point
+    estimates alone (n_boot < 2) get the sign rule only (min_z=None)."""
     wa, wb = st.effect_weights(is_a, n_boot, seed)
     mi = st.pair_means(st.pair_sums(S_inter, wa, wb, is_a), wa, wb)
     ma = st.pair_means(st.pair_sums(S_align, wa, wb, is_a), wa, wb)
-    return st.interference_effects(mi), st.alignment_effects(ma)
+    return st.interference_effects(mi), st.alignment_effects(ma, st.COSINE_MIN_Z if n_boot >= 2 else None)
 
 
 # ---------------------------------------------------------------- exact pieces
@@ -124,6 +126,86 @@ def test_effects_are_neutral_for_identical_tasks():
         np.testing.assert_allclose(got_i[k][:, 0], ref[k], rtol=1e-12)
         assert (np.abs(got_i[k][:, 0] - 1) < 0.5).all()  # ≈ 1 up to the diagonal term of B
     np.testing.assert_allclose(got_a["cosine"][:, 0], 1.0)  # clipped: the copy pairs make it ≥ 1
+
+
+def _sharing_rows(g, metric, is_a, n_boot=200, seed=0):
+    """sharing, sharing_ab, sharing_ba per weight row (row 0 observed, then the resamples) of
+    gradients g [F, N, P] in a fixed metric [F, P] (the Fisher held fixed, as the run has it)."""
+    inter, _ = pooled_scores(g, metric, np.float64)
+    got, _ = effects(inter, inter, is_a, n_boot=n_boot, seed=seed)
+    return got
+
+
+def test_sharing_is_free_of_gradient_size_and_reads_0_and_1():
+    """sharing = √(sharing_ab · sharing_ba): scaling one task's gradients by c leaves it (and
+    every bootstrap replicate, hence its CI) unchanged, while each direction moves (by c and
+    1/c: the size ratio the per-direction numbers carry); disjoint supports give 0;
+    identically distributed tasks give 1 within the CI."""
+    rng = np.random.default_rng(21)
+    n_a, n_b, p = 9, 8, 12
+    is_a = np.arange(n_a + n_b) < n_a
+    g, _ = gradients(rng, 3, n_a, n_b, p, rng.normal(size=(3, 1, p)), 0.5 * rng.normal(size=(3, 1, p)))
+    metric = rng.uniform(0.5, 2.0, size=(3, p))
+    base = _sharing_rows(g, metric, is_a)
+    scaled_g = g.copy()
+    scaled_g[:, n_a:] *= 7.0
+    scaled = _sharing_rows(scaled_g, metric, is_a)
+    np.testing.assert_allclose(scaled["sharing"], base["sharing"], rtol=1e-10)
+    np.testing.assert_allclose(scaled["sharing_ab"], 7.0 * base["sharing_ab"], rtol=1e-10)
+    np.testing.assert_allclose(scaled["sharing_ba"], base["sharing_ba"] / 7.0, rtol=1e-10)
+    np.testing.assert_allclose(base["sharing"], np.sqrt(base["sharing_ab"] * base["sharing_ba"]), rtol=1e-12)
+
+    disjoint = g.copy()
+    disjoint[:, :n_a, p // 2 :] = 0.0  # A's gradients on the first half of the weights, B's on the second
+    disjoint[:, n_a:, : p // 2] = 0.0
+    np.testing.assert_array_equal(_sharing_rows(disjoint, metric, is_a)["sharing"][:, 0], 0.0)
+
+    n = 40  # both tasks drawn from one distribution (heavy-tailed, a shared non-zero mean)
+    mu = rng.normal(size=(4, 1, p))
+    same, _ = gradients(rng, 4, n, n, p, mu, mu, noise="heavy")
+    rows = _sharing_rows(same, rng.uniform(0.5, 2.0, size=(4, p)), np.arange(2 * n) < n, n_boot=400, seed=1)
+    lo, hi = st.bootstrap_interval(np.moveaxis(rows["sharing"][:, 1:], -1, 0), 0.95)
+    print(f"\nidentically distributed tasks: sharing {np.round(rows['sharing'][:, 0], 3)}, "
+          f"95% CI lows {np.round(lo, 3)}, highs {np.round(hi, 3)}")
+    assert ((lo <= 1.0) & (1.0 <= hi)).all()
+    assert (np.abs(rows["sharing"][:, 0] - 1.0) < 0.1).all()
+
+
+def test_cosine_rule_boundary():
+    """cosine is NaN (no direction) exactly where a task-mean norm estimate is fewer than
+    min_z bootstrap standard errors above 0: finite just above the boundary, NaN just below;
+    a task with no mean gradient gives NaN where the old rule (norm estimate > 0, clip to
+    ±1) reported a direction."""
+    rng = np.random.default_rng(22)
+    n_a, n_b, p = 12, 10, 16
+    is_a = np.arange(n_a + n_b) < n_a
+    mu = rng.normal(size=(2, 1, p))
+    g, _ = gradients(rng, 2, n_a, n_b, p, 0.8 * mu, -0.3 * mu)
+    _, align = pooled_scores(g, np.ones((2, p)), np.float64)
+    wa, wb = st.effect_weights(is_a, 300, 5)
+    means = st.pair_means(st.pair_sums(align, wa, wb, is_a), wa, wb)
+    z = np.minimum(st.norm_z(means["aa"]), st.norm_z(means["bb"]))
+    # z by hand: the estimate over the sd of its bootstrap replicates
+    aa = means["aa"]
+    np.testing.assert_allclose(st.norm_z(aa), aa[:, 0] / np.nanstd(aa[:, 1:], axis=1, ddof=1), rtol=1e-12)
+    assert np.isfinite(z).all() and (z > 0).all()
+    above = st.alignment_effects(means, min_z=float(z[0]) * (1 - 1e-9))["cosine"]
+    below = st.alignment_effects(means, min_z=float(z[0]) * (1 + 1e-9))["cosine"]
+    assert np.isfinite(above[0, 0]) and np.isnan(below[0]).all()  # below: the observed value and every replicate
+    positive = (means["aa"][0, 1:] > 0) & (means["bb"][0, 1:] > 0)  # above: a replicate needs its own norms > 0
+    np.testing.assert_array_equal(np.isfinite(above[0, 1:]), positive)
+    assert st.alignment_effects(means)["cosine_norm_z"].tolist() == z.tolist()
+
+    # task B has no mean gradient: its norm is noise, so the cosine has no direction
+    g0, _ = gradients(rng, 200, n_a, n_b, p, 2.0 * rng.normal(size=(200, 1, p)), None)
+    _, align0 = pooled_scores(g0, np.ones((200, p)), np.float64)
+    wa, wb = st.effect_weights(is_a, 200, 6)
+    m0 = st.pair_means(st.pair_sums(align0, wa, wb, is_a), wa, wb)
+    old = st.alignment_effects(m0, min_z=None)["cosine"][:, 0]  # the sign rule alone
+    new = st.alignment_effects(m0)["cosine"][:, 0]
+    print(f"\nno mean gradient in B: old rule gave a direction in {np.isfinite(old).mean():.2f} of slices "
+          f"({(np.abs(old) == 1).mean():.2f} clipped to ±1), the z rule in {np.isfinite(new).mean():.2f}")
+    assert np.isfinite(old).mean() > 0.3 and np.isfinite(new).mean() < 0.1
 
 
 def test_chunked_sums_add_up():
@@ -458,7 +540,8 @@ def test_stage_effects_match_gradients_and_pure_math():
     # every new variable says which question it answers, in which unit, which way
     new = ["effect", "direction", "q_value_hier", "significant_hier", "layer_p_value", "layer_q_value",
            "layer_significant", "sharing_ab", "sharing_ba", "transfer", "transfer_p_value", "transfer_q_value",
-           "transfer_direction", "cosine"] + [f"{v}_ci_{e}" for v in ("effect", "sharing_ab", "sharing_ba", "transfer", "cosine") for e in ("low", "high")]
+           "transfer_direction", "cosine", "cosine_norm_z", "sharing"] + [
+               f"{v}_ci_{e}" for v in ("effect", "sharing", "sharing_ab", "sharing_ba", "transfer", "cosine") for e in ("low", "high")]
     for v in new:
         assert {"question", "units", "direction"} <= set(out[v].attrs), v
     assert out["layer_p_value"].dims == ("score", "block", "layer")
@@ -467,9 +550,15 @@ def test_stage_effects_match_gradients_and_pure_math():
 
     ref = reference_effects(g.reshape(-1, 11, 10), fisher.reshape(-1, 10), N_A)
     ref = {k: v.reshape(4, LAYERS, HEADS) for k, v in ref.items()}
-    for k in ("sharing_ab", "sharing_ba", "transfer", "cosine"):
-        want = np.clip(ref[k], -1, 1) if k == "cosine" else ref[k]
-        np.testing.assert_allclose(out[k].values, want, rtol=5e-5, atol=1e-6, err_msg=k)
+    # the cosine where both task-mean norms clear the stated rule, NaN (no direction) elsewhere
+    clear = out["cosine_norm_z"].values >= out["cosine"].attrs["cosine_min_z"]
+    assert out["cosine"].attrs["cosine_min_z"] == st.COSINE_MIN_Z and "standard errors" in out["cosine"].attrs["cosine_rule"]
+    assert 0 < clear.sum() < clear.size  # both cases occur in this run
+    ref["cosine"] = np.where(clear, np.clip(ref["cosine"], -1, 1), np.nan)
+    ref["sharing"] = np.sqrt(ref["sharing_ab"] * ref["sharing_ba"])
+    for k in ("sharing", "sharing_ab", "sharing_ba", "transfer", "cosine"):
+        np.testing.assert_allclose(out[k].values, ref[k], rtol=5e-5, atol=1e-6, err_msg=k)
+    assert np.isnan(out["cosine_ci_low"].values[~clear]).all()
     np.testing.assert_allclose(out["transfer"].values, out["mean"].sel(score="alignment").values, rtol=1e-9)
     assert (out["transfer_direction"].values.reshape(-1)[:3] == -1).all()  # the planted conflicts
 
@@ -526,17 +615,21 @@ def test_effects_of_a_real_run_against_stored_gradients(tmp_path):
                 g = grads[blk].sel(layer=layer).isel({hdim: hh}).values.astype(np.float64)[order]
                 reg = fish[blk].sel(layer=layer).isel({hdim: hh}).values.astype(np.float64) + float(fish["damping"].sel(block=blk, layer=layer))
                 ref = reference_effects(g[None], reg[None], int(is_a.sum()))
-                for k in ("sharing_ab", "sharing_ba", "transfer", "cosine"):
+                ref["sharing"] = np.sqrt(ref["sharing_ab"] * ref["sharing_ba"])
+                clear = float(out["cosine_norm_z"].sel(block=blk, layer=layer, head=h)) >= st.COSINE_MIN_Z
+                for k in ("sharing", "sharing_ab", "sharing_ba", "transfer", "cosine"):
                     got = float(out[k].sel(block=blk, layer=layer, head=h))
                     want = float(np.clip(ref[k][0], -1, 1)) if k == "cosine" else float(ref[k][0])
-                    if np.isnan(want):  # only a cosine can be undefined (a task-mean norm estimate ≤ 0)
+                    if k == "cosine" and not clear:  # no direction: a task-mean norm within min_z SEs of 0
+                        want = np.nan
+                    if np.isnan(want):  # only a cosine can be undefined
                         assert k == "cosine" and np.isnan(got), (k, blk, layer, h)
                         continue
                     scale = abs(want) if k != "transfer" else max(abs(want), 1e-3 * float(np.abs(g).max() ** 2 / reg.min()))
                     assert abs(got - want) <= 1e-4 * scale + 1e-7, (k, blk, layer, h, got, want)
                     checked += 1
     print(f"\n{checked} effect values checked against the stored gradients")
-    assert checked >= 3 * 4 * 2 * 4  # sharing both ways and transfer of every slice, plus the defined cosines
+    assert checked >= 4 * 4 * 2 * 4  # sharing (both ways and their mean) and transfer of every slice, plus the defined cosines
     again = qkov.run_stats(job.output.path, n_permutations=49, name="rerun")
     for v in ("sharing_ab", "transfer", "cosine", "layer_p_value", "q_value_hier"):
         assert v in again and v in store.open_stats("rerun")

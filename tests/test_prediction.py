@@ -98,17 +98,48 @@ def test_prediction_passes_on_tiny_model(tiny):
     assert r.rho >= P.RHO_MIN and r.median_rel_error <= P.REL_ERROR_MAX
     assert r.above_noise.all()
     # halving η halves the error: the gap is the O(η²) term
-    assert 1.6 <= r.halving_ratio <= 2.4
-    assert r.median_rel_error_at(1) == pytest.approx(r.median_rel_error / 2, rel=0.2)
+    assert r.halving_tested and 1.9 <= r.halving_ratio <= 2.1
+    assert r.median_rel_error_at(1) == pytest.approx(r.median_rel_error / 2, rel=0.05)
     assert np.all(np.sign(r.measured[:, 0]) == np.sign(r.predicted()))
+    # the central-difference slope is transfer to the float32 gradients' precision
+    assert r.median_first_order_error < 1e-4 and r.downcasts == 0
 
 
-def test_too_small_a_step_fails_the_halving_test(tiny):
-    """η so small that rounding (here eager attention's float32 softmax, ~1e-8 of the loss) is
-    what is left after the first-order term: halving η no longer halves the error."""
-    r = check(tiny, eta=1e-8)
-    lo, hi = P.HALVING_RANGE
-    assert not r.passed and not lo <= r.halving_ratio <= hi, r.detail()
+def test_too_small_a_step_fails(tiny):
+    """η so small that the predicted change is within 100× float64 rounding of the loss: the
+    check cannot resolve it and says so."""
+    r = check(tiny, eta=1e-14)
+    assert not r.passed and r.above_noise.sum() < r.enough, r.detail()
+    assert "raise η" in r.detail()
+
+
+def test_float32_islands_are_measured_as_noise_and_promoted(tiny):
+    """Issue 29 item 7. transformers' RMSNorm (`.to(torch.float32)`) and eager softmax
+    (`dtype=torch.float32`) stay float32 in a `.double()` copy; their rounding moves with the
+    weights (~1e-9 of ΔL_A here), as large as the O(η²) term at η = 1e-6, and summation order
+    cannot see it. `float64_forward` removes it; without it the quadratic residual measures it,
+    the halving test is skipped as unresolvable and the check still passes on the correct model."""
+    from contextlib import nullcontext
+
+    islands = check(tiny, eta=P.DEFAULT_ETA, measure_in=nullcontext)
+    assert islands.noise > 1e-10 and islands.noise > 1e3 * islands.noise_reorder, islands.detail()
+    assert islands.passed and not islands.halving_tested, islands.detail()
+    r = check(tiny, eta=P.DEFAULT_ETA)
+    assert r.noise < 1e-11 and r.downcasts == 0, r.detail()
+    assert r.passed and r.halving_tested and 1.9 <= r.halving_ratio <= 2.1, r.detail()
+
+
+def test_float64_forward_promotes_requested_float32():
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with P.float64_forward() as mode:
+        outs = [x.to(torch.float32), x.to("cpu", torch.float32), x.to(dtype=torch.float16), x.float(), x.bfloat16(),
+                torch.softmax(x, -1, dtype=torch.float32), torch.zeros(2, dtype=torch.float32)]
+        assert all(o.dtype == torch.float64 for o in outs)
+        assert mode.downcasts == 0
+        assert x.type(torch.FloatTensor).dtype == torch.float32  # out of its reach: counted
+        assert mode.downcasts == 1
+        assert x.view(torch.int64).dtype == torch.int64  # bit reinterpretation untouched
+    assert x.to(torch.float32).dtype == torch.float32  # only within it
 
 
 def test_the_two_paths_agree_on_transfer(tiny):
@@ -120,6 +151,42 @@ def test_too_large_a_step_fails(tiny):
     """η far outside the linear regime: the check must say so, not pass."""
     r = check(tiny, eta=1e-2)
     assert not r.passed and r.median_rel_error > P.REL_ERROR_MAX
+    assert np.median(r.first_order_error) > P.FIRST_ORDER_MAX
+
+
+# ---------------------------------------------------------------- every registered layout passes at the default η
+
+# one tiny model per arrangement of workers.layouts.KNOWN_ARRANGEMENTS: (label, O projection) -> SUPPORTED key
+ARRANGEMENT_ARCH = {
+    ("split", "o_proj"): "llama_gqa", ("split", "out_proj"): "opt", ("split", "dense"): "phi",
+    ("bert-split", "output.dense"): "bert", ("gpt2-conv1d", "c_proj"): "gpt2", ("fused-qkv", "o_proj"): "phi3",
+    ("falcon-grouped", "dense"): "falcon_new", ("falcon-multi-query", "dense"): "falcon_mq",
+    ("neox-interleaved", "dense"): "gpt_neox",
+}
+
+
+def test_every_arrangement_has_a_prediction_case():
+    from workers.layouts import KNOWN_ARRANGEMENTS
+
+    assert set(ARRANGEMENT_ARCH) == {(a.architecture, a.proj["o"]) for a in KNOWN_ARRANGEMENTS}
+
+
+@pytest.mark.parametrize("arrangement", sorted(ARRANGEMENT_ARCH), ids=lambda a: f"{a[0]}-{a[1]}")
+def test_prediction_passes_on_every_arrangement(arrangement):
+    """A correct tiny model of every layout passes at `qkov check`'s η (issue 29: a tiny Phi-3
+    failed its halving band). Biases included; 8 + 4 samples, 12 slices: every block×layer."""
+    from qkov.testing import ENCODERS, SUPPORTED
+
+    arch = ARRANGEMENT_ARCH[arrangement]
+    model = tiny_model(arch)
+    layout = discover_layout(model, include_bias=True)
+    assert (layout.architecture, SUPPORTED[arch].o_proj) == arrangement
+    ids = samples(12, seed=2)
+    labels = [k % 2 for k in range(12)] if arch in ENCODERS else None
+    r = P.prediction_check(model, layout, ids, labels, 8, loss_task_for(model), n_slices=12, fisher_batch=4,
+                           batch_size=6)
+    assert r.passed, r.detail()
+    assert r.downcasts == 0 and r.median_first_order_error < 1e-2, r.detail()
 
 
 # ---------------------------------------------------------------- mutations: a wrong Fisher or slice fails
@@ -253,7 +320,10 @@ def test_run_checks_writes_the_prediction_check(tmp_path):
     assert float(row["rank_correlation"]) >= P.RHO_MIN and float(row["value"]) <= P.REL_ERROR_MAX
     back = open_checks(job.output.path)
     assert back.sizes[checks.PREDICTION_SLICE] == 12
-    assert back[checks.PREDICTION_ETA].values.tolist() == [ETA_TINY, ETA_TINY / 2]
+    assert back[checks.PREDICTION_ETA].values.tolist() == [ETA_TINY, ETA_TINY / 2, -ETA_TINY / 2]
+    assert np.median(np.abs(back["prediction_slope"].values / back["prediction_transfer"].values - 1)) < 1e-2
+    assert {"question", "units", "direction"} <= set(back["prediction_first_order_error"].attrs)
+    assert back.attrs["prediction"]["halving_tested"] and back.attrs["prediction"]["calls_below_float64"] == 0
     np.testing.assert_allclose(back["prediction_measured"].values, ds["prediction_measured"].values)
     assert set(back["prediction_block"].values.tolist()) == {"Q", "K", "V", "O"}
     assert back.attrs["prediction"]["n_slices"] == 12

@@ -116,7 +116,8 @@ def test_pairs_carry_the_texts_of_the_samples(text_run):
     out = con.export_text()
     first = blk["top_pairs"][0]
     for s in ("layer 0 · head 1", "words × ids", first["sample_a"], first["sample_b"], "pre-tokenised",
-              "does the A×B mean differ from chance?", "vs chance", "effect [CI]", "sharing words→ids [CI]",
+              "does the A×B mean differ from chance?", "vs chance", "effect [CI]", "sharing [CI]", "ids→words [CI]",
+              "words→ids [CI]",
               "transfer [CI]", "cosine [CI]"):
         assert s in out, s
     stats = _stored(run, schema.STATS).load()
@@ -254,6 +255,13 @@ def test_headline_tables_answer_each_question_with_its_direction():
     assert "1 above chance" in differ["note"] and "3 below" in differ["note"]
     shared = tables["shared"]
     assert [r["sharing"] for r in shared["rows"]][:3] == pytest.approx([1.2, 1.2 - 1 / 11, 1.2 - 2 / 11])
+    # ranked only among slices not significantly below chance: O heads 0-2 (sharing 0.75-0.93) are left out
+    assert [(r["block"], r["head"]) for r in shared["rows"]] == [("O", 5), ("O", 4), ("O", 3), ("Q", 5), ("Q", 4),
+                                                                 ("Q", 3), ("Q", 2), ("Q", 1), ("Q", 0)]
+    assert shared["n_found"] == 9 and "3 of 12 are, and are left out" in shared["note"]
+    stored = _planted_stats()  # the stored size-free `sharing` wins over the per-direction ratios
+    stored["sharing"] = stored["sharing_ab"] * 0 + np.arange(12.0).reshape(2, 1, 6)[::-1]
+    assert [r["sharing"] for r in {t["key"]: t for t in headline_tables(stored)}["shared"]["rows"]][:2] == [11.0, 10.0]
 
     con = Console(record=True, width=220)
     con.print(format_headlines(list(tables.values())))
@@ -295,3 +303,81 @@ def test_named_stats_and_url_runs(text_run):
         assert significant_heads("memory://qkov-query-run", top=3) == significant_heads(run, top=3)
     finally:
         fs.rm("/qkov-query-run", recursive=True)
+
+
+def test_every_stats_variable_and_score_says_question_units_direction(text_run):
+    """The house rule on a real run: every variable of the stats group (the labels-null ones,
+    `in_family`, the effects and layer tests alike) and the logical scores' `interference` and
+    `alignment` carry `question`, `units` and `direction`."""
+    from pipeline.store import RunStore
+
+    store = RunStore(text_run[0])
+    stats, scores = store.open_stats(), store.open_scores()
+    missing = [f"stats/{v}" for v in stats.data_vars if not {"question", "units", "direction"} <= set(stats[v].attrs)]
+    missing += [f"scores/{v}" for v in ("interference", "alignment") if not {"question", "units", "direction"} <= set(scores[v].attrs)]
+    assert not missing, missing
+    assert {"mean", "null_mean", "p_value", "q_value", "significant", "p_fwer", "ci_low", "ci_high", "in_family",
+            "sharing", "sharing_ci_low", "cosine", "cosine_norm_z"} <= set(stats.data_vars)
+    assert stats["cosine"].attrs["cosine_min_z"] > 0 and "cosine_rule" in stats["cosine"].attrs
+
+
+def test_alignment_marginals_are_the_transfer_tests_row_and_column_means(text_run):
+    """Per sample of A its mean alignment with B (and per sample of B with A): the most negative
+    first, each contribution adding up to transfer over its task."""
+    from rich.console import Console
+
+    from pipeline.store import RunStore
+
+    run, _ = text_run
+    scores = RunStore(run).open_scores()
+    stats = _stored(run, schema.STATS).load()
+    res = query_head(run, 1, 2, top=2)
+    for blk in res["blocks"]:
+        m = blk["alignment_marginals"]
+        ab = scores["alignment"].sel(block=blk["block"], layer=1, head=2).values.astype(np.float64)
+        assert m["transfer"] == pytest.approx(float(stats.transfer.sel(block=blk["block"], layer=1, head=2)), rel=1e-6)
+        for key, means, ids in (("a", ab.mean(1), scores.sample_a.values), ("b", ab.mean(0), scores.sample_b.values)):
+            order = [k for k in np.argsort(means, kind="stable") if means[k] < 0][:5]
+            assert [r["sample"] for r in m[key]] == [str(ids[k]) for k in order]
+            assert [r["marginal"] for r in m[key]] == pytest.approx(means[order], rel=1e-9)
+            assert [r["contribution"] for r in m[key]] == pytest.approx(means[order] / means.size, rel=1e-9)
+        assert {"question", "units", "direction"} <= set(m)
+    con = Console(record=True, width=250)
+    con.print(format_query(res))
+    assert "alignment marginals: which samples drive the conflict?" in con.export_text()
+
+
+def test_one_sided_verdicts_do_not_read_not_significant():
+    """Under a one-sided labels null an effect on the untested side is "not tested", never "not
+    significant" beside a CI far from 0; two-sided keeps "not significant"."""
+    from pipeline.query import direction_words, one_sided_words
+
+    row = {"direction": 0, "effect": -130.0}
+    assert direction_words(row, alternative="greater") == "not tested (greater: one-sided)"
+    assert direction_words(row, alternative="less") == "not significant"
+    assert direction_words(row, alternative="two-sided") == "not significant"
+    assert "below chance is never flagged" in one_sided_words("greater") and one_sided_words("two-sided") == ""
+
+
+def test_a_top_pairs_run_shows_the_pairs_it_kept(tmp_path):
+    """keep_pairs = "top" with top_k = 3: the default --top 10 shows the 3 and says why (issue 32);
+    the alignment marginals come from the statistics' stored sums."""
+    from rich.console import Console
+
+    import qkov
+    from qkov.testing import tiny_job
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=4, n_b=4, score={"keep_pairs": "top", "top_k": 3},
+                   stats={"n_permutations": 19, "n_bootstrap": 19})
+    qkov.run(job, inline=True, progress=False)
+    res = qkov.query(job.output.path, layer=0, head=1, score="alignment")
+    assert [len(b["top_pairs"]) for b in res["blocks"]] == [3, 3, 3, 3]
+    assert (res["top_asked"], res["top_kept"]) == (10, 3)
+    stats = qkov.open_stats(job.output.path)
+    for blk in res["blocks"]:
+        m = blk["alignment_marginals"]
+        assert m is not None and m["n_a"] == 4 and m["n_b"] == 4
+        assert m["transfer"] == pytest.approx(float(stats.transfer.sel(block=blk["block"], layer=0, head=1)), rel=1e-6)
+    con = Console(record=True, width=250)
+    con.print(format_query(res))
+    assert "shown 3 of the 10 asked: the run kept the top 3 pairs per slice" in " ".join(con.export_text().split())

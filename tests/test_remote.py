@@ -245,7 +245,18 @@ def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remot
     assert remote.pop("run") == url and local.pop("run") == job.output.path
     # the same answer, to float32 rounding: a local run reduces the diagnostics inside its score
     # tasks (DirectChunks), an S3 run from the stored arrays, in another summation order
-    _assert_json_close(remote, json.loads(json.dumps(local)))
+    local = json.loads(json.dumps(local))
+    # the alignment marginals are float32 sums of signed terms: their summation order moves them
+    # by float32 rounding of the terms' size, not of their (smaller) sum
+    for r, l in zip(remote["blocks"], local["blocks"]):
+        rm, lm = r.pop("alignment_marginals", None), l.pop("alignment_marginals", None)
+        assert (rm is None) == (lm is None)
+        if rm is not None:
+            scale = max([abs(x["marginal"]) for t in "ab" for x in lm[t]] + [abs(lm["transfer"])])
+            for t in "ab":
+                assert [x["sample"] for x in rm[t]] == [x["sample"] for x in lm[t]]
+                assert [x["marginal"] for x in rm[t]] == pytest.approx([x["marginal"] for x in lm[t]], abs=1e-4 * scale)
+    _assert_json_close(remote, local)
     assert np.isfinite(remote["blocks"][0]["stats"]["interference"]["p_value"])
 
 

@@ -1,7 +1,9 @@
-"""`qkov report`: effect heatmaps that cannot be misread (diverging, centred, one scale for all
-blocks, marks that agree with the colour), 300-dpi PNG + SVG files, and one self-contained
-page without machine paths. The page's interaction is tested in Chromium by
-tests/test_report_browser.py."""
+"""`qkov report`: heatmaps that cannot be misread (effects diverging and centred, sharing on a
+sequential scale where its values live, one scale for all blocks, marks that agree with the
+colour, not-significant cells muted), each table's own test as its evidence, 300-dpi PNG + SVG
+files, and one self-contained page without machine paths; a run with planted conflict and
+sharing heads reads the right way round (`qkov.testing.plant_heads`). The page's interaction
+is tested in Chromium by tests/test_report_browser.py."""
 from __future__ import annotations
 
 import json
@@ -184,7 +186,7 @@ def test_effect_heatmaps_share_one_centred_scale_and_marks_follow_direction():
     assert len([ax for ax in fig.axes if not ax.images]) == 1  # one colour bar
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:2] == list(HEATMAPS["differ"]["marks"])
-    assert "(mean − chance) / chance" in legend[2]
+    assert "(mean − chance) / chance" in legend[-1]
 
     # the page draws the same cells with the same colours and marks
     svg = heatmap_svg(d)
@@ -197,7 +199,7 @@ def test_effect_heatmaps_share_one_centred_scale_and_marks_follow_direction():
     r, g, b = to_rgb(colour_of(c)(-0.5))
     assert r > b + 0.2  # conflict is red on RdBu
     s = heatmap_data(ds, "sharing")
-    assert np.allclose(s["panels"]["Q"]["values"], 0.0)  # geometric mean of 0.5 and 2 = 1: the neutral value
+    assert np.allclose(s["panels"]["Q"]["values"], 1.0)  # no stored `sharing`: the geometric mean of 0.5 and 2
 
 
 def test_one_outlying_cell_does_not_wash_out_the_scale():
@@ -254,3 +256,185 @@ def test_missing_stats_names_the_stage(run, tmp_path):
     shutil.rmtree(cut / schema.STATS)
     with pytest.raises(QkovError, match=r"no 'stats' group; run the stats stage"):
         make_report(str(cut))
+
+
+def _depth(hex_colour: str) -> float:
+    """How deep a colour is: its distance from white (0 = white)."""
+    return float(np.linalg.norm(1.0 - np.array(to_rgb(hex_colour))))
+
+
+def test_not_significant_cells_are_muted_and_sharing_reads_on_a_sequential_scale():
+    """Issue 29: the cosine map's deepest colour sat on a non-significant head while a
+    significant conflict was near white; sharing (≤ 1 everywhere) was painted on a scale
+    centred on 1, all on the "separated" side. Here a non-significant cosine of −0.9 must be
+    paler than a significant −0.3 (muted, hatched, on the page and in the figure alike), and
+    sharing values of 0.90–0.99 must span the sequential scale, the stored `sharing` winning
+    over the geometric mean of the directions."""
+    from pipeline.report import MUTE, sharing_of
+
+    L, H = 2, 4
+    kv, fam = np.arange(H), np.ones((4, H), dtype=bool)
+    shape = (2, 4, L, H)
+    zeros = np.zeros(shape, dtype=np.int8)
+    cosine = np.full((4, L, H), 0.05)
+    tdir = np.zeros((4, L, H), dtype=np.int8)
+    cosine[0, 0, 0] = -0.9  # deep, but its transfer test is not significant
+    cosine[3, 1, 2], tdir[3, 1, 2] = -0.3, -1  # a significant conflict
+    cosine[1, 1, 1] = np.nan  # no direction
+    ds = _synthetic(np.zeros(shape), np.full(shape, 10.0), zeros, cosine, tdir, kv, fam)
+    share = np.linspace(0.90, 0.99, 4 * L * H).reshape(4, L, H)
+    ds["sharing"] = (("block", "layer", "head"), share)
+
+    c = heatmap_data(ds, "conflict")
+    colour = colour_of(c)
+    muted = {b: p["muted"] for b, p in c["panels"].items()}
+    assert muted["Q"][0, 0] and not muted["O"][1, 2] and not muted["K"][1, 1]  # NaN: no value, not muted
+    assert sum(int(m.sum()) for m in muted.values()) == 4 * L * H - 2
+    deep = max((_depth(colour(float(p["values"][r, k]), bool(p["muted"][r, k]))), b, r, k)
+               for b, p in c["panels"].items() for r in range(L) for k in range(H))
+    assert deep[1:] == ("O", 1, 2)  # the significant conflict is the deepest colour on the map
+    assert _depth(colour(-0.9, True)) < _depth(colour(-0.3))
+    svg = heatmap_svg(c)
+    assert f"data-id='Q-0-0' data-v='-0.9' data-muted=1" in svg and f"fill='{colour(-0.9, True)}'" in svg
+    assert "data-id='O-1-2' data-v='-0.3' x=" in svg and svg.count("class='hatch'") == 4 * L * H - 2
+    fig = effect_figure(c, ("math", "code"), [])
+    q_ax = [ax for ax in fig.axes if ax.images][0]
+    over = q_ax.images[1].get_array()  # white at MUTE over the muted cells: the page's colour
+    assert over[0, 0, 3] == pytest.approx(MUTE) and np.isnan(c["panels"]["Q"]["values"]).sum() == 0
+    assert any("not significant by the transfer test" in t.get_text() for t in fig.legends[0].get_texts())
+    assert any("no direction" in t.get_text() for t in fig.legends[0].get_texts())
+    d = heatmap_data(ds, "differ")  # nothing significant vs chance: every finite cell muted
+    assert all(p["muted"][np.isfinite(p["values"])].all() for p in d["panels"].values())
+
+    s = heatmap_data(ds, "sharing")
+    assert sharing_of(ds).identical(ds["sharing"]) and np.allclose(s["panels"]["Q"]["values"], share[0])
+    assert (s["vmin"], s["vmax"]) == pytest.approx((0.90, 0.99))  # where the values live, not centred on 1
+    assert not any(p["muted"].any() for p in s["panels"].values())
+    col = colour_of(s)
+    assert _depth(col(0.99)) - _depth(col(0.90)) > 0.8  # the run's range spans the scale
+    del ds["sharing"]
+    assert np.allclose(sharing_of(ds).values, 1.0)  # older statistics: √(sharing_ab · sharing_ba)
+
+
+def test_figures_show_task_names_with_mathtext_characters_as_written(run):
+    """Issue 32: a task named with `$` (and `_`, `^`, `\\`) crashed the report in matplotlib's
+    mathtext. Every figure the report draws renders, with the names as plain text, even
+    where the caller's session asks for LaTeX."""
+    import matplotlib
+
+    from pipeline.report import figure_bytes, raw_mean_figure
+    from pipeline.store import RunStore
+
+    stats = RunStore(run).open_stats()
+    tasks = ("a$b_c^d", "b_1_2$c\\")  # between the two $ of a title: "b_c^d × b_1_2", a double subscript
+    with matplotlib.rc_context({"text.usetex": True}):  # the caller's LaTeX setting must not reach user text
+        figs = [effect_figure(heatmap_data(stats, "differ"), tasks, []), raw_mean_figure(stats, "interference", tasks)]
+        for fig in figs:
+            assert figure_bytes(fig, "svg")  # draws every text as the PNG does
+    title = figs[0]._suptitle
+    assert tasks[0] in title.get_text() and title._preprocess_math(title.get_text()) == (title.get_text(), False)
+
+
+CONFLICT, SHARING = ("K", 1, 2), ("O", 0, 1)  # planted; K under GQA: KV head 1, drawn in query head 2's column
+
+
+@pytest.fixture(scope="module")
+def planted(run, tmp_path_factory):
+    """A copy of the tiny run with a planted conflict head and a planted sharing head (every
+    other slice: separated tasks, orthogonal task means), its statistics two-sided, one sample
+    flagged as a norm outlier where it fills the conflict head's top pairs, and its report."""
+    import zarr
+
+    from pipeline.store import RunStore
+    from qkov.testing import plant_heads
+
+    dst = tmp_path_factory.mktemp("planted") / "run"
+    shutil.copytree(run, dst)
+    plant_heads(dst, conflict=[CONFLICT], sharing=[SHARING], alternative="two-sided")
+    m = RunStore(str(dst)).open_scores()["interference"].sel(block="K", layer=CONFLICT[1], head=CONFLICT[2])
+    top5 = np.argsort(-m.values.ravel(), kind="stable")[:5]  # the top pairs the page embeds
+    ids = [str(m["sample_a"].values[k // m.shape[1]]) for k in top5]
+    heavy = max(set(ids), key=ids.count)
+    assert ids.count(heavy) >= 3  # it fills the top pairs: query and the page must warn
+    diag = zarr.open_group(str(dst / schema.DIAGNOSTICS), mode="r+")
+    sample = [str(x) for x in diag["sample_i"][:]].index(heavy)
+    diag["outlier"][1, CONFLICT[1], :, sample] = True  # block K, every head of the layer
+    page = make_report(str(dst))
+    return str(dst), RunStore(str(dst)).open_stats(), page, heavy
+
+
+def _svg_cells(html: str, kind: str) -> dict[str, tuple[str, bool]]:
+    """slice id -> (fill, muted) of one heatmap on the page."""
+    import re
+
+    svg = html[html.index(f"<svg class='heat' data-kind='{kind}'"):]
+    svg = svg[:svg.index("</svg>")]
+    return {m[0]: (m[2], bool(m[1])) for m in re.findall(r"<rect data-id='([^']+)' data-v='[^']*'( data-muted=1)? x='[^']*' "
+                                                          r"y='[^']*' width='[^']*' height='[^']*' fill='([^']+)'", svg)}
+
+
+def test_planted_heads_cannot_be_read_backwards(planted):
+    """Issue 29, acceptance: on a run with a planted conflict head and a planted sharing head,
+    the conflict is listed under conflict with a negative transfer and is the deepest colour
+    of the cosine map, where every other head is muted; the sharing head tops "share most"
+    and the sharing map; each table's own test is what "Evidence per block" plots; the
+    samples driving the conflict are named; the top pairs panel carries `qkov query`'s
+    outlier warning."""
+    from pipeline.diagnostics import head_diagnostics, open_diagnostics
+    from pipeline.query import headline_tables, query_head
+    from pipeline.report import evidence_figure, sharing_of
+    from pipeline.store import RunStore
+
+    run, stats, page, heavy = planted
+    html = page.read_text(encoding="utf-8")
+    cid, sid = "-".join(map(str, CONFLICT)), "-".join(map(str, SHARING))
+    tables = {t["key"]: t for t in headline_tables(stats, 10)}
+    top = tables["conflict"]["rows"][0]
+    assert (top["block"], top["layer"], top["head"], top["transfer_direction"]) == (*CONFLICT, -1) and top["transfer"] < 0
+    assert tables["conflict"]["n_found"] == 1 and f"href='#pairs-{cid}'" in html.split("id='t-conflict-alignment'")[1][:3000]
+    first = tables["shared"]["rows"][0]
+    assert (first["block"], first["layer"], first["head"]) == SHARING
+    # the page's share table lists the planted head first, and no head significantly below chance
+    shared_html = html.split("id='t-shared-interference'")[1].split("</table>")[0]
+    assert shared_html.index(f"#pairs-{sid}'") == min(shared_html.index(f"#pairs-{r['block']}-{r['layer']}-{r['head']}'")
+                                                    for r in tables["shared"]["rows"])
+    assert all(r["direction"] != -1 for r in tables["shared"]["rows"]), "a head below chance ranked as shared"
+
+    for kind in HEATMAPS:
+        data = heatmap_data(stats, kind)
+        colour = colour_of(data)
+        cells = _svg_cells(html, kind)
+        assert len(cells) == int(stats.attrs["family_size"])
+        drawn = {p["ids"][r][c]: (float(p["values"][r, c]), bool(p["muted"][r, c]), int(p["marks"][r, c]))
+                 for p in data["panels"].values() for r in range(len(p["layers"])) for c in range(len(p["cols"]))}
+        assert {k: (colour(v, m), m) for k, (v, m, _) in drawn.items()} == cells  # page = data = figure colours
+        deepest = max(cells, key=lambda k: _depth(cells[k][0]))
+        if kind == "conflict":
+            assert deepest == cid and drawn[cid][0] < 0 and drawn[cid][2] == -1 and not drawn[cid][1]
+            assert all(m or not np.isfinite(v) for k, (v, m, _) in drawn.items() if k != cid)  # the rest muted
+        elif kind == "sharing":
+            assert deepest == sid and drawn[sid][0] == pytest.approx(data["vmax"]) and drawn[sid][0] > 0.8
+            assert sharing_of(stats).sel(block="O", layer=0, head=1) == pytest.approx(drawn[sid][0])
+        else:  # differ: muted exactly where the label-permutation test is not significant
+            assert all(m == (d == 0) for v, m, d in drawn.values() if np.isfinite(v))
+
+    # Evidence per block: the transfer test behind conflict, the labels null behind differ
+    fig = evidence_figure(stats)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert "transfer test" in titles[0] and "label-permutation" in titles[1]
+    counts = [t.get_text() for t in fig.axes[0].texts]
+    assert counts == ["0/8", "1/4", "0/4", "0/8"]  # Q K V O: the one planted conflict, in K
+
+    # the samples that drive the conflict: the most negative row / column means of its A×B alignment
+    al = RunStore(run).open_scores()["alignment"].sel(block="K", layer=CONFLICT[1], head=CONFLICT[2]).values.astype(float)
+    ids_a = [str(x) for x in RunStore(run).open_scores()["sample_a"].values]
+    drivers = html.split("id='t-drivers'")[1].split("</table>")[0]
+    assert f"{ids_a[int(np.argmin(al.mean(axis=1)))]} (" in drivers.split("<td>")[-2][:20]
+    assert float(np.mean(al.mean(axis=1))) == pytest.approx(top["transfer"], rel=1e-4)  # the means average to it
+
+    # the pairs panel's outlier warning: query's own words, with RUN for the path
+    data = json.loads(html.split("id='qkov-data'>")[1].split("</script>")[0])
+    want = query_head(run, CONFLICT[1], CONFLICT[2], block="K", top=5)["blocks"][0]["diagnostics"]["warning"]
+    assert want and data["warnings"][cid]["interference"] == want.replace(run, "RUN") and heavy in want
+    shown = [{"sample_a": ids_a[i], "sample_b": "-"} for i, _, _ in data["pairs"][sid]["interference"]]
+    assert (head_diagnostics(open_diagnostics(RunStore(run)), *SHARING, shown)["warning"] is None) == (sid not in data["warnings"])

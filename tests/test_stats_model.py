@@ -72,7 +72,7 @@ def test_stage_agrees_with_the_math_on_a_relabelled_split(pooled):
     ind_a, ind_b = st.permutation_indicators(12, 12, 99, seed=5)
     S = ds["pooled_interference"].sel(block="Q", layer=1, head=2).values.astype(np.float64)
     t_obs = st.observed_statistic(S, np.arange(24) < 12)
-    p = st.p_values(np.atleast_1d(t_obs), st.null_statistics(S, ind_a, ind_b)[:, None], "greater")[0]
+    p = st.p_values(np.atleast_1d(t_obs), st.null_statistics(S, ind_a, ind_b)[:, None], settings.alternative)[0]
     got = out.sel(score="interference", block="Q", layer=1, head=2)
     assert float(got["mean"]) == pytest.approx(float(ds["interference"].sel(block="Q", layer=1, head=2).mean()), rel=1e-6)
     assert float(got["p_value"]) == pytest.approx(p)

@@ -139,7 +139,10 @@ def test_values_match_direct_references(run_and_result):
                     tn = np.array([s[ia == 1][:, ib == 1].mean() for ia, ib in zip(ind_a, ind_b)])
                     boots = [ab[b, l, h][np.repeat(np.arange(N_A), wa.astype(int))][:, np.repeat(np.arange(N_B), wb.astype(int))].mean() for wa, wb in zip(w_a, w_b)]
                     lo, hi = np.quantile(boots, [0.025, 0.975])
-                    p = 1.0 if tn.std() == 0 else (1 + np.sum(tn >= t0 - 1e-12 * abs(t0))) / (1 + len(tn))
+                    # two-sided (the default): distance from the mean m of the K + 1 values
+                    both = np.append(tn, t0)
+                    m, tol = both.mean(), 1e-12 * np.abs(both).max()
+                    p = 1.0 if tn.std() == 0 else (1 + np.sum(np.abs(tn - m) >= np.abs(t0 - m) - tol)) / (1 + len(tn))
                     obs.append(t0), null.append(tn), p_ref.append(p), lo_ref.append(lo), hi_ref.append(hi), where.append((b, l, h))
         got = ds.sel(score=score)
         idx = tuple(np.array(where).T)
@@ -152,8 +155,8 @@ def test_values_match_direct_references(run_and_result):
         allv = np.column_stack([obs, null])  # [F, 1+K]: standardise over the K+1 values
         live = allv.std(axis=1) > 0
         sd = np.where(live, allv.std(axis=1), 1)
-        z = (np.array(null) - allv.mean(1, keepdims=True)) / sd[:, None]
-        z_obs = (np.array(obs) - allv.mean(1)) / sd
+        z = np.abs(np.array(null) - allv.mean(1, keepdims=True)) / sd[:, None]  # two-sided: |z|
+        z_obs = np.abs(np.array(obs) - allv.mean(1)) / sd
         mx = z[live].max(axis=0)
         pf = [1.0 if not live[f] else (1 + np.sum(mx >= z_obs[f] - 1e-9)) / (1 + mx.size) for f in range(len(obs))]
         np.testing.assert_array_equal(got["p_fwer"].values[idx], pf)
@@ -178,12 +181,12 @@ def test_rerun_settings_conflicts(tmp_path):
     run = write_run(tmp_path)
     first = run_stats(run, SETTINGS)
     xr.testing.assert_identical(run_stats(run, SETTINGS).drop_attrs(), first.drop_attrs())  # same settings: fine
-    other = SETTINGS.model_copy(update={"alternative": "two-sided", "seed": 5})
+    other = SETTINGS.model_copy(update={"alternative": "greater", "seed": 5})
     with pytest.raises(StatsStageError, match="different settings.*replace"):
         run_stats(run, other)
-    named = run_stats(run, other, name="twosided")
-    assert open_stats(run, "twosided").attrs["alternative"] == "two-sided"
-    assert open_stats(run).attrs["alternative"] == "greater"  # the original is untouched
+    named = run_stats(run, other, name="greater")
+    assert open_stats(run, "greater").attrs["alternative"] == "greater"
+    assert open_stats(run).attrs["alternative"] == "two-sided"  # the default; the original is untouched
     assert not np.array_equal(named["p_value"].values, first["p_value"].values)
     run_stats(run, other, replace=True)
     assert open_stats(run).attrs["seed"] == 5

@@ -64,7 +64,7 @@ def test_a_corrupted_chunk_is_a_checksum_error_like_zarrs(tmp_path, compressed):
     with pytest.raises(ValueError, match="checksum"):
         arr[:]
     chunk.write_bytes(bytes(raw[:-3]))  # truncated: a half-written chunk
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ValueError, match="checksum" if compressed else "c/1/0 is damaged: it holds 61 bytes of data"):
         direct[4:]
     np.testing.assert_array_equal(direct[:4], arr[:4])  # the intact chunk still reads
 
@@ -162,3 +162,77 @@ def test_region_writes_go_to_the_chunk_files_and_equal_zarrs(tmp_path):
     # a region that does not start at a chunk boundary is left to zarr
     odd = xr.Dataset({"x": (dims, da.from_array(full[:, :, :2], chunks=(1, 1, 2, 4)))})
     assert stores["direct"]._direct_writes(odd, "grp", {"i": slice(2, 4)}) is None
+
+
+def _declare(array: Path, **fields) -> None:
+    """Edit an array's zarr.json as someone (or something) might after it was written."""
+    import json
+
+    doc = json.loads((array / "zarr.json").read_text())
+    doc.update(fields)
+    (array / "zarr.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("codecs", ["raw", "blosc", "zstd"])  # gradients; pooled scores; everything else qkov writes
+def test_chunks_of_another_size_than_their_metadata_declares_are_refused(tmp_path, codecs):
+    """A zarr.json declaring float64 over float32 chunks: refused by the store's own chunk reader
+    and by every zarr read through the store, naming the chunk; never read as numbers (blosc
+    decoded the 4-byte values into the front half of an 8-byte buffer: statistics off by 1e9)."""
+    from pipeline.errors import CorruptChunkError
+
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    compressors = {"raw": checksummed(), "blosc": checksummed(True), "zstd": [ZstdCodec(), Crc32cCodec()]}[codecs]
+    g = zarr.open_group(zarr.storage.LocalStore(str(tmp_path)), mode="a", zarr_format=3).require_group("grp")
+    arr = g.create_array("x", shape=(8, 4), chunks=(4, 4), dtype="float32", fill_value=np.nan, compressors=compressors)
+    arr[:] = np.arange(32, dtype=np.float32).reshape(8, 4)
+    store = RunStore(str(tmp_path))
+    np.testing.assert_array_equal(zarr.open_array(store.zarr(read_only=True), path="grp/x")[:],
+                                  np.arange(32, dtype=np.float32).reshape(8, 4))
+    _declare(tmp_path / "grp" / "x", data_type="float64")
+    readers = [lambda: zarr.open_array(store.zarr(read_only=True), path="grp/x")[:]]
+    if codecs != "zstd":
+        readers.append(lambda: store.direct_chunks("grp")["x"][:])
+    for read in readers:
+        with pytest.raises(CorruptChunkError, match=r"grp/x/c/[01]/0 is damaged: it holds 64 bytes of data, but the "
+                                                    r"array's zarr\.json declares chunks of \(4, 4\) float64 \(128 bytes"):
+            read()
+
+
+def test_zarr_reads_through_the_store_name_the_damaged_chunk(tmp_path):
+    """zarr checks the crc32c itself, but its error names no chunk; reads through the store do."""
+    from pipeline.errors import CorruptChunkError
+
+    arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
+    arr[:] = 1.0
+    chunk = tmp_path / "grp" / "x" / "c" / "1" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[3] ^= 0x01
+    chunk.write_bytes(bytes(raw))
+    through = zarr.open_array(RunStore(str(tmp_path)).zarr(read_only=True), path="grp/x")
+    np.testing.assert_array_equal(through[:4], 1.0)
+    with pytest.raises(CorruptChunkError, match=r"grp/x/c/1/0 is damaged: its bytes do not match its checksum"):
+        through[4:]
+
+
+def test_every_write_through_the_store_ends_in_a_checksum(tmp_path):
+    """The store's default: zstd then crc32c; given compressors keep theirs and gain the
+    checksum; a chain that already ends in one (a dataset read back) is not checksummed twice."""
+    import json
+
+    import xarray as xr
+    from zarr.codecs import BloscCodec
+
+    store = RunStore(str(tmp_path))
+    ds = xr.Dataset({"a": ("i", np.arange(3.0)), "b": ("i", np.arange(3)), "t": ("i", np.array(["x", "yy", "z"]))},
+                    coords={"i": np.arange(3)})
+    store.write_dataset(ds, "g", encoding={"b": {"compressors": [BloscCodec(cname="lz4")]}})
+    store.write_dataset(store.open_dataset("g", complete=False).load(), "h")
+
+    def chain(group, name):
+        return [c["name"] for c in json.loads((tmp_path / group / name / "zarr.json").read_text())["codecs"]]
+
+    for group in ("g", "h"):
+        assert chain(group, "a") == chain(group, "i") == ["bytes", "zstd", "crc32c"]
+        assert chain(group, "b") == ["bytes", "blosc", "crc32c"]
+        assert chain(group, "t")[-2:] == ["zstd", "crc32c"]
