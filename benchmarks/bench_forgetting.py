@@ -362,6 +362,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default="v2")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    from scipy import stats as sps
+
     from workers.layouts import discover_layout
 
     t0 = time.time()
@@ -385,7 +387,13 @@ def main(argv=None) -> dict:
             for h in range(H):
                 idx = [index[(s.layer, s.block, s.head)] for s in head_slices(layout, l, h)]
                 head_pred[(l, h)] = {m: float(getattr(sc, m)[idx].sum()) for m in ("transfer", "interference", "grad_b")}
-        scored[pair] = {"scores": sc, "key": key, "head_pred": head_pred, "seconds": time.time() - ts}
+        top = {m: set(choose(m, sc, args.k, None)) for m in ("conflict", "synergy", "grad_b", "interference")}
+        scored[pair] = {"scores": sc, "key": key, "head_pred": head_pred, "seconds": time.time() - ts,
+                        # how many of the k slices each strategy freezes are also predicted-conflict slices
+                        "shared_with_conflict": {m: len(top[m] & top["conflict"]) for m in top},
+                        "spearman_transfer_vs": {m: float(sps.spearmanr(sc.transfer, getattr(sc, m)).statistic)
+                                                 for m in ("grad_b", "interference")}}
+        print(f"{pair}: of the {args.k} conflict slices, frozen also by {scored[pair]['shared_with_conflict']}")
         print(f"{pair}: scores in {time.time() - ts:.0f} s; transfer quantiles "
               f"{np.quantile(sc.transfer, [0, .1, .5, .9, 1]).round(2).tolist()}", flush=True)
         n_train = len(tasks[b][TRAIN_B])
@@ -482,6 +490,8 @@ def main(argv=None) -> dict:
                                f"{int(scored[pairs[0]]['scores'].size[0])} weights each"},
         "baseline": base,
         "scores_seconds": {p: v["seconds"] for p, v in scored.items()},
+        "strategies_overlap": {p: {"k": args.k, "shared_with_conflict": v["shared_with_conflict"],
+                                   "spearman_transfer_vs": v["spearman_transfer_vs"]} for p, v in scored.items()},
         "figures": figures,
         "runs": runs,
         "seconds": time.time() - t0,
