@@ -530,8 +530,17 @@ def rerun_stats(store: RunStore, executor=None, *, name: str | None = None, repl
                 exclude: "list[str] | None" = None, **overrides: Any) -> xr.Dataset:
     """`qkov stats`: rerun the statistics of an existing run with new settings (the stored ones,
     `overrides` applied), holding the run's lock so that it never writes beside a running
-    `qkov run`. The CLI and `qkov.run_stats` both call this."""
+    `qkov run`. The CLI and `qkov.run_stats` both call this. What the file system refuses (a
+    full disk, a read-only mount) is a StoreError naming the fix, for the API as for the CLI."""
+    from .errors import os_error
+
     store.require(S.SCORES_GROUP, "the statistics")
     settings = stats_settings(store, name, **overrides)
-    with store.lock():
-        return run_stats(store, settings, executor, name=name, replace=replace, exclude=exclude)
+    try:
+        with store.lock():
+            return run_stats(store, settings, executor, name=name, replace=replace, exclude=exclude)
+    except OSError as e:
+        refused = os_error(e, store.path)
+        if refused is None:
+            raise
+        raise refused from None

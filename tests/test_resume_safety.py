@@ -114,6 +114,11 @@ def test_the_command_line_names_what_the_file_system_refused(env, monkeypatch):
     monkeypatch.setattr(RunStore, "write_dataset", read_only)
     out = one_line_refusal("stats", run, "--name", "x", "--n-permutations", 19)
     assert "EROFS" in out and "read-only" in out
+    import qkov as api  # the API gives the same one-line error (a StoreError), not the raw OSError
+
+    with pytest.raises(StoreError, match="read-only") as e:
+        api.run_stats(run, name="y", n_permutations=19)
+    assert "\n" not in str(e.value)
 
 
 def test_statistics_beyond_memory_or_a_file_name_are_refused_before_anything_is_allocated(env):
