@@ -460,6 +460,11 @@ class TestUntrustedInputs:
         bad.write_text('{"id": "ok", "input_ids": [5, 6, 7]}\n{"id": "x\\udc80", "input_ids": [5, 6]}\n')
         self.refused_everywhere(base, "surrogate", "unpaired surrogate", tasks={"a": {"path": str(bad)}})
 
+    def test_nul_in_an_id(self, base):
+        bad = base[0] / "nul.jsonl"
+        bad.write_text('{"id": "a", "input_ids": [5, 6, 7]}\n{"id": "a\\u0000", "input_ids": [5, 6]}\n')
+        self.refused_everywhere(base, "nul", "line 2 (sample 'a\\x00'): the id holds a NUL character", tasks={"a": {"path": str(bad)}})
+
     def test_samples_longer_than_the_models_positions(self, base):
         from qkov.testing import save_model
 

@@ -132,6 +132,9 @@ def _parse_row(path: Path, line: int, s: str, index: int, spec: TaskSpec, label:
         if value is not None and not _encodable(value):
             raise TaskFileError(f"{where} (sample {sid.encode('utf-8', 'backslashreplace').decode()!r}): the {what} holds "
                                 "an unpaired surrogate escape (e.g. \\ud800), which is not text; fix or remove it")
+    if "\0" in sid:  # the store keeps ids as fixed-width strings, which drop NULs: 'a\0' would read back as 'a'
+        raise TaskFileError(f"{where} (sample {sid!r}): the id holds a NUL character (\\u0000), which a stored id "
+                            "cannot keep; remove it")
 
     lab = row.get("label")
     if lab is not None and (not isinstance(lab, int) or isinstance(lab, bool) or lab < 0):
