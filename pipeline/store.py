@@ -395,7 +395,9 @@ class RunStore:
     def require(self, group: str, needed_by: str | None = None) -> None:
         """The one completeness gate: a StoreError naming what to run when `group` is missing,
         incomplete or of another store schema."""
-        attrs = self.group_attrs(group)
+        self._require(group, self._attrs(group), needed_by)
+
+    def _require(self, group: str, attrs: dict | None, needed_by: str | None) -> None:
         who = f"{needed_by} needs the '{group}' group, but " if needed_by else ""
         if attrs is None:
             if not self.exists():
@@ -445,12 +447,12 @@ class RunStore:
         writing, e.g. the score stage's diagnostics reading the scores before marking them)."""
         import xarray as xr
 
+        attrs = self._attrs(group)  # read once: the completeness gate, the layout and the array record
         if complete:
-            self.require(group, needed_by or f"reading '{group}'")
-        attrs = self._attrs(group)
+            self._require(group, attrs, needed_by or f"reading '{group}'")
+        elif attrs is not None:
+            self.check_layout(group, attrs)
         if attrs is not None:
-            if not complete:
-                self.check_layout(group, attrs)
             self.check_arrays(group, attrs.get(schema.ATTR_ARRAYS))
         try:
             with _quiet_zarr():
