@@ -28,7 +28,7 @@ test: $(STAMP)
 	# apt-get exists and they are missing; otherwise a no-op
 	bash tests/system-deps.sh
 	# the pretrained model's one-time conversion (~40 s) into the cache the tests use, as set-up
-	QKOV_CACHE=$${QKOV_CACHE:-$(CURDIR)/.cache/qkov} $(BIN)/python -c "from workers.models import ensure_cached; ensure_cached('smollm2-135m')"
+	QKOV_CACHE=$${QKOV_CACHE:-$(CURDIR)/.cache/qkov} $(BIN)/python -c "from qkov.workers.models import ensure_cached; ensure_cached('smollm2-135m')"
 	# two workers: much of the suite waits on processes it starts (clusters, SLURM, browsers);
 	# whole test files per worker, so a module's fixtures (one SLURM cluster, one shared run)
 	# are made once; the 25 slowest tests are listed at the end so the suite's time stays visible

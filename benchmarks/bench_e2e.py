@@ -30,7 +30,7 @@ write bandwidth and the score stage's time over its I/O bound (issue 17).
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import argparse
 import json
 import math
@@ -80,7 +80,7 @@ def write_tasks(folder: Path, n: int, seq: int, vocab: int) -> tuple[Path, Path]
 
 def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int], a: argparse.Namespace,
              limit: int | None = None):
-    from pipeline.spec import parse_job
+    from qkov.pipeline.spec import parse_job
 
     task = lambda name, p: {"name": name, "path": str(p), **({"limit": limit} if limit else {})}  # noqa: E731
     return parse_job({
@@ -221,9 +221,9 @@ def _worker_device() -> str:
 
 
 def _load_model_on_worker(model_spec, include_bias: bool, device: str) -> str:
-    """Fill the worker's model cache exactly as an extraction task does (workers.writer)."""
-    from workers.device import resolve_device
-    from workers.writer import worker_model
+    """Fill the worker's model cache exactly as an extraction task does (qkov.workers.writer)."""
+    from qkov.workers.device import resolve_device
+    from qkov.workers.writer import worker_model
 
     dev = resolve_device(device)
     worker_model(model_spec, include_bias, dev)
@@ -240,9 +240,9 @@ def _warm_workers(job, client) -> None:
 
 def _extract_only(job, client) -> float:
     """The extract stage alone, through the same executor `run_job` uses; returns seconds."""
-    from pipeline.executors import executor_for
-    from pipeline.extract import run_extract
-    from pipeline.run import prepare_output
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.extract import run_extract
+    from qkov.pipeline.run import prepare_output
 
     with RunStore.of(job).lock():
         prepare_output(RunStore.of(job), job, resume=False, overwrite=False)
@@ -252,9 +252,9 @@ def _extract_only(job, client) -> float:
 
 
 def run_benchmark(a: argparse.Namespace) -> dict:
-    from pipeline.cluster import cluster_client
-    from pipeline.extract import plan_extract
-    from pipeline.run import run_job
+    from qkov.pipeline.cluster import cluster_client
+    from qkov.pipeline.extract import plan_extract
+    from qkov.pipeline.run import run_job
 
     t_all = time.perf_counter()
     work = Path(a.workdir).resolve()
@@ -300,7 +300,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     job = make_job(model, tasks, work / "run", layers, a)
     result: dict[str, Any] = {"benchmark": "e2e_exact_run", "geometry": a.geometry, "n_per_task": a.n, "seq": a.seq,
                               "layers": layers, "n_layers_model": n_layers_model, "disk": disk}
-    from pipeline.plan import plan as run_plan
+    from qkov.pipeline.plan import plan as run_plan
 
     predicted = run_plan(job)
     result["plan"] = {"lines": predicted.lines(), "groups": predicted.groups, "peak_disk": predicted.peak_disk,
@@ -369,7 +369,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
             result["profile"] = {st: stage_profile(client, t0, t1) for (st, t0), (_, t1) in zip(bounds, bounds[1:])}
     times = dict(summary.timings)
     try:  # the score stage's own split: pair scores vs the diagnostics pass
-        from pipeline import schema
+        from qkov.pipeline import schema
 
         prov = RunStore.of(job).group_attrs(schema.SCORES_GROUP)[schema.ATTR_PROVENANCE]
         result["score_parts_s"] = prov.get(schema.ATTR_STAGE_SECONDS)

@@ -20,9 +20,9 @@ from typing import Callable
 
 import torch
 
-from workers.grads import per_sample_grads
-from workers.layouts import discover_layout
-from workers.losses import CausalLMLoss
+from qkov.workers.grads import per_sample_grads
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import CausalLMLoss
 
 GEOMETRIES = {
     # SmolLM2-135M (HuggingFaceTB/SmolLM2-135M config.json), random weights.

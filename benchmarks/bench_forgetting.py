@@ -28,7 +28,7 @@ transfer_s = Σ_p ḡ_A[p] W[p] ḡ_B[p] (= the A×B mean of qkov's alignment); 
 Σ_p mean_A(g²)[p] W[p] mean_B|g|[p] (= the A×B mean of qkov's interference M); grad_b_s =
 ‖ḡ_B‖ over the slice. All from one per-sample autograd pass (`slice_scores`), computed in
 parameter space from head semantics, so this benchmark shares no slicing code with the
-pipeline (a test holds its transfer equal to workers.prediction.transfer_all).
+pipeline (a test holds its transfer equal to qkov.workers.prediction.transfer_all).
 
 `python -m benchmarks.bench_forgetting` writes benchmarks/results/<date>-forgetting-v2.json;
 `--jobs N` runs the fine-tunes in N processes (on one GPU they are launch-bound, so 4
@@ -66,9 +66,9 @@ HELD_A, TRAIN_B, HELD_B = slice(32, 64), slice(0, 48), slice(48, 64)
 
 
 def load_model_and_tasks(max_length: int, device: str, model_name: str = "smollm2-135m"):
-    from pipeline.spec import ModelSpec, TaskSpec
-    from workers.models import load_model, load_tokenizer
-    from workers.tasks import load_task
+    from qkov.pipeline.spec import ModelSpec, TaskSpec
+    from qkov.workers.models import load_model, load_tokenizer
+    from qkov.workers.tasks import load_task
 
     spec = ModelSpec(name=model_name, dtype="float32", attn_implementation="sdpa", max_length=max_length)
     model, tok = load_model(spec, device=device), load_tokenizer(spec)
@@ -82,7 +82,7 @@ def load_model_and_tasks(max_length: int, device: str, model_name: str = "smollm
 
 @dataclass
 class SliceScores:
-    slices: list  # workers.prediction.Slice, K/V per KV head
+    slices: list  # qkov.workers.prediction.Slice, K/V per KV head
     transfer: np.ndarray
     interference: np.ndarray
     grad_b: np.ndarray
@@ -92,7 +92,7 @@ class SliceScores:
 
 
 def all_slices(layout) -> list:
-    from workers.prediction import BLOCKS, Slice
+    from qkov.workers.prediction import BLOCKS, Slice
 
     return [Slice(l, b, h) for l in layout.layers for b in BLOCKS if (b, l) in layout.blocks
             for h in range(layout.blocks[(b, l)].n_heads)]
@@ -102,10 +102,10 @@ def slice_scores(model, layout, ids_a, ids_b, *, beta: float = 0.99, fisher_batc
                  batch_size: int = 8) -> SliceScores:
     """transfer, interference and ‖ḡ_B‖ of every slice, from per-sample gradients in parameter
     space (pooled Fisher: the EMA over A then B as the pipeline streams it)."""
-    from workers.fisher import REG_FLOOR, damping, stream_weights
-    from workers.grads import per_sample_backward
-    from workers.losses import loss_task_for
-    from workers.prediction import batches, head_entries
+    from qkov.workers.fisher import REG_FLOOR, damping, stream_weights
+    from qkov.workers.grads import per_sample_backward
+    from qkov.workers.losses import loss_task_for
+    from qkov.workers.prediction import batches, head_entries
 
     ids = list(ids_a) + list(ids_b)
     n_a, n = len(ids_a), len(ids_a) + len(ids_b)
@@ -137,7 +137,7 @@ def slice_scores(model, layout, ids_a, ids_b, *, beta: float = 0.99, fisher_batc
         return np.concatenate([flat[key][nm][idx] for nm, idx in entries[s]])
 
     lam = {}
-    for s in slices:  # λ per block-layer tensor, from all its heads' entries (workers.fisher.damping)
+    for s in slices:  # λ per block-layer tensor, from all its heads' entries (qkov.workers.fisher.damping)
         if (s.block, s.layer) not in lam:
             f = np.concatenate([gather("fisher", t) for t in slices if (t.block, t.layer) == (s.block, s.layer)])
             lam[(s.block, s.layer)] = float(damping(f[None], rel, 0.0)[0])
@@ -159,7 +159,7 @@ def slice_scores(model, layout, ids_a, ids_b, *, beta: float = 0.99, fisher_batc
 
 def head_slices(layout, layer: int, head: int) -> list:
     """A query head's four slices: Q_h, O_h and K, V of its KV head."""
-    from workers.prediction import Slice
+    from qkov.workers.prediction import Slice
 
     g = int(layout.kv_head_of[head])
     return [Slice(layer, "Q", head), Slice(layer, "K", g), Slice(layer, "V", g), Slice(layer, "O", head)]
@@ -183,7 +183,7 @@ def choose(strategy: str, sc: SliceScores, k: int, rng: np.random.Generator) -> 
 
 def masks_of(model, layout, slices, invert: bool = False) -> dict[str, torch.Tensor]:
     """{param: bool mask}, True = frozen: the given slices' entries (or, inverted, all but them)."""
-    from workers.prediction import head_entries
+    from qkov.workers.prediction import head_entries
 
     params = dict(model.named_parameters())
     m = {n: torch.zeros(params[n].numel(), dtype=torch.bool) for n in layout.param_names}
@@ -196,8 +196,8 @@ def masks_of(model, layout, slices, invert: bool = False) -> dict[str, torch.Ten
 
 def mean_loss(model, ids, batch_size: int) -> float:
     """Mean over samples of each sample's own mean next-token NLL (the pipeline's loss)."""
-    from workers.losses import CausalLMLoss
-    from workers.prediction import batches
+    from qkov.workers.losses import CausalLMLoss
+    from qkov.workers.prediction import batches
 
     loss, n = 0.0, 0
     with torch.no_grad():
@@ -211,8 +211,8 @@ def finetune(model, names, pristine, masks, b_ids, order, steps: int, batch_size
              optimizer: str = "adam", inv: dict | None = None) -> list[float]:
     """Fine-tune `names` (from `pristine`) on B's mean loss; frozen entries' gradients zeroed.
     adam: torch Adam, no weight decay. ngd: θ -= lr·(Î+λ)⁻¹·g (the step transfer predicts)."""
-    from workers.losses import CausalLMLoss
-    from workers.prediction import pad
+    from qkov.workers.losses import CausalLMLoss
+    from qkov.workers.prediction import pad
 
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -261,7 +261,7 @@ _W: dict = {}
 
 def _init_worker(args: dict) -> None:
     torch.set_num_threads(args["threads"])
-    from workers.layouts import discover_layout
+    from qkov.workers.layouts import discover_layout
 
     model, tasks = load_model_and_tasks(args["max_length"], args["device"], args["model"])
     layout = discover_layout(model)
@@ -277,7 +277,7 @@ def _run_job(job: dict) -> dict:
     a, b = PAIRS[job["pair"]]
     a_held, b_train, b_held = _W["tasks"][a][HELD_A], _W["tasks"][b][TRAIN_B], _W["tasks"][b][HELD_B]
     slices = [tuple(s) for s in job["slices"]]
-    from workers.prediction import Slice
+    from qkov.workers.prediction import Slice
 
     sl = [Slice(l, blk, h) for l, blk, h in slices]
     masks = None if not sl and not job["only"] else masks_of(model, layout, sl, invert=job["only"])
@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     from scipy import stats as sps
 
-    from workers.layouts import discover_layout
+    from qkov.workers.layouts import discover_layout
 
     t0 = time.time()
     model, tasks = load_model_and_tasks(args.max_length, args.device, args.model)

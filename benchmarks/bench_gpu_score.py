@@ -5,7 +5,7 @@ python -m benchmarks.bench_gpu_score [--n 1024 2048] [--heads 9] [--layers 4] [-
 In-memory operands with SmolLM2-135M slice geometry (P = 64·576 = 36864 entries per head
 slice), N pooled samples, `--layers` × `--heads` slices, each layer's heads batched into
 one call as one score task gets them. Runs the stage's own device code
-(`pipeline.score.device_scores`: both scores per slice) with
+(`qkov.pipeline.score.device_scores`: both scores per slice) with
   * float32 operands and accumulation, TF32 off (exact mode with float32 storage),
   * bf16 operands, float32 accumulation (what the stage does on a GPU when gradients
     are stored as bf16),
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop-pairs", type=int, default=200)
     args = ap.parse_args()
-    from pipeline.score import device_scores, pair_kernel
-    from workers.grads import has_bmm_out_dtype
+    from qkov.pipeline.score import device_scores, pair_kernel
+    from qkov.workers.grads import has_bmm_out_dtype
 
     torch.backends.cuda.matmul.allow_tf32 = False
     peak = bf16_peak(args.repeats)

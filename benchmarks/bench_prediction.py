@@ -1,6 +1,6 @@
 """The prediction check on the real SmolLM2-135M at the demo's settings, as a results file.
 
-`qkov check` runs the same check (workers.prediction) on a job's first samples; this script
+`qkov check` runs the same check (qkov.workers.prediction) on a job's first samples; this script
 runs it on the demo job's model, tasks, Fisher and layers (0, 3, …, 27) with short samples,
 so that ≥ 50 slices fit a 2-core CPU, and writes benchmarks/results/<date>-prediction.json:
 per slice the transfer, the predicted and the measured change of task A's mean loss at η,
@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main(argv=None) -> dict:
-    from pipeline.demo import demo_job
-    from workers import prediction as P
-    from workers.layouts import discover_layout
-    from workers.losses import loss_task_for
-    from workers.models import load_model, load_tokenizer
-    from workers.tasks import load_task
+    from qkov.pipeline.demo import demo_job
+    from qkov.workers import prediction as P
+    from qkov.workers.layouts import discover_layout
+    from qkov.workers.losses import loss_task_for
+    from qkov.workers.models import load_model, load_tokenizer
+    from qkov.workers.tasks import load_task
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-samples", type=int, default=3, help="samples per task")

@@ -13,7 +13,7 @@ load average. Prints JSON.
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import argparse
 import json
 import os
@@ -26,9 +26,9 @@ import numpy as np
 
 
 def build_run(tmp: Path, n: int, hidden: int, heads: int, kv_heads: int, layers: int):
-    from pipeline.executors import InlineExecutor
-    from pipeline.extract import run_extract
-    from pipeline.run import prepare_output
+    from qkov.pipeline.executors import InlineExecutor
+    from qkov.pipeline.extract import run_extract
+    from qkov.pipeline.run import prepare_output
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp, "llama_gqa", n_a=n, n_b=n, min_len=16, max_len=32,
@@ -42,9 +42,9 @@ def build_run(tmp: Path, n: int, hidden: int, heads: int, kv_heads: int, layers:
 
 
 def time_stages(job, client, repeats: int) -> dict[str, list[float]]:
-    from pipeline.executors import DaskExecutor
-    from pipeline.score import run_score
-    from pipeline.stats_stage import run_stats
+    from qkov.pipeline.executors import DaskExecutor
+    from qkov.pipeline.score import run_score
+    from qkov.pipeline.stats_stage import run_stats
 
     out: dict[str, list[float]] = {"score": [], "stats": []}
     for r in range(repeats + 1):  # run 0 is the warm-up

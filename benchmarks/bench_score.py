@@ -16,7 +16,7 @@ the loop's cost is per pair. Prints JSON.
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import argparse
 import json
 import platform
@@ -30,10 +30,10 @@ import numpy as np
 def build_run(tmp: Path, n: int, layers: int, seq: int):
     import transformers as tf
 
-    from pipeline.executors import InlineExecutor
-    from pipeline.extract import run_extract
-    from pipeline.run import prepare_output
-    from pipeline.spec import parse_job
+    from qkov.pipeline.executors import InlineExecutor
+    from qkov.pipeline.extract import run_extract
+    from qkov.pipeline.run import prepare_output
+    from qkov.pipeline.spec import parse_job
     from qkov.testing import save_model, write_task_file
 
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
@@ -73,8 +73,8 @@ def loop_baseline(grads: dict, fisher: dict, lam: dict, pairs: list[tuple[int, i
 
 
 def measure(n: int, args) -> dict:
-    from pipeline.executors import InlineExecutor
-    from pipeline.score import score_dataset
+    from qkov.pipeline.executors import InlineExecutor
+    from qkov.pipeline.score import score_dataset
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

@@ -4,7 +4,7 @@
         [--dims 1024 4096 16384] [--pipeline-dim 1024] [--out DIR]
 
 Runs exact mode once (arithmetic vs python-code built-in tasks), then, for each
-sketch_dim k, sketches the run's gradients with workers.sketch exactly as pass 2 of
+sketch_dim k, sketches the run's gradients with qkov.workers.sketch exactly as pass 2 of
 a sketch-mode run does (same seeds, same Fisher) and compares every slice's A×B
 scores with the exact ones: median relative interference pair error, median
 alignment error in units of √(A_ii A_jj) (alignment may be ~0, so a relative error
@@ -15,8 +15,8 @@ job at that k and reports how far its stored scores lie from the in-memory ones
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
-from workers.fisher import inverse_damped_fisher
+from qkov.pipeline.store import RunStore
+from qkov.workers.fisher import inverse_damped_fisher
 import argparse
 import json
 import os
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from pipeline import schema
+from qkov.pipeline import schema
 
 DATA = Path(__file__).resolve().parents[1] / "pipeline" / "data"
 
 
 def job_for(out: Path, n: int, layers: list[int], **score) -> "JobSpec":  # noqa: F821
-    from pipeline.spec import parse_job
+    from qkov.pipeline.spec import parse_job
 
     task = lambda name, file: {"name": name, "path": str(DATA / file), "text_field": "text", "id_field": "id", "limit": n}
     return parse_job({
@@ -52,7 +52,7 @@ def exact_and_sketched(grads, fisher, dims: list[int], seed: int) -> tuple[dict,
     """Per block: exact (L, H, N, N) interference and alignment in float64, and the same
     from sketches of dimension k for every k in dims (plus the time spent sketching)."""
     
-    from workers.sketch import operands, sketch_block
+    from qkov.workers.sketch import operands, sketch_block
 
     layers = tuple(int(x) for x in grads[schema.LAYER].values)
     exact, sk, secs = {}, {k: {} for k in dims}, {k: 0.0 for k in dims}
@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("QKOV_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qkov"))
 
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     
 
     tmp = Path(args.out or tempfile.mkdtemp(prefix="bench_sketch_"))

@@ -25,7 +25,7 @@ Scale it down for a CPU smoke run:
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import argparse
 import json
 import os
@@ -116,7 +116,7 @@ def build_model(a, folder: Path, device: str) -> None:
 
 
 def job_for(a, work: Path, model: Path):
-    from pipeline.spec import parse_job
+    from qkov.pipeline.spec import parse_job
     from qkov.testing import write_task_file
 
     ta = write_task_file(work / "a.jsonl", a.n, a.vocab, a.seq, a.seq, 1, "a")
@@ -207,12 +207,12 @@ def main(argv=None) -> dict:
             raise SystemExit("not enough resources: " + "; ".join(problems))
         return out
 
-    from pipeline import extract as extract_mod
-    from pipeline import schema
-    from pipeline.executors import executor_for
-    from pipeline.run import prepare_output
-    from pipeline.score import run_score
-    from pipeline.stats_stage import run_stats
+    from qkov.pipeline import extract as extract_mod
+    from qkov.pipeline import schema
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.run import prepare_output
+    from qkov.pipeline.score import run_score
+    from qkov.pipeline.stats_stage import run_stats
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t = time.perf_counter()

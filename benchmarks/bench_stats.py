@@ -33,8 +33,8 @@ import xarray as xr
 
 
 def synthetic_scores(layers: int, heads: int, kv_heads: int, n: int, seed: int = 0) -> xr.Dataset:
-    from pipeline import schema as S
-    from pipeline.schema import IS_A
+    from qkov.pipeline import schema as S
+    from qkov.pipeline.schema import IS_A
 
     N = 2 * n
     kv = np.arange(heads) // (heads // kv_heads)
@@ -69,8 +69,8 @@ def synthetic_scores(layers: int, heads: int, kv_heads: int, n: int, seed: int =
 def write_store(ds: xr.Dataset, run: str) -> float:
     import zarr
 
-    from pipeline import schema as S
-    from pipeline.store import zarr_store
+    from qkov.pipeline import schema as S
+    from qkov.pipeline.store import zarr_store
 
     t = time.perf_counter()
     store = zarr_store(run)
@@ -82,8 +82,8 @@ def write_store(ds: xr.Dataset, run: str) -> float:
 
 
 def timed_stats(run: str, settings) -> tuple[float, object]:
-    from pipeline.stats_stage import run_stats
-    from pipeline.store import RunStore
+    from qkov.pipeline.stats_stage import run_stats
+    from qkov.pipeline.store import RunStore
 
     t = time.perf_counter()
     out = run_stats(RunStore(run), settings, replace=True)
@@ -91,7 +91,7 @@ def timed_stats(run: str, settings) -> tuple[float, object]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from pipeline.spec import StatsSpec
+    from qkov.pipeline.spec import StatsSpec
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=30)

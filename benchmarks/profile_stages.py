@@ -38,10 +38,10 @@ def _top(prof: cProfile.Profile, n: int = 12) -> list[str]:
 def main() -> None:
     from benchmarks.bench_e2e import build_model, make_job, write_tasks
     from benchmarks.bench_extract import GEOMETRIES
-    from pipeline import schema
-    from pipeline.extract import plan_extract, shard_tasks, write_template
-    from pipeline.store import RunStore
-    from workers import writer
+    from qkov.pipeline import schema
+    from qkov.pipeline.extract import plan_extract, shard_tasks, write_template
+    from qkov.pipeline.store import RunStore
+    from qkov.workers import writer
 
     p = argparse.ArgumentParser()
     p.add_argument("--n", type=int, default=512)
@@ -89,7 +89,7 @@ def main() -> None:
                       "gradient_bytes": nbytes, "write_gb_s": round(nbytes / sum(wr) / 1e9, 3),
                       "compute_samples_per_s": round(plan.n / sum(comp), 1), "write_profile": _top(prof, 25)}
     print(json.dumps(out["extract"], indent=1), file=sys.stderr, flush=True)
-    from pipeline.extract import consolidate_fisher
+    from qkov.pipeline.extract import consolidate_fisher
 
     whash = writer.worker_model(job.model, job.score.include_bias, "cuda" if _cuda() else "cpu")[2]
     consolidate_fisher(store, plan, job, whash)
@@ -100,8 +100,8 @@ def main() -> None:
     # score: read one head slice (all samples) as the stage's readers do, kernel, write — each timed
     import torch
 
-    from workers.fisher import inverse_damped_fisher
-    from workers.kernels import pair_kernel
+    from qkov.workers.fisher import inverse_damped_fisher
+    from qkov.workers.kernels import pair_kernel
 
     grads = store.open_gradients(decode=False)
     fisher = store.open_fisher()
@@ -133,7 +133,7 @@ def main() -> None:
         through_zarr.append(time.perf_counter() - t0)
     out["score"]["read_zarr_s"] = [round(v, 3) for v in through_zarr]
     # one slice's two N×N float32 chunks written by zarr, and by DirectChunks as the stage does
-    from pipeline.extract import checksummed
+    from qkov.pipeline.extract import checksummed
 
     probe = store.root("r+").require_group("probe")  # inside the run, which is removed below
     for name in ("zarr", "direct"):
@@ -155,7 +155,7 @@ def main() -> None:
         d = pin.to("cuda", non_blocking=True)
         _sync()
         out["score"].update(h2d_pageable_s=round(h2d, 4), h2d_pinned_s=round(time.perf_counter() - t0, 4))
-        from workers.kernels import device_scores
+        from qkov.workers.kernels import device_scores
 
         a_ = d.view(torch.bfloat16)[None]
         sw = torch.as_tensor(inv[0, 0:1], device="cuda").sqrt().to(torch.bfloat16)

@@ -16,13 +16,13 @@ import os
 import sys
 from pathlib import Path
 
-import pipeline
-import pipeline.executors
 import qkov
-import workers
+import qkov.pipeline
+import qkov.pipeline.executors
+import qkov.workers
 
 prefix = Path(sys.prefix).resolve()
-for m in (qkov, pipeline, pipeline.executors, workers):
+for m in (qkov, qkov.pipeline, qkov.pipeline.executors, qkov.workers):
     where = Path(m.__file__).resolve()
     assert where.is_relative_to(prefix), f"{m.__name__} is imported from {where}, not from the installed package under {prefix}"
 

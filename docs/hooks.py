@@ -6,7 +6,7 @@ is built, so that they cannot drift from it.
   models in `pipeline/spec.py` (`JobSpec` and its sections) with its type, bounds and default,
   and its description (`Field(description=...)`, else `docs/job-file-fields.yml`).
 * `<!-- qkov:cli-reference -->` becomes the CLI reference: every command of the Typer app
-  (`pipeline.cli.app`, as its click command) with its usage, help, arguments and options.
+  (`qkov.pipeline.cli.app`, as its click command) with its usage, help, arguments and options.
 * `<!-- qkov:supported-layouts -->` becomes the table of `qkov.testing.SUPPORTED`.
 
 Problems are logged as warnings, so `mkdocs build --strict` fails on them: a key without a
@@ -142,7 +142,7 @@ def load_descriptions(config) -> dict:
 
 
 def job_file_reference(config) -> str:
-    from pipeline.spec import JobSpec
+    from qkov.pipeline.spec import JobSpec
 
     desc = load_descriptions(config)
     used_fields: set[str] = set()
@@ -213,8 +213,8 @@ OPTION_KEYS = {"stats": ("stats", "StatsSpec")}
 def cli_reference(config) -> str:
     import typer
 
-    from pipeline import spec
-    from pipeline.cli import app
+    from qkov.pipeline import spec
+    from qkov.pipeline.cli import app
 
     desc = load_descriptions(config)["fields"]
 

@@ -1,9 +1,9 @@
 """`qkov check`: sanity checks of the scores on the job's real model (DESIGN §4).
 
 A small in-memory copy of the pipeline runs on the first `n_samples` of each task:
-per-sample gradients (workers.grads) → per-head slices (workers.slicing) → EMA
-Fisher from the stream weights (workers.fisher) → per-tensor damping → pair scores
-(the formulas of pipeline.score.block_scores as numpy matmuls), all in float64. Each
+per-sample gradients (qkov.workers.grads) → per-head slices (qkov.workers.slicing) → EMA
+Fisher from the stream weights (qkov.workers.fisher) → per-tensor damping → pair scores
+(the formulas of qkov.pipeline.score.block_scores as numpy matmuls), all in float64. Each
 check perturbs one thing (the loss scale, the parameterisation, the weights, the task
 order) and compares against what the math says must happen:
 
@@ -42,13 +42,13 @@ import numpy as np
 import torch
 import xarray as xr
 
-from workers.fisher import damping, inverse_regularised, stream_weights
-from workers.grads import per_sample_grads
-from workers.kernels import slice_scores
-from workers.layouts import AttentionLayout, discover_layout
-from workers.losses import loss_task_for
-from workers import prediction as pred
-from workers.slicing import QUERY_BLOCKS, slice_all
+from qkov.workers.fisher import damping, inverse_regularised, stream_weights
+from qkov.workers.grads import per_sample_grads
+from qkov.workers.kernels import slice_scores
+from qkov.workers.layouts import AttentionLayout, discover_layout
+from qkov.workers.losses import loss_task_for
+from qkov.workers import prediction as pred
+from qkov.workers.slicing import QUERY_BLOCKS, slice_all
 
 from . import schema
 from .errors import StoreError, UsageError
@@ -116,7 +116,7 @@ def scaled_error(got: np.ndarray, want: np.ndarray) -> float:
 
 def pair_scores(g: np.ndarray, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pooled interference and alignment (heads, N, N) of one block, with the stage's own
-    formulas (`workers.kernels.slice_scores`) in float64. g: (N, heads, P), inv: (heads, P)."""
+    formulas (`qkov.workers.kernels.slice_scores`) in float64. g: (N, heads, P), inv: (heads, P)."""
     gt = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float64))
     it = torch.from_numpy(np.asarray(inv, dtype=np.float64))
     out = [slice_scores(gt[:, h], gt[:, h], it[h]) for h in range(gt.shape[1])]
@@ -266,7 +266,7 @@ class _Session:
         With `logits` (a list), the model's outputs at every real token are appended to it, taken
         from the same forward pass (for the function-preservation check, at no extra cost).
         """
-        from workers.writer import pad_batch
+        from qkov.workers.writer import pad_batch
 
         order = list(range(self.n)) if order is None else list(order)
         bs = self.job.extract.batch_size
@@ -521,7 +521,7 @@ def check_symmetry(s: _Session, base: Scores, tol: float) -> CheckResult:
 
 
 def _first_samples(spec, tokenizer, max_length: int, label: str, n: int):
-    from workers.tasks import load_task
+    from qkov.workers.tasks import load_task
 
     rows = sum(1 for line in Path(spec.path).read_text(encoding="utf-8").splitlines() if line.strip()) if Path(spec.path).is_file() else n
     limit = min(n, rows, spec.limit or n)
@@ -529,8 +529,8 @@ def _first_samples(spec, tokenizer, max_length: int, label: str, n: int):
 
 
 def _session(job: JobSpec, n_samples: int, layers) -> _Session:
-    from workers.models import load_model, load_tokenizer
-    from workers.device import resolve_device
+    from qkov.workers.models import load_model, load_tokenizer
+    from qkov.workers.device import resolve_device
 
     if n_samples < 1:
         raise UsageError(f"n_samples must be >= 1, got {n_samples}")
@@ -553,7 +553,7 @@ def _session(job: JobSpec, n_samples: int, layers) -> _Session:
 
 
 def check_prediction(s: _Session, n_slices: int, eta: float) -> tuple[CheckResult, xr.Dataset]:
-    """Does transfer predict a real loss change? (workers.prediction): per slice, the change of task
+    """Does transfer predict a real loss change? (qkov.workers.prediction): per slice, the change of task
     A's mean loss under a natural-gradient step on B in that slice alone, measured by a float64
     forward pass at η, η/2 and −η/2, against −η·transfer; Spearman ρ, median relative error, the
     first-order error of the measured slope, and err(η)/err(η/2) where the O(η²) term stands above the noise."""
@@ -633,7 +633,7 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
     prediction check runs too: `prediction_slices` slices at step size `prediction_eta`, its
     per-slice figures stored along `prediction_slice`.
     """
-    from workers.models import model_identity
+    from qkov.workers.models import model_identity
 
     steps = ["loading the model and the per-sample gradients", "head additivity", "loss scaling",
              "per-head reparameterisation", "head ablation", "swapping the tasks"] + (["prediction"] if prediction else [])

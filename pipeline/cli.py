@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import typer
 from rich.markup import escape
 
-from pipeline.console import console, err, stage_progress as _stage_progress, stamp as _stamp
+from qkov.pipeline.console import console, err, stage_progress as _stage_progress, stamp as _stamp
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   # plain help: flags show as flags (rich help printed `<bool>` beside every one) and
@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that are the input's fault: shown as one clear message, no traceback."""
-    from pipeline.errors import QkovError
+    from qkov.pipeline.errors import QkovError
 
     return (QkovError, FileNotFoundError)
 
@@ -32,13 +32,13 @@ def _friendly() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as e:  # noqa: BLE001 - sorted into user errors and bugs below
-        from pipeline.errors import corrupt_chunk_error, os_error
+        from qkov.pipeline.errors import corrupt_chunk_error, os_error
 
         e = corrupt_chunk_error(e) or e  # a damaged chunk read by zarr itself (a remote store): the store's fault
         e = os_error(e) or e  # a full disk, a read-only mount, a name too long: the file system's refusal
         if isinstance(e, _user_errors()):
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
-            from pipeline.errors import cli_message
+            from qkov.pipeline.errors import cli_message
 
             err().print(f"[bold red]error:[/] {escape(cli_message(e))}", highlight=False)
             raise typer.Exit(2) from None
@@ -113,7 +113,7 @@ def _print_summary(path: str, storage_options=None, stats: str | None = None, to
     """Where the results are, how to read them (for named statistics, with `--stats NAME`),
     then the answers: one table per question (conflict, share, differ), each naming its
     question, with direction, chance and effect (issue 16)."""
-    from pipeline.query import format_headlines, headline_tables, load_stats
+    from qkov.pipeline.query import format_headlines, headline_tables, load_stats
 
     named = f" --stats {stats}" if stats else ""
     console().print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
@@ -125,15 +125,15 @@ def _print_summary(path: str, storage_options=None, stats: str | None = None, to
 
 
 def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False, cluster: bool = True):
-    from pipeline.extract import sample_count_warning
-    from pipeline.run import preflight
+    from qkov.pipeline.extract import sample_count_warning
+    from qkov.pipeline.run import preflight
 
     plan = preflight(job, resume=resume, overwrite=overwrite, local=local, cluster=cluster)  # refuses a run that cannot fit the disk
     note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
     if note:
         err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
     if show_plan and plan is not None:  # the lines `qkov plan` prints
-        from pipeline.plan import plan as run_plan
+        from qkov.pipeline.plan import plan as run_plan
 
         for line in run_plan(job, resume=resume or overwrite, extract_plan=plan).lines():
             err().print(line, markup=False, highlight=False)
@@ -154,14 +154,14 @@ def run(
     inline: bool = typer.Option(False, "--inline", help="run in this process without a Dask cluster (debugging)"),
 ) -> None:
     """Extract → score → stats, then print where the results are and the top heads."""
-    from pipeline.cluster import cluster_client
-    from pipeline.run import run_job
-    from pipeline.spec import load_job
+    from qkov.pipeline.cluster import cluster_client
+    from qkov.pipeline.run import run_job
+    from qkov.pipeline.spec import load_job
 
     with _friendly(), _sigterm_unwinds():
         job = load_job(job_file)
         if resume and overwrite:
-            from pipeline.errors import UsageError
+            from qkov.pipeline.errors import UsageError
 
             raise UsageError("--resume and --overwrite exclude each other; choose one")
         # every input and the output checked before any cluster starts
@@ -185,7 +185,7 @@ def run(
 
 def _differ_counts(ds) -> str:
     """Per score, how many family slices differ from chance and which way (labels null, BH)."""
-    from pipeline import schema
+    from qkov.pipeline import schema
 
     parts = []
     for score in ds[schema.SCORE].values:
@@ -218,19 +218,19 @@ def stats(
              "recomputed from the stored scores, the Fisher is not re-estimated; recorded in the stats attrs"),
 ) -> None:
     """Rerun the statistics on an existing run with new settings (model and gradients untouched)."""
-    from pipeline.executors import executor_for
-    from pipeline.stats_stage import rerun_stats
-    from pipeline.store import RunStore
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.stats_stage import rerun_stats
+    from qkov.pipeline.store import RunStore
 
     with _friendly(), _sigterm_unwinds():
         store = RunStore(run)
         settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                         alternative=alternative, seed=seed)
-        from pipeline.plan import check_stats_request
+        from qkov.pipeline.plan import check_stats_request
 
         check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
         if scheduler:
-            from pipeline.cluster import connect
+            from qkov.pipeline.cluster import connect
 
             with connect(scheduler) as client:
                 ds = rerun_stats(store, executor_for(client), name=name, replace=replace, exclude=exclude, **settings)
@@ -247,7 +247,7 @@ FORMATS = ("table", "csv", "json")
 
 
 def _output_format(fmt: str, as_json: bool, allowed: tuple[str, ...] = FORMATS) -> str:
-    from pipeline.errors import UsageError
+    from qkov.pipeline.errors import UsageError
 
     if fmt not in allowed:
         raise UsageError(f"--format {fmt!r} is not one of {' | '.join(allowed)}")
@@ -277,7 +277,7 @@ def query(
     """The statistics of any selection of slices (a head, all heads of a layer, one block across
     layers, the whole run); for one head (--layer and --head) also its top sample pairs, with
     your sample ids and texts, and its numerical health."""
-    from pipeline.query import format_query, format_slices, query as run_query
+    from qkov.pipeline.query import format_query, format_slices, query as run_query
 
     with _friendly():
         fmt = _output_format(fmt, as_json)
@@ -287,7 +287,7 @@ def query(
         elif fmt == "csv":
             import pandas as pd
 
-            from pipeline.query import ANSWER_COLUMNS
+            from qkov.pipeline.query import ANSWER_COLUMNS
 
             sys.stdout.write(pd.DataFrame(res["slices"], columns=list(ANSWER_COLUMNS)).to_csv(index=False))
         else:
@@ -301,7 +301,7 @@ def info(
 ) -> None:
     """What a run holds: its groups (named statistics stats_<NAME> included) with their settings,
     whether each is complete, and their bytes on disk; and who holds its lock, if anyone."""
-    from pipeline.info import describe_run, format_info
+    from qkov.pipeline.info import describe_run, format_info
 
     with _friendly():
         fmt = _output_format(fmt, False, ("table", "json"))
@@ -320,7 +320,7 @@ def report(
     raw_means: bool = typer.Option(False, "--raw-means", help="also draw the raw A×B means (each block on its own scale)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
-    from pipeline.report import make_report
+    from qkov.pipeline.report import make_report
 
     with _friendly():
         html = make_report(run, out_dir=out, stats_name=stats, raw_means=raw_means)
@@ -337,8 +337,8 @@ def check(
     prediction_eta: float = typer.Option(1e-6, "--prediction-eta", help="the prediction check's natural-gradient step size η"),
 ) -> None:
     """Sanity checks on the job's model: additivity, scale, ablation, symmetry, prediction."""
-    from pipeline.checks import check_checks_output, format_checks, run_checks
-    from pipeline.spec import load_job
+    from qkov.pipeline.checks import check_checks_output, format_checks, run_checks
+    from qkov.pipeline.spec import load_job
 
     with _friendly():
         job = load_job(job_file)
@@ -358,8 +358,8 @@ def plan(
 ) -> None:
     """Before running: predicted bytes per store group, peak disk use, peak memory per task, task
     counts, and whether the output's free space holds the run (with the settings that would)."""
-    from pipeline.plan import plan as run_plan
-    from pipeline.spec import load_job
+    from qkov.pipeline.plan import plan as run_plan
+    from qkov.pipeline.spec import load_job
 
     with _friendly():
         p = run_plan(load_job(job_file), resume=resume)
@@ -378,7 +378,7 @@ def validate(
 ) -> None:
     """Check a job as `qkov run` would before it starts (job file, model folder and checkpoint,
     task files against the model, output), then print the job as TOML with every default filled in."""
-    from pipeline.spec import load_job, to_toml
+    from qkov.pipeline.spec import load_job, to_toml
 
     with _friendly():
         job = load_job(job_file)
@@ -394,7 +394,7 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run at --out that `qkov demo` did not make"),
 ) -> None:
     """The whole job on the embedded default: SmolLM2-135M, arithmetic vs Python code, a LocalCluster."""
-    from pipeline.demo import run_demo
+    from qkov.pipeline.demo import run_demo
 
     def announce(job) -> None:
         err().print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "

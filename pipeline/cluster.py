@@ -12,7 +12,7 @@ LocalCluster of single-threaded processes sized to the machine. Profiles (SLURM
 via dask-jobqueue, Kubernetes via the dask-kubernetes operator) are only imported
 and created when asked for. A worker takes GPU work when it was started with
 `--resources GPU=1`; the extract stage asks for that resource only when some
-worker offers it (pipeline.executors.dask).
+worker offers it (qkov.pipeline.executors.dask).
 
 Before any work is sent to a cluster qkov did not start itself, the workers'
 environment is compared with the client's: a worker without qkov, or with another
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .spec import ClusterSpec
-from .errors import ClusterError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+from .errors import ClusterError  # noqa: F401  (re-exported; the error family lives in qkov.pipeline.errors)
 
 GPU_RESOURCE = "GPU"
 PROFILE_KINDS = ("slurm", "kubernetes")
@@ -79,7 +79,7 @@ def gpu_worker_options(spec: ClusterSpec, n_gpu: int, n_cpu: int) -> dict[str, d
     }
 
 
-WORKER_PRELOAD = "pipeline.cluster"  # its dask_setup runs in every embedded worker process
+WORKER_PRELOAD = "qkov.pipeline.cluster"  # its dask_setup runs in every embedded worker process
 
 
 def dask_setup(worker) -> None:  # noqa: ARG001 - the Dask preload hook

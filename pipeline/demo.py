@@ -12,7 +12,7 @@ from .store import RunStore
 
 def demo_job(out: str | Path = "runs/demo", samples: int | None = None) -> JobSpec:
     """The demo job with its task paths resolved inside the package and the output at `out`."""
-    data = resources.files("pipeline.data")
+    data = resources.files("qkov.pipeline.data")
     cfg = tomllib.loads((data / "demo.toml").read_text())
     cfg["output"]["path"] = str(Path(out).resolve())
     if samples is not None:

@@ -44,7 +44,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from workers.fisher import REG_FLOOR
+from qkov.workers.fisher import REG_FLOOR
 
 from . import schema as S
 from .errors import StoreError, UsageError, param
@@ -189,7 +189,7 @@ def _lazy_parts(grads: xr.Dataset, fisher: xr.Dataset, scores: xr.Dataset, reade
         if f"sq_{b}" in side:  # computed by the score tasks
             parts[f"sq_{b}"] = side[f"sq_{b}"]
         elif reader is not None and reader.shape == var.shape and not sketched:  # read by the tasks themselves
-            from workers.kernels import direct_sq_norms
+            from qkov.workers.kernels import direct_sq_norms
 
             from .score import heads_per_task
 
@@ -234,7 +234,7 @@ def _operand_parts(grads: xr.Dataset, fisher: xr.Dataset, b: str, keep: np.ndarr
         u, v, ww = (x.astype(np.float64) for x in (u, v, ww))
         a_ii = (ww * ww).sum(-1)
     else:
-        from workers.fisher import inverse_damped_fisher
+        from qkov.workers.fisher import inverse_damped_fisher
 
         g = decoded(grads[b]).data[keep].rechunk({3: -1}).astype(np.float64)
         inv = inverse_damped_fisher(fisher, b).rechunk({0: 1, 1: 1, 2: -1})

@@ -17,8 +17,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from workers import fisher as fisher_math
-from workers.writer import ShardResult, ShardTask, extract_shards
+from qkov.workers import fisher as fisher_math
+from qkov.workers.writer import ShardResult, ShardTask, extract_shards
 
 from . import schema
 from .spec import JobSpec
@@ -48,7 +48,7 @@ class ExtractPlan:
     fisher_weights: np.ndarray
     fisher_batches: int
     layout_summary: dict = field(default_factory=dict)
-    checkpoint: str = ""  # workers.models.checkpoint_fingerprint of the weight files
+    checkpoint: str = ""  # qkov.workers.models.checkpoint_fingerprint of the weight files
 
     @property
     def n(self) -> int:
@@ -72,8 +72,8 @@ def meta_layout(job: JobSpec):
     import torch
     import transformers as tf
 
-    from workers.layouts import discover_layout
-    from workers.models import model_folder, model_kind
+    from qkov.workers.layouts import discover_layout
+    from qkov.workers.models import model_folder, model_kind
 
     config, model = meta_model(job)
     return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
@@ -86,7 +86,7 @@ def meta_model(job: JobSpec):
     import torch
     import transformers as tf
 
-    from workers.models import check_checkpoint, load_config, model_folder, model_kind
+    from qkov.workers.models import check_checkpoint, load_config, model_folder, model_kind
 
     folder = model_folder(job.model)
     config = load_config(folder)
@@ -101,7 +101,7 @@ def meta_vocab_size(job: JobSpec) -> int:
     """Rows of the model's input embedding, from its config alone."""
     import transformers as tf
 
-    from workers.models import model_folder
+    from qkov.workers.models import model_folder
 
     config = tf.AutoConfig.from_pretrained(str(model_folder(job.model)), local_files_only=True)
     size = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
@@ -152,9 +152,9 @@ def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) ->
 
 
 def plan_extract(job: JobSpec) -> ExtractPlan:
-    from workers.models import load_tokenizer
-    from workers.models import checkpoint_fingerprint, model_folder
-    from workers.tasks import load_task, validate_for_model
+    from qkov.workers.models import load_tokenizer
+    from qkov.workers.models import checkpoint_fingerprint, model_folder
+    from qkov.workers.tasks import load_task, validate_for_model
 
     tokenizer = load_tokenizer(job.model)
     a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
@@ -162,7 +162,7 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     samples = list(a) + list(b)
     check_sample_counts(job, len(a), len(b))
     config, model = meta_model(job)
-    from workers.layouts import discover_layout
+    from qkov.workers.layouts import discover_layout
 
     layout = discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias)
     # token ids inside the embedding, lengths inside a learned position table, a classifier's
@@ -236,7 +236,7 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     ds.attrs.update({schema.ATTR_N_A: plan.n_a, schema.ATTR_N_B: plan.n_b, schema.ATTR_TASK_A: plan.task_names[0],
                      schema.ATTR_TASK_B: plan.task_names[1], schema.ATTR_MODE: job.score.mode})
     if job.score.mode == "sketch":
-        from workers.sketch import PROJECTION_SCHEME
+        from qkov.workers.sketch import PROJECTION_SCHEME
 
         ds.attrs.update({"sketch_dim": job.score.sketch_dim, "sketch_seed": job.score.sketch_seed, "sketch_nnz": 1,
                          schema.ATTR_SKETCH_PROJECTION: PROJECTION_SCHEME})
@@ -400,7 +400,7 @@ def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE
 def _check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     root = store.root()
     if job.score.mode == "sketch":
-        from workers.sketch import PROJECTION_SCHEME
+        from qkov.workers.sketch import PROJECTION_SCHEME
 
         scheme = root[schema.GRADIENTS].attrs.get(schema.ATTR_SKETCH_PROJECTION, "randperm-v1")
         if scheme != PROJECTION_SCHEME:
@@ -505,7 +505,7 @@ def _finish_pass(store: RunStore, plan: ExtractPlan, results: list[ShardResult],
 
 def shard_groups(tasks: list[ShardTask], slots: int) -> list[tuple[ShardTask, ...]]:
     """Consecutive shards per device task, so that a worker writes one shard while its device
-    computes the next (workers.writer.extract_shards): up to 4 per task, but at least two
+    computes the next (qkov.workers.writer.extract_shards): up to 4 per task, but at least two
     tasks per device slot so the work still spreads over every GPU."""
     per = max(1, min(4, len(tasks) // (2 * max(1, slots))))
     return [tuple(tasks[i : i + per]) for i in range(0, len(tasks), per)]

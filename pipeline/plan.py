@@ -177,7 +177,7 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
         + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
     sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
     if s.keep_pairs == "all" and s.scores_dtype == "float32":
-        # the statistics' sums reduced beside the matrices (pipeline.score.compact_scores)
+        # the statistics' sums reduced beside the matrices (qkov.pipeline.score.compact_scores)
         groups[schema.SCORES_GROUP] += 2 * L * block_heads * (sums_width * 8 + CRC_BYTES) + 2 * len(ex.blocks) * META_BYTES
     if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
         top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0

@@ -251,7 +251,7 @@ def stored_pooled_name(score: str, block: str) -> str:
 
 # ---- gradient storage dtypes ----------------------------------------------
 # Zarr v3 has no bfloat16 data type, so bfloat16 gradients are stored as their
-# raw 16-bit patterns (uint16) with this attr (workers.writer.to_stored rounds to
+# raw 16-bit patterns (uint16) with this attr (qkov.workers.writer.to_stored rounds to
 # them); `decode` turns them back into float32 exactly (bf16 ⊂ f32).
 ATTR_ENCODING = "qkov_encoding"
 

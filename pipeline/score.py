@@ -19,8 +19,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from workers.fisher import inverse_damped_fisher
-from workers.kernels import direct_pair_kernel, direct_tile_reduce, pair_kernel, sketch_pair_kernel
+from qkov.workers.fisher import inverse_damped_fisher
+from qkov.workers.kernels import direct_pair_kernel, direct_tile_reduce, pair_kernel, sketch_pair_kernel
 
 from . import schema
 from .spec import JobSpec
@@ -64,7 +64,7 @@ def block_scores(g: da.Array, inv, accumulate: str = "auto", device: str = "auto
 def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple | None = None,
                **kw) -> dict:
     """One tile of `direct_block_scores` (runs in the task): its scores and, beside them, the
-    diagnostics' partials (`workers.kernels.side_parts`) and, with `stats_args`, the stats sums."""
+    diagnostics' partials (`qkov.workers.kernels.side_parts`) and, with `stats_args`, the stats sums."""
     from .diagnostics import _other_weights
     from .stats_stage import _weights
 
@@ -124,7 +124,7 @@ SIDE_PARTS = ("sq", "orows", "ocols", "odiag")  # what `_side_arrays` returns
 
 
 def _side_arrays(tiles: da.Array) -> dict[str, da.Array]:
-    """The diagnostics' parts from the tiles' `side_parts`, under pipeline.diagnostics' names:
+    """The diagnostics' parts from the tiles' `side_parts`, under qkov.pipeline.diagnostics' names:
     `sq` (sample, layer, head) Σ g², `orows`/`ocols` (sample, layer, head, 2) the
     interference's means over each task, `odiag` (sample, layer, head) the alignment diagonal."""
     m3, m4 = np.empty((0,) * 3, np.float64), np.empty((0,) * 4, np.float64)
@@ -153,7 +153,7 @@ def _get_part(tile: dict, key: str) -> np.ndarray:
 def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, accumulate: str = "auto",
                         device: str = "auto", encoding: str | None = None, stats=None) -> tuple[da.Array, da.Array, dict]:
     """`block_scores` with tasks that read their own operands from the gradient chunk files
-    (`reader`: a pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
+    (`reader`: a qkov.pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
     first `n_a` of task A): no gradient bytes pass through the Dask graph, so a slice's read,
     host→device copy and kernel are one task, and tasks of different slices overlap on the
     worker's threads. The alignment is returned folded (`schema.fold_symmetric`) where a
@@ -197,7 +197,7 @@ def _merge_tops(parts, *, s: int, k: int, largest: bool) -> np.ndarray:
 def reduced_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, stats, top_k: int,
                          accumulate: str = "auto", device: str = "auto", encoding: str | None = None) -> dict:
     """`keep_pairs = "top" | "none"` with direct reads: one task per tile reads its rows,
-    computes both scores and reduces them on its device (`workers.kernels.direct_tile_reduce`);
+    computes both scores and reduces them on its device (`qkov.workers.kernels.direct_tile_reduce`);
     no N×N array leaves the device or enters the graph. Returns lazy arrays: per score
     (`interference`, `alignment`) the stats sums (layer, head, width) and, with top_k, the
     top pairs (layer, head, 3, k); and the diagnostics' parts (`_side_arrays`)."""
@@ -305,7 +305,7 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
     `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves;
     then `side`, a dict if given, receives what those tasks compute on the side for the
-    diagnostics, under `pipeline.diagnostics`' part names: `sq_<block>` (sample, layer,
+    diagnostics, under `qkov.pipeline.diagnostics`' part names: `sq_<block>` (sample, layer,
     head) Σ g², the interference's marginals `orows_`/`ocols_<block>` and the alignment
     diagonal `odiag_<block>` (`_side_arrays`)."""
     n_a = int(grads.attrs[schema.ATTR_N_A])

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import JobFileError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+from .errors import JobFileError  # noqa: F401  (re-exported; the error family lives in qkov.pipeline.errors)
 
 Block = Literal["Q", "K", "V", "O"]
 KNOWN_MODELS = ("smollm2-135m",)

@@ -478,7 +478,7 @@ def transfer_test(margins: np.ndarray, is_a: np.ndarray) -> dict[str, np.ndarray
     slice; p = 1 where the statistic has no spread (e.g. an ablated head); NaN with
     fewer than 2 samples in a task or non-finite scores.
     """
-    from scipy.special import stdtr  # Student t CDF; imported here to keep `import pipeline.stats` light
+    from scipy.special import stdtr  # Student t CDF; imported here to keep `import qkov.pipeline.stats` light
 
     is_a = np.asarray(is_a, dtype=bool)
     n_a, n_b = int(is_a.sum()), int((~is_a).sum())

@@ -2,7 +2,7 @@
 
 Reads only the `scores` group of a run, writes only `stats` (or `stats_<name>`).
 Per slice chunk, one Dask task computes every weighted cross sum it needs in one pass
-over the pooled matrix (see `pipeline.stats`): row 0 = the observed labelling, rows
+over the pooled matrix (see `qkov.pipeline.stats`): row 0 = the observed labelling, rows
 1..K = the shared permutations, then B bootstrap rows on the A×B block. Only this small
 (F × (1+K+B)) matrix comes back to the client, where exceedance counts, BH and max-T
 are computed over the family. Sample-chunked score matrices are fine: the cross sums
@@ -198,10 +198,10 @@ def _chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int
     A×B column is also the bootstrap of T) and the N A×B margins (`st.ab_margins`)."""
     (r0, r1), (c0, c1) = block_info[0]["array-location"][3:5]
     left, right, wa, wb = _weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
-    from workers.device import resolve_device
+    from qkov.workers.device import resolve_device
 
     if resolve_device("auto") == "cuda":  # a GPU worker: the same sums as a few float64 matmuls on its device
-        from workers.kernels import stat_sums
+        from qkov.workers.kernels import stat_sums
 
         return stat_sums(block, left, right, wa, wb, is_a, (r0, c0), "cuda")[..., None, None, :]
     perm = st.cross_sums(block, left[:, r0:r1], right[:, c0:c1])

@@ -2,7 +2,7 @@
 
 A run is one Zarr v3 group at a local path or any fsspec URL. Every stage, the CLI and
 the API reach the store through a `RunStore`; every stored name comes from
-`pipeline.schema`. Workers write their own whole chunks through `RunStore.root`.
+`qkov.pipeline.schema`. Workers write their own whole chunks through `RunStore.root`.
 """
 from __future__ import annotations
 

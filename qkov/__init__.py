@@ -9,9 +9,16 @@ xarray objects, pandas DataFrames or dicts. A RUN is a path or URL (or a `RunSto
 """
 from __future__ import annotations
 
-from pipeline.errors import QkovError
-from pipeline.spec import JobSpec, StatsSpec, load_job, parse_job
-from pipeline.store import RunStore
+import os as _os
+
+# The wheel installs the client and worker code inside this package (qkov/pipeline,
+# qkov/workers); in a checkout those folders stand beside it, so look there too.
+if not _os.path.isdir(_os.path.join(_os.path.dirname(__file__), "pipeline")):
+    __path__.append(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+
+from qkov.pipeline.errors import QkovError
+from qkov.pipeline.spec import JobSpec, StatsSpec, load_job, parse_job
+from qkov.pipeline.store import RunStore
 
 
 def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, overwrite: bool = False,
@@ -23,11 +30,11 @@ def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, ove
     progress: True (default) prints each stage's progress to stderr as the CLI does (bars on a
     terminal, timestamped lines in a log or notebook); False prints nothing; a callable is
     called with (stage, done, total) instead."""
-    from pipeline.cluster import cluster_client
-    from pipeline.console import progress_for
-    from pipeline.run import run_job
+    from qkov.pipeline.cluster import cluster_client
+    from qkov.pipeline.console import progress_for
+    from qkov.pipeline.run import run_job
 
-    from pipeline.run import check_shared_output
+    from qkov.pipeline.run import check_shared_output
 
     with progress_for(progress) as tick:
         if inline:
@@ -45,17 +52,17 @@ def run_stats(run, *, null: str | None = None, n_permutations: int | None = None
     keeps the stored value): those of `stats_<name>` when that group exists, else the run's.
     Holds the run's lock, as the CLI does. `exclude`: sample ids left out (from the stored
     scores; the Fisher is not re-estimated)."""
-    from pipeline.stats_stage import rerun_stats
+    from qkov.pipeline.stats_stage import rerun_stats
 
-    from pipeline.plan import check_stats_request
+    from qkov.pipeline.plan import check_stats_request
 
     store = RunStore.coerce(run, storage_options)
     settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                     alternative=alternative, seed=seed)
     check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
     if scheduler:
-        from pipeline.cluster import connect
-        from pipeline.executors import executor_for
+        from qkov.pipeline.cluster import connect
+        from qkov.pipeline.executors import executor_for
 
         with connect(scheduler) as client:
             return rerun_stats(store, executor_for(client), name=name, replace=replace, exclude=exclude, **settings)
@@ -79,7 +86,7 @@ def open_gradients(run, storage_options=None):
 def open_diagnostics(run, storage_options=None):
     """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
     flags; docs/health.md), loaded; None for a run scored before they were recorded."""
-    from pipeline.diagnostics import open_diagnostics as _open
+    from qkov.pipeline.diagnostics import open_diagnostics as _open
 
     return _open(RunStore.coerce(run, storage_options))
 
@@ -102,7 +109,7 @@ def answers(run, stats: str | None = None, storage_options=None):
     `ci_low`/`ci_high`, `p_value`, `q_value`, `significant`, `direction`, `verdict`, and the
     figures the headline tables show beside them (mean, chance, cosine, sharing per direction…).
     `stats` reads `stats_<stats>`. `df.attrs` holds the statistics' settings; `df.to_csv` exports."""
-    from pipeline.query import answers as _answers
+    from qkov.pipeline.query import answers as _answers
 
     return _answers(run, stats=stats, storage_options=storage_options)
 
@@ -110,7 +117,7 @@ def answers(run, stats: str | None = None, storage_options=None):
 def info(run, storage_options=None) -> dict:
     """`qkov info`: the run's groups (named statistics `stats_<name>` included), each with its
     settings, whether it is complete and its bytes on disk; the run's total bytes and lock owner."""
-    from pipeline.info import describe_run
+    from qkov.pipeline.info import describe_run
 
     return describe_run(run, storage_options)
 
@@ -121,7 +128,7 @@ def query(run, layer: int | None = None, head: int | None = None, block: str | N
     one block across layers, the whole run. Always `slices`: the selected rows of `answers`
     (JSON-able). With both `layer` and `head`, also the head's statistics per block (`blocks`),
     its top `top` sample pairs ranked by `score`, with your ids and texts, and its health."""
-    from pipeline.query import query as _query
+    from qkov.pipeline.query import query as _query
 
     return _query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats,
                   storage_options=storage_options)
@@ -131,7 +138,7 @@ def report(run, out=None, stats: str | None = None, raw_means: bool = False, sto
     """`qkov report`: effect heatmaps (300-dpi PNG + SVG) and one self-contained, interactive
     HTML page in `out` (default: RUN-report beside the run); returns the page's path. `stats`
     reports `stats_<stats>`; `raw_means` also draws the raw A×B means."""
-    from pipeline.report import make_report
+    from qkov.pipeline.report import make_report
 
     return make_report(run, out_dir=out, stats_name=stats, storage_options=storage_options, raw_means=raw_means)
 
@@ -140,7 +147,7 @@ def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_
           prediction_eta: float = 1e-6):
     """`qkov check`: the sanity checks on the job's model (with `prediction`, also whether transfer
     predicts a measured loss change), written to the run's `checks` group."""
-    from pipeline.checks import run_checks
+    from qkov.pipeline.checks import run_checks
 
     return run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
                       prediction_eta=prediction_eta)
@@ -149,7 +156,7 @@ def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_
 def plan(job: JobSpec, *, resume: bool = False):
     """`qkov plan`: predicted bytes per store group, peak disk, memory per task, task counts and
     whether the output's free space holds the run (`RunPlan`; `.lines()` is what the CLI prints)."""
-    from pipeline.plan import plan as run_plan
+    from qkov.pipeline.plan import plan as run_plan
 
     return run_plan(job, resume=resume)
 
@@ -158,7 +165,7 @@ def validate(job_file, *, resume: bool = False, overwrite: bool = False, schedul
     """`qkov validate`: the job checked as `qkov run` would check it before starting (job file,
     model, task files, devices where the work runs here, output); returns it with every
     default filled in."""
-    from pipeline.run import preflight
+    from qkov.pipeline.run import preflight
 
     job = load_job(job_file)
     preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile),
@@ -169,8 +176,8 @@ def validate(job_file, *, resume: bool = False, overwrite: bool = False, schedul
 def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False, progress=True):
     """`qkov demo`: the embedded default job run end to end and reported; returns the report's
     path. `progress` as in `run` (True: printed to stderr, False: silent, or a callable)."""
-    from pipeline.console import progress_for
-    from pipeline.demo import run_demo
+    from qkov.pipeline.console import progress_for
+    from qkov.pipeline.demo import run_demo
 
     with progress_for(progress) as tick:
         return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick)[1]
@@ -178,7 +185,7 @@ def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, o
 
 def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:
     """The job `qkov demo` runs (pass it to `run`)."""
-    from pipeline.demo import demo_job as _demo
+    from qkov.pipeline.demo import demo_job as _demo
 
     return _demo(out, samples)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # torch, transformers and the pipeline are imported where use
     import torch
     import xarray as xr
 
-    from pipeline.spec import JobSpec
+    from qkov.pipeline.spec import JobSpec
 
 VOCAB = 128
 
@@ -204,7 +204,7 @@ def tiny_job(tmp: str | Path, arch: str = "llama_gqa", *, n_a: int = 10, n_b: in
     Keyword sections override the job mapping, e.g. extract={"shard_size": 4}.
     The model folder is reused if it already exists (same arch and seed).
     """
-    from pipeline.spec import parse_job
+    from qkov.pipeline.spec import parse_job
 
     tmp = Path(tmp)
     mdir = tmp / f"model-{arch}-{seed}"
@@ -241,7 +241,7 @@ def job_toml(config: dict) -> str:
 
 def write_job_file(job: "JobSpec | dict", path: str | Path, **sections: Any) -> Path:
     """Write a job (with `sections` overriding it, as in `tiny_job`) as a TOML file for the CLI."""
-    from pipeline.spec import JobSpec
+    from qkov.pipeline.spec import JobSpec
 
     # the job itself, storage options included (config_dict() redacts their values)
     config = job.model_dump(mode="json") if isinstance(job, JobSpec) else dict(job)
@@ -252,7 +252,7 @@ def write_job_file(job: "JobSpec | dict", path: str | Path, **sections: Any) -> 
 
 # --------------------------------------------------------------------------- comparing runs
 
-RESULT_GROUPS = ("gradients", "fisher", "scores", "stats")  # pipeline.schema: GRADIENTS, FISHER, SCORES_GROUP, STATS
+RESULT_GROUPS = ("gradients", "fisher", "scores", "stats")  # qkov.pipeline.schema: GRADIENTS, FISHER, SCORES_GROUP, STATS
 RTOL = 1e-5  # float32 rounding of reordered sums stays orders of magnitude below
 BFLOAT16_RTOL = 2.0**-7  # a float32 rounding difference may move a bf16-stored value by one unit in the last place
 
@@ -261,7 +261,7 @@ def _decoded(var: "xr.Variable") -> tuple[Any, float]:
     """Values of a stored variable as numbers, and the relative tolerance of its storage."""
     import numpy as np
 
-    from pipeline import schema
+    from qkov.pipeline import schema
 
     v = np.asarray(var.values)
     if var.attrs.get(schema.ATTR_ENCODING) == "bfloat16" and v.dtype == np.uint16:  # stored bf16 bits
@@ -322,7 +322,7 @@ def compare_datasets(a: "xr.Dataset", b: "xr.Dataset", *, rtol: float | None = N
     """
     import numpy as np
 
-    from pipeline import schema
+    from qkov.pipeline import schema
 
     out: list[str] = []
     where = f"{what}: " if what else ""
@@ -429,9 +429,9 @@ def plant_heads(run: str | Path, *, conflict: Iterable[Slice] = (), sharing: Ite
     import numpy as np
     import zarr
 
-    from pipeline import schema as S
-    from pipeline.stats_stage import rerun_stats, slice_statistics
-    from pipeline.store import RunStore
+    from qkov.pipeline import schema as S
+    from qkov.pipeline.stats_stage import rerun_stats, slice_statistics
+    from qkov.pipeline.store import RunStore
 
     store = RunStore(str(run))
     scores = store.open_scores()

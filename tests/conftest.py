@@ -33,7 +33,7 @@ def tmp_run(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def report_run(tmp_path_factory) -> str:
     """One finished tiny run (tasks "math" and "code") that the report tests read and never change."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp_path_factory.mktemp("report"), "llama_gqa", n_a=8, n_b=6,
@@ -45,6 +45,6 @@ def report_run(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def report_page(report_run) -> Path:
     """The report of `report_run` (its page, report.html)."""
-    from pipeline.report import make_report
+    from qkov.pipeline.report import make_report
 
     return make_report(report_run)

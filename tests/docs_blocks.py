@@ -117,7 +117,7 @@ def run_command(line: str, cwd: Path, env: dict) -> tuple[int, str]:
     if argv[0] == "qkov":
         from typer.testing import CliRunner
 
-        from pipeline.cli import app
+        from qkov.pipeline.cli import app
 
         args = argv[1:]
         if args[:1] == ["run"] and "--inline" not in args:

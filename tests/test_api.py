@@ -20,7 +20,7 @@ def _cli(*args, env: dict | None = None):
     """`qkov ARGS` in-process: (exit code, stdout + stderr, stdout)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     res = CliRunner().invoke(app, [str(a) for a in args], env=env)
     if res.exception is not None and not isinstance(res.exception, SystemExit):
@@ -72,8 +72,8 @@ def test_a_script_without_a_main_guard_runs_on_the_embedded_cluster(done, tmp_pa
     4.0 seconds, killing" (each worker's final garbage collection over torch's objects outlasted
     the grace period; the CLI closes its cluster through the same `cluster_client`). The one
     embedded cluster of this module; `python -c` and `python -m` mains: the test below."""
-    from pipeline import schema
-    from pipeline.store import RunStore
+    from qkov.pipeline import schema
+    from qkov.pipeline.store import RunStore
     from qkov.testing import assert_runs_close, write_job_file
 
     _, job, ref = done
@@ -99,7 +99,7 @@ def test_worker_processes_are_spawned_without_the_main_module():
     import types
     from multiprocessing import spawn
 
-    from pipeline.cluster import WORKER_PROCESS_NAME, workers_without_main
+    from qkov.pipeline.cluster import WORKER_PROCESS_NAME, workers_without_main
 
     import inspect
 
@@ -136,7 +136,7 @@ def test_answers_hold_what_the_headline_tables_show_and_round_trip_through_csv(d
     import pandas as pd
 
     import qkov
-    from pipeline.query import _cells, headline_tables
+    from qkov.pipeline.query import _cells, headline_tables
 
     run = done[2]
     qkov.run_stats(run, alpha=0.99, name="loose")
@@ -293,7 +293,7 @@ def test_query_through_a_pipe_prints_every_cell_whole(done, tmp_path):
     """stdout a pipe: tables 160 columns wide, no cell cut to `…` (80 columns cut the head's tables)."""
     run = done[2]
     queries = [["query", str(run), "--layer", "1", "--head", "2", "--top", "5"], ["query", str(run)]]
-    code = ("import sys; from typer.main import get_command; from pipeline.cli import app\n"
+    code = ("import sys; from typer.main import get_command; from qkov.pipeline.cli import app\n"
             f"for args in {queries!r}:\n    get_command(app).main(args, standalone_mode=False)\n    print('=' * 8, flush=True)")
     proc = _subprocess(["-c", code], tmp_path)
     out, err = proc.communicate(timeout=300)
@@ -327,7 +327,7 @@ def test_a_named_rerun_compares_with_its_own_group_and_speaks_each_callers_langu
     seed 0 against the group's 3 refused an unchanged rerun); 6e: the CLI names flags, the
     API parameters ("pass replace=True (--replace)" before)."""
     import qkov
-    from pipeline.errors import StatsStageError
+    from qkov.pipeline.errors import StatsStageError
 
     run = done[2]
     code, text, _ = _cli("stats", run, "--n-permutations", 19, "--name", "strict")  # the group's own settings
@@ -344,7 +344,7 @@ def test_a_named_rerun_compares_with_its_own_group_and_speaks_each_callers_langu
 
 def test_run_refusals_name_the_api_parameters_in_python(done):
     import qkov
-    from pipeline.errors import StoreError, UsageError
+    from qkov.pipeline.errors import StoreError, UsageError
 
     _, job, out = done
     with pytest.raises(StoreError) as e:
@@ -356,8 +356,8 @@ def test_run_refusals_name_the_api_parameters_in_python(done):
 
 def test_the_report_header_shows_sketch_settings_only_in_sketch_mode(done):
     """6c: an exact run's header said sketch_dim=4096 (the config's default, which it never used)."""
-    from pipeline.report import _score_settings, render_html, run_info
-    from pipeline.store import RunStore
+    from qkov.pipeline.report import _score_settings, render_html, run_info
+    from qkov.pipeline.store import RunStore
 
     store = RunStore(str(done[2]))
     info = run_info(store, store.open_stats())

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # what worker code may use from the client side: the small shared floor
-WORKER_FLOOR = {"pipeline.spec", "pipeline.schema", "pipeline.store", "pipeline.errors"}
+WORKER_FLOOR = {"qkov.pipeline.spec", "qkov.pipeline.schema", "qkov.pipeline.store", "qkov.pipeline.errors"}
 
 
 def imports_of(path: Path, root: Path = ROOT) -> set[str]:
@@ -69,22 +69,22 @@ def test_rule_checker_catches_an_upward_import(tmp_path):
     shutil.copytree(ROOT / "workers", tmp_path / "workers", ignore=shutil.ignore_patterns("__pycache__"))
     assert upward_imports(tmp_path) == {}
     (tmp_path / "workers" / "_probe_upward.py").write_text(
-        "from pipeline.score import block_scores\n\ndef later():\n    from pipeline import stats\n", encoding="utf-8")
-    assert upward_imports(tmp_path) == {"_probe_upward.py": ["pipeline.score", "pipeline.stats"]}
+        "from qkov.pipeline.score import block_scores\n\ndef later():\n    from pipeline import stats\n", encoding="utf-8")
+    assert upward_imports(tmp_path) == {"_probe_upward.py": ["qkov.pipeline.score", "qkov.pipeline.stats"]}
 
 
 def test_every_user_error_class_is_in_the_one_family():
-    from pipeline import errors
+    from qkov.pipeline import errors
 
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.QkovError), name
     # the classes are re-exported where they were raised before, not redefined
-    from pipeline.cluster import ClusterError
-    from pipeline.spec import JobFileError
-    from workers.layouts import UnsupportedModelError
-    from workers.models import ModelLoadError
-    from workers.tasks import TaskFileError
+    from qkov.pipeline.cluster import ClusterError
+    from qkov.pipeline.spec import JobFileError
+    from qkov.workers.layouts import UnsupportedModelError
+    from qkov.workers.models import ModelLoadError
+    from qkov.workers.tasks import TaskFileError
 
     for cls in (ClusterError, JobFileError, UnsupportedModelError, ModelLoadError, TaskFileError):
         assert cls is getattr(errors, cls.__name__)
@@ -136,7 +136,7 @@ def parity_problems(cmd: str, cli: list[str], api: list[str], job: dict[str, str
 
 def test_every_cli_parameter_is_the_api_parameter_of_the_same_name():
     import qkov
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     commands = {c.callback.__name__: c.callback for c in app.registered_commands}
     assert set(commands) == set(PARITY), f"CLI commands without an API mapping: {set(commands) ^ set(PARITY)}"

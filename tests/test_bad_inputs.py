@@ -19,9 +19,9 @@ import xarray as xr
 import zarr
 from typer.testing import CliRunner
 
-from pipeline import schema
-from pipeline.cli import app
-from pipeline.store import acquire_lock, release_lock
+from qkov.pipeline import schema
+from qkov.pipeline.cli import app
+from qkov.pipeline.store import acquire_lock, release_lock
 from qkov.testing import VOCAB, save_model, tiny_job, tiny_model, write_job_file
 
 runner = CliRunner()
@@ -258,7 +258,7 @@ def test_nonfinite_skip_records_and_excludes_the_samples(env, nan_job):
         assert np.isfinite(g).all()
         np.testing.assert_allclose(fisher[b].values, ema_with_skipped_as_zero(g, finite, 0.9, 3), rtol=1e-5, atol=0)
 
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     scores = RunStore(str(out)).open_scores()  # the logical view of the compactly stored scores
     kept_a = [i for i, f in zip(ids[:6], finite[:6]) if f]

@@ -1,6 +1,6 @@
 """The forgetting benchmark's own parts (benchmarks/bench_forgetting.py), on a tiny model: its
 slice scores, computed in parameter space from head semantics, equal the prediction check's
-transfer (workers.prediction.transfer_all); every strategy freezes as many weights; a frozen
+transfer (qkov.workers.prediction.transfer_all); every strategy freezes as many weights; a frozen
 slice does not move under fine-tuning and only the chosen slices move when they alone train."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import torch
 
 from benchmarks import bench_forgetting as bf
 from qkov.testing import VOCAB, tiny_model
-from workers import prediction as P
-from workers.layouts import discover_layout
-from workers.losses import loss_task_for
+from qkov.workers import prediction as P
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import loss_task_for
 
 
 @pytest.fixture(scope="module")

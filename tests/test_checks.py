@@ -13,15 +13,15 @@ import pytest
 import zarr
 from scipy.stats import spearmanr
 
-from pipeline import checks, schema
-from pipeline.checks import (
+from qkov.pipeline import checks, schema
+from qkov.pipeline.checks import (
     CHECK_NAMES, ablation_cases, block_region, discordant_pairs, fully_ablated_kv, open_checks, pair_scores,
     qkv_output_mask, rank_correlation, run_checks, whole_scores,
 )
-from pipeline.spec import parse_job
-from pipeline.store import RunStore
-from workers.layouts import discover_layout
-from workers.slicing import BlockSlicing, ParamPart
+from qkov.pipeline.spec import parse_job
+from qkov.pipeline.store import RunStore
+from qkov.workers.layouts import discover_layout
+from qkov.workers.slicing import BlockSlicing, ParamPart
 from qkov.testing import ARCHITECTURES, ENCODERS, VOCAB, tiny_job, tiny_model, write_task_file
 
 ROOT = Path(__file__).resolve().parents[1]

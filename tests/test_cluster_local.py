@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from distributed.worker_memory import parse_memory_limit
 
-from pipeline.cluster import GPU_RESOURCE, gpu_worker_options
-from pipeline.spec import ClusterSpec
+from qkov.pipeline.cluster import GPU_RESOURCE, gpu_worker_options
+from qkov.pipeline.spec import ClusterSpec
 
 
 def test_one_gpu_worker_gets_one_thread_and_all_memory():
@@ -34,7 +34,7 @@ def test_gpu_cluster_starts_workers_with_those_options():
     """The options reach real workers (a GPU label on a CPU machine only routes extraction)."""
     from distributed import Client
 
-    from pipeline.cluster import gpu_cluster
+    from qkov.pipeline.cluster import gpu_cluster
 
     opts = gpu_worker_options(ClusterSpec(threads_per_worker=2), n_gpu=1, n_cpu=2)
     with gpu_cluster(opts) as cluster, Client(cluster) as client:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import schema
-from pipeline.run import run_job
-from pipeline.store import RunStore
+from qkov.pipeline import schema
+from qkov.pipeline.run import run_job
+from qkov.pipeline.store import RunStore
 from qkov.testing import tiny_job
 
 N_A, N_B = 6, 5
@@ -106,8 +106,8 @@ def test_scores_bytes_against_the_per_query_head_layout(runs):
 def test_statistics_from_the_score_tasks_sums_equal_those_from_the_stored_pairs(runs):
     """A float32 run's stats stage reads the sums its score tasks reduced, not the N×N scores;
     the same statistics computed from the stored pair scores agree to float rounding."""
-    from pipeline.stats_stage import compute_stats
-    from pipeline.spec import StatsSpec
+    from qkov.pipeline.stats_stage import compute_stats
+    from qkov.pipeline.spec import StatsSpec
 
     store = runs["float32"]
     scores = store.open_scores()

@@ -29,7 +29,7 @@ REPORT = ("report", "run", "--out", "page")
 def intact(tmp_path_factory):
     """A finished tiny run keeping its top pairs (keep_pairs = "top": its own arrays, read by
     query and report), and what each command answers on it."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import tiny_job
 
     tmp = tmp_path_factory.mktemp("damage")
@@ -46,7 +46,7 @@ def _invoke(folder: Path, args) -> tuple[int, str, str]:
 
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     here = os.getcwd()
     os.chdir(folder)

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.cluster import ClusterError, environment_problems, kube_resources, kube_workers, parse_profile, slurm_cluster
-from pipeline.spec import load_job, parse_job
+from qkov.pipeline.cluster import ClusterError, environment_problems, kube_resources, kube_workers, parse_profile, slurm_cluster
+from qkov.pipeline.spec import load_job, parse_job
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -44,7 +44,7 @@ def parse_command(argv: list[str]) -> dict:
     if argv[:2] == ["qkov", "run"]:
         import typer
 
-        from pipeline.cli import app
+        from qkov.pipeline.cli import app
 
         group = typer.main.get_command(app)
         parent = group.make_context("qkov", ["run"], resilient_parsing=True)
@@ -428,9 +428,9 @@ def test_worker_probe_runs_where_qkov_cannot_be_imported():
     """The environment probe travels by value: a worker without qkov can unpickle and run it."""
     import cloudpickle
 
-    from pipeline.cluster import _by_value, environment
+    from qkov.pipeline.cluster import _by_value, environment
 
-    code = ("import sys, pickle, json; sys.modules['pipeline'] = sys.modules['workers'] = None; "
+    code = ("import sys, pickle, json; sys.modules['qkov'] = None; "
             "print(json.dumps(pickle.loads(sys.stdin.buffer.read())()))")
     out = subprocess.run([sys.executable, "-c", code], input=cloudpickle.dumps(_by_value(environment)),
                          capture_output=True, check=True, cwd="/")
@@ -482,7 +482,7 @@ def test_dockerfile_smoke_test_runs_a_tiny_job_from_the_installed_package():
     assert [c[:2] for c in commands] == [["qkov", "run"], ["qkov", "query"]]
     from typer.main import get_command
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     cli = get_command(app)
     for argv in commands:  # each command line parses with the real CLI

@@ -11,12 +11,12 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from pipeline import schema as S
-from pipeline.diagnostics import (HEALTH_VARS as D_HEALTH, OUTLIER_Z, fisher_health, head_diagnostics, modified_z, other_task_means,
+from qkov.pipeline import schema as S
+from qkov.pipeline.diagnostics import (HEALTH_VARS as D_HEALTH, OUTLIER_Z, fisher_health, head_diagnostics, modified_z, other_task_means,
                                   resolve_samples)
-from pipeline.errors import QkovError, UsageError
-from pipeline.executors import InlineExecutor
-from pipeline.store import RunStore
+from qkov.pipeline.errors import QkovError, UsageError
+from qkov.pipeline.executors import InlineExecutor
+from qkov.pipeline.store import RunStore
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::zarr.errors.UnstableSpecificationWarning"),
@@ -31,7 +31,7 @@ N_A, N_B = 10, 8
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
     """One real tiny run (Llama GQA: 4 query heads, 2 KV heads, 2 layers)."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import tiny_job
 
     tmp = tmp_path_factory.mktemp("diag")
@@ -47,7 +47,7 @@ def _copy(job, tmp_path, name):
 
 
 def _rescore(store, job):
-    from pipeline.score import run_score
+    from qkov.pipeline.score import run_score
 
     run_score(store, job, InlineExecutor())
     return store.open_dataset(S.DIAGNOSTICS).load()
@@ -223,7 +223,7 @@ def _reference_without(scores: xr.Dataset, drop_ids: list[str]) -> xr.Dataset:
 
 
 def test_exclude_equals_stats_of_the_stored_scores_without_those_rows_and_columns(base_run, tmp_path):
-    from pipeline.stats_stage import compute_stats, rerun_stats, stats_settings
+    from qkov.pipeline.stats_stage import compute_stats, rerun_stats, stats_settings
     from qkov.testing import compare_datasets
 
     store = _copy(base_run, tmp_path, "run")
@@ -246,7 +246,7 @@ def test_exclude_equals_stats_of_the_stored_scores_without_those_rows_and_column
 
 
 def test_exclude_from_the_cli_unknown_ids_and_silent_replacement_are_refused(base_run, tmp_path):
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     store = _copy(base_run, tmp_path, "run")
     runner = CliRunner()
@@ -280,7 +280,7 @@ def test_resolve_samples_ambiguous_and_task_qualified_ids():
 
 
 def test_query_warns_when_top_pairs_are_dominated_by_a_flagged_sample(planted):
-    from pipeline.query import format_query, query_head
+    from qkov.pipeline.query import format_query, query_head
     from rich.console import Console
 
     store, diag, k, _ = planted
@@ -316,7 +316,7 @@ def test_head_diagnostics_warning_rule(planted):
 
 
 def test_report_has_a_health_panel(planted, tmp_path):
-    from pipeline.report import make_report
+    from qkov.pipeline.report import make_report
 
     store, diag, k, _ = planted
     page = make_report(store.path, out_dir=tmp_path / "rep").read_text(encoding="utf-8")
@@ -330,7 +330,7 @@ def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_sli
     k >= P the projection is injective, so every diagnostic equals exact mode's (float rounding)."""
     from pathlib import Path
 
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import tiny_job
 
     exact = RunStore(base_run.output.path).open_dataset(S.DIAGNOSTICS).load()
@@ -346,7 +346,7 @@ def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_sli
     near = np.abs(exact[S.OUTLIER_SCORE].values - OUTLIER_Z) < 1e-3  # rounding may tip a value sitting on the cut
     assert np.array_equal(sk[S.OUTLIER].values[~near], exact[S.OUTLIER].values[~near])
     # and from the sketches alone (keep_pairs runs store no N×N scores)
-    from pipeline.diagnostics import diagnostics_dataset
+    from qkov.pipeline.diagnostics import diagnostics_dataset
 
     store = RunStore(job.output.path)
     got = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), _without_pairs(store.open_scores()))
@@ -370,14 +370,14 @@ def _assert_same_diagnostics(got: xr.Dataset, want: xr.Dataset) -> None:
 
 def test_without_stored_pairs_the_diagnostics_come_from_the_operands(planted):
     """keep_pairs runs store no N×N scores: means over the other task are u_i·v̄ and ū·v_i, A_ii = Σ u_i."""
-    from pipeline.diagnostics import diagnostics_dataset
+    from qkov.pipeline.diagnostics import diagnostics_dataset
 
     store, diag, _, _ = planted
     scores = _without_pairs(store.open_scores())
     assert S.pooled_name("interference") not in scores
     got = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), scores)
     _assert_same_diagnostics(got, diag)
-    from pipeline.diagnostics import without_samples
+    from qkov.pipeline.diagnostics import without_samples
 
     with pytest.raises(UsageError, match="stored pair scores"):  # nothing to leave samples out of
         without_samples(scores, np.array([0]))

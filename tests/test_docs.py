@@ -102,7 +102,7 @@ def _resolve(dotted: str):
 
 
 def test_docs_name_only_python_objects_that_exist():
-    """`pipeline.schema.fold_symmetric`, `qkov.run(job)`, `workers.kernels.side_parts`, …:
+    """`qkov.pipeline.schema.fold_symmetric`, `qkov.run(job)`, `qkov.workers.kernels.side_parts`, …:
     every dotted name of qkov's packages that a page shows in `code` can be imported."""
     name_re = re.compile(r"^((?:qkov|pipeline|workers)(?:\.\w+)+)(?:\(|$)")
     missing, seen = [], set()
@@ -117,7 +117,7 @@ def test_docs_name_only_python_objects_that_exist():
             except (ImportError, AttributeError):
                 missing.append(f"{page.relative_to(ROOT)}: {m.group(1)}")
     assert not missing, f"names that do not exist: {missing}"
-    assert {"qkov.testing.SUPPORTED", "pipeline.schema.fold_symmetric"} <= seen
+    assert {"qkov.testing.SUPPORTED", "qkov.pipeline.schema.fold_symmetric"} <= seen
 
 
 def test_every_code_block_is_of_a_kind_the_tests_run_or_show():
@@ -146,7 +146,7 @@ def test_site_builds_in_strict_mode(tmp_path):
     home = (site / "index.html").read_text(encoding="utf-8")
     assert "A 10-minute walk" in home and 'href="cluster/"' in home
     job_file = (site / "job-file" / "index.html").read_text(encoding="utf-8")
-    from pipeline.spec import JobSpec, ScoreSpec
+    from qkov.pipeline.spec import JobSpec, ScoreSpec
 
     for section in JobSpec.model_fields:
         assert f"[{section}" in job_file
@@ -155,7 +155,7 @@ def test_site_builds_in_strict_mode(tmp_path):
     cli = (site / "cli" / "index.html").read_text(encoding="utf-8")
     import typer
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     commands = list(typer.main.get_command(app).commands)
     assert {"run", "stats", "query", "info", "report", "check", "plan", "validate", "demo"} <= set(commands)
@@ -255,8 +255,8 @@ def docs_work(tmp_path_factory) -> dict[str, Path]:
 
 
 def _make_docs_work(base: Path) -> None:
-    from pipeline.run import run_job
-    from pipeline.spec import load_job
+    from qkov.pipeline.run import run_job
+    from qkov.pipeline.spec import load_job
     from qkov.testing import VOCAB, tiny_job, write_job_file, write_task_file
 
     template = base / "template"
@@ -312,7 +312,7 @@ def test_code_block_runs(block: db.Block, docs_work):
             code, out = db.run_command(line, cwd, _env())
             assert code == 0, f"{block.id}: `{line}` exited {code}:\n{out[-5000:]}"
     elif block.lang == "toml":
-        from pipeline.spec import parse_job
+        from qkov.pipeline.spec import parse_job
 
         import qkov
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from pipeline import stats as st
+from qkov.pipeline import stats as st
 
 ALPHA = 0.05
 
@@ -502,7 +502,7 @@ def synthetic_run_scores(seed: int = 0):
     them), the pooled matrices chunked along both sample axes. Returns (ds, g, fisher)."""
     import xarray as xr
 
-    from pipeline import schema as S
+    from qkov.pipeline import schema as S
 
     rng = np.random.default_rng(seed)
     kv_head = np.arange(HEADS) // (HEADS // KV)
@@ -530,8 +530,8 @@ def synthetic_run_scores(seed: int = 0):
 
 
 def test_stage_effects_match_gradients_and_pure_math():
-    from pipeline.spec import StatsSpec
-    from pipeline.stats_stage import compute_stats
+    from qkov.pipeline.spec import StatsSpec
+    from qkov.pipeline.stats_stage import compute_stats
 
     ds, g, fisher = synthetic_run_scores()
     settings = StatsSpec(**STAGE_SETTINGS)
@@ -596,7 +596,7 @@ def test_effects_of_a_real_run_against_stored_gradients(tmp_path):
     reference from the stored per-sample gradients, Fisher and damping; `qkov stats`
     (qkov.run_stats) reruns compute them too."""
     import qkov
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, stats={"n_permutations": 99, "n_bootstrap": 100})

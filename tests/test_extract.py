@@ -1,15 +1,15 @@
 """Extract stage: the gradient store, the Fisher, invariances, executors, resume."""
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import schema
-from pipeline.executors import DaskExecutor, InlineExecutor
-from pipeline.extract import pending_shards, plan_extract, run_extract
-from pipeline.run import prepare_output
+from qkov.pipeline import schema
+from qkov.pipeline.executors import DaskExecutor, InlineExecutor
+from qkov.pipeline.extract import pending_shards, plan_extract, run_extract
+from qkov.pipeline.run import prepare_output
 
 from qkov.testing import RTOL, assert_runs_close, compare_datasets, tiny_job
 
@@ -169,8 +169,8 @@ def test_provenance_keeps_storage_option_keys_not_credentials(tmp_path):
 def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_path):
     """Shards computed in groups (device compute overlapped with the previous shard's write)
     give the same store as one shard per task; groups never starve a device slot."""
-    from pipeline.extract import shard_groups, shard_tasks, plan_extract
-    from workers.writer import extract_shards
+    from qkov.pipeline.extract import shard_groups, shard_tasks, plan_extract
+    from qkov.workers.writer import extract_shards
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, extract={"shard_size": 2},
                    score={"storage_dtype": "bfloat16"}, output={"path": str(tmp_path / "grouped")})
@@ -185,7 +185,7 @@ def test_shard_groups_write_each_shard_once_and_equal_single_shard_tasks(tmp_pat
 
     single = job.model_copy(update={"output": job.output.model_copy(update={"path": str(tmp_path / "single")})})
     prepare_output(RunStore.of(single), single, resume=False, overwrite=True)
-    from pipeline.extract import write_template
+    from qkov.pipeline.extract import write_template
 
     write_template(RunStore.of(single), plan_extract(single), single)
     res = [r for t in shard_tasks(RunStore.of(single), plan_extract(single), single, list(range(len(plan.shards)))) for r in extract_shards((t,))]
@@ -203,8 +203,8 @@ def test_all_zero_gradient_chunks_are_written_and_not_called_lost(tmp_path, stor
     """A shard whose gradients are exactly 0 in a slice (an ablated head, skipped samples) still
     stores its chunk: zarr leaves all-fill chunks out by default, and the score stage's gate
     would then call a finished run damaged."""
-    from pipeline.extract import damaged_shards, shard_tasks, write_template
-    from workers.writer import compute_shard, write_shard
+    from qkov.pipeline.extract import damaged_shards, shard_tasks, write_template
+    from qkov.workers.writer import compute_shard, write_shard
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=2, n_b=2, extract={"shard_size": 2}, score={"storage_dtype": storage})
     store = RunStore.of(job)
@@ -227,8 +227,8 @@ def test_tasks_sharing_a_workers_model_take_turns(tmp_path):
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.extract import shard_tasks, write_template
-    from workers.writer import compute_shard
+    from qkov.pipeline.extract import shard_tasks, write_template
+    from qkov.workers.writer import compute_shard
 
     # shards of 4, 4, 4 and 3 samples, one batch each: a hook that saw another task's call
     # meets a batch of another size

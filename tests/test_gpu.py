@@ -1,15 +1,15 @@
 """GPU code paths give the CPU path's results (run on the device machine; skipped without CUDA)."""
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import numpy as np
 import pytest
 import torch
 
-from pipeline.executors import InlineExecutor
-from pipeline.extract import run_extract
-from pipeline.run import prepare_output
-from pipeline.score import score_dataset
+from qkov.pipeline.executors import InlineExecutor
+from qkov.pipeline.extract import run_extract
+from qkov.pipeline.run import prepare_output
+from qkov.pipeline.score import score_dataset
 from qkov.testing import tiny_job
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -64,7 +64,7 @@ def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
     """bf16-stored gradients are scored on the GPU as bf16 operands with float32 accumulation
     (the stage's raw-bits path); they agree with a float64 CPU reference on the same stored
     values to bf16 operand rounding (~2⁻⁸ per term, averaging out over the slice)."""
-    from workers.grads import has_bmm_out_dtype
+    from qkov.workers.grads import has_bmm_out_dtype
 
     if not has_bmm_out_dtype(torch.device("cuda")):
         pytest.skip("this torch has no torch.mm(out_dtype=float32): the stage keeps float32 operands")
@@ -84,7 +84,7 @@ def test_gpu_bf16_operands_for_bf16_storage(tmp_path):
 
 def test_bf16_rounding_on_the_device_equals_the_host():
     """Extraction rounds bf16 storage on the GPU before the copy; the bits equal the CPU's."""
-    from workers.writer import to_stored
+    from qkov.workers.writer import to_stored
 
     torch.manual_seed(0)
     x = torch.randn(100_000) * torch.logspace(-30, 3, 100_000)

@@ -1,4 +1,4 @@
-"""Per-sample gradients (workers.grads) and per-sample losses (workers.losses).
+"""Per-sample gradients (qkov.workers.grads) and per-sample losses (qkov.workers.losses).
 
 The reference throughout is the plain definition: each sample alone, unpadded,
 `loss.backward()` on transformers' own loss (`labels=`), reading `param.grad`.
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from workers.grads import per_sample_grads
-from workers.layouts import discover_layout
-from workers.losses import CausalLMLoss, SequenceClassificationLoss, loss_task_for
+from qkov.workers.grads import per_sample_grads
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import CausalLMLoss, SequenceClassificationLoss, loss_task_for
 from qkov.testing import VOCAB, random_batch, tiny_model
 from reference import per_sample_grads_loop
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import schema
-from pipeline.errors import QkovError
-from pipeline.run import run_job
-from pipeline.store import RunStore
+from qkov.pipeline import schema
+from qkov.pipeline.errors import QkovError
+from qkov.pipeline.run import run_job
+from qkov.pipeline.store import RunStore
 from qkov.testing import compare_datasets, tiny_job
 
 
@@ -64,8 +64,8 @@ def test_statistics_with_other_seeds_need_the_pair_scores(runs):
 def test_tiles_merge_to_the_same_sums_and_top_pairs(runs):
     """Score tiles of 5 samples (5 × 5 tiles per slice, A×B straddling them): the sums and top
     pairs reduced per tile and merged equal those of one whole-matrix tile."""
-    from pipeline.score import compact_scores
-    from pipeline.spec import StatsSpec
+    from qkov.pipeline.score import compact_scores
+    from qkov.pipeline.spec import StatsSpec
 
     store = runs["all"]
     stats = StatsSpec(n_permutations=99, n_bootstrap=49, alternative="two-sided")
@@ -90,8 +90,8 @@ def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
     """With direct reads (a local store) each tile is reduced inside its score task
     (`reduced_block_scores`); whole or in 5-sample tiles, its sums and top pairs equal the
     Dask-graph reduction of the same tiles (`slice_statistics`, `top_pairs_lazy`)."""
-    from pipeline.score import compact_scores
-    from pipeline.spec import StatsSpec
+    from qkov.pipeline.score import compact_scores
+    from qkov.pipeline.spec import StatsSpec
 
     store = runs["all"]
     stats = StatsSpec(n_permutations=99, n_bootstrap=49, alternative="two-sided")
@@ -115,7 +115,7 @@ def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
 def test_diagnostics_of_top_and_none_equal_those_of_all(runs):
     """The diagnostics a keep_pairs = "top" | "none" run reduces from its tiles on the device
     (norms, marginals, alignment diagonal) equal those computed from the stored pooled scores."""
-    from pipeline.diagnostics import open_diagnostics
+    from qkov.pipeline.diagnostics import open_diagnostics
 
     want = open_diagnostics(runs["all"])
     for keep in ("top", "none"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline import schema
+from qkov.pipeline import schema
 from qkov.testing import assert_runs_close, tiny_job
 
 # the workers' ATen kernels and (worker processes, threads each: an extraction task uses its
@@ -34,7 +34,7 @@ def _job(tmp, name: str):
 
 @pytest.fixture(scope="module")
 def inline_run(tmp_path_factory):
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
 
     tmp = tmp_path_factory.mktemp("kernels")
     job = _job(tmp, "inline")
@@ -46,8 +46,8 @@ def inline_run(tmp_path_factory):
 def test_workers_on_other_kernels_give_the_same_run(inline_run, variation, monkeypatch):
     from distributed import Client, LocalCluster
 
-    from pipeline.run import run_job
-    from pipeline.store import RunStore
+    from qkov.pipeline.run import run_job
+    from qkov.pipeline.store import RunStore
 
     tmp, ref = inline_run
     job = _job(tmp, variation)

@@ -14,9 +14,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline import schema
-from pipeline.run import run_job
-from pipeline.store import RunStore
+from qkov.pipeline import schema
+from qkov.pipeline.run import run_job
+from qkov.pipeline.store import RunStore
 from qkov.testing import assert_runs_close, tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference
     group1 = out / schema.layer_group_path(1)
     log = tmp_path / "run.log"
     with log.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(toml), "--inline"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "qkov.pipeline.cli", "run", str(toml), "--inline"], cwd=ROOT,
                                 env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sink, stderr=subprocess.STDOUT)
     try:
         start = time.monotonic()
@@ -104,7 +104,7 @@ def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=60)
-    res = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(toml), "--inline", "--resume"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "qkov.pipeline.cli", "run", str(toml), "--inline", "--resume"], cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     text = " ".join((res.stdout + res.stderr).split())
@@ -116,7 +116,7 @@ def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference
 def test_the_disk_budget_sets_the_layer_groups(reference, tmp_path):
     """Without layers_per_group, a keep_gradients = false run takes as many layers per group as
     fit beside the results: a budget that holds one layer's gradients, not two, gives two groups."""
-    from pipeline.plan import plan
+    from qkov.pipeline.plan import plan
 
     tmp, ref = reference
     one = plan(_grouped(ref, tmp_path / "run", layers_per_group=1))
@@ -138,7 +138,7 @@ def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_pa
     a stopped run's half-deleted sub-runs are removed when it resumes."""
     import shutil
 
-    from pipeline import layer_groups as lg
+    from qkov.pipeline import layer_groups as lg
 
     rmtree = shutil.rmtree
 

@@ -1,6 +1,6 @@
 """Attention-layout discovery: exact partitions, and behaviour, for every required architecture.
 
-References are written here independently of `workers.layouts`: head sizes per
+References are written here independently of `qkov.workers.layouts`: head sizes per
 architecture, the slicing formulas of each transformers `_split_heads`, and the
 model's own behaviour (gradients after ablating a head, attention patterns after
 zeroing a slice or one position of a projection output).
@@ -17,15 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.spec import LayoutSpec
-from workers.layouts import UnsupportedModelError, discover_layout
-from workers.slicing import assemble, slice_all, slice_block
+from qkov.pipeline.spec import LayoutSpec
+from qkov.workers.layouts import UnsupportedModelError, discover_layout
+from qkov.workers.slicing import assemble, slice_all, slice_block
 from qkov.testing import SUPPORTED, VOCAB, random_batch, tiny_model
 from reference import reference_head_slice
 
 D_MODEL = 32
 # The support matrix (qkov.testing.SUPPORTED) states, per architecture and independently of
-# workers.layouts, the layout kind, the head counts, where O lives and how weights are stored.
+# qkov.workers.layouts, the layout kind, the head counts, where O lives and how weights are stored.
 CASES = list(SUPPORTED)
 
 
@@ -109,7 +109,7 @@ def test_slices_partition_the_projection_tensors(case, include_bias):
 def test_every_known_arrangement_is_in_the_support_matrix():
     """Each arrangement discovery knows is exercised by a tiny model of qkov.testing.SUPPORTED
     (so the parametrised tests cover it), and each has one of the kinds slicing implements."""
-    from workers.layouts import KINDS, KNOWN_ARRANGEMENTS
+    from qkov.workers.layouts import KINDS, KNOWN_ARRANGEMENTS
 
     assert {a.kind for a in KNOWN_ARRANGEMENTS} <= set(KINDS)
     covered = set()

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.spec import ModelSpec
-from workers import models
-from workers.models import (
+from qkov.pipeline.spec import ModelSpec
+from qkov.workers import models
+from qkov.workers.models import (
     ModelLoadError, ensure_cached, load_model, load_tokenizer, model_identity, weights_hash,
 )
 from qkov.testing import VOCAB, random_batch, save_model, tiny_model

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.plan import du, plan
-from pipeline.run import run_job
+from qkov.pipeline.cli import app
+from qkov.pipeline.plan import du, plan
+from qkov.pipeline.run import run_job
 from qkov.testing import tiny_job, write_job_file
 
 

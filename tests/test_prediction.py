@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from workers import prediction as P
-from workers.layouts import discover_layout
-from workers.losses import loss_task_for
-from workers.slicing import BlockSlicing, ParamPart, slice_block
+from qkov.workers import prediction as P
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import loss_task_for
+from qkov.workers.slicing import BlockSlicing, ParamPart, slice_block
 from qkov.testing import VOCAB, tiny_model
 
 ETA_TINY = 2e-5  # tiny random models have sharp curvature: a smaller step than SmolLM2's
@@ -156,7 +156,7 @@ def test_too_large_a_step_fails(tiny):
 
 # ---------------------------------------------------------------- every registered layout passes at the default η
 
-# one tiny model per arrangement of workers.layouts.KNOWN_ARRANGEMENTS: (label, O projection) -> SUPPORTED key
+# one tiny model per arrangement of qkov.workers.layouts.KNOWN_ARRANGEMENTS: (label, O projection) -> SUPPORTED key
 ARRANGEMENT_ARCH = {
     ("split", "o_proj"): "llama_gqa", ("split", "out_proj"): "opt", ("split", "dense"): "phi",
     ("bert-split", "output.dense"): "bert", ("gpt2-conv1d", "c_proj"): "gpt2", ("fused-qkv", "o_proj"): "phi3",
@@ -166,7 +166,7 @@ ARRANGEMENT_ARCH = {
 
 
 def test_every_arrangement_has_a_prediction_case():
-    from workers.layouts import KNOWN_ARRANGEMENTS
+    from qkov.workers.layouts import KNOWN_ARRANGEMENTS
 
     assert set(ARRANGEMENT_ARCH) == {(a.architecture, a.proj["o"]) for a in KNOWN_ARRANGEMENTS}
 
@@ -255,9 +255,9 @@ def test_prediction_on_smollm2():
     10 slices: error 3.3 %, ratio 2.04, but ρ 0.93: ten slices are too few for a stable ρ.)"""
     from pathlib import Path
 
-    from pipeline.spec import ModelSpec, TaskSpec
-    from workers.models import load_model, load_tokenizer
-    from workers.tasks import load_task
+    from qkov.pipeline.spec import ModelSpec, TaskSpec
+    from qkov.workers.models import load_model, load_tokenizer
+    from qkov.workers.tasks import load_task
 
     data = Path(__file__).resolve().parents[1] / "pipeline" / "data"
     spec = ModelSpec(name="smollm2-135m", dtype="float32", attn_implementation="sdpa", max_length=24)
@@ -307,8 +307,8 @@ def test_replaying_earlier_layers_changes_nothing(arch):
 
 
 def test_run_checks_writes_the_prediction_check(tmp_path):
-    from pipeline import checks
-    from pipeline.checks import open_checks, run_checks
+    from qkov.pipeline import checks
+    from qkov.pipeline.checks import open_checks, run_checks
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=6, min_len=6, max_len=14)
@@ -337,8 +337,8 @@ def test_run_checks_prediction_fails_with_a_wrong_o_slicing(tmp_path, monkeypatc
     head's columns, the scored slice is rows, and the prediction check fails."""
     import dataclasses
 
-    from pipeline import checks
-    from pipeline.checks import run_checks
+    from qkov.pipeline import checks
+    from qkov.pipeline.checks import run_checks
     from qkov.testing import tiny_job
 
     def o_rows(layout):

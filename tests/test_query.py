@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.errors import QkovError
-from pipeline import schema
-from pipeline.query import format_query, format_significant, query_head, significant_heads
+from qkov.pipeline.errors import QkovError
+from qkov.pipeline import schema
+from qkov.pipeline.query import format_query, format_significant, query_head, significant_heads
 
 WORDS = ["<unk>", "<s>"] + "one two three four five plus minus equals times def return print if else for in range x y z".split()
 MAX_LENGTH = 64  # tokens; 64 words are > 200 characters, so long rows show the preview cut
@@ -29,7 +29,7 @@ def _word_tokenizer():
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """A real run: task A from text (long and short rows), task B pre-tokenised; Llama GQA (4 q-heads, 2 KV)."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import save_model, tiny_job, tiny_model
 
     tmp = tmp_path_factory.mktemp("query")
@@ -76,7 +76,7 @@ def test_stats_equal_the_stats_group(text_run):
 @pytest.mark.parametrize("score", ["interference", "alignment"])
 def test_top_pairs_follow_an_argsort_of_the_stored_scores(text_run, score):
     run, _ = text_run
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     scores = RunStore(run).open_scores()  # the logical view of the compactly stored scores
     layer, head, top = 1, 2, 7
@@ -240,7 +240,7 @@ def _planted_stats() -> xr.Dataset:
 def test_headline_tables_answer_each_question_with_its_direction():
     from rich.console import Console
 
-    from pipeline.query import QUESTIONS, format_headlines, headline_tables
+    from qkov.pipeline.query import QUESTIONS, format_headlines, headline_tables
 
     tables = {t["key"]: t for t in headline_tables(_planted_stats(), top=10)}
     assert {k: t["question"] for k, t in tables.items()} == QUESTIONS
@@ -281,7 +281,7 @@ def test_named_stats_and_url_runs(text_run):
     """`stats_name` reads the statistics written by `qkov stats --name`; a run behind an fsspec URL reads the same."""
     import fsspec
 
-    from pipeline.spec import StatsSpec
+    from qkov.pipeline.spec import StatsSpec
     import qkov
 
     run, _ = text_run
@@ -309,7 +309,7 @@ def test_every_stats_variable_and_score_says_question_units_direction(text_run):
     """The house rule on a real run: every variable of the stats group (the labels-null ones,
     `in_family`, the effects and layer tests alike) and the logical scores' `interference` and
     `alignment` carry `question`, `units` and `direction`."""
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     store = RunStore(text_run[0])
     stats, scores = store.open_stats(), store.open_scores()
@@ -326,7 +326,7 @@ def test_alignment_marginals_are_the_transfer_tests_row_and_column_means(text_ru
     first, each contribution adding up to transfer over its task."""
     from rich.console import Console
 
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     run, _ = text_run
     scores = RunStore(run).open_scores()
@@ -350,7 +350,7 @@ def test_alignment_marginals_are_the_transfer_tests_row_and_column_means(text_ru
 def test_one_sided_verdicts_do_not_read_not_significant():
     """Under a one-sided labels null an effect on the untested side is "not tested", never "not
     significant" beside a CI far from 0; two-sided keeps "not significant"."""
-    from pipeline.query import direction_words, one_sided_words
+    from qkov.pipeline.query import direction_words, one_sided_words
 
     row = {"direction": 0, "effect": -130.0}
     assert direction_words(row, alternative="greater") == "not tested (greater: one-sided)"

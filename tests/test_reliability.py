@@ -25,10 +25,10 @@ import torch
 import xarray as xr
 from typer.testing import CliRunner
 
-from pipeline import schema
-from pipeline.cli import app
-from pipeline.run import run_job
-from pipeline.store import RunStore, StoreError, _lock_is_stale, acquire_lock, read_lock
+from qkov.pipeline import schema
+from qkov.pipeline.cli import app
+from qkov.pipeline.run import run_job
+from qkov.pipeline.store import RunStore, StoreError, _lock_is_stale, acquire_lock, read_lock
 from qkov.testing import tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +147,7 @@ def test_client_killed_mid_run_resume_finishes_identical(reference, tmp_path):
                           cluster={"n_workers": 1, "threads_per_worker": 1})
     log = tmp_path / "client.log"
     with log.open("w") as sink:
-        client = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(toml)], cwd=ROOT,
+        client = subprocess.Popen([sys.executable, "-m", "qkov.pipeline.cli", "run", str(toml)], cwd=ROOT,
                                   env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=sink, stderr=subprocess.STDOUT)
     workers: list[psutil.Process] = []
     try:

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import schema
-from pipeline.run import run_job
+from qkov.pipeline import schema
+from qkov.pipeline.run import run_job
 from qkov.testing import assert_runs_close, tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def qkov(*args: str):
     """The `qkov` command line, in this process (torch is imported once, not per command)."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     res = CliRunner().invoke(app, list(args))
     assert res.exit_code == 0, f"qkov {' '.join(args)} failed ({res.exit_code}):\n{res.output[-4000:]}\n{res.exception!r}"
@@ -187,7 +187,7 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
     cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
     cfg["output"]["path"] = str(tmp / "run-remote")
     jobfile = write_job(tmp / "remote.toml", cfg)
-    from pipeline.spec import load_job
+    from qkov.pipeline.spec import load_job
 
     assert load_job(jobfile).model_dump(mode="json") == cfg  # the command runs exactly this job
     t0 = time.time()
@@ -199,7 +199,7 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
 
     shards = [t for t in stream if key_split(t["key"]) == "extract_shards"]  # groups of consecutive shards
     n_shards = -(-(N_A + N_B) // SHARD)
-    per = max(1, min(4, n_shards // 2))  # pipeline.extract.shard_groups with the one GPU worker
+    per = max(1, min(4, n_shards // 2))  # qkov.pipeline.extract.shard_groups with the one GPU worker
     assert len({t["key"] for t in shards}) == -(-n_shards // per)
     assert {t["worker"] for t in shards} == {remote_cluster.gpu_worker}, "extraction ran on a worker without the GPU resource"
     # CPU stages are not pinned: the untagged worker takes part in scoring/statistics
@@ -212,9 +212,9 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
 def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remote_cluster, inline_run, s3_endpoint, monkeypatch):
     """Workers write the store to S3 (credentials from their environment, endpoint from the
     job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""
-    from pipeline.cluster import cluster_client
-    from pipeline.query import query as query_run
-    from pipeline.spec import parse_job
+    from qkov.pipeline.cluster import cluster_client
+    from qkov.pipeline.query import query as query_run
+    from qkov.pipeline.spec import parse_job
 
     tmp, job = inline_run
     url = f"s3://{BUCKET}/runs/tiny"
@@ -279,7 +279,7 @@ def _assert_json_close(a, b, where: str = "") -> None:
 def test_unreachable_scheduler_is_a_clear_error():
     import socket
 
-    from pipeline.cluster import ClusterError, connect
+    from qkov.pipeline.cluster import ClusterError, connect
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))

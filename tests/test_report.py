@@ -16,9 +16,9 @@ import pytest
 import xarray as xr
 from matplotlib.colors import to_rgb
 
-from pipeline import schema
-from pipeline.errors import QkovError
-from pipeline.report import HEATMAPS, colour_of, effect_figure, heatmap_data, heatmap_svg, make_report
+from qkov.pipeline import schema
+from qkov.pipeline.errors import QkovError
+from qkov.pipeline.report import HEATMAPS, colour_of, effect_figure, heatmap_data, heatmap_svg, make_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FIGURES = ("heatmap_differ", "heatmap_sharing", "heatmap_conflict", "summary_q")
@@ -97,8 +97,8 @@ def test_report_shows_no_machine_paths(run, report):
 
 
 def test_report_tables_name_their_question_and_direction(run, report):
-    from pipeline.query import QUESTIONS, headline_tables
-    from pipeline.store import RunStore
+    from qkov.pipeline.query import QUESTIONS, headline_tables
+    from qkov.pipeline.store import RunStore
 
     page = _parse(report)
     text = "".join(page.text)
@@ -205,7 +205,7 @@ def test_effect_heatmaps_share_one_centred_scale_and_marks_follow_direction():
 def test_one_outlying_cell_does_not_wash_out_the_scale():
     """Beyond 1.5× the 98th percentile of |effect| the shared scale stops (the demo: one head at
     −99.7% of chance, the next at −59%); the outlier takes the end colour and the bar says ≤."""
-    from pipeline.report import tick_label
+    from qkov.pipeline.report import tick_label
 
     L, H = 10, 6
     kv = np.repeat([0, 1], 3)
@@ -232,8 +232,8 @@ def test_one_outlying_cell_does_not_wash_out_the_scale():
 def test_old_statistics_without_effect_sizes_still_report(run, tmp_path):
     """Statistics written before the effect sizes: the differ map and table fall back to
     mean − null_mean; sharing and conflict say they need a rerun of `qkov stats`."""
-    from pipeline.query import headline_tables
-    from pipeline.store import RunStore
+    from qkov.pipeline.query import headline_tables
+    from qkov.pipeline.store import RunStore
 
     stats = RunStore(run).open_stats()
     old = stats[["mean", "null_mean", "p_value", "q_value", "significant", "p_fwer", "ci_low", "ci_high", "in_family"]]
@@ -270,7 +270,7 @@ def test_not_significant_cells_are_muted_and_sharing_reads_on_a_sequential_scale
     paler than a significant −0.3 (muted, hatched, on the page and in the figure alike), and
     sharing values of 0.90–0.99 must span the sequential scale, the stored `sharing` winning
     over the geometric mean of the directions."""
-    from pipeline.report import MUTE, sharing_of
+    from qkov.pipeline.report import MUTE, sharing_of
 
     L, H = 2, 4
     kv, fam = np.arange(H), np.ones((4, H), dtype=bool)
@@ -322,8 +322,8 @@ def test_figures_show_task_names_with_mathtext_characters_as_written(run):
     where the caller's session asks for LaTeX."""
     import matplotlib
 
-    from pipeline.report import figure_bytes, raw_mean_figure
-    from pipeline.store import RunStore
+    from qkov.pipeline.report import figure_bytes, raw_mean_figure
+    from qkov.pipeline.store import RunStore
 
     stats = RunStore(run).open_stats()
     tasks = ("a$b_c^d", "b_1_2$c\\")  # between the two $ of a title: "b_c^d × b_1_2", a double subscript
@@ -345,7 +345,7 @@ def planted(run, tmp_path_factory):
     flagged as a norm outlier where it fills the conflict head's top pairs, and its report."""
     import zarr
 
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
     from qkov.testing import plant_heads
 
     dst = tmp_path_factory.mktemp("planted") / "run"
@@ -380,10 +380,10 @@ def test_planted_heads_cannot_be_read_backwards(planted):
     and the sharing map; each table's own test is what "Evidence per block" plots; the
     samples driving the conflict are named; the top pairs panel carries `qkov query`'s
     outlier warning."""
-    from pipeline.diagnostics import head_diagnostics, open_diagnostics
-    from pipeline.query import headline_tables, query_head
-    from pipeline.report import evidence_figure, sharing_of
-    from pipeline.store import RunStore
+    from qkov.pipeline.diagnostics import head_diagnostics, open_diagnostics
+    from qkov.pipeline.query import headline_tables, query_head
+    from qkov.pipeline.report import evidence_figure, sharing_of
+    from qkov.pipeline.store import RunStore
 
     run, stats, page, heavy = planted
     html = page.read_text(encoding="utf-8")

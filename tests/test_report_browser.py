@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import schema
+from qkov.pipeline import schema
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,7 +257,7 @@ def test_hover_shows_mean_chance_effect_ci_and_q(page, run):
 
 @pytest.mark.parametrize("block", ["V", "O"])
 def test_clicking_a_cell_shows_its_top_pairs(page, run, block):
-    from pipeline.query import query_head
+    from qkov.pipeline.query import query_head
 
     sid = page.js(f"document.querySelector('svg.heat[data-kind=sharing] rect[data-id^=\"{block}-1-\"]').dataset.id")
     page.click(f"svg.heat[data-kind=sharing] rect[data-id='{sid}']")

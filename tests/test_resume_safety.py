@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import schema
-from pipeline.cli import app
-from pipeline.errors import StoreError, UsageError
-from pipeline.run import run_job
-from pipeline.store import DirectChunks, RunStore
+from qkov.pipeline import schema
+from qkov.pipeline.cli import app
+from qkov.pipeline.errors import StoreError, UsageError
+from qkov.pipeline.run import run_job
+from qkov.pipeline.store import DirectChunks, RunStore
 from qkov.testing import assert_runs_close, tiny_job, write_job_file
 
 VALUES = (schema.FISHER, schema.SCORES_GROUP, schema.DIAGNOSTICS, schema.STATS)
@@ -239,7 +239,7 @@ def test_exclude_matches_ids_exactly(env):
 def test_the_summary_never_offers_a_rerun_that_cannot_add_what_is_missing(env):
     """All sharing ratios / transfer tests undefined (NaN) in statistics that have them: the
     note says so, instead of "rerun `qkov stats` to add them"."""
-    from pipeline.query import headline_tables
+    from qkov.pipeline.query import headline_tables
 
     stats = RunStore(env[1].output.path).open_stats()
     for v in [v for v in stats.data_vars if str(v).startswith(("sharing", "transfer", "cosine"))]:

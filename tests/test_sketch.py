@@ -1,18 +1,18 @@
-"""Sketch mode: the seeded sparse projections (workers.sketch) and the two-pass pipeline."""
+"""Sketch mode: the seeded sparse projections (qkov.workers.sketch) and the two-pass pipeline."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.store import RunStore
-from workers.fisher import inverse_damped_fisher
+from qkov.pipeline.store import RunStore
+from qkov.workers.fisher import inverse_damped_fisher
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 from scipy.stats import spearmanr
 
-from pipeline import schema
-from workers.sketch import operands, projection, sketch, slice_seed
+from qkov.pipeline import schema
+from qkov.workers.sketch import operands, projection, sketch, slice_seed
 
 
 def dense(proj, size: int) -> torch.Tensor:
@@ -91,7 +91,7 @@ SMALL_K = 128
 
 
 def _run(tmp: Path, name: str, **score) -> Path:
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp, "llama_gqa", model_kwargs={"hidden_size": HIDDEN, "intermediate_size": 2 * HIDDEN},
@@ -198,7 +198,7 @@ def test_store_holds_only_sketches(runs):
 def test_sketch_matches_the_stored_fisher(runs):
     """The stored u sketch is S(g²/Î_reg) of an exact run's gradients and Fisher (same model)."""
     
-    from workers.sketch import sketch_block
+    from qkov.workers.sketch import sketch_block
 
     ge, gs = RunStore(str(runs["exact"])).open_gradients(), RunStore(str(runs["small"])).open_gradients()
     inv = inverse_damped_fisher(RunStore(str(runs["exact"])).open_fisher(), "K").compute()
@@ -221,9 +221,9 @@ def test_resume_redoes_only_the_unfinished_sketch_pass(runs, tmp_path):
 
     import zarr
 
-    from pipeline.executors import executor_for
-    from pipeline.extract import plan_extract, run_extract
-    from pipeline.spec import parse_job
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.extract import plan_extract, run_extract
+    from qkov.pipeline.spec import parse_job
 
     run = tmp_path / "small"
     shutil.copytree(runs["small"], run)
@@ -246,10 +246,10 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
 
     import zarr
 
-    from pipeline.executors import executor_for
-    from pipeline.extract import plan_extract, run_extract
-    from pipeline.spec import parse_job
-    from pipeline.store import StoreError
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.extract import plan_extract, run_extract
+    from qkov.pipeline.spec import parse_job
+    from qkov.pipeline.store import StoreError
 
     run = tmp_path / "old"
     shutil.copytree(runs["small"], run)

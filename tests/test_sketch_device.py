@@ -1,19 +1,19 @@
 """Compact index tables, per-layer per-sample gradients and on-device sketching (the 7B path)."""
 from __future__ import annotations
 
-from pipeline.store import RunStore
-from workers.fisher import inverse_damped_fisher
+from qkov.pipeline.store import RunStore
+from qkov.workers.fisher import inverse_damped_fisher
 import numpy as np
 import pytest
 import torch
 
-from pipeline import schema
-from workers.grads import per_sample_backward, per_sample_grads
-from workers.layouts import discover_layout
-from workers.losses import loss_task_for
-from workers.sketch import (LayerProjection, ProjectionCache, inverse_permutation, layer_projection, operands, projection, sketch,
+from qkov.pipeline import schema
+from qkov.workers.grads import per_sample_backward, per_sample_grads
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import loss_task_for
+from qkov.workers.sketch import (LayerProjection, ProjectionCache, inverse_permutation, layer_projection, operands, projection, sketch,
                             sketch_block, sketch_layer, slice_keys)
-from workers.slicing import BlockSlicing, ParamPart, factorise, slice_block
+from qkov.workers.slicing import BlockSlicing, ParamPart, factorise, slice_block
 from qkov.testing import ARCHITECTURES, VOCAB, random_batch, tiny_model
 
 # ---------------------------------------------------------------- compact index tables
@@ -93,7 +93,7 @@ def test_finite_flags_name_the_samples_with_non_finite_gradients():
 def test_finite_falls_back_to_the_gradients_when_the_overflow_bound_fails(monkeypatch):
     """Below the bound no gradient can overflow; above it, the flags come from the gradients
     themselves (forced here with a tiny bound): the same answer either way."""
-    import workers.grads as grads_mod
+    import qkov.workers.grads as grads_mod
 
     model = tiny_model("gpt2")
     batch = random_batch(VOCAB, [5, 4], seed=4)
@@ -174,7 +174,7 @@ def test_cuda_projection_is_bit_identical_to_cpu():
 def test_sketch_pass_equals_reference_sketches_of_exact_gradients(tmp_path):
     """The stored sketches of a sketch-mode run are the reference scatter sketches of the
     exact run's per-sample gradients with the run's own 1/Î_reg, slice by slice."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
     
     from qkov.testing import tiny_job
 

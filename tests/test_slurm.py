@@ -63,7 +63,7 @@ def slurm(tmp_path_factory) -> SlurmCluster:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The undisturbed run, in-process: what every SLURM run must reproduce."""
-    from pipeline.run import run_job
+    from qkov.pipeline.run import run_job
 
     import torch
 
@@ -94,8 +94,8 @@ def job_env(slurm: SlurmCluster, tmp: Path, **extra: str) -> dict[str, str]:
 
 def done_shards(run: Path) -> int:
     """Completed-shard records so far; -1 while there is no template."""
-    from pipeline import schema
-    from pipeline.store import RunStore
+    from qkov.pipeline import schema
+    from qkov.pipeline.store import RunStore
 
     try:
         return int(np.asarray(RunStore(str(run)).root()[schema.WORK][schema.DONE][:]).sum())
@@ -104,7 +104,7 @@ def done_shards(run: Path) -> int:
 
 
 def complete_groups(run: Path) -> list[str]:
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     store = RunStore(str(run))
     return [g for g in ("gradients", "fisher", "scores", "stats") if store.is_complete(g)]
@@ -210,8 +210,8 @@ def test_jobqueue_profile_submits_workers_as_slurm_jobs(slurm, reference):
 def test_sbatch_recipe_runs_qkov_inside_an_allocation(slurm, reference):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
-    from pipeline.query import query as query_run
+    from qkov.pipeline.cli import app
+    from qkov.pipeline.query import query as query_run
 
     tmp, job = reference
     jobfile = batch_job(tmp, job, "run-batch")
@@ -248,7 +248,7 @@ def test_batch_job_stopped_mid_extraction_requeues_and_resumes(slurm, reference)
     tests/hold_worker.py, which holds it still after an extraction task while a `hold` file
     exists. The test waits for that state (`held`), then signals; the held worker starts no
     further shard, so the stopped run has done some shards but not all, by construction."""
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     tmp, job = reference
     out = tmp / "run-requeue"

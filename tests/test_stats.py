@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from pipeline import stats as st
+from qkov.pipeline import stats as st
 
 ALPHA = 0.05
 

@@ -6,18 +6,18 @@ stage's p-values must be uniform, and the stage must agree with the pure math.
 """
 from __future__ import annotations
 
-from pipeline.store import RunStore
+from qkov.pipeline.store import RunStore
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from pipeline import stats as st
-from pipeline.executors import InlineExecutor
-from pipeline.extract import run_extract
-from pipeline.run import prepare_output
-from pipeline.score import run_score
-from pipeline.spec import StatsSpec
-from pipeline.stats_stage import compute_stats
+from qkov.pipeline import stats as st
+from qkov.pipeline.executors import InlineExecutor
+from qkov.pipeline.extract import run_extract
+from qkov.pipeline.run import prepare_output
+from qkov.pipeline.score import run_score
+from qkov.pipeline.spec import StatsSpec
+from qkov.pipeline.stats_stage import compute_stats
 from qkov.testing import tiny_job
 
 

@@ -10,14 +10,14 @@ import pytest
 import scipy.stats
 import xarray as xr
 
-from pipeline import schema as S
-from pipeline import stats as st
-from pipeline.spec import StatsSpec, config_hash
-from pipeline.executors import DaskExecutor
-from pipeline.stats_stage import StatsStageError, compute_stats
-from pipeline.schema import IS_A
-from pipeline.stats_stage import run_stats as _run_stats
-from pipeline.store import RunStore, StoreError
+from qkov.pipeline import schema as S
+from qkov.pipeline import stats as st
+from qkov.pipeline.spec import StatsSpec, config_hash
+from qkov.pipeline.executors import DaskExecutor
+from qkov.pipeline.stats_stage import StatsStageError, compute_stats
+from qkov.pipeline.schema import IS_A
+from qkov.pipeline.stats_stage import run_stats as _run_stats
+from qkov.pipeline.store import RunStore, StoreError
 
 
 def run_stats(run, settings, executor=None, **kw):
@@ -228,7 +228,7 @@ def test_distributed_matches_default_scheduler(run_and_result):
 
 def _numpy_sums(block, is_a, n_perm, n_boot, seed, r0, c0):
     """The CPU path of `_chunk_sums` on one chunk at pooled position (r0, c0)."""
-    from pipeline.stats_stage import _chunk_sums
+    from qkov.pipeline.stats_stage import _chunk_sums
 
     info = [{"array-location": [(0, 1), (0, 1), (0, 1), (r0, r0 + block.shape[-2]), (c0, c0 + block.shape[-1])]}]
     return _chunk_sums(block, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed, block_info=info)
@@ -237,10 +237,10 @@ def _numpy_sums(block, is_a, n_perm, n_boot, seed, r0, c0):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA device")])])
 def test_device_stat_sums_equal_the_numpy_sums(device):
-    """A GPU worker computes each chunk's statistics sums with workers.kernels.stat_sums; on
-    chunks on, off and across the diagonal (A and B rows mixed), they equal pipeline.stats'."""
-    from pipeline.stats_stage import _weights
-    from workers.kernels import stat_sums
+    """A GPU worker computes each chunk's statistics sums with qkov.workers.kernels.stat_sums; on
+    chunks on, off and across the diagonal (A and B rows mixed), they equal qkov.pipeline.stats'."""
+    from qkov.pipeline.stats_stage import _weights
+    from qkov.workers.kernels import stat_sums
 
     rng = np.random.default_rng(4)
     is_a = np.array([True] * 7 + [False] * 6)

@@ -1,4 +1,4 @@
-"""Direct chunk I/O (pipeline.store.DirectChunks) against zarr's own reader and writer:
+"""Direct chunk I/O (qkov.pipeline.store.DirectChunks) against zarr's own reader and writer:
 the same files byte for byte, the same values for any selection, the same checksum errors."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.extract import checksummed
-from pipeline.store import RunStore
+from qkov.pipeline.extract import checksummed
+from qkov.pipeline.store import RunStore
 
 
 def _array(root: Path, name: str, shape, chunks, dtype, fill, compressed: bool = False):
@@ -100,9 +100,9 @@ def test_score_tasks_reading_chunks_themselves_equal_the_dask_read_path(tmp_path
     """The direct score path (tasks read their own rows from the chunk files) against the Dask
     graph that reads through zarr, on the same stored gradients: whole chunks, rows across
     chunk edges (sample chunks of 3 against shards of 4) and a skipped sample."""
-    from pipeline import schema
-    from pipeline.run import run_job
-    from pipeline.score import compact_scores
+    from qkov.pipeline import schema
+    from qkov.pipeline.run import run_job
+    from qkov.pipeline.score import compact_scores
     from qkov.testing import tiny_job
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=5, score={"storage_dtype": storage})
@@ -178,7 +178,7 @@ def test_chunks_of_another_size_than_their_metadata_declares_are_refused(tmp_pat
     """A zarr.json declaring float64 over float32 chunks: refused by the store's own chunk reader
     and by every zarr read through the store, naming the chunk; never read as numbers (blosc
     decoded the 4-byte values into the front half of an 8-byte buffer: statistics off by 1e9)."""
-    from pipeline.errors import CorruptChunkError
+    from qkov.pipeline.errors import CorruptChunkError
 
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
@@ -201,7 +201,7 @@ def test_chunks_of_another_size_than_their_metadata_declares_are_refused(tmp_pat
 
 def test_zarr_reads_through_the_store_name_the_damaged_chunk(tmp_path):
     """zarr checks the crc32c itself, but its error names no chunk; reads through the store do."""
-    from pipeline.errors import CorruptChunkError
+    from qkov.pipeline.errors import CorruptChunkError
 
     arr = _array(tmp_path, "x", (8, 4), (4, 4), "float32", np.nan)
     arr[:] = 1.0

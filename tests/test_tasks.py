@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.data import make_tasks
-from pipeline.spec import ModelSpec, TaskSpec
-from workers.tasks import Sample, TaskFileError, load_task, validate_vocab
+from qkov.pipeline.data import make_tasks
+from qkov.pipeline.spec import ModelSpec, TaskSpec
+from qkov.workers.tasks import Sample, TaskFileError, load_task, validate_vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "pipeline" / "data"
@@ -172,7 +172,7 @@ def test_validate_vocab(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
     """The real SmolLM2 tokenizer; converting the model once into the repo's .cache/qkov (reused across runs)."""
-    from workers.models import load_tokenizer
+    from qkov.workers.models import load_tokenizer
 
     old = os.environ.get("QKOV_CACHE")
     os.environ["QKOV_CACHE"] = old or str(ROOT / ".cache" / "qkov")
@@ -185,7 +185,7 @@ def smollm2_tokenizer():
 
 def test_demo_files_are_generated_by_the_script():
     for name, content in make_tasks.render().items():
-        assert (DATA / name).read_text(encoding="utf-8") == content, f"{name} is stale: run python -m pipeline.data.make_tasks"
+        assert (DATA / name).read_text(encoding="utf-8") == content, f"{name} is stale: run python -m qkov.pipeline.data.make_tasks"
 
 
 @pytest.mark.parametrize("fname, prefix", [("arithmetic.jsonl", "arith"), ("python_code.jsonl", "code")])

@@ -14,7 +14,7 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline import schema
+from qkov.pipeline import schema
 from qkov.testing import RTOL, assert_runs_close, compare_datasets, tiny_job
 
 

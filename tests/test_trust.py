@@ -62,8 +62,8 @@ def _assert_loopback_only(cluster, n_workers: int) -> None:
 
 
 def test_embedded_cpu_cluster_listens_on_loopback_only():
-    from pipeline.cluster import local_cluster
-    from pipeline.spec import ClusterSpec
+    from qkov.pipeline.cluster import local_cluster
+    from qkov.pipeline.spec import ClusterSpec
 
     with local_cluster(ClusterSpec(n_workers=2)) as cluster:
         _assert_loopback_only(cluster, 2)
@@ -71,8 +71,8 @@ def test_embedded_cpu_cluster_listens_on_loopback_only():
 
 def test_embedded_gpu_cluster_listens_on_loopback_only():
     """The GPU SpecCluster (scheduler, nannies, workers, dashboard); the GPU label only routes work."""
-    from pipeline.cluster import gpu_cluster, gpu_worker_options
-    from pipeline.spec import ClusterSpec
+    from qkov.pipeline.cluster import gpu_cluster, gpu_worker_options
+    from qkov.pipeline.spec import ClusterSpec
 
     with gpu_cluster(gpu_worker_options(ClusterSpec(n_workers=2), n_gpu=1, n_cpu=2)) as cluster:
         _assert_loopback_only(cluster, 2)
@@ -88,7 +88,7 @@ def markup_run(tmp_path_factory):
     """A finished tiny run whose sample ids, texts and task names look like rich markup."""
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
     from qkov.testing import VOCAB, tiny_job, write_job_file
 
     tmp = tmp_path_factory.mktemp("markup")
@@ -118,7 +118,7 @@ def markup_run(tmp_path_factory):
 def test_query_prints_ids_texts_and_task_names_as_written(markup_run):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     res = CliRunner().invoke(app, ["query", str(markup_run), "--layer", "0", "--head", "0", "--block", "Q", "--top", "12"],
                              env={"COLUMNS": "400"})
@@ -135,17 +135,17 @@ def test_query_prints_ids_texts_and_task_names_as_written(markup_run):
 
 def _pair_kernel():
     try:
-        from workers.kernels import pair_kernel
+        from qkov.workers.kernels import pair_kernel
     except ImportError:  # before the kernels moved out of the score stage
-        from pipeline.score import pair_kernel
+        from qkov.pipeline.score import pair_kernel
     return pair_kernel
 
 
 def test_tiny_damping_on_a_zero_fisher_entry_scores_zero_not_nan():
     """Î = 0 where every gradient is 0; a tiny accepted damping_rel makes λ ~1e-84, so
     1/(Î+λ) and its root overflow float32: inf·0 = NaN where the formula gives 0."""
-    from workers.fisher import damping, inverse_regularised
-    from workers.sketch import operands
+    from qkov.workers.fisher import damping, inverse_regularised
+    from qkov.workers.sketch import operands
 
     rng = np.random.default_rng(0)
     g = rng.standard_normal((1, 1, 5, 8)).astype(np.float32) * 1e-2  # (layer, head, sample, param)
@@ -168,7 +168,7 @@ def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path)
     import xarray as xr
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
     from qkov.testing import save_model, tiny_job, tiny_model, write_job_file
 
     model = tiny_model("llama", seed=0)
@@ -182,7 +182,7 @@ def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path)
                           fisher={"damping_rel": 1e-80, "damping_abs": 0.0}, score={"layers": [0], "blocks": ["Q", "V"]})
     res = CliRunner().invoke(app, ["run", str(toml), "--inline"])
     assert res.exit_code == 0, res.output
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     scores = RunStore(str(out)).open_scores()  # the logical view of the compactly stored scores
     for var in ("interference", "alignment"):
@@ -211,7 +211,7 @@ def _broken_copy(src: Path, dst: Path) -> Path:
 def _meta(folder: Path):
     import transformers as tf
 
-    from workers.models import load_config, model_kind
+    from qkov.workers.models import load_config, model_kind
 
     config = load_config(folder)
     cls = tf.AutoModelForSequenceClassification if model_kind(config) == "sequence_classification" else tf.AutoModelForCausalLM
@@ -222,8 +222,8 @@ def _meta(folder: Path):
 def _refused_everywhere(folder: Path, *says: str) -> None:
     """Refused before any weights are read (model_folder + check_checkpoint, what `run` checks first)
     and by load_model itself (what each worker runs), with the same kind of message."""
-    from pipeline.spec import ModelSpec
-    from workers.models import ModelLoadError, check_checkpoint, load_model, model_folder
+    from qkov.pipeline.spec import ModelSpec
+    from qkov.workers.models import ModelLoadError, check_checkpoint, load_model, model_folder
 
     for attempt in (lambda: check_checkpoint(model_folder(ModelSpec(path=str(folder))), _meta(folder)),
                     lambda: load_model(ModelSpec(path=str(folder)))):
@@ -296,7 +296,7 @@ def test_bert_encoder_as_a_classifier_is_refused_not_randomly_initialised(tmp_pa
 def _cli(*args) -> tuple[int, str]:
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from qkov.pipeline.cli import app
 
     res = CliRunner().invoke(app, [str(a) for a in args])
     if res.exception is not None and not isinstance(res.exception, SystemExit):
@@ -352,7 +352,7 @@ def test_task_file_with_undecodable_bytes_and_surrogate_ids(small, tmp_path):
 def test_samples_longer_than_the_models_positions_and_labels_outside_the_classes():
     """Unit level: what the plan checks against the model's config before any work."""
     from qkov.testing import tiny_model
-    from workers.tasks import Sample, TaskFileError, validate_for_model
+    from qkov.workers.tasks import Sample, TaskFileError, validate_for_model
 
     gpt2 = tiny_model("gpt2", seed=0)  # a learned position table of 64
     ok = [Sample("s0", "a", tuple(range(3, 67)), None, None)]
@@ -429,7 +429,7 @@ def test_resume_after_the_weights_changed_is_refused_before_writing(done_run, tm
     """Bug 3: same config, other weights: early shards held the old model's gradients, later ones the new's."""
     import zarr
 
-    from pipeline import schema
+    from qkov.pipeline import schema
     from qkov.testing import save_model, tiny_model, write_job_file
 
     from qkov.testing import tiny_job
@@ -474,13 +474,13 @@ def test_resume_of_a_finished_run_keeps_the_users_statistics(done_run, tmp_path)
 
 def test_run_checks_inputs_before_starting_a_cluster(done_run, tmp_path, monkeypatch):
     """A bad input or an existing output is refused before any cluster starts (it took ~18 s and a traceback)."""
-    import pipeline.cluster
+    import qkov.pipeline.cluster
     from qkov.testing import write_job_file
 
     def no_cluster(*a, **k):
         raise AssertionError("a cluster was started before the inputs were checked")
 
-    monkeypatch.setattr(pipeline.cluster, "cluster_client", no_cluster)
+    monkeypatch.setattr(qkov.pipeline.cluster, "cluster_client", no_cluster)
     _, job, toml, out = done_run
     code, text = _cli("run", toml)  # the output exists, no flag
     assert code == 2 and "already exists" in text and _one_message(text), text
@@ -491,7 +491,7 @@ def test_run_checks_inputs_before_starting_a_cluster(done_run, tmp_path, monkeyp
 
 
 def test_validate_catches_what_run_rejects_and_prints_toml(done_run, tmp_path):
-    from pipeline.spec import load_job
+    from qkov.pipeline.spec import load_job
     from qkov.testing import write_job_file
 
     _, job, _, _ = done_run
@@ -546,7 +546,7 @@ def _interrupted_in_score(src: Path, dst: Path) -> Path:
     """A copy of a finished run as if interrupted during the score stage."""
     import zarr
 
-    from pipeline import schema
+    from qkov.pipeline import schema
 
     out = _copy_run(src, dst)
     root = zarr.open_group(str(out), mode="r+")
@@ -574,7 +574,7 @@ def test_a_missing_gradient_chunk_is_recomputed_on_resume_never_read_as_nan(done
     code, text = _cli("run", toml, "--inline", "--resume")
     assert code == 0, text
     assert "extract: 1 of 2 shards computed" in text, text
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     ref, got = (RunStore(str(p)).open_scores().load() for p in (src, out))  # logical views
     assert np.isfinite(got.interference.values).all()
@@ -585,10 +585,10 @@ def test_a_missing_gradient_chunk_is_recomputed_on_resume_never_read_as_nan(done
 
 def test_scoring_refuses_missing_gradient_chunks(done_run, tmp_path):
     """The score stage's own gate (run_score), whatever calls it."""
-    from pipeline.errors import StoreError
-    from pipeline.executors import executor_for
-    from pipeline.score import run_score
-    from pipeline.store import RunStore
+    from qkov.pipeline.errors import StoreError
+    from qkov.pipeline.executors import executor_for
+    from qkov.pipeline.score import run_score
+    from qkov.pipeline.store import RunStore
 
     _, job, _, src = done_run
     out = _interrupted_in_score(src, tmp_path / "run")
@@ -628,7 +628,7 @@ def test_statistics_refuse_non_finite_scores(done_run, tmp_path):
     toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(out)})
     code, text = _cli("run", toml, "--inline", "--resume")
     assert code == 0, text
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     got = RunStore(str(out)).open_scores().load()  # the logical view (scores are stored compactly)
     assert np.isfinite(got.interference.values).all()
@@ -669,7 +669,7 @@ def _interrupt_during(toml: Path, stage: str, timeout: float = 300.0) -> tuple[i
     import time
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", "from pipeline.cli import app; app()", "run", str(toml)],
+    proc = subprocess.Popen([sys.executable, "-c", "from qkov.pipeline.cli import app; app()", "run", str(toml)],
                             cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, "PYTHONPATH": str(root)})
     lines: list[str] = []
@@ -702,7 +702,7 @@ def _interrupt_during(toml: Path, stage: str, timeout: float = 300.0) -> tuple[i
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["extract", "score", "stats"])
 def test_ctrl_c_to_the_process_group_never_hangs_and_resume_gives_the_same_result(sigint_job, stage, tmp_path):
-    from pipeline.store import read_lock
+    from qkov.pipeline.store import read_lock
     from qkov.testing import assert_runs_close, write_job_file
 
     tmp, job, ref = sigint_job

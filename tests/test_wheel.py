@@ -1,7 +1,7 @@
 """The installed package works outside the source tree.
 
 Every other test imports qkov from the checkout, so a package missing from the wheel
-(as `pipeline.executors` once was) goes unnoticed until a Docker image or a cluster
+(as `qkov.pipeline.executors` once was) goes unnoticed until a Docker image or a cluster
 worker installs it. This test builds the wheel from a copy of the sources, installs it
 into a fresh venv, and from a folder outside the checkout runs the Docker image's smoke
 test (deploy/smoke-test.sh: a tiny job with `qkov run --inline`, then `qkov query`) and a
@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import schema
+from qkov.pipeline import schema
 from qkov.testing import job_toml, tiny_job
 
 pytestmark = pytest.mark.slow
@@ -47,8 +47,9 @@ def _sources(dst: Path) -> Path:
 
 
 def _packages_on_disk() -> set[str]:
+    """Every folder with an __init__.py, by the name it installs under (all inside `qkov`)."""
     return {
-        ".".join(p.parent.relative_to(ROOT).parts)
+        ".".join((() if name == "qkov" else ("qkov",)) + p.parent.relative_to(ROOT).parts)
         for name in PACKAGES
         for p in (ROOT / name).rglob("__init__.py")
         if "__pycache__" not in p.parts
@@ -75,7 +76,10 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
         names = set(z.namelist())
     shipped = {".".join(Path(n).parent.parts) for n in names if n.endswith("/__init__.py") or n == "__init__.py"}
     assert _packages_on_disk() <= shipped, f"packages not in the wheel: {sorted(_packages_on_disk() - shipped)}"
-    assert {"pipeline/data/demo.toml", "pipeline/data/arithmetic.jsonl", "pipeline/data/python_code.jsonl"} <= names
+    assert {"qkov/pipeline/data/demo.toml", "qkov/pipeline/data/arithmetic.jsonl", "qkov/pipeline/data/python_code.jsonl"} <= names
+    # one namespace: nothing generic (`pipeline`, `workers`) at the top of site-packages
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"qkov"}, f"the wheel installs top-level names besides qkov: {sorted(tops)}"
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
 
     venv = tmp / "venv"
@@ -96,8 +100,8 @@ def test_wheel_runs_a_job_and_a_query_outside_the_source_tree(installed, tmp_pat
     work.mkdir()
 
     where = json.loads(_run([str(bin_ / "python"), "-c", (
-        "import json, sys, importlib.metadata as md, pipeline, workers, qkov, pipeline.executors, qkov.testing\n"
-        "print(json.dumps({'files': [m.__file__ for m in (pipeline, workers, qkov, pipeline.executors, qkov.testing)],\n"
+        "import json, sys, importlib.metadata as md, qkov, qkov.pipeline, qkov.workers, qkov.pipeline.executors, qkov.testing\n"
+        "print(json.dumps({'files': [m.__file__ for m in (qkov.pipeline, qkov.workers, qkov, qkov.pipeline.executors, qkov.testing)],\n"
         "  'sys_path': sys.path, 'editable': [m for m in sys.modules if 'editable' in m],\n"
         "  'dist': str(md.distribution('qkov')._path)}))"
     )], cwd=work, env=env))
@@ -122,7 +126,7 @@ def test_wheel_runs_a_job_and_a_query_outside_the_source_tree(installed, tmp_pat
     assert "done" in out.lower()
     stats = xr.open_zarr(str(work / "run"), group=schema.STATS, consolidated=False)
     assert stats.attrs[schema.ATTR_COMPLETE] is True and np.isfinite(stats["p_value"].values).all()
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     scores = RunStore(str(work / "run")).open_scores()  # the logical view of the compactly stored scores
     assert list(scores["sample_a"].values) == ["a0", "a1", "a2", "a3"] and list(scores["sample_b"].values) == ["b0", "b1", "b2"]

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import torch
 
-from pipeline.errors import UsageError
+from qkov.pipeline.errors import UsageError
 
 
 def resolve_device(device: str) -> str:

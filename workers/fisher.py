@@ -77,7 +77,7 @@ def inverse_damped_fisher(fisher, block: str):
     the sketch pass both use this, so exact and sketch mode normalise identically."""
     import dask.array as da
 
-    from pipeline import schema
+    from qkov.pipeline import schema
 
     f = fisher[block].data
     f = (f if isinstance(f, da.Array) else da.from_array(f)).rechunk((1, 1, -1))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from workers.losses import LossTask, attention_mask_of
+from qkov.workers.losses import LossTask, attention_mask_of
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ def _bmm_f32(a: Tensor, b: Tensor) -> Tensor:
 def has_bmm_out_dtype(device: torch.device) -> bool:
     """Whether this torch multiplies half-precision operands on `device` with float32 output
     (`out_dtype=`; added to bmm and mm together, from torch 2.8). Probed, not version-parsed;
-    the score kernel (pipeline.score) asks this too."""
+    the score kernel (qkov.pipeline.score) asks this too."""
     if device.type != "cuda":
         return False
     try:

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from pipeline import schema
+from qkov.pipeline import schema
 
 from .device import one_thread_in_worker, resolve_device
 
@@ -40,7 +40,7 @@ def weighted_scores(a, b, sw, out_dtype=None):
 
     wa = a * sw
     if b is a:  # a diagonal block: the alignment exactly symmetric, its upper triangle mirrored
-        align = mm(wa, wa)  # (the store keeps the upper triangle once: pipeline.schema.fold_symmetric)
+        align = mm(wa, wa)  # (the store keeps the upper triangle once: qkov.pipeline.schema.fold_symmetric)
         return mm(wa * wa, a.abs()), torch.triu(align) + torch.triu(align, 1).transpose(0, 1)
     return mm(wa * wa, b.abs()), mm(wa, b * sw)
 
@@ -123,7 +123,7 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
                        encoding: str | None = None):
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
-    (`reader`, a pipeline.store.DirectChunks) into one reused host buffer per thread —
+    (`reader`, a qkov.pipeline.store.DirectChunks) into one reused host buffer per thread —
     pinned on a GPU, so the host→device copy runs at full speed — with no Dask
     concatenation or transpose copies on the way. Returns (`pair_kernel`'s output,
     `side_parts` of the tile), `side` = (pos_i, pos_j, other): the tile's pooled positions
@@ -269,7 +269,7 @@ def sketch_pair_kernel(ui: np.ndarray, vj: np.ndarray, wi: np.ndarray, wj: np.nd
                        device: str = "auto") -> np.ndarray:
     """Sketch-mode scores for one layer, a group of heads and one pair of sample chunks:
     interference S(u_i)·S(v_j) and alignment S(w_i)·S(w_j) from the stored sketches
-    (1, Hc, c, k) (workers.sketch; the Fisher is already in u and w). Same output and dtype
+    (1, Hc, c, k) (qkov.workers.sketch; the Fisher is already in u and w). Same output and dtype
     rules as `pair_kernel`."""
     import torch
 
@@ -307,10 +307,10 @@ def stat_sums(block: np.ndarray, left: np.ndarray, right: np.ndarray, wa: np.nda
               is_a: np.ndarray, offset: tuple[int, int], device: str) -> np.ndarray:
     """The stats stage's sums of one pooled-score chunk on `device`, float64 throughout:
     block [..., n, m] at pooled position `offset`; left/right [1+K, N] permutation
-    indicator rows, wa/wb [1+B, N] effect weight rows (pipeline.stats_stage._weights).
+    indicator rows, wa/wb [1+B, N] effect weight rows (qkov.pipeline.stats_stage._weights).
     Returns [..., (1+K) + 4(1+B) + N]: the cross sums Σ left·S·right, the effect block sums
     (ab, ba, aa, bb, without the diagonal) and the A×B margins — the same quantities as
-    pipeline.stats' cross_sums, pair_sums and ab_margins, each of which is a few matmuls
+    qkov.pipeline.stats' cross_sums, pair_sums and ab_margins, each of which is a few matmuls
     that a GPU runs in milliseconds where CPU threads take seconds per slice."""
     import torch
 

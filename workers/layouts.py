@@ -7,11 +7,11 @@ multi-query and grouped layouts, BERT's self/output pair). Head counts come from
 the module or the model config; everything else (head_dim, KV heads) is derived
 from the projection shapes and cross-checked, so a wrong guess fails loudly
 instead of slicing the wrong entries. Models qkov does not recognise declare
-their layout in the job file (`[model.layout]`, `pipeline.spec.LayoutSpec`).
+their layout in the job file (`[model.layout]`, `qkov.pipeline.spec.LayoutSpec`).
 
 The result is a table of flat indices per (block, layer, head) (`BlockSlicing`),
 so downstream code never needs to know the architecture. Tables are kept in
-factorised form (head offset + shared pattern, `workers.slicing.ParamPart`), built
+factorised form (head offset + shared pattern, `qkov.workers.slicing.ParamPart`), built
 one head at a time, so a 7B model's layout never materialises its 17 GB of indices.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch.nn as nn
 
-from pipeline.spec import LayoutSpec
-from workers.slicing import BlockSlicing, ParamPart, factorise
-from pipeline.errors import UnsupportedModelError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+from qkov.pipeline.spec import LayoutSpec
+from qkov.workers.slicing import BlockSlicing, ParamPart, factorise
+from qkov.pipeline.errors import UnsupportedModelError  # noqa: F401  (re-exported; the error family lives in qkov.pipeline.errors)
 
 BLOCK_ORDER = ("Q", "K", "V", "O")
 KINDS = ("split", "fused", "interleaved", "grouped")

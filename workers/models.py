@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
-from pipeline.spec import ModelSpec
-from pipeline.errors import ModelLoadError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+from qkov.pipeline.spec import ModelSpec
+from qkov.pipeline.errors import ModelLoadError  # noqa: F401  (re-exported; the error family lives in qkov.pipeline.errors)
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ The check compares the two sides with two code paths that share nothing but the 
 and the loss definition:
 
 * prediction (the pipeline's path): per-sample gradients from activations
-  (`workers.grads.per_sample_backward`), per-head slices from the layout's index tables
-  (`workers.slicing.slice_block`), the Fisher from the unrolled EMA weights
-  (`workers.fisher.stream_weights`), per-tensor damping (`workers.fisher.damping`,
+  (`qkov.workers.grads.per_sample_backward`), per-head slices from the layout's index tables
+  (`qkov.workers.slicing.slice_block`), the Fisher from the unrolled EMA weights
+  (`qkov.workers.fisher.stream_weights`), per-tensor damping (`qkov.workers.fisher.damping`,
   `inverse_regularised`), and transfer as the mean of the A×B alignment matrix;
 * step (independent): each sample's gradient by plain autograd, one sample at a time,
   the EMA written as its recursion F_t = βF_{t−1} + (1−β)·mean_batch g², Î = F_T/(1−β^T),
@@ -60,12 +60,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from pipeline.errors import UsageError
-from workers.fisher import damping, inverse_regularised, stream_weights
-from workers.grads import per_sample_backward
-from workers.layouts import AttentionLayout
-from workers.losses import CausalLMLoss, SequenceClassificationLoss, attention_mask_of, model_inputs
-from workers.slicing import slice_block
+from qkov.pipeline.errors import UsageError
+from qkov.workers.fisher import damping, inverse_regularised, stream_weights
+from qkov.workers.grads import per_sample_backward
+from qkov.workers.layouts import AttentionLayout
+from qkov.workers.losses import CausalLMLoss, SequenceClassificationLoss, attention_mask_of, model_inputs
+from qkov.workers.slicing import slice_block
 
 BLOCKS = ("Q", "K", "V", "O")
 
@@ -122,7 +122,7 @@ def choose_slices(layout: AttentionLayout, n: int, seed: int = 0) -> list[Slice]
 
 
 def pad(input_ids: Sequence[Sequence[int]], labels: Sequence[int | None] | None, device, pad_id: int = 0) -> dict[str, Tensor]:
-    """A right-padded batch (as the extraction's `workers.writer.pad_batch`, without its store imports)."""
+    """A right-padded batch (as the extraction's `qkov.workers.writer.pad_batch`, without its store imports)."""
     width = max(len(x) for x in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)
@@ -417,7 +417,7 @@ def float64_forward():
 
 
 def _per_sample_loss64(model64: nn.Module, batch: dict[str, Tensor], loss_task) -> Tensor:
-    """Each sample's own loss in float64 (the pipeline's definitions, `workers.losses`, without its float32 cast)."""
+    """Each sample's own loss in float64 (the pipeline's definitions, `qkov.workers.losses`, without its float32 cast)."""
     causal = isinstance(loss_task, CausalLMLoss)
     if not causal and not isinstance(loss_task, SequenceClassificationLoss):
         raise UsageError(f"the prediction check measures causal-LM and sequence-classification losses, not {loss_task.name!r}")

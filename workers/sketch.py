@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline import schema
+from qkov.pipeline import schema
 
 PARTS = schema.SKETCH_PARTS  # the stored operands, in this order
 # How projections are drawn; stored with a sketch-mode run so that `--resume` never mixes
@@ -125,7 +125,7 @@ def sketch(x: torch.Tensor, proj: Projection) -> torch.Tensor:
 
 def operands(g: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """u = g²/Î_reg, v = |g|, w = g/√Î_reg for gradients g (..., P) and inv (P,) = 1/Î_reg;
-    u·v and w·w are exactly the interference and alignment of `workers.kernels.slice_scores`."""
+    u·v and w·w are exactly the interference and alignment of `qkov.workers.kernels.slice_scores`."""
     return g * g * inv, g.abs(), g * torch.sqrt(inv)
 
 
@@ -231,7 +231,7 @@ def sketch_block(g: np.ndarray, inv: np.ndarray, block: str, layers: tuple[int, 
 def stored_inverse_fisher(store_path: str, storage_options: dict | None, block: str) -> np.ndarray:
     """1/Î_reg (L, H, P) of one block from the run's consolidated `fisher` group, by the
     score stage's own formula (so sketch and exact mode normalise identically)."""
-    from pipeline.store import RunStore
+    from qkov.pipeline.store import RunStore
 
     from .fisher import inverse_damped_fisher
 

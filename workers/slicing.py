@@ -1,6 +1,6 @@
 """Per-head slices of attention projection tensors, and their inverse.
 
-A layout (see `workers.layouts`) describes, for every (block, layer), which
+A layout (see `qkov.workers.layouts`) describes, for every (block, layer), which
 parameter entries belong to which head as flat-index tables. Slicing is then one
 gather per parameter and reassembly one scatter, whatever the layout (fused,
 interleaved, transposed Conv1D, GQA), so there is no per-architecture slicing

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.spec import TaskSpec
-from pipeline.errors import TaskFileError  # noqa: F401  (re-exported; the error family lives in pipeline.errors)
+from qkov.pipeline.spec import TaskSpec
+from qkov.pipeline.errors import TaskFileError  # noqa: F401  (re-exported; the error family lives in qkov.pipeline.errors)
 
 
 @dataclass(frozen=True)

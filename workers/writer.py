@@ -16,10 +16,10 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline import schema
-from pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
-from pipeline.spec import ModelSpec
-from pipeline.store import RunStore
+from qkov.pipeline import schema
+from qkov.pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
+from qkov.pipeline.spec import ModelSpec
+from qkov.pipeline.store import RunStore
 
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
@@ -96,7 +96,7 @@ def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device
     return batch
 
 
-_PROJECTIONS = None  # this worker's sketch projections (workers.sketch.ProjectionCache), built on first use
+_PROJECTIONS = None  # this worker's sketch projections (qkov.workers.sketch.ProjectionCache), built on first use
 
 
 def _projections():

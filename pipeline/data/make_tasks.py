@@ -2,8 +2,8 @@
 
 Deterministic (seeded), written by the project, so the data is license-clean:
 
-    python -m pipeline.data.make_tasks            # (re)write arithmetic.jsonl and python_code.jsonl
-    python -m pipeline.data.make_tasks --check    # verify the committed files match and lengths fit
+    python -m qkov.pipeline.data.make_tasks            # (re)write arithmetic.jsonl and python_code.jsonl
+    python -m qkov.pipeline.data.make_tasks --check    # verify the committed files match and lengths fit
 
 Every arithmetic answer is checked by evaluating its worked expression, and every code
 sample carries checks (kept out of the JSONL) that the tests run against the function.
@@ -703,11 +703,11 @@ def main(argv: list[str] | None = None) -> int:
     files = render()
     if args.check:
         stale = [n for n, c in files.items() if not (HERE / n).is_file() or (HERE / n).read_text(encoding="utf-8") != c]
-        from pipeline.spec import ModelSpec
-        from workers.models import load_tokenizer
+        from qkov.pipeline.spec import ModelSpec
+        from qkov.workers.models import load_tokenizer
 
         bad = token_length_problems(load_tokenizer(ModelSpec(name="smollm2-135m")))
-        for msg in [f"{n} is out of date: run python -m pipeline.data.make_tasks" for n in stale] + bad:
+        for msg in [f"{n} is out of date: run python -m qkov.pipeline.data.make_tasks" for n in stale] + bad:
             print(msg, file=sys.stderr)
         return 1 if stale or bad else 0
     for name, content in files.items():

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterable
 
-from pipeline.cluster import GPU_RESOURCE, gpu_workers
+from qkov.pipeline.cluster import GPU_RESOURCE, gpu_workers
 
 
 class DaskExecutor:

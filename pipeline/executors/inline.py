@@ -23,11 +23,11 @@ class InlineExecutor:
         return 1
 
     def compute(self, *collections, on_progress: Callable[[int, int], None] | None = None):
-        """Dask's threaded scheduler, one torch thread per task (workers.device says why);
+        """Dask's threaded scheduler, one torch thread per task (qkov.workers.device says why);
         `on_progress(done, total)` after every task of the graphs."""
         from dask.callbacks import Callback
 
-        from workers.device import one_thread_per_task
+        from qkov.workers.device import one_thread_per_task
 
         class Ticks(Callback):
             def _start(self, dsk):
