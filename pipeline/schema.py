@@ -232,6 +232,13 @@ STAT = "stat"  # dimension of the sums
 RANK = "rank"  # dimension of the top pairs
 
 
+def stat_sums_width(n_permutations: int, n_bootstrap: int, n_samples: int) -> int:
+    """Length of one slice's sums along `stat`: the observed labelling and each permutation
+    (1 + K), four bootstrap cross sums per resample and the original (4 (1 + B)), then one
+    per sample (N). Writers, templates and the plan all size the sums from this."""
+    return 1 + n_permutations + 4 * (1 + n_bootstrap) + n_samples
+
+
 def stat_sums_name(score: str, block: str | None = None) -> str:
     """The statistics' sums of one score (logical: block, layer, head, stat), stored per block."""
     return f"stat_sums_{score}" + (f"_{block}" if block else "")
