@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--loop-pairs", type=int, default=200)
     args = ap.parse_args()
-    from qkov.pipeline.score import device_scores, pair_kernel
+    from qkov.workers.kernels import device_scores, pair_kernel
     from qkov.workers.grads import has_bmm_out_dtype
 
     torch.backends.cuda.matmul.allow_tf32 = False

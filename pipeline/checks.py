@@ -546,7 +546,7 @@ def _session(job: JobSpec, n_samples: int, layers) -> _Session:
     f = job.fisher
     return _Session(
         job=job, model=model, layout=layout, edit_layout=edit_layout,
-        input_ids=[x.input_ids for x in samples], labels=[x.label for x in samples], n_a=len(a),
+        input_ids=[x.input_ids for x in samples], labels=[x.targets if x.targets is not None else x.label for x in samples], n_a=len(a),
         sample_ids=[x.id for x in samples], device=device, loss_task=loss_task_for(model),
         weights=stream_weights(len(a), len(b), f.source, f.batch_size, f.beta),
     )

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 import typer
 from rich.markup import escape
 
-from qkov.pipeline.console import console, err, stage_progress as _stage_progress, stamp as _stamp
+from qkov.pipeline.console import console, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   # plain help: flags show as flags (rich help printed `<bool>` beside every one) and
@@ -124,27 +124,6 @@ def _print_summary(path: str, storage_options=None, stats: str | None = None, to
     console().print(format_headlines(headline_tables(load_stats(path, stats, storage_options), top)))
 
 
-def _preflight(job, *, resume: bool, overwrite: bool, local: bool, show_plan: bool = False, cluster: bool = True):
-    from qkov.pipeline.extract import sample_count_warning
-    from qkov.pipeline.run import preflight
-
-    plan = preflight(job, resume=resume, overwrite=overwrite, local=local, cluster=cluster)  # refuses a run that cannot fit the disk
-    note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
-    if note:
-        err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
-    if show_plan and plan is not None:  # the lines `qkov plan` prints
-        from qkov.pipeline.plan import plan as run_plan
-
-        for line in run_plan(job, resume=resume or overwrite, extract_plan=plan).lines():
-            err().print(line, markup=False, highlight=False)
-    return plan
-
-
-def _print_cluster(client) -> None:
-    err().print(f"cluster: {escape(client.dashboard_link or client.scheduler.address)}"
-              + ("  (dashboard)" if client.dashboard_link else ""), highlight=False)
-
-
 @app.command()
 def run(
     job_file: Path = typer.Argument(..., metavar="JOB.toml", help="TOML job file"),
@@ -154,26 +133,11 @@ def run(
     inline: bool = typer.Option(False, "--inline", help="run in this process without a Dask cluster (debugging)"),
 ) -> None:
     """Extract → score → stats, then print where the results are and the top heads."""
-    from qkov.pipeline.cluster import cluster_client
-    from qkov.pipeline.run import run_job
-    from qkov.pipeline.spec import load_job
+    import qkov
 
     with _friendly(), _sigterm_unwinds():
-        job = load_job(job_file)
-        if resume and overwrite:
-            from qkov.pipeline.errors import UsageError
-
-            raise UsageError("--resume and --overwrite exclude each other; choose one")
-        # every input and the output checked before any cluster starts
-        plan = _preflight(job, resume=resume, overwrite=overwrite, local=inline or not (scheduler or job.cluster.address or job.cluster.profile),
-                          show_plan=True, cluster=not inline)
-        with _stage_progress() as tick:
-            if inline:
-                summary = run_job(job, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
-            else:
-                with cluster_client(job.cluster, scheduler) as client:
-                    _print_cluster(client)
-                    summary = run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick, plan=plan)
+        job = qkov.load_job(job_file)
+        summary = qkov.run(job, scheduler=scheduler, resume=resume, overwrite=overwrite, inline=inline)
         if summary.extract:
             err().print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
                       + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
@@ -218,24 +182,12 @@ def stats(
              "recomputed from the stored scores, the Fisher is not re-estimated; recorded in the stats attrs"),
 ) -> None:
     """Rerun the statistics on an existing run with new settings (model and gradients untouched)."""
-    from qkov.pipeline.executors import executor_for
-    from qkov.pipeline.stats_stage import rerun_stats
-    from qkov.pipeline.store import RunStore
+    import qkov
 
     with _friendly(), _sigterm_unwinds():
-        store = RunStore(run)
-        settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
-                        alternative=alternative, seed=seed)
-        from qkov.pipeline.plan import check_stats_request
-
-        check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
-        if scheduler:
-            from qkov.pipeline.cluster import connect
-
-            with connect(scheduler) as client:
-                ds = rerun_stats(store, executor_for(client), name=name, replace=replace, exclude=exclude, **settings)
-        else:
-            ds = rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
+        ds = qkov.run_stats(run, null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
+                            alternative=alternative, seed=seed, name=name, replace=replace, scheduler=scheduler,
+                            exclude=exclude)
         if ds.attrs.get("excluded_samples"):
             console().print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
                           f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
@@ -277,11 +229,12 @@ def query(
     """The statistics of any selection of slices (a head, all heads of a layer, one block across
     layers, the whole run); for one head (--layer and --head) also its top sample pairs, with
     your sample ids and texts, and its numerical health."""
-    from qkov.pipeline.query import format_query, format_slices, query as run_query
+    import qkov
+    from qkov.pipeline.query import format_query, format_slices
 
     with _friendly():
         fmt = _output_format(fmt, as_json)
-        res = run_query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats)
+        res = qkov.query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats)
         if fmt == "json":
             _print_json(res)
         elif fmt == "csv":
@@ -301,11 +254,12 @@ def info(
 ) -> None:
     """What a run holds: its groups (named statistics stats_<NAME> included) with their settings,
     whether each is complete, and their bytes on disk; and who holds its lock, if anyone."""
-    from qkov.pipeline.info import describe_run, format_info
+    import qkov
+    from qkov.pipeline.info import format_info
 
     with _friendly():
         fmt = _output_format(fmt, False, ("table", "json"))
-        res = describe_run(run)
+        res = qkov.info(run)
         if fmt == "json":
             _print_json(res)
         else:
@@ -320,10 +274,10 @@ def report(
     raw_means: bool = typer.Option(False, "--raw-means", help="also draw the raw A×B means (each block on its own scale)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
-    from qkov.pipeline.report import make_report
+    import qkov
 
     with _friendly():
-        html = make_report(run, out_dir=out, stats_name=stats, raw_means=raw_means)
+        html = qkov.report(run, out=out, stats=stats, raw_means=raw_means)
         console().print(f"report: [bold]{escape(str(html))}[/]")
 
 
@@ -337,15 +291,12 @@ def check(
     prediction_eta: float = typer.Option(1e-6, "--prediction-eta", help="the prediction check's natural-gradient step size η"),
 ) -> None:
     """Sanity checks on the job's model: additivity, scale, ablation, symmetry, prediction."""
-    from qkov.pipeline.checks import check_checks_output, format_checks, run_checks
-    from qkov.pipeline.spec import load_job
+    import qkov
+    from qkov.pipeline.checks import format_checks
 
     with _friendly():
-        job = load_job(job_file)
-        check_checks_output(job)  # before any model work: never into a folder that is not a run
-        ds = run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
-                        prediction_eta=prediction_eta,
-                        progress=lambda what, k, n: err().print(f"{_stamp()} check {k}/{n}: {escape(what)}", highlight=False))
+        ds = qkov.check(qkov.load_job(job_file), n_samples=n_samples, prediction=prediction,
+                        prediction_slices=prediction_slices, prediction_eta=prediction_eta, progress=True)
         console().print(format_checks(ds))
         if not bool(ds["passed"].all()):
             raise typer.Exit(1)
@@ -358,11 +309,10 @@ def plan(
 ) -> None:
     """Before running: predicted bytes per store group, peak disk use, peak memory per task, task
     counts, and whether the output's free space holds the run (with the settings that would)."""
-    from qkov.pipeline.plan import plan as run_plan
-    from qkov.pipeline.spec import load_job
+    import qkov
 
     with _friendly():
-        p = run_plan(load_job(job_file), resume=resume)
+        p = qkov.plan(qkov.load_job(job_file), resume=resume)
         for line in p.lines():
             console().print(line, markup=False, highlight=False, soft_wrap=True)
         if p.options:
@@ -378,11 +328,11 @@ def validate(
 ) -> None:
     """Check a job as `qkov run` would before it starts (job file, model folder and checkpoint,
     task files against the model, output), then print the job as TOML with every default filled in."""
-    from qkov.pipeline.spec import load_job, to_toml
+    import qkov
+    from qkov.pipeline.spec import to_toml
 
     with _friendly():
-        job = load_job(job_file)
-        _preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile))
+        job = qkov.validate(job_file, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=True)
         console().print(to_toml(job.config_dict()), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -394,17 +344,11 @@ def demo(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a run at --out that `qkov demo` did not make"),
 ) -> None:
     """The whole job on the embedded default: SmolLM2-135M, arithmetic vs Python code, a LocalCluster."""
-    from qkov.pipeline.demo import run_demo
-
-    def announce(job) -> None:
-        err().print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
-                  f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
+    import qkov
 
     with _friendly(), _sigterm_unwinds():
-        with _stage_progress() as tick:
-            job, html = run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick,
-                                 on_job=announce, on_cluster=_print_cluster)
-        _print_summary(job.output.path)
+        html = qkov.demo(out, samples, inline=inline, overwrite=overwrite)
+        _print_summary(qkov.demo_job(out, samples).output.path)
         console().print(f"report: [bold]{escape(str(html))}[/]")
 
 

@@ -385,7 +385,10 @@ def environment() -> dict[str, Any]:
         except md.PackageNotFoundError:
             out[pkg] = None
     # qkov may run from a checkout on PYTHONPATH without being installed: the packages are what count
-    out["importable"] = all(importlib.util.find_spec(m) is not None for m in ("pipeline", "workers"))
+    try:  # a submodule's spec imports its parent package, which may be what is missing
+        out["importable"] = all(importlib.util.find_spec(m) is not None for m in ("qkov.pipeline", "qkov.workers"))
+    except ImportError:
+        out["importable"] = False
     return out
 
 
@@ -394,7 +397,7 @@ def environment_problems(local: dict[str, Any], workers: dict[str, dict[str, Any
     problems = []
     for addr, env in sorted(workers.items()):
         if not env.get("importable"):
-            problems.append(f"{addr}: cannot import qkov (pipeline, workers); install qkov in the workers' image/environment")
+            problems.append(f"{addr}: cannot import qkov (qkov.pipeline, qkov.workers); install qkov in the workers' image/environment")
             continue
         diff = [f"{p} {env.get(p)} (client {local.get(p)})" for p in MUST_MATCH if env.get(p) != local.get(p)]
         if diff:

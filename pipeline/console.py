@@ -39,6 +39,13 @@ def stamp() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def print_step(stage: str, what: str, done: int, total: int) -> None:
+    """One timestamped step of a stage on stderr (`qkov check` prints its checks so)."""
+    from rich.markup import escape
+
+    err().print(f"{stamp()} {stage} {done}/{total}: {escape(what)}", highlight=False)
+
+
 @contextmanager
 def plain_progress(every_s: float = 30.0) -> Iterator[Progress]:
     """Progress as timestamped lines on stderr: a line when a stage starts and ends, at each

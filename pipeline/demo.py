@@ -5,6 +5,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from .console import err
 from .errors import StoreError, option
 from .spec import JobSpec, parse_job
 from .store import RunStore
@@ -42,24 +43,16 @@ def may_replace(job: JobSpec, overwrite: bool) -> bool:
 
 
 def run_demo(out: str | Path = "runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False,
-             progress=None, on_job=None, on_cluster=None) -> tuple[JobSpec, Path]:
-    """`qkov demo` (CLI and API): the demo job checked, run on an embedded cluster (or inline) and
-    reported. Returns the job and the report's HTML path. `on_job(job)` / `on_cluster(client)`
-    let the CLI say what runs where before the work starts."""
-    from .cluster import cluster_client
+             progress=True) -> tuple[JobSpec, Path]:
+    """`qkov demo`: the demo job checked, run on an embedded cluster (or inline) and reported.
+    Returns the job and the report's HTML path. `progress` as `qkov.run` takes it; True also
+    says what runs where before the work starts."""
+    from .launch import launch
     from .report import make_report
-    from .run import preflight, run_job
 
     job = demo_job(out, samples=samples)
-    if on_job is not None:
-        on_job(job)
-    replace = may_replace(job, overwrite)
-    plan = preflight(job, resume=False, overwrite=replace, local=True)
-    if inline:
-        run_job(job, overwrite=replace, progress=progress, plan=plan)
-    else:
-        with cluster_client(job.cluster) as client:
-            if on_cluster is not None:
-                on_cluster(client)
-            run_job(job, client=client, overwrite=replace, progress=progress, plan=plan)
+    if progress and not callable(progress):
+        err().print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
+                    f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
+    launch(job, overwrite=may_replace(job, overwrite), inline=inline, progress=progress, show_plan=False)
     return job, make_report(job.output.path)

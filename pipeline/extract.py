@@ -8,7 +8,6 @@ complete. A completed-shard record per shard lets `--resume` skip finished work.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +22,8 @@ from qkov.workers.writer import ShardResult, ShardTask, extract_shards
 from . import schema
 from .spec import JobSpec
 from .errors import JobFileError, NonFiniteGradientError, StoreError, TaskFileError, option
-from .store import RunStore, provenance
+from .store import RunStore, checksummed, provenance
+from .store.work import shards_done
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,7 +36,7 @@ class ExtractPlan:
     n_b: int
     input_ids: tuple[tuple[int, ...], ...]
     texts: tuple[str | None, ...]
-    labels: tuple[int | None, ...]
+    labels: tuple[int | tuple[bool, ...] | None, ...]  # class indices, or completion target masks
     layers: tuple[int, ...]
     blocks: tuple[str, ...]
     heads: dict[str, int]  # block -> heads in the store (query heads for Q/O, KV heads for K/V)
@@ -65,18 +65,6 @@ class ExtractPlan:
                 self.blocks, sorted(self.heads.items()), sorted(self.sizes.items()), self.shard_size,
                 [float(w) for w in self.fisher_weights]]
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-
-
-def meta_layout(job: JobSpec):
-    """The model's attention layout and kind from its config alone (meta device: no weights read)."""
-    import torch
-    import transformers as tf
-
-    from qkov.workers.layouts import discover_layout
-    from qkov.workers.models import model_folder, model_kind
-
-    config, model = meta_model(job)
-    return discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias), model_kind(config)
 
 
 def meta_model(job: JobSpec):
@@ -183,7 +171,8 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
         n_b=len(b),
         input_ids=tuple(tuple(s.input_ids) for s in samples),
         texts=tuple(s.text for s in samples),
-        labels=tuple(s.label for s in samples),
+        # a completion loss's target mask travels where a classifier's label does (never both)
+        labels=tuple(s.targets if s.targets is not None else s.label for s in samples),
         layers=layers,
         blocks=blocks,
         heads={bl: sub.blocks[(bl, layers[0])].n_heads for bl in blocks},
@@ -252,86 +241,6 @@ def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, 
     return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
-def checksummed(compressed: bool = False) -> list:
-    """The chunk codecs after `bytes`: a crc32c checksum (see write_template), after
-    `schema.SCORES_COMPRESSION` where `compressed` (the pooled scores)."""
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    return ([BloscCodec(**schema.SCORES_COMPRESSION)] if compressed else []) + [Crc32cCodec()]
-
-
-async def _keys(zstore, prefix: str) -> set[str]:
-    return {k async for k in zstore.list_prefix(prefix)}
-
-
-def missing_chunks(store: RunStore, group: str, *, sample_dim: str | None = None) -> dict[str, list[tuple[int, ...]]]:
-    """Chunks of `group`'s data variables that do not exist in the store, by variable. A missing
-    chunk reads as the fill value (NaN), so a deleted or never-written chunk would otherwise give
-    NaN scores (or shift other slices' q-values) without a word. `sample_dim`: check only the
-    chunks of shards whose completed-shard record says they were written (an interrupted run's
-    pending shards are legitimately absent)."""
-    from zarr.core.sync import sync
-
-    root = store.root()
-    try:
-        g = root[group]
-    except KeyError:
-        return {}
-    done = None
-    if sample_dim is not None:
-        try:
-            done = np.asarray(root[schema.WORK][schema.DONE][:], dtype=bool)
-        except KeyError:
-            return {}
-    have = sync(_keys(store.zarr(read_only=True), f"{group}/"))
-    out: dict[str, list[tuple[int, ...]]] = {}
-    for name, arr in g.arrays():
-        dims = tuple(arr.metadata.dimension_names or ())
-        if len(arr.shape) < 3:  # coordinates (ids, texts, losses) are not the data; an all-fill chunk of
-            continue            # them (e.g. empty texts) is legitimately never written
-        grid = [range(-(-n // c)) for n, c in zip(arr.shape, arr.chunks)]
-        if done is not None:
-            if not dims or dims[0] != sample_dim:
-                continue
-            grid[0] = [k for k in grid[0] if k < len(done) and done[k]]
-        lost = [idx for idx in itertools.product(*grid)
-                if f"{group}/{name}/{arr.metadata.encode_chunk_key(idx)}" not in have]
-        if lost:
-            out[name] = lost
-    return out
-
-
-def damaged_shards(store: RunStore) -> list[int]:
-    """Shards recorded as complete some of whose gradient chunks do not exist."""
-    lost = missing_chunks(store, schema.GRADIENTS, sample_dim=schema.SAMPLE)
-    return sorted({idx[0] for chunks in lost.values() for idx in chunks})
-
-
-def reopen_damaged_shards(store: RunStore) -> list[int]:
-    """--resume: clear the completed-shard record of every shard whose gradient chunks are gone
-    (and the completeness of what was computed from them), so that the run recomputes them."""
-    shards = damaged_shards(store)
-    if shards:
-        root = store.root("r+")
-        done = root[schema.WORK][schema.DONE]
-        for k in shards:
-            done[k] = 0
-        for g in (schema.GRADIENTS, schema.FISHER, schema.SCORES_GROUP):
-            if store.has_group(g):
-                root[g].attrs[schema.ATTR_COMPLETE] = False
-    return shards
-
-
-def require_intact_gradients(store: RunStore) -> None:
-    """The score stage's gate: every gradient chunk of every completed shard exists."""
-    shards = damaged_shards(store)
-    if shards:
-        raise StoreError(
-            f"{store.path} is damaged: gradient chunks of completed shards {shards} are missing (deleted, or never "
-            "written by a crashed writer); `qkov run JOB.toml --resume` recomputes them."
-        )
-
-
 def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     """Metadata and coordinates of `gradients`, plus the bookkeeping arrays in `_work`."""
     ds = gradients_template(plan, job)
@@ -357,7 +266,7 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     if job.score.mode == "sketch":
         work.create_array(schema.DONE_FISHER, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                           dimension_names=("shard",))
-    # `done` last: its presence is what marks the template as written (see run._has_template)
+    # `done` last: its presence is what marks the template as written (store.work.has_template)
     work.create_array(schema.DONE, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                       dimension_names=("shard",))
 
@@ -393,11 +302,11 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
 
 
 def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE) -> list[int]:
-    done = np.asarray(store.root()[schema.WORK][record][:])
+    done = shards_done(store, record)
     return [k for k in range(len(plan.shards)) if not done[k]]
 
 
-def _check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
+def check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     root = store.root()
     if job.score.mode == "sketch":
         from qkov.workers.sketch import PROJECTION_SCHEME
@@ -519,7 +428,7 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
     if fresh:
         write_template(store, plan, job)
     else:
-        _check_same_plan(store, plan, job)
+        check_same_plan(store, plan, job)
     # sketch mode: pass 1 writes the Fisher; pass 2 needs the consolidated Fisher to form its operands
     phases = [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)] if job.score.mode == "sketch" else [("exact", schema.DONE)]
     todo = {record: pending_shards(store, plan, record) for _, record in phases}

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from . import schema
-from .store import RunStore, fsspec_fs, is_url
+from .store import RunStore, fsspec_fs, local_path
 
 # attrs that are bookkeeping, not settings
 _BOOKKEEPING = {schema.ATTR_PROVENANCE, schema.ATTR_SCHEMA, schema.ATTR_COMPLETE}
@@ -35,12 +35,10 @@ def _setting(value: Any) -> Any:
 def _bytes(store: RunStore, group: str | None = None) -> int:
     """Bytes of the files under the run (or one group of it)."""
     path = store.path.rstrip("/") + (f"/{group}" if group else "")
-    if is_url(path):
+    root = local_path(path)
+    if root is None:
         fs, p = fsspec_fs(path, store.storage_options)
         return int(fs.du(p, total=True)) if fs.exists(p) else 0
-    from pathlib import Path
-
-    root = Path(path.removeprefix("file://"))
     return sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
 
 

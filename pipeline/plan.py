@@ -12,16 +12,16 @@ allocations (operands and outputs; activations from the model's width), stated a
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from . import schema
 from .errors import UsageError
 from .spec import JobSpec
+from .store import RunStore
+from .tiling import auto_sample_chunk, heads_per_task
 
 META_BYTES = 1024  # zarr.json of one array (measured: 0.6–1.5 KB)
-CRC_BYTES = 4  # crc32c per chunk (extract.checksummed)
+CRC_BYTES = 4  # crc32c per chunk (store.checksummed)
 BLOSC_HEADER = 16  # blosc's most per chunk beyond the raw bytes (the pooled scores' chunks)
 ARRAY_RECORD_BYTES = 360  # a group's record of one array in its zarr.json (schema.ATTR_ARRAYS: dtype, shape, chunks, codecs)
 ZSTD_F32 = 0.93  # zstd on float32 sums of squares (Fisher, its partials): measured 0.92-0.94
@@ -86,32 +86,6 @@ def _size(b: float) -> str:
     return f"{b:.1f} TB"
 
 
-def _chunked(n_values: int, itemsize: int, n_chunks: int) -> int:
-    return n_values * itemsize + n_chunks * CRC_BYTES
-
-
-def free_bytes(path: str) -> int | None:
-    """Free bytes on the file system the output goes to (its nearest existing folder); None for URLs."""
-    from .store import is_url
-
-    if is_url(path):
-        return None
-    p = Path(str(path).removeprefix("file://")).absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free
-
-
-def du(path: str) -> int:
-    """Bytes under a local output (0 when missing or a URL)."""
-    from .store import is_url
-
-    if is_url(path):
-        return 0
-    root = Path(str(path).removeprefix("file://"))
-    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
-
-
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -128,85 +102,131 @@ def _geometry(job: JobSpec, ex=None):
     return ex, _n_params(model), int(d), int(depth)
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """What the sizes are computed from: the extraction plan and the job's storage choices."""
+
+    ex: object  # the ExtractPlan
+    n: int  # samples
+    L: int  # layers
+    width: dict  # block -> stored last-axis length (sketch_dim in sketch mode)
+    parts: int  # stored arrays per block (3 in sketch mode: u, v, w)
+    g_item: int  # bytes per stored gradient value
+    c: int  # the score stage's sample chunk
+
+    @property
+    def sketch(self) -> bool:
+        return self.parts > 1
+
+    @property
+    def block_heads(self) -> int:
+        return sum(self.ex.heads[b] for b in self.ex.blocks)
+
+    @property
+    def layer_sample(self) -> int:
+        """Per-sample bytes of one layer's stored gradients (all blocks, heads)."""
+        return sum(self.parts * self.ex.heads[b] * self.width[b] * self.g_item for b in self.ex.blocks)
+
+
 def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     """The job's RunPlan (see the module docstring). `geometry` reuses `_geometry(job)`.
     `resume` (or an --overwrite of an existing run): the bytes already at the output count
     as available, since they are either part of the result or about to be removed."""
-    from .score import auto_sample_chunk, heads_per_task
-    from .store import RunStore, is_url
-
     ex, n_params, d, depth = geometry or _geometry(job)
     store = RunStore.of(job)
-    existing = du(store.path) if resume else 0
-    free = free_bytes(store.path)
+    existing = store.size_bytes() if resume else 0
+    free = store.free_bytes()
     if job.output.disk_budget is not None:  # the run may hold at most the budget, whatever is free
         left = max(0, job.output.disk_budget - existing)
         free = left if free is None else min(free, left)
     s = job.score
-    n, L = ex.n_a + ex.n_b, len(ex.layers)
-    shards = len(ex.shards)
+    n = ex.n_a + ex.n_b
     sketch = s.mode == "sketch"
     g_item = 2 if s.storage_dtype == "bfloat16" and not sketch else 4
     width = {b: (s.sketch_dim if sketch else ex.sizes[b]) for b in ex.blocks}
-    parts = 3 if sketch else 1
-    # per-sample bytes of one layer's stored gradients (all blocks, heads)
-    layer_sample = sum(parts * ex.heads[b] * width[b] * g_item for b in ex.blocks)
-    slices = sum(parts * ex.heads[b] for b in ex.blocks)  # arrays' chunks per (shard, layer)
-    n_arrays = parts * len(ex.blocks)
+    c = min(n, auto_sample_chunk(n, max(width.values()), 4 if sketch else g_item, direct=not sketch and store.local is not None))
+    sh = _Shape(ex, n, len(ex.layers), width, 3 if sketch else 1, g_item, c)
+    groups, work = _group_bytes(job, sh)
+    rounds, peak = _peak_disk(job, sh, groups, work, free)
+    memory, tasks = _memory_and_tasks(job, sh, n_params, d, depth)
+    return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
+                   groups=groups, peak_disk=peak, layer_groups=rounds, memory=memory, tasks=tasks,
+                   free=free, existing=existing)
+
+
+def _group_bytes(job: JobSpec, sh: _Shape) -> tuple[dict[str, int], int]:
+    """Bytes of each store group of the complete run, and of `_work` (the Fisher partials and records)."""
+    ex, n, L = sh.ex, sh.n, sh.L
+    shards = len(ex.shards)
+    slices = sum(sh.parts * ex.heads[b] for b in ex.blocks)  # arrays' chunks per (shard, layer)
+    n_arrays = sh.parts * len(ex.blocks)
     coords = n * 16  # ids, task, n_tokens, loss, finite, text preview (compressed)
     groups: dict[str, int] = {}
     # edge chunks are stored whole: a partial last shard takes a full shard's bytes
-    groups[schema.GRADIENTS] = shards * ex.shard_size * L * layer_sample + shards * L * slices * CRC_BYTES \
+    groups[schema.GRADIENTS] = shards * ex.shard_size * L * sh.layer_sample + shards * L * slices * CRC_BYTES \
         + (n_arrays + 10) * META_BYTES + coords
     fisher_vals = sum(L * ex.heads[b] * ex.sizes[b] for b in ex.blocks)
     # Fisher and its per-shard partial sums are float32 under Zarr's default zstd: ~7 % smaller (measured)
     groups[schema.FISHER] = int(fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (L * CRC_BYTES + META_BYTES) + 4 * META_BYTES
-    work = int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES) + (2 + sketch) * (shards * 5 + META_BYTES)
-    s_item = 2 if s.scores_dtype == "bfloat16" else 4
-    widest = max(width.values())
-    c = min(n, auto_sample_chunk(n, widest, 4 if sketch else g_item, direct=not sketch and not is_url(store.path)))
-    t = math.ceil(n / c)
-    block_heads = sum(ex.heads[b] for b in ex.blocks)
-    # pooled interference in (c, c) tiles and the folded alignment (schema.fold_symmetric), each
-    # chunk compressed by blosc: at most its bytes + a 16-byte header (real scores: ~0.8x, not counted)
-    rows, cols = schema.folded_shape(n)
-    fr, fc = (rows, cols) if c >= n else (c, min(c, cols))
-    folds = math.ceil(rows / fr) * math.ceil(cols / fc)
-    groups[schema.SCORES_GROUP] = L * block_heads * (t * t * (c * c * s_item + CRC_BYTES + BLOSC_HEADER)
-                                                     + folds * (fr * fc * s_item + CRC_BYTES + BLOSC_HEADER)) \
-        + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
-    sums_width = 1 + job.stats.n_permutations + 4 * (1 + job.stats.n_bootstrap) + n
-    if s.keep_pairs == "all" and s.scores_dtype == "float32":
-        # the statistics' sums reduced beside the matrices (qkov.pipeline.score.compact_scores)
-        groups[schema.SCORES_GROUP] += 2 * L * block_heads * (sums_width * 8 + CRC_BYTES) + 2 * len(ex.blocks) * META_BYTES
-    if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
-        top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0
-        groups[schema.SCORES_GROUP] = 2 * L * block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
-            + (8 * len(ex.blocks) + 8) * META_BYTES + 3 * n * 16
-    n_fam = block_heads  # the family: one test per block head
+    work = int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES) \
+        + (2 + sh.sketch) * (shards * 5 + META_BYTES)
+    groups[schema.SCORES_GROUP] = _scores_bytes(job, sh)
     # ~42 small variables per (score, block, layer, head), compressed; their zarr.json carry the
     # variables' question/units/direction (~1.25 KB each) and the group's record of each array
     groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 42 * (1250 + ARRAY_RECORD_BYTES)
     # per (block, layer, block head, sample) diagnostics beside the scores (layer-grouped runs too)
-    groups["diagnostics"] = L * block_heads * n * 20 + 24 * META_BYTES
+    groups[schema.DIAGNOSTICS] = L * sh.block_heads * n * 20 + 24 * META_BYTES
     # the root's zarr.json carries a consolidated copy of every node's metadata (~1.35x its size)
     nodes = (n_arrays + 10) + (len(ex.blocks) + 4) + (2 * len(ex.blocks) + 8) + 40 + 24 + (len(ex.blocks) + 3)
     groups["root"] = int(1.35 * nodes * META_BYTES)
-    # score, stats and later groups never need the gradients: with keep_gradients = false each
-    # layer group's gradients go once its scores are written, and the run proceeds group by group
+    return groups, work
+
+
+def _scores_bytes(job: JobSpec, sh: _Shape) -> int:
+    """Bytes of `scores`: the pooled matrices (keep_pairs = "all"), else the statistics' sums and top pairs."""
+    ex, n, L, s = sh.ex, sh.n, sh.L, job.score
+    blocks = len(ex.blocks)
+    sums_width = schema.stat_sums_width(job.stats.n_permutations, job.stats.n_bootstrap, n)
+    if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
+        top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0
+        return 2 * L * sh.block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
+            + (8 * blocks + 8) * META_BYTES + 3 * n * 16
+    s_item = 2 if s.scores_dtype == "bfloat16" else 4
+    t = math.ceil(n / sh.c)
+    # pooled interference in (c, c) tiles and the folded alignment (schema.fold_symmetric), each
+    # chunk compressed by blosc: at most its bytes + a 16-byte header (real scores: ~0.8x, not counted)
+    rows, cols = schema.folded_shape(n)
+    fr, fc = (rows, cols) if sh.c >= n else (sh.c, min(sh.c, cols))
+    folds = math.ceil(rows / fr) * math.ceil(cols / fc)
+    out = L * sh.block_heads * (t * t * (sh.c * sh.c * s_item + CRC_BYTES + BLOSC_HEADER)
+                                + folds * (fr * fc * s_item + CRC_BYTES + BLOSC_HEADER)) \
+        + (2 * blocks + 8) * META_BYTES + 3 * n * 16
+    if s.scores_dtype == "float32":
+        # the statistics' sums reduced beside the matrices (qkov.pipeline.score.compact_scores)
+        out += 2 * L * sh.block_heads * (sums_width * 8 + CRC_BYTES) + 2 * blocks * META_BYTES
+    return out
+
+
+def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free: int | None) -> tuple[int, int]:
+    """(layer groups, peak bytes at the output); sets the `gradients` and `_work` figures of `groups`.
+    Score, stats and later groups never need the gradients: with keep_gradients = false each
+    layer group's gradients go once its scores are written, and the run proceeds group by group."""
     if job.output.keep_gradients:
-        rounds = 1
         groups[schema.WORK] = work if job.output.keep_work else 0  # else removed on success
-        peak = sum(groups.values()) + (0 if job.output.keep_work else work)
-    else:  # pipeline/layer_groups.py: one group's gradients and Fisher partials at a time, beside the results
-        per_layer = max(1, (groups[schema.GRADIENTS] + work) // L)
-        groups[schema.GRADIENTS] = n * 16 + 10 * META_BYTES  # its coordinates stay
-        groups[schema.WORK] = 0  # removed on success
-        per = layers_per_group(job, L, per_layer, free, sum(groups.values()))
-        rounds = math.ceil(L / per)
-        peak = sum(groups.values()) + per * per_layer
-    # memory per task: extraction holds the weights, a batch's per-sample gradients of the chosen
-    # slices (float32) and the activations; its writer holds two shards; a score task its operands
+        return 1, sum(groups.values()) + (0 if job.output.keep_work else work)
+    # pipeline/layer_groups.py: one group's gradients and Fisher partials at a time, beside the results
+    per_layer = max(1, (groups[schema.GRADIENTS] + work) // sh.L)
+    groups[schema.GRADIENTS] = sh.n * 16 + 10 * META_BYTES  # its coordinates stay
+    groups[schema.WORK] = 0  # removed on success
+    per = layers_per_group(job, sh.L, per_layer, free, sum(groups.values()))
+    return math.ceil(sh.L / per), sum(groups.values()) + per * per_layer
+
+
+def _memory_and_tasks(job: JobSpec, sh: _Shape, n_params: int, d: int, depth: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Peak memory per task (estimates) and task counts per stage. Extraction holds the weights, a
+    batch's per-sample gradients of the chosen slices (float32) and the activations; its writer
+    holds two shards; a score task its operands."""
+    ex, L, c = sh.ex, sh.L, sh.c
     bsz = job.extract.batch_size
     w_item = 2 if job.model.dtype in ("bfloat16", "float16") else 4
     T = max((len(x) for x in ex.input_ids), default=1)
@@ -214,28 +234,29 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     acts = bsz * T * d * 24 * depth * w_item  # ~24 d-wide activations per token and layer kept for backward
     memory = {
         "extract_gpu": n_params * w_item + bsz * per_sample_f32 + acts,
-        "extract_host": 2 * ex.shard_size * L * layer_sample + n_params * w_item,
+        "extract_host": 2 * ex.shard_size * L * sh.layer_sample + n_params * w_item,
         "score_task": 0,
         "stats_task": 0,
     }
+    item = 4 if sh.sketch else sh.g_item
+    t = math.ceil(sh.n / c)
     score_tasks = 0
     for b in ex.blocks:
-        hc = heads_per_task(ex.heads[b], c, width[b], 4 if sketch else g_item)
-        operands = 2 * hc * c * width[b] * (4 if sketch else g_item) * parts
-        formed = 3 * c * width[b] * 4  # one head's w, w², |g| (float32)
+        hc = heads_per_task(ex.heads[b], c, sh.width[b], item)
+        operands = 2 * hc * c * sh.width[b] * item * sh.parts
+        formed = 3 * c * sh.width[b] * 4  # one head's w, w², |g| (float32)
         out = 2 * hc * c * c * 4
         memory["score_task"] = max(memory["score_task"], operands + formed + out)
         score_tasks += L * math.ceil(ex.heads[b] / hc) * t * t
     k, nb = job.stats.n_permutations, job.stats.n_bootstrap
     memory["stats_task"] = c * c * 8 + (k + nb + 2) * c * 8 * 2
+    shards = len(ex.shards)
     tasks = {
         "extract": math.ceil(shards / 4) if shards >= 8 else shards,
         "score": score_tasks,
-        "stats": 2 * n_fam * L * t * t,
+        "stats": 2 * sh.block_heads * L * t * t,  # the family: one test per block head
     }
-    return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
-                   groups=groups, peak_disk=peak, layer_groups=rounds, memory=memory, tasks=tasks,
-                   free=free, existing=existing)
+    return memory, tasks
 
 
 def layers_per_group(job: JobSpec, n_layers: int, per_layer: int, free: int | None, results: int) -> int:
@@ -320,11 +341,11 @@ NAME_MAX = 255  # bytes of one file name on the common file systems (ext4, xfs, 
 
 def stats_memory(n_a: int, n_b: int, n_slices: int, n_permutations: int, n_bootstrap: int) -> int:
     """Bytes the statistics hold at once at the least (an estimate, float64): the label
-    permutations and bootstrap weights every stats task draws (`stats_stage._weights`: the
+    permutations and bootstrap weights every stats task draws (`slice_reductions.stats_weights`: the
     draw, its argsort and the 0/1 indicators of both tasks, 5·K·N; the bootstrap rows
     2·(1+B)·N) and the per-slice sums the caller gathers (slices × (1+K+4(1+B)+N))."""
     n, k, b = n_a + n_b, n_permutations, n_bootstrap
-    return 8 * n * (5 * (1 + k) + 2 * (1 + b)) + 8 * n_slices * (1 + k + 4 * (1 + b) + n)
+    return 8 * n * (5 * (1 + k) + 2 * (1 + b)) + 8 * n_slices * schema.stat_sums_width(k, b, n)
 
 
 def require_stats_memory(settings, n_a: int, n_b: int, n_slices: int, *, names: tuple[str, str],
@@ -373,5 +394,5 @@ def check_stats_request(store, name: str | None = None, **overrides) -> None:
     require_stats_memory(settings, n_a, n - n_a, slices, names=(param("n_permutations"), param("n_bootstrap")))
 
 
-__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "free_bytes", "du", "layers_per_group", "stats_memory",
+__all__ = ["RunPlan", "plan", "plan_job", "require_fits", "layers_per_group", "stats_memory",
            "require_stats_memory", "require_stats_name", "check_stats_request"]

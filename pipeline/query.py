@@ -13,11 +13,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from qkov.workers.reductions import ab_margins
+
 from . import schema
 from .errors import UsageError
+from .schema import STATS_VARS as V
 from .store import RunStore
 
-STAT_VARS: tuple[str, ...] = ("mean", "ci_low", "ci_high", "p_value", "q_value", "p_fwer", "significant")
+# the labels-null test's numbers shown for a slice, in the order shown
+STAT_VARS: tuple[str, ...] = (V.mean, V.ci_low, V.ci_high, V.p_value, V.q_value, V.p_fwer, V.significant)
 SETTINGS_SHOWN: tuple[str, ...] = ("null", "alternative", "n_permutations", "n_bootstrap", "alpha", "ci_level", "seed")
 TEXT = schema.TEXT  # the gradients coord holding each sample's first characters
 
@@ -59,13 +63,7 @@ def _grouped(stats: xr.Dataset) -> bool:
 
 # effect sizes shown with a head's statistics when the run has them (issue 16): per score,
 # and per slice of one score (sharing: interference; transfer, cosine: alignment)
-EFFECT_VARS: tuple[str, ...] = ("effect", "effect_ci_low", "effect_ci_high", "direction", "q_value_hier", "significant_hier")
-OWN_VARS: dict[str, tuple[str, ...]] = {
-    "interference": ("sharing", "sharing_ci_low", "sharing_ci_high", "sharing_ab", "sharing_ab_ci_low", "sharing_ab_ci_high", "sharing_ba", "sharing_ba_ci_low",
-                     "sharing_ba_ci_high"),
-    "alignment": ("transfer", "transfer_ci_low", "transfer_ci_high", "transfer_p_value", "transfer_q_value",
-                  "transfer_direction", "cosine", "cosine_ci_low", "cosine_ci_high", "cosine_norm_z"),
-}
+EFFECT_VARS, OWN_VARS = schema.HEAD_EFFECT_VARS, schema.OWN_VARS
 
 
 def _slice_stats(stats: xr.Dataset, score: str, block: str, layer: int, head: int) -> dict[str, Any]:
@@ -73,7 +71,7 @@ def _slice_stats(stats: xr.Dataset, score: str, block: str, layer: int, head: in
     s = stats.sel({schema.SCORE: score, **where})
     out = {v: _num(s[v].values) for v in STAT_VARS}
     # what label permutations give; absent in runs written before it was recorded
-    out["null_mean"] = _num(s["null_mean"].values) if "null_mean" in s else None
+    out["null_mean"] = _num(s[V.null_mean].values) if V.null_mean in s else None
     out.update({v: _num(s[v].values) for v in EFFECT_VARS if v in s})
     own = stats.sel(where)
     out.update({v: _num(own[v].values) for v in OWN_VARS.get(score, ()) if v in stats})
@@ -105,7 +103,7 @@ def _pairs(scores: xr.Dataset, layer: int, head: int, block: str, top: int, scor
     """Top pairs from `score.top_pairs`. Interference: highest first. Alignment: most
     negative first, the conflicting pairs (a natural-gradient step on j raises i's loss).
     A keep_pairs = "top" run lists at most the top_k pairs it kept."""
-    from .score import top_pairs
+    from .pairs import top_pairs
 
     kept = kept_pairs(scores, score)
     top = top if kept is None else min(top, kept)
@@ -134,7 +132,7 @@ MARGINAL_DOCS = {
 def alignment_marginals(scores: xr.Dataset, block: str, layer: int, head: int, top: int = 5) -> dict | None:
     """The samples whose mean alignment with the other task drives the slice's transfer
     most negative (a conflict): the row/column means of the A×B block that the transfer test
-    uses (`stats.ab_margins`), from the statistics' stored sums where the score stage kept
+    uses (`qkov.workers.reductions.ab_margins`), from the statistics' stored sums where the score stage kept
     them (their last N entries) or the pooled alignment. None without either (a run without
     alignment). Keys: question, units, direction, transfer, n_a, n_b, and per task (`a`, `b`)
     up to `top` samples with a negative marginal, most negative first: sample, marginal,
@@ -151,7 +149,7 @@ def alignment_marginals(scores: xr.Dataset, block: str, layer: int, head: int, t
     if sums in scores:  # A x B margins, raw sums, at the end of the slice's sums
         margins = np.asarray(scores[sums].sel(where).values, dtype=np.float64)[-n:]
     elif pooled in scores:
-        margins = st.ab_margins(np.asarray(scores[pooled].sel(where).values, dtype=np.float64), is_a)
+        margins = ab_margins(np.asarray(scores[pooled].sel(where).values, dtype=np.float64), is_a)
     else:
         return None
     n_a, n_b = int(is_a.sum()), int((~is_a).sum())
@@ -169,6 +167,27 @@ def alignment_marginals(scores: xr.Dataset, block: str, layer: int, head: int, t
 
 def ranking(score: str) -> str:
     return "most negative alignment first (conflicting pairs)" if score == "alignment" else f"highest {score} first"
+
+
+def _chosen_blocks(stats: xr.Dataset, layer: int, head: int, block: str | None) -> list[str]:
+    """The blocks a head query shows, once `layer`, `head` and `block` are known to be the run's."""
+    blocks = [str(b) for b in stats[schema.BLOCK].values]
+    _check_choice("layer", layer, [int(x) for x in stats[schema.LAYER].values])
+    _check_choice("head", head, [int(x) for x in stats[schema.HEAD].values])
+    if block is None:
+        return blocks
+    _check_choice("block", block.upper(), blocks)
+    return [block.upper()]
+
+
+def _pair_row(info: dict, tasks: tuple[str, str], score: str, p: dict, rank: int) -> dict:
+    """One top pair with both samples' text preview, token count and loss."""
+    a, b = info.get((tasks[0], p["sample_a"]), {}), info.get((tasks[1], p["sample_b"]), {})
+    return {"rank": rank, "sample_a": p["sample_a"], "sample_b": p["sample_b"], score: p[score],
+            "text_a": a.get("text"), "text_b": b.get("text"),
+            "pretokenised_a": a.get("pretokenised"), "pretokenised_b": b.get("pretokenised"),
+            "n_tokens_a": a.get("n_tokens"), "n_tokens_b": b.get("n_tokens"),
+            "loss_a": a.get("loss"), "loss_b": b.get("loss")}
 
 
 def query_head(run: "str | RunStore", layer: int, head: int, block: str | None = None, top: int = 10,
@@ -190,29 +209,12 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
         store.require(group)
     scores = store.open_scores()
     stats = store.open_stats(stats_name)
-    layers = [int(x) for x in stats[schema.LAYER].values]
-    heads = [int(x) for x in stats[schema.HEAD].values]
-    blocks = [str(b) for b in stats[schema.BLOCK].values]
-    _check_choice("layer", layer, layers)
-    _check_choice("head", head, heads)
-    if block is not None:
-        block = block.upper()
-        _check_choice("block", block, blocks)
-    chosen = blocks if block is None else [block]
+    chosen = _chosen_blocks(stats, layer, head, block)
     kv = int(stats[schema.KV_HEAD].sel({schema.HEAD: head}).values)
     grouped = _grouped(stats)
     task_a, task_b = str(scores.attrs[schema.ATTR_TASK_A]), str(scores.attrs[schema.ATTR_TASK_B])
     info = _sample_info(store)
-
-    def _pair_row(p: dict, rank: int) -> dict:
-        a, b = info.get((task_a, p["sample_a"]), {}), info.get((task_b, p["sample_b"]), {})
-        return {"rank": rank, "sample_a": p["sample_a"], "sample_b": p["sample_b"], score: p[score],
-                "text_a": a.get("text"), "text_b": b.get("text"),
-                "pretokenised_a": a.get("pretokenised"), "pretokenised_b": b.get("pretokenised"),
-                "n_tokens_a": a.get("n_tokens"), "n_tokens_b": b.get("n_tokens"),
-                "loss_a": a.get("loss"), "loss_b": b.get("loss")}
-
-    from .diagnostics import head_diagnostics, open_diagnostics
+    from .health import head_diagnostics, open_diagnostics
 
     diag = open_diagnostics(store)  # None for runs written before diagnostics were recorded
     per_block = []
@@ -223,9 +225,9 @@ def query_head(run: "str | RunStore", layer: int, head: int, block: str | None =
             "block": b,
             "alignment_marginals": alignment_marginals(scores, b, layer, head, top=5),
             "kv_head": kv if shared else None,
-            "in_family": bool(stats["in_family"].sel({schema.BLOCK: b, schema.HEAD: head}).values),
+            "in_family": bool(stats[V.in_family].sel({schema.BLOCK: b, schema.HEAD: head}).values),
             "stats": {s: _slice_stats(stats, s, b, layer, head) for s in (str(x) for x in stats[schema.SCORE].values)},
-            "top_pairs": [_pair_row(p, r + 1) for r, p in enumerate(pairs)],
+            "top_pairs": [_pair_row(info, (task_a, task_b), score, p, r + 1) for r, p in enumerate(pairs)],
             "diagnostics": None if diag is None else head_diagnostics(diag, b, layer, head, pairs, run=store.path),
         })
     return {
@@ -264,7 +266,7 @@ TRANSFER_WORDS = {-1: "conflict", 1: "synergy", 0: "not significant"}
 
 def _family_index(stats: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(block, layer, head) indices of the family: every Q/O head, one head per KV group for K/V."""
-    fam = np.asarray(stats["in_family"].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
+    fam = np.asarray(stats[V.in_family].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
     fam3 = np.broadcast_to(fam[:, None, :], (fam.shape[0], stats.sizes[schema.LAYER], fam.shape[1]))
     return np.nonzero(fam3)
 
@@ -301,21 +303,21 @@ def slice_table(stats: xr.Dataset, score: str) -> dict[str, np.ndarray]:
         "kv_head": np.array([int(kv[h]) if grouped and schema.head_dim(str(blocks[b])) == schema.KV_HEAD else -1
                              for b, h in zip(bi, hi)]),
     }
-    for v in (*STAT_VARS, "null_mean", *EFFECT_VARS, *OWN_VARS.get(score, ()), "layer_q_value", "layer_significant"):
+    for v in (*STAT_VARS, V.null_mean, *EFFECT_VARS, *OWN_VARS.get(score, ()), V.layer_q_value, V.layer_significant):
         t[v] = _values(stats, v, score, idx)
-    if "effect" not in stats:
-        t["effect"] = t["mean"] - t["null_mean"]
-        t["effect_ci_low"], t["effect_ci_high"] = t["ci_low"] - t["null_mean"], t["ci_high"] - t["null_mean"]
-    if "direction" not in stats:
-        t["direction"] = np.where(t["significant"] > 0, np.sign(np.nan_to_num(t["effect"])), 0.0)
+    if V.effect not in stats:
+        t[V.effect] = t[V.mean] - t[V.null_mean]
+        t[V.effect_ci_low], t[V.effect_ci_high] = t[V.ci_low] - t[V.null_mean], t[V.ci_high] - t[V.null_mean]
+    if V.direction not in stats:
+        t[V.direction] = np.where(t[V.significant] > 0, np.sign(np.nan_to_num(t[V.effect])), 0.0)
     # chance as the effect defines it (the exact mean over all label permutations; null_mean is
     # its Monte Carlo estimate), so that mean − chance = effect in every table
-    t["chance"] = t["mean"] - t["effect"]
+    t["chance"] = t[V.mean] - t[V.effect]
     # effect relative to chance: unitless, so slices of different blocks compare (interference > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t["effect_rel"] = t["effect"] / np.abs(t["chance"])
-        if score == "interference" and "sharing" not in stats:  # statistics written before `sharing`
-            t["sharing"] = np.sqrt(t["sharing_ab"] * t["sharing_ba"])  # its point estimate; no CI
+        t["effect_rel"] = t[V.effect] / np.abs(t["chance"])
+        if score == "interference" and V.sharing not in stats:  # statistics written before `sharing`
+            t[V.sharing] = np.sqrt(t[V.sharing_ab] * t[V.sharing_ba])  # its point estimate; no CI
     return t
 
 
@@ -323,7 +325,7 @@ def _strength(t: dict[str, np.ndarray], score: str, alternative: str | None) -> 
     """The effect size that breaks q-value ties (many slices sit at the permutation floor),
     larger = stronger in the tested direction; NaN = weakest. Interference: effect / chance
     (comparable across blocks); alignment: effect."""
-    e = t["effect_rel"] if score == "interference" else t["effect"]
+    e = t["effect_rel"] if score == "interference" else t[V.effect]
     e = {"greater": e, "less": -e}.get(alternative or "", np.abs(e))
     return np.where(np.isfinite(e), e, -np.inf)
 
@@ -334,10 +336,10 @@ def _rows(t: dict[str, np.ndarray], order: np.ndarray, score: str) -> list[dict]
         r = {"block": str(t["block"][k]), "layer": int(t["layer"][k]), "head": int(t["head"][k]),
              "kv_head": int(t["kv_head"][k]) if t["kv_head"][k] >= 0 else None, "score": score}
         r.update({v: _num(a[k]) for v, a in t.items() if v not in r and v not in ("kv_head",)})
-        for flag in ("significant", "significant_hier", "layer_significant"):
+        for flag in (V.significant, V.significant_hier, V.layer_significant):
             if r.get(flag) is not None:
                 r[flag] = bool(r[flag])
-        for flag in ("direction", "transfer_direction"):
+        for flag in (V.direction, V.transfer_direction):
             if r.get(flag) is not None:
                 r[flag] = int(r[flag])
         out.append(r)
@@ -365,12 +367,12 @@ def rank_heads(stats: xr.Dataset, score: str, top: int = 10, only_significant: b
     if score not in [str(s) for s in stats[schema.SCORE].values]:
         return []
     t = slice_table(stats, score)
-    keep = ~np.isnan(t["q_value"])
+    keep = ~np.isnan(t[V.q_value])
     if only_significant:
-        keep &= t["significant"] > 0
+        keep &= t[V.significant] > 0
     cand = np.flatnonzero(keep)
     strength = _strength(t, score, stats.attrs.get("alternative"))[cand]
-    order = cand[np.lexsort((-strength, t["q_value"][cand]))][:top]
+    order = cand[np.lexsort((-strength, t[V.q_value][cand]))][:top]
     rows = _rows(t, order, score)
     for r in rows:  # non-significant rows are listed too: their verdict depends on the test's side
         r["alternative"] = stats.attrs.get("alternative")
@@ -390,66 +392,70 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
 
     Each table: key, question, score, rows (dicts as `rank_heads`), n_found, family, alpha,
     and `note` (what it counts, or why the table is empty)."""
-    alpha = stats.attrs.get("alpha")
-    alt = stats.attrs.get("alternative")
+    alpha, alt = stats.attrs.get("alpha"), stats.attrs.get("alternative")
     scores = [str(s) for s in stats[schema.SCORE].values]
-    tables = []
+    tables = [_conflict_table(stats, top, alpha)] if "alignment" in scores else []
+    tables += [_shared_table(stats, top, alpha, alt)] if "interference" in scores else []
+    return tables + [_differ_table(stats, score, top, alpha, alt) for score in differ_scores if score in scores]
 
-    if "alignment" in scores:
-        t, table = _table(stats, "conflict", "alignment", alpha)
-        fam = table["family"]
-        if np.isnan(t["transfer"]).all():
-            table["note"] = ("this run's statistics have no transfer test: rerun `qkov stats` to add it" if "transfer" not in stats
-                             else "the transfer test is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
-        else:
-            d = t["transfer_direction"]
-            conflict = np.flatnonzero(d == -1)
-            order = conflict[np.lexsort((t["transfer"][conflict], np.nan_to_num(t["cosine"][conflict], nan=0.0),
-                                         t["transfer_q_value"][conflict]))]
-            table.update(rows=_rows(t, order[:top], "alignment"), n_found=int(conflict.size))
-            table["note"] = (f"{conflict.size} of {fam} slices conflict (transfer < 0, BH q ≤ {alpha}: a step on "
-                             f"one task's loss raises the other's); {int((d == 1).sum())} show synergy (transfer > 0)")
-        tables.append(table)
 
-    if "interference" in scores:
-        t, table = _table(stats, "shared", "interference", alpha)
-        fam = table["family"]
-        if np.isnan(t["sharing"]).all():
-            table["note"] = ("this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
-                             if "sharing" not in stats and "sharing_ab" not in stats
-                             else "the sharing ratio is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
-        else:
-            finite = np.isfinite(t["sharing"])
-            below = finite & (t["direction"] == -1)  # the tasks overlap significantly less than chance here
-            ok = np.flatnonzero(finite & ~below)
-            order = ok[np.argsort(-t["sharing"][ok], kind="stable")]
-            table.update(rows=_rows(t, order[:top], "interference"), n_found=int(ok.size))
-            table["note"] = (f"the {min(top, ok.size)} largest sharing values of {ok.size} slices not significantly below "
-                             f"chance ({int(below.sum())} of {fam} are, and are left out: their tasks overlap less than "
-                             "random task labels give). sharing = √(B→A · A→B), where X→Y = how heavily X's gradients "
-                             "land on the weights Y's loss depends on, relative to Y's own samples; the tasks' gradient "
-                             "sizes cancel: 1 = the tasks load the weights alike, → 0 = separated")
-            if alt == "greater":
-                table["note"] += ("; the labels null here is one-sided (greater), which cannot flag a slice below "
-                                  "chance, so none could be left out: rerun `qkov stats --alternative two-sided`")
-        tables.append(table)
+def _conflict_table(stats: xr.Dataset, top: int, alpha) -> dict:
+    """Slices whose transfer is significantly below 0, smallest q first, ties by the more negative cosine."""
+    t, table = _table(stats, "conflict", "alignment", alpha)
+    fam = table["family"]
+    if np.isnan(t[V.transfer]).all():
+        table["note"] = ("this run's statistics have no transfer test: rerun `qkov stats` to add it" if V.transfer not in stats
+                         else "the transfer test is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
+        return table
+    d = t[V.transfer_direction]
+    conflict = np.flatnonzero(d == -1)
+    order = conflict[np.lexsort((t[V.transfer][conflict], np.nan_to_num(t[V.cosine][conflict], nan=0.0),
+                                 t[V.transfer_q_value][conflict]))]
+    table.update(rows=_rows(t, order[:top], "alignment"), n_found=int(conflict.size))
+    table["note"] = (f"{conflict.size} of {fam} slices conflict (transfer < 0, BH q ≤ {alpha}: a step on "
+                     f"one task's loss raises the other's); {int((d == 1).sum())} show synergy (transfer > 0)")
+    return table
 
-    for score in differ_scores:
-        if score not in scores:
-            continue
-        t, table = _table(stats, "differ", score, alpha)
-        fam = table["family"]
-        sig = np.flatnonzero((t["significant"] > 0) & ~np.isnan(t["q_value"]))
-        strength = _strength(t, score, alt)[sig]
-        order = sig[np.lexsort((-strength, t["q_value"][sig]))]
-        up, down = int((t["direction"][sig] > 0).sum()), int((t["direction"][sig] < 0).sum())
-        what = "interfere" if score == "interference" else "align"
-        table.update(rows=_rows(t, order[:top], score), n_found=int(sig.size))
-        table["note"] = (f"{sig.size} of {fam} slices differ from chance ({score}, label-permutation null, {alt}, "
-                         f"BH q ≤ {alpha}): {up} above chance (cross-task pairs {what} more than random pairs of the "
-                         f"pooled samples), {down} below (less)")
-        tables.append(table)
-    return tables
+
+def _shared_table(stats: xr.Dataset, top: int, alpha, alt) -> dict:
+    """The largest sharing ratios among slices not significantly below chance."""
+    t, table = _table(stats, "shared", "interference", alpha)
+    fam = table["family"]
+    if np.isnan(t[V.sharing]).all():
+        table["note"] = ("this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
+                         if V.sharing not in stats and V.sharing_ab not in stats
+                         else "the sharing ratio is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
+        return table
+    finite = np.isfinite(t[V.sharing])
+    below = finite & (t[V.direction] == -1)  # the tasks overlap significantly less than chance here
+    ok = np.flatnonzero(finite & ~below)
+    order = ok[np.argsort(-t[V.sharing][ok], kind="stable")]
+    table.update(rows=_rows(t, order[:top], "interference"), n_found=int(ok.size))
+    table["note"] = (f"the {min(top, ok.size)} largest sharing values of {ok.size} slices not significantly below "
+                     f"chance ({int(below.sum())} of {fam} are, and are left out: their tasks overlap less than "
+                     "random task labels give). sharing = √(B→A · A→B), where X→Y = how heavily X's gradients "
+                     "land on the weights Y's loss depends on, relative to Y's own samples; the tasks' gradient "
+                     "sizes cancel: 1 = the tasks load the weights alike, → 0 = separated")
+    if alt == "greater":
+        table["note"] += ("; the labels null here is one-sided (greater), which cannot flag a slice below "
+                          "chance, so none could be left out: rerun `qkov stats --alternative two-sided`")
+    return table
+
+
+def _differ_table(stats: xr.Dataset, score: str, top: int, alpha, alt) -> dict:
+    """Slices whose mean differs from chance (labels null, q ≤ α), smallest q first, ties by effect size."""
+    t, table = _table(stats, "differ", score, alpha)
+    fam = table["family"]
+    sig = np.flatnonzero((t[V.significant] > 0) & ~np.isnan(t[V.q_value]))
+    strength = _strength(t, score, alt)[sig]
+    order = sig[np.lexsort((-strength, t[V.q_value][sig]))]
+    up, down = int((t[V.direction][sig] > 0).sum()), int((t[V.direction][sig] < 0).sum())
+    what = "interfere" if score == "interference" else "align"
+    table.update(rows=_rows(t, order[:top], score), n_found=int(sig.size))
+    table["note"] = (f"{sig.size} of {fam} slices differ from chance ({score}, label-permutation null, {alt}, "
+                     f"BH q ≤ {alpha}): {up} above chance (cross-task pairs {what} more than random pairs of the "
+                     f"pooled samples), {down} below (less)")
+    return table
 
 
 def _table(stats: xr.Dataset, key: str, score: str, alpha) -> tuple[dict, dict]:
@@ -482,7 +488,7 @@ def _answer_texts(question: str, score: str, a: str, b: str, stats: xr.Dataset) 
                 "chance (the mean under random task labels)?",
                 f"{score} score units; estimate = mean - chance")
     if question == "transfer":
-        units = stats["transfer"].attrs.get("units") if "transfer" in stats else None
+        units = stats[V.transfer].attrs.get("units") if V.transfer in stats else None
         return (f"Does a natural-gradient step on {b}'s loss, through this slice, raise {a}'s loss (conflict) "
                 "or lower it (synergy)?",
                 units or "minus the first-order change of A's loss per unit natural-gradient step on B")
@@ -520,27 +526,27 @@ def answers_table(stats: xr.Dataset, tasks: tuple[str, str] = ("A", "B")):
     alt = stats.attrs.get("alternative")
     for score in scores:
         t = slice_table(stats, score)
-        direction = np.nan_to_num(t["direction"]).astype(np.int64)
+        direction = np.nan_to_num(t[V.direction]).astype(np.int64)
         frame(t, score, "differ", {
-            "estimate": t["effect"], "ci_low": t["effect_ci_low"], "ci_high": t["effect_ci_high"],
-            "p_value": t["p_value"], "q_value": t["q_value"], "significant": np.nan_to_num(t["significant"]) > 0,
+            "estimate": t[V.effect], "ci_low": t[V.effect_ci_low], "ci_high": t[V.effect_ci_high],
+            "p_value": t[V.p_value], "q_value": t[V.q_value], "significant": np.nan_to_num(t[V.significant]) > 0,
             "direction": direction,
             "verdict": np.array([direction_words({"direction": d, "effect": _num(e)}, alternative=alt).replace("▲ ", "")
-                                 .replace("▼ ", "") for d, e in zip(direction, t["effect"])], dtype=object),
-            **{v: t[v] for v in ("mean", "chance", "p_fwer", "q_value_hier", "layer_q_value")},
+                                 .replace("▼ ", "") for d, e in zip(direction, t[V.effect])], dtype=object),
+            **{v: t[v] for v in (V.mean, "chance", V.p_fwer, V.q_value_hier, V.layer_q_value)},
             "effect_rel": t["effect_rel"] if score == "interference" else np.full(n, np.nan)})
-    if "alignment" in scores and "transfer" in stats:
+    if "alignment" in scores and V.transfer in stats:
         t = slice_table(stats, "alignment")
-        direction = np.nan_to_num(t["transfer_direction"]).astype(np.int64)
+        direction = np.nan_to_num(t[V.transfer_direction]).astype(np.int64)
         frame(t, "alignment", "transfer", {
-            "estimate": t["transfer"], "ci_low": t["transfer_ci_low"], "ci_high": t["transfer_ci_high"],
-            "p_value": t["transfer_p_value"], "q_value": t["transfer_q_value"], "significant": direction != 0,
+            "estimate": t[V.transfer], "ci_low": t[V.transfer_ci_low], "ci_high": t[V.transfer_ci_high],
+            "p_value": t[V.transfer_p_value], "q_value": t[V.transfer_q_value], "significant": direction != 0,
             "direction": direction, "verdict": np.array([TRANSFER_WORDS[d] for d in direction], dtype=object),
-            **{v: t[v] for v in ("cosine", "cosine_ci_low", "cosine_ci_high")}})
-    if "interference" in scores and "sharing_ab" in stats:
+            **{v: t[v] for v in (V.cosine, V.cosine_ci_low, V.cosine_ci_high)}})
+    if "interference" in scores and V.sharing_ab in stats:
         t = slice_table(stats, "interference")
         frame(t, "interference", "shared", {
-            "estimate": t["sharing"], "ci_low": t["sharing_ci_low"], "ci_high": t["sharing_ci_high"],
+            "estimate": t[V.sharing], "ci_low": t[V.sharing_ci_low], "ci_high": t[V.sharing_ci_high],
             "significant": np.zeros(n, dtype=bool), "direction": np.zeros(n, dtype=np.int64),
             "verdict": "no test (a ratio)",
             **{v: t[v] for v in ANSWER_EXTRAS if v.startswith("sharing_")}})
@@ -877,7 +883,7 @@ def format_query(result: dict):
     parts += [effects] if effects is not None else []
     parts += [_pairs_table(result, blk) for blk in result["blocks"] if blk["top_pairs"]]
     parts += [m for m in (_marginals_table(result, blk) for blk in result["blocks"]) if m is not None]
-    from .diagnostics import format_head_diagnostics  # health, outlier warning, most interfering samples
+    from .health import format_head_diagnostics  # health, outlier warning, most interfering samples
 
     parts += [d for d in (format_head_diagnostics(result, blk) for blk in result["blocks"]) if d is not None]
     return Group(*parts)

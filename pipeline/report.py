@@ -52,9 +52,10 @@ from matplotlib.text import Text
 
 from . import schema
 from .errors import UsageError, option
+from .schema import STATS_VARS as V
 from .query import (QUESTIONS, describe_values, direction_words, head_label, headline_cells, headline_tables,
                     headline_title, slice_table)
-from .store import RunStore, is_url
+from .store import RunStore, local_path
 
 REPORT_HTML = "report.html"
 DPI = 300  # written figures (papers, slides); the page draws its own SVG
@@ -73,7 +74,7 @@ HEATMAPS: dict[str, dict[str, Any]] = {
         "cbar": "interference vs chance (%)",
         "cmap": "RdBu_r", "low": "less than random pairs", "high": "more than random pairs",
         "marks": ("significantly above chance (q ≤ α)", "significantly below chance (q ≤ α)"),
-        "flag": "direction", "test": "the label-permutation test",
+        "flag": V.direction, "test": "the label-permutation test",
         "nan": "no value",
     },
     "sharing": {
@@ -96,7 +97,7 @@ HEATMAPS: dict[str, dict[str, Any]] = {
         "cbar": "cosine (alignment)",
         "cmap": "RdBu", "low": "conflict (a step on B raises A's loss)", "high": "synergy",
         "marks": ("significant synergy (transfer q ≤ α)", "significant conflict (transfer q ≤ α)"),
-        "flag": "transfer_direction", "test": "the transfer test",
+        "flag": V.transfer_direction, "test": "the transfer test",
         "nan": "no direction (a task's mean gradient is indistinguishable from 0 here)",
     },
 }
@@ -120,7 +121,7 @@ def block_columns(stats: xr.Dataset, block: str) -> dict[str, Any]:
     cols = np.arange(heads.size)
     groups = None
     if schema.head_dim(block) == schema.KV_HEAD and np.unique(kv).size < heads.size:
-        fam = np.asarray(stats["in_family"].sel({schema.BLOCK: block}).values, dtype=bool)
+        fam = np.asarray(stats[V.in_family].sel({schema.BLOCK: block}).values, dtype=bool)
         cols = np.flatnonzero(fam)
         groups = [[int(h) for h in heads[kv == kv[c]]] for c in cols]
     return {
@@ -152,11 +153,11 @@ def sharing_of(stats: xr.Dataset) -> xr.DataArray | None:
     """`sharing` per (block, layer, head): the stored variable; for statistics written before
     it, √(sharing_ab · sharing_ba) from the stored directions (the same number: each task's
     gradient size cancels). None when the run has neither."""
-    if "sharing" in stats:
-        return stats["sharing"]
-    if "sharing_ab" in stats and "sharing_ba" in stats:
+    if V.sharing in stats:
+        return stats[V.sharing]
+    if V.sharing_ab in stats and V.sharing_ba in stats:
         with np.errstate(invalid="ignore"):
-            return np.sqrt(stats["sharing_ab"] * stats["sharing_ba"])
+            return np.sqrt(stats[V.sharing_ab] * stats[V.sharing_ba])
     return None
 
 
@@ -176,21 +177,21 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
         c = block_columns(stats, b)
         cols = c["cols"]
         if kind == "differ":
-            mean, null = _matrix(stats, "mean", score, b, cols), _matrix(stats, "null_mean", score, b, cols)
-            eff = _matrix(stats, "effect", score, b, cols) if "effect" in stats else mean - null
+            mean, null = _matrix(stats, V.mean, score, b, cols), _matrix(stats, V.null_mean, score, b, cols)
+            eff = _matrix(stats, V.effect, score, b, cols) if V.effect in stats else mean - null
             with np.errstate(divide="ignore", invalid="ignore"):
                 v = 100.0 * eff / np.abs(mean - eff)  # chance = mean − effect, as in the tables
         elif kind == "sharing":
             v = (np.full((stats.sizes[schema.LAYER], cols.size), np.nan) if share is None else
                  np.asarray(share.sel({schema.BLOCK: b}).transpose(schema.LAYER, schema.HEAD).values, dtype=float)[:, cols])
         else:
-            v = _matrix(stats, "cosine", None, b, cols)
+            v = _matrix(stats, V.cosine, None, b, cols)
         marks = np.zeros(v.shape, dtype=int)
-        if spec["flag"] == "direction":
-            if "direction" in stats:
-                marks = np.nan_to_num(_matrix(stats, "direction", score, b, cols)).astype(int)
+        if spec["flag"] == V.direction:
+            if V.direction in stats:
+                marks = np.nan_to_num(_matrix(stats, V.direction, score, b, cols)).astype(int)
             else:  # statistics written before `direction`: significant, signed by the effect
-                sig = np.nan_to_num(_matrix(stats, "significant", score, b, cols)) > 0
+                sig = np.nan_to_num(_matrix(stats, V.significant, score, b, cols)) > 0
                 marks = np.where(sig, np.sign(np.nan_to_num(v)), 0).astype(int)
         elif spec["flag"]:
             marks = np.nan_to_num(_matrix(stats, spec["flag"], None, b, cols)).astype(int)
@@ -202,7 +203,7 @@ def heatmap_data(stats: xr.Dataset, kind: str) -> dict[str, Any] | None:
     if every.size == 0:
         # every cosine undefined (no task-mean direction anywhere) is an answer to draw: grey
         # cells with their transfer marks; a run without the variable is not
-        if kind != "conflict" or "cosine" not in stats:
+        if kind != "conflict" or V.cosine not in stats:
             return None
         every = np.array([1.0])
     if spec.get("sequential"):
@@ -253,13 +254,6 @@ def tick_label(kind: str, v: float, edge: int = 0) -> str:
     else:
         text = f"{v:+.2g}" if v else "0"
     return {-1: "≤ ", 1: "≥ "}.get(edge, "") + text
-
-
-def n_significant(stats: xr.Dataset, score: str) -> int:
-    """Significant slices of a score, counting each K/V test once (in-family entries only)."""
-    fam = stats["in_family"].transpose(schema.BLOCK, schema.HEAD).values.astype(bool)[:, None, :]
-    sig = stats["significant"].sel({schema.SCORE: score}).transpose(schema.BLOCK, schema.LAYER, schema.HEAD).values
-    return int((sig.astype(bool) & fam).sum())
 
 
 def _group_note(kv_heads: list[int], groups: list[list[int]]) -> str:
@@ -382,16 +376,16 @@ def _evidence_panels(stats: xr.Dataset, differ_scores: tuple[str, ...]) -> list[
     chance). Sharing has no test."""
     scores = [str(s) for s in stats[schema.SCORE].values]
     out = []
-    if "alignment" in scores and "transfer_q_value" in stats:
+    if "alignment" in scores and V.transfer_q_value in stats:
         out.append({"title": "conflict / synergy (alignment): transfer test vs 0, two-sided",
-                    "q": "transfer_q_value", "flag": "transfer_direction", "score": None,
+                    "q": V.transfer_q_value, "flag": V.transfer_direction, "score": None,
                     "labels": {-1: ("conflict (transfer < 0)", "#b2182b"), 1: ("synergy (transfer > 0)", "#2166ac")},
                     "floor": False})
     for score in differ_scores:
         if score in scores:
             alt = stats.attrs.get("alternative") or "?"
             out.append({"title": f"differ ({score}): mean vs chance, label-permutation test ({alt})",
-                        "q": "q_value", "flag": "direction" if "direction" in stats else "significant", "score": score,
+                        "q": V.q_value, "flag": V.direction if V.direction in stats else V.significant, "score": score,
                         "labels": {1: ("above chance", "#b2182b"), -1: ("below chance", "#2166ac")}, "floor": True})
     return out
 
@@ -410,16 +404,16 @@ def evidence_figure(stats: xr.Dataset, differ_scores: tuple[str, ...] = ("interf
     rng = np.random.default_rng(0)  # fixed jitter: the same run gives the same picture
     floor = np.log10(1 + n_perm) if n_perm else None
     top = -np.log10(alpha)
-    fam_all = np.asarray(stats["in_family"].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
+    fam_all = np.asarray(stats[V.in_family].transpose(schema.BLOCK, schema.HEAD).values, dtype=bool)
     handles, labels = {}, {}
     for ax, pan in zip(axes, panels):
         for i, b in enumerate(blocks):
             fam = fam_all[i]
             q = _matrix(stats, pan["q"], pan["score"], b, np.flatnonzero(fam)).ravel()
             d = np.nan_to_num(_matrix(stats, pan["flag"], pan["score"], b, np.flatnonzero(fam)).ravel())
-            if pan["flag"] == "significant":  # statistics written before `direction`
-                eff = _matrix(stats, "mean", pan["score"], b, np.flatnonzero(fam)).ravel() - \
-                    _matrix(stats, "null_mean", pan["score"], b, np.flatnonzero(fam)).ravel()
+            if pan["flag"] == V.significant:  # statistics written before `direction`
+                eff = _matrix(stats, V.mean, pan["score"], b, np.flatnonzero(fam)).ravel() - \
+                    _matrix(stats, V.null_mean, pan["score"], b, np.flatnonzero(fam)).ravel()
                 d = np.where(d > 0, np.sign(np.nan_to_num(eff)), 0)
             y = -np.log10(np.clip(q, 1e-300, 1.0))
             top = max(top, float(np.nanmax(y)) if np.isfinite(y).any() else 0.0)
@@ -473,10 +467,6 @@ def figure_bytes(fig: Figure, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def png_bytes(fig: Figure) -> bytes:
-    return figure_bytes(fig, "png")
-
-
 # ---------------------------------------------------------------- run information (I/O)
 
 
@@ -487,9 +477,9 @@ def shown_path(path: Any, out: Path | None, run_parent: Path | None) -> str | No
     if path in (None, ""):
         return None
     p = str(path)
-    if is_url(p) and not p.startswith("file://"):
+    if (local := local_path(p)) is None:
         return p
-    local = Path(p.removeprefix("file://")).expanduser()
+    local = local.expanduser()
     if not local.is_absolute():
         return p if ".." not in local.parts else f"…/{local.name}"
     if out is not None and run_parent is not None:
@@ -509,6 +499,13 @@ def _score_settings(score: dict) -> dict[str, Any]:
     return {k: score[k] for k in shown if k in score}
 
 
+def _loss_of(task: dict) -> str:
+    """What each sample's loss averages, as the run's config recorded it (absent: every token)."""
+    if task.get("loss", "all") == "completion":
+        return "completion tokens only (the prompt is context, labels -100)"
+    return "every next token"
+
+
 def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS, out: Path | None = None) -> dict[str, Any]:
     """What the page header shows: model, tasks, sample counts, settings, provenance (paths as
     `shown_path` writes them, relative to `out`)."""
@@ -519,7 +516,7 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
     layout = prov.get("layout", {})
     tasks = cfg.get("tasks", {})
     fisher = store.group_attrs(schema.FISHER) or {}
-    parent = None if is_url(store.path) else Path(store.path.removeprefix("file://")).expanduser().resolve().parent
+    parent = None if (lp := local_path(store.path)) is None else lp.expanduser().resolve().parent
     where = lambda p: shown_path(p, out, parent)  # noqa: E731
     return {
         "run": where(store.path),
@@ -530,8 +527,10 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
         "heads": f"{layout.get('n_heads', '?')} query heads, {layout.get('n_kv_heads', '?')} KV heads, "
                  f"head_dim {layout.get('head_dim', '?')}",
         "layers": describe_values([int(x) for x in stats[schema.LAYER].values]) + f" (of {layout.get('n_layers', '?')})",
-        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": where(tasks.get("a", {}).get("path")), "n": stats.attrs.get(schema.ATTR_N_A)},
-        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": where(tasks.get("b", {}).get("path")), "n": stats.attrs.get(schema.ATTR_N_B)},
+        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": where(tasks.get("a", {}).get("path")),
+                   "n": stats.attrs.get(schema.ATTR_N_A), "loss": _loss_of(tasks.get("a", {}))},
+        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": where(tasks.get("b", {}).get("path")),
+                   "n": stats.attrs.get(schema.ATTR_N_B), "loss": _loss_of(tasks.get("b", {}))},
         "skipped": list(grads.get(schema.ATTR_SKIPPED_SAMPLES, [])),
         "max_length": model.get("max_length"),
         "fisher": {k: fisher.get(k) for k in ("source", "beta", "batch_size", "damping_rel", "damping_abs") if k in fisher},
@@ -567,32 +566,41 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
     n_slices = sum(len(c["cols"]) for c in cols.values()) * len(layers)
     task_a, task_b = str(scores.attrs[schema.ATTR_TASK_A]), str(scores.attrs[schema.ATTR_TASK_B])
     info = _sample_info(store)
-
-    def samples(ids, task):
-        out = []
-        for i in ids:
-            s = info.get((task, str(i)), {})
-            text = s.get("text")
-            prev = (f"(pre-tokenised, {s.get('n_tokens')} tokens)" if s.get("pretokenised") or text is None
-                    else " ".join(text.split())[:PREVIEW_CHARS])
-            out.append([str(i), prev])
-        return out
-
-    result = {"n": n, "samples": {"a": samples(scores[schema.SAMPLE_A].values, task_a),
-                                   "b": samples(scores[schema.SAMPLE_B].values, task_b)}, "pairs": {},
+    result = {"n": n, "samples": {"a": _previews(info, scores[schema.SAMPLE_A].values, task_a),
+                                   "b": _previews(info, scores[schema.SAMPLE_B].values, task_b)}, "pairs": {},
               "marginals": conflict_marginals(scores, stats)}
     if n <= 0 or n_slices * n_a * n_b * len(present) > budget:
         result["n"] = 0
         return result
-    # runs that keep no pair matrices (keep_pairs = "top" | "none"): the pairs `qkov query` lists
-    from .errors import QkovError
-    from .score import top_pairs
+    where = (blocks, layers, cols)
+    _kept_top_pairs(result["pairs"], scores, stats, where, [s for s in map(str, stats[schema.SCORE].values) if s not in present], n)
+    _matrix_top_pairs(result["pairs"], scores, where, present, min(n, n_a * n_b))
+    result["warnings"] = outlier_warnings(store, scores, result["pairs"])
+    return result
 
+
+def _previews(info: dict, ids, task: str) -> list[list[str]]:
+    """[id, text preview] per sample of one task."""
+    out = []
+    for i in ids:
+        s = info.get((task, str(i)), {})
+        text = s.get("text")
+        prev = (f"(pre-tokenised, {s.get('n_tokens')} tokens)" if s.get("pretokenised") or text is None
+                else " ".join(text.split())[:PREVIEW_CHARS])
+        out.append([str(i), prev])
+    return out
+
+
+def _kept_top_pairs(pairs: dict, scores: xr.Dataset, stats: xr.Dataset, where: tuple, kept: list[str], n: int) -> None:
+    """Into `pairs`: of scores whose pair matrices the run did not keep (keep_pairs = "top" |
+    "none"), the pairs `qkov query` lists."""
+    from .errors import QkovError
+    from .pairs import top_pairs
+
+    blocks, layers, cols = where
     index = {"a": {str(x): i for i, x in enumerate(scores[schema.SAMPLE_A].values)},
              "b": {str(x): i for i, x in enumerate(scores[schema.SAMPLE_B].values)}}
-    for score in (str(s) for s in stats[schema.SCORE].values):
-        if score in present:
-            continue
+    for score in kept:
         for b in blocks:
             for layer in layers:
                 for h in cols[b]["heads"]:
@@ -601,9 +609,14 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
                     except QkovError:  # fewer kept than asked, or none kept
                         continue
                     if got:
-                        result["pairs"].setdefault(slice_id(b, layer, h), {})[score] = [
+                        pairs.setdefault(slice_id(b, layer, h), {})[score] = [
                             [index["a"][p["sample_a"]], index["b"][p["sample_b"]], float(p[score])] for p in got]
-    k = min(n, n_a * n_b)
+
+
+def _matrix_top_pairs(pairs: dict, scores: xr.Dataset, where: tuple, present: list[str], k: int) -> None:
+    """Into `pairs`: the k top pairs of each slice of the scores whose A×B matrices the run keeps."""
+    blocks, layers, cols = where
+    n_a, n_b = scores.sizes[schema.SAMPLE_A], scores.sizes[schema.SAMPLE_B]
     for b in blocks:
         heads = cols[b]["heads"]
         for layer in layers:
@@ -617,10 +630,8 @@ def top_pairs_by_slice(store: RunStore, stats: xr.Dataset, n: int = 5, budget: i
                 for hi, h in enumerate(heads):
                     best = part[hi][np.argsort(-flat[hi, part[hi]], kind="stable")]
                     ia, ib = np.unravel_index(best, (n_a, n_b))
-                    result["pairs"].setdefault(slice_id(b, layer, h), {})[score] = [
+                    pairs.setdefault(slice_id(b, layer, h), {})[score] = [
                         [int(i), int(j), float(m[hi, i, j])] for i, j in zip(ia, ib)]
-    result["warnings"] = outlier_warnings(store, scores, result["pairs"])
-    return result
 
 
 def conflict_marginals(scores: xr.Dataset, stats: xr.Dataset, top: int = 5) -> dict[str, dict]:
@@ -630,12 +641,12 @@ def conflict_marginals(scores: xr.Dataset, stats: xr.Dataset, top: int = 5) -> d
     with its question, units and direction)."""
     from .query import alignment_marginals
 
-    if "transfer_direction" not in stats:
+    if V.transfer_direction not in stats:
         return {}
     out = {}
     for b in (str(x) for x in stats[schema.BLOCK].values):
         c = block_columns(stats, b)
-        d = _matrix(stats, "transfer_direction", None, b, c["cols"])
+        d = _matrix(stats, V.transfer_direction, None, b, c["cols"])
         for li, hi in zip(*np.nonzero(d == -1)):
             layer, head = c["layers"][li], c["heads"][hi]
             m = alignment_marginals(scores, b, layer, head, top=top)
@@ -649,7 +660,7 @@ def outlier_warnings(store: RunStore, scores: xr.Dataset, pairs: dict[str, dict[
     embedded top pairs (`diagnostics.head_diagnostics`, the same rule and words; the run
     written as RUN, never a machine path). Only slices whose pairs involve a flagged sample
     are asked: no other can warn."""
-    from .diagnostics import head_diagnostics, open_diagnostics
+    from .health import head_diagnostics, open_diagnostics
 
     diag = open_diagnostics(store)
     if diag is None or not pairs:
@@ -687,8 +698,8 @@ def _with_sharing(stats: xr.Dataset, t: dict[str, np.ndarray], score: str) -> di
     share = sharing_of(stats)
     idx = _family_index(stats)
     dims = (schema.BLOCK, schema.LAYER, schema.HEAD)
-    for var, arr in (("sharing", share), ("sharing_ci_low", stats.get("sharing_ci_low")),
-                     ("sharing_ci_high", stats.get("sharing_ci_high"))):
+    for var, arr in ((V.sharing, share), (V.sharing_ci_low, stats.get(V.sharing_ci_low)),
+                     (V.sharing_ci_high, stats.get(V.sharing_ci_high))):
         if arr is not None:
             t[var] = np.asarray(arr.transpose(*dims).values, dtype=float)[idx]
     return t
@@ -696,13 +707,13 @@ def _with_sharing(stats: xr.Dataset, t: dict[str, np.ndarray], score: str) -> di
 
 def slice_data(stats: xr.Dataset) -> dict[str, dict[str, Any]]:
     """Per family slice (by `slice_id`) and score, the numbers the page's hover shows."""
-    keys = {"mean": "mean", "chance": "chance", "effect": "effect", "effect_ci_low": "lo", "effect_ci_high": "hi",
-            "effect_rel": "rel", "q_value": "q", "p_fwer": "pf", "direction": "dir", "ci_low": "mlo", "ci_high": "mhi",
-            "sharing": "sh", "sharing_ci_low": "shlo", "sharing_ci_high": "shhi",
-            "sharing_ab": "sab", "sharing_ab_ci_low": "sablo", "sharing_ab_ci_high": "sabhi", "sharing_ba": "sba",
-            "sharing_ba_ci_low": "sbalo", "sharing_ba_ci_high": "sbahi", "transfer": "tr", "transfer_ci_low": "trlo",
-            "transfer_ci_high": "trhi", "transfer_q_value": "trq", "transfer_direction": "trdir", "cosine": "cos",
-            "cosine_ci_low": "coslo", "cosine_ci_high": "coshi", "layer_q_value": "lq"}
+    keys = {V.mean: "mean", "chance": "chance", V.effect: "effect", V.effect_ci_low: "lo", V.effect_ci_high: "hi",
+            "effect_rel": "rel", V.q_value: "q", V.p_fwer: "pf", V.direction: "dir", V.ci_low: "mlo", V.ci_high: "mhi",
+            V.sharing: "sh", V.sharing_ci_low: "shlo", V.sharing_ci_high: "shhi",
+            V.sharing_ab: "sab", V.sharing_ab_ci_low: "sablo", V.sharing_ab_ci_high: "sabhi", V.sharing_ba: "sba",
+            V.sharing_ba_ci_low: "sbalo", V.sharing_ba_ci_high: "sbahi", V.transfer: "tr", V.transfer_ci_low: "trlo",
+            V.transfer_ci_high: "trhi", V.transfer_q_value: "trq", V.transfer_direction: "trdir", V.cosine: "cos",
+            V.cosine_ci_low: "coslo", V.cosine_ci_high: "coshi", V.layer_q_value: "lq"}
     out: dict[str, dict[str, Any]] = {}
     for score in (str(s) for s in stats[schema.SCORE].values):
         t = _with_sharing(stats, slice_table(stats, score), score)
@@ -732,7 +743,7 @@ def raw_mean_figure(stats: xr.Dataset, score: str, tasks: tuple[str, str]) -> Fi
     axes = fig.subplots(1, len(blocks), width_ratios=widths, squeeze=False)[0]
     for ax, b in zip(axes, blocks):
         c = cols[b]
-        v = _matrix(stats, "mean", score, b, c["cols"])
+        v = _matrix(stats, V.mean, score, b, c["cols"])
         if score == "alignment":
             lim = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
             im = ax.imshow(v, cmap=matplotlib.colormaps["RdBu"].with_extremes(bad=NAN_COLOUR), vmin=-(lim or 1.0),
@@ -1049,7 +1060,7 @@ def _all_slices_html(stats: xr.Dataset, blocks: list[str], tasks: tuple[str, str
 
 
 def _layers_html(stats: xr.Dataset, blocks: list[str]) -> str | None:
-    if "layer_q_value" not in stats:
+    if V.layer_q_value not in stats:
         return None
     scores = [str(s) for s in stats[schema.SCORE].values]
     headers = ["score", "block", "layer", "selected", "layer p", "layer q", "heads significant (layer → head)"]
@@ -1058,12 +1069,12 @@ def _layers_html(stats: xr.Dataset, blocks: list[str]) -> str | None:
         for b in blocks:
             for layer in (int(x) for x in stats[schema.LAYER].values):
                 sel = {schema.SCORE: score, schema.BLOCK: b, schema.LAYER: layer}
-                p, q = float(stats["layer_p_value"].sel(sel)), float(stats["layer_q_value"].sel(sel))
-                chosen = bool(stats["layer_significant"].sel(sel))
+                p, q = float(stats[V.layer_p_value].sel(sel)), float(stats[V.layer_q_value].sel(sel))
+                chosen = bool(stats[V.layer_significant].sel(sel))
                 n_hier = None
-                if "significant_hier" in stats:
-                    fam = np.asarray(stats["in_family"].sel({schema.BLOCK: b}).values, dtype=bool)
-                    n_hier = int(np.asarray(stats["significant_hier"].sel(sel).values, dtype=bool)[fam].sum())
+                if V.significant_hier in stats:
+                    fam = np.asarray(stats[V.in_family].sel({schema.BLOCK: b}).values, dtype=bool)
+                    n_hier = int(np.asarray(stats[V.significant_hier].sel(sel).values, dtype=bool)[fam].sum())
                 cells = [(score, score), (b, b), (str(layer), layer), ("yes" if chosen else "no", int(chosen)),
                          (_num(p, ".3g"), p), (_num(q, ".3g"), q), ("–" if n_hier is None else str(n_hier), n_hier)]
                 rows.append(({"block": b, "layer": layer, "head": -1, "score": score, "sig": int(chosen)}, cells))
@@ -1174,8 +1185,10 @@ def render_html(info: dict, sections: list[str], data: dict[str, Any]) -> str:
         ("model", f"<code>{_e(info['model'])}</code> ({_e(info['model_class'])}, {_e(info['dtype'])}), "
                   f"weights hash <code>{_e(info['weights_hash'])}</code>"),
         ("attention", f"{_e(info['heads'])}; layers {_e(info['layers'])}"),
-        ("task A", f"<b>{_e(a['name'])}</b>: {_e(a['n'])} samples from <code>{_e(a['path'])}</code>"),
-        ("task B", f"<b>{_e(b['name'])}</b>: {_e(b['n'])} samples from <code>{_e(b['path'])}</code>"),
+        ("task A", f"<b>{_e(a['name'])}</b>: {_e(a['n'])} samples from <code>{_e(a['path'])}</code>; "
+                   f"loss over {_e(a.get('loss'))}"),
+        ("task B", f"<b>{_e(b['name'])}</b>: {_e(b['n'])} samples from <code>{_e(b['path'])}</code>; "
+                   f"loss over {_e(b.get('loss'))}"),
         ("pairs", f"{_e((a['n'] or 0) * (b['n'] or 0))} (A×B) per slice; max_length {_e(info['max_length'])}"
                   + (f"; skipped for non-finite gradients: {_e(', '.join(info['skipped']))}" if info["skipped"] else "")),
         ("fisher", _settings(info["fisher"])),
@@ -1202,14 +1215,14 @@ def render_html(info: dict, sections: list[str], data: dict[str, Any]) -> str:
 
 def _default_out(run: str, out_dir: str | Path | None) -> Path:
     if out_dir is not None:
-        if is_url(str(out_dir)):
+        if (out := local_path(str(out_dir))) is None:
             raise UsageError(f"out_dir must be a local folder, got {out_dir}")
-        return Path(str(out_dir).removeprefix("file://"))
-    if is_url(run):
+        return out
+    if (local := local_path(run)) is None:
         raise UsageError(f"the run {run} is remote: pass out_dir (a local folder) for the report")
     # beside the run, not inside it: a plain folder inside the Zarr group makes
     # xarray.open_datatree warn about an unknown hierarchy member
-    local = Path(run.removeprefix("file://")).expanduser().resolve()  # `qkov report .` from inside the run
+    local = local.expanduser().resolve()  # `qkov report .` from inside the run
     return local.with_name(local.name + "-report")
 
 
@@ -1264,7 +1277,7 @@ def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storag
 def _add_health_panel(page: Path, store: RunStore, stats: xr.Dataset, top: int = 10) -> None:
     """Issue 19: a compact "Numerical health" section (ill-conditioned slices, samples flagged as
     norm outliers most often, samples the statistics exclude) appended to the written page."""
-    from .diagnostics import health_summary, open_diagnostics
+    from .health import health_summary, open_diagnostics
 
     diag = open_diagnostics(store)
     if diag is None:
@@ -1333,15 +1346,10 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
 
     for kind in HEATMAPS:
         data = heatmap_data(stats, kind)
-        if data is None:
-            continue
-        files = _write_figure(out, f"heatmap_{kind}", effect_figure(data, tasks, notes))
-        written += files
-        rule = ""
-        if kind == "conflict" and "cosine" in stats and stats["cosine"].attrs.get("cosine_rule"):
-            rule = f"No direction (NaN) by the stored rule: {stats['cosine'].attrs['cosine_rule']}"
-        sections.append(f"<h2 id='map-{kind}'>{_e(data['title'])}</h2><figure>{heatmap_svg(data)}"
-                        f"{_heatmap_caption(data, alpha, family, alternative, files, rule)}</figure>")
+        if data is not None:
+            section, files = _heatmap_section(out, stats, kind, data, tasks, notes, (alpha, family, alternative))
+            sections.append(section)
+            written += files
 
     layers = _layers_html(stats, blocks)
     if layers:
@@ -1353,30 +1361,13 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
                     "Mean, chance and effect are in the score's units; q is the label-permutation test's BH q-value. "
                     "Filter, sort, and click a head for its top pairs.</p>" + _all_slices_html(stats, blocks, tasks))
 
-    fig = evidence_figure(stats, differ)
-    files = _write_figure(out, "summary_q", fig)
+    section, files = _evidence_section(out, stats, differ)
+    sections.append(section)
     written += files
-    svg = figure_bytes(fig, "svg")
-    tests = "; ".join(p["title"] for p in _evidence_panels(stats, differ)) or "none"
-    sections.append("<h2>Evidence per block</h2><figure><img alt='BH q-value of every slice per block, per table test' "
-                    f"src='data:image/svg+xml;base64,{base64.b64encode(svg).decode('ascii')}'>"
-                    "<figcaption>−log10 BH q-value of every slice in the family, per block, for the test behind each "
-                    f"table ({_e(tests)}): the transfer test for conflict / synergy (▼ red conflict, ▲ blue synergy), the "
-                    "label-permutation test for “differ” (▲ red above chance, ▼ blue below). Points above the dashed "
-                    "line are significant. Sharing has no test (its CI is in the hover and the tables). "
-                    f"Files: {' · '.join(f'<a href={chr(39)}{n}{chr(39)}>{n}</a>' for n in files)}</figcaption></figure>")
     if raw_means:
-        raw = []
-        for score in scores:
-            fig = raw_mean_figure(stats, score, tasks)
-            names = _write_figure(out, f"mean_{score}", fig)
-            written += names
-            svg = figure_bytes(fig, "svg")
-            raw.append(f"<figure><img alt='raw mean {_e(score)}' src='data:image/svg+xml;base64,"
-                       f"{base64.b64encode(svg).decode('ascii')}'><figcaption>Files: "
-                       + " · ".join(f"<a href='{n}'>{n}</a>" for n in names) + "</figcaption></figure>")
-        sections.append("<details><summary>Raw means (each block its own scale; not compared with chance)</summary>"
-                        + "".join(raw) + "</details>")
+        section, files = _raw_means_section(out, stats, scores, tasks)
+        sections.append(section)
+        written += files
 
     # an earlier qkov report in this folder (checked by _check_out_dir) may hold figures this one
     # does not draw (older versions, raw means): they would contradict the page beside them
@@ -1391,3 +1382,44 @@ def _write_report(out: Path, stats: xr.Dataset, info: dict, tasks: tuple[str, st
     path.write_text(render_html(info, sections, data), encoding="utf-8")
     (out / "run_info.json").write_text(json.dumps(info, indent=1, default=str), encoding="utf-8")
     return path
+
+
+def _heatmap_section(out: Path, stats: xr.Dataset, kind: str, data: dict, tasks: tuple[str, str], notes: list[str],
+                     test: tuple) -> tuple[str, list[str]]:
+    """One effect heatmap: its figure files written, and its page section (inline SVG, caption)."""
+    files = _write_figure(out, f"heatmap_{kind}", effect_figure(data, tasks, notes))
+    rule = ""
+    if kind == "conflict" and V.cosine in stats and stats[V.cosine].attrs.get("cosine_rule"):
+        rule = f"No direction (NaN) by the stored rule: {stats[V.cosine].attrs['cosine_rule']}"
+    return (f"<h2 id='map-{kind}'>{_e(data['title'])}</h2><figure>{heatmap_svg(data)}"
+            f"{_heatmap_caption(data, *test, files, rule)}</figure>"), files
+
+
+def _evidence_section(out: Path, stats: xr.Dataset, differ: tuple[str, ...]) -> tuple[str, list[str]]:
+    """The q-value figure per block: its files written, and its page section."""
+    fig = evidence_figure(stats, differ)
+    files = _write_figure(out, "summary_q", fig)
+    svg = figure_bytes(fig, "svg")
+    tests = "; ".join(p["title"] for p in _evidence_panels(stats, differ)) or "none"
+    return ("<h2>Evidence per block</h2><figure><img alt='BH q-value of every slice per block, per table test' "
+            f"src='data:image/svg+xml;base64,{base64.b64encode(svg).decode('ascii')}'>"
+            "<figcaption>−log10 BH q-value of every slice in the family, per block, for the test behind each "
+            f"table ({_e(tests)}): the transfer test for conflict / synergy (▼ red conflict, ▲ blue synergy), the "
+            "label-permutation test for “differ” (▲ red above chance, ▼ blue below). Points above the dashed "
+            "line are significant. Sharing has no test (its CI is in the hover and the tables). "
+            f"Files: {' · '.join(f'<a href={chr(39)}{n}{chr(39)}>{n}</a>' for n in files)}</figcaption></figure>"), files
+
+
+def _raw_means_section(out: Path, stats: xr.Dataset, scores: list[str], tasks: tuple[str, str]) -> tuple[str, list[str]]:
+    """`--raw-means`: each score's raw A×B means, files written, in a collapsed section."""
+    raw, written = [], []
+    for score in scores:
+        fig = raw_mean_figure(stats, score, tasks)
+        names = _write_figure(out, f"mean_{score}", fig)
+        written += names
+        svg = figure_bytes(fig, "svg")
+        raw.append(f"<figure><img alt='raw mean {_e(score)}' src='data:image/svg+xml;base64,"
+                   f"{base64.b64encode(svg).decode('ascii')}'><figcaption>Files: "
+                   + " · ".join(f"<a href='{n}'>{n}</a>" for n in names) + "</figcaption></figure>")
+    return ("<details><summary>Raw means (each block its own scale; not compared with chance)</summary>"
+            + "".join(raw) + "</details>"), written

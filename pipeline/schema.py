@@ -6,6 +6,8 @@ writes comes from here, so that readers and writers cannot drift apart.
 from __future__ import annotations
 
 import re
+from collections import namedtuple
+from typing import Any
 
 SCHEMA_VERSION = 1
 
@@ -203,6 +205,7 @@ def unfold_symmetric(f, n: int):
     return full[..., :n, :n]
 ATTR_STAGE_SECONDS = "stage_seconds"  # in a group's provenance: {part: seconds} of the stage that wrote it
 ATTR_SCORES_DTYPE = "scores_dtype"  # on `scores`: float32 | bfloat16 (bf16 bits as uint16 + ATTR_ENCODING)
+ATTR_SAMPLE_CHUNK = "sample_chunk"  # on `scores` (and its provenance): the pooled matrices' chunk along sample_i/j
 
 
 # keep_gradients = false: the run proceeds in layer groups, each extracted into its own
@@ -210,6 +213,8 @@ ATTR_SCORES_DTYPE = "scores_dtype"  # on `scores`: float32 | bfloat16 (bf16 bits
 ATTR_LAYER_GROUPS = "layer_groups"  # `_work` attr: the layers of each group, fixed when the run starts
 ATTR_GROUPS_DONE = "layer_groups_done"  # `_work` attr: groups whose scores and Fisher are written
 ATTR_GRADIENTS_DROPPED = "gradients_dropped"  # `gradients` attr: only its coordinates are kept
+REPLACING = "_replacing"  # `--overwrite` in progress: the old run's entries, moved here and deleted last
+ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fisher/scores templates are written
 
 
 def layer_group_path(k: int) -> str:
@@ -224,7 +229,7 @@ def dropped_group_path(k: int | str) -> str:
 
 
 # keep_pairs = "top" | "none": no N×N matrices; per block and score, the statistics' sums
-# (stats_stage.slice_statistics of the pooled matrix, reduced on the workers for the run's
+# (slice_reductions.slice_statistics of the pooled matrix, reduced on the workers for the run's
 # [stats] n_permutations, n_bootstrap and seed) and, with "top", the top_k A×B pairs per slice
 ATTR_KEEP_PAIRS = "keep_pairs"  # on `scores`: all | top | none (absent: all)
 ATTR_SUMS_SETTINGS = "stat_sums_settings"  # on `scores`: the settings the sums were reduced for
@@ -258,40 +263,13 @@ def stored_pooled_name(score: str, block: str) -> str:
 
 # ---- gradient storage dtypes ----------------------------------------------
 # Zarr v3 has no bfloat16 data type, so bfloat16 gradients are stored as their
-# raw 16-bit patterns (uint16) with this attr (qkov.workers.writer.to_stored rounds to
-# them); `decode` turns them back into float32 exactly (bf16 ⊂ f32).
+# raw 16-bit patterns (uint16) with this attr; the one codec (`qkov.pipeline.codec`) rounds
+# to them and turns them back into float32 exactly (bf16 ⊂ f32).
 ATTR_ENCODING = "qkov_encoding"
 
 
 def stored_dtype(storage_dtype: str) -> str:
     return {"float32": "float32", "bfloat16": "uint16"}[storage_dtype]
-
-
-def decode(arr, encoding: str | None):
-    """Stored representation → float32 numpy (works on numpy blocks inside dask)."""
-    import numpy as np
-
-    if encoding in (None, "float32"):
-        return np.asarray(arr, dtype=np.float32)
-    if encoding != "bfloat16":
-        raise ValueError(f"unknown gradient encoding {encoding!r}")
-    bits = np.asarray(arr, dtype=np.uint16).astype(np.uint32) << 16
-    return bits.view(np.float32)
-
-
-def encode(arr, encoding: str | None):
-    """float32 numpy → the stored representation: bfloat16 by round-to-nearest-even (as torch
-    rounds), kept as its 16-bit pattern (uint16); NaN stays NaN. Inverse of `decode` on bf16 values."""
-    import numpy as np
-
-    x = np.ascontiguousarray(arr, dtype=np.float32)
-    if encoding in (None, "float32"):
-        return x
-    if encoding != "bfloat16":
-        raise ValueError(f"unknown encoding {encoding!r}")
-    bits = x.view(np.uint32).astype(np.uint64)
-    out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
 
 
 def param_dims(sizes: dict[str, int]) -> dict[str, str]:
@@ -307,3 +285,158 @@ def param_dims(sizes: dict[str, int]) -> dict[str, str]:
 # on every group `RunStore.write_dataset` writes: per array [data_type, shape, chunk_shape, codec names] as
 # written, so that an array's zarr.json edited or damaged afterwards is refused instead of believed
 ATTR_ARRAYS = "qkov_arrays"
+
+
+# ---- `stats` group: its variables, their names and docs ----------------------
+# Every stored name once: the docs below, the stats stage and the readers key by them
+# (STATS_VARS.p_value == "p_value"); iterating STATS_VARS gives every name.
+CI_BOUNDS = ("low", "high")
+
+
+def ci_name(var: str, bound: str) -> str:
+    """The variable holding one bound (low | high) of `var`'s bootstrap CI (`transfer_ci_low`)."""
+    return f"{var}_ci_{bound}"
+
+
+def _with_ci(*names: str) -> tuple[str, ...]:
+    return tuple(n for name in names for n in (name, *(ci_name(name, b) for b in CI_BOUNDS)))
+
+
+# the labels-null test, per (score, block, layer, head); `in_family` per (block, head)
+LABELS_NULL_VARS = ("mean", "null_mean", "p_value", "q_value", "significant", "p_fwer", "ci_low", "ci_high", "in_family")
+HEAD_EFFECT_VARS = (*_with_ci("effect"), "direction", "q_value_hier", "significant_hier")  # per (score, block, layer, head)
+LAYER_VARS = ("layer_p_value", "layer_q_value", "layer_significant")  # per (score, block, layer)
+OWN_VARS: dict[str, tuple[str, ...]] = {  # one score's own effect sizes, per (block, layer, head)
+    "interference": _with_ci("sharing", "sharing_ab", "sharing_ba"),
+    "alignment": (*_with_ci("transfer"), "transfer_p_value", "transfer_q_value", "transfer_direction", *_with_ci("cosine"),
+                  "cosine_norm_z"),
+}
+_ALL_STATS_VARS = (*LABELS_NULL_VARS, *HEAD_EFFECT_VARS, *LAYER_VARS, *(v for vs in OWN_VARS.values() for v in vs))
+STATS_VARS = namedtuple("StatsVars", _ALL_STATS_VARS)(*_ALL_STATS_VARS)
+_V = STATS_VARS
+
+# The cosine's no-direction rule, stored as attrs on the cosine variables (qkov.pipeline.stats applies it).
+# Cosine is a ratio with the task-mean norms below it: where a norm is noise, so is the
+# ratio (unbiased norm estimates can even undershoot |transfer| and give |ratio| > 1).
+COSINE_MIN_Z = 2.0
+COSINE_RULE = ("NaN (no direction) unless each task's squared mean-gradient norm, estimated without bias "
+               "(within-task mean over pairs i != i'), is at least cosine_min_z standard errors above 0; the "
+               "standard error is the sd of the same estimate over the two-way bootstrap resamples of the CIs "
+               "(fewer than 2 defined resamples: no direction). Where both pass, the ratio is clipped to [-1, 1] "
+               "(the unbiased norms may undershoot) and each bootstrap replicate needs positive norms.")
+
+# The labels-null test's variables (score dim): the docs as (description, question, units,
+# direction); `question`, `units`, `direction` are stored as attrs on every variable, as on
+# the effect sizes below and the logical scores (schema.SCORE_DOCS).
+STATS_SCORE_UNITS = "units of the score (see the `units` attr of that score in qkov.open_scores)"
+STATS_VAR_DOCS: dict[str, tuple[str, str, str, str]] = {
+    _V.mean: ("T = mean over i in A, j in B of the score",
+              "How large is the score between the tasks' samples in this slice? (mean over the A x B pairs)",
+              STATS_SCORE_UNITS, "as the score: interference larger = heavier overlap; alignment < 0 conflict, > 0 synergy"),
+    _V.null_mean: ("mean of T over the label permutations (what chance gives); mean above it = more than chance",
+                   "What would the A x B mean be if the task labels were random? (Monte Carlo mean over the "
+                   "label permutations)", STATS_SCORE_UNITS, "the chance level: mean above it = more than chance"),
+    _V.p_value: ("permutation p-value, (1 + #exceedances) / (1 + n_permutations)",
+                 "How often do random task labels give an A x B mean at least as extreme as the observed one? "
+                 "(labels null, attr alternative of the group)", "1 (probability)",
+                 "small = evidence that the tasks differ from chance in this slice"),
+    _V.q_value: ("Benjamini-Hochberg q-value over the family (per score)",
+                 "What is the smallest false discovery rate at which this slice counts as differing from chance? "
+                 "(BH over the family, per score)", "1 (rate)", "<= alpha: significant"),
+    _V.significant: ("q_value <= alpha", "Does this slice differ from chance at the group's alpha (q_value <= alpha)?",
+                     "1 (boolean)", "True = differs from chance, in the direction of `direction`"),
+    _V.p_fwer: ("Westfall-Young single-step max-T adjusted p-value over the family (per score)",
+                "Could a slice this extreme arise by chance anywhere in the family? (max-T family-wise adjusted "
+                "p-value, per score)", "1 (probability)", "<= alpha: significant with family-wise error control"),
+    _V.ci_low: ("two-way bootstrap percentile CI of T, lower bound",
+                "Lower bound of the two-way bootstrap percentile CI of mean (level: attr ci_level)", STATS_SCORE_UNITS,
+                "as mean"),
+    _V.ci_high: ("two-way bootstrap percentile CI of T, upper bound",
+                 "Upper bound of the two-way bootstrap percentile CI of mean (level: attr ci_level)", STATS_SCORE_UNITS,
+                 "as mean"),
+    _V.in_family: ("False for K/V query-head entries that repeat their KV head",
+                   "Is this (block, head) entry its own member of the multiple-testing family? (K/V entries of "
+                   "query heads that share a KV head repeat it)", "1 (boolean)",
+                   "True = counted once in BH and max-T; False = a copy of its KV head's values"),
+}
+
+
+def stats_var_attrs(var: str) -> dict[str, Any]:
+    description, question, units, direction = STATS_VAR_DOCS[var]
+    return {"description": description, "question": question, "units": units, "direction": direction}
+
+
+# Effect sizes and layer → head tests (issue 16): what each answers, in which unit, and
+# how to read it; stored as attrs `question`, `units`, `direction` on every variable.
+EFFECT_DOCS: dict[str, tuple[str, str, str]] = {  # name: (question, units, direction)
+    _V.effect: ("How far is the A x B mean from what random task labels give? (mean - the exact mean over "
+                "all label permutations; null_mean is its Monte Carlo estimate)",
+                "units of the score", "+ above chance, - below chance; 0 = chance"),
+    _V.direction: ("Is the slice significantly above or below chance (labels null, q_value <= alpha)?",
+                   "1", "+1 above chance, -1 below chance, 0 not significant"),
+    _V.q_value_hier: ("Is this head significant within a layer-block that was itself selected "
+                      "(Benjamini-Bogomolov layer -> head FDR at alpha)?",
+                      "1", "<= alpha: significant; 1 where the layer-block was not selected"),
+    _V.significant_hier: ("Is the head a discovery of the layer -> head procedure?", "1", "True = discovery"),
+    _V.layer_p_value: ("Does any head of this block of this layer differ from chance (same permutations, "
+                       "Fisher combination of the heads' permutation p-values)?", "1", "small = evidence"),
+    _V.layer_q_value: ("BH q-value of layer_p_value over the (block, layer) family of the score", "1", "<= alpha: selected"),
+    _V.layer_significant: ("Is this layer-block selected (layer_q_value <= alpha)?", "1", "True = the layer-block carries an effect"),
+    _V.sharing: ("Do the two tasks load the same weights of this slice, whatever the size of their gradients? "
+                 "(geometric mean sqrt(sharing_ab * sharing_ba) of the interference ratios of both directions, per "
+                 "bootstrap resample alike: each task's gradient size cancels)",
+                 "unitless ratio, independent of either task's gradient scale",
+                 "1 = the tasks spread their gradients over the weights alike (as one task would); -> 0 = disjoint "
+                 "weights (separated); typically in [0, 1]"),
+    _V.sharing_ab: ("How heavily do task B's gradients land on the weights task A's loss depends on (B onto A), "
+                    "relative to A's own other samples? (interference: mean over A x B / mean over i != i' in A; "
+                    "direction-specific)",
+                    "ratio that scales with B's gradient size relative to A's (x c when B's gradients are x c): "
+                    "partly a ratio of the tasks' gradient sizes; `sharing` is the size-free answer",
+                    "larger = B's gradients land more heavily on A's weights; 1 = as heavily as A's own samples'"),
+    _V.sharing_ba: ("How heavily do task A's gradients land on the weights task B's loss depends on (A onto B), "
+                    "relative to B's own other samples? (interference: mean over B x A / mean over j != j' in B; "
+                    "direction-specific)",
+                    "ratio that scales with A's gradient size relative to B's (x 1/c when B's gradients are x c): "
+                    "partly a ratio of the tasks' gradient sizes; `sharing` is the size-free answer",
+                    "larger = A's gradients land more heavily on B's weights; 1 = as heavily as B's own samples'"),
+    _V.transfer: ("Does a natural-gradient step on task B's mean loss, restricted to this slice, lower or "
+                  "raise task A's mean loss? (alignment: mean over A x B = <g_A, g_B> in the (I+lambda)^-1 metric)",
+                  "minus the first-order change of A's loss per unit natural-gradient step on B",
+                  "negative = conflict (B's step raises A's loss), positive = synergy"),
+    _V.transfer_p_value: ("Is transfer different from 0? (two-sample U-statistic, Hoeffding variance, "
+                          "Welch t, two-sided)", "1", "small = evidence"),
+    _V.transfer_q_value: ("BH q-value of transfer_p_value over the alignment family", "1", "<= alpha: significant"),
+    _V.transfer_direction: ("Do the tasks conflict or help each other in this slice (transfer_q_value <= alpha)?",
+                            "1", "-1 conflict, +1 synergy, 0 not significant"),
+    _V.cosine: ("Do the task-mean gradients point the same way, whatever their size? (transfer / the "
+                "unbiased norms of the task means, in the same metric; NaN = no direction: a task-mean norm not "
+                "distinguishable from 0, see attrs cosine_rule and cosine_min_z)",
+                "cosine", "-1 opposite (conflict), 0 orthogonal, +1 same direction; NaN = no direction"),
+    _V.cosine_norm_z: ("How clearly are both task-mean gradients distinguishable from 0 in this slice? (the smaller "
+                       "of the two tasks' squared-norm estimates over its bootstrap standard error)",
+                       "standard errors", "cosine is defined where this is >= cosine_min_z; larger = clearer"),
+}
+EFFECT_FLAGS = {_V.direction: "below_chance not_significant above_chance",
+                _V.transfer_direction: "conflict not_significant synergy"}
+EFFECT_SCORE_OF = {v: score for score, vs in OWN_VARS.items() for v in vs}  # a score's own effects name it
+LAYER_COMBINE = "fisher"
+
+
+def effect_attrs(var: str) -> dict[str, Any]:
+    base, bound = var, None
+    for b in CI_BOUNDS:
+        if var.endswith(ci_name("", b)):
+            base, bound = var[: -len(ci_name("", b))], b
+    question, units, direction = EFFECT_DOCS[base]
+    attrs: dict[str, Any] = {"question": question, "units": units, "direction": direction}
+    attrs["description"] = question
+    if bound:
+        attrs["description"] = f"two-way bootstrap percentile CI of {base}, {bound} bound (level: attr ci_level)"
+    if var in EFFECT_FLAGS:
+        attrs.update(flag_values=[-1, 0, 1], flag_meanings=EFFECT_FLAGS[var])
+    if base in EFFECT_SCORE_OF:
+        attrs["score"] = EFFECT_SCORE_OF[base]
+    if base in (_V.cosine, _V.cosine_norm_z):  # the no-direction rule, on the bounds too
+        attrs.update(cosine_rule=COSINE_RULE, cosine_min_z=COSINE_MIN_Z)
+    return attrs

@@ -75,12 +75,29 @@ class ModelSpec(_Frozen):
         return self
 
 
+# TaskSpec keys added after runs were first stored, with their defaults (see JobSpec.config_dict)
+_TASK_KEYS_ADDED = {"loss": "all", "prompt_field": None, "completion_field": None, "messages_field": "messages"}
+
+
 class TaskSpec(_Frozen):
     name: str
     path: str
     text_field: str = "text"
     id_field: str | None = "id"
     limit: int | None = Field(default=None, ge=1)
+    # "all": every next-token prediction counts (HF labels = input_ids); "completion": only the
+    # completion's tokens (prompt labels -100), from prompt_field + completion_field, a chat row's
+    # assistant turns (messages_field, the tokenizer's chat template) or input_ids rows' `labels`
+    loss: Literal["all", "completion"] = "all"
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str = "messages"
+
+    @model_validator(mode="after")
+    def _prompt_pair(self) -> "TaskSpec":
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("give both prompt_field and completion_field (the row's prompt and its answer), or neither")
+        return self
 
 
 class TasksSpec(_Frozen):
@@ -203,6 +220,10 @@ class JobSpec(_Frozen):
         covers). Storage options carry credentials: their values are redacted, the keys kept."""
         cfg = self.model_dump(mode="json")
         cfg["output"]["storage_options"] = {k: REDACTED for k in sorted(self.output.storage_options)}
+        for task in cfg["tasks"].values():  # keys newer than stored runs: absent at their defaults, so
+            for key, default in _TASK_KEYS_ADDED.items():  # an earlier run's hash (and --resume) still holds
+                if task.get(key) == default:
+                    del task[key]
         return cfg
 
     def config_hash(self) -> str:

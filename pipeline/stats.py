@@ -28,6 +28,10 @@ from typing import Literal
 
 import numpy as np
 
+from qkov.workers.reductions import cross_sums  # the sums' numpy and torch twins live side by side there
+
+from .schema import COSINE_MIN_Z, COSINE_RULE  # stored as attrs with the cosine; the rule is applied here
+
 Alternative = Literal["greater", "less", "two-sided"]
 ALTERNATIVES: tuple[str, ...] = ("greater", "less", "two-sided")
 
@@ -79,30 +83,6 @@ def bootstrap_weights(n_a: int, n_b: int, n_boot: int, seed: int) -> tuple[np.nd
 
 
 # ---------------------------------------------------------------- bilinear statistics
-
-
-def cross_sums(S: np.ndarray, left: np.ndarray, right: np.ndarray, max_bytes: int = 64 * 2**20) -> np.ndarray:
-    """Σ_ij left[k, i] · S[..., i, j] · right[k, j] for every weight row k.
-
-    S: [..., n, m] (any float dtype; accumulated in float64), left: [K, n],
-    right: [K, m] -> [..., K]. Computed as rowsum((left @ S) * right), with the slices
-    side by side in one matmul (one BLAS call, not one per small slice), in groups that
-    keep the [K, slices·m] intermediate under `max_bytes`.
-    """
-    S = np.asarray(S, dtype=np.float64)
-    lead, (n, m) = S.shape[:-2], S.shape[-2:]
-    k = left.shape[0]
-    if S.size == 0:  # e.g. a sample chunk with no A rows: contributes nothing
-        return np.zeros((*lead, k))
-    flat = S.reshape(-1, n, m)
-    out = np.empty((flat.shape[0], k))
-    step = max(1, max_bytes // (8 * k * max(m, 1)))
-    for s0 in range(0, flat.shape[0], step):
-        part = flat[s0 : s0 + step]
-        g = part.shape[0]
-        prod = (left @ part.transpose(1, 0, 2).reshape(n, g * m)).reshape(k, g, m)
-        out[s0 : s0 + g] = np.einsum("kgm,km->gk", prod, right)
-    return out.reshape(*lead, k)
 
 
 def null_statistics(S: np.ndarray, ind_a: np.ndarray, ind_b: np.ndarray) -> np.ndarray:
@@ -278,52 +258,6 @@ def effect_weights(is_a: np.ndarray, n_boot: int, seed: int) -> tuple[np.ndarray
     return wa, wb
 
 
-def _left_products(S: np.ndarray, left: np.ndarray, rights: list[np.ndarray], max_bytes: int = 64 * 2**20) -> np.ndarray:
-    """Σ_ij left[k, i] S[..., i, j] right_r[k, j] for several right weight matrices at the
-    cost of one matmul (left @ S is shared): S [..., n, m], left [K, n], rights [K, m]
-    each -> [..., K, len(rights)]. Grouped over slices like `cross_sums`."""
-    lead, (n, m) = S.shape[:-2], S.shape[-2:]
-    k = left.shape[0]
-    out = np.zeros((int(np.prod(lead, dtype=np.int64)), k, len(rights)))
-    if S.size == 0:
-        return out.reshape(*lead, k, len(rights))
-    flat = S.reshape(-1, n, m)
-    step = max(1, max_bytes // (8 * k * max(m, 1)))
-    for s0 in range(0, flat.shape[0], step):
-        part = flat[s0 : s0 + step]
-        g = part.shape[0]
-        prod = (left @ part.transpose(1, 0, 2).reshape(n, g * m)).reshape(k, g, m)
-        for r, right in enumerate(rights):
-            out[s0 : s0 + g, :, r] = np.einsum("kgm,km->gk", prod, right, optimize=True)  # BLAS path: 3x faster
-    return out.reshape(*lead, k, len(rights))
-
-
-def pair_sums(S: np.ndarray, wa: np.ndarray, wb: np.ndarray, is_a: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """The weighted block sums (ab, ba, aa, bb) of a pooled matrix or of one chunk of it.
-
-    S: [..., n, m], the chunk whose top-left entry is pooled position `offset` = (r0, c0);
-    wa, wb: [R, N] weight rows over all N pooled positions (see `effect_weights`);
-    is_a: [N]. Returns [..., R, 4] in the order of PAIR_PARTS; partial sums of the
-    chunks of one matrix add up to the sums of the whole matrix.
-    """
-    S = np.asarray(S, dtype=np.float64)
-    is_a = np.asarray(is_a, dtype=bool)
-    (r0, c0), (n, m) = offset, S.shape[-2:]
-    rows, cols = np.arange(r0, r0 + n), np.arange(c0, c0 + m)
-    ra, rb = rows[is_a[rows]], rows[~is_a[rows]]
-    # A rows once against both column groups (wb is 0 on A columns, wa on B columns): ab and aa
-    # from one matmul, likewise ba and bb from the B rows
-    a_rows = _left_products(S[..., ra - r0, :], wa[:, ra], [wb[:, cols], wa[:, cols]])
-    b_rows = _left_products(S[..., rb - r0, :], wb[:, rb], [wa[:, cols], wb[:, cols]])
-    out = np.stack([a_rows[..., 0], b_rows[..., 0], a_rows[..., 1], b_rows[..., 1]], axis=-1)
-    diag = np.arange(max(r0, c0), min(r0 + n, c0 + m))  # pooled positions on this chunk's diagonal
-    if diag.size:
-        for k, w, sel in ((2, wa, diag[is_a[diag]]), (3, wb, diag[~is_a[diag]])):
-            if sel.size:
-                out[..., k] -= S[..., sel - r0, sel - c0] @ (w[:, sel] ** 2).T
-    return out
-
-
 def pair_means(sums: np.ndarray, wa: np.ndarray, wb: np.ndarray) -> dict[str, np.ndarray]:
     """Means from `pair_sums` [..., R, 4]: ab, ba (cross-task), aa, bb (within-task, no
     diagonal), and pooled = the mean over all ordered pairs of distinct pooled samples,
@@ -374,14 +308,6 @@ def interference_effects(means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
 
 
-# Cosine is a ratio with the task-mean norms below it: where a norm is noise, so is the
-# ratio (unbiased norm estimates can even undershoot |transfer| and give |ratio| > 1).
-COSINE_MIN_Z = 2.0
-COSINE_RULE = ("NaN (no direction) unless each task's squared mean-gradient norm, estimated without bias "
-               "(within-task mean over pairs i != i'), is at least cosine_min_z standard errors above 0; the "
-               "standard error is the sd of the same estimate over the two-way bootstrap resamples of the CIs "
-               "(fewer than 2 defined resamples: no direction). Where both pass, the ratio is clipped to [-1, 1] "
-               "(the unbiased norms may undershoot) and each bootstrap replicate needs positive norms.")
 
 
 def norm_z(within: np.ndarray) -> np.ndarray:
@@ -449,19 +375,6 @@ def direction(effect: np.ndarray, significant: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- the transfer test
-
-
-def ab_margins(S: np.ndarray, is_a: np.ndarray, offset: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Margins of the A×B block of a pooled matrix (or of one chunk at `offset`): [..., N]
-    with entry i ∈ A = Σ_{j∈B} S_ij and entry j ∈ B = Σ_{i∈A} S_ij. Chunks add up."""
-    S = np.asarray(S, dtype=np.float64)
-    is_a = np.asarray(is_a, dtype=bool)
-    (r0, c0), (n, m) = offset, S.shape[-2:]
-    ra, cb = is_a[r0 : r0 + n], ~is_a[c0 : c0 + m]
-    out = np.zeros((*S.shape[:-2], is_a.size))
-    out[..., r0 : r0 + n] += (S @ cb.astype(np.float64)) * ra  # matvecs: no masked copy of the chunk
-    out[..., c0 : c0 + m] += (ra.astype(np.float64) @ S) * cb
-    return out
 
 
 def transfer_test(margins: np.ndarray, is_a: np.ndarray) -> dict[str, np.ndarray]:
@@ -606,8 +519,8 @@ def effect_summary(score: str, sums: np.ndarray, margins: np.ndarray, is_a: np.n
                    min_z: float = COSINE_MIN_Z) -> dict[str, np.ndarray]:
     """Point estimates and bootstrap CIs of one score's effects for F slices.
 
-    sums [..., 1+B, 4]: `pair_sums` with `effect_weights(is_a, n_boot, seed)`;
-    margins [..., N]: `ab_margins`. Returns, each [...]: for both scores `effect` (mean −
+    sums [..., 1+B, 4]: `qkov.workers.reductions.pair_sums` with `effect_weights(is_a, n_boot, seed)`;
+    margins [..., N]: `qkov.workers.reductions.ab_margins`. Returns, each [...]: for both scores `effect` (mean −
     exact permutation-null mean) with `_ci_low`/`_ci_high`; for interference
     `sharing`, `sharing_ab`, `sharing_ba` with CIs; for alignment `transfer`, `cosine`
     with CIs (cosine NaN by `COSINE_RULE` at `min_z`), `cosine_norm_z` and the transfer

@@ -23,25 +23,17 @@ from qkov.pipeline.store import RunStore
 
 def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, overwrite: bool = False,
         inline: bool = False, progress=True):
-    """`qkov run`: extract → score → stats; returns a `RunSummary`. Uses the job's cluster (or
-    `scheduler`), or runs in-process with inline=True. The embedded cluster's workers never
+    """`qkov run`: extract → score → stats; returns a `RunSummary`. Every input and the output are
+    checked first, before any cluster starts; then the work runs on the job's cluster (or
+    `scheduler`), or in-process with inline=True. The embedded cluster's workers never
     import the calling script, so a plain script needs no `if __name__ == "__main__":` guard.
 
-    progress: True (default) prints each stage's progress to stderr as the CLI does (bars on a
-    terminal, timestamped lines in a log or notebook); False prints nothing; a callable is
-    called with (stage, done, total) instead."""
-    from qkov.pipeline.cluster import cluster_client
-    from qkov.pipeline.console import progress_for
-    from qkov.pipeline.run import run_job
+    progress: True (default) prints what the CLI prints while it works to stderr (the plan, warnings,
+    the cluster's address, each stage's progress: bars on a terminal, timestamped lines in a log or
+    notebook); False prints nothing; a callable is called with (stage, done, total) instead."""
+    from qkov.pipeline.launch import launch
 
-    from qkov.pipeline.run import check_shared_output
-
-    with progress_for(progress) as tick:
-        if inline:
-            return run_job(job, resume=resume, overwrite=overwrite, progress=tick)
-        check_shared_output(job)  # before the cluster starts
-        with cluster_client(job.cluster, scheduler) as client:
-            return run_job(job, client=client, resume=resume, overwrite=overwrite, progress=tick)
+    return launch(job, scheduler=scheduler, resume=resume, overwrite=overwrite, inline=inline, progress=progress)
 
 
 def run_stats(run, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
@@ -52,9 +44,8 @@ def run_stats(run, *, null: str | None = None, n_permutations: int | None = None
     keeps the stored value): those of `stats_<name>` when that group exists, else the run's.
     Holds the run's lock, as the CLI does. `exclude`: sample ids left out (from the stored
     scores; the Fisher is not re-estimated)."""
-    from qkov.pipeline.stats_stage import rerun_stats
-
     from qkov.pipeline.plan import check_stats_request
+    from qkov.pipeline.stats_stage import rerun_stats
 
     store = RunStore.coerce(run, storage_options)
     settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
@@ -86,7 +77,7 @@ def open_gradients(run, storage_options=None):
 def open_diagnostics(run, storage_options=None):
     """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
     flags; docs/health.md), loaded; None for a run scored before they were recorded."""
-    from qkov.pipeline.diagnostics import open_diagnostics as _open
+    from qkov.pipeline.health import open_diagnostics as _open
 
     return _open(RunStore.coerce(run, storage_options))
 
@@ -144,13 +135,19 @@ def report(run, out=None, stats: str | None = None, raw_means: bool = False, sto
 
 
 def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_slices: int = 60,
-          prediction_eta: float = 1e-6):
+          prediction_eta: float = 1e-6, progress=False):
     """`qkov check`: the sanity checks on the job's model (with `prediction`, also whether transfer
-    predicts a measured loss change), written to the run's `checks` group."""
-    from qkov.pipeline.checks import run_checks
+    predicts a measured loss change), written to the run's `checks` group; refused before any
+    model work when the output is a folder that is not a run. progress: True prints each step to
+    stderr as the CLI does, a callable is called with (step, done, total), False prints nothing."""
+    from qkov.pipeline.checks import check_checks_output, run_checks
+    from qkov.pipeline.console import print_step
 
+    if progress and not callable(progress):
+        progress = lambda what, k, n: print_step("check", what, k, n)  # noqa: E731
+    check_checks_output(job)
     return run_checks(job, n_samples=n_samples, prediction=prediction, prediction_slices=prediction_slices,
-                      prediction_eta=prediction_eta)
+                      prediction_eta=prediction_eta, progress=progress or None)
 
 
 def plan(job: JobSpec, *, resume: bool = False):
@@ -161,26 +158,24 @@ def plan(job: JobSpec, *, resume: bool = False):
     return run_plan(job, resume=resume)
 
 
-def validate(job_file, *, resume: bool = False, overwrite: bool = False, scheduler: str | None = None) -> JobSpec:
+def validate(job_file, *, resume: bool = False, overwrite: bool = False, scheduler: str | None = None,
+             progress=False) -> JobSpec:
     """`qkov validate`: the job checked as `qkov run` would check it before starting (job file,
     model, task files, devices where the work runs here, output); returns it with every
-    default filled in."""
-    from qkov.pipeline.run import preflight
+    default filled in. progress: True prints the warnings `qkov run` would print (few samples)."""
+    from qkov.pipeline.launch import check_job
 
     job = load_job(job_file)
-    preflight(job, resume=resume, overwrite=overwrite, local=not (scheduler or job.cluster.address or job.cluster.profile),
-              cluster=True)  # as `run` (not inline) would
+    check_job(job, resume=resume, overwrite=overwrite, scheduler=scheduler, loud=bool(progress))
     return job
 
 
 def demo(out="runs/demo", samples: int | None = None, *, inline: bool = False, overwrite: bool = False, progress=True):
     """`qkov demo`: the embedded default job run end to end and reported; returns the report's
     path. `progress` as in `run` (True: printed to stderr, False: silent, or a callable)."""
-    from qkov.pipeline.console import progress_for
     from qkov.pipeline.demo import run_demo
 
-    with progress_for(progress) as tick:
-        return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=tick)[1]
+    return run_demo(out, samples, inline=inline, overwrite=overwrite, progress=progress)[1]
 
 
 def demo_job(out="runs/demo", samples: int | None = None) -> JobSpec:

@@ -430,7 +430,8 @@ def plant_heads(run: str | Path, *, conflict: Iterable[Slice] = (), sharing: Ite
     import zarr
 
     from qkov.pipeline import schema as S
-    from qkov.pipeline.stats_stage import rerun_stats, slice_statistics
+    from qkov.pipeline.slice_reductions import slice_statistics
+    from qkov.pipeline.stats_stage import rerun_stats
     from qkov.pipeline.store import RunStore
 
     store = RunStore(str(run))

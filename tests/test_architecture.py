@@ -9,68 +9,165 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# what worker code may use from the client side: the small shared floor
-WORKER_FLOOR = {"qkov.pipeline.spec", "qkov.pipeline.schema", "qkov.pipeline.store", "qkov.pipeline.errors"}
+# installed package name -> its folder in the checkout (the wheel puts them under one namespace)
+PACKAGES = {"qkov": "qkov", "qkov.pipeline": "pipeline", "qkov.workers": "workers"}
+# what worker code may use from the client side: the small shared floor (a package counts whole)
+WORKER_FLOOR = ("qkov.pipeline.spec", "qkov.pipeline.schema", "qkov.pipeline.store", "qkov.pipeline.errors",
+                "qkov.pipeline.codec")
+# read-only commands, and the stages that write a run: a reader never imports a stage
+READERS = ("qkov.pipeline.query", "qkov.pipeline.report", "qkov.pipeline.info")
+STAGES = ("qkov.pipeline.extract", "qkov.pipeline.score", "qkov.pipeline.stats_stage", "qkov.pipeline.diagnostics",
+          "qkov.pipeline.layer_groups", "qkov.pipeline.run")
 
 
-def imports_of(path: Path, root: Path = ROOT) -> set[str]:
-    """Every module a file imports, inside functions too (absolute names; relative imports resolved)."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+def project_modules(root: Path = ROOT) -> dict[str, Path]:
+    """Every module of the three packages, by the name it is imported under."""
+    mods = {}
+    for pkg, folder in PACKAGES.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            rel = path.relative_to(root / folder).with_suffix("").parts
+            if "__pycache__" in rel or (pkg == "qkov" and len(rel) > 1):
+                continue
+            mods[".".join((pkg, *rel)).removesuffix(".__init__")] = path
+    return mods
+
+
+def imports_of(path: Path, name: str) -> set[str]:
+    """Every name a module imports, inside functions too (absolute; relative imports resolved)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out: set[str] = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom):
+            mod = node.module or ""
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
+                mod = ".".join(base + ([mod] if mod else []))
             out.add(mod)
-            out.update(f"{mod}.{a.name}" for a in node.names)  # `from pipeline import schema`
+            out.update(f"{mod}.{a.name}" for a in node.names)  # `from qkov.pipeline import schema`
     return out
 
 
-def client_modules_used(imports: set[str]) -> set[str]:
-    """The pipeline modules among the imports (a `from pipeline import x` counts as pipeline.x)."""
-    found = set()
-    for name in imports:
-        parts = name.split(".")
-        if parts[0] == "pipeline" and len(parts) >= 2:
-            found.add(".".join(parts[:2]))
-    return found
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """module -> the project modules it imports (each name resolved to its longest module prefix)."""
+    mods = project_modules(root)
+    graph = {}
+    for name, path in mods.items():
+        targets = set()
+        for imp in imports_of(path, name):
+            while imp and imp not in mods:
+                imp = imp.rpartition(".")[0]
+            if imp and imp != name:
+                targets.add(imp)
+        graph[name] = targets
+    return graph
 
 
-def upward_imports(root: Path) -> dict[str, list[str]]:
-    """Worker modules under `root` that import client modules outside the floor, and which."""
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan, iterative)."""
+    index, low, on, stack, out = {}, {}, set(), [], []
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = len(index)
+        stack.append(start), on.add(start)
+        while work:
+            v, it = work[-1]
+            w = next(it, None)
+            if w is not None:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w), on.add(w)
+                    work.append((w, iter(sorted(graph.get(w, ())))))
+                elif w in on:
+                    low[v] = min(low[v], index[w])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[v])
+            if low[v] == index[v]:
+                comp = []
+                while True:
+                    w = stack.pop()
+                    on.discard(w)
+                    comp.append(w)
+                    if w == v:
+                        break
+                if len(comp) > 1:
+                    out.append(sorted(comp))
+    return out
+
+
+def _within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def upward_imports(root: Path = ROOT) -> dict[str, list[str]]:
+    """Worker modules that import client modules outside the floor, and which."""
+    graph = import_graph(root)
     bad = {}
-    for path in sorted((root / "workers").glob("*.py")):
-        used = client_modules_used(imports_of(path, root)) - WORKER_FLOOR
-        if used:
-            bad[path.name] = sorted(used)
+    for mod, targets in graph.items():
+        if _within(mod, ["qkov.workers"]):
+            used = sorted(t for t in targets if _within(t, ["qkov.pipeline"]) and t != "qkov.pipeline"
+                          and not _within(t, WORKER_FLOOR))
+            if used:
+                bad[mod.rpartition(".")[2] + ".py"] = used
     return bad
+
+
+def reader_stage_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{r} -> {t}" for r in graph if _within(r, READERS) for t in graph[r] if _within(t, STAGES))
+
+
+def _copy_tree(tmp_path: Path) -> Path:
+    """The three packages copied (the source tree is never written: other tests read it in parallel)."""
+    import shutil
+
+    for folder in PACKAGES.values():
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "data"))
+    return tmp_path
 
 
 def test_workers_import_only_the_shared_floor_of_client_code():
     bad = upward_imports(ROOT)
-    assert not bad, f"worker code reaches into client code: {bad}; move the shared part into workers/ or the floor {sorted(WORKER_FLOOR)}"
-    for floor in WORKER_FLOOR:  # the floor itself must not pull the client in
-        path = ROOT / (floor.replace(".", "/") + ".py")
-        assert not ({m for m in client_modules_used(imports_of(path))} - WORKER_FLOOR), path.name
-        assert not any(m.startswith("workers") for m in imports_of(path)), f"{path.name} imports workers"
+    assert not bad, f"worker code reaches into client code: {bad}; move the shared part into workers/ or the floor {WORKER_FLOOR}"
+    graph = import_graph(ROOT)
+    for mod, targets in graph.items():  # the floor itself must not pull the client or the workers in
+        if _within(mod, WORKER_FLOOR):
+            assert not [t for t in targets if _within(t, ["qkov.workers"])], f"{mod} imports workers"
+            assert not [t for t in targets if _within(t, ["qkov.pipeline"]) and t != "qkov.pipeline"
+                        and not _within(t, WORKER_FLOOR)], f"{mod} imports client code outside the floor"
 
 
-def test_rule_checker_catches_an_upward_import(tmp_path):
-    """The checker itself can fail: a worker module importing the score stage, at the top or
-    inside a function, is caught (in a copy of workers/: the source tree is never written)."""
-    import shutil
+def test_no_import_circles_counting_imports_inside_functions():
+    found = circles(import_graph(ROOT))
+    assert not found, "import circles: " + "; ".join(" <-> ".join(c) for c in found)
 
-    shutil.copytree(ROOT / "workers", tmp_path / "workers", ignore=shutil.ignore_patterns("__pycache__"))
-    assert upward_imports(tmp_path) == {}
-    (tmp_path / "workers" / "_probe_upward.py").write_text(
-        "from qkov.pipeline.score import block_scores\n\ndef later():\n    from pipeline import stats\n", encoding="utf-8")
-    assert upward_imports(tmp_path) == {"_probe_upward.py": ["qkov.pipeline.score", "qkov.pipeline.stats"]}
+
+def test_readers_never_import_a_stage():
+    found = reader_stage_imports(import_graph(ROOT))
+    assert not found, f"read-only commands importing a stage: {found}; move the shared helper out of the stage"
+
+
+def test_rule_checkers_catch_planted_violations(tmp_path):
+    """Each checker can fail: a worker importing the score stage (at the top and inside a function),
+    a circle closed by an import inside a function, a reader importing a stage."""
+    root = _copy_tree(tmp_path)
+    before = (upward_imports(root), circles(import_graph(root)), reader_stage_imports(import_graph(root)))
+    (root / "workers" / "_probe_upward.py").write_text(
+        "from qkov.pipeline.score import run_score\n\ndef later():\n    from qkov.pipeline import stats\n", encoding="utf-8")
+    assert upward_imports(root)["_probe_upward.py"] == ["qkov.pipeline.score", "qkov.pipeline.stats"]
+    (root / "pipeline" / "_probe_circle.py").write_text("from . import schema\n", encoding="utf-8")
+    with (root / "pipeline" / "schema.py").open("a", encoding="utf-8") as f:
+        f.write("\n\ndef _later():\n    from . import _probe_circle\n")
+    planted = ["qkov.pipeline._probe_circle", "qkov.pipeline.schema"]
+    assert planted not in before[1] and planted in circles(import_graph(root))
+    with (root / "pipeline" / "query.py").open("a", encoding="utf-8") as f:
+        f.write("\n\ndef _later():\n    from .stats_stage import rerun_stats\n")
+    edge = "qkov.pipeline.query -> qkov.pipeline.stats_stage"
+    assert edge not in before[2] and edge in reader_stage_imports(import_graph(root))
 
 
 def test_every_user_error_class_is_in_the_one_family():
@@ -92,7 +189,7 @@ def test_every_user_error_class_is_in_the_one_family():
 
 def test_no_other_module_defines_an_exception_class():
     found = []
-    for path in sorted(list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "workers").glob("*.py"))):
+    for path in sorted(list((ROOT / "pipeline").rglob("*.py")) + list((ROOT / "workers").rglob("*.py"))):
         if path.name == "errors.py":
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from qkov.pipeline import schema
+from qkov.pipeline import codec, schema
 from qkov.pipeline.run import run_job
 from qkov.pipeline.store import RunStore
 from qkov.testing import tiny_job
@@ -129,13 +129,13 @@ def test_bfloat16_scores_are_the_rounded_float32_scores_and_keep_the_statistics(
     assert _raw(runs["bfloat16"])[schema.stored_pooled_name("alignment", "Q")].dtype == np.uint16
     for s in schema.SCORES:
         got = bf16[s].values
-        assert np.array_equal(schema.decode(schema.encode(got, "bfloat16"), "bfloat16"), got), s  # bf16 values
+        assert np.array_equal(codec.decode(codec.encode(got, "bfloat16"), "bfloat16"), got), s  # bf16 values
         # the nearest bf16 of the other run's float32 score: the two runs' float32 scores may
         # differ in their last bits (another execution), which can move a value sitting on a
         # rounding boundary to the neighbouring bf16, never further
         want = f32[s].values
         assert np.all(np.abs(got - want) <= 2.0**-8 * np.abs(want) * (1 + 1e-5) + 1e-6 * np.abs(want).max()), s
-        assert np.mean(got == schema.decode(schema.encode(want, "bfloat16"), "bfloat16")) > 0.99, s
+        assert np.mean(got == codec.decode(codec.encode(want, "bfloat16"), "bfloat16")) > 0.99, s
     # statistics: means of n_a·n_b rounded scores move by far less than one bf16 ulp (2^-8 relative)
     a, b = runs["float32"].open_stats(), runs["bfloat16"].open_stats()
     for var in ("mean", "ci_low", "ci_high"):

@@ -12,8 +12,9 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from qkov.pipeline import schema as S
-from qkov.pipeline.diagnostics import (HEALTH_VARS as D_HEALTH, OUTLIER_Z, fisher_health, head_diagnostics, modified_z, other_task_means,
-                                  resolve_samples)
+from qkov.pipeline.diagnostics import fisher_health, modified_z, other_task_means
+from qkov.pipeline.exclude import resolve_samples
+from qkov.pipeline.health import HEALTH_VARS as D_HEALTH, OUTLIER_Z, head_diagnostics
 from qkov.pipeline.errors import QkovError, UsageError
 from qkov.pipeline.executors import InlineExecutor
 from qkov.pipeline.store import RunStore
@@ -377,7 +378,7 @@ def test_without_stored_pairs_the_diagnostics_come_from_the_operands(planted):
     assert S.pooled_name("interference") not in scores
     got = diagnostics_dataset(store.open_gradients(decode=False), store.open_fisher(), scores)
     _assert_same_diagnostics(got, diag)
-    from qkov.pipeline.diagnostics import without_samples
+    from qkov.pipeline.exclude import without_samples
 
     with pytest.raises(UsageError, match="stored pair scores"):  # nothing to leave samples out of
         without_samples(scores, np.array([0]))

@@ -11,6 +11,7 @@ import pytest
 import scipy.stats
 
 from qkov.pipeline import stats as st
+from qkov.workers.reductions import ab_margins, pair_sums
 
 ALPHA = 0.05
 
@@ -78,8 +79,8 @@ def effects(S_inter, S_align, is_a, n_boot=0, seed=0):
     """Effects per weight row; the cosine's no-direction rule needs resamples, so point
     estimates alone (n_boot < 2) get the sign rule only (min_z=None)."""
     wa, wb = st.effect_weights(is_a, n_boot, seed)
-    mi = st.pair_means(st.pair_sums(S_inter, wa, wb, is_a), wa, wb)
-    ma = st.pair_means(st.pair_sums(S_align, wa, wb, is_a), wa, wb)
+    mi = st.pair_means(pair_sums(S_inter, wa, wb, is_a), wa, wb)
+    ma = st.pair_means(pair_sums(S_align, wa, wb, is_a), wa, wb)
     return st.interference_effects(mi), st.alignment_effects(ma, st.COSINE_MIN_Z if n_boot >= 2 else None)
 
 
@@ -183,7 +184,7 @@ def test_cosine_rule_boundary():
     g, _ = gradients(rng, 2, n_a, n_b, p, 0.8 * mu, -0.3 * mu)
     _, align = pooled_scores(g, np.ones((2, p)), np.float64)
     wa, wb = st.effect_weights(is_a, 300, 5)
-    means = st.pair_means(st.pair_sums(align, wa, wb, is_a), wa, wb)
+    means = st.pair_means(pair_sums(align, wa, wb, is_a), wa, wb)
     z = np.minimum(st.norm_z(means["aa"]), st.norm_z(means["bb"]))
     # z by hand: the estimate over the sd of its bootstrap replicates
     aa = means["aa"]
@@ -200,7 +201,7 @@ def test_cosine_rule_boundary():
     g0, _ = gradients(rng, 200, n_a, n_b, p, 2.0 * rng.normal(size=(200, 1, p)), None)
     _, align0 = pooled_scores(g0, np.ones((200, p)), np.float64)
     wa, wb = st.effect_weights(is_a, 200, 6)
-    m0 = st.pair_means(st.pair_sums(align0, wa, wb, is_a), wa, wb)
+    m0 = st.pair_means(pair_sums(align0, wa, wb, is_a), wa, wb)
     old = st.alignment_effects(m0, min_z=None)["cosine"][:, 0]  # the sign rule alone
     new = st.alignment_effects(m0)["cosine"][:, 0]
     print(f"\nno mean gradient in B: old rule gave a direction in {np.isfinite(old).mean():.2f} of slices "
@@ -213,13 +214,13 @@ def test_chunked_sums_add_up():
     is_a = rng.random(13) < 0.5  # interleaved labels, as an `is_a` coord may have them
     S = rng.normal(size=(2, 3, 13, 13))
     wa, wb = st.effect_weights(is_a, 20, seed=4)
-    whole = st.pair_sums(S, wa, wb, is_a)
-    margins = st.ab_margins(S, is_a)
+    whole = pair_sums(S, wa, wb, is_a)
+    margins = ab_margins(S, is_a)
     parts, mparts = np.zeros_like(whole), np.zeros_like(margins)
     for r0, c0 in itertools.product(range(0, 13, 5), range(0, 13, 4)):
         chunk = S[..., r0 : r0 + 5, c0 : c0 + 4]
-        parts += st.pair_sums(chunk, wa, wb, is_a, (r0, c0))
-        mparts += st.ab_margins(chunk, is_a, (r0, c0))
+        parts += pair_sums(chunk, wa, wb, is_a, (r0, c0))
+        mparts += ab_margins(chunk, is_a, (r0, c0))
     np.testing.assert_allclose(parts, whole, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(mparts, margins, rtol=1e-12, atol=1e-12)
     a, b = np.flatnonzero(is_a), np.flatnonzero(~is_a)
@@ -258,7 +259,7 @@ def test_degenerate_slices_and_direction():
     got_i, got_a = effects(zero, zero, is_a, n_boot=10)
     assert np.isnan(got_i["sharing_ab"]).all() and np.isnan(got_a["cosine"]).all()
     assert (got_a["transfer"] == 0).all() and (got_a["effect"] == 0).all()
-    test = st.transfer_test(st.ab_margins(zero, is_a), is_a)
+    test = st.transfer_test(ab_margins(zero, is_a), is_a)
     assert test["p"][0] == 1.0 and test["t"][0] == 0.0
     lo, hi = st.bootstrap_interval(np.full((10, 1), np.nan), 0.95)
     assert np.isnan(lo).all() and np.isnan(hi).all()
@@ -280,7 +281,7 @@ def test_transfer_test_by_hand():
     vr, vc = r.var(ddof=1) / 5, c.var(ddof=1) / 4
     df = (vr + vc) ** 2 / (vr**2 / 4 + vc**2 / 3)
     t = ab.mean() / np.sqrt(vr + vc)
-    got = st.transfer_test(st.ab_margins(S, is_a), is_a)
+    got = st.transfer_test(ab_margins(S, is_a), is_a)
     np.testing.assert_allclose([got["t"], got["df"], got["p"]], [t, df, 2 * scipy.stats.t.sf(abs(t), df)], rtol=1e-12)
 
 
@@ -301,7 +302,7 @@ def transfer_p(rng, f, n_a, n_b, p, mu_a, mu_b, noise="normal", fixed_metric=Tru
     metric = np.ones((f, p)) if fixed_metric else fisher
     _, align = pooled_scores(g, metric, np.float64)
     is_a = np.arange(n_a + n_b) < n_a
-    return st.transfer_test(st.ab_margins(align, is_a), is_a), align, is_a
+    return st.transfer_test(ab_margins(align, is_a), is_a), align, is_a
 
 
 @pytest.mark.parametrize("noise", ["normal", "heavy"])
@@ -568,8 +569,8 @@ def test_stage_effects_match_gradients_and_pure_math():
         S = ds[f"pooled_{score}"].values.astype(np.float64)
         o = out.sel(score=score)
         # chunked Dask sums = the pure functions on the whole matrices
-        summ = st.effect_summary(score, st.pair_sums(S, *st.effect_weights(is_a, 200, 3), is_a),
-                                 st.ab_margins(S, is_a), is_a, 200, 3, 0.95)
+        summ = st.effect_summary(score, pair_sums(S, *st.effect_weights(is_a, 200, 3), is_a),
+                                 ab_margins(S, is_a), is_a, 200, 3, 0.95)
         for k, v in summ.items():
             got = o[k].values if k.startswith("effect") else out[k].values
             np.testing.assert_allclose(got, v, rtol=1e-9, atol=1e-12, err_msg=(score, k))

@@ -203,7 +203,8 @@ def test_all_zero_gradient_chunks_are_written_and_not_called_lost(tmp_path, stor
     """A shard whose gradients are exactly 0 in a slice (an ablated head, skipped samples) still
     stores its chunk: zarr leaves all-fill chunks out by default, and the score stage's gate
     would then call a finished run damaged."""
-    from qkov.pipeline.extract import damaged_shards, shard_tasks, write_template
+    from qkov.pipeline.extract import shard_tasks, write_template
+    from qkov.pipeline.store.work import damaged_shards
     from qkov.workers.writer import compute_shard, write_shard
 
     job = tiny_job(tmp_path, "llama_gqa", n_a=2, n_b=2, extract={"shard_size": 2}, score={"storage_dtype": storage})

@@ -66,6 +66,7 @@ def test_tiles_merge_to_the_same_sums_and_top_pairs(runs):
     pairs reduced per tile and merged equal those of one whole-matrix tile."""
     from qkov.pipeline.score import compact_scores
     from qkov.pipeline.spec import StatsSpec
+    from qkov.workers.parts import DiagnosticParts
 
     store = runs["all"]
     stats = StatsSpec(n_permutations=99, n_bootstrap=49, alternative="two-sided")
@@ -92,6 +93,7 @@ def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
     Dask-graph reduction of the same tiles (`slice_statistics`, `top_pairs_lazy`)."""
     from qkov.pipeline.score import compact_scores
     from qkov.pipeline.spec import StatsSpec
+    from qkov.workers.parts import DiagnosticParts
 
     store = runs["all"]
     stats = StatsSpec(n_permutations=99, n_bootstrap=49, alternative="two-sided")
@@ -103,7 +105,8 @@ def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
         got = compact_scores(grads, fisher, keep_pairs="top", top_k=7, stats=stats, sample_chunk=chunk, readers=readers,
                              side=side).load()
         assert set(got.data_vars) == set(ref.data_vars)
-        assert {f"{k}_Q" for k in ("sq", "orows", "ocols", "odiag")} <= set(side)
+        assert isinstance(side["Q"], DiagnosticParts)  # the diagnostics' parts, reduced in the same tasks
+        assert all(x is not None for x in (side["Q"].sq, side["Q"].rows, side["Q"].cols, side["Q"].diag))
         for v in ref.data_vars:
             scale = np.abs(ref[v].values).max()
             if ref[v].dtype.kind == "f":  # sums and pair values; positions exactly
@@ -115,7 +118,7 @@ def test_tiles_reduced_on_the_device_equal_the_graph_reduction(runs):
 def test_diagnostics_of_top_and_none_equal_those_of_all(runs):
     """The diagnostics a keep_pairs = "top" | "none" run reduces from its tiles on the device
     (norms, marginals, alignment diagonal) equal those computed from the stored pooled scores."""
-    from qkov.pipeline.diagnostics import open_diagnostics
+    from qkov.pipeline.health import open_diagnostics
 
     want = open_diagnostics(runs["all"])
     for keep in ("top", "none"):
@@ -126,3 +129,22 @@ def test_diagnostics_of_top_and_none_equal_those_of_all(runs):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.nanmax(np.abs(b)), err_msg=f"{keep} {v}")
             else:
                 assert np.array_equal(a, b), f"{keep} {v}"
+
+
+def test_tile_top_twins_agree():
+    """The top pairs' twins (qkov.workers.reductions): the numpy `tile_top` of the Dask graph
+    and the torch `tile_top_t` of the score tasks pick the same pairs of a tile, on tiles
+    inside, across and outside the A×B block, with fewer A×B pairs than k or more."""
+    import torch
+
+    from qkov.workers.reductions import best_k, tile_top, tile_top_t
+
+    rng = np.random.default_rng(7)
+    n_a, n, k = 6, 13, 5
+    pooled = rng.permutation(n * n).reshape(n, n).astype(np.float32)  # distinct values: no ties to order
+    for (r0, r1), (c0, c1) in [((0, 13), (0, 13)), ((0, 4), (6, 13)), ((4, 9), (2, 8)), ((5, 6), (12, 13)), ((7, 13), (0, 6))]:
+        tile = pooled[r0:r1, c0:c1]
+        for largest in (True, False):
+            want = best_k(tile_top(tile, n_a, (r0, c0), k, largest), k, largest)
+            got = tile_top_t(torch.from_numpy(tile)[None], n_a, (r0, c0), k, largest)[0]
+            np.testing.assert_array_equal(got, want)

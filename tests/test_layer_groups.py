@@ -139,6 +139,8 @@ def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_pa
     import shutil
 
     from qkov.pipeline import layer_groups as lg
+    from qkov.pipeline.store import paths
+    from qkov.pipeline.store.work import clear_dropped
 
     rmtree = shutil.rmtree
 
@@ -153,9 +155,9 @@ def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_pa
         gate.wait(30)
         rmtree(path, **kw)
 
-    monkeypatch.setattr(lg.shutil, "rmtree", slow_rmtree)
+    monkeypatch.setattr(paths.shutil, "rmtree", slow_rmtree)
     dropper = lg._Dropper(RunStore(str(run)))
-    dropper.drop(sub, 0)
+    dropper.drop(0)
     assert not Path(sub.path).exists() and (run / schema.dropped_group_path(0)).exists()
     t0 = time.perf_counter()
     dropper.wait_for_room(0)  # room enough: no waiting for the deletion
@@ -165,8 +167,8 @@ def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_pa
     assert time.perf_counter() - t0 >= 0.5 and not (run / schema.dropped_group_path(0)).exists()
     dropper.wait()
     assert dropper.waited >= 0.5
-    monkeypatch.setattr(lg.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(paths.shutil, "rmtree", rmtree)
     left = run / schema.dropped_group_path(3)
     (left / "gradients").mkdir(parents=True)
-    lg._leftovers(RunStore(str(run)))
+    clear_dropped(RunStore(str(run)))
     assert not left.exists() and (run / schema.WORK).exists()

@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from qkov.pipeline.cli import app
-from qkov.pipeline.plan import du, plan
+from qkov.pipeline.plan import plan
 from qkov.pipeline.run import run_job
+from qkov.pipeline.store.paths import size_bytes as du
 from qkov.testing import tiny_job, write_job_file
 
 

@@ -319,6 +319,9 @@ def test_every_stats_variable_and_score_says_question_units_direction(text_run):
     assert {"mean", "null_mean", "p_value", "q_value", "significant", "p_fwer", "ci_low", "ci_high", "in_family",
             "sharing", "sharing_ci_low", "cosine", "cosine_norm_z"} <= set(stats.data_vars)
     assert stats["cosine"].attrs["cosine_min_z"] > 0 and "cosine_rule" in stats["cosine"].attrs
+    # every stored name is the schema's: STATS_VARS names each variable the stage writes, once, as itself
+    assert set(stats.data_vars) == set(schema.STATS_VARS) and len(set(schema.STATS_VARS)) == len(schema.STATS_VARS)
+    assert all(getattr(schema.STATS_VARS, v) == v for v in schema.STATS_VARS)
 
 
 def test_alignment_marginals_are_the_transfer_tests_row_and_column_means(text_run):

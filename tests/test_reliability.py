@@ -28,7 +28,8 @@ from typer.testing import CliRunner
 from qkov.pipeline import schema
 from qkov.pipeline.cli import app
 from qkov.pipeline.run import run_job
-from qkov.pipeline.store import RunStore, StoreError, _lock_is_stale, acquire_lock, read_lock
+from qkov.pipeline.store import RunStore, StoreError, acquire_lock, read_lock
+from qkov.pipeline.store.lock import _lock_is_stale
 from qkov.testing import tiny_job, write_job_file
 
 ROOT = Path(__file__).resolve().parents[1]

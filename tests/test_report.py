@@ -380,7 +380,7 @@ def test_planted_heads_cannot_be_read_backwards(planted):
     and the sharing map; each table's own test is what "Evidence per block" plots; the
     samples driving the conflict are named; the top pairs panel carries `qkov query`'s
     outlier warning."""
-    from qkov.pipeline.diagnostics import head_diagnostics, open_diagnostics
+    from qkov.pipeline.health import head_diagnostics, open_diagnostics
     from qkov.pipeline.query import headline_tables, query_head
     from qkov.pipeline.report import evidence_figure, sharing_of
     from qkov.pipeline.store import RunStore

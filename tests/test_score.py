@@ -11,7 +11,8 @@ import torch
 from qkov.pipeline.executors import DaskExecutor, InlineExecutor
 from qkov.pipeline.extract import run_extract
 from qkov.pipeline.run import prepare_output
-from qkov.pipeline.score import run_score, score_dataset, top_pairs
+from qkov.pipeline.pairs import top_pairs
+from qkov.pipeline.score import run_score, score_dataset
 from qkov.testing import compare_datasets, tiny_job
 from reference import per_sample_grads_loop
 from qkov.workers.models import load_model
@@ -193,7 +194,7 @@ def test_raw_bf16_bits_score_like_decoded_gradients(tmp_path):
 
 
 def test_heads_per_task_bounds_task_bytes():
-    from qkov.pipeline.score import TASK_BYTES, heads_per_task
+    from qkov.pipeline.tiling import TASK_BYTES, heads_per_task
 
     assert heads_per_task(9, 128, 36864, 4) == 9  # 170 MB: one task per layer
     assert heads_per_task(9, 512, 36864, 4) == TASK_BYTES // (512 * 36864 * 4)

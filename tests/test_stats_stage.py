@@ -226,28 +226,21 @@ def test_distributed_matches_default_scheduler(run_and_result):
         np.testing.assert_array_equal(got[v].values, ds[v].values)
 
 
-def _numpy_sums(block, is_a, n_perm, n_boot, seed, r0, c0):
-    """The CPU path of `_chunk_sums` on one chunk at pooled position (r0, c0)."""
-    from qkov.pipeline.stats_stage import _chunk_sums
-
-    info = [{"array-location": [(0, 1), (0, 1), (0, 1), (r0, r0 + block.shape[-2]), (c0, c0 + block.shape[-1])]}]
-    return _chunk_sums(block, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed, block_info=info)
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA device")])])
 def test_device_stat_sums_equal_the_numpy_sums(device):
-    """A GPU worker computes each chunk's statistics sums with qkov.workers.kernels.stat_sums; on
-    chunks on, off and across the diagonal (A and B rows mixed), they equal qkov.pipeline.stats'."""
-    from qkov.pipeline.stats_stage import _weights
-    from qkov.workers.kernels import stat_sums
+    """The statistics' sums' twins (qkov.workers.reductions): a GPU worker and the score tasks
+    compute each chunk's sums with torch (`stat_sums`), CPU workers with numpy (`stat_sums_np`);
+    on chunks on, off and across the diagonal (A and B rows mixed), they are equal."""
+    from qkov.pipeline.slice_reductions import stats_weights
+    from qkov.workers.reductions import stat_sums, stat_sums_np
 
     rng = np.random.default_rng(4)
     is_a = np.array([True] * 7 + [False] * 6)
     S_full = rng.standard_normal((1, 2, 3, 13, 13))
-    left, right, wa, wb = _weights(is_a.tobytes(), 49, 30, 5)
+    weights = stats_weights(is_a.tobytes(), 49, 30, 5)
     for (r0, r1), (c0, c1) in [((0, 13), (0, 13)), ((0, 5), (5, 13)), ((4, 10), (2, 9)), ((7, 13), (7, 13)), ((9, 13), (0, 3))]:
         block = S_full[..., r0:r1, c0:c1]
-        want = _numpy_sums(block, is_a, 49, 30, 5, r0, c0)[..., 0, 0, :]
-        got = stat_sums(block, left, right, wa, wb, is_a, (r0, c0), device)
+        want = stat_sums_np(block, weights, is_a, (r0, c0))
+        got = stat_sums(block, weights, is_a, (r0, c0), device)
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -36,31 +36,66 @@ def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: batch[k] for k in _MODEL_INPUT_KEYS if k in batch}
 
 
-def causal_lm_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+def batch_labels(labels, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+    """A batch's `labels` from per-sample ones, or None when no sample has one.
+
+    A sample's label is a class index (a classifier: (B,) with -100 for none) or, for a
+    completion loss, its target mask (a tuple of bools per token: a causal LM's (B, T) HF labels,
+    the token where it is a target and -100 elsewhere, padding included; a sample without one
+    has every real token a target)."""
+    if labels is None or all(lab is None for lab in labels):
+        return None
+    if all(lab is None or isinstance(lab, int) for lab in labels):
+        return torch.tensor([-100 if lab is None else lab for lab in labels], dtype=torch.long, device=input_ids.device)
+    if not all(lab is None or isinstance(lab, tuple) for lab in labels):
+        raise ValueError("a batch mixes class labels and completion target masks")
+    keep = attention_mask != 0
+    for r, lab in enumerate(labels):
+        if lab is not None:
+            row = torch.zeros(keep.shape[1], dtype=torch.bool)
+            row[: len(lab)] = torch.as_tensor(lab, dtype=torch.bool)
+            keep[r] &= row.to(keep.device)
+    return torch.where(keep, input_ids, torch.full_like(input_ids, -100))
+
+
+def causal_lm_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Tensor:
     """Mean next-token NLL per sample, (B,) float32.
 
     Position t predicts token t+1; a prediction counts when both tokens are real
-    (attention_mask = 1), so padding on either side never enters the loss.
+    (attention_mask = 1), so padding on either side never enters the loss, and, given
+    HF-style causal-LM `labels` (B, T), when token t+1's label is not -100 (a completion
+    loss: the prompt's tokens are context, never targets).
     """
     supervised = (attention_mask[:, :-1] != 0) & (attention_mask[:, 1:] != 0)
+    if labels is not None:
+        supervised = supervised & (labels[:, 1:] != -100)
     counts = supervised.sum(dim=1)
     if bool((counts == 0).any()):
         bad = torch.nonzero(counts == 0).flatten().tolist()
-        raise ValueError(f"samples {bad} have fewer than 2 real tokens: a causal-LM loss needs at least one next-token prediction")
+        raise ValueError(f"samples {bad} have fewer than 2 real tokens (or, with a completion loss, no completion "
+                         "token after the first): a causal-LM loss needs at least one next-token prediction")
     logits = logits[:, :-1].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1), reduction="none")
     nll = nll.view(counts.shape[0], -1) * supervised
     return nll.sum(dim=1) / counts
 
 
+def completion_labels(batch: dict[str, Tensor]) -> Tensor | None:
+    """The batch's causal-LM labels (B, T) when it carries a completion mask, else None
+    (a (B,) `labels` is a classifier's classes)."""
+    labels = batch.get("labels")
+    return labels if labels is not None and labels.dim() == 2 else None
+
+
 class CausalLMLoss:
-    """Mean next-token NLL over each sample's real tokens (HF `labels = input_ids`)."""
+    """Mean next-token NLL over each sample's real tokens (HF `labels = input_ids`), or over its
+    completion's tokens when the batch carries HF labels with -100 on the prompt."""
 
     name = "causal_lm"
 
     def per_sample_loss(self, model: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
         logits = model(**model_inputs(batch), use_cache=False).logits
-        return causal_lm_nll(logits, batch["input_ids"], attention_mask_of(batch))
+        return causal_lm_nll(logits, batch["input_ids"], attention_mask_of(batch), completion_labels(batch))
 
 
 class SequenceClassificationLoss:

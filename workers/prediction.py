@@ -64,7 +64,8 @@ from qkov.pipeline.errors import UsageError
 from qkov.workers.fisher import damping, inverse_regularised, stream_weights
 from qkov.workers.grads import per_sample_backward
 from qkov.workers.layouts import AttentionLayout
-from qkov.workers.losses import CausalLMLoss, SequenceClassificationLoss, attention_mask_of, model_inputs
+from qkov.workers.losses import (CausalLMLoss, SequenceClassificationLoss, attention_mask_of, batch_labels,
+                                 completion_labels, model_inputs)
 from qkov.workers.slicing import slice_block
 
 BLOCKS = ("Q", "K", "V", "O")
@@ -121,8 +122,10 @@ def choose_slices(layout: AttentionLayout, n: int, seed: int = 0) -> list[Slice]
 # ---------------------------------------------------------------- batching
 
 
-def pad(input_ids: Sequence[Sequence[int]], labels: Sequence[int | None] | None, device, pad_id: int = 0) -> dict[str, Tensor]:
-    """A right-padded batch (as the extraction's `qkov.workers.writer.pad_batch`, without its store imports)."""
+def pad(input_ids: Sequence[Sequence[int]], labels: Sequence[int | tuple[bool, ...] | None] | None, device,
+        pad_id: int = 0) -> dict[str, Tensor]:
+    """A right-padded batch (as the extraction's `qkov.workers.writer.pad_batch`, without its store imports);
+    labels: class indices or completion target masks (`qkov.workers.losses.batch_labels`)."""
     width = max(len(x) for x in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)
@@ -130,8 +133,9 @@ def pad(input_ids: Sequence[Sequence[int]], labels: Sequence[int | None] | None,
         ids[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
         mask[r, : len(x)] = 1
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if labels is not None and any(lab is not None for lab in labels):
-        batch["labels"] = torch.tensor([-100 if lab is None else lab for lab in labels], dtype=torch.long, device=device)
+    lab = batch_labels(labels, batch["input_ids"], batch["attention_mask"])
+    if lab is not None:
+        batch["labels"] = lab
     return batch
 
 
@@ -424,8 +428,9 @@ def _per_sample_loss64(model64: nn.Module, batch: dict[str, Tensor], loss_task) 
     logits = model64(**model_inputs(batch), **({"use_cache": False} if causal else {})).logits.double()
     if not causal:
         return F.cross_entropy(logits, batch["labels"], reduction="none")
-    mask = attention_mask_of(batch)
-    sup = ((mask[:, :-1] != 0) & (mask[:, 1:] != 0)).double()
+    mask, labels = attention_mask_of(batch), completion_labels(batch)
+    sup = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    sup = (sup if labels is None else sup & (labels[:, 1:] != -100)).double()
     nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1),
                           reduction="none").view(sup.shape)
     return (nll * sup).sum(1) / sup.sum(1)

@@ -9,7 +9,7 @@ killed midway leaves no record, and rerunning it rewrites the same bytes.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,14 +17,16 @@ import torch
 import zarr
 
 from qkov.pipeline import schema
+from qkov.pipeline.codec import encode_torch
 from qkov.pipeline.errors import NonFiniteGradientError  # noqa: F401  (raised by the extract stage; kept importable here)
 from qkov.pipeline.spec import ModelSpec
 from qkov.pipeline.store import RunStore
+from qkov.pipeline.store.work import record_shard
 
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
-from .losses import loss_task_for
+from .losses import batch_labels, loss_task_for
 from .models import load_model, weights_hash
 from .slicing import slice_block
 
@@ -43,7 +45,7 @@ class ShardTask:
     start: int  # first sample index in the store
     input_ids: tuple[tuple[int, ...], ...]
     sample_ids: tuple[str, ...]
-    labels: tuple[int | None, ...]
+    labels: tuple[int | tuple[bool, ...] | None, ...]  # class indices, or completion target masks
     fisher_weights: tuple[float, ...]  # Σ_i w_i g_i² is this shard's Fisher contribution
     batch_size: int
     device: str  # auto | cpu | cuda
@@ -82,8 +84,10 @@ def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torc
         return _CACHE[key]
 
 
-def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device: str, pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding is masked out of attention and of the loss."""
+def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | tuple[bool, ...] | None], device: str,
+              pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding is masked out of attention and of the loss. labels: class
+    indices or completion target masks (`qkov.workers.losses.batch_labels`)."""
     width = max(len(x) for x in input_ids)
     ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(input_ids), width), dtype=torch.long)
@@ -91,8 +95,9 @@ def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | None], device
         ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
         mask[r, : len(x)] = 1
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if any(lab is not None for lab in labels):
-        batch["labels"] = torch.tensor([-100 if lab is None else lab for lab in labels], dtype=torch.long, device=device)
+    lab = batch_labels(labels, batch["input_ids"], batch["attention_mask"])
+    if lab is not None:
+        batch["labels"] = lab
     return batch
 
 
@@ -258,11 +263,9 @@ def _pinned(name: str, shape: tuple[int, ...], dtype) -> torch.Tensor:
 
 def to_stored(t: torch.Tensor, storage_dtype: str) -> np.ndarray:
     """A float32 tensor in the store's representation, on the host. bf16 is rounded where t
-    lives (round-to-nearest-even on CPU and GPU alike), so only half the
-    bytes cross to the host and the host does no conversion pass."""
-    if storage_dtype == "bfloat16":
-        return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    return t.cpu().numpy()
+    lives (the one codec, `qkov.pipeline.codec.encode_torch`), so only half the bytes cross
+    to the host and the host does no conversion pass."""
+    return encode_torch(t, storage_dtype)
 
 
 def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
@@ -313,8 +316,5 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
     g[schema.FINITE][task.start : stop] = ok
-    work = root[schema.WORK]
-    for b, arr in fisher.items():
-        work[schema.fisher_partial(b)][task.shard] = arr
-    work[schema.DONE_FISHER if task.phase == "fisher" else schema.DONE][task.shard] = 1
+    record_shard(root, task.shard, fisher, task.phase)
     return ShardResult(task.shard, whash, tuple(bad), device, worker_name())

@@ -11,8 +11,6 @@ from qkov.pipeline.cluster import GPU_RESOURCE, gpu_workers
 
 
 class DaskExecutor:
-    name = "dask"
-
     def __init__(self, client):
         self.client = client
 
@@ -65,11 +63,6 @@ class DaskExecutor:
             raise
         finally:
             watcher.join(timeout=5)
-
-    def describe(self) -> str:
-        info = self.client.scheduler_info(n_workers=-1)
-        workers = info["workers"]
-        return f"{self.client.scheduler.address} ({len(workers)} workers, {sum(w['nthreads'] for w in workers.values())} threads)"
 
 
 def _watch(futures, address: str, on_progress: Callable[[int, int], None]) -> None:

@@ -7,8 +7,6 @@ import dask
 
 
 class InlineExecutor:
-    name = "inline"
-
     def map(self, fn: Callable, items: Iterable[Any], *, gpu: bool = False, on_result: Callable | None = None) -> list:
         out = []
         for item in items:
@@ -44,9 +42,6 @@ class InlineExecutor:
 
         with one_thread_per_task(), (Ticks() if on_progress is not None else _nothing()):
             return dask.compute(*collections, scheduler="threads")
-
-    def describe(self) -> str:
-        return "in-process"
 
 
 class _nothing:

@@ -1,0 +1,105 @@
+"""The reductions of pooled score slices that the score graphs and the stats stage share:
+the statistics' weight rows and sums, the top A×B pairs, the diagnostics' other-task weights.
+The arithmetic itself is the workers' (qkov.workers.reductions, numpy and torch side by
+side); this module draws the weights from the run's seed and lays the reductions out over
+Dask chunks. It imports no stage, so every stage and reader may use it.
+"""
+from __future__ import annotations
+
+import functools
+
+import dask.array as da
+import numpy as np
+
+from qkov.workers.reductions import best_k, stat_sums, stat_sums_np, tile_top
+
+from . import stats as st
+from .spec import StatsSpec
+
+
+@functools.lru_cache(maxsize=4)
+def stats_weights(is_a_bytes: bytes, n_perm: int, n_boot: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Weight rows, regenerated from the seed on each worker (cached) instead of shipped.
+
+    Returns (left [1+K, N], right [1+K, N], wa [1+B, N], wb [1+B, N]); row 0 of
+    left/right is the observed labelling so T_obs and T^π come from the same matmul
+    (a permutation equal to the observed labelling then ties exactly). wa/wb are
+    `st.effect_weights`: row 0 every sample once, then the bootstrap resamples at the A
+    (resp. B) positions, zero elsewhere.
+    """
+    is_a = np.frombuffer(is_a_bytes, dtype=bool)
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    ind_a, ind_b = st.permutation_indicators(n_a, n_b, n_perm, seed)
+    left = np.vstack([is_a.astype(np.float64), ind_a])
+    right = np.vstack([(~is_a).astype(np.float64), ind_b])
+    wa, wb = st.effect_weights(is_a, n_boot, seed)
+    for a in (left, right, wa, wb):
+        a.flags.writeable = False
+    return left, right, wa, wb
+
+
+def sums_settings(settings: StatsSpec) -> dict:
+    """What stored stats sums depend on (`schema.ATTR_SUMS_SETTINGS`): alpha and the
+    alternative act later, on the sums."""
+    return {"n_permutations": settings.n_permutations, "n_bootstrap": settings.n_bootstrap, "seed": settings.seed}
+
+
+def sums_scale(n_a: int, n_b: int, n_perm: int, n_boot: int) -> np.ndarray:
+    """The factor that turns a slice's summed chunk sums into what the stats stage reads, one
+    per entry (1+K + 4(1+B) + N of them): the K+1 cross sums become means; the effect sums and
+    margins stay raw."""
+    scale = np.ones(1 + n_perm + 4 * (1 + n_boot) + n_a + n_b)
+    scale[: 1 + n_perm] = 1.0 / (n_a * n_b)
+    return scale
+
+
+def chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int, block_info=None) -> np.ndarray:
+    """Unnormalised stats sums of one chunk [b, l, h, ni, nj] -> [b, l, h, 1, 1, width]
+    (`qkov.workers.reductions.stat_sums_np`), on a GPU worker's device where it has one."""
+    from qkov.workers.device import resolve_device
+
+    (r0, _), (c0, _) = block_info[0]["array-location"][3:5]
+    weights = stats_weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
+    if resolve_device("auto") == "cuda":  # a GPU worker: the same sums as a few float64 matmuls on its device
+        return stat_sums(block, weights, is_a, (r0, c0), "cuda")[..., None, None, :]
+    return stat_sums_np(block, weights, is_a, (r0, c0))[..., None, None, :]
+
+
+def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int) -> da.Array:
+    """Lazy [b, l, h, 1+K + 4(1+B) + N] per slice: T_obs and the K null T^π (means), then
+    the raw effect sums and the A×B margins (see `chunk_sums`)."""
+    is_a = np.asarray(is_a, dtype=bool)
+    scale = sums_scale(int(is_a.sum()), int((~is_a).sum()), n_perm, n_boot)
+    chunks = pooled.chunks[:3] + ((1,) * len(pooled.chunks[3]), (1,) * len(pooled.chunks[4]), (scale.size,))
+    sums = pooled.map_blocks(
+        chunk_sums, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed,
+        new_axis=5, chunks=chunks, dtype=np.float64, meta=np.empty((0,) * 6, np.float64),
+    )
+    return sums.sum(axis=(3, 4)) * scale
+
+
+def _tile_top(block: np.ndarray, *, n_a: int, k: int, largest: bool, block_info=None) -> np.ndarray:
+    """One chunk's k best A×B pairs [1, 1, ci, cj] -> [1, 1, 1, 1, 3, k] (`tile_top`)."""
+    (r0, _), (c0, _) = block_info[0]["array-location"][2:4]
+    return tile_top(block[0, 0], n_a, (r0, c0), k, largest)[None, None, None, None]
+
+
+def _merge_top(cand: np.ndarray, *, k: int, largest: bool) -> np.ndarray:
+    """The k best of every tile's candidates [1, 1, ti, tj, 3, k] -> [1, 1, 3, k], best first."""
+    return best_k(np.moveaxis(cand[0, 0], -2, 0).reshape(3, -1), k, largest)[None, None]
+
+
+def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
+    """(L, H, 3, k) lazily: per slice the k best A×B pairs of a pooled (L, H, N, N) score array."""
+    cand = arr.map_blocks(_tile_top, n_a=n_a, k=k, largest=largest, new_axis=[4, 5],
+                          chunks=arr.chunks[:2] + ((1,) * len(arr.chunks[2]), (1,) * len(arr.chunks[3]), (3,), (k,)),
+                          dtype=np.float64, meta=np.empty((0,) * 6, np.float64))
+    cand = cand.rechunk({2: -1, 3: -1})
+    return cand.map_blocks(_merge_top, k=k, largest=largest, drop_axis=[2, 3], chunks=arr.chunks[:2] + ((3,), (k,)),
+                           dtype=np.float64, meta=np.empty((0,) * 4, np.float64))
+
+
+def other_weights(is_a: np.ndarray) -> np.ndarray:
+    """(N, 2): column 0 averages over task A, column 1 over task B (the diagnostics' other-task means)."""
+    is_a = np.asarray(is_a, dtype=bool)
+    return np.stack([is_a / max(1, is_a.sum()), ~is_a / max(1, (~is_a).sum())], 1).astype(np.float64)
