@@ -266,7 +266,7 @@ class _Session:
         With `logits` (a list), the model's outputs at every real token are appended to it, taken
         from the same forward pass (for the function-preservation check, at no extra cost).
         """
-        from qkov.workers.writer import pad_batch
+        from qkov.workers.losses import pad_batch
 
         order = list(range(self.n)) if order is None else list(order)
         bs = self.job.extract.batch_size

@@ -95,7 +95,7 @@ LENGTHS, PROMPTS = [7, 12, 3, 10], [3, 5, 1, 9]  # tokens per sample, of which t
 
 def _completion_batch(seed: int):
     from qkov.testing import VOCAB as V, random_batch
-    from qkov.workers.writer import pad_batch
+    from qkov.workers.losses import pad_batch
 
     raw = random_batch(V, LENGTHS, seed=seed)
     ids = [tuple(raw["input_ids"][i, :n].tolist()) for i, n in enumerate(LENGTHS)]

@@ -7,7 +7,7 @@ Losses are computed in float32 from the logits whatever the model dtype.
 """
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,24 @@ def batch_labels(labels, input_ids: Tensor, attention_mask: Tensor) -> Tensor | 
             row[: len(lab)] = torch.as_tensor(lab, dtype=torch.bool)
             keep[r] &= row.to(keep.device)
     return torch.where(keep, input_ids, torch.full_like(input_ids, -100))
+
+
+def pad_batch(input_ids: Sequence[Sequence[int]], labels: Sequence[int | tuple[bool, ...] | None] | None, device,
+              pad_id: int = 0) -> dict[str, Tensor]:
+    """A right-padded batch, the one every path builds (extraction, checks, the prediction check);
+    padding is masked out of attention and of the loss. labels: class indices or completion target
+    masks (`batch_labels`)."""
+    width = max(len(x) for x in input_ids)
+    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
+    for r, x in enumerate(input_ids):
+        ids[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
+        mask[r, : len(x)] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    lab = batch_labels(labels, batch["input_ids"], batch["attention_mask"])
+    if lab is not None:
+        batch["labels"] = lab
+    return batch
 
 
 def causal_lm_nll(logits: Tensor, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Tensor:

@@ -64,8 +64,9 @@ from qkov.pipeline.errors import UsageError
 from qkov.workers.fisher import damping, inverse_regularised, stream_weights
 from qkov.workers.grads import per_sample_backward
 from qkov.workers.layouts import AttentionLayout
-from qkov.workers.losses import (CausalLMLoss, SequenceClassificationLoss, attention_mask_of, batch_labels,
-                                 completion_labels, model_inputs)
+from qkov.workers.losses import (CausalLMLoss, SequenceClassificationLoss, attention_mask_of, completion_labels,
+                                 model_inputs)
+from qkov.workers.losses import pad_batch as pad  # the one batch builder, under this module's short name
 from qkov.workers.slicing import slice_block
 
 BLOCKS = ("Q", "K", "V", "O")
@@ -120,23 +121,6 @@ def choose_slices(layout: AttentionLayout, n: int, seed: int = 0) -> list[Slice]
 
 
 # ---------------------------------------------------------------- batching
-
-
-def pad(input_ids: Sequence[Sequence[int]], labels: Sequence[int | tuple[bool, ...] | None] | None, device,
-        pad_id: int = 0) -> dict[str, Tensor]:
-    """A right-padded batch (as the extraction's `qkov.workers.writer.pad_batch`, without its store imports);
-    labels: class indices or completion target masks (`qkov.workers.losses.batch_labels`)."""
-    width = max(len(x) for x in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for r, x in enumerate(input_ids):
-        ids[r, : len(x)] = torch.as_tensor(list(x), dtype=torch.long)
-        mask[r, : len(x)] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    lab = batch_labels(labels, batch["input_ids"], batch["attention_mask"])
-    if lab is not None:
-        batch["labels"] = lab
-    return batch
 
 
 def batches(input_ids, labels, batch_size: int, device):

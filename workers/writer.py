@@ -26,7 +26,7 @@ from qkov.pipeline.store.work import record_shard
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
-from .losses import batch_labels, loss_task_for
+from .losses import loss_task_for, pad_batch
 from .models import load_model, weights_hash
 from .slicing import slice_block
 
@@ -82,23 +82,6 @@ def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torc
             layout = discover_layout(model, declared=spec.layout, include_bias=include_bias)
             _CACHE[key] = (model, layout, weights_hash(model))
         return _CACHE[key]
-
-
-def pad_batch(input_ids: list[tuple[int, ...]], labels: list[int | tuple[bool, ...] | None], device: str,
-              pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding is masked out of attention and of the loss. labels: class
-    indices or completion target masks (`qkov.workers.losses.batch_labels`)."""
-    width = max(len(x) for x in input_ids)
-    ids = torch.full((len(input_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(input_ids), width), dtype=torch.long)
-    for r, x in enumerate(input_ids):
-        ids[r, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[r, : len(x)] = 1
-    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    lab = batch_labels(labels, batch["input_ids"], batch["attention_mask"])
-    if lab is not None:
-        batch["labels"] = lab
-    return batch
 
 
 _PROJECTIONS = None  # this worker's sketch projections (qkov.workers.sketch.ProjectionCache), built on first use
