@@ -237,11 +237,18 @@ STAT = "stat"  # dimension of the sums
 RANK = "rank"  # dimension of the top pairs
 
 
+def stat_sums_parts(n_permutations: int, n_bootstrap: int) -> tuple[slice, slice, slice, slice]:
+    """Where each part of one slice's sums sits along `stat`: the observed labelling (1), each
+    permutation (K), four bootstrap cross sums per resample and the original (4 (1 + B)), then
+    one margin per sample (N, to the end)."""
+    k, b = n_permutations, n_bootstrap
+    return slice(0, 1), slice(1, 1 + k), slice(1 + k, 1 + k + 4 * (1 + b)), slice(1 + k + 4 * (1 + b), None)
+
+
 def stat_sums_width(n_permutations: int, n_bootstrap: int, n_samples: int) -> int:
-    """Length of one slice's sums along `stat`: the observed labelling and each permutation
-    (1 + K), four bootstrap cross sums per resample and the original (4 (1 + B)), then one
-    per sample (N). Writers, templates and the plan all size the sums from this."""
-    return 1 + n_permutations + 4 * (1 + n_bootstrap) + n_samples
+    """Length of one slice's sums along `stat` (see `stat_sums_parts`). Writers, templates, the
+    plan and the stats stage all size and split the sums from these two."""
+    return stat_sums_parts(n_permutations, n_bootstrap)[3].start + n_samples
 
 
 def stat_sums_name(score: str, block: str | None = None) -> str:

@@ -13,6 +13,7 @@ import numpy as np
 
 from qkov.workers.reductions import best_k, stat_sums, stat_sums_np, tile_top
 
+from . import schema
 from . import stats as st
 from .spec import StatsSpec
 
@@ -48,8 +49,9 @@ def sums_scale(n_a: int, n_b: int, n_perm: int, n_boot: int) -> np.ndarray:
     """The factor that turns a slice's summed chunk sums into what the stats stage reads, one
     per entry (1+K + 4(1+B) + N of them): the K+1 cross sums become means; the effect sums and
     margins stay raw."""
-    scale = np.ones(1 + n_perm + 4 * (1 + n_boot) + n_a + n_b)
-    scale[: 1 + n_perm] = 1.0 / (n_a * n_b)
+    obs, perms, _, _ = schema.stat_sums_parts(n_perm, n_boot)
+    scale = np.ones(schema.stat_sums_width(n_perm, n_boot, n_a + n_b))
+    scale[obs.start : perms.stop] = 1.0 / (n_a * n_b)
     return scale
 
 

@@ -71,9 +71,9 @@ def _pooled_mask(scores: xr.Dataset) -> np.ndarray:
 
 def _split(values: np.ndarray, settings: StatsSpec) -> tuple[np.ndarray, ...]:
     """values [F, width] -> t_obs [F], t_null [K, F], pair sums [F, 1+B, 4], margins [F, N]."""
-    k, b = settings.n_permutations, settings.n_bootstrap
-    pairs = values[:, 1 + k : 1 + k + 4 * (1 + b)].reshape(-1, 1 + b, 4)
-    return values[:, 0], values[:, 1 : 1 + k].T, pairs, values[:, 1 + k + 4 * (1 + b) :]
+    obs, perms, boot, margins = S.stat_sums_parts(settings.n_permutations, settings.n_bootstrap)
+    pairs = values[:, boot].reshape(-1, 1 + settings.n_bootstrap, 4)
+    return values[:, obs.start], values[:, perms].T, pairs, values[:, margins]
 
 
 def _family_results(values: np.ndarray, settings: StatsSpec, is_a: np.ndarray) -> dict[str, np.ndarray]:
