@@ -119,6 +119,21 @@ def sample_count_warning(n_a: int, n_b: int, alpha: float) -> str | None:
     return None
 
 
+def completion_notes(plan: "ExtractPlan") -> list[str]:
+    """Per task with a completion loss, how many next-token predictions its loss keeps: the
+    user's check that the prompt/completion split is the one meant."""
+    out = []
+    for k, name in enumerate(plan.task_names):
+        rows = range(0, plan.n_a) if k == 0 else range(plan.n_a, plan.n_a + plan.n_b)
+        masks = [plan.labels[i] for i in rows if isinstance(plan.labels[i], tuple)]
+        if masks:
+            kept = sum(sum(m[1:]) for m in masks)  # the first token is never predicted
+            total = sum(len(m) - 1 for m in masks)
+            out.append(f"task {name!r}: loss over completion tokens only: {kept:,} of {total:,} next-token "
+                       f"predictions ({kept / total:.0%}); the prompt's are context")
+    return out
+
+
 def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) -> str | None:
     """extract.nonfinite = "skip": the sample counts rules applied to the samples left after
     skipping (`finite`, store order: A then B). Fewer than 2 in a task is refused, as before

@@ -23,7 +23,7 @@ def check_job(job: JobSpec, *, resume: bool = False, overwrite: bool = False, sc
     """`run.preflight` as `qkov run` does it (the output as a cluster's workers would write it
     unless `inline`); returns the extraction plan. Loud: the sample-count warning, and with
     `show_plan` the lines `qkov plan` prints."""
-    from .extract import sample_count_warning
+    from .extract import completion_notes, sample_count_warning
     from .run import preflight
 
     plan = preflight(job, resume=resume, overwrite=overwrite, local=runs_here(job, scheduler, inline), cluster=not inline)
@@ -32,6 +32,8 @@ def check_job(job: JobSpec, *, resume: bool = False, overwrite: bool = False, sc
     note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
     if note:
         err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+    for line in completion_notes(plan) if plan is not None else ():
+        err().print(line, markup=False, highlight=False)
     if show_plan and plan is not None:
         from .plan import plan as run_plan
 

@@ -199,3 +199,18 @@ def test_a_run_with_a_completion_loss_records_it_and_changes_only_that_tasks_gra
     (full, task), (comp, _) = grads["all"], grads["completion"]
     is_a = task == "alpha"
     assert (full[is_a] != comp[is_a]).any() and (full[~is_a] == comp[~is_a]).all()
+
+
+def test_validate_says_how_much_of_each_task_the_completion_loss_keeps(tmp_path, capsys):
+    import qkov
+    from qkov.testing import tiny_job, write_job_file
+
+    base = tiny_job(tmp_path, "llama_gqa", n_a=3, n_b=3, min_len=6)
+    rows = [{"id": f"q{k}", "input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, -100, 4, 5, 6]} for k in range(3)]
+    jf = write_job_file(base, tmp_path / "job.toml",
+                        tasks={"a": {"name": "qa", "path": str(jsonl(tmp_path / "qa.jsonl", rows)), "loss": "completion"}})
+    qkov.validate(jf, progress=True)
+    err = " ".join(capsys.readouterr().err.split())
+    # 5 predictions per row (tokens 2..6), 3 of them completion tokens (4, 5, 6)
+    assert "task 'qa': loss over completion tokens only: 9 of 15 next-token predictions (60%)" in err, err
+    assert "task 'beta'" not in err
