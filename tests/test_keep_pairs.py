@@ -131,7 +131,9 @@ def test_diagnostics_of_top_and_none_equal_those_of_all(runs):
                 assert np.array_equal(a, b), f"{keep} {v}"
 
 
-def test_tile_top_twins_agree():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA device")])])
+def test_tile_top_twins_agree(device):
     """The top pairs' twins (qkov.workers.reductions): the numpy `tile_top` of the Dask graph
     and the torch `tile_top_t` of the score tasks pick the same pairs of a tile, on tiles
     inside, across and outside the A×B block, with fewer A×B pairs than k or more."""
@@ -146,5 +148,5 @@ def test_tile_top_twins_agree():
         tile = pooled[r0:r1, c0:c1]
         for largest in (True, False):
             want = best_k(tile_top(tile, n_a, (r0, c0), k, largest), k, largest)
-            got = tile_top_t(torch.from_numpy(tile)[None], n_a, (r0, c0), k, largest)[0]
+            got = tile_top_t(torch.from_numpy(tile)[None].to(device), n_a, (r0, c0), k, largest)[0]
             np.testing.assert_array_equal(got, want)
