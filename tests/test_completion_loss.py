@@ -214,3 +214,27 @@ def test_validate_says_how_much_of_each_task_the_completion_loss_keeps(tmp_path,
     # 5 predictions per row (tokens 2..6), 3 of them completion tokens (4, 5, 6)
     assert "task 'qa': loss over completion tokens only: 9 of 15 next-token predictions (60%)" in err, err
     assert "task 'beta'" not in err
+
+
+def test_transfer_predicts_the_completion_losss_first_order_change(tmp_path):
+    """`qkov check`'s prediction check on a job whose tasks both use a completion loss: the
+    transfer computed from the masked per-sample gradients predicts the measured first-order
+    change of task A's (masked) loss under a natural-gradient step on task B, slice by slice."""
+    from qkov.pipeline import checks
+    from qkov.pipeline.checks import run_checks
+    from qkov.testing import tiny_job
+    from qkov.workers import prediction as P
+
+    base = tiny_job(tmp_path, "llama_gqa", n_a=6, n_b=6, min_len=6, max_len=14)
+    tasks = {}
+    for key in ("a", "b"):
+        spec = getattr(base.tasks, key)
+        rows = [json.loads(line) for line in Path(spec.path).read_text().splitlines()]
+        for r in rows:  # the first third of each row is its prompt
+            r["labels"] = [-100 if t < len(r["input_ids"]) // 3 else x for t, x in enumerate(r["input_ids"])]
+        tasks[key] = spec.model_copy(update={"path": str(jsonl(tmp_path / f"{key}_labelled.jsonl", rows)), "loss": "completion"})
+    job = base.model_copy(update={"tasks": base.tasks.model_copy(update=tasks)})
+    ds = run_checks(job, n_samples=3, write=False, prediction=True, prediction_slices=12, prediction_eta=2e-5)
+    row = ds.sel({checks.CHECK_DIM: checks.PREDICTION})
+    assert bool(row["passed"]), str(row["detail"].values)
+    assert float(row["rank_correlation"]) >= P.RHO_MIN and float(row["value"]) <= P.REL_ERROR_MAX
