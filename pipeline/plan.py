@@ -290,6 +290,8 @@ def fitting_options(job: JobSpec, plan: RunPlan, geometry, resume: bool = False)
         tries.append(('[score] storage_dtype = "bfloat16"', {"score": {"storage_dtype": "bfloat16"}}))
     if job.score.mode == "exact":
         tries.append(('[score] mode = "sketch", sketch_dim = 1024', {"score": {"mode": "sketch", "sketch_dim": 1024}}))
+    if job.score.keep_pairs == "all":  # the pooled N x N matrices grow as the square of the samples
+        tries.append(('[score] keep_pairs = "top"', {"score": {"keep_pairs": "top"}}))
     out = []
     combined: dict = {}
     for label, change in tries:

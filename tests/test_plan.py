@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from qkov.pipeline.cli import app
-from qkov.pipeline.plan import plan
+from qkov.pipeline.plan import _with, plan
 from qkov.pipeline.run import run_job
 from qkov.pipeline.store.paths import size_bytes as du
 from qkov.testing import tiny_job, write_job_file
@@ -47,3 +47,15 @@ def test_run_refuses_a_job_that_cannot_fit_and_names_what_would(tmp_path):
     res = CliRunner().invoke(app, ["run", str(ok), "--inline"])
     assert res.exit_code == 0, res.output
     assert "peak disk use" in res.output and du(str(tmp_path / "run")) <= budget
+
+
+def test_where_the_pair_scores_do_not_fit_the_plan_offers_keeping_the_top_pairs(tmp_path):
+    """Many samples on a small model: the pooled N x N scores outgrow the gradients, and keeping
+    only the statistics' sums and the top pairs (`keep_pairs = "top"`) is what makes it fit."""
+    job = tiny_job(tmp_path, "llama_gqa", n_a=150, n_b=150, min_len=4, max_len=6,
+                   score={"layers": [0], "blocks": ["Q"]}, output={"path": str(tmp_path / "run")})
+    full, top = plan(job), plan(_with(job, score={"keep_pairs": "top"}))
+    assert top.peak_disk < full.peak_disk
+    budget = (top.peak_disk + full.peak_disk) // 2
+    tight = plan(_with(job, output={"disk_budget": budget, "path": str(tmp_path / "run")}))
+    assert tight.fits is False and any(o.startswith('[score] keep_pairs = "top"') for o in tight.options), tight.options
