@@ -100,6 +100,12 @@ def refusal(path: Path, match: str, **kw) -> str:
     return msg
 
 
+def test_a_csv_cell_longer_than_csvs_default_limit_is_read(tmp_path):
+    long = " ".join(["word"] * 60_000)  # 300 KB in one cell
+    (s,) = load_task(spec(write_csv(tmp_path / "long.csv", [{"id": "doc", "text": long, "input_ids": [1, 2, 3]}])), None, 8, "a")
+    assert s.text == long and s.input_ids == (1, 2, 3)
+
+
 def test_each_formats_bad_input_is_named(tmp_path):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text('id,input_ids\nx,"[1, 2]"\ny,"[3, 4]",extra\n', encoding="utf-8")

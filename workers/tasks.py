@@ -156,6 +156,7 @@ def _csv_records(path: Path, spec: TaskSpec) -> list[tuple[int, str, dict]]:
         text = _file_bytes(path, spec).decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise TaskFileError(f"{path}: not UTF-8 text (undecodable byte at byte {e.start + 1}); save the file as UTF-8") from None
+    csv.field_size_limit(2**31 - 1)  # a long document is one cell (the default stops at 128 KiB)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     out = []
     try:
