@@ -100,6 +100,17 @@ def refusal(path: Path, match: str, **kw) -> str:
     return msg
 
 
+def test_a_shuffled_selected_sharded_dataset_reads_in_its_own_order(tmp_path):
+    """What users save: a shuffled subset (an indices mapping) in several shard files."""
+    import datasets
+
+    ds = datasets.Dataset.from_list([{"id": str(i), "input_ids": [i + 1, i + 2]} for i in range(10)])
+    picked = ds.shuffle(seed=0).select(range(6))
+    picked.save_to_disk(str(tmp_path / "picked"), num_shards=2)
+    got = load_task(spec(tmp_path / "picked"), None, 8, "a")
+    assert [s.id for s in got] == [r["id"] for r in picked] and [s.input_ids for s in got] == [tuple(r["input_ids"]) for r in picked]
+
+
 def test_a_csv_cell_longer_than_csvs_default_limit_is_read(tmp_path):
     long = " ".join(["word"] * 60_000)  # 300 KB in one cell
     (s,) = load_task(spec(write_csv(tmp_path / "long.csv", [{"id": "doc", "text": long, "input_ids": [1, 2, 3]}])), None, 8, "a")
