@@ -212,7 +212,7 @@ def finetune(model, names, pristine, masks, b_ids, order, steps: int, batch_size
     """Fine-tune `names` (from `pristine`) on B's mean loss; frozen entries' gradients zeroed.
     adam: torch Adam, no weight decay. ngd: θ -= lr·(Î+λ)⁻¹·g (the step transfer predicts)."""
     from qkov.workers.losses import CausalLMLoss
-    from qkov.workers.prediction import pad
+    from qkov.workers.losses import pad_batch
 
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -230,7 +230,7 @@ def finetune(model, names, pristine, masks, b_ids, order, steps: int, batch_size
         idx = order[(s * batch_size) % len(order):][:batch_size]
         if len(idx) < batch_size:
             idx = np.concatenate([idx, order[: batch_size - len(idx)]])
-        batch = pad([b_ids[i] for i in idx], None, params[names[0]].device)
+        batch = pad_batch([b_ids[i] for i in idx], None, params[names[0]].device)
         loss = CausalLMLoss().per_sample_loss(model, batch).mean()
         for p in train:
             p.grad = None

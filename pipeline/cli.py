@@ -150,14 +150,15 @@ def run(
 def _differ_counts(ds) -> str:
     """Per score, how many family slices differ from chance and which way (labels null, BH)."""
     from qkov.pipeline import schema
+    from qkov.pipeline.schema import STATS_VARS as V
 
     parts = []
     for score in ds[schema.SCORE].values:
         d = ds.sel({schema.SCORE: score})
-        fam = d["in_family"]
-        sig = d["significant"].where(fam, False)
-        if "direction" in d:
-            above, below = int((sig & (d["direction"] > 0)).sum()), int((sig & (d["direction"] < 0)).sum())
+        fam = d[V.in_family]
+        sig = d[V.significant].where(fam, False)
+        if V.direction in d:
+            above, below = int((sig & (d[V.direction] > 0)).sum()), int((sig & (d[V.direction] < 0)).sum())
             parts.append(f"{score}: {above} slices above chance, {below} below")
         else:
             parts.append(f"{score}: {int(sig.sum())} slices differ from chance")

@@ -65,8 +65,7 @@ from qkov.workers.fisher import damping, inverse_regularised, stream_weights
 from qkov.workers.grads import per_sample_backward
 from qkov.workers.layouts import AttentionLayout
 from qkov.workers.losses import (CausalLMLoss, SequenceClassificationLoss, attention_mask_of, completion_labels,
-                                 model_inputs)
-from qkov.workers.losses import pad_batch as pad  # the one batch builder, under this module's short name
+                                 model_inputs, pad_batch)
 from qkov.workers.slicing import slice_block
 
 BLOCKS = ("Q", "K", "V", "O")
@@ -125,7 +124,7 @@ def choose_slices(layout: AttentionLayout, n: int, seed: int = 0) -> list[Slice]
 
 def batches(input_ids, labels, batch_size: int, device):
     for s in range(0, len(input_ids), batch_size):
-        yield pad(input_ids[s : s + batch_size], None if labels is None else labels[s : s + batch_size], device)
+        yield pad_batch(input_ids[s : s + batch_size], None if labels is None else labels[s : s + batch_size], device)
 
 
 # ---------------------------------------------------------------- prediction: the pipeline's path
@@ -276,7 +275,7 @@ class Steps:
 
 
 def _own_loss(model, loss_task, ids, label, device) -> Tensor:
-    batch = pad([ids], None if label is None else [label], device)
+    batch = pad_batch([ids], None if label is None else [label], device)
     return loss_task.per_sample_loss(model, batch)[0]
 
 

@@ -269,9 +269,9 @@ def _messages(row: dict, field: str, where: str, sid: str) -> list[dict]:
     return msgs
 
 
-def _content(row: dict, spec: TaskSpec, where: str, sid: str) -> _Row:
+def _content(row: dict, spec: TaskSpec, line: int, where: str, sid: str) -> _Row:
     """The row's tokens or text to tokenise, by the spec's fields (ids and label filled by the caller)."""
-    out = _Row(0, where, sid, None, None, None)
+    out = _Row(line, where, sid, None, None, None)
     if "input_ids" in row:
         if not _is_token_list(row["input_ids"]):
             raise TaskFileError(f"{where} (sample {sid!r}): input_ids must be a list of ints >= 0")
@@ -313,8 +313,7 @@ def _parse_record(line: int, where: str, row: dict, index: int, spec: TaskSpec, 
             raise TaskFileError(f"{where}: id field {spec.id_field!r} must be a non-empty string or a number, got {row[spec.id_field]!r}")
     else:
         sid = f"{label}-{index}"
-    out = _content(row, spec, where, sid)
-    out.line = line
+    out = _content(row, spec, line, where, sid)
 
     for what, value in (("id", sid), ("text", out.text), ("prompt", out.prompt)):
         if value is not None and not _encodable(value):
