@@ -109,19 +109,39 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, before_term)
 
 
-def _print_summary(path: str, storage_options=None, stats: str | None = None, top: int = 5) -> None:
+def _print_summary(path: str, storage_options=None, stats: str | None = None, top: int = 5, pair: str | None = None) -> None:
     """Where the results are, how to read them (for named statistics, with `--stats NAME`),
     then the answers: one table per question (conflict, share, differ), each naming its
     question, with direction, chance and effect (issue 16)."""
     from qkov.pipeline.query import format_headlines, headline_tables, load_stats
 
+    from qkov.pipeline.store import RunStore
+
+    store = RunStore(path, storage_options)
+    if pair is None and store.is_multi():
+        return _print_pairs(store, stats, top)
     named = f" --stats {stats}" if stats else ""
     console().print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]")
     console().print(f"  read them with: qkov.answers({escape(repr(path))}{f', stats={stats!r}' if stats else ''}) (a table), "
                     f"or xarray.open_datatree({escape(repr(path))}, engine='zarr')", highlight=False)
     console().print(f"  slices: qkov query {escape(path)}{escape(named)} [--layer L] [--head H] [--block B]      "
                     f"report: qkov report {escape(path)}{escape(named)}", highlight=False)
-    console().print(format_headlines(headline_tables(load_stats(path, stats, storage_options), top)))
+    console().print(format_headlines(headline_tables(load_stats(store.select(pair), stats), top)))
+
+
+def _print_pairs(store, stats: str | None, top: int) -> None:
+    """After a run of more than two tasks: where its results are, then each task pair's answers."""
+    from qkov.pipeline.query import format_headlines, headline_tables, load_stats
+
+    path, names = store.path, store.task_names()
+    named = f" --stats {stats}" if stats else ""
+    console().print(f"\n[bold green]done.[/] results in [bold]{escape(path)}[/]: {len(store.pair_keys())} task pairs of "
+                    f"{escape(', '.join(names.values()))}")
+    console().print(f"  read one pair with: qkov.answers({escape(repr(path))}, pair='A,B'), qkov query {escape(path)} --pair A,B{escape(named)}; "
+                    f"all of them: qkov report {escape(path)}{escape(named)}", highlight=False)
+    for x, y in store.pair_keys():
+        console().print(f"\n[bold]pair {escape(names[x])},{escape(names[y])}[/] (A = {escape(names[x])}, B = {escape(names[y])})")
+        console().print(format_headlines(headline_tables(load_stats(store.pair(x, y), stats), top)))
 
 
 @app.command()
@@ -181,6 +201,7 @@ def stats(
         None, "--exclude", metavar="SAMPLE_IDS",
         help="leave these samples out (ids, comma-separated or repeated; TASK:ID when an id is in both tasks): "
              "recomputed from the stored scores, the Fisher is not re-estimated; recorded in the stats attrs"),
+    pair: Optional[str] = typer.Option(None, "--pair", metavar="A,B", help="the task pair to read, in a run of more than two tasks (task keys or names, A first)"),
 ) -> None:
     """Rerun the statistics on an existing run with new settings (model and gradients untouched)."""
     import qkov
@@ -188,12 +209,12 @@ def stats(
     with _friendly(), _sigterm_unwinds():
         ds = qkov.run_stats(run, null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                             alternative=alternative, seed=seed, name=name, replace=replace, scheduler=scheduler,
-                            exclude=exclude)
+                            exclude=exclude, pair=pair)
         if ds.attrs.get("excluded_samples"):
             console().print(f"excluded {len(ds.attrs['excluded_samples'])} sample(s): "
                           f"{escape(', '.join(ds.attrs['excluded_samples']))} (scores of the others unchanged; Fisher from every sample)")
         console().print(f"statistics written ({'stats_' + name if name else 'stats'}): " + _differ_counts(ds), highlight=False)
-        _print_summary(run, stats=name)
+        _print_summary(run, stats=name, pair=pair)
 
 
 FORMATS = ("table", "csv", "json")
@@ -226,6 +247,7 @@ def query(
     stats: Optional[str] = typer.Option(None, "--stats", help="read the statistics named NAME (stats_<NAME>, from `qkov stats --name`)"),
     fmt: str = typer.Option("table", "--format", help="table | csv (one row per slice and question, as qkov.answers) | json"),
     as_json: bool = typer.Option(False, "--json", help="the same as --format json"),
+    pair: Optional[str] = typer.Option(None, "--pair", metavar="A,B", help="the task pair to read, in a run of more than two tasks (task keys or names, A first)"),
 ) -> None:
     """The statistics of any selection of slices (a head, all heads of a layer, one block across
     layers, the whole run); for one head (--layer and --head) also its top sample pairs, with
@@ -235,7 +257,7 @@ def query(
 
     with _friendly():
         fmt = _output_format(fmt, as_json)
-        res = qkov.query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats)
+        res = qkov.query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats, pair=pair)
         if fmt == "json":
             _print_json(res)
         elif fmt == "csv":
@@ -273,12 +295,13 @@ def report(
     out: Optional[Path] = typer.Option(None, "--out", help="output folder (default: RUN-report, beside the run)"),
     stats: Optional[str] = typer.Option(None, "--stats", help="report the statistics named NAME (stats_<NAME>)"),
     raw_means: bool = typer.Option(False, "--raw-means", help="also draw the raw A×B means (each block on its own scale)"),
+    pair: Optional[str] = typer.Option(None, "--pair", metavar="A,B", help="report one task pair of a run of more than two tasks (default: all of them, with a task × task overview)"),
 ) -> None:
     """Heatmaps (layer × head per block, significance marked) as PNG plus one HTML page."""
     import qkov
 
     with _friendly():
-        html = qkov.report(run, out=out, stats=stats, raw_means=raw_means)
+        html = qkov.report(run, out=out, stats=stats, raw_means=raw_means, pair=pair)
         console().print(f"report: [bold]{escape(str(html))}[/]")
 
 

@@ -30,10 +30,9 @@ from .store.work import shards_done
 class ExtractPlan:
     """What extraction will write; pure data, derived from the job and the model's config."""
 
-    sample_ids: tuple[str, ...]  # A then B, as the users wrote them
-    task_names: tuple[str, str]
-    n_a: int
-    n_b: int
+    sample_ids: tuple[str, ...]  # task by task (A, B, then any others), as the users wrote them
+    task_names: tuple[str, ...]
+    task_sizes: tuple[int, ...]  # samples per task, in store order
     input_ids: tuple[tuple[int, ...], ...]
     texts: tuple[str | None, ...]
     labels: tuple[int | tuple[bool, ...] | None, ...]  # class indices, or completion target masks
@@ -45,14 +44,35 @@ class ExtractPlan:
     n_kv_heads: int
     kv_head_of: tuple[int, ...]
     shard_size: int
-    fisher_weights: np.ndarray
-    fisher_batches: int
+    # one Fisher per stream: per-sample weights over every stored sample (0 outside the stream),
+    # its batches, and where it is stored (None: the run's `fisher`; a task-key pair: that pair's)
+    fisher_streams: tuple[np.ndarray, ...]
+    fisher_batches: tuple[int, ...]
+    fisher_pairs: tuple[tuple[str, str] | None, ...]
     layout_summary: dict = field(default_factory=dict)
     checkpoint: str = ""  # qkov.workers.models.checkpoint_fingerprint of the weight files
 
     @property
     def n(self) -> int:
-        return self.n_a + self.n_b
+        return sum(self.task_sizes)
+
+    @property
+    def n_a(self) -> int:
+        return self.task_sizes[0]
+
+    @property
+    def n_b(self) -> int:
+        return self.task_sizes[1]
+
+    def task_rows(self, k: int) -> range:
+        """The store rows of task `k` (store order)."""
+        start = sum(self.task_sizes[:k])
+        return range(start, start + self.task_sizes[k])
+
+    def pair_sizes(self) -> list[tuple[int, int]]:
+        """(samples of A, of B) of every task pair the statistics compare."""
+        m = self.task_sizes
+        return [(m[i], m[j]) for i in range(len(m)) for j in range(i + 1, len(m))]
 
     @property
     def shards(self) -> list[tuple[int, int]]:
@@ -61,9 +81,12 @@ class ExtractPlan:
     def fingerprint(self) -> str:
         """Hash of what the shards compute from (samples, tokens, labels, slices): a resumed
         run must plan exactly this, or its finished shards belong to other inputs."""
+        weights = [[float(w) for w in ws] for ws in self.fisher_streams]
         what = [self.sample_ids, self.task_names, self.n_a, self.input_ids, self.labels, self.layers,
                 self.blocks, sorted(self.heads.items()), sorted(self.sizes.items()), self.shard_size,
-                [float(w) for w in self.fisher_weights]]
+                weights[0] if len(weights) == 1 else weights]
+        if len(self.task_sizes) > 2:
+            what.append(list(self.task_sizes))
         return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -96,10 +119,10 @@ def meta_vocab_size(job: JobSpec) -> int:
     return int(size)
 
 
-def check_sample_counts(job: JobSpec, n_a: int, n_b: int) -> None:
+def check_sample_counts(job: JobSpec, *sizes: int) -> None:
     """Each task needs at least 2 samples: with one, every label permutation gives the same
     statistic (p = 0.5 for n_A = n_B = 1) and the bootstrap CI has zero width."""
-    for spec, n in ((job.tasks.a, n_a), (job.tasks.b, n_b)):
+    for (_, spec), n in zip(job.tasks.items(), sizes):
         if n < 2:
             raise TaskFileError(
                 f"task {spec.name!r} has {n} sample; the statistics need at least 2 per task (with 1, label "
@@ -124,7 +147,7 @@ def completion_notes(plan: "ExtractPlan") -> list[str]:
     user's check that the prompt/completion split is the one meant."""
     out = []
     for k, name in enumerate(plan.task_names):
-        rows = range(0, plan.n_a) if k == 0 else range(plan.n_a, plan.n_a + plan.n_b)
+        rows = plan.task_rows(k)
         masks = [plan.labels[i] for i in rows if isinstance(plan.labels[i], tuple)]
         if masks:
             kept = sum(sum(m[1:]) for m in masks)  # the first token is never predicted
@@ -141,9 +164,10 @@ def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) ->
     finite = np.asarray(finite, dtype=bool)
     if finite.all():
         return None
-    kept = (int(finite[: plan.n_a].sum()), int(finite[plan.n_a:].sum()))
-    for spec, n, part, ids in ((job.tasks.a, kept[0], finite[: plan.n_a], plan.sample_ids[: plan.n_a]),
-                               (job.tasks.b, kept[1], finite[plan.n_a:], plan.sample_ids[plan.n_a:])):
+    parts = [(spec, finite[plan.task_rows(k).start:plan.task_rows(k).stop], plan.sample_ids[plan.task_rows(k).start:plan.task_rows(k).stop])
+             for k, (_, spec) in enumerate(job.tasks.items())]
+    kept = [int(part.sum()) for _, part, _ in parts]
+    for (spec, part, ids), n in zip(parts, kept):
         if n < 2:
             gone = [i for i, f in zip(ids, part) if not f]
             raise TaskFileError(
@@ -151,7 +175,8 @@ def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) ->
                 f"whose loss or gradients are not finite ({gone[:5]}{' …' if len(gone) > 5 else ''}); the statistics need "
                 f"at least 2 per task. Fix or replace those samples (or the model, if its weights hold NaN) and rerun "
                 f"with {option('overwrite')}")
-    return sample_count_warning(*kept, job.stats.alpha)
+    notes = [sample_count_warning(kept[i], kept[j], job.stats.alpha) for i in range(len(kept)) for j in range(i + 1, len(kept))]
+    return next((n for n in notes if n), None)
 
 
 def plan_extract(job: JobSpec) -> ExtractPlan:
@@ -160,17 +185,16 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
     from qkov.workers.tasks import load_task, validate_for_model
 
     tokenizer = load_tokenizer(job.model)
-    a = load_task(job.tasks.a, tokenizer, job.model.max_length, "a")
-    b = load_task(job.tasks.b, tokenizer, job.model.max_length, "b")
-    samples = list(a) + list(b)
-    check_sample_counts(job, len(a), len(b))
+    loaded = [load_task(spec, tokenizer, job.model.max_length, key) for key, spec in job.tasks.items()]
+    samples = [s for task in loaded for s in task]
+    check_sample_counts(job, *map(len, loaded))
     config, model = meta_model(job)
     from qkov.workers.layouts import discover_layout
 
     layout = discover_layout(model, declared=job.model.layout, include_bias=job.score.include_bias)
     # token ids inside the embedding, lengths inside a learned position table, a classifier's
     # labels inside its classes (a missing label would silently give loss 0 and gradient 0)
-    for task in (a, b):
+    for task in loaded:
         validate_for_model(task, config, model)
     layers = tuple(job.score.layers) if job.score.layers is not None else tuple(range(layout.n_layers))
     bad = [l for l in layers if l >= layout.n_layers]
@@ -178,12 +202,12 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
         raise JobFileError(f"score.layers {bad} out of range: the model has {layout.n_layers} attention layers (0..{layout.n_layers - 1})")
     blocks = tuple(job.score.blocks)
     sub = layout.subset(layers=layers, blocks=blocks)
-    f = job.fisher
+    sizes = tuple(map(len, loaded))
+    streams = fisher_streams(job, sizes)
     return ExtractPlan(
         sample_ids=tuple(s.id for s in samples),
-        task_names=(job.tasks.a.name, job.tasks.b.name),
-        n_a=len(a),
-        n_b=len(b),
+        task_names=tuple(spec.name for _, spec in job.tasks.items()),
+        task_sizes=sizes,
         input_ids=tuple(tuple(s.input_ids) for s in samples),
         texts=tuple(s.text for s in samples),
         # a completion loss's target mask travels where a classifier's label does (never both)
@@ -196,11 +220,29 @@ def plan_extract(job: JobSpec) -> ExtractPlan:
         n_kv_heads=layout.n_kv_heads,
         kv_head_of=tuple(int(x) for x in layout.kv_head_of),
         shard_size=job.extract.shard_size,
-        fisher_weights=fisher_math.stream_weights(len(a), len(b), f.source, f.batch_size, f.beta),
-        fisher_batches=fisher_math.n_batches(len(a), len(b), f.source, f.batch_size),
+        fisher_streams=tuple(w for _, w, _ in streams),
+        fisher_batches=tuple(t for _, _, t in streams),
+        fisher_pairs=tuple(p for p, _, _ in streams),
         layout_summary=sub.summary(),
         checkpoint=checkpoint_fingerprint(model_folder(job.model)),
     )
+
+
+def fisher_streams(job: JobSpec, sizes: tuple[int, ...]) -> list[tuple[tuple[str, str] | None, np.ndarray, int]]:
+    """The job's Fisher streams: (the pair that owns it, or None for the run's one Fisher; the
+    per-sample weights over the store; its batch count). `fisher.source` "pooled" streams every
+    task (store order), a task key that task; "pair", with more than two tasks, one stream per
+    task pair (its two tasks in store order: the stream a two-task run of that pair uses)."""
+    f, keys = job.fisher, job.tasks.keys()
+
+    def stream(members: list[int]) -> tuple[np.ndarray, int]:
+        w = fisher_math.task_stream_weights(sizes, members, f.batch_size, f.beta)
+        return w, -(-sum(sizes[k] for k in members) // f.batch_size)
+
+    if f.source == "pair" and len(keys) > 2:
+        return [((x, y), *stream([keys.index(x), keys.index(y)])) for x, y in job.tasks.pairs()]
+    members = list(range(len(keys))) if f.source in ("pooled", "pair") else [keys.index(f.source)]
+    return [(None, *stream(members))]
 
 
 def _text_preview(t: str | None, n: int = 200) -> str:
@@ -218,7 +260,7 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         last = schema.SKETCH if job.score.mode == "sketch" else pdim[b]
         data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), last), arr,
                                  attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
-    labels = [plan.task_names[0]] * plan.n_a + [plan.task_names[1]] * plan.n_b
+    labels = [name for name, m in zip(plan.task_names, plan.task_sizes) for _ in range(m)]
     coords = {
         schema.SAMPLE_ID: (schema.SAMPLE, np.array(plan.sample_ids, dtype=object)),
         schema.TASK: (schema.SAMPLE, np.array(labels, dtype=object)),
@@ -237,8 +279,12 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         shard_size=plan.shard_size,
         storage_dtype=job.score.storage_dtype,
     )
-    ds.attrs.update({schema.ATTR_N_A: plan.n_a, schema.ATTR_N_B: plan.n_b, schema.ATTR_TASK_A: plan.task_names[0],
-                     schema.ATTR_TASK_B: plan.task_names[1], schema.ATTR_MODE: job.score.mode})
+    if len(plan.task_sizes) == 2:
+        ds.attrs.update({schema.ATTR_N_A: plan.n_a, schema.ATTR_N_B: plan.n_b, schema.ATTR_TASK_A: plan.task_names[0],
+                         schema.ATTR_TASK_B: plan.task_names[1]})
+    else:  # the pairs' views (RunStore.pair) take their rows from these
+        ds.attrs.update({schema.ATTR_TASKS: list(plan.task_names), schema.ATTR_TASK_SIZES: list(plan.task_sizes)})
+    ds.attrs[schema.ATTR_MODE] = job.score.mode
     if job.score.mode == "sketch":
         from qkov.workers.sketch import PROJECTION_SCHEME
 
@@ -271,10 +317,10 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     root = store.root("r+")
     work = root.require_group(schema.WORK)
     n_shards = len(plan.shards)
-    for b in plan.blocks:
+    for b, stream in ((b, s) for b in plan.blocks for s in range(len(plan.fisher_streams))):
         shape = (n_shards, len(plan.layers), plan.heads[b], plan.sizes[b])
         # one chunk per (shard, layer): whole-shard chunks reach 2 GB per block at 7B scale
-        work.create_array(schema.fisher_partial(b), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
+        work.create_array(schema.fisher_partial(b, stream), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
     work.attrs[schema.ATTR_PLAN] = plan.fingerprint()
     work.attrs[schema.ATTR_CHECKPOINT] = plan.checkpoint
@@ -303,7 +349,7 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
                 input_ids=plan.input_ids[s:e],
                 sample_ids=plan.sample_ids[s:e],
                 labels=plan.labels[s:e],
-                fisher_weights=tuple(float(w) for w in plan.fisher_weights[s:e]),
+                fisher_weights=tuple(tuple(float(x) for x in w[s:e]) for w in plan.fisher_streams),
                 batch_size=job.extract.batch_size,
                 device=job.extract.device,
                 nonfinite=job.extract.nonfinite,
@@ -358,15 +404,20 @@ def check_same_checkpoint(store: RunStore, plan: ExtractPlan) -> None:
         )
 
 
-def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> xr.Dataset:
-    """Σ over shards (in shard order, float64) of each shard's Σ w_i g_i²; damping per tensor."""
-    root = store.root("r+")
-    work = root[schema.WORK]
+def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> None:
+    """Each Fisher stream's Σ over shards (in shard order, float64) of each shard's Σ w_i g_i²,
+    with its damping per tensor, into the run's `fisher` (or, one per pair, the pairs' own)."""
+    for stream, pair in enumerate(plan.fisher_pairs):
+        target = store if pair is None else store.pair(*pair)
+        _write_fisher(target, store.root()[schema.WORK], stream, plan, job, weights_hash)
+
+
+def _write_fisher(target: RunStore, work, stream: int, plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> None:
     f = job.fisher
     data, lam = {}, {}
     pdim = schema.param_dims(plan.sizes)
     for b in plan.blocks:
-        part = work[schema.fisher_partial(b)]
+        part = work[schema.fisher_partial(b, stream)]
         total = np.zeros(part.shape[1:], dtype=np.float64)
         for k in range(part.shape[0]):
             for li in range(part.shape[1]):  # one stored chunk at a time
@@ -384,19 +435,20 @@ def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights
     ds.attrs.update(
         provenance(job.config_dict(), job.config_hash(), stage="extract", weights_hash=weights_hash),
         beta=f.beta,
-        T=plan.fisher_batches,
+        T=plan.fisher_batches[stream],
         batch_size=f.batch_size,
         source=f.source,
         damping_rel=f.damping_rel,
         damping_abs=f.damping_abs,
         # extract.nonfinite = "skip": these samples' g² count as 0 in their batch's mean
-        **{schema.ATTR_SKIPPED_SAMPLES: list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))},
+        **{schema.ATTR_SKIPPED_SAMPLES: list(work.attrs.get(schema.ATTR_SKIPPED, []))},
     )
+    if plan.fisher_pairs[stream] is not None:
+        ds.attrs[schema.ATTR_PAIR] = list(plan.fisher_pairs[stream])
     # one chunk per (block, layer): readers (the sketch pass, the score stage) go layer by layer
     encoding = {b: {"chunks": (1, plan.heads[b], plan.sizes[b])} for b in plan.blocks}
-    store.write_dataset(ds, schema.FISHER, encoding=encoding)
-    store.mark_complete(schema.FISHER)
-    return ds
+    target.write_dataset(ds, schema.FISHER, encoding=encoding)
+    target.mark_complete(schema.FISHER)
 
 
 def _finish_pass(store: RunStore, plan: ExtractPlan, results: list[ShardResult], record: str) -> tuple[str | None, list[str]]:

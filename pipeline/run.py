@@ -106,10 +106,14 @@ def prepare_output(store: RunStore, job: JobSpec, *, resume: bool, overwrite: bo
     if replacing(store):  # check_root let only --overwrite through
         replace_run(store)
     if _refuse_existing(store, job, resume=resume, overwrite=overwrite):
+        if job.n_tasks > 2:
+            store.create_pairs(job.config_dict(), job.config_hash())
         return False
     if overwrite and store.exists():
         replace_run(store)
     store.create_run(job.config_dict(), job.config_hash())
+    if job.n_tasks > 2:
+        store.create_pairs(job.config_dict(), job.config_hash())
     return True
 
 
@@ -280,6 +284,8 @@ class _Stages:
     fresh: bool  # the output was created by this run (no template to resume from)
 
     def run(self, grouped: bool) -> None:
+        if self.job.n_tasks > 2:
+            return self.run_pairs()
         stages = (  # (name, the groups it writes, how to run it)
             ("extract", (schema.GRADIENTS, schema.FISHER), self.extract),
             ("score", (schema.SCORES_GROUP,), self.score),
@@ -295,6 +301,34 @@ class _Stages:
             else:
                 stage()
             self.summary.timings.setdefault(name, time.perf_counter() - t)
+
+    def run_pairs(self) -> None:
+        """More than two tasks: one extraction, then each task pair's scores and statistics in its
+        own sub-run (`RunStore.pair`), each skipped when complete."""
+        pairs = [self.store.pair(x, y) for x, y in self.job.tasks.pairs()]
+        fishers = [p for p in pairs if p.own_fisher] or [self.store]
+        t = time.perf_counter()
+        if self.store.is_complete(schema.GRADIENTS) and all(f.is_complete(schema.FISHER) for f in fishers):
+            self.summary.skipped_stages.append("extract")
+        else:
+            self.extract()
+        self.summary.timings["extract"] = time.perf_counter() - t
+        for stage in ("score", "stats"):
+            self.summary.timings.setdefault(stage, 0.0)
+        for k, pair in enumerate(pairs):
+            t = time.perf_counter()
+            done = pair.is_complete(schema.SCORES_GROUP)
+            if done:
+                self.summary.skipped_stages.append(f"score {pair.pair_tasks()}")
+            else:  # progress over the pairs: each pair's graph a share of the stage
+                run_score(pair, self.job, self.executor,
+                          on_progress=lambda d, n, k=k: self.tick("score", k * n + d, len(pairs) * n))
+            self.summary.timings["score"] += time.perf_counter() - t
+            t = time.perf_counter()
+            if not (done and pair.is_complete(schema.STATS)):
+                run_stats(pair, self.job.stats, self.executor, replace=True)
+            self.tick("stats", k + 1, len(pairs))
+            self.summary.timings["stats"] += time.perf_counter() - t
 
     def extract(self) -> None:
         self.plan = self.plan or plan_extract(self.job)

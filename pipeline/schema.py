@@ -102,9 +102,28 @@ ATTR_MODE = "mode"  # `gradients`: exact | sketch
 ATTR_SKETCH_PROJECTION = "sketch_projection"  # `gradients` in sketch mode: how projections are drawn
 
 
-def fisher_partial(block: str) -> str:
-    """`_work` array holding each shard's Fisher partial sum of one block."""
-    return f"fisher_{block}"
+ATTR_TASKS = "tasks"  # `gradients` of a run of more than two tasks: the task names, in store order
+ATTR_TASK_SIZES = "task_sizes"  # ... and each task's sample count (its rows follow the previous task's)
+# Runs of more than two tasks: one sub-run per unordered task pair under `pairs/<x>-<y>`, laid out
+# as a two-task run (its own scores, statistics, diagnostics and checks; gradients from the root,
+# the Fisher from the root, or its own under fisher.source = "pair")
+PAIRS = "pairs"
+ATTR_PAIR = "pair"  # a pair sub-run's root: [key of its task A, key of its task B]
+
+
+def pair_id(key_a: str, key_b: str) -> str:
+    """A task pair's name (task keys are lower-case identifiers, so '-' is unambiguous)."""
+    return f"{key_a}-{key_b}"
+
+
+def pair_group(key_a: str, key_b: str) -> str:
+    return f"{PAIRS}/{pair_id(key_a, key_b)}"
+
+
+def fisher_partial(block: str, stream: int = 0) -> str:
+    """`_work` array holding each shard's Fisher partial sum of one block (of one Fisher stream:
+    fisher.source = "pair" sums one per task pair)."""
+    return f"fisher_{block}" if stream == 0 else f"fisher_{block}_{stream}"
 
 
 _STATS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -100,19 +101,61 @@ class TaskSpec(_Frozen):
         return self
 
 
+TASK_KEY = re.compile(r"[a-z][a-z0-9_]*")
+
+
 class TasksSpec(_Frozen):
+    """`[tasks.a]`, `[tasks.b]` and any further tasks (`[tasks.c]`, …), in file order after a
+    and b. Every unordered pair of them is one question (`pairs`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
     a: TaskSpec
     b: TaskSpec
+    __pydantic_extra__: dict[str, TaskSpec] = Field(init=False)
 
     @model_validator(mode="after")
     def _distinct(self) -> "TasksSpec":
-        if self.a.name == self.b.name:
-            raise ValueError(f"tasks.a.name and tasks.b.name are both {self.a.name!r}; give them different names")
+        bad = [k for k in self.model_extra if not TASK_KEY.fullmatch(k)]
+        if bad:
+            raise ValueError(f"task keys {bad} are not lower-case identifiers; name the tables [tasks.c], [tasks.d], … "
+                             "(letters, digits, _)")
+        seen: dict[str, str] = {}
+        for key, task in self.items():
+            if task.name in seen:
+                raise ValueError(f"tasks.{seen[task.name]}.name and tasks.{key}.name are both {task.name!r}; give them different names")
+            seen[task.name] = key
         return self
+
+    def items(self) -> list[tuple[str, TaskSpec]]:
+        """(key, task) in store order: a, b, then the others as the job file lists them."""
+        return [("a", self.a), ("b", self.b), *self.model_extra.items()]
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.items()]
+
+    def __getitem__(self, key: str) -> TaskSpec:
+        return dict(self.items())[key]
+
+    def __len__(self) -> int:
+        return 2 + len(self.model_extra)
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """Every unordered pair of task keys, (earlier, later) in store order."""
+        keys = self.keys()
+        return [(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]]
+
+    def key_of(self, name_or_key: str) -> str | None:
+        """The key of a task given by its key or its name (None if neither)."""
+        for key, task in self.items():
+            if name_or_key in (key, task.name):
+                return key
+        return None
 
 
 class FisherSpec(_Frozen):
-    source: Literal["pooled", "a", "b"] = "pooled"
+    # "pooled": every task of the job; a task key: that task alone; "pair": each pair of tasks
+    # its own Fisher pooled over the two (what separate two-task runs would use)
+    source: str = "pooled"
     beta: float = Field(default=0.99, ge=0.0, lt=1.0)
     batch_size: int = Field(default=16, ge=1)
     damping_rel: float = Field(default=1e-6, ge=0.0)
@@ -215,6 +258,24 @@ class JobSpec(_Frozen):
     cluster: ClusterSpec = ClusterSpec()
     output: OutputSpec
 
+    @model_validator(mode="after")
+    def _fisher_source(self) -> "JobSpec":
+        allowed = ["pooled", "pair", *self.tasks.keys()]
+        if self.fisher.source not in allowed:
+            raise ValueError(f"fisher.source {self.fisher.source!r} is not one of {allowed} (pooled over all tasks, each "
+                             "pair's own, or one task's key)")
+        if self.fisher.source == "pair" and self.score.mode == "sketch":
+            raise ValueError("fisher.source = 'pair' with score.mode = 'sketch': sketches are formed with one Fisher; "
+                             "use fisher.source = 'pooled' or a task key")
+        if len(self.tasks) > 2 and not self.output.keep_gradients:
+            raise ValueError("output.keep_gradients = false runs two tasks only (layer groups score one pair); "
+                             "with more tasks keep the gradients, or run the pairs as two-task jobs")
+        return self
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
     def config_dict(self) -> dict[str, Any]:
         """The full config with defaults filled in (what provenance records and the hash
         covers). Storage options carry credentials: their values are redacted, the keys kept."""
@@ -249,8 +310,6 @@ def _toml_value(v: Any) -> str:
 
 
 def _toml_key(k: str) -> str:
-    import re
-
     return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
 
 
@@ -309,8 +368,7 @@ def parse_job(data: dict[str, Any], base_dir: str | Path = ".", source: str = "j
         for sect, key in (("model", "path"), ("output", "path")):
             if isinstance(data.get(sect), dict) and isinstance(data[sect].get(key), str):
                 data[sect][key] = _resolve(base, data[sect][key])
-        for t in ("a", "b"):
-            task = data.get("tasks", {}).get(t) if isinstance(data.get("tasks"), dict) else None
+        for task in (data["tasks"].values() if isinstance(data.get("tasks"), dict) else ()):
             if isinstance(task, dict) and isinstance(task.get("path"), str):
                 task["path"] = _resolve(base, task["path"])
         return JobSpec.model_validate(data)

@@ -21,6 +21,12 @@ from qkov.pipeline.spec import JobSpec, StatsSpec, load_job, parse_job
 from qkov.pipeline.store import RunStore
 
 
+def _store(run, storage_options, pair: str | None) -> RunStore:
+    """The run a reader reads: a run of more than two tasks needs `pair` ("A,B") and gives that
+    pair's sub-run (`RunStore.select`)."""
+    return RunStore.coerce(run, storage_options).select(pair)
+
+
 def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, overwrite: bool = False,
         inline: bool = False, progress=True):
     """`qkov run`: extract → score → stats; returns a `RunSummary`. Every input and the output are
@@ -39,15 +45,16 @@ def run(job: JobSpec, *, scheduler: str | None = None, resume: bool = False, ove
 def run_stats(run, *, null: str | None = None, n_permutations: int | None = None, n_bootstrap: int | None = None,
               alpha: float | None = None, alternative: str | None = None, seed: int | None = None,
               name: str | None = None, replace: bool = False, scheduler: str | None = None, storage_options=None,
-              exclude: list[str] | None = None):
+              exclude: list[str] | None = None, pair: str | None = None):
     """`qkov stats`: rerun the statistics with the stored settings, the given ones changed (None
     keeps the stored value): those of `stats_<name>` when that group exists, else the run's.
     Holds the run's lock, as the CLI does. `exclude`: sample ids left out (from the stored
-    scores; the Fisher is not re-estimated)."""
+    scores; the Fisher is not re-estimated). `pair` ("A,B", task keys or names): the task pair
+    of a run of more than two tasks whose statistics are rerun (every reader takes it too)."""
     from qkov.pipeline.plan import check_stats_request
     from qkov.pipeline.stats_stage import rerun_stats
 
-    store = RunStore.coerce(run, storage_options)
+    store = _store(run, storage_options, pair)
     settings = dict(null=null, n_permutations=n_permutations, n_bootstrap=n_bootstrap, alpha=alpha,
                     alternative=alternative, seed=seed)
     check_stats_request(store, name, **settings)  # a name too long, permutations beyond memory: refused first
@@ -60,30 +67,30 @@ def run_stats(run, *, null: str | None = None, n_permutations: int | None = None
     return rerun_stats(store, name=name, replace=replace, exclude=exclude, **settings)
 
 
-def open_stats(run, stats: str | None = None, storage_options=None):
+def open_stats(run, stats: str | None = None, storage_options=None, pair: str | None = None):
     """The statistics (`stats`, or `stats_<stats>` from `qkov stats --name`), loaded."""
-    return RunStore.coerce(run, storage_options).open_stats(stats)
+    return _store(run, storage_options, pair).open_stats(stats)
 
 
-def open_scores(run, storage_options=None):
+def open_scores(run, storage_options=None, pair: str | None = None):
     """The logical scores dataset, lazily (sample ids as plain `str` coordinates: plottable)."""
-    return RunStore.coerce(run, storage_options).open_scores()
+    return _store(run, storage_options, pair).open_scores()
 
 
-def open_gradients(run, storage_options=None):
-    return RunStore.coerce(run, storage_options).open_gradients()
+def open_gradients(run, storage_options=None, pair: str | None = None):
+    return _store(run, storage_options, pair).open_gradients()
 
 
-def open_diagnostics(run, storage_options=None):
+def open_diagnostics(run, storage_options=None, pair: str | None = None):
     """The run's `diagnostics` (numerical health per slice, per-sample norms, marginals and outlier
     flags; docs/health.md), loaded; None for a run scored before they were recorded."""
     from qkov.pipeline.health import open_diagnostics as _open
 
-    return _open(RunStore.coerce(run, storage_options))
+    return _open(_store(run, storage_options, pair))
 
 
-def open_checks(run, storage_options=None):
-    return RunStore.coerce(run, storage_options).open_checks()
+def open_checks(run, storage_options=None, pair: str | None = None):
+    return _store(run, storage_options, pair).open_checks()
 
 
 def open_run(run, storage_options=None):
@@ -91,7 +98,7 @@ def open_run(run, storage_options=None):
     return RunStore.coerce(run, storage_options).open_tree()
 
 
-def answers(run, stats: str | None = None, storage_options=None):
+def answers(run, stats: str | None = None, storage_options=None, pair: str | None = None):
     """The run's answers as a pandas DataFrame: one row per slice (block, layer, head; K/V once
     per KV head, `kv_head` the KV head a row's head reads) and question — `differ` (per score:
     the A×B mean vs chance, estimate = mean − chance), `transfer` (alignment: does a step on
@@ -102,7 +109,7 @@ def answers(run, stats: str | None = None, storage_options=None):
     `stats` reads `stats_<stats>`. `df.attrs` holds the statistics' settings; `df.to_csv` exports."""
     from qkov.pipeline.query import answers as _answers
 
-    return _answers(run, stats=stats, storage_options=storage_options)
+    return _answers(_store(run, storage_options, pair), stats=stats)
 
 
 def info(run, storage_options=None) -> dict:
@@ -114,24 +121,28 @@ def info(run, storage_options=None) -> dict:
 
 
 def query(run, layer: int | None = None, head: int | None = None, block: str | None = None, top: int = 10,
-          score: str = "interference", stats: str | None = None, storage_options=None) -> dict:
+          score: str = "interference", stats: str | None = None, storage_options=None, pair: str | None = None) -> dict:
     """`qkov query`: the statistics of any selection of slices — one head, all heads of a layer,
     one block across layers, the whole run. Always `slices`: the selected rows of `answers`
     (JSON-able). With both `layer` and `head`, also the head's statistics per block (`blocks`),
     its top `top` sample pairs ranked by `score`, with your ids and texts, and its health."""
     from qkov.pipeline.query import query as _query
 
-    return _query(run, layer=layer, head=head, block=block, top=top, score=score, stats=stats,
-                  storage_options=storage_options)
+    return _query(_store(run, storage_options, pair), layer=layer, head=head, block=block, top=top, score=score,
+                  stats=stats)
 
 
-def report(run, out=None, stats: str | None = None, raw_means: bool = False, storage_options=None):
+def report(run, out=None, stats: str | None = None, raw_means: bool = False, storage_options=None,
+           pair: str | None = None):
     """`qkov report`: effect heatmaps (300-dpi PNG + SVG) and one self-contained, interactive
     HTML page in `out` (default: RUN-report beside the run); returns the page's path. `stats`
     reports `stats_<stats>`; `raw_means` also draws the raw A×B means."""
     from qkov.pipeline.report import make_report
 
-    return make_report(run, out_dir=out, stats_name=stats, storage_options=storage_options, raw_means=raw_means)
+    store = RunStore.coerce(run, storage_options)
+    if pair is not None:
+        store = store.select(pair)
+    return make_report(store, out_dir=out, stats_name=stats, raw_means=raw_means)
 
 
 def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_slices: int = 60,

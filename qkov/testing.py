@@ -198,9 +198,11 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def tiny_job(tmp: str | Path, arch: str = "llama_gqa", *, n_a: int = 10, n_b: int = 7, seed: int = 0,
-             min_len: int = 4, max_len: int = 12, model_kwargs: dict | None = None, **sections: Any) -> "JobSpec":
+             min_len: int = 4, max_len: int = 12, model_kwargs: dict | None = None, more: tuple[int, ...] = (),
+             **sections: Any) -> "JobSpec":
     """A job on a tiny `arch` model (a `SUPPORTED` key) under `tmp`.
 
+    `more`: sample counts of further tasks c, d, … (named gamma, delta, …), after a and b.
     Keyword sections override the job mapping, e.g. extract={"shard_size": 4}.
     The model folder is reused if it already exists (same arch and seed).
     """
@@ -214,7 +216,10 @@ def tiny_job(tmp: str | Path, arch: str = "llama_gqa", *, n_a: int = 10, n_b: in
     b = write_task_file(tmp / f"b-{seed}-{n_b}.jsonl", n_b, VOCAB, min_len, max_len, seed + 1000, "b")
     job = {
         "model": {"path": str(mdir)},
-        "tasks": {"a": {"name": "alpha", "path": str(a)}, "b": {"name": "beta", "path": str(b)}},
+        "tasks": {"a": {"name": "alpha", "path": str(a)}, "b": {"name": "beta", "path": str(b)},
+                  **{key: {"name": name, "path": str(write_task_file(tmp / f"{key}-{seed}-{n}.jsonl", n, VOCAB, min_len, max_len,
+                                                                     seed + 1000 * (k + 2), key))}
+                     for k, (key, name, n) in enumerate(zip("cdefgh", ("gamma", "delta", "epsilon", "zeta", "eta", "theta"), more))}},
         "extract": {"shard_size": 4, "batch_size": 3},
         "stats": {"n_permutations": 99, "n_bootstrap": 99},
         "output": {"path": str(tmp / f"run-{arch}")},

@@ -1,6 +1,7 @@
 """Task files: text and input_ids rows, ids, limit, truncation, every error; the built-in demo tasks."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -183,12 +184,70 @@ def smollm2_tokenizer():
             os.environ.pop("QKOV_CACHE")
 
 
+DEMO_TASKS = [("arithmetic.jsonl", "arith"), ("python_code.jsonl", "code"), ("geography.jsonl", "geo")]
+
+
+def _rows(fname: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / fname).read_text(encoding="utf-8").splitlines()]
+
+
 def test_demo_files_are_generated_by_the_script():
-    for name, content in make_tasks.render().items():
+    files = make_tasks.render()
+    assert sorted(files) == sorted(f for f, _ in DEMO_TASKS)
+    for name, content in files.items():
         assert (DATA / name).read_text(encoding="utf-8") == content, f"{name} is stale: run python -m qkov.pipeline.data.make_tasks"
 
 
-@pytest.mark.parametrize("fname, prefix", [("arithmetic.jsonl", "arith"), ("python_code.jsonl", "code")])
+@pytest.mark.parametrize("fname, prefix", DEMO_TASKS)
+def test_demo_rows_split_into_prompt_and_completion(fname, prefix):
+    rows = _rows(fname)
+    assert [r["id"] for r in rows] == [f"{prefix}-{k:03d}" for k in range(1, 65)]  # unique, in order
+    assert len({r["text"] for r in rows}) == 64
+    for r in rows:
+        assert list(r) == ["id", "text", "prompt", "completion"], r
+        assert r["prompt"] and r["completion"], r
+        assert r["prompt"] + r["completion"] == r["text"], r
+    if prefix == "arith":  # the question up to its "?", then the worked answer from its space
+        assert all(r["prompt"].endswith("?") and "?" not in r["completion"] for r in rows)
+        assert all(re.fullmatch(r" [0-9 ()+\-×÷]+ = -?\d+\. .+", r["completion"]) for r in rows)
+    elif prefix == "code":  # the header and docstring parse on their own; the body follows from the newline
+        for r in rows:
+            assert r["prompt"].endswith('"""') and r["completion"].startswith("\n"), r
+            node = ast.parse(r["prompt"]).body[-1]
+            assert isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node), r
+            assert len(node.body) == 1, r  # nothing of the body is in the prompt
+    else:
+        assert all(r["completion"].startswith(" ") and r["completion"][1].isupper() for r in rows)
+        assert all(r["prompt"].endswith(("?", ".")) for r in rows)
+
+
+def test_rows_check_names_broken_splits():
+    good = {"id": "a-1", "text": "Q? A.", "prompt": "Q?", "completion": " A."}
+    assert make_tasks.row_problems([good]) == []
+    bad = [good, {**good, "id": "a-2", "completion": " B."}, {**good, "id": "a-3", "prompt": "", "completion": "Q? A."},
+           {"id": "a-4", "text": "x"}, dict(good)]
+    assert make_tasks.row_problems(bad) == [
+        "a-2: prompt + completion != text", "a-3: empty prompt or completion",
+        "a-4: fields ['id', 'text'], expected ['id', 'text', 'prompt', 'completion']", "repeated ids", "repeated texts",
+    ]
+
+
+def test_geography_facts_table():
+    names = [c.name for c in make_tasks.COUNTRIES]
+    assert len(set(names)) == len(names)
+    assert len({c.capital for c in make_tasks.COUNTRIES}) == len(names)
+    for c in make_tasks.COUNTRIES:
+        assert c.neighbour != c.name and c.largest_city != "" and c.capital and c.currency, c
+        assert not (c.island and c.neighbour), c
+    facts = make_tasks.geography_facts()
+    assert len(facts) == 64 and len({(f.country, f.template) for f in facts}) == 64
+    assert {f.template for f in facts} == {t.__name__.removeprefix("_geo_") for t in make_tasks.GEOGRAPHY}
+    assert [f.text for f in facts] == [r["text"] for r in _rows("geography.jsonl")]
+    assert all(f.country.removeprefix("the ") in f.text for f in facts)
+    assert make_tasks.geography_facts() == facts  # seeded: the same every time
+
+
+@pytest.mark.parametrize("fname, prefix", DEMO_TASKS)
 def test_demo_tasks_load_with_smollm2(smollm2_tokenizer, fname, prefix):
     samples = load_task(TaskSpec(name=prefix, path=str(DATA / fname)), smollm2_tokenizer, 128, prefix)
     assert [s.id for s in samples] == [f"{prefix}-{k:03d}" for k in range(1, 65)]

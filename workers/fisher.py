@@ -22,22 +22,27 @@ def ema_sample_weights(n: int, batch_size: int, beta: float) -> np.ndarray:
     return coef / size
 
 
-def stream_weights(n_a: int, n_b: int, source: str, batch_size: int, beta: float) -> np.ndarray:
-    """Per-sample Fisher weights over the store's samples (A then B); 0 outside the source."""
-    w = np.zeros(n_a + n_b, dtype=np.float64)
-    if source == "pooled":
-        w[:] = ema_sample_weights(n_a + n_b, batch_size, beta)
-    elif source == "a":
-        w[:n_a] = ema_sample_weights(n_a, batch_size, beta)
-    elif source == "b":
-        w[n_a:] = ema_sample_weights(n_b, batch_size, beta)
-    else:
-        raise ValueError(f"fisher.source must be pooled, a or b, not {source!r}")
+def task_stream_weights(sizes, members, batch_size: int, beta: float) -> np.ndarray:
+    """Per-sample Fisher weights over the store's samples (tasks of `sizes` one after another)
+    for the stream of the tasks `members` (their samples in store order); 0 outside it."""
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    rows = np.concatenate([np.arange(offsets[k], offsets[k + 1]) for k in sorted(members)])
+    w = np.zeros(int(offsets[-1]), dtype=np.float64)
+    w[rows] = ema_sample_weights(rows.size, batch_size, beta)
     return w
 
 
+def stream_weights(n_a: int, n_b: int, source: str, batch_size: int, beta: float) -> np.ndarray:
+    """Per-sample Fisher weights over a two-task store's samples (A then B); 0 outside the source
+    ("pooled" and "pair" are both tasks there)."""
+    members = {"pooled": [0, 1], "pair": [0, 1], "a": [0], "b": [1]}.get(source)
+    if members is None:
+        raise ValueError(f"fisher.source must be pooled, pair, a or b, not {source!r}")
+    return task_stream_weights([n_a, n_b], members, batch_size, beta)
+
+
 def n_batches(n_a: int, n_b: int, source: str, batch_size: int) -> int:
-    n = {"pooled": n_a + n_b, "a": n_a, "b": n_b}[source]
+    n = {"pooled": n_a + n_b, "pair": n_a + n_b, "a": n_a, "b": n_b}[source]
     return -(-n // batch_size)
 
 

@@ -46,7 +46,9 @@ class ShardTask:
     input_ids: tuple[tuple[int, ...], ...]
     sample_ids: tuple[str, ...]
     labels: tuple[int | tuple[bool, ...] | None, ...]  # class indices, or completion target masks
-    fisher_weights: tuple[float, ...]  # Σ_i w_i g_i² is this shard's Fisher contribution
+    # per Fisher stream (fisher.source = "pair" has one per task pair, else one), each sample's
+    # weight: Σ_i w_i g_i² is this shard's contribution to that stream's Fisher
+    fisher_weights: tuple[tuple[float, ...], ...]
     batch_size: int
     device: str  # auto | cpu | cuda
     nonfinite: str  # error | skip
@@ -144,7 +146,8 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
     grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
-    fisher = {b: torch.zeros((L, heads[b], sizes[b]), dtype=torch.float64, device=device)
+    n_streams = len(task.fisher_weights)
+    fisher = {b: torch.zeros((n_streams, L, heads[b], sizes[b]), dtype=torch.float64, device=device)
               for b in task.blocks if keep_fisher}
     losses = np.zeros(n, dtype=np.float32)
     bad: list[str] = []
@@ -155,7 +158,7 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
         res = per_sample_backward(model, batch, layout.param_names, loss_task)
         # decided before any layer is consumed: a skipped sample enters no layer's Fisher sum
         finite = torch.isfinite(res.losses) & res.finite(layout.param_names)
-        w = w_all[s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
+        w = w_all[:, s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
         for r in torch.nonzero(~finite).flatten().tolist():
             bad.append(task.sample_ids[s + r])
         losses[s:e] = res.losses.detach().float().cpu().numpy()
@@ -166,7 +169,7 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
                 t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
                 grads.check_finite(t, f"block {b} layer {layer}")
                 if keep_fisher:
-                    fisher[b][li] += torch.einsum("i,ihp->hp", w, t.double() ** 2)
+                    fisher[b][:, li] += torch.einsum("si,ihp->shp", w, t.double() ** 2)
                 if keep_grads:
                     grads.put(b, li, s, t)
                 if sketching:
@@ -176,7 +179,8 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
                 del t
             del full
         del res
-    return grads.to_host(), losses, {b: f.float().cpu().numpy() for b, f in fisher.items()}, bad, whash, device
+    partials = {schema.fisher_partial(b, k): f[k].float().cpu().numpy() for b, f in fisher.items() for k in range(n_streams)}
+    return grads.to_host(), losses, partials, bad, whash, device
 
 
 class ShardBuffers:

@@ -1,16 +1,26 @@
-"""Generate the demo's two built-in tasks: arithmetic word problems and Python functions.
+"""Generate the demo's three built-in tasks: arithmetic word problems, Python functions, geography facts.
 
 Deterministic (seeded), written by the project, so the data is license-clean:
 
-    python -m qkov.pipeline.data.make_tasks            # (re)write arithmetic.jsonl and python_code.jsonl
-    python -m qkov.pipeline.data.make_tasks --check    # verify the committed files match and lengths fit
+    python -m qkov.pipeline.data.make_tasks            # (re)write arithmetic.jsonl, python_code.jsonl, geography.jsonl
+    python -m qkov.pipeline.data.make_tasks --check    # verify the committed files match, rows split, lengths fit
 
-Every arithmetic answer is checked by evaluating its worked expression, and every code
-sample carries checks (kept out of the JSONL) that the tests run against the function.
+Every row is {"id", "text", "prompt", "completion"} with prompt + completion == text exactly,
+for a completion-only loss: an arithmetic prompt is the question up to its "?" and the
+completion the worked answer after it (starting with its space); a code prompt is the
+source up to and including the newline that ends the first def/class docstring, and the
+completion the body after it; a geography prompt is the question and the completion the
+answer (starting with its space).
+
+Every arithmetic answer is checked by evaluating its worked expression, every code sample
+carries checks (kept out of the JSONL) that the tests run against the function, and every
+geography row comes from the small fact table COUNTRIES below (facts chosen to be
+uncontroversial; a field is None where a fact was not certain enough to use).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import random
 import sys
@@ -30,16 +40,36 @@ NAMES = (
 
 
 @dataclass(frozen=True)
-class Problem:
-    text: str
+class Split:
+    """A sample cut in two for a completion-only loss: text is prompt + completion, exactly."""
+
+    prompt: str
+    completion: str
+
+    def __post_init__(self):
+        if not self.prompt or not self.completion:
+            raise AssertionError(f"empty prompt or completion: {self.prompt!r} | {self.completion!r}")
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+@dataclass(frozen=True)
+class Problem(Split):
     expression: str  # the worked expression in Python syntax, e.g. "12 + 7 * 3"
     answer: int
 
 
 @dataclass(frozen=True)
-class Function:
-    text: str
+class Function(Split):
     checks: tuple[str, ...]  # Python expressions that must be True after exec(text)
+
+
+@dataclass(frozen=True)
+class Fact(Split):
+    country: str
+    template: str  # the template's name, e.g. "capital"
 
 
 # ------------------------------------------------------------------ arithmetic
@@ -51,7 +81,7 @@ def _show(expr: str) -> str:
 def _problem(question: str, expr: str, answer_sentence: str, answer: int) -> Problem:
     if eval(expr) != answer:  # noqa: S307 - our own expression; guards every template
         raise AssertionError(f"wrong worked answer: {expr} != {answer}")
-    return Problem(f"{question} {_show(expr)} = {answer}. {answer_sentence}", expr, answer)
+    return Problem(question, f" {_show(expr)} = {answer}. {answer_sentence}", expr, answer)
 
 
 def _buy_bags(r: random.Random, a: str, b: str) -> Problem:
@@ -204,8 +234,23 @@ def arithmetic_problems(n: int = N_SAMPLES, seed: int = SEED) -> list[Problem]:
 
 # ------------------------------------------------------------------ python code
 
+def _split_after_docstring(text: str) -> tuple[str, str]:
+    """(source up to the end of the first def/class docstring, the rest from the newline that ends
+    it): the cut falls between tokens (SmolLM2 reads a newline and the next line's indentation
+    as one token, which a cut after the newline would split)."""
+    node = next(n for n in ast.parse(text).body if isinstance(n, (ast.FunctionDef, ast.ClassDef)))
+    doc = node.body[0]
+    if not (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)):
+        raise AssertionError(f"{node.name} has no docstring")
+    cut = sum(len(line) for line in text.splitlines(keepends=True)[: doc.end_lineno])
+    if text[cut - 1] != "\n":
+        raise AssertionError(f"{node.name}: the docstring does not end its line")
+    return text[:cut - 1], text[cut - 1:]
+
+
 def _f(text: str, *checks: str) -> Function:
-    return Function(text.strip("\n") + "\n", tuple(checks))
+    text = text.strip("\n") + "\n"
+    return Function(*_split_after_docstring(text), tuple(checks))
 
 
 _CONVERSIONS = (  # (name, parameter, docstring phrase, expression, check)
@@ -669,17 +714,203 @@ def python_functions(n: int = N_SAMPLES, seed: int = SEED) -> list[Function]:
     return random.Random(seed + 1).sample(pool, n)
 
 
+# ------------------------------------------------------------------ geography
+
+@dataclass(frozen=True)
+class Country:
+    name: str  # as written mid-sentence: "Kenya", "the United States"
+    capital: str
+    continent: str | None  # None for countries that span two continents (Russia, Turkey)
+    language: str | None  # what most people speak; None where that is not one clear language
+    currency: str
+    largest_city: str | None  # None where not certain (e.g. Australia: Sydney or Melbourne by some counts)
+    neighbour: str | None  # one country sharing a land border; None for island countries and Australia
+    island: bool = False  # an island country without any land border
+
+
+COUNTRIES: tuple[Country, ...] = (
+    # Europe
+    Country("France", "Paris", "Europe", "French", "euro", "Paris", "Spain"),
+    Country("Germany", "Berlin", "Europe", "German", "euro", "Berlin", "Poland"),
+    Country("Italy", "Rome", "Europe", "Italian", "euro", "Rome", "France"),
+    Country("Spain", "Madrid", "Europe", "Spanish", "euro", "Madrid", "Portugal"),
+    Country("Portugal", "Lisbon", "Europe", "Portuguese", "euro", "Lisbon", "Spain"),
+    Country("the United Kingdom", "London", "Europe", "English", "pound sterling", "London", "Ireland"),
+    Country("Ireland", "Dublin", "Europe", None, "euro", "Dublin", "the United Kingdom"),
+    Country("Austria", "Vienna", "Europe", "German", "euro", "Vienna", "Germany"),
+    Country("Poland", "Warsaw", "Europe", "Polish", "Polish złoty", "Warsaw", "Germany"),
+    Country("the Czech Republic", "Prague", "Europe", "Czech", "Czech koruna", "Prague", "Germany"),
+    Country("Hungary", "Budapest", "Europe", "Hungarian", "Hungarian forint", "Budapest", "Austria"),
+    Country("Greece", "Athens", "Europe", "Greek", "euro", "Athens", "Bulgaria"),
+    Country("Sweden", "Stockholm", "Europe", "Swedish", "Swedish krona", "Stockholm", "Norway"),
+    Country("Norway", "Oslo", "Europe", "Norwegian", "Norwegian krone", "Oslo", "Sweden"),
+    Country("Denmark", "Copenhagen", "Europe", "Danish", "Danish krone", "Copenhagen", "Germany"),
+    Country("Finland", "Helsinki", "Europe", "Finnish", "euro", "Helsinki", "Sweden"),
+    Country("Iceland", "Reykjavík", "Europe", "Icelandic", "Icelandic króna", "Reykjavík", None, island=True),
+    Country("Russia", "Moscow", None, "Russian", "Russian ruble", "Moscow", "Finland"),
+    Country("Turkey", "Ankara", None, "Turkish", "Turkish lira", "Istanbul", "Greece"),
+    # Africa
+    Country("Egypt", "Cairo", "Africa", "Arabic", "Egyptian pound", "Cairo", "Libya"),
+    Country("Morocco", "Rabat", "Africa", "Arabic", "Moroccan dirham", "Casablanca", "Algeria"),
+    Country("Nigeria", "Abuja", "Africa", None, "naira", "Lagos", "Niger"),
+    Country("Kenya", "Nairobi", "Africa", None, "Kenyan shilling", "Nairobi", "Tanzania"),
+    Country("Ethiopia", "Addis Ababa", "Africa", None, "birr", "Addis Ababa", "Kenya"),
+    Country("Tanzania", "Dodoma", "Africa", "Swahili", "Tanzanian shilling", "Dar es Salaam", "Kenya"),
+    Country("Madagascar", "Antananarivo", "Africa", "Malagasy", "Malagasy ariary", "Antananarivo", None, island=True),
+    # the Americas
+    Country("the United States", "Washington, D.C.", "North America", "English", "US dollar", "New York City", "Canada"),
+    Country("Canada", "Ottawa", "North America", None, "Canadian dollar", "Toronto", "the United States"),
+    Country("Mexico", "Mexico City", "North America", "Spanish", "Mexican peso", "Mexico City", "the United States"),
+    Country("Brazil", "Brasília", "South America", "Portuguese", "Brazilian real", "São Paulo", "Argentina"),
+    Country("Argentina", "Buenos Aires", "South America", "Spanish", "Argentine peso", "Buenos Aires", "Chile"),
+    Country("Chile", "Santiago", "South America", "Spanish", "Chilean peso", "Santiago", "Argentina"),
+    Country("Peru", "Lima", "South America", "Spanish", "Peruvian sol", "Lima", "Ecuador"),
+    Country("Colombia", "Bogotá", "South America", "Spanish", "Colombian peso", "Bogotá", "Venezuela"),
+    # Asia
+    Country("Japan", "Tokyo", "Asia", "Japanese", "Japanese yen", "Tokyo", None, island=True),
+    Country("South Korea", "Seoul", "Asia", "Korean", "South Korean won", "Seoul", "North Korea"),
+    Country("China", "Beijing", "Asia", "Mandarin Chinese", "renminbi", None, "Mongolia"),
+    Country("India", "New Delhi", "Asia", None, "Indian rupee", None, "Nepal"),
+    Country("Pakistan", "Islamabad", "Asia", None, "Pakistani rupee", "Karachi", "Afghanistan"),
+    Country("Bangladesh", "Dhaka", "Asia", "Bengali", "Bangladeshi taka", "Dhaka", "India"),
+    Country("Vietnam", "Hanoi", "Asia", "Vietnamese", "Vietnamese dong", "Ho Chi Minh City", "Laos"),
+    Country("Thailand", "Bangkok", "Asia", "Thai", "Thai baht", "Bangkok", "Cambodia"),
+    Country("Iran", "Tehran", "Asia", "Persian", "Iranian rial", "Tehran", "Iraq"),
+    Country("Iraq", "Baghdad", "Asia", "Arabic", "Iraqi dinar", "Baghdad", "Iran"),
+    Country("Saudi Arabia", "Riyadh", "Asia", "Arabic", "Saudi riyal", "Riyadh", "Jordan"),
+    # Oceania
+    Country("Australia", "Canberra", "Oceania", "English", "Australian dollar", None, None),
+    Country("New Zealand", "Wellington", "Oceania", "English", "New Zealand dollar", "Auckland", None, island=True),
+)
+
+
+def _cap(s: str) -> str:
+    return s[:1].upper() + s[1:]
+
+
+def _stop(s: str) -> str:
+    """End a sentence after s without doubling a final dot ("Washington, D.C.")."""
+    return s if s.endswith(".") else s + "."
+
+
+def _geo_capital(c: Country) -> tuple[str, str] | None:
+    second = f"{_cap(c.name)} is a country in {c.continent}." if c.continent else f"{_cap(c.name)} uses the {c.currency}."
+    return f"What is the capital of {c.name}?", f" The capital of {c.name} is {_stop(c.capital)} {second}"
+
+
+def _geo_capital_of(c: Country) -> tuple[str, str] | None:
+    if c.continent is None:
+        return None
+    return (f"Which country has {c.capital} as its capital city?",
+            f" {c.capital} is the capital city of {c.name}, a country in {c.continent}.")
+
+
+def _geo_continent(c: Country) -> tuple[str, str] | None:
+    if c.continent is None:
+        return None
+    return (f"On which continent is {c.name}?",
+            f" {_cap(c.name)} is in {c.continent}. Its capital city is {c.capital}, and its currency is the {c.currency}.")
+
+
+def _geo_language(c: Country) -> tuple[str, str] | None:
+    if c.language is None:
+        return None
+    return (f"What language do most people in {c.name} speak?",
+            f" Most people in {c.name} speak {c.language}. The capital of {c.name} is {_stop(c.capital)}")
+
+
+def _geo_largest_city(c: Country) -> tuple[str, str] | None:
+    if c.largest_city is None:
+        return None
+    if c.largest_city == c.capital:
+        return (f"Is {c.capital} the largest city in {c.name}?",
+                f" Yes. {c.capital} is both the capital and the largest city of {c.name}.")
+    return (f"Is {c.largest_city} the capital of {c.name}?",
+            f" No. {c.largest_city} is the largest city in {c.name}, but the capital is {_stop(c.capital)}")
+
+
+def _geo_neighbour(c: Country) -> tuple[str, str] | None:
+    if c.island:
+        return (f"Which countries share a land border with {c.name}?",
+                f" None. {_cap(c.name)} is an island country with no land borders. Its capital is {_stop(c.capital)}")
+    if c.neighbour is None:
+        return None
+    return (f"Name one country that shares a land border with {c.name}.",
+            f" {_cap(c.neighbour)} shares a land border with {c.name}, whose capital is {_stop(c.capital)}")
+
+
+def _geo_currency(c: Country) -> tuple[str, str] | None:
+    return (f"What currency is used in {c.name}?",
+            f" {_cap(c.name)} uses the {c.currency}. It is the money people spend in {c.capital}, the capital city.")
+
+
+GEOGRAPHY: tuple[Callable[[Country], tuple[str, str] | None], ...] = (
+    _geo_capital, _geo_capital_of, _geo_continent, _geo_language, _geo_largest_city, _geo_neighbour, _geo_currency,
+)
+
+
+def geography_facts(n: int = N_SAMPLES, seed: int = SEED) -> list[Fact]:
+    """`n` question/answer pairs cycling through every template, each (country, template) at most once,
+    spreading the countries evenly; seeded order."""
+    names = [c.name for c in COUNTRIES]
+    if len(set(names)) != len(names):
+        raise AssertionError("duplicate country in COUNTRIES")
+    r = random.Random(seed + 2)
+    order = {t: r.sample(COUNTRIES, len(COUNTRIES)) for t in GEOGRAPHY}
+    used: dict[str, int] = {c.name: 0 for c in COUNTRIES}
+    done: set[tuple[str, str]] = set()
+    out = []
+    for k in range(n):
+        template = GEOGRAPHY[k % len(GEOGRAPHY)]
+        tname = template.__name__.removeprefix("_geo_")
+        candidates = [c for c in order[template] if (c.name, tname) not in done and template(c) is not None]
+        if not candidates:
+            raise ValueError(f"geography template {tname} ran out of countries at sample {k + 1}")
+        c = min(candidates, key=lambda c: used[c.name])  # first of the least-used, in the seeded order
+        used[c.name] += 1
+        done.add((c.name, tname))
+        out.append(Fact(*template(c), c.name, tname))
+    r.shuffle(out)
+    return out
+
+
 # ------------------------------------------------------------------ files
 
-def rows(prefix: str, texts: list[str]) -> list[dict[str, str]]:
-    return [{"id": f"{prefix}-{k:03d}", "text": t} for k, t in enumerate(texts, 1)]
+FIELDS = ("id", "text", "prompt", "completion")
+
+
+def rows(prefix: str, samples: list[Split]) -> list[dict[str, str]]:
+    out = [{"id": f"{prefix}-{k:03d}", "text": s.text, "prompt": s.prompt, "completion": s.completion}
+           for k, s in enumerate(samples, 1)]
+    bad = row_problems(out)
+    if bad:
+        raise AssertionError("; ".join(bad))
+    return out
+
+
+def row_problems(rs: list[dict]) -> list[str]:
+    """What is wrong with task rows: fields, prompt + completion != text, empty parts, repeated ids or texts."""
+    bad = []
+    for r in rs:
+        if tuple(r) != FIELDS:
+            bad.append(f"{r.get('id')}: fields {list(r)}, expected {list(FIELDS)}")
+        elif not r["prompt"] or not r["completion"]:
+            bad.append(f"{r['id']}: empty prompt or completion")
+        elif r["prompt"] + r["completion"] != r["text"]:
+            bad.append(f"{r['id']}: prompt + completion != text")
+    for key in ("id", "text"):
+        values = [r.get(key) for r in rs]
+        if len(set(values)) != len(values):
+            bad.append(f"repeated {key}s")
+    return bad
 
 
 def render() -> dict[str, str]:
-    """File name -> JSONL content of both built-in tasks."""
+    """File name -> JSONL content of the three built-in tasks."""
     tasks = {
-        "arithmetic.jsonl": rows("arith", [p.text for p in arithmetic_problems()]),
-        "python_code.jsonl": rows("code", [f.text for f in python_functions()]),
+        "arithmetic.jsonl": rows("arith", arithmetic_problems()),
+        "python_code.jsonl": rows("code", python_functions()),
+        "geography.jsonl": rows("geo", geography_facts()),
     }
     return {name: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs) for name, rs in tasks.items()}
 
@@ -703,13 +934,16 @@ def main(argv: list[str] | None = None) -> int:
     files = render()
     if args.check:
         stale = [n for n, c in files.items() if not (HERE / n).is_file() or (HERE / n).read_text(encoding="utf-8") != c]
+        # the committed rows themselves (a hand edit that --check would otherwise only call stale)
+        split = [f"{n} {msg}" for n in files if (HERE / n).is_file()
+                 for msg in row_problems([json.loads(line) for line in (HERE / n).read_text(encoding="utf-8").splitlines()])]
         from qkov.pipeline.spec import ModelSpec
         from qkov.workers.models import load_tokenizer
 
         bad = token_length_problems(load_tokenizer(ModelSpec(name="smollm2-135m")))
-        for msg in [f"{n} is out of date: run python -m qkov.pipeline.data.make_tasks" for n in stale] + bad:
+        for msg in [f"{n} is out of date: run python -m qkov.pipeline.data.make_tasks" for n in stale] + split + bad:
             print(msg, file=sys.stderr)
-        return 1 if stale or bad else 0
+        return 1 if stale or split or bad else 0
     for name, content in files.items():
         (HERE / name).write_text(content, encoding="utf-8")
         print(f"wrote {HERE / name} ({content.count(chr(10))} samples)")

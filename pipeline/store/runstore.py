@@ -16,12 +16,12 @@ from typing import Any, Iterator
 import zarr
 
 from .. import schema
-from ..errors import DAMAGED_FIX, CorruptChunkError, QkovError, StoreError
+from ..errors import DAMAGED_FIX, CorruptChunkError, QkovError, StoreError, UsageError, param
 from .paths import fsspec_fs, free_bytes, local_path, remove, size_bytes, sync, zarr_store
 from .chunks import CheckedStore, DirectChunks, checksummed_encoding, direct_dask
 from .lock import acquire_lock, read_lock, release_lock, require_unlocked
 from .provenance import provenance
-from .views import decoded, plain_text_coords, scores_view, with_score_attrs
+from .views import pair_gradients, decoded, plain_text_coords, scores_view, with_score_attrs
 
 # what the `scores` group's layout attrs and the gradients' encodings may say (schema version 1)
 KEEP_PAIRS = ("all", "top", "none")
@@ -85,9 +85,83 @@ class RunStore:
     """One run's store. Small and picklable (a path and storage options), so a worker task
     can carry it; opening is lazy."""
 
-    def __init__(self, path: str, storage_options: dict | None = None):
+    def __init__(self, path: str, storage_options: dict | None = None, *, parent: "RunStore | None" = None,
+                 own_fisher: bool = False):
         self.path = str(path)
         self.storage_options = dict(storage_options or {})
+        # a task pair's sub-run of a run of more than two tasks: its gradients (and `_work`) are
+        # the parent's; so is its Fisher unless each pair has its own (fisher.source = "pair")
+        self.parent = parent
+        self.own_fisher = own_fisher
+
+    @property
+    def base(self) -> "RunStore":
+        """The run that holds the gradients: the parent of a pair's sub-run, else itself."""
+        return self.parent or self
+
+    def _owner(self, group: str) -> "RunStore":
+        if self.parent is not None and (group in (schema.GRADIENTS, schema.WORK)
+                                        or (group == schema.FISHER and not self.own_fisher)):
+            return self.parent
+        return self
+
+    def task_keys(self) -> list[str]:
+        """The run's task keys in store order (a, b, then any others the job file named)."""
+        return list((self.base.config().get("tasks") or {"a": {}, "b": {}}).keys())
+
+    def pair_keys(self) -> list[tuple[str, str]]:
+        keys = self.task_keys()
+        return [(x, y) for i, x in enumerate(keys) for y in keys[i + 1:]]
+
+    def is_multi(self) -> bool:
+        """A run of more than two tasks: its answers live in one sub-run per task pair."""
+        return self.parent is None and len(self.task_keys()) > 2
+
+    def pair(self, key_a: str, key_b: str) -> "RunStore":
+        """The sub-run of one task pair of a run of more than two tasks (`schema.pair_group`)."""
+        own = (self.config().get("fisher") or {}).get("source") == "pair"
+        return RunStore(f"{self.path.rstrip('/')}/{schema.pair_group(key_a, key_b)}", self.storage_options, parent=self,
+                        own_fisher=own)
+
+    def task_names(self) -> dict[str, str]:
+        """{task key: task name} of the run, in store order."""
+        return {k: str(t.get("name", k)) for k, t in (self.base.config().get("tasks") or {}).items()}
+
+    def select(self, pair: "str | tuple[str, str] | None") -> "RunStore":
+        """The run the readers read for `pair` ("x,y": two tasks by key or name, A first): a run of
+        more than two tasks needs one and gives that pair's sub-run; a two-task run takes none,
+        or its own two tasks."""
+        if pair is None and not self.is_multi():
+            return self
+        names = self.task_names()
+        keys = list(names)
+        listed = ", ".join(f"{names[x]},{names[y]}" for x, y in self.pair_keys())
+        if pair is None:
+            raise UsageError(f"{self.path} compares {len(keys)} tasks ({', '.join(names.values())}): choose a pair with "
+                             f"{param('pair')} A,B, one of: {listed}")
+        parts = [p.strip() for p in pair.split(",")] if isinstance(pair, str) else list(pair)
+        by = {**{n: k for k, n in names.items()}, **{k: k for k in keys}}
+        chosen = [by.get(p) for p in parts]
+        if len(parts) != 2 or None in chosen or chosen[0] == chosen[1]:
+            raise UsageError(f"{param('pair')} {pair!r}: give two different tasks of the run as A,B (keys or names), "
+                             f"one of: {listed}")
+        x, y = chosen
+        if keys.index(x) > keys.index(y):
+            raise UsageError(f"{param('pair')} {pair!r}: a pair's task A is the earlier task of the job file; "
+                             f"ask for {names[y]},{names[x]} (its answers name both directions)")
+        return self.pair(x, y) if self.is_multi() else self
+
+    def pair_tasks(self) -> tuple[str, str]:
+        """The keys of this run's tasks A and B: ("a", "b"), or a pair sub-run's two."""
+        if self.parent is None:
+            return ("a", "b")
+        pair = self.root().attrs.get(schema.ATTR_PAIR)
+        return (str(pair[0]), str(pair[1])) if pair else ("a", "b")
+
+    def task_config(self, which: str) -> dict:
+        """The job config of this run's task A ("a") or B ("b") (a pair sub-run: of its pair)."""
+        key = self.pair_tasks()[0 if which == "a" else 1]
+        return dict((self.base.config().get("tasks") or {}).get(key) or {})
 
     @classmethod
     def coerce(cls, run: "str | RunStore", storage_options: dict | None = None) -> "RunStore":
@@ -179,6 +253,8 @@ class RunStore:
         return None if attrs is None else {k: v for k, v in attrs.items() if k != schema.ATTR_ARRAYS}
 
     def _attrs(self, group: str) -> dict | None:
+        if (owner := self._owner(group)) is not self:
+            return owner._attrs(group)
         try:
             g = zarr.open_group(self.zarr(read_only=True), path=group, mode="r", use_consolidated=False)
         except (FileNotFoundError, NotADirectoryError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -261,6 +337,8 @@ class RunStore:
         writing, e.g. the score stage's diagnostics reading the scores before marking them)."""
         import xarray as xr
 
+        if (owner := self._owner(group)) is not self:
+            return owner.open_dataset(group, needed_by, complete=complete)
         attrs = self._attrs(group)  # read once: the completeness gate, the layout and the array record
         if complete:
             self._require(group, attrs, needed_by or f"reading '{group}'")
@@ -342,6 +420,8 @@ class RunStore:
     def direct_chunks(self, group: str) -> dict[str, "DirectChunks"]:
         """The arrays of `group` whose chunk files `DirectChunks` reads and writes, by name
         ({} on a remote store or for a group that is not there)."""
+        if (owner := self._owner(group)) is not self:
+            return owner.direct_chunks(group)
         if self.local is None:
             return {}
         try:
@@ -364,6 +444,10 @@ class RunStore:
     def open_gradients(self, decode: bool = True, *, complete: bool = True):
         """The `gradients` group, lazily; bfloat16 storage decoded to float32 unless decode=False."""
         ds = self.open_dataset(schema.GRADIENTS, "reading gradients", complete=complete)
+        if self.parent is not None:  # one pair of a run of more than two tasks
+            tasks = self.base.config().get("tasks") or {}
+            ka, kb = self.pair_tasks()
+            ds = pair_gradients(ds, tasks[ka]["name"], tasks[kb]["name"])
         if decode:  # every encoded variable: the blocks' gradients, or their sketches in sketch mode
             for b in list(ds.data_vars):
                 ds[b] = decoded(ds[b])
@@ -508,6 +592,14 @@ class RunStore:
             raise StoreError(f"cannot write the output {self.path}: {e}. Choose a writable output.path.") from None
         root.attrs.update({schema.ATTR_RUN: True, **provenance(config, config_hash, stage=stage)})
         return root
+
+    def create_pairs(self, config: dict, config_hash: str) -> None:
+        """A run of more than two tasks: one sub-run root per task pair (`pair`), never clearing
+        what is there (a resumed run keeps its finished pairs)."""
+        root = zarr.open_group(self.zarr(), mode="a", zarr_format=3)
+        for x, y in self.pair_keys():
+            g = root.require_group(schema.pair_group(x, y))
+            g.attrs.update({schema.ATTR_RUN: True, schema.ATTR_PAIR: [x, y], **provenance(config, config_hash, stage="run")})
 
     def write_region(self, ds, group: str, region: dict, *, compute: bool = True):
         """Write `ds` into a region of an existing group (whole chunks; the variables that do not

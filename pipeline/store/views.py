@@ -18,6 +18,21 @@ def decoded(var):
     return var.copy(data=var.data.map_blocks(codec.decode, enc, dtype=np.float32))
 
 
+def pair_gradients(ds, task_a: str, task_b: str):
+    """The gradients of a run of more than two tasks as one pair's two-task view: the samples
+    of other tasks are left out the way skipped samples are (`finite` False), and `n_a` is
+    where task A's rows end (every task's rows are contiguous, A's before B's), so that the
+    stages' rows of A are `finite[:n_a]` and of B `finite[n_a:]` as in a two-task run."""
+    task = np.asarray(ds[schema.TASK].values).astype(str)
+    in_a, in_b = task == task_a, task == task_b
+    end_a = int(np.flatnonzero(in_a)[-1]) + 1
+    finite = np.asarray(ds[schema.FINITE].values, dtype=bool) & (in_a | in_b)
+    out = ds.assign_coords({schema.FINITE: (schema.SAMPLE, finite, ds[schema.FINITE].attrs)})
+    out.attrs.update({schema.ATTR_N_A: end_a, schema.ATTR_N_B: task.size - end_a, schema.ATTR_TASK_A: task_a,
+                      schema.ATTR_TASK_B: task_b})
+    return out
+
+
 def plain_text_coords(ds):
     """`ds` with its text coordinates (sample ids, tasks, texts, blocks) as fixed-width `str`
     arrays. Zarr reads them as numpy's variable-width StringDType, which xarray cannot plot

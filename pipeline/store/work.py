@@ -37,10 +37,11 @@ def shards_done(store: RunStore, record: str = schema.DONE) -> np.ndarray:
 
 def record_shard(root, shard: int, fisher_partials: dict[str, np.ndarray], phase: str) -> None:
     """A worker's record of one written shard (`root`: the run's root, open 'r+'): its Fisher
-    partial sums, then its done-record, last, so that a shard is recorded only once whole."""
+    partial sums (by `_work` array name: schema.fisher_partial), then its done-record, last, so
+    that a shard is recorded only once whole."""
     work = root[schema.WORK]
-    for b, arr in fisher_partials.items():
-        work[schema.fisher_partial(b)][shard] = arr
+    for name, arr in fisher_partials.items():
+        work[name][shard] = arr
     work[schema.DONE_FISHER if phase == "fisher" else schema.DONE][shard] = 1
 
 
