@@ -622,7 +622,20 @@ def checks_dataset(results: Sequence[CheckResult]) -> xr.Dataset:
 
 def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=None, prediction: bool = False,
                prediction_slices: int = pred.DEFAULT_N_SLICES, prediction_eta: float = pred.DEFAULT_ETA,
-               progress=None) -> xr.Dataset:
+               progress=None):
+    """The checks of `_run_checks` on a two-task job; on a job of more than two tasks, on each
+    task pair's two-task job (`JobSpec.pair_job`), each written to that pair's sub-run, and
+    returned as {pair id: dataset}."""
+    kw = dict(n_samples=n_samples, write=write, layers=layers, prediction=prediction, prediction_slices=prediction_slices,
+              prediction_eta=prediction_eta, progress=progress)
+    if job.n_tasks <= 2:
+        return _run_checks(job, **kw)
+    return {schema.pair_id(x, y): _run_checks(job.pair_job(x, y), into=(job, (x, y)), **kw) for x, y in job.tasks.pairs()}
+
+
+def _run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=None, prediction: bool = False,
+                prediction_slices: int = pred.DEFAULT_N_SLICES, prediction_eta: float = pred.DEFAULT_ETA,
+                progress=None, into=None) -> xr.Dataset:
     """Run the DESIGN §4 sanity checks on the first `n_samples` of each task.
 
     `layers` (default: the job's score.layers, else every layer) limits the layers
@@ -681,7 +694,7 @@ def run_checks(job: JobSpec, *, n_samples: int = 4, write: bool = True, layers=N
     ))
     ds.attrs["all_passed"] = bool(ds["passed"].all())
     if write:
-        write_checks(ds, job)
+        write_checks(ds, *(into or (job,)))
     return ds
 
 
@@ -695,9 +708,10 @@ def check_checks_output(job: JobSpec) -> None:
                          "the checks into it. Choose a new or empty output.path.")
 
 
-def write_checks(ds: xr.Dataset, job: JobSpec) -> None:
-    """Write (replace) the `checks` group, holding the run's lock; creates the run's root when
-    the output does not exist yet, and refuses a folder that holds something other than a run."""
+def write_checks(ds: xr.Dataset, job: JobSpec, pair: tuple[str, str] | None = None) -> None:
+    """Write (replace) the `checks` group (of one task pair's sub-run: `pair`), holding the run's
+    lock; creates the run's root when the output does not exist yet, and refuses a folder that
+    holds something other than a run."""
     from .store import RunStore
 
     store = RunStore.of(job)
@@ -707,6 +721,9 @@ def write_checks(ds: xr.Dataset, job: JobSpec) -> None:
                 raise StoreError(f"output {store.path} exists, is not empty and is not a qkov run; refusing to write "
                                  "the checks into it. Choose a new or empty output.path.")
             store.create_run(job.config_dict(), job.config_hash(), stage="check")
+        if pair is not None:
+            store.create_pairs(job.config_dict(), job.config_hash())
+            store = store.pair(*pair)
         out = ds.copy()
         out.attrs = {k: (json.loads(json.dumps(v, default=str)) if not isinstance(v, (str, int, float, bool)) else v)
                      for k, v in ds.attrs.items()}

@@ -319,10 +319,14 @@ def check(
     from qkov.pipeline.checks import format_checks
 
     with _friendly():
-        ds = qkov.check(qkov.load_job(job_file), n_samples=n_samples, prediction=prediction,
-                        prediction_slices=prediction_slices, prediction_eta=prediction_eta, progress=True)
-        console().print(format_checks(ds))
-        if not bool(ds["passed"].all()):
+        res = qkov.check(qkov.load_job(job_file), n_samples=n_samples, prediction=prediction,
+                         prediction_slices=prediction_slices, prediction_eta=prediction_eta, progress=True)
+        per_pair = res if isinstance(res, dict) else {None: res}  # more than two tasks: each pair's checks
+        for pair, ds in per_pair.items():
+            if pair is not None:
+                console().print(f"[bold]task pair {escape(pair)}[/]")
+            console().print(format_checks(ds))
+        if not all(bool(ds["passed"].all()) for ds in per_pair.values()):
             raise typer.Exit(1)
 
 

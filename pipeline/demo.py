@@ -17,7 +17,8 @@ def demo_job(out: str | Path = "runs/demo", samples: int | None = None) -> JobSp
     cfg = tomllib.loads((data / "demo.toml").read_text())
     cfg["output"]["path"] = str(Path(out).resolve())
     if samples is not None:
-        cfg["tasks"]["a"]["limit"] = cfg["tasks"]["b"]["limit"] = samples
+        for task in cfg["tasks"].values():
+            task["limit"] = samples
     return parse_job(cfg, base_dir=Path(str(data)), source="demo.toml")
 
 
@@ -32,7 +33,7 @@ def may_replace(job: JobSpec, overwrite: bool) -> bool:
     old = store.config() if store.is_run() else {}
     mine = job.config_dict()
     same = bool(old) and old.get("model") == mine["model"] and all(
-        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in ("a", "b"))
+        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in mine["tasks"])
     if not store.is_run():
         raise StoreError(f"{option('out', store.path)} exists and is not a qkov run; refusing to write into it. "
                          f"Choose another {option('out', 'DIR')}.")
@@ -52,7 +53,8 @@ def run_demo(out: str | Path = "runs/demo", samples: int | None = None, *, inlin
 
     job = demo_job(out, samples=samples)
     if progress and not callable(progress):
-        err().print(f"demo: {job.model.name}, {job.tasks.a.name} vs {job.tasks.b.name}, "
-                    f"{job.tasks.a.limit}+{job.tasks.b.limit} samples, layers {job.score.layers or 'all'} → {job.output.path}")
+        tasks = [t for _, t in job.tasks.items()]
+        err().print(f"demo: {job.model.name}, {' vs '.join(t.name for t in tasks)} (loss on the answers), "
+                    f"{'+'.join(str(t.limit) for t in tasks)} samples, layers {job.score.layers or 'all'} → {job.output.path}")
     launch(job, overwrite=may_replace(job, overwrite), inline=inline, progress=progress, show_plan=False)
     return job, make_report(job.output.path)

@@ -29,7 +29,7 @@ def check_job(job: JobSpec, *, resume: bool = False, overwrite: bool = False, sc
     plan = preflight(job, resume=resume, overwrite=overwrite, local=runs_here(job, scheduler, inline), cluster=not inline)
     if not loud:
         return plan
-    note = plan is not None and sample_count_warning(plan.n_a, plan.n_b, job.stats.alpha)
+    note = plan is not None and next(filter(None, (sample_count_warning(x, y, job.stats.alpha) for x, y in plan.pair_sizes())), None)
     if note:
         err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
     for line in completion_notes(plan) if plan is not None else ():

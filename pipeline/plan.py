@@ -45,6 +45,7 @@ class RunPlan:
     free: int | None  # bytes the run may still add: free space at the output, within [output] disk_budget; None: unknown
     existing: int = 0  # bytes already in the output (a resumed run)
     options: list[str] = field(default_factory=list)  # settings that would make a run fit, when it does not
+    task_sizes: tuple[int, ...] = ()  # samples per task (more than two: every pair is scored on its own)
 
     @property
     def total(self) -> int:
@@ -56,7 +57,13 @@ class RunPlan:
 
     def lines(self) -> list[str]:
         """The plan as the lines `qkov plan` and `qkov run` print."""
-        out = [f"plan: {self.n_a} + {self.n_b} samples, {len(self.layers)} layers, blocks {''.join(self.blocks)}"]
+        sizes = self.task_sizes or (self.n_a, self.n_b)
+        out = [f"plan: {' + '.join(map(str, sizes))} samples, {len(self.layers)} layers, blocks {''.join(self.blocks)}"]
+        if len(sizes) > 2:  # each pair's pooled (n_x + n_y)² matrices per slice: growth with the task count
+            pairs = [(sizes[i], sizes[j]) for i in range(len(sizes)) for j in range(i + 1, len(sizes))]
+            out.append(f"  {len(sizes)} tasks: {len(pairs)} task pairs scored one by one, Σ (n_x + n_y)² = "
+                       f"{sum((x + y) ** 2 for x, y in pairs):,} sample pairs per slice (one {sum(sizes)}² matrix would be "
+                       f"{sum(sizes) ** 2:,}); scores, stats and diagnostics below are summed over the pairs")
         # the pooled scores are compressed losslessly, by how much depends on the values: their
         # figure is the bound (real scores store ~0.8x of it), and so is the total
         out.append("  store (bytes when complete): " + ", ".join(
@@ -107,12 +114,13 @@ class _Shape:
     """What the sizes are computed from: the extraction plan and the job's storage choices."""
 
     ex: object  # the ExtractPlan
-    n: int  # samples
+    n: int  # samples stored
     L: int  # layers
     width: dict  # block -> stored last-axis length (sketch_dim in sketch mode)
     parts: int  # stored arrays per block (3 in sketch mode: u, v, w)
     g_item: int  # bytes per stored gradient value
     c: int  # the score stage's sample chunk
+    scored: int  # samples one score stage pools (a task pair's: all of them with two tasks)
 
     @property
     def sketch(self) -> bool:
@@ -140,22 +148,30 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
         left = max(0, job.output.disk_budget - existing)
         free = left if free is None else min(free, left)
     s = job.score
-    n = ex.n_a + ex.n_b
+    n = ex.n
     sketch = s.mode == "sketch"
     g_item = 2 if s.storage_dtype == "bfloat16" and not sketch else 4
     width = {b: (s.sketch_dim if sketch else ex.sizes[b]) for b in ex.blocks}
-    c = min(n, auto_sample_chunk(n, max(width.values()), 4 if sketch else g_item, direct=not sketch and store.local is not None))
-    sh = _Shape(ex, n, len(ex.layers), width, 3 if sketch else 1, g_item, c)
-    groups, work = _group_bytes(job, sh)
-    rounds, peak = _peak_disk(job, sh, groups, work, free)
-    memory, tasks = _memory_and_tasks(job, sh, n_params, d, depth)
+
+    def shape(n_scored: int) -> _Shape:  # the score stage's chunk is chosen per scored sample count
+        c = min(n_scored, auto_sample_chunk(n_scored, max(width.values()), 4 if sketch else g_item,
+                                            direct=not sketch and store.local is not None))
+        return _Shape(ex, n, len(ex.layers), width, 3 if sketch else 1, g_item, c, n_scored)
+
+    pairs = ex.pair_sizes()
+    shapes = [(shape(x + y), x, y) for x, y in pairs]
+    groups, work = _group_bytes(job, shapes, len(ex.fisher_streams))
+    rounds, peak = _peak_disk(job, shapes[0][0], groups, work, free)
+    memory, tasks = _memory_and_tasks(job, shapes, n_params, d, depth)
     return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
                    groups=groups, peak_disk=peak, layer_groups=rounds, memory=memory, tasks=tasks,
-                   free=free, existing=existing)
+                   free=free, existing=existing, task_sizes=tuple(ex.task_sizes))
 
 
-def _group_bytes(job: JobSpec, sh: _Shape) -> tuple[dict[str, int], int]:
-    """Bytes of each store group of the complete run, and of `_work` (the Fisher partials and records)."""
+def _group_bytes(job: JobSpec, shapes: list, streams: int = 1) -> tuple[dict[str, int], int]:
+    """Bytes of each store group of the complete run (the pair groups summed over the task pairs:
+    `shapes` holds (shape, n_a, n_b) per pair), and of `_work` (the Fisher partials and records)."""
+    sh = shapes[0][0]
     ex, n, L = sh.ex, sh.n, sh.L
     shards = len(ex.shards)
     slices = sum(sh.parts * ex.heads[b] for b in ex.blocks)  # arrays' chunks per (shard, layer)
@@ -167,28 +183,29 @@ def _group_bytes(job: JobSpec, sh: _Shape) -> tuple[dict[str, int], int]:
         + (n_arrays + 10) * META_BYTES + coords
     fisher_vals = sum(L * ex.heads[b] * ex.sizes[b] for b in ex.blocks)
     # Fisher and its per-shard partial sums are float32 under Zarr's default zstd: ~7 % smaller (measured)
-    groups[schema.FISHER] = int(fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (L * CRC_BYTES + META_BYTES) + 4 * META_BYTES
-    work = int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES) \
+    # fisher.source = "pair": one Fisher (and one set of partials) per task pair
+    groups[schema.FISHER] = streams * (int(fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (L * CRC_BYTES + META_BYTES) + 4 * META_BYTES)
+    work = streams * (int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES)) \
         + (2 + sh.sketch) * (shards * 5 + META_BYTES)
-    groups[schema.SCORES_GROUP] = _scores_bytes(job, sh)
+    groups[schema.SCORES_GROUP] = sum(_scores_bytes(job, p, x, y) for p, x, y in shapes)
     # ~42 small variables per (score, block, layer, head), compressed; their zarr.json carry the
     # variables' question/units/direction (~1.25 KB each) and the group's record of each array
-    groups[schema.STATS] = 2 * len(ex.blocks) * L * ex.n_heads * 160 + 42 * (1250 + ARRAY_RECORD_BYTES)
+    groups[schema.STATS] = len(shapes) * (2 * len(ex.blocks) * L * ex.n_heads * 160 + 42 * (1250 + ARRAY_RECORD_BYTES))
     # per (block, layer, block head, sample) diagnostics beside the scores (layer-grouped runs too)
-    groups[schema.DIAGNOSTICS] = L * sh.block_heads * n * 20 + 24 * META_BYTES
+    groups[schema.DIAGNOSTICS] = sum(L * sh.block_heads * p.scored * 20 + 24 * META_BYTES for p, _, _ in shapes)
     # the root's zarr.json carries a consolidated copy of every node's metadata (~1.35x its size)
     nodes = (n_arrays + 10) + (len(ex.blocks) + 4) + (2 * len(ex.blocks) + 8) + 40 + 24 + (len(ex.blocks) + 3)
     groups["root"] = int(1.35 * nodes * META_BYTES)
     return groups, work
 
 
-def _scores_bytes(job: JobSpec, sh: _Shape) -> int:
-    """Bytes of `scores`: the pooled matrices (keep_pairs = "all"), else the statistics' sums and top pairs."""
-    ex, n, L, s = sh.ex, sh.n, sh.L, job.score
+def _scores_bytes(job: JobSpec, sh: _Shape, n_a: int, n_b: int) -> int:
+    """Bytes of one `scores` group: the pooled matrices (keep_pairs = "all"), else the statistics' sums and top pairs."""
+    ex, n, L, s = sh.ex, sh.scored, sh.L, job.score
     blocks = len(ex.blocks)
     sums_width = schema.stat_sums_width(job.stats.n_permutations, job.stats.n_bootstrap, n)
     if s.keep_pairs != "all":  # per slice and score: the statistics' sums (float64) and the top pairs
-        top = 12 * min(s.top_k, ex.n_a * ex.n_b) if s.keep_pairs == "top" else 0
+        top = 12 * min(s.top_k, n_a * n_b) if s.keep_pairs == "top" else 0
         return 2 * L * sh.block_heads * (sums_width * 8 + top + (4 if top else 1) * CRC_BYTES) \
             + (8 * blocks + 8) * META_BYTES + 3 * n * 16
     s_item = 2 if s.scores_dtype == "bfloat16" else 4
@@ -222,11 +239,12 @@ def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free
     return math.ceil(sh.L / per), sum(groups.values()) + per * per_layer
 
 
-def _memory_and_tasks(job: JobSpec, sh: _Shape, n_params: int, d: int, depth: int) -> tuple[dict[str, int], dict[str, int]]:
+def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: int) -> tuple[dict[str, int], dict[str, int]]:
     """Peak memory per task (estimates) and task counts per stage. Extraction holds the weights, a
     batch's per-sample gradients of the chosen slices (float32) and the activations; its writer
     holds two shards; a score task its operands."""
-    ex, L, c = sh.ex, sh.L, sh.c
+    sh = shapes[0][0]
+    ex, L = sh.ex, sh.L
     bsz = job.extract.batch_size
     w_item = 2 if job.model.dtype in ("bfloat16", "float16") else 4
     T = max((len(x) for x in ex.input_ids), default=1)
@@ -239,22 +257,25 @@ def _memory_and_tasks(job: JobSpec, sh: _Shape, n_params: int, d: int, depth: in
         "stats_task": 0,
     }
     item = 4 if sh.sketch else sh.g_item
-    t = math.ceil(sh.n / c)
-    score_tasks = 0
-    for b in ex.blocks:
-        hc = heads_per_task(ex.heads[b], c, sh.width[b], item)
-        operands = 2 * hc * c * sh.width[b] * item * sh.parts
-        formed = 3 * c * sh.width[b] * 4  # one head's w, w², |g| (float32)
-        out = 2 * hc * c * c * 4
-        memory["score_task"] = max(memory["score_task"], operands + formed + out)
-        score_tasks += L * math.ceil(ex.heads[b] / hc) * t * t
+    score_tasks = stats_tasks = 0
     k, nb = job.stats.n_permutations, job.stats.n_bootstrap
-    memory["stats_task"] = c * c * 8 + (k + nb + 2) * c * 8 * 2
+    for p, _, _ in shapes:  # each task pair's score graph in turn
+        c = p.c
+        t = math.ceil(p.scored / c)
+        for b in ex.blocks:
+            hc = heads_per_task(ex.heads[b], c, sh.width[b], item)
+            operands = 2 * hc * c * sh.width[b] * item * sh.parts
+            formed = 3 * c * sh.width[b] * 4  # one head's w, w², |g| (float32)
+            out = 2 * hc * c * c * 4
+            memory["score_task"] = max(memory["score_task"], operands + formed + out)
+            score_tasks += L * math.ceil(ex.heads[b] / hc) * t * t
+        memory["stats_task"] = max(memory["stats_task"], c * c * 8 + (k + nb + 2) * c * 8 * 2)
+        stats_tasks += 2 * sh.block_heads * L * t * t  # the family: one test per block head
     shards = len(ex.shards)
     tasks = {
         "extract": math.ceil(shards / 4) if shards >= 8 else shards,
         "score": score_tasks,
-        "stats": 2 * sh.block_heads * L * t * t,  # the family: one test per block head
+        "stats": stats_tasks,
     }
     return memory, tasks
 

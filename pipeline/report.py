@@ -22,6 +22,11 @@ outlier warning) and, for alignment, the samples that drive a conflict most; tab
 any column and filter by block, layer, head and significance. Machine paths are never
 written: the run is named relative to the report folder, other files by their name.
 
+A run of more than two tasks gets this report per task pair (`<out>/<x>-<y>/`, from the pair's
+sub-run) and an overview `index.html`: per pair the counts of conflict, synergy, shared and
+separated slices by the pair's own tests (BH within the pair), the heads where pairs conflict,
+and the statistics' settings; its numbers also in `overview.json`.
+
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so making a report
 never switches the backend of the caller's session (e.g. a notebook); user text (task names)
 is never read as mathtext or LaTeX. K/V are drawn per KV head: under GQA/MQA the query heads
@@ -506,6 +511,13 @@ def _loss_of(task: dict) -> str:
     return "every next token"
 
 
+def _task_name(store: RunStore, grads: dict, which: str) -> str | None:
+    """Task A's ("a") or B's name: as extracted (a pair's sub-run: as its scores record it, the
+    gradients being the whole run's), else as configured."""
+    attrs = grads if store.parent is None else (store.group_attrs(schema.SCORES_GROUP) or {})
+    return attrs.get(schema.ATTR_TASK_A if which == "a" else schema.ATTR_TASK_B) or store.task_config(which).get("name")
+
+
 def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS, out: Path | None = None) -> dict[str, Any]:
     """What the page header shows: model, tasks, sample counts, settings, provenance (paths as
     `shown_path` writes them, relative to `out`)."""
@@ -514,10 +526,13 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
     cfg = prov.get("config") or store.config()
     model = cfg.get("model", {})
     layout = prov.get("layout", {})
-    tasks = cfg.get("tasks", {})
     fisher = store.group_attrs(schema.FISHER) or {}
-    parent = None if (lp := local_path(store.path)) is None else lp.expanduser().resolve().parent
+    # a pair's sub-run lies inside its run: paths beside the run are shown as for a two-task run
+    parent = None if (lp := local_path(store.base.path)) is None else lp.expanduser().resolve().parent
     where = lambda p: shown_path(p, out, parent)  # noqa: E731
+    task = lambda w: {"name": _task_name(store, grads, w), "path": where(store.task_config(w).get("path")),  # noqa: E731
+                      "n": stats.attrs.get(schema.ATTR_N_A if w == "a" else schema.ATTR_N_B),
+                      "loss": _loss_of(store.task_config(w))}
     return {
         "run": where(store.path),
         "model": model.get("name") or where(model.get("path")) or "?",
@@ -527,10 +542,8 @@ def run_info(store: RunStore, stats: xr.Dataset, stats_group: str = schema.STATS
         "heads": f"{layout.get('n_heads', '?')} query heads, {layout.get('n_kv_heads', '?')} KV heads, "
                  f"head_dim {layout.get('head_dim', '?')}",
         "layers": describe_values([int(x) for x in stats[schema.LAYER].values]) + f" (of {layout.get('n_layers', '?')})",
-        "task_a": {"name": grads.get(schema.ATTR_TASK_A), "path": where(tasks.get("a", {}).get("path")),
-                   "n": stats.attrs.get(schema.ATTR_N_A), "loss": _loss_of(tasks.get("a", {}))},
-        "task_b": {"name": grads.get(schema.ATTR_TASK_B), "path": where(tasks.get("b", {}).get("path")),
-                   "n": stats.attrs.get(schema.ATTR_N_B), "loss": _loss_of(tasks.get("b", {}))},
+        "task_a": task("a"),
+        "task_b": task("b"),
         "skipped": list(grads.get(schema.ATTR_SKIPPED_SAMPLES, [])),
         "max_length": model.get("max_length"),
         "fisher": {k: fisher.get(k) for k in ("source", "beta", "batch_size", "damping_rel", "damping_abs") if k in fisher},
@@ -1213,11 +1226,15 @@ def render_html(info: dict, sections: list[str], data: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- entry point
 
 
-def _default_out(run: str, out_dir: str | Path | None) -> Path:
+def _default_out(run: "str | RunStore", out_dir: str | Path | None) -> Path:
     if out_dir is not None:
         if (out := local_path(str(out_dir))) is None:
             raise UsageError(f"out_dir must be a local folder, got {out_dir}")
         return out
+    if isinstance(run, RunStore) and run.parent is not None:
+        # a pair's sub-run lies inside its run: its report goes where the all-pairs report puts it
+        return _default_out(run.parent, None) / schema.pair_id(*run.pair_tasks())
+    run = run.path if isinstance(run, RunStore) else run
     if (local := local_path(run)) is None:
         raise UsageError(f"the run {run} is remote: pass out_dir (a local folder) for the report")
     # beside the run, not inside it: a plain folder inside the Zarr group makes
@@ -1252,15 +1269,26 @@ def _check_out_dir(out: Path) -> None:
 def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storage_options: dict | None = None,
                 stats_name: str | None = None, top: int = 10, pairs: int = 5, raw_means: bool = False) -> Path:
     """Write `report.html` (self-contained, interactive), the effect heatmaps and the q-value
-    summary as 300-dpi PNG + SVG, and `run_info.json`; returns the HTML path.
+    summary as 300-dpi PNG + SVG, and `run_info.json`; returns the HTML path. A run of more than
+    two tasks gets that report per task pair in `<out>/<x>-<y>/` and the overview `index.html`
+    (`make_overview`), whose path is returned.
 
-    `out_dir` defaults to `<run>-report` (beside the run) for local runs and is required for URLs.
+    `out_dir` defaults to `<run>-report` (beside the run; a pair's sub-run: `<run>-report/<x>-<y>`)
+    for local runs and is required for URLs.
     `stats_name` reports `stats_<name>` instead of `stats`; `top` rows per headline table;
     `pairs` top pairs embedded per slice and score; `raw_means` also draws the raw A×B means.
     """
     store = RunStore.coerce(run, storage_options)
-    out = _default_out(store.path, out_dir)
+    out = _default_out(store, out_dir)
     store.require(schema.GRADIENTS, "the report")
+    if store.is_multi():
+        return make_overview(store, out, stats_name, top, pairs, raw_means)
+    return _two_task_report(store, out, stats_name, top, pairs, raw_means)[0]
+
+
+def _two_task_report(store: RunStore, out: Path, stats_name: str | None, top: int, pairs: int,
+                     raw_means: bool) -> tuple[Path, xr.Dataset, dict[str, Any]]:
+    """The report of a two-task run or of one pair's sub-run: (page, its statistics, run_info)."""
     stats = store.open_stats(stats_name)
     info = run_info(store, stats, schema.stats_group(stats_name), out)
     tasks = (str(info["task_a"]["name"]), str(info["task_b"]["name"]))
@@ -1269,9 +1297,13 @@ def make_report(run: "str | RunStore", out_dir: str | Path | None = None, storag
     try:
         path = _write_report(out, stats, info, tasks, top, embedded, raw_means)
         _add_health_panel(path, store, stats)
-        return path
+        return path, stats, info
     except OSError as e:
-        raise UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable {option('out', 'DIR')}.") from None
+        raise _unwritable(out, e) from None
+
+
+def _unwritable(out: Path, e: OSError) -> UsageError:
+    return UsageError(f"cannot write the report to {out}: {e.strerror or e}. Choose a writable {option('out', 'DIR')}.")
 
 
 def _add_health_panel(page: Path, store: RunStore, stats: xr.Dataset, top: int = 10) -> None:
@@ -1423,3 +1455,245 @@ def _raw_means_section(out: Path, stats: xr.Dataset, scores: list[str], tasks: t
                    + " · ".join(f"<a href='{n}'>{n}</a>" for n in names) + "</figcaption></figure>")
     return ("<details><summary>Raw means (each block its own scale; not compared with chance)</summary>"
             + "".join(raw) + "</details>"), written
+
+
+# ---------------------------------------------------------------- runs of more than two tasks
+
+OVERVIEW_HTML = "index.html"
+OVERVIEW_JSON = "overview.json"  # the overview's numbers; also marks the folder as qkov's
+
+_OVERVIEW_CSS = """
+table.tt td.pair{min-width:12em} table.tt td.pair a{color:inherit;text-decoration:none;display:block}
+table.tt td.pair a:hover,table.tt td.pair a:focus{background:#f6f8fa;outline:1px solid #8c959f}
+table.tt td.none{background:#f6f8fa} dl.defs dt{font-weight:600;margin-top:.4em} dl.defs dd{margin-left:1.2em}
+"""
+
+
+def pair_counts(stats: xr.Dataset) -> dict[str, int | None]:
+    """One pair's answers as the overview counts them, in family slices (K/V once per KV head),
+    by the rules of its headline tables (`headline_tables`): `conflict` / `synergy` =
+    transfer_direction −1 / +1 (transfer test vs 0, BH q ≤ α within the pair); `shared` /
+    `separated` = a defined `sharing` whose interference is significantly above / below chance
+    (labels null, q ≤ α: `sharing` itself has no test; the "share most" table leaves the ones
+    below out). None where the statistics lack the test."""
+    scores = [str(s) for s in stats[schema.SCORE].values]
+    out: dict[str, int | None] = {"conflict": None, "synergy": None, "shared": None, "separated": None}
+    if "alignment" in scores and V.transfer_direction in stats:
+        d = slice_table(stats, "alignment")[V.transfer_direction]
+        out.update(conflict=int((d == -1).sum()), synergy=int((d == 1).sum()))
+    if "interference" in scores and sharing_of(stats) is not None:
+        t = slice_table(stats, "interference")
+        finite = np.isfinite(t[V.sharing])
+        out.update(shared=int((finite & (t[V.direction] == 1)).sum()), separated=int((finite & (t[V.direction] == -1)).sum()))
+    from .query import _family_index
+
+    out["family"] = int(_family_index(stats)[0].size)
+    return out
+
+
+def conflict_slices(stats: xr.Dataset) -> list[dict[str, Any]]:
+    """The pair's slices that conflict (transfer_direction = −1): block, layer, head (K/V: the
+    first query head of its KV group, as `slice_id`), kv_head (K/V under GQA, else None), q."""
+    if "alignment" not in [str(s) for s in stats[schema.SCORE].values] or V.transfer_direction not in stats:
+        return []
+    t = slice_table(stats, "alignment")
+    return [{"block": str(t["block"][i]), "layer": int(t["layer"][i]), "head": int(t["head"][i]),
+             "kv_head": int(t["kv_head"][i]) if t["kv_head"][i] >= 0 else None,
+             "q": float(t[V.transfer_q_value][i])} for i in np.flatnonzero(t[V.transfer_direction] == -1)]
+
+
+def _check_overview_dir(out: Path, keys: list[str]) -> None:
+    """As `_check_out_dir`: the overview's folder is new, empty or an earlier qkov overview (its
+    overview.json says so), and each pair's folder may take that pair's report."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"cannot write the report to {out}: it is a file, not a folder. Choose another {option('out', 'DIR')}.")
+    ours = False
+    try:
+        ours = "run" in json.loads((out / OVERVIEW_JSON).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        pass
+    clash = [n for n in (OVERVIEW_HTML, OVERVIEW_JSON) if (out / n).exists()]
+    if clash and not ours:
+        raise UsageError(f"{out} holds {', '.join(clash)} that qkov did not write; refusing to overwrite them. "
+                         f"Choose another {option('out', 'DIR')} (a new or empty folder, or an earlier qkov report).")
+    for key in keys:  # before any pair is written: a clash in the last must not leave the first ones half done
+        _check_out_dir(out / key)
+
+
+def make_overview(store: RunStore, out: Path, stats_name: str | None = None, top: int = 10, pairs: int = 5,
+                  raw_means: bool = False) -> Path:
+    """A run of more than two tasks: each task pair's report (the two-task page) in
+    `<out>/<x>-<y>/`, then the overview `index.html` (task × task counts, the heads where pairs
+    conflict, the statistics' settings) and its numbers as `overview.json`; returns the page."""
+    names = store.task_names()
+    keys = [schema.pair_id(x, y) for x, y in store.pair_keys()]
+    _check_overview_dir(out, keys)
+    rows = []
+    for (x, y), key in zip(store.pair_keys(), keys):
+        page, stats, info = _two_task_report(store.pair(x, y), out / key, stats_name, top, pairs, raw_means)
+        rows.append({"key": key, "tasks": [x, y], "names": [names[x], names[y]], "report": f"{key}/{page.name}",
+                     "n": [info["task_a"]["n"], info["task_b"]["n"]], "counts": pair_counts(stats),
+                     "conflicts": conflict_slices(stats), "stats": info["stats"], "stats_group": info["stats_group"],
+                     "excluded": list(stats.attrs.get(schema.ATTR_EXCLUDED) or [])})
+    head = _overview_info(store, rows, info, out)
+    try:
+        path = out / OVERVIEW_HTML
+        path.write_text(overview_html(head, rows, top), encoding="utf-8")
+        (out / OVERVIEW_JSON).write_text(json.dumps({**head, "pairs": rows}, indent=1, default=str), encoding="utf-8")
+        return path
+    except OSError as e:
+        raise _unwritable(out, e) from None
+
+
+def _overview_info(store: RunStore, rows: list[dict], info: dict, out: Path) -> dict[str, Any]:
+    """The overview's header: the run, every task (name, samples, file, loss) and what all pairs
+    share (model, attention, Fisher, score settings, provenance: `info` of any pair)."""
+    parent = None if (lp := local_path(store.path)) is None else lp.expanduser().resolve().parent
+    cfg = store.config().get("tasks") or {}
+    n = {}
+    for r in rows:  # a task's sample count as its pairs' statistics count it
+        for k, m in zip(r["tasks"], r["n"]):
+            n.setdefault(k, m)
+    tasks = [{"key": k, "name": name, "n": n.get(k), "path": shown_path(cfg.get(k, {}).get("path"), out, parent),
+              "loss": _loss_of(cfg.get(k, {}))} for k, name in store.task_names().items()]
+    shared = {k: info[k] for k in ("model_class", "dtype", "weights_hash", "heads", "layers", "max_length",
+                                   "fisher", "score", "config_hash", "created", "versions")}
+    model = store.config().get("model") or {}  # `info` shows its path relative to the pair's folder
+    return {"run": shown_path(store.path, out, parent), "tasks": tasks,
+            "model": model.get("name") or shown_path(model.get("path"), out, parent) or "?", **shared}
+
+
+# ---------------------------------------------------------------- the overview page (pure)
+
+
+def _count_html(n: int | None, word: str, cls: str) -> str:
+    if n is None:
+        return f"<span class='ns'>– {_e(word)} (no test)</span>"
+    return f"<span class='{cls if n else 'ns'}' data-n='{n}'>{n} {_e(word)}</span>"
+
+
+def _pair_cell(r: dict) -> str:
+    c = r["counts"]
+    return (f"<td class='pair' data-pair='{_e(r['key'])}'><a href='{_e(r['report'])}' title='the full report of "
+            f"{_e(r['names'][0])} vs {_e(r['names'][1])}'>"
+            f"{_count_html(c['conflict'], 'conflict', 'up')}<br>{_count_html(c['synergy'], 'synergy', 'down')}<br>"
+            f"{_count_html(c['shared'], '▲ shared', 'up')} · {_count_html(c['separated'], '▼ separated', 'down')}<br>"
+            f"<span class='ns'>of {c['family']} slices</span></a></td>")
+
+
+def _task_matrix_html(tasks: list[dict], rows: list[dict]) -> str:
+    """Rows: task A, columns: task B of each pair (A is the earlier task of the job file); each
+    unordered pair once, in the upper triangle."""
+    by = {tuple(r["tasks"]): r for r in rows}
+    keys = [t["key"] for t in tasks]
+    name = {t["key"]: t["name"] for t in tasks}
+    head = "".join(f"<th scope='col'>B = {_e(name[k])}</th>" for k in keys[1:])
+    body = []
+    for a in keys[:-1]:
+        cells = "".join(_pair_cell(by[(a, b)]) if (a, b) in by else "<td class='none'></td>" for b in keys[1:])
+        body.append(f"<tr><th scope='row'>A = {_e(name[a])}</th>{cells}</tr>")
+    return f"<table class='tt' id='t-tasks'><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _count_defs(alpha: Any, alternative: Any) -> str:
+    """What each number of a pair's cell answers, its unit and its direction."""
+    return (
+        "<dl class='defs'>"
+        "<dt><span class='up'>conflict</span></dt><dd>Question: does a natural-gradient step on B's loss, through this "
+        "slice, <i>raise</i> A's loss? Counted: slices where transfer = ⟨ḡ<sub>A</sub>, ḡ<sub>B</sub>⟩ in the (Î+λ)⁻¹ "
+        f"metric is below 0 by the transfer test (two-sided, vs 0), BH q ≤ α ({_e(alpha)}) within the pair. Unit: family "
+        "slices (block, layer, head; K/V once per KV head). More = more places where training one task hurts the other.</dd>"
+        "<dt><span class='down'>synergy</span></dt><dd>The same test with transfer above 0: a step on B's loss "
+        "<i>lowers</i> A's loss there. Unit: family slices.</dd>"
+        "<dt><span class='up'>▲ shared</span> · <span class='down'>▼ separated</span></dt><dd>Question: do the tasks "
+        "load this slice's weights more (▲) or less (▼) than random task labels give? Counted: slices with a defined "
+        "sharing (√(B→A · A→B), 1 = the tasks load the weights alike, → 0 = separated) whose cross-task interference is "
+        f"significantly above / below chance (label-permutation null, {_e(alternative)}, BH q ≤ α within the pair). "
+        "sharing itself is a ratio without a test; the ▼ slices are those the pair's “heads the tasks share most” table "
+        "leaves out. Unit: family slices.</dd></dl>"
+    )
+
+
+def _heads_html(rows: list[dict], top: int) -> str:
+    """Per (layer, head), the pairs that conflict there (any block), the heads most pairs
+    conflict in first; each block a link to that slice in its pair's report."""
+    at: dict[tuple[int, int], dict[str, list[dict]]] = {}
+    for r in rows:
+        for c in r["conflicts"]:
+            at.setdefault((c["layer"], c["head"]), {}).setdefault(r["key"], []).append(c)
+    if not at:
+        return "<p><b>None.</b> No slice conflicts in any pair (transfer &lt; 0 at BH q ≤ α).</p>"
+    by_key = {r["key"]: r for r in rows}
+    order = sorted(at, key=lambda lh: (-len(at[lh]), lh))
+    body = []
+    for layer, h in order[:top]:
+        which = []
+        for key, slices in at[(layer, h)].items():
+            r = by_key[key]
+            blocks = ", ".join(f"<a href='{_e(r['report'])}#pairs-{_e(slice_id(c['block'], layer, h))}'>{_e(c['block'])}"
+                               + ("" if c["kv_head"] is None else f" (KV {c['kv_head']})") + "</a>" for c in slices)
+            which.append(f"<li>{_e(r['names'][0])} × {_e(r['names'][1])}: {blocks}</li>")
+        body.append(f"<tr data-layer='{layer}' data-head='{h}'><td class='num'>{layer}</td><td class='num'>{h}</td>"
+                    f"<td class='num'>{len(at[(layer, h)])}</td><td><ul style='margin:0;padding-left:1.1em'>"
+                    f"{''.join(which)}</ul></td></tr>")
+    return (f"<p class='note'>{len(at)} heads (layer, head) conflict in at least one of the {len(rows)} pairs; "
+            f"{'all' if len(at) <= top else f'the {top} with the most pairs'} shown, most pairs first. A K/V slice (one "
+            "per KV head) is listed under its KV group's first query head, as in each pair's report.</p>"
+            "<table id='t-heads'><thead><tr><th>layer</th><th>head</th><th>pairs that conflict here (of "
+            f"{len(rows)})</th><th>which pairs (A × B) and in which blocks: transfer &lt; 0, BH q ≤ α within the pair"
+            f"</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def _stats_html(rows: list[dict]) -> str:
+    """Which statistics the counts come from, and the multiple-testing family each q-value is in."""
+    alike = all(r["stats"] == rows[0]["stats"] and r["stats_group"] == rows[0]["stats_group"] for r in rows)
+    fam = sorted({r["counts"]["family"] for r in rows})
+    text = (f"<p>Each pair is its own multiple-testing family: its q-values are Benjamini–Hochberg <b>within that "
+            f"pair</b>, over its {_e(' / '.join(map(str, fam)))} family slices (per score; the transfer test over the "
+            f"alignment family), <b>not across the {len(rows)} pairs</b>. Each pair's false discovery rate is controlled at "
+            "its own α; the table holds that many separate families, so a few discoveries over all pairs are expected "
+            "by chance, and counts are not a jointly corrected list.</p>")
+    if alike:
+        st = rows[0]["stats"]
+        return text + _kv_table([("statistics", f"group <code>{_e(rows[0]['stats_group'])}</code>, the same in every "
+                                                 f"pair: {_settings(st)}")]) + _excluded_html(rows)
+    body = "".join(f"<tr><td><a href='{_e(r['report'])}'>{_e(r['names'][0])} × {_e(r['names'][1])}</a></td>"
+                   f"<td><code>{_e(r['stats_group'])}</code></td><td>{_settings(r['stats'])}</td></tr>" for r in rows)
+    return (text + "<p class='note'>The pairs' statistics settings differ:</p><table><thead><tr><th>pair</th>"
+            f"<th>group</th><th>settings</th></tr></thead><tbody>{body}</tbody></table>" + _excluded_html(rows))
+
+
+def _excluded_html(rows: list[dict]) -> str:
+    ex = [f"{_e(r['names'][0])} × {_e(r['names'][1])}: {_e(', '.join(r['excluded']))}" for r in rows if r["excluded"]]
+    return f"<p><b>Excluded samples</b> (these pairs' statistics leave them out): {'; '.join(ex)}.</p>" if ex else ""
+
+
+def overview_html(info: dict, rows: list[dict], top: int = 10) -> str:
+    """The overview page of a run of more than two tasks: header, task × task counts, the heads
+    where pairs conflict, the statistics; self-contained (inline style, no script, no network)."""
+    names = ", ".join(t["name"] for t in info["tasks"])
+    title = f"qkov report — {len(info['tasks'])} tasks: {names}"
+    st = rows[0]["stats"] if rows else {}
+    head = [("run", f"<code>{_e(info['run'])}</code>"),
+            ("model", f"<code>{_e(info['model'])}</code> ({_e(info['model_class'])}, {_e(info['dtype'])}), "
+                      f"weights hash <code>{_e(info['weights_hash'])}</code>"),
+            ("attention", f"{_e(info['heads'])}; layers {_e(info['layers'])}")]
+    head += [(f"task {t['key']}", f"<b>{_e(t['name'])}</b>: {_e(t['n'])} samples from <code>{_e(t['path'])}</code>; "
+                                  f"loss over {_e(t['loss'])}") for t in info["tasks"]]
+    head += [("fisher", _settings(info["fisher"])), ("score", _settings(info["score"])),
+             ("provenance", f"config hash <code>{_e(info['config_hash'])}</code>, extracted {_e(info['created'])}; "
+                            + ", ".join(f"{_e(k)} {_e(v)}" for k, v in info["versions"].items()))]
+    sections = [
+        "<h2 id='tasks'>Task × task: where each pair conflicts and shares</h2><p class='note'>One cell per task pair "
+        "(row: its task A, column: its task B); each counts the pair's family slices by its own tests, and links to "
+        "the pair's full report (heatmaps, tables, top sample pairs).</p>",
+        _task_matrix_html(info["tasks"], rows), _count_defs(st.get("alpha"), st.get("alternative")),
+        "<h2 id='heads'>Heads where pairs conflict</h2>", _heads_html(rows, top),
+        "<h2 id='stats'>Statistics and multiple testing</h2>", _stats_html(rows),
+    ]
+    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'><title>{_e(title)}</title>"
+            f"<style>{_CSS}{_OVERVIEW_CSS}</style></head><body>"
+            f"<h1>{_e(title)}</h1><p class='sub'>where each pair of tasks conflicts and shares inside "
+            f"<code>{_e(info['model'])}</code>, per attention head; one full report per pair</p>"
+            f"{_kv_table(head)}{''.join(sections)}</body></html>")

@@ -178,7 +178,8 @@ def preflight(job: JobSpec, *, resume: bool = False, overwrite: bool = False, lo
         predicted = run_plan(job, resume=resume or overwrite, extract_plan=plan)
         # first: permutations beyond memory also make the scores' stored sums beyond any disk
         slices = len(predicted.layers) * len(predicted.blocks) * max(predicted.heads.values())
-        require_stats_memory(job.stats, plan.n_a, plan.n_b, slices, names=("stats.n_permutations", "stats.n_bootstrap"))
+        n_a, n_b = max(plan.pair_sizes(), key=sum)  # the largest task pair's statistics
+        require_stats_memory(job.stats, n_a, n_b, slices, names=("stats.n_permutations", "stats.n_bootstrap"))
         require_fits(job, predicted)
         if local:
             check_memory(job, predicted.memory)

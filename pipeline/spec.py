@@ -276,6 +276,13 @@ class JobSpec(_Frozen):
     def n_tasks(self) -> int:
         return len(self.tasks)
 
+    def pair_job(self, key_a: str, key_b: str) -> "JobSpec":
+        """The two-task job of one task pair (its tasks as a and b); the Fisher source as close
+        as two tasks express it: pooled over the pair unless it is one of the pair's tasks."""
+        source = {key_a: "a", key_b: "b"}.get(self.fisher.source, "pooled")
+        return self.model_copy(update={"tasks": TasksSpec(a=self.tasks[key_a], b=self.tasks[key_b]),
+                                       "fisher": self.fisher.model_copy(update={"source": source})})
+
     def config_dict(self) -> dict[str, Any]:
         """The full config with defaults filled in (what provenance records and the hash
         covers). Storage options carry credentials: their values are redacted, the keys kept."""

@@ -150,7 +150,9 @@ def check(job: JobSpec, n_samples: int = 4, prediction: bool = True, prediction_
     """`qkov check`: the sanity checks on the job's model (with `prediction`, also whether transfer
     predicts a measured loss change), written to the run's `checks` group; refused before any
     model work when the output is a folder that is not a run. progress: True prints each step to
-    stderr as the CLI does, a callable is called with (step, done, total), False prints nothing."""
+    stderr as the CLI does, a callable is called with (step, done, total), False prints nothing.
+    A job of more than two tasks is checked pair by pair (each pair's `checks` in its sub-run):
+    then {"a-b": dataset, …}."""
     from qkov.pipeline.checks import check_checks_output, run_checks
     from qkov.pipeline.console import print_step
 

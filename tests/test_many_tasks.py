@@ -58,3 +58,107 @@ def test_three_task_run_equals_its_three_two_task_runs(tmp_path):
                 np.testing.assert_array_equal(a, b, err_msg=name)
 
 
+
+
+def test_plan_predicts_the_pairs_of_a_three_task_run(tmp_path):
+    """`qkov plan` counts each pair's groups (and one Fisher per pair under "pair")."""
+    from qkov.pipeline.plan import plan
+    from qkov.pipeline.store.paths import size_bytes as du
+
+    job = tiny_job(tmp_path, n_a=10, n_b=9, more=(8,), fisher={"source": "pair"}, output={"path": str(tmp_path / "run")})
+    p = plan(job)
+    assert "3 task pairs" in "\n".join(p.lines()) and p.task_sizes == (10, 9, 8)
+    run_job(job)
+    out = tmp_path / "run"
+    store = RunStore(str(out))
+    pairs = [out / schema.pair_group(x, y) for x, y in store.pair_keys()]
+    for group in ("scores", "stats", "fisher"):
+        real = sum(du(str(p_ / group)) for p_ in pairs)
+        assert real > 0 and abs(p.groups[group] - real) <= 0.10 * real, (group, p.groups[group], real)
+    real = du(str(out / "gradients"))
+    assert abs(p.groups["gradients"] - real) <= 0.10 * real
+
+
+def test_a_pooled_fisher_is_shared_and_each_pair_reads_only_its_tasks(tmp_path):
+    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(3, 4), output={"path": str(tmp_path / "run")})
+    run_job(job)
+    store = RunStore(job.output.path)
+    assert store.has_group(schema.FISHER) and len(store.pair_keys()) == 6
+    grads = store.open_gradients()
+    assert grads.attrs[schema.ATTR_TASK_SIZES] == [5, 4, 3, 4]
+    for x, y in store.pair_keys():
+        pair = store.pair(x, y)
+        assert not pair.own_fisher and not (tmp_path / "run" / schema.pair_group(x, y) / "fisher").exists()
+        scores = pair.open_scores()
+        names = store.task_names()
+        want = [str(i) for i, t in zip(grads[schema.SAMPLE_ID].values, grads[schema.TASK].values) if str(t) in (names[x], names[y])]
+        assert list(map(str, scores[schema.SAMPLE_I].values)) == want
+        assert int(scores.attrs[schema.ATTR_N_A]) == int((grads[schema.TASK].values == names[x]).sum())
+        assert pair.open_stats().sizes  # every pair has its statistics
+
+
+def test_readers_take_a_pair_and_refuse_a_wrong_one(tmp_path):
+    import qkov
+    from qkov.pipeline.errors import UsageError
+
+    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
+    run_job(job)
+    run = job.output.path
+    with pytest.raises(UsageError, match="compares 3 tasks.*alpha,gamma"):
+        qkov.answers(run)
+    with pytest.raises(UsageError, match="ask for alpha,gamma"):
+        qkov.answers(run, pair="gamma,alpha")
+    with pytest.raises(UsageError, match="two different tasks"):
+        qkov.answers(run, pair="alpha,omega")
+    by_name, by_key = qkov.answers(run, pair="alpha,gamma"), qkov.answers(run, pair="a,c")
+    assert by_name.equals(by_key) and len(by_name) > 0
+    assert qkov.open_stats(run, pair="beta,gamma").attrs == RunStore(run).pair("b", "c").open_stats().attrs
+    two = tiny_job(tmp_path, n_a=5, n_b=4, output={"path": str(tmp_path / "two")})
+    run_job(two)
+    assert qkov.answers(two.output.path, pair="alpha,beta").equals(qkov.answers(two.output.path))
+
+
+def test_checks_run_per_pair_into_each_pairs_sub_run(tmp_path):
+    import qkov
+
+    job = tiny_job(tmp_path, n_a=4, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
+    res = qkov.check(job, n_samples=2, prediction=False)
+    assert sorted(res) == ["a-b", "a-c", "b-c"]
+    store = RunStore(job.output.path)
+    for x, y in store.pair_keys():
+        got = store.pair(x, y).open_checks()
+        ids = got.attrs[schema.ATTR_PROVENANCE]["sample_ids"]  # the pair's own samples (ids are key + row)
+        assert bool(got["passed"].all()) and {i[0] for i in ids} == {x, y}, ids
+
+
+@pytest.mark.parametrize("tasks,fix", [
+    ({"C": {"name": "g", "path": "x.jsonl"}}, "lower-case identifiers"),
+    ({"c": {"name": "alpha", "path": "x.jsonl"}}, "both 'alpha'"),
+])
+def test_job_file_task_keys_and_names_are_checked(tmp_path, tasks, fix):
+    from qkov.pipeline.errors import JobFileError
+
+    with pytest.raises(JobFileError, match=fix):
+        tiny_job(tmp_path, tasks=tasks)
+
+
+@pytest.mark.parametrize("sections,fix", [
+    ({"fisher": {"source": "d"}}, "not one of"),
+    ({"fisher": {"source": "pair"}, "score": {"mode": "sketch"}}, "sketches are formed with one Fisher"),
+    ({"output": {"path": "run", "keep_gradients": False}}, "two tasks only"),
+])
+def test_settings_three_tasks_cannot_take_are_refused(tmp_path, sections, fix):
+    from qkov.pipeline.errors import JobFileError
+
+    with pytest.raises(JobFileError, match=fix):
+        tiny_job(tmp_path, more=(3,), **sections)
+
+
+def test_a_two_task_job_keeps_its_config_and_hash(tmp_path):
+    """New keys are absent from a two-task job's config, so its hash (and --resume) still holds."""
+    job = tiny_job(tmp_path)
+    cfg = job.config_dict()
+    assert list(cfg["tasks"]) == ["a", "b"] and cfg["fisher"]["source"] == "pooled"
+    for task in cfg["tasks"].values():  # the keys runs were stored with before tasks could be more
+        assert set(task) == {"name", "path", "text_field", "id_field", "limit"}, task
+    assert job.n_tasks == 2 and job.tasks.pairs() == [("a", "b")]
