@@ -60,15 +60,24 @@ def describe_run(run: "str | RunStore", storage_options: dict | None = None) -> 
         from .errors import StoreError
 
         raise StoreError(f"no qkov run at {store.path}: it holds no run's metadata. Run `qkov run JOB.toml` first, or check the path.")
-    names = sorted((n for n, _ in root.groups() if n != schema.LOCK_GROUP), key=_rank)
+    names = []
+    for name in sorted((n for n, _ in root.groups() if n != schema.LOCK_GROUP), key=_rank):
+        if name != schema.PAIRS:
+            names.append(name)
+            continue
+        for x, y in store.pair_keys():  # more than two tasks: each pair's sub-run, group by group
+            sub = store.pair(x, y)
+            if sub.exists():
+                names += [f"{schema.pair_group(x, y)}/{n}" for n in sorted((n for n, _ in sub.root().groups()), key=_rank)]
     groups = []
     for name in names:
         attrs = store.group_attrs(name) or {}
         settings = {k: v for k, v in ((k, _setting(v)) for k, v in attrs.items() if k not in _BOOKKEEPING) if v is not None}
-        stats_name = name.removeprefix(schema.STATS + "_") if name.startswith(schema.STATS + "_") else None
+        leaf = name.rsplit("/", 1)[-1]
+        stats_name = leaf.removeprefix(schema.STATS + "_") if leaf.startswith(schema.STATS + "_") else None
         groups.append({
             "group": name,
-            "what": _WHAT.get(name) or (f"statistics named {stats_name!r} (`qkov stats --name {stats_name}`; read them "
+            "what": _WHAT.get(leaf) or (f"statistics named {stats_name!r} (`qkov stats --name {stats_name}`; read them "
                                         f"with --stats {stats_name})" if stats_name else ""),
             "complete": None if name == schema.WORK else attrs.get(schema.ATTR_COMPLETE) is True,
             "bytes": _bytes(store, name),

@@ -631,7 +631,12 @@ class RunStore:
     # ---- ownership --------------------------------------------------------
     @contextmanager
     def lock(self) -> Iterator[str]:
-        """Hold the output's lock for the duration of the block (see `acquire_lock`)."""
+        """Hold the output's lock for the duration of the block (see `acquire_lock`); a pair's
+        sub-run is locked by its run's lock."""
+        if self.parent is not None:
+            with self.parent.lock() as token:
+                yield token
+            return
         token = acquire_lock(self.path, self.storage_options or None)
         try:
             yield token
@@ -652,8 +657,8 @@ class RunStore:
             pass  # no run here (a refused start): nothing is consolidated
 
     def read_lock(self) -> dict | None:
-        return read_lock(self.path, self.storage_options or None)
+        return read_lock(self.base.path, self.storage_options or None)
 
     def require_unlocked(self) -> None:
         """Refuse the output when a live qkov run owns it (its lock is not taken here)."""
-        require_unlocked(self.path, self.storage_options or None)
+        require_unlocked(self.base.path, self.storage_options or None)
