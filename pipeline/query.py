@@ -566,6 +566,37 @@ def answers(run: "str | RunStore", stats: str | None = None, storage_options: di
     return answers_table(store.open_stats(stats), _task_names(store))
 
 
+def answers_all_pairs(run: "str | RunStore", stats: str | None = None, storage_options: dict | None = None):
+    """Every task pair's answers in one DataFrame (a run of more than two tasks; a two-task run
+    gives its one pair): `task_a`, `task_b` first, then `answers`' columns, plus
+    `q_value_across_pairs`: BH over every pair's p-values of the same question and score,
+    for ranking slices over all pairs (`q_value` controls the FDR within its own pair only)."""
+    import pandas as pd
+
+    from .stats import bh_qvalues
+
+    store = RunStore.coerce(run, storage_options)
+    pairs = [store.pair(x, y) for x, y in store.pair_keys()] if store.is_multi() else [store]
+    frames = []
+    for p in pairs:
+        names = _task_names(p)
+        df = answers_table(p.open_stats(stats), names)
+        df.insert(0, "task_b", names[1])
+        df.insert(0, "task_a", names[0])
+        frames.append(df)
+    out = pd.concat(frames, ignore_index=True)
+    out["q_value_across_pairs"] = np.nan
+    for _, rows in out.groupby(["question", "score"]).groups.items():
+        p_values = out.loc[rows, "p_value"].to_numpy(dtype=float)
+        tested = ~np.isnan(p_values)
+        if tested.any():
+            q = np.full(p_values.shape, np.nan)
+            q[tested] = bh_qvalues(p_values[tested])
+            out.loc[rows, "q_value_across_pairs"] = q
+    out.attrs = dict(frames[0].attrs)
+    return out
+
+
 def _records(df) -> list[dict]:
     """DataFrame rows as JSON-able dicts (NaN → None)."""
     return [{k: _num(v) if isinstance(v, (float, np.floating, np.integer, np.bool_, bool)) else v for k, v in r.items()}

@@ -106,9 +106,15 @@ def answers(run, stats: str | None = None, storage_options=None, pair: str | Non
     ratio) — with the question in words (`asks`), the estimate's `units`, `estimate`,
     `ci_low`/`ci_high`, `p_value`, `q_value`, `significant`, `direction`, `verdict`, and the
     figures the headline tables show beside them (mean, chance, cosine, sharing per direction…).
-    `stats` reads `stats_<stats>`. `df.attrs` holds the statistics' settings; `df.to_csv` exports."""
+    `stats` reads `stats_<stats>`. `df.attrs` holds the statistics' settings; `df.to_csv` exports.
+    A run of more than two tasks needs `pair` ("A,B"); `pair="all"` gives every pair's rows with
+    `task_a`, `task_b` and `q_value_across_pairs` (BH over all pairs, for ranking across them)."""
     from qkov.pipeline.query import answers as _answers
 
+    if pair == "all":
+        from qkov.pipeline.query import answers_all_pairs
+
+        return answers_all_pairs(RunStore.coerce(run, storage_options), stats=stats)
     return _answers(_store(run, storage_options, pair), stats=stats)
 
 

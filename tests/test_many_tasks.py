@@ -113,6 +113,17 @@ def test_readers_take_a_pair_and_refuse_a_wrong_one(tmp_path):
     by_name, by_key = qkov.answers(run, pair="alpha,gamma"), qkov.answers(run, pair="a,c")
     assert by_name.equals(by_key) and len(by_name) > 0
     assert qkov.open_stats(run, pair="beta,gamma").attrs == RunStore(run).pair("b", "c").open_stats().attrs
+    every = qkov.answers(run, pair="all")  # all pairs, with BH across them (checked against scipy's)
+    from scipy.stats import false_discovery_control
+
+    assert len(every) == 3 * len(by_name) and set(zip(every.task_a, every.task_b)) == {
+        ("alpha", "beta"), ("alpha", "gamma"), ("beta", "gamma")}
+    for (question, score), rows in every.groupby(["question", "score"]):
+        tested = rows[rows.p_value.notna()]
+        if len(tested):
+            want = false_discovery_control(tested.p_value.to_numpy(), method="bh")
+            np.testing.assert_allclose(tested.q_value_across_pairs.to_numpy(), want, rtol=1e-12)
+        assert rows[rows.p_value.isna()].q_value_across_pairs.isna().all()
     two = tiny_job(tmp_path, n_a=5, n_b=4, output={"path": str(tmp_path / "two")})
     run_job(two)
     assert qkov.answers(two.output.path, pair="alpha,beta").equals(qkov.answers(two.output.path))
