@@ -258,8 +258,9 @@ def _run_job(job: JobSpec, *, client, resume: bool, overwrite: bool, progress: P
             summary.repaired = reopen_damaged_shards(store)
             if is_grouped(store):  # no gradients to score again from: the damaged layers' groups run again
                 summary.repaired_scores = bool(reopen_damaged_layers(store))
-            else:
-                summary.repaired_scores = reopen_damaged_scores(store)
+            else:  # more than two tasks: each pair's scores
+                subs = [store.pair(x, y) for x, y in job.tasks.pairs()] if job.n_tasks > 2 else [store]
+                summary.repaired_scores = any([reopen_damaged_scores(sub) for sub in subs])
         grouped = not job.output.keep_gradients or is_grouped(store)
         _Stages(store, job, executor, summary, progress or (lambda *_: None), plan, fresh).run(grouped)
         t = time.perf_counter()

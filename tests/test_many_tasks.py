@@ -173,3 +173,41 @@ def test_a_two_task_job_keeps_its_config_and_hash(tmp_path):
     for task in cfg["tasks"].values():  # the keys runs were stored with before tasks could be more
         assert set(task) == {"name", "path", "text_field", "id_field", "limit"}, task
     assert job.n_tasks == 2 and job.tasks.pairs() == [("a", "b")]
+
+
+def test_a_run_stopped_between_pairs_resumes_with_the_finished_pairs_kept(tmp_path):
+    """A crash after some pairs are done loses none of them: --resume scores only the rest."""
+    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
+    run_job(job)
+    store = RunStore(job.output.path)
+    before = {p: store.pair(*p).open_stats() for p in store.pair_keys()}
+    stamp = {p: store.pair(*p).group_attrs(schema.SCORES_GROUP)[schema.ATTR_PROVENANCE]["created"] for p in store.pair_keys()}
+    # as if the run died while scoring the last pair: its scores never marked complete, no stats
+    last = store.pair("b", "c")
+    last.root("r+")[schema.SCORES_GROUP].attrs[schema.ATTR_COMPLETE] = False
+    last.delete(schema.STATS)
+    summary = run_job(job, resume=True)
+    assert "extract" in summary.skipped_stages
+    assert [s for s in summary.skipped_stages if s.startswith("score")] == ["score ('a', 'b')", "score ('a', 'c')"]
+    for p in (("a", "b"), ("a", "c")):  # untouched
+        assert store.pair(*p).group_attrs(schema.SCORES_GROUP)[schema.ATTR_PROVENANCE]["created"] == stamp[p]
+    for p in store.pair_keys():
+        after = store.pair(*p).open_stats()
+        for name in before[p].data_vars:
+            np.testing.assert_array_equal(after[name].values, before[p][name].values, err_msg=f"{p} {name}")
+
+
+def test_a_lost_chunk_of_one_pairs_scores_is_recomputed_on_resume(tmp_path):
+    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
+    run_job(job)
+    store = RunStore(job.output.path)
+    want = store.pair("a", "c").open_stats()
+    scores = tmp_path / "run" / schema.pair_group("a", "c") / schema.SCORES_GROUP
+    chunks = sorted(p for p in (scores / "pooled_interference_Q").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunks[0].unlink()
+    summary = run_job(job, resume=True)
+    assert summary.repaired_scores and [s for s in summary.skipped_stages if s.startswith("score")] == [
+        "score ('a', 'b')", "score ('b', 'c')"]
+    got = store.pair("a", "c").open_stats()
+    for name in want.data_vars:
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
