@@ -23,8 +23,8 @@ any column and filter by block, layer, head and significance. Machine paths are 
 written: the run is named relative to the report folder, other files by their name.
 
 A run of more than two tasks gets this report per task pair (`<out>/<x>-<y>/`, from the pair's
-sub-run) and an overview `index.html`: per pair the counts of conflict, synergy, shared and
-separated slices by the pair's own tests (BH within the pair), the heads where pairs conflict,
+sub-run) and an overview `index.html`: per pair the counts of conflict and synergy slices and
+of slices whose cross-task interference is above / below chance, by the pair's own tests (BH within the pair), the heads where pairs conflict,
 and the statistics' settings; its numbers also in `overview.json`.
 
 Figures are drawn with matplotlib's Agg canvas directly (no pyplot), so making a report
@@ -1472,19 +1472,20 @@ table.tt td.none{background:#f6f8fa} dl.defs dt{font-weight:600;margin-top:.4em}
 def pair_counts(stats: xr.Dataset) -> dict[str, int | None]:
     """One pair's answers as the overview counts them, in family slices (K/V once per KV head),
     by the rules of its headline tables (`headline_tables`): `conflict` / `synergy` =
-    transfer_direction −1 / +1 (transfer test vs 0, BH q ≤ α within the pair); `shared` /
-    `separated` = a defined `sharing` whose interference is significantly above / below chance
+    transfer_direction −1 / +1 (transfer test vs 0, BH q ≤ α within the pair); `more_overlap` /
+    `less_overlap` = a defined `sharing` whose interference is significantly above / below chance
     (labels null, q ≤ α: `sharing` itself has no test; the "share most" table leaves the ones
     below out). None where the statistics lack the test."""
     scores = [str(s) for s in stats[schema.SCORE].values]
-    out: dict[str, int | None] = {"conflict": None, "synergy": None, "shared": None, "separated": None}
+    out: dict[str, int | None] = {"conflict": None, "synergy": None, "more_overlap": None, "less_overlap": None}
     if "alignment" in scores and V.transfer_direction in stats:
         d = slice_table(stats, "alignment")[V.transfer_direction]
         out.update(conflict=int((d == -1).sum()), synergy=int((d == 1).sum()))
     if "interference" in scores and sharing_of(stats) is not None:
         t = slice_table(stats, "interference")
         finite = np.isfinite(t[V.sharing])
-        out.update(shared=int((finite & (t[V.direction] == 1)).sum()), separated=int((finite & (t[V.direction] == -1)).sum()))
+        out.update(more_overlap=int((finite & (t[V.direction] == 1)).sum()),
+                   less_overlap=int((finite & (t[V.direction] == -1)).sum()))
     from .query import _family_index
 
     out["family"] = int(_family_index(stats)[0].size)
@@ -1577,7 +1578,7 @@ def _pair_cell(r: dict) -> str:
     return (f"<td class='pair' data-pair='{_e(r['key'])}'><a href='{_e(r['report'])}' title='the full report of "
             f"{_e(r['names'][0])} vs {_e(r['names'][1])}'>"
             f"{_count_html(c['conflict'], 'conflict', 'up')}<br>{_count_html(c['synergy'], 'synergy', 'down')}<br>"
-            f"{_count_html(c['shared'], '▲ shared', 'up')} · {_count_html(c['separated'], '▼ separated', 'down')}<br>"
+            f"{_count_html(c['more_overlap'], '▲ more overlap', 'up')} · {_count_html(c['less_overlap'], '▼ less overlap', 'down')}<br>"
             f"<span class='ns'>of {c['family']} slices</span></a></td>")
 
 
@@ -1605,8 +1606,9 @@ def _count_defs(alpha: Any, alternative: Any) -> str:
         "slices (block, layer, head; K/V once per KV head). More = more places where training one task hurts the other.</dd>"
         "<dt><span class='down'>synergy</span></dt><dd>The same test with transfer above 0: a step on B's loss "
         "<i>lowers</i> A's loss there. Unit: family slices.</dd>"
-        "<dt><span class='up'>▲ shared</span> · <span class='down'>▼ separated</span></dt><dd>Question: do the tasks "
-        "load this slice's weights more (▲) or less (▼) than random task labels give? Counted: slices with a defined "
+        "<dt><span class='up'>▲ more overlap</span> · <span class='down'>▼ less overlap</span></dt><dd>Question: do "
+        "the tasks' gradients land on each other's weights more (▲) or less (▼) than random task labels give (not: is "
+        "the slice shared or separated, which `sharing` answers)? Counted: slices with a defined "
         "sharing (√(B→A · A→B), 1 = the tasks load the weights alike, → 0 = separated) whose cross-task interference is "
         f"significantly above / below chance (label-permutation null, {_e(alternative)}, BH q ≤ α within the pair). "
         "sharing itself is a ratio without a test; the ▼ slices are those the pair's “heads the tasks share most” table "

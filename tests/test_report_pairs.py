@@ -81,7 +81,7 @@ def _recount(stats) -> dict[str, int]:
     d = stats["direction"].sel(score="interference").transpose("block", "layer", "head").values
     ok = fam & np.isfinite(stats["sharing"].transpose("block", "layer", "head").values)
     return {"conflict": int((fam & (td == -1)).sum()), "synergy": int((fam & (td == 1)).sum()),
-            "shared": int((ok & (d == 1)).sum()), "separated": int((ok & (d == -1)).sum()), "family": int(fam.sum())}
+            "more_overlap": int((ok & (d == 1)).sum()), "less_overlap": int((ok & (d == -1)).sum()), "family": int(fam.sum())}
 
 
 def test_overview_links_to_each_pairs_report_and_is_self_contained(run, overview):
@@ -135,11 +135,11 @@ def test_overview_counts_are_each_pairs_own_answers(run, overview):
         # and the page's cell shows the same numbers
         cell = re.search(rf"<td class='pair' data-pair='{key}'>(.*?)</td>", html).group(1)
         shown = [int(n) for n in re.findall(r"data-n='(\d+)'", cell)]
-        assert shown == [want[k] for k in ("conflict", "synergy", "shared", "separated")]
+        assert shown == [want[k] for k in ("conflict", "synergy", "more_overlap", "less_overlap")]
         assert f"of {want['family']} slices" in cell
         conflicts |= {(c["layer"], c["head"], key, c["block"]) for c in by_key[key]["conflicts"]}
     assert by_key["a-c"]["counts"]["conflict"] >= 1 and by_key["b-c"]["counts"]["conflict"] >= 1  # the planted ones
-    assert by_key["a-c"]["counts"]["separated"] > 0
+    assert by_key["a-c"]["counts"]["less_overlap"] > 0
     # the per-head table: head (1, 2) conflicts in both planted pairs and comes first, by name
     rows = re.findall(r"<tr data-layer='(\d+)' data-head='(\d+)'><td class='num'>\d+</td><td class='num'>\d+</td>"
                       r"<td class='num'>(\d+)</td><td>(.*?)</td></tr>", html)
