@@ -211,3 +211,26 @@ def test_a_lost_chunk_of_one_pairs_scores_is_recomputed_on_resume(tmp_path):
     got = store.pair("a", "c").open_stats()
     for name in want.data_vars:
         np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("score", [{"mode": "sketch", "sketch_dim": 64}, {"keep_pairs": "top", "top_k": 5}],
+                         ids=["sketch", "keep-top"])
+def test_pairs_with_a_named_fisher_equal_two_task_runs_in_other_modes(tmp_path, score):
+    """fisher.source = a task key: the pairs holding that task use the Fisher a two-task run of
+    the pair uses, so in sketch mode and with keep_pairs = "top" too their statistics agree."""
+    three = tiny_job(tmp_path, more=(6,), fisher={"source": "a"}, score=score, output={"path": str(tmp_path / "run-abc")})
+    run_job(three)
+    store = RunStore(three.output.path)
+    assert store.has_group(schema.FISHER) and store.open_fisher().attrs["source"] == "a"
+    for x, y in (("a", "b"), ("a", "c")):
+        tasks = three.tasks
+        job = tiny_job(tmp_path, tasks={"a": tasks[x].model_dump(), "b": tasks[y].model_dump()}, fisher={"source": "a"},
+                       score=score, output={"path": str(tmp_path / f"run-{x}{y}")})
+        run_job(job)
+        ref, got = RunStore(job.output.path).open_stats(), store.pair(x, y).open_stats()
+        for name in ref.data_vars:
+            a, b = got[name].values, ref[name].values
+            if a.dtype.kind in "fc":
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
+            else:
+                np.testing.assert_array_equal(a, b, err_msg=name)
