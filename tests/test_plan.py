@@ -59,3 +59,19 @@ def test_where_the_pair_scores_do_not_fit_the_plan_offers_keeping_the_top_pairs(
     budget = (top.peak_disk + full.peak_disk) // 2
     tight = plan(_with(job, output={"disk_budget": budget, "path": str(tmp_path / "run")}))
     assert tight.fits is False and any(o.startswith('[score] keep_pairs = "top"') for o in tight.options), tight.options
+
+
+def test_with_more_tasks_the_pair_scores_grow_and_keeping_the_top_pairs_is_offered(tmp_path):
+    """Three tasks: every pair's pooled scores count, so the scores grow faster than the
+    gradients; where they do not fit, the plan offers keep_pairs = "top" as for two tasks."""
+    two = tiny_job(tmp_path, "llama_gqa", n_a=100, n_b=100, min_len=4, max_len=6,
+                   score={"layers": [0], "blocks": ["Q"]}, output={"path": str(tmp_path / "run2")})
+    three = tiny_job(tmp_path, "llama_gqa", n_a=100, n_b=100, more=(100,), min_len=4, max_len=6,
+                     score={"layers": [0], "blocks": ["Q"]}, output={"path": str(tmp_path / "run3")})
+    p2, p3 = plan(two), plan(three)
+    assert p3.groups["gradients"] < 1.6 * p2.groups["gradients"]  # 3/2 of the samples
+    assert p3.groups["scores"] > 2.5 * p2.groups["scores"]  # 3 pairs of 200 samples each
+    top = plan(_with(three, score={"keep_pairs": "top"}))
+    budget = (top.peak_disk + p3.peak_disk) // 2
+    tight = plan(_with(three, output={"disk_budget": budget, "path": str(tmp_path / "run3")}))
+    assert tight.fits is False and any(o.startswith('[score] keep_pairs = "top"') for o in tight.options), tight.options
