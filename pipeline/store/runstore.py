@@ -599,7 +599,8 @@ class RunStore:
         root = zarr.open_group(self.zarr(), mode="a", zarr_format=3)
         for x, y in self.pair_keys():
             g = root.require_group(schema.pair_group(x, y))
-            g.attrs.update({schema.ATTR_RUN: True, schema.ATTR_PAIR: [x, y], **provenance(config, config_hash, stage="run")})
+            if not g.attrs.get(schema.ATTR_RUN):  # a pair made earlier keeps its own record
+                g.attrs.update({schema.ATTR_RUN: True, schema.ATTR_PAIR: [x, y], **provenance(config, config_hash, stage="run")})
 
     def write_region(self, ds, group: str, region: dict, *, compute: bool = True):
         """Write `ds` into a region of an existing group (whole chunks; the variables that do not
