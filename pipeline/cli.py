@@ -139,7 +139,17 @@ def _print_pairs(store, stats: str | None, top: int) -> None:
                     f"{escape(', '.join(names.values()))}")
     console().print(f"  read one pair with: qkov.answers({escape(repr(path))}, pair='A,B'), qkov query {escape(path)} --pair A,B{escape(named)}; "
                     f"all of them: qkov report {escape(path)}{escape(named)}", highlight=False)
-    for x, y in store.pair_keys():
+    pairs = store.pair_keys()
+    if len(pairs) > 3:  # ten pairs' tables would bury each other: one line per pair, the tables in the report
+        from qkov.pipeline.report import pair_counts
+
+        for x, y in pairs:
+            c = pair_counts(load_stats(store.pair(x, y), stats))
+            console().print(f"  {escape(names[x])} × {escape(names[y])}: {c['conflict']} conflict, {c['synergy']} synergy "
+                            f"(transfer test, BH q ≤ α within the pair), cross-task interference above / below chance in "
+                            f"{c['more_overlap']} / {c['less_overlap']}, of {c['family']} slices", highlight=False)
+        return
+    for x, y in pairs:
         console().print(f"\n[bold]pair {escape(names[x])},{escape(names[y])}[/] (A = {escape(names[x])}, B = {escape(names[y])})")
         console().print(format_headlines(headline_tables(load_stats(store.pair(x, y), stats), top)))
 

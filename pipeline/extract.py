@@ -159,13 +159,15 @@ def completion_notes(plan: "ExtractPlan") -> list[str]:
 
 def check_kept_samples(job: JobSpec, plan: "ExtractPlan", finite: np.ndarray) -> str | None:
     """extract.nonfinite = "skip": the sample counts rules applied to the samples left after
-    skipping (`finite`, store order: A then B). Fewer than 2 in a task is refused, as before
+    skipping (`finite`, store order: task by task). Fewer than 2 in a task is refused, as before
     the run; returns `sample_count_warning` of the counts left (None when nothing was skipped)."""
     finite = np.asarray(finite, dtype=bool)
     if finite.all():
         return None
-    parts = [(spec, finite[plan.task_rows(k).start:plan.task_rows(k).stop], plan.sample_ids[plan.task_rows(k).start:plan.task_rows(k).stop])
-             for k, (_, spec) in enumerate(job.tasks.items())]
+    parts = []  # (task, which of its samples are kept, their ids)
+    for k, (_, spec) in enumerate(job.tasks.items()):
+        rows = plan.task_rows(k)
+        parts.append((spec, finite[rows.start:rows.stop], plan.sample_ids[rows.start:rows.stop]))
     kept = [int(part.sum()) for _, part, _ in parts]
     for (spec, part, ids), n in zip(parts, kept):
         if n < 2:

@@ -234,3 +234,20 @@ def test_pairs_with_a_named_fisher_equal_two_task_runs_in_other_modes(tmp_path, 
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
             else:
                 np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_the_cli_runs_four_tasks_and_prints_one_line_per_pair(tmp_path):
+    from typer.testing import CliRunner
+
+    from qkov.pipeline.cli import app
+    from qkov.testing import write_job_file
+
+    job = tiny_job(tmp_path, n_a=4, n_b=4, more=(4, 4), output={"path": str(tmp_path / "run")})
+    res = CliRunner().invoke(app, ["run", str(write_job_file(job, tmp_path / "job.toml")), "--inline"])
+    assert res.exit_code == 0, res.output
+    out = " ".join(res.output.split())
+    assert "6 task pairs of alpha, beta, gamma, delta" in out
+    for a, b in (("alpha", "beta"), ("gamma", "delta")):
+        assert f"{a} × {b}:" in out and "conflict" in out
+    res = CliRunner().invoke(app, ["query", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--pair A,B" in res.output and "gamma,delta" in res.output
