@@ -1503,6 +1503,31 @@ def conflict_slices(stats: xr.Dataset) -> list[dict[str, Any]]:
              "q": float(t[V.transfer_q_value][i])} for i in np.flatnonzero(t[V.transfer_direction] == -1)]
 
 
+def head_answers(stats: xr.Dataset) -> dict[str, dict[str, Any]]:
+    """Per head ("layer/head"; a K/V slice under its KV group's first query head, as
+    `conflict_slices`), what one pair answers there: the blocks that conflict and that show
+    synergy (transfer test, BH q ≤ α within the pair) and the range of `sharing` over the
+    head's blocks (1 = the tasks load the weights alike, → 0 = separated)."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def at(layer, head) -> dict[str, Any]:
+        return out.setdefault(f"{int(layer)}/{int(head)}", {"conflict": [], "synergy": [], "sharing": []})
+
+    scores = [str(x) for x in stats[schema.SCORE].values]
+    if "alignment" in scores and V.transfer_direction in stats:
+        t = slice_table(stats, "alignment")
+        for b, layer, head, d in zip(t["block"], t["layer"], t["head"], t[V.transfer_direction]):
+            if d != 0:
+                at(layer, head)["conflict" if d < 0 else "synergy"].append(str(b))
+    if "interference" in scores and V.sharing in (t := slice_table(stats, "interference")):
+        for layer, head, v in zip(t["layer"], t["head"], t[V.sharing]):
+            if np.isfinite(v):
+                at(layer, head)["sharing"].append(float(v))
+    for cell in out.values():
+        cell["sharing"] = [min(cell["sharing"]), max(cell["sharing"])] if cell["sharing"] else None
+    return out
+
+
 def _check_overview_dir(out: Path, keys: list[str]) -> None:
     """As `_check_out_dir`: the overview's folder is new, empty or an earlier qkov overview (its
     overview.json says so), and each pair's folder may take that pair's report."""
@@ -1534,7 +1559,8 @@ def make_overview(store: RunStore, out: Path, stats_name: str | None = None, top
         page, stats, info = _two_task_report(store.pair(x, y), out / key, stats_name, top, pairs, raw_means)
         rows.append({"key": key, "tasks": [x, y], "names": [names[x], names[y]], "report": f"{key}/{page.name}",
                      "n": [info["task_a"]["n"], info["task_b"]["n"]], "counts": pair_counts(stats),
-                     "conflicts": conflict_slices(stats), "stats": info["stats"], "stats_group": info["stats_group"],
+                     "conflicts": conflict_slices(stats), "heads": head_answers(stats),
+                     "stats": info["stats"], "stats_group": info["stats_group"],
                      "excluded": list(stats.attrs.get(schema.ATTR_EXCLUDED) or [])})
     head = _overview_info(store, rows, info, out)
     try:
@@ -1646,6 +1672,41 @@ def _heads_html(rows: list[dict], top: int) -> str:
             f"</th></tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def _head_matrix_html(rows: list[dict], top: int) -> str:
+    """Task × task per head: one row per head where some pair conflicts or shows synergy (most
+    conflicting pairs first, then most synergy), one column per pair with that pair's answer
+    at the head: its conflicting and synergy blocks and its sharing range over the blocks."""
+    heads = {h for r in rows for h, c in r["heads"].items() if c["conflict"] or c["synergy"]}
+    if not heads:
+        return "<p><b>None.</b> No slice conflicts or shows synergy in any pair.</p>"
+
+    def n(h: str, what: str) -> int:
+        return sum(bool(r["heads"].get(h, {}).get(what)) for r in rows)
+
+    order = sorted(heads, key=lambda h: (-n(h, "conflict"), -n(h, "synergy"), *map(int, h.split("/"))))[:top]
+    cols = "".join(f"<th>{_e(r['names'][0])} × {_e(r['names'][1])}</th>" for r in rows)
+    body = []
+    for h in order:
+        cells = []
+        for r in rows:
+            c = r["heads"].get(h) or {"conflict": [], "synergy": [], "sharing": None}
+            parts = ([f"<span class='up'>conflict {_e(' '.join(c['conflict']))}</span>"] if c["conflict"] else []) + (
+                [f"<span class='down'>synergy {_e(' '.join(c['synergy']))}</span>"] if c["synergy"] else [])
+            share = c["sharing"]
+            parts.append(f"<span class='ns'>sharing {share[0]:.2f}–{share[1]:.2f}</span>" if share else "<span class='ns'>–</span>")
+            cells.append(f"<td data-pair='{_e(r['key'])}'>{'<br>'.join(parts)}</td>")
+        layer, head = h.split("/")
+        body.append(f"<tr data-layer='{layer}' data-head='{head}'><td class='num'>{layer}</td><td class='num'>{head}</td>"
+                    f"{''.join(cells)}</tr>")
+    return (f"<p class='note'>{len(heads)} heads (layer, head) conflict or show synergy in at least one pair; "
+            f"{'all' if len(heads) <= top else f'the {top} with the most conflicting pairs'} shown. Per pair (A × B): "
+            "the blocks where a step on B's loss raises A's loss (conflict) or lowers it (synergy), transfer test, BH "
+            "q ≤ α within the pair; and the range of <i>sharing</i> over the head's blocks (1 = the tasks load the "
+            "weights alike, → 0 = separated; a ratio without a test). K/V slices count under their KV group's first "
+            "query head.</p><table id='t-head-matrix'><thead><tr><th>layer</th><th>head</th>"
+            f"{cols}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
 def _stats_html(rows: list[dict]) -> str:
     """Which statistics the counts come from, and the multiple-testing family each q-value is in."""
     alike = all(r["stats"] == rows[0]["stats"] and r["stats_group"] == rows[0]["stats_group"] for r in rows)
@@ -1691,6 +1752,8 @@ def overview_html(info: dict, rows: list[dict], top: int = 10) -> str:
         "the pair's full report (heatmaps, tables, top sample pairs).</p>",
         _task_matrix_html(info["tasks"], rows), _count_defs(st.get("alpha"), st.get("alternative")),
         "<h2 id='heads'>Heads where pairs conflict</h2>", _heads_html(rows, top),
+        "<h2 id='head-matrix'>Task × task per head: which pairs conflict, show synergy, share</h2>",
+        _head_matrix_html(rows, top),
         "<h2 id='stats'>Statistics and multiple testing</h2>", _stats_html(rows),
     ]
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"

@@ -170,3 +170,26 @@ def test_overview_never_overwrites_a_users_index(run, tmp_path):
         make_report(run, out_dir=mine)
     assert (mine / "index.html").read_text(encoding="utf-8") == "my page"
     assert sorted(p.name for p in mine.iterdir()) == ["index.html"]  # no pair's report started either
+
+
+def test_the_per_head_task_matrix_shows_each_pairs_answer_at_the_head(run, overview):
+    """Head (1, 2) conflicts in alpha × gamma and beta × gamma (planted): its row names the
+    conflicting block in those two pairs' columns and not in alpha × beta's; every cell's
+    sharing range is the min–max of that pair's `sharing` over the head's blocks."""
+    from qkov.pipeline.report import head_answers
+
+    data = json.loads((overview.parent / "overview.json").read_text())
+    by_key = {r["key"]: r for r in data["pairs"]}
+    for key in ("a-c", "b-c"):
+        assert "Q" in by_key[key]["heads"]["1/2"]["conflict"]
+    assert not (by_key["a-b"]["heads"].get("1/2") or {}).get("conflict")
+    store = RunStore(run)
+    for (x, y), key in zip(store.pair_keys(), ("a-b", "a-c", "b-c")):
+        stats = store.pair(x, y).open_stats()
+        assert head_answers(stats) == by_key[key]["heads"]
+        sharing = stats["sharing"].sel(layer=1)  # interference only: no score dim
+        want = [float(sharing.sel(block=b, head=h)) for b, h in (("Q", 2), ("O", 2))]
+        got = by_key[key]["heads"]["1/2"]["sharing"]
+        assert got[0] <= min(want) + 1e-12 and got[1] >= max(want) - 1e-12
+    html = overview.read_text()
+    assert "id='t-head-matrix'" in html and "<tr data-layer='1' data-head='2'>" in html
