@@ -40,7 +40,8 @@ def _friendly() -> Iterator[None]:
             # escaped: messages quote job-file sections such as [model.layout], which rich would eat as markup
             from qkov.pipeline.errors import cli_message
 
-            err().print(f"[bold red]error:[/] {escape(cli_message(e))}", highlight=False)
+            # soft_wrap: one line whatever the width (a long path must not be folded into the message)
+            err().print(f"[bold red]error:[/] {escape(cli_message(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         raise
 

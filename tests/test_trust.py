@@ -783,3 +783,17 @@ def test_settings_that_need_more_memory_than_the_machine_has_are_refused_before_
         flat = " ".join(text.split())
         assert code == 2 and "one extraction task needs about" in flat and "lower extract.shard_size" in flat, text
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_is_one_line_at_any_width_with_its_paths_whole(tmp_path):
+    """An error message is one line, never folded by the console (a narrow terminal wraps it
+    itself): a long path stays whole, so it can be copied, and the message reads the same."""
+    from typer.testing import CliRunner
+
+    from qkov.pipeline.cli import app
+
+    missing = tmp_path / ("a-long-folder-name-" * 6) / "job.toml"
+    res = CliRunner().invoke(app, ["validate", str(missing)], env={"COLUMNS": "40"})
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"job file not found: {missing}" in lines[0], res.output
