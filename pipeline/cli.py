@@ -173,7 +173,7 @@ def run(
             err().print(f"extract: {summary.extract['computed']} of {summary.extract['shards']} shards computed"
                       + (f", skipped samples {escape(str(summary.extract['skipped']))}" if summary.extract.get("skipped") else ""))
             if summary.extract.get("warning"):  # the sample counts left after skipping
-                err().print(f"[bold yellow]warning:[/] {escape(summary.extract['warning'])}", highlight=False)
+                err().print(f"[bold yellow]warning:[/] {escape(summary.extract['warning'])}", highlight=False, soft_wrap=True)
         err().print("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.timings.items()))
         _print_summary(job.output.path, job.output.storage_options)
 

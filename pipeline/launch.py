@@ -31,7 +31,7 @@ def check_job(job: JobSpec, *, resume: bool = False, overwrite: bool = False, sc
         return plan
     note = plan is not None and next(filter(None, (sample_count_warning(x, y, job.stats.alpha) for x, y in plan.pair_sizes())), None)
     if note:
-        err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False)
+        err().print(f"[bold yellow]warning:[/] {escape(note)}", highlight=False, soft_wrap=True)
     for line in completion_notes(plan) if plan is not None else ():
         err().print(line, markup=False, highlight=False)
     if show_plan and plan is not None:
