@@ -5,7 +5,7 @@ each pair's Fisher is the one its two-task run pools, so every score and every s
 the pair's sub-run must equal that run's (same seeds)."""
 from __future__ import annotations
 
-import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,20 +24,48 @@ def _two_task(tmp, three, x, y):
                     output={"path": str(tmp / f"run-{x}{y}")})
 
 
+@pytest.fixture(scope="module")
+def pooled3(tmp_path_factory):
+    """A finished three-task run (5 + 4 + 4 samples, the Fisher pooled over all three) that the
+    readers' tests read and the resume tests copy."""
+    tmp = tmp_path_factory.mktemp("pooled3")
+    job = tiny_job(tmp, n_a=5, n_b=4, more=(4,), output={"path": str(tmp / "run")})
+    run_job(job)
+    return job
+
+
+def _copy_of(job, tmp_path):
+    """The job pointed at a copy of its finished run (a run may move: --resume takes it)."""
+    import shutil
+
+    shutil.copytree(job.output.path, tmp_path / "run")
+    return job.model_copy(update={"output": job.output.model_copy(update={"path": str(tmp_path / "run")})})
+
+
+@pytest.fixture(scope="module")
+def four_by_cli(tmp_path_factory):
+    """A four-task run made through the CLI; (job, its output)."""
+    from typer.testing import CliRunner
+
+    from qkov.pipeline.cli import app
+    from qkov.testing import write_job_file
+
+    tmp = tmp_path_factory.mktemp("four")
+    job = tiny_job(tmp, n_a=5, n_b=4, more=(3, 4), output={"path": str(tmp / "run")})
+    res = CliRunner().invoke(app, ["run", str(write_job_file(job, tmp / "job.toml")), "--inline"])
+    assert res.exit_code == 0, res.output
+    return job, res.output
+
+
 @pytest.mark.slow
 def test_three_task_run_equals_its_three_two_task_runs(tmp_path):
     three = tiny_job(tmp_path, more=(6,), fisher={"source": "pair"}, output={"path": str(tmp_path / "run-abc")})
-    t = time.perf_counter()
     run_job(three)
-    t_three = time.perf_counter() - t
     store = RunStore(three.output.path)
     assert store.is_multi() and store.pair_keys() == [("a", "b"), ("a", "c"), ("b", "c")]
-    t_pairs = 0.0
     for x, y in three.tasks.pairs():
         job = _two_task(tmp_path, three, x, y)
-        t = time.perf_counter()
         run_job(job)
-        t_pairs += time.perf_counter() - t
         ref, got = RunStore(job.output.path), store.pair(x, y)
         assert got.pair_tasks() == (x, y)
         r_f, g_f = ref.open_fisher(), got.open_fisher()
@@ -79,16 +107,15 @@ def test_plan_predicts_the_pairs_of_a_three_task_run(tmp_path):
     assert abs(p.groups["gradients"] - real) <= 0.10 * real
 
 
-def test_a_pooled_fisher_is_shared_and_each_pair_reads_only_its_tasks(tmp_path):
-    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(3, 4), output={"path": str(tmp_path / "run")})
-    run_job(job)
+def test_a_pooled_fisher_is_shared_and_each_pair_reads_only_its_tasks(four_by_cli):
+    job, _ = four_by_cli
     store = RunStore(job.output.path)
     assert store.has_group(schema.FISHER) and len(store.pair_keys()) == 6
     grads = store.open_gradients()
     assert grads.attrs[schema.ATTR_TASK_SIZES] == [5, 4, 3, 4]
     for x, y in store.pair_keys():
         pair = store.pair(x, y)
-        assert not pair.own_fisher and not (tmp_path / "run" / schema.pair_group(x, y) / "fisher").exists()
+        assert not pair.own_fisher and not (Path(job.output.path) / schema.pair_group(x, y) / "fisher").exists()
         scores = pair.open_scores()
         names = store.task_names()
         want = [str(i) for i, t in zip(grads[schema.SAMPLE_ID].values, grads[schema.TASK].values) if str(t) in (names[x], names[y])]
@@ -97,13 +124,11 @@ def test_a_pooled_fisher_is_shared_and_each_pair_reads_only_its_tasks(tmp_path):
         assert pair.open_stats().sizes  # every pair has its statistics
 
 
-def test_readers_take_a_pair_and_refuse_a_wrong_one(tmp_path):
+def test_readers_take_a_pair_and_refuse_a_wrong_one(pooled3, tmp_path):
     import qkov
     from qkov.pipeline.errors import UsageError
 
-    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
-    run_job(job)
-    run = job.output.path
+    run = pooled3.output.path
     with pytest.raises(UsageError, match="compares 3 tasks.*alpha,gamma"):
         qkov.answers(run)
     with pytest.raises(UsageError, match="ask for alpha,gamma"):
@@ -175,10 +200,9 @@ def test_a_two_task_job_keeps_its_config_and_hash(tmp_path):
     assert job.n_tasks == 2 and job.tasks.pairs() == [("a", "b")]
 
 
-def test_a_run_stopped_between_pairs_resumes_with_the_finished_pairs_kept(tmp_path):
+def test_a_run_stopped_between_pairs_resumes_with_the_finished_pairs_kept(pooled3, tmp_path):
     """A crash after some pairs are done loses none of them: --resume scores only the rest."""
-    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
-    run_job(job)
+    job = _copy_of(pooled3, tmp_path)
     store = RunStore(job.output.path)
     before = {p: store.pair(*p).open_stats() for p in store.pair_keys()}
     stamp = {p: store.pair(*p).group_attrs(schema.SCORES_GROUP)[schema.ATTR_PROVENANCE]["created"] for p in store.pair_keys()}
@@ -197,9 +221,8 @@ def test_a_run_stopped_between_pairs_resumes_with_the_finished_pairs_kept(tmp_pa
             np.testing.assert_array_equal(after[name].values, before[p][name].values, err_msg=f"{p} {name}")
 
 
-def test_a_lost_chunk_of_one_pairs_scores_is_recomputed_on_resume(tmp_path):
-    job = tiny_job(tmp_path, n_a=5, n_b=4, more=(4,), output={"path": str(tmp_path / "run")})
-    run_job(job)
+def test_a_lost_chunk_of_one_pairs_scores_is_recomputed_on_resume(pooled3, tmp_path):
+    job = _copy_of(pooled3, tmp_path)
     store = RunStore(job.output.path)
     want = store.pair("a", "c").open_stats()
     scores = tmp_path / "run" / schema.pair_group("a", "c") / schema.SCORES_GROUP
@@ -236,18 +259,15 @@ def test_pairs_with_a_named_fisher_equal_two_task_runs_in_other_modes(tmp_path, 
                 np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_the_cli_runs_four_tasks_and_prints_one_line_per_pair(tmp_path):
+def test_the_cli_runs_four_tasks_and_prints_one_line_per_pair(four_by_cli):
     from typer.testing import CliRunner
 
     from qkov.pipeline.cli import app
-    from qkov.testing import write_job_file
 
-    job = tiny_job(tmp_path, n_a=4, n_b=4, more=(4, 4), output={"path": str(tmp_path / "run")})
-    res = CliRunner().invoke(app, ["run", str(write_job_file(job, tmp_path / "job.toml")), "--inline"])
-    assert res.exit_code == 0, res.output
-    out = " ".join(res.output.split())
+    job, output = four_by_cli
+    out = " ".join(output.split())
     assert "6 task pairs of alpha, beta, gamma, delta" in out
     for a, b in (("alpha", "beta"), ("gamma", "delta")):
         assert f"{a} × {b}:" in out and "conflict" in out
-    res = CliRunner().invoke(app, ["query", str(tmp_path / "run")])
+    res = CliRunner().invoke(app, ["query", job.output.path])
     assert res.exit_code == 2 and "--pair A,B" in res.output and "gamma,delta" in res.output
