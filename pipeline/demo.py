@@ -31,9 +31,12 @@ def may_replace(job: JobSpec, overwrite: bool) -> bool:
     if overwrite:
         return True
     old = store.config() if store.is_run() else {}
-    mine = job.config_dict()
-    same = bool(old) and old.get("model") == mine["model"] and all(
-        (old.get("tasks", {}).get(t) or {}).get("path") == mine["tasks"][t]["path"] for t in mine["tasks"])
+    # made by `qkov demo` (of this qkov or an earlier one, whose demo had other tasks): the demo's
+    # model, and every task one of the built-in files shipped beside the demo job
+    data = Path(str(resources.files("qkov.pipeline.data"))).resolve()
+    old_tasks = list((old.get("tasks") or {}).values())
+    same = bool(old_tasks) and (old.get("model") or {}).get("name") == job.model.name and all(
+        Path(str(t.get("path", ""))).resolve().parent == data for t in old_tasks)
     if not store.is_run():
         raise StoreError(f"{option('out', store.path)} exists and is not a qkov run; refusing to write into it. "
                          f"Choose another {option('out', 'DIR')}.")

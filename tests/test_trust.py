@@ -797,3 +797,22 @@ def test_an_error_is_one_line_at_any_width_with_its_paths_whole(tmp_path):
     assert res.exit_code == 2
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and f"job file not found: {missing}" in lines[0], res.output
+
+
+def test_demo_replaces_its_own_earlier_run_made_with_other_built_in_tasks(tmp_path):
+    """A demo run of an earlier qkov (two built-in tasks) at --out is the demo's own: replaced
+    without --overwrite; one whose task lies outside the shipped data is not."""
+    from qkov.pipeline.demo import demo_job, may_replace
+    from qkov.pipeline.errors import StoreError
+    from qkov.pipeline.store import RunStore
+
+    job = demo_job(tmp_path / "demo")
+    old = job.config_dict()
+    old["tasks"] = {k: old["tasks"][k] for k in ("a", "b")}  # the two-task demo of 2026-12-06
+    RunStore.of(job).create_run(old, "earlier")
+    assert may_replace(job, overwrite=False)
+    old["tasks"]["b"] = {**old["tasks"]["b"], "path": str(tmp_path / "mine.jsonl")}
+    other = demo_job(tmp_path / "other")
+    RunStore.of(other).create_run(old, "mine")
+    with pytest.raises(StoreError, match="did not make"):
+        may_replace(other, overwrite=False)
