@@ -576,9 +576,8 @@ def answers_all_pairs(run: "str | RunStore", stats: str | None = None, storage_o
     from .stats import bh_qvalues
 
     store = RunStore.coerce(run, storage_options)
-    pairs = [store.pair(x, y) for x, y in store.pair_keys()] if store.is_multi() else [store]
     frames = []
-    for p in pairs:
+    for p in store.pair_runs():
         names = _task_names(p)
         df = answers_table(p.open_stats(stats), names)
         df.insert(0, "task_b", names[1])

@@ -258,9 +258,8 @@ def _run_job(job: JobSpec, *, client, resume: bool, overwrite: bool, progress: P
             summary.repaired = reopen_damaged_shards(store)
             if is_grouped(store):  # no gradients to score again from: the damaged layers' groups run again
                 summary.repaired_scores = bool(reopen_damaged_layers(store))
-            else:  # more than two tasks: each pair's scores
-                subs = [store.pair(x, y) for x, y in job.tasks.pairs()] if job.n_tasks > 2 else [store]
-                summary.repaired_scores = any([reopen_damaged_scores(sub) for sub in subs])
+            else:  # each pair's scores (a list, not a generator: every pair is checked, not only up to the first)
+                summary.repaired_scores = any([reopen_damaged_scores(sub) for sub in store.pair_runs()])
         grouped = not job.output.keep_gradients or is_grouped(store)
         _Stages(store, job, executor, summary, progress or (lambda *_: None), plan, fresh).run(grouped)
         t = time.perf_counter()
@@ -307,7 +306,7 @@ class _Stages:
     def run_pairs(self) -> None:
         """More than two tasks: one extraction, then each task pair's scores and statistics in its
         own sub-run (`RunStore.pair`), each skipped when complete."""
-        pairs = [self.store.pair(x, y) for x, y in self.job.tasks.pairs()]
+        pairs = self.store.pair_runs()
         fishers = [p for p in pairs if p.own_fisher] or [self.store]
         t = time.perf_counter()
         if self.store.is_complete(schema.GRADIENTS) and all(f.is_complete(schema.FISHER) for f in fishers):

@@ -16,12 +16,24 @@ from qkov.pipeline.store import RunStore
 from qkov.testing import tiny_job
 
 
-def _two_task(tmp, three, x, y):
+def _two_task(tmp, three, x, y, **sections):
     """The two-task job of the pair (x, y) of the three-task job `three`: the same files, names,
-    model and settings."""
+    model and settings (`sections` as `tiny_job` takes them)."""
     tasks = three.tasks
     return tiny_job(tmp, n_a=10, n_b=7, tasks={"a": tasks[x].model_dump(), "b": tasks[y].model_dump()},
-                    output={"path": str(tmp / f"run-{x}{y}")})
+                    output={"path": str(tmp / f"run-{x}{y}")}, **sections)
+
+
+def _assert_same_stats(got, ref) -> None:
+    """Every statistics variable equal: floats to float tolerance (the runs batch their samples
+    differently), everything else exactly."""
+    assert sorted(got.data_vars) == sorted(ref.data_vars)
+    for name in ref.data_vars:
+        a, b = got[name].values, ref[name].values
+        if a.dtype.kind in "fc":
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +88,7 @@ def test_three_task_run_equals_its_three_two_task_runs(tmp_path):
         assert g_s.attrs[schema.ATTR_TASK_A] == three.tasks[x].name and g_s.attrs[schema.ATTR_TASK_B] == three.tasks[y].name
         for name in ("pooled_interference", "pooled_alignment", "interference", "alignment"):
             np.testing.assert_allclose(g_s[name].values, r_s[name].values, rtol=1e-5, atol=1e-6 * np.abs(r_s[name].values).max())
-        r_st, g_st = ref.open_stats(), got.open_stats()
-        assert sorted(g_st.data_vars) == sorted(r_st.data_vars)
-        for name in r_st.data_vars:
-            a, b = g_st[name].values, r_st[name].values
-            if a.dtype.kind in "fc":
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=name)
+        _assert_same_stats(got.open_stats(), ref.open_stats())
 
 
 
@@ -246,17 +251,9 @@ def test_pairs_with_a_named_fisher_equal_two_task_runs_in_other_modes(tmp_path, 
     store = RunStore(three.output.path)
     assert store.has_group(schema.FISHER) and store.open_fisher().attrs["source"] == "a"
     for x, y in (("a", "b"), ("a", "c")):
-        tasks = three.tasks
-        job = tiny_job(tmp_path, tasks={"a": tasks[x].model_dump(), "b": tasks[y].model_dump()}, fisher={"source": "a"},
-                       score=score, output={"path": str(tmp_path / f"run-{x}{y}")})
+        job = _two_task(tmp_path, three, x, y, fisher={"source": "a"}, score=score)
         run_job(job)
-        ref, got = RunStore(job.output.path).open_stats(), store.pair(x, y).open_stats()
-        for name in ref.data_vars:
-            a, b = got[name].values, ref[name].values
-            if a.dtype.kind in "fc":
-                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, equal_nan=True, err_msg=name)
-            else:
-                np.testing.assert_array_equal(a, b, err_msg=name)
+        _assert_same_stats(store.pair(x, y).open_stats(), RunStore(job.output.path).open_stats())
 
 
 def test_the_cli_runs_four_tasks_and_prints_one_line_per_pair(four_by_cli):

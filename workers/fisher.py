@@ -41,11 +41,6 @@ def stream_weights(n_a: int, n_b: int, source: str, batch_size: int, beta: float
     return task_stream_weights([n_a, n_b], members, batch_size, beta)
 
 
-def n_batches(n_a: int, n_b: int, source: str, batch_size: int) -> int:
-    n = {"pooled": n_a + n_b, "pair": n_a + n_b, "a": n_a, "b": n_b}[source]
-    return -(-n // batch_size)
-
-
 # The smallest Î+λ the score weights are formed from: float32's smallest normal number.
 # The scores multiply float32 (or bf16) operands by 1/(Î+λ) and 1/√(Î+λ); below this floor
 # those weights leave float32's range, and an entry whose gradient is 0 (Î = 0 there too)

@@ -123,6 +123,10 @@ class RunStore:
         return RunStore(f"{self.path.rstrip('/')}/{schema.pair_group(key_a, key_b)}", self.storage_options, parent=self,
                         own_fisher=own)
 
+    def pair_runs(self) -> list["RunStore"]:
+        """The run of every task pair: a run of more than two tasks' sub-runs, else the run itself."""
+        return [self.pair(x, y) for x, y in self.pair_keys()] if self.is_multi() else [self]
+
     def task_names(self) -> dict[str, str]:
         """{task key: task name} of the run, in store order."""
         return {k: str(t.get("name", k)) for k, t in (self.base.config().get("tasks") or {}).items()}
