@@ -76,7 +76,8 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
         names = set(z.namelist())
     shipped = {".".join(Path(n).parent.parts) for n in names if n.endswith("/__init__.py") or n == "__init__.py"}
     assert _packages_on_disk() <= shipped, f"packages not in the wheel: {sorted(_packages_on_disk() - shipped)}"
-    assert {"qkov/pipeline/data/demo.toml", "qkov/pipeline/data/arithmetic.jsonl", "qkov/pipeline/data/python_code.jsonl"} <= names
+    assert {"qkov/pipeline/data/demo.toml", "qkov/pipeline/data/arithmetic.jsonl", "qkov/pipeline/data/python_code.jsonl",
+            "qkov/pipeline/data/geography.jsonl"} <= names
     # one namespace: nothing generic (`pipeline`, `workers`) at the top of site-packages
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"qkov"}, f"the wheel installs top-level names besides qkov: {sorted(tops)}"
