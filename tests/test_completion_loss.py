@@ -190,15 +190,16 @@ def test_a_run_with_a_completion_loss_records_it_and_changes_only_that_tasks_gra
         run_job(job)
         store = RunStore(job.output.path)
         g = store.open_gradients()
-        name = next(v for v in g.data_vars if g[v].ndim >= 2)
-        grads[loss] = (g[name].values, g[schema.TASK].values)
+        grads[loss] = ({name: g[name].values for name in g.data_vars}, g[schema.TASK].values)
         assert ("loss" in store.config()["tasks"]["a"]) == (loss == "completion")  # default left out: old hashes hold
         info = run_info(store, store.open_stats())
         assert info["task_a"]["loss"].startswith("completion" if loss == "completion" else "every")
         assert info["task_b"]["loss"] == "every next token"
     (full, task), (comp, _) = grads["all"], grads["completion"]
     is_a = task == "alpha"
-    assert (full[is_a] != comp[is_a]).any() and (full[~is_a] == comp[~is_a]).all()
+    assert sorted(full) == sorted(comp) and len(full) == 2  # the Q and O blocks of layer 1
+    for name in full:
+        assert (full[name][is_a] != comp[name][is_a]).any() and (full[name][~is_a] == comp[name][~is_a]).all(), name
 
 
 def test_validate_says_how_much_of_each_task_the_completion_loss_keeps(tmp_path, capsys):

@@ -236,3 +236,20 @@ def test_every_write_through_the_store_ends_in_a_checksum(tmp_path):
         assert chain(group, "a") == chain(group, "i") == ["bytes", "zstd", "crc32c"]
         assert chain(group, "b") == ["bytes", "blosc", "crc32c"]
         assert chain(group, "t")[-2:] == ["zstd", "crc32c"]
+
+
+def test_a_group_reads_with_its_variables_in_name_order_whatever_the_file_system_lists(tmp_path):
+    """Zarr lists a group's arrays in directory order, which differs between machines; readers
+    (and "the first block") must not: the store returns variables sorted by name."""
+    import xarray as xr
+
+    store = RunStore(str(tmp_path / "run"))
+    names = ["zeta", "alpha", "mu", "beta"]
+    ds = xr.Dataset({n: ("x", np.arange(3, dtype="float32") + k) for k, n in enumerate(names)}, coords={"x": [0, 1, 2]})
+    store.create_run({"output": {}}, "test")
+    store.write_dataset(ds, "grp", complete=True)
+    out = store.open_dataset("grp")
+    assert list(out.data_vars) == sorted(names)
+    for k, n in enumerate(names):
+        np.testing.assert_array_equal(out[n].values, np.arange(3, dtype="float32") + k)
+    assert list(store.open_tree()["grp"].to_dataset().data_vars) == sorted(names)

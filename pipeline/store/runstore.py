@@ -21,7 +21,7 @@ from .paths import fsspec_fs, free_bytes, local_path, remove, size_bytes, sync, 
 from .chunks import CheckedStore, DirectChunks, checksummed_encoding, direct_dask
 from .lock import acquire_lock, read_lock, release_lock, require_unlocked
 from .provenance import provenance
-from .views import pair_gradients, decoded, plain_text_coords, scores_view, with_score_attrs
+from .views import pair_gradients, decoded, plain_text_coords, scores_view, sorted_vars, with_score_attrs
 
 # what the `scores` group's layout attrs and the gradients' encodings may say (schema version 1)
 KEEP_PAIRS = ("all", "top", "none")
@@ -365,7 +365,7 @@ class RunStore:
                                  f"{' or '.join(map(repr, ENCODINGS))} (store schema version {schema.SCHEMA_VERSION}); use the "
                                  "qkov that wrote it (`qkov info` shows its version), or rerun the job with this one (qkov run --overwrite).")
         ds = self._eager(self._direct(ds, group), group)
-        ds = plain_text_coords(ds)
+        ds = plain_text_coords(sorted_vars(ds))
         return with_score_attrs(scores_view(ds)) if group == schema.SCORES_GROUP else ds
 
     def _eager(self, ds, group: str):
@@ -483,7 +483,7 @@ class RunStore:
             ds = child.to_dataset()
             if name == schema.SCORES_GROUP:
                 ds = with_score_attrs(scores_view(ds) if ds.attrs.get(schema.ATTR_SCORES_LAYOUT) else ds)
-            tree[name] = xr.DataTree(plain_text_coords(ds))
+            tree[name] = xr.DataTree(plain_text_coords(sorted_vars(ds)))
         return tree
 
     def write_dataset(self, ds, group: str, *, encoding: dict | None = None, compute: bool = True, complete: bool | None = None):

@@ -33,6 +33,13 @@ def pair_gradients(ds, task_a: str, task_b: str):
     return out
 
 
+def sorted_vars(ds):
+    """`ds` with its variables in name order: zarr lists a group's arrays in the file system's
+    order, which differs between machines, so "the first variable" would differ too."""
+    names = sorted(ds.data_vars, key=str)
+    return ds if list(ds.data_vars) == names else ds[names].assign_coords(ds.coords).assign_attrs(ds.attrs)
+
+
 def plain_text_coords(ds):
     """`ds` with its text coordinates (sample ids, tasks, texts, blocks) as fixed-width `str`
     arrays. Zarr reads them as numpy's variable-width StringDType, which xarray cannot plot
