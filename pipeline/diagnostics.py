@@ -357,17 +357,20 @@ def diagnostics_from_parts(values: dict[str, _BlockParts], grads: xr.Dataset, fi
         S.IS_A: (S.SAMPLE_I, is_a),
         S.TASK: (S.SAMPLE_I, np.where(is_a, str(task_a), str(task_b)).astype(object)),
     }
-    sketched = grads.attrs.get(S.ATTR_MODE) == "sketch"
+    mode = grads.attrs.get(S.ATTR_MODE) or "exact"
+    sketched = mode == "sketch"
     attrs = {
         "ill_conditioned_rule": ILL_RULE,
         "outlier_rule": OUTLIER_RULE,
         "outlier_z": OUTLIER_Z,
         "ill_share": ILL_SHARE,
-        "mode": "sketch" if sketched else "exact",
-        "source": ("grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)) estimate ||g|| and sqrt(A_ii) from the "
-                   "sketches (relative error about sqrt(2/k) on the squares); marginals are means of the sketched "
-                   "scores; the Fisher health is exact") if sketched else
-                  "exact: norms from the stored gradients, fisher_norm and marginals from the stored pooled scores",
+        "mode": mode,
+        "source": {"sketch": "grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)) estimate ||g|| and sqrt(A_ii) from "
+                             "the sketches (relative error about sqrt(2/k) on the squares); marginals are means of the "
+                             "sketched scores; the Fisher health is exact",
+                   "answers": "exact: norms, fisher_norm and marginals from each sample's scalars, reduced from its "
+                              "gradient against the task sums in extraction (no gradient stored)"}.get(
+            mode, "exact: norms from the stored gradients, fisher_norm and marginals from the stored pooled scores"),
         "kv": "K/V rows of query heads that share a KV head repeat that KV head's values",
         S.ATTR_N_A: int(is_a.sum()), S.ATTR_N_B: int((~is_a).sum()), S.ATTR_TASK_A: task_a, S.ATTR_TASK_B: task_b,
     }

@@ -256,8 +256,13 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     n, L = plan.n, len(plan.layers)
     data = {}
     pdim = schema.param_dims(plan.sizes)
+    answers = job.score.mode == "answers"
     for name, b, width in gradient_variables(plan, job):
         shape = (n, L, plan.heads[b], width)
+        if answers:  # a few float64 scalars per sample and slice: one chunk per shard
+            arr = da.zeros(shape, chunks=(plan.shard_size, L, plan.heads[b], width), dtype=np.float64)
+            data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), schema.PART), arr)
+            continue
         arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, width), dtype=enc)
         last = schema.SKETCH if job.score.mode == "sketch" else pdim[b]
         data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), last), arr,
@@ -275,6 +280,8 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         schema.KV_HEAD: (schema.KV_HEAD, np.arange(plan.n_kv_heads, dtype=np.int32)),
         schema.KV_HEAD_OF: (schema.HEAD, np.array(plan.kv_head_of, dtype=np.int32)),
     }
+    if answers:
+        coords[schema.PART] = (schema.PART, np.array(schema.answer_parts(job.tasks.keys()), dtype=object))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
         provenance(job.config_dict(), job.config_hash(), layout=plan.layout_summary, stage="extract"),
@@ -301,6 +308,8 @@ def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, 
     sketch mode its three sketched operands {B}_u, {B}_v, {B}_w of length sketch_dim."""
     if job.score.mode == "sketch":
         return [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in schema.SKETCH_PARTS]
+    if job.score.mode == "answers":  # each sample's scalars per slice (schema.answer_parts)
+        return [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
     return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
@@ -311,8 +320,10 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     # writing 3.3x and reading 2.2x slower, measured), and every stage after extract streams them.
     # A crc32c checksum per chunk (7.9 GB/s, within the noise of the store's own write/read times,
     # measured) turns a corrupted or half-written chunk into an error instead of wrong scores.
-    encoding = {name: {"chunks": (plan.shard_size, 1, 1, width), "compressors": checksummed()}
-                for name, _, width in gradient_variables(plan, job)}
+    answers = job.score.mode == "answers"
+    encoding = {name: {"chunks": (plan.shard_size, *((len(plan.layers), plan.heads[b]) if answers else (1, 1)), width),
+                       "compressors": checksummed()}
+                for name, b, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
     encoding[schema.FINITE] = {"chunks": (plan.shard_size,)}
     store.write_dataset(ds, schema.GRADIENTS, encoding=encoding, compute=False)  # metadata only: workers fill the chunks
@@ -324,9 +335,14 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
         # one chunk per (shard, layer): whole-shard chunks reach 2 GB per block at 7B scale
         work.create_array(schema.fisher_partial(b, stream), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
+    for b, k in ((b, k) for b in plan.blocks for k in range(len(plan.task_sizes)) if answers):
+        shape = (n_shards, len(schema.TASK_SUM_KINDS), len(plan.layers), plan.heads[b], plan.sizes[b])
+        work.create_array(schema.task_sum_partial(b, k), shape=shape, chunks=(1, 1, 1, *shape[3:]), dtype="float32",
+                          fill_value=0.0, overwrite=True,
+                          dimension_names=("shard", "kind", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
     work.attrs[schema.ATTR_PLAN] = plan.fingerprint()
     work.attrs[schema.ATTR_CHECKPOINT] = plan.checkpoint
-    if job.score.mode == "sketch":
+    if job.score.mode in ("sketch", "answers"):
         work.create_array(schema.DONE_FISHER, shape=(n_shards,), chunks=(1,), dtype="int8", fill_value=0, overwrite=True,
                           dimension_names=("shard",))
     # `done` last: its presence is what marks the template as written (store.work.has_template)
@@ -359,9 +375,16 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
                 phase=phase,
                 sketch_dim=job.score.sketch_dim,
                 sketch_seed=job.score.sketch_seed,
+                **(_task_of(plan, s, e) if job.score.mode == "answers" else {}),
             )
         )
     return out
+
+
+def _task_of(plan: ExtractPlan, start: int, stop: int) -> dict:
+    """Answers mode: each sample's task index (store order) for rows start:stop."""
+    task = np.repeat(np.arange(len(plan.task_sizes)), plan.task_sizes)
+    return {"task_of": tuple(int(k) for k in task[start:stop]), "n_tasks": len(plan.task_sizes)}
 
 
 def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE) -> list[int]:
@@ -412,6 +435,26 @@ def consolidate_fisher(store: RunStore, plan: ExtractPlan, job: JobSpec, weights
     for stream, pair in enumerate(plan.fisher_pairs):
         target = store if pair is None else store.pair(*pair)
         _write_fisher(target, store.root()[schema.WORK], stream, plan, job, weights_hash)
+
+
+def consolidate_task_sums(store: RunStore, plan: ExtractPlan) -> None:
+    """Answers mode: each task's Σ g, Σ |g|, Σ g² over shards (shard order, float64) into
+    `_work/task_sums/<block>` (task, kind, layer, head, param), which pass 2 reduces against."""
+    work = store.root("r+")[schema.WORK]
+    out = work.require_group(schema.TASK_SUMS)
+    for b in plan.blocks:
+        shape = (len(plan.task_sizes), len(schema.TASK_SUM_KINDS), len(plan.layers), plan.heads[b], plan.sizes[b])
+        arr = out.create_array(b, shape=shape, chunks=(1, 1, 1, *shape[3:]), dtype="float64", fill_value=0.0,
+                               overwrite=True, dimension_names=(schema.TASK, "kind", schema.LAYER, schema.head_dim(b),
+                                                                f"{schema.PARAM}_{b}"))
+        for k in range(shape[0]):
+            part = work[schema.task_sum_partial(b, k)]
+            for kind in range(shape[1]):
+                for li in range(shape[2]):  # one stored chunk at a time
+                    total = np.zeros(shape[3:], dtype=np.float64)
+                    for sh in range(part.shape[0]):
+                        total += part[sh, kind, li]
+                    arr[k, kind, li] = total
 
 
 def _write_fisher(target: RunStore, work, stream: int, plan: ExtractPlan, job: JobSpec, weights_hash: str | None) -> None:
@@ -499,7 +542,9 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
     else:
         check_same_plan(store, plan, job)
     # sketch mode: pass 1 writes the Fisher; pass 2 needs the consolidated Fisher to form its operands
-    phases = [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)] if job.score.mode == "sketch" else [("exact", schema.DONE)]
+    # answers mode likewise: pass 1 the Fisher and the task sums, pass 2 each sample's scalars against them
+    phases = {"sketch": [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)],
+              "answers": [("fisher", schema.DONE_FISHER), ("answers", schema.DONE)]}.get(job.score.mode, [("exact", schema.DONE)])
     todo = {record: pending_shards(store, plan, record) for _, record in phases}
     total = len(plan.shards) * len(phases)
     done_count = [total - sum(map(len, todo.values()))]
@@ -516,10 +561,12 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
         groups = shard_groups(tasks, slots=executor.gpu_slots())
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
         whash, skipped = _finish_pass(store, plan, results, record)
-        if phase != "sketch":  # the pass that wrote the Fisher partial sums
+        if phase in ("exact", "fisher"):  # the pass that wrote the Fisher partial sums
             # the sample counts after skipping, before anything is marked complete (a resume asks again)
             warning = check_kept_samples(job, plan, store.root()[schema.GRADIENTS][schema.FINITE][:])
             consolidate_fisher(store, plan, job, whash)
+            if job.score.mode == "answers":
+                consolidate_task_sums(store, plan)
     root = store.root("r+")
     g = root[schema.GRADIENTS]
     g.attrs[schema.ATTR_WEIGHTS_HASH] = whash

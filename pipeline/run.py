@@ -263,6 +263,10 @@ def _run_job(job: JobSpec, *, client, resume: bool, overwrite: bool, progress: P
         grouped = not job.output.keep_gradients or is_grouped(store)
         _Stages(store, job, executor, summary, progress or (lambda *_: None), plan, fresh).run(grouped)
         t = time.perf_counter()
+        if job.score.mode == "answers" and not (store.group_attrs(schema.FISHER) or {}).get(schema.ATTR_VALUES_DROPPED):
+            # its scalars and the Fisher's health are written: the store keeps no P-sized array (one
+            # Fisher, the run's: answers mode refuses fisher.source = "pair")
+            store.drop_values(schema.FISHER)
         if grouped or not job.output.keep_work:  # every stage is complete: its bookkeeping is not needed
             store.delete(schema.WORK)
     # after the lock is gone (its group must not be listed): the README's xarray calls open the

@@ -98,7 +98,7 @@ ATTR_N_A = "n_a"
 ATTR_N_B = "n_b"
 ATTR_TASK_A = "task_a"  # task names, on `gradients` and `scores`
 ATTR_TASK_B = "task_b"
-ATTR_MODE = "mode"  # `gradients`: exact | sketch
+ATTR_MODE = "mode"  # `gradients`: exact | sketch | answers
 ATTR_SKETCH_PROJECTION = "sketch_projection"  # `gradients` in sketch mode: how projections are drawn
 
 
@@ -118,6 +118,48 @@ def pair_id(key_a: str, key_b: str) -> str:
 
 def pair_group(key_a: str, key_b: str) -> str:
     return f"{PAIRS}/{pair_id(key_a, key_b)}"
+
+
+# ---- answers mode (score.mode = "answers") ----------------------------------
+# No per-sample gradient is stored: pass 1 sums each task's g, |g| and g² per parameter
+# (`_work` partials per shard, consolidated to TASK_SUMS), pass 2 reduces each sample's
+# gradient against them to a few scalars per slice, stored in `gradients` as {B} (sample,
+# layer, head, part). The score stage turns the two tasks' parts into each score's
+# per-sample moments (`moments_<score>_<block>` in `scores`), which every answer is made of.
+PART = "part"  # `gradients` in answers mode: the per-sample scalars of a slice
+MOMENT = "moment"  # `scores` in answers mode: a score's per-sample moments
+TASK_SUM_KINDS: tuple[str, ...] = ("g", "abs", "sq")  # Σ g, Σ |g|, Σ g² per task and parameter
+TASK_SUMS = "task_sums"  # `_work` group: the consolidated per-task sums, per block (task, kind, layer, head, param)
+# the parts of each sample's scalars: Σg², A_ii = Σ g²w, M_ii = Σ |g|³w, then per task key k
+# ⟨g_i, Σ_k g⟩_w, ⟨u_i, Σ_k |g|⟩ and ⟨Σ_k u, |g_i|⟩ (w = 1/(Î+λ), u = g²w)
+ANSWER_SELF_PARTS: tuple[str, ...] = ("sq", "a_ii", "m_ii")
+ANSWER_TASK_PARTS: tuple[str, ...] = ("a", "mr", "mc")
+# per score, its moments for the two tasks A, B of a (sub-)run: the diagonal S_ii, then the
+# row sums over A and B (Σ_k∈A S_ik, Σ_k∈B S_ik) and the column sums (Σ_k∈A S_ki, …); the
+# symmetric alignment's columns are its rows
+MOMENTS: tuple[str, ...] = ("diag", "row_a", "row_b", "col_a", "col_b")
+
+
+def answer_parts(task_keys) -> list[str]:
+    """The `part` coordinate of answers-mode `gradients` for a run's task keys."""
+    return [*ANSWER_SELF_PARTS, *(f"{p}.{k}" for k in task_keys for p in ANSWER_TASK_PARTS)]
+
+
+def moment_parts(score: str, key_a: str, key_b: str) -> list[str]:
+    """The `gradients` parts one score's moments (MOMENTS order) are made of, for tasks key_a, key_b."""
+    if score == "interference":
+        return ["m_ii", f"mr.{key_a}", f"mr.{key_b}", f"mc.{key_a}", f"mc.{key_b}"]
+    return ["a_ii", f"a.{key_a}", f"a.{key_b}", f"a.{key_a}", f"a.{key_b}"]
+
+
+def moments_name(score: str, block: str | None = None) -> str:
+    """A score's per-sample moments in answers mode (logical: block, layer, head, sample_i, moment)."""
+    return f"moments_{score}" + (f"_{block}" if block else "")
+
+
+def task_sum_partial(block: str, task: int) -> str:
+    """`_work` array of each shard's Σ g, Σ |g|, Σ g² (TASK_SUM_KINDS) of one block and task (answers mode)."""
+    return f"task_sums_{block}_{task}"
 
 
 def fisher_partial(block: str, stream: int = 0) -> str:
@@ -232,6 +274,7 @@ ATTR_SAMPLE_CHUNK = "sample_chunk"  # on `scores` (and its provenance): the pool
 ATTR_LAYER_GROUPS = "layer_groups"  # `_work` attr: the layers of each group, fixed when the run starts
 ATTR_GROUPS_DONE = "layer_groups_done"  # `_work` attr: groups whose scores and Fisher are written
 ATTR_GRADIENTS_DROPPED = "gradients_dropped"  # `gradients` attr: only its coordinates are kept
+ATTR_VALUES_DROPPED = "values_dropped"  # `fisher` attr in answers mode: its P-sized arrays are deleted
 REPLACING = "_replacing"  # `--overwrite` in progress: the old run's entries, moved here and deleted last
 ATTR_TEMPLATES = "layer_group_templates"  # `_work` attr: the run's gradients/fisher/scores templates are written
 

@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from qkov.workers.fisher import inverse_damped_fisher
+from qkov.workers.parts import DiagnosticParts
 
 from . import codec, schema
 from .diagnostics import compute_with_diagnostics, write_diagnostics
@@ -234,6 +235,33 @@ def _scores_dataset(data: dict, grads: xr.Dataset, blocks: list[str], plan: _Pla
     return ds
 
 
+def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict) -> xr.Dataset:
+    """Answers mode: the lazy `scores` dataset of each score's per-sample moments
+    (`moments_<score>_<block>`: layer, head, sample_i, moment in `schema.MOMENTS` order) taken
+    from the scalars extraction stored for tasks key_a (A) and key_b (B); `side` receives each
+    block's `DiagnosticParts` (the same scalars: ‖g_i‖², A_ii and the interference's other-task
+    row and column means)."""
+    keep, n_a = _kept_samples(grads)
+    n_b = keep.size - n_a
+    parts = [str(p) for p in grads[schema.PART].values]
+    blocks = [b for b in schema.BLOCKS if b in grads]
+    data = {}
+    for b in blocks:
+        x = grads[b].data[keep]  # (N, L, H_b, parts): a few KB per sample
+        for score in schema.SCORES:
+            m = x[..., [parts.index(p) for p in schema.moment_parts(score, key_a, key_b)]]
+            data[schema.moments_name(score, b)] = xr.Variable((schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.MOMENT),
+                                                              m.transpose(1, 2, 0, 3).rechunk(-1))
+        part = lambda name: x[..., parts.index(name)]  # noqa: E731
+        side[b] = DiagnosticParts(sq=part("sq"), diag=part("a_ii"),
+                                  rows=da.stack([part(f"mr.{key_a}") / n_a, part(f"mr.{key_b}") / n_b], -1),
+                                  cols=da.stack([part(f"mc.{key_a}") / n_a, part(f"mc.{key_b}") / n_b], -1))
+    plan = _Plan(keep, n_a, keep.size, "none", 0, "float32", None, "auto", "auto")  # (no pair score stored)
+    ds = _scores_dataset(data, grads, blocks, plan).assign_coords({schema.MOMENT: list(schema.MOMENTS)})
+    ds.attrs[schema.ATTR_MODE] = "answers"
+    return ds
+
+
 def score_dataset(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
                   accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32") -> xr.Dataset:
     """The lazy logical `scores` dataset (pooled matrices and their A×B blocks, per query head)
@@ -253,12 +281,16 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     store.require(schema.FISHER, "scoring")
     require_intact_gradients(store)  # a missing chunk would read as NaN: refused, never scored
     grads = store.open_gradients(decode=False)
-    readers = store.direct_chunks(schema.GRADIENTS)
     fisher = store.open_fisher()
-    ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,
-                        accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
-                        keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers,
-                        side=(side := {}))
+    if grads.attrs.get(schema.ATTR_MODE) == "answers":  # no pair scores: each score's per-sample moments
+        readers, side = {}, {}
+        ds = moments_scores(grads, *store.pair_tasks(), side)
+    else:
+        readers = store.direct_chunks(schema.GRADIENTS)
+        ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,
+                            accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
+                            keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers,
+                            side=(side := {}))
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed(v.startswith("pooled_"))}

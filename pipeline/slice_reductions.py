@@ -80,6 +80,25 @@ def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: in
     return sums.sum(axis=(3, 4)) * scale
 
 
+def _moment_chunk(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int, labelled: bool) -> np.ndarray:
+    """`stats.moment_sums` of a chunk of moments [b, l, h, N, 5] -> [b, l, h, width]."""
+    left, _, wa, wb = stats_weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
+    return st.moment_sums(block, is_a, left, wa, wb, labelled)
+
+
+def moment_statistics(moments: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int,
+                      labelled: bool = True) -> da.Array:
+    """Answers mode: lazy [b, l, h, 1+K + 4(1+B) + N] per slice from its per-sample moments
+    [b, l, h, N, 5] (`stats.moment_sums`; labelled=False: no labels-null rows), laid out as
+    `slice_statistics` lays out its sums."""
+    is_a = np.asarray(is_a, dtype=bool)
+    width = schema.stat_sums_width(n_perm, n_boot, is_a.size)
+    moments = moments.rechunk({3: -1, 4: -1})
+    return moments.map_blocks(_moment_chunk, is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed, labelled=labelled, drop_axis=4,
+                              chunks=moments.chunks[:3] + ((width,),), dtype=np.float64,
+                              meta=np.empty((0,) * 4, np.float64))
+
+
 def _tile_top(block: np.ndarray, *, n_a: int, k: int, largest: bool, block_info=None) -> np.ndarray:
     """One chunk's k best A×B pairs [1, 1, ci, cj] -> [1, 1, 1, 1, 3, k] (`tile_top`)."""
     (r0, _), (c0, _) = block_info[0]["array-location"][2:4]

@@ -176,7 +176,10 @@ class ExtractSpec(_Frozen):
 
 
 class ScoreSpec(_Frozen):
-    mode: Literal["exact", "sketch"] = "exact"
+    # exact: per-sample gradients stored, every pair scored; sketch: their random projections;
+    # answers: no per-sample gradient stored, only each task's sums and per-sample scalars
+    # (two passes over the model), which every answer but the pair scores is made of
+    mode: Literal["exact", "sketch", "answers"] = "exact"
     sketch_dim: int = Field(default=4096, ge=16)
     sketch_seed: int = 0  # seeds the sketch projections (independent of stats.seed, which stats reruns change)
     layers: list[int] | None = None  # None = every attention layer
@@ -189,6 +192,17 @@ class ScoreSpec(_Frozen):
     top_k: int = Field(default=100, ge=1)
     include_bias: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"  # where score tasks run ("auto": the worker's GPU if it has one)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answers_keep_no_pairs(cls, data: Any) -> Any:
+        """Answers mode forms no pair score: keep_pairs is "none" there (given otherwise: refused)."""
+        if isinstance(data, dict) and data.get("mode") == "answers":
+            if data.get("keep_pairs", "none") != "none":
+                raise ValueError(f"keep_pairs = {data['keep_pairs']!r} with mode = 'answers': answers mode forms no pair "
+                                 "scores to keep; leave keep_pairs out, or use mode = 'exact' to keep pairs")
+            data = {**data, "keep_pairs": "none"}
+        return data
 
     @field_validator("blocks")
     @classmethod
@@ -267,6 +281,12 @@ class JobSpec(_Frozen):
         if self.fisher.source == "pair" and self.score.mode == "sketch":
             raise ValueError("fisher.source = 'pair' with score.mode = 'sketch': sketches are formed with one Fisher; "
                              "use fisher.source = 'pooled' or a task key")
+        if self.score.mode == "answers" and self.fisher.source == "pair":
+            raise ValueError("fisher.source = 'pair' with score.mode = 'answers': each sample's scalars are formed with "
+                             "one Fisher for every pair; use fisher.source = 'pooled' or a task key")
+        if self.score.mode == "answers" and not self.output.keep_gradients:
+            raise ValueError("output.keep_gradients = false with score.mode = 'answers': answers mode stores no "
+                             "gradients to drop; leave output.keep_gradients out")
         if len(self.tasks) > 2 and not self.output.keep_gradients:
             raise ValueError("output.keep_gradients = false runs two tasks only (layer groups score one pair); "
                              "with more tasks keep the gradients, or run the pairs as two-task jobs")

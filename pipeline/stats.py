@@ -557,3 +557,57 @@ def layer_head_tests(t_obs: np.ndarray, t_null: np.ndarray, groups: np.ndarray, 
         "q_value_hier": h["member_q"],
         "significant_hier": h["member_significant"],
     }
+
+
+# ---------------------------------------------------------------- answers mode: sums from per-sample moments
+
+
+def moment_sums(mom: np.ndarray, is_a: np.ndarray, left: np.ndarray, wa: np.ndarray, wb: np.ndarray,
+                labelled: bool = True) -> np.ndarray:
+    """The statistics' sums of slices from their per-sample moments, without the pair matrices.
+
+    mom [..., N, 5]: per pooled sample i (A then B) of a score matrix S, in `schema.MOMENTS`
+    order: S_ii, Σ_k∈A S_ik, Σ_k∈B S_ik, Σ_k∈A S_ki, Σ_k∈B S_ki. left [1+K, N] the labellings
+    (row 0 observed), wa/wb [1+B, N] `effect_weights`. Returns [..., 1+K + 4(1+B) + N] laid
+    out as `qkov.workers.reductions.stat_sums_np` after `slice_reductions.sums_scale`:
+
+    * exact: the A×B margins, and row 0 of the block sums (ab, ba, aa, bb: every point
+      estimate — mean, effect, sharing, transfer, cosine — and the transfer test);
+    * the K+1 labelling means: of T's first-order (Hájek) projection around the mean
+      labelling, T_lin(a) = [pq S_off N/(N−1) + Σ_i (a_i − p)(q R_i − p C_i)] / (n_a n_b) with
+      R, C the off-diagonal pooled row and column sums, p = n_a/N: a permutation test of T_lin
+      is exact in level for T_lin; T itself differs from it by a degenerate term of order 1/N.
+      labelled=False: NaN instead (the symmetric alignment's projection is (q − p) R_i, which
+      vanishes for equal task sizes: no test of it is worth reporting);
+    * the bootstrap rows 1..B: each block mean's first-order expansion in the resample
+      weights (δ = w − 1), e.g. ab(w) ≈ ab + Σ_i∈A δ_i R^B_i + Σ_j∈B δ_j C^A_j, scaled so that
+      `stats.pair_means` returns the expanded means.
+    """
+    mom = np.asarray(mom, dtype=np.float64)
+    is_a = np.asarray(is_a, dtype=bool)
+    n_a, n_b = int(is_a.sum()), int((~is_a).sum())
+    n = n_a + n_b
+    d, ra, rb, ca, cb = (mom[..., k] for k in range(5))
+    lead = mom.shape[:-2]
+    # labellings: the Hájek projection of the A×B mean
+    p, q = n_a / n, n_b / n
+    r_off, c_off = ra + rb - d, ca + cb - d
+    s_off = r_off.sum(-1)
+    centre = p * q * s_off * n / (n - 1)
+    lin = (q * r_off - p * c_off) @ (left - p).T  # [..., 1+K]
+    labelled = (centre[..., None] + lin) / (n_a * n_b) if labelled else np.full(lin.shape, np.nan)
+    # block sums at the sample weights (exact) and their first-order bootstrap expansion
+    ia, ib = is_a.astype(np.float64), (~is_a).astype(np.float64)
+    da_, db_ = wa - ia, wb - ib  # [1+B, N], zero outside their task
+    exact = np.stack([(rb * ia).sum(-1), (ra * ib).sum(-1), ((ra - d) * ia).sum(-1), ((rb - d) * ib).sum(-1)], -1)
+    step = np.stack([rb @ da_.T + ca @ db_.T, ra @ db_.T + cb @ da_.T,
+                     (ra + ca - 2 * d) @ da_.T, (rb + cb - 2 * d) @ db_.T], -1)  # [..., 1+B, 4]
+    norm1 = np.array([n_a * n_b, n_a * n_b, n_a * (n_a - 1), n_b * (n_b - 1)], dtype=np.float64)
+    sa, sb, qa, qb = wa.sum(1), wb.sum(1), (wa**2).sum(1), (wb**2).sum(1)
+    norms = np.stack([sa * sb, sa * sb, sa**2 - qa, sb**2 - qb], -1)  # [1+B, 4]: what pair_means divides by
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(norm1 > 0, (exact[..., None, :] + step) / np.where(norm1 > 0, norm1, 1.0), np.nan)
+    pairs = means * norms
+    pairs[..., 0, :] = exact  # row 0 as summed, not rescaled: every point estimate exact
+    margins = np.where(is_a, rb, ca)
+    return np.concatenate([labelled, pairs.reshape(*lead, -1), margins], -1)

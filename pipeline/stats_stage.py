@@ -26,11 +26,19 @@ from . import schema as S
 from . import stats as st
 from .errors import StatsStageError, UsageError, corrupt_chunk_error, option, param
 from .schema import LAYER_COMBINE, STATS_VAR_DOCS as _VAR_DOCS, effect_attrs as _effect_attrs, stats_var_attrs as _var_attrs
-from .slice_reductions import slice_statistics, sums_settings
+from .slice_reductions import moment_statistics, slice_statistics, sums_settings
 from .spec import StatsSpec, config_hash
 from .store import RunStore, provenance
 
 SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
+# answers mode (no pair scores): what its statistics compute exactly and what to first order
+ANSWERS_EXACT = ("every point estimate (mean, effect, sharing and its two directions, transfer, cosine where "
+                 "defined) and the transfer test (transfer_p_value, transfer_q_value, transfer_direction)")
+ANSWERS_APPROXIMATE = ("the CIs and cosine_norm_z: the same two-way bootstrap resamples applied to each mean's "
+                       "first-order expansion in the resample weights; interference's p_value, q_value, p_fwer, "
+                       "direction and layer tests: label permutations of the A x B mean's first-order (Hajek) "
+                       "projection, a test exact in level for that projection; null_mean is its permutation mean. "
+                       "The alignment's labels-null test needs the pair scores: NaN (its answer is the transfer test)")
 
 
 # ---------------------------------------------------------------- family
@@ -76,15 +84,17 @@ def _split(values: np.ndarray, settings: StatsSpec) -> tuple[np.ndarray, ...]:
     return values[:, obs.start], values[:, perms].T, pairs, values[:, margins]
 
 
-def _family_results(values: np.ndarray, settings: StatsSpec, is_a: np.ndarray) -> dict[str, np.ndarray]:
-    """Tests over the family rows of values [F, width]."""
+def _family_results(values: np.ndarray, settings: StatsSpec, is_a: np.ndarray, moments: bool = False) -> dict[str, np.ndarray]:
+    """Tests over the family rows of values [F, width]. moments=True (answers mode): the sums
+    came from per-sample moments, whose labelling rows are T's first-order projection; the
+    mean is then the exact A×B sum's, not the projection's."""
     t_obs, t_null, pairs, _ = _split(values, settings)
     t_boot = pairs[:, 1:, 0].T / (is_a.sum() * (~is_a).sum())
     p = st.p_values(t_obs, t_null, settings.alternative)
     q = st.bh_qvalues(p)
     lo, hi = st.percentile_interval(t_boot, settings.ci_level)
     return {
-        "mean": t_obs,
+        "mean": pairs[:, 0, 0] / (is_a.sum() * (~is_a).sum()) if moments else t_obs,
         "null_mean": t_null.mean(axis=0),
         "p_value": p,
         "q_value": q,
@@ -168,7 +178,7 @@ class _Family:
 
 def _present_scores(scores: xr.Dataset) -> list[str]:
     """The scores with pooled matrices or stored sums to test, their dims checked."""
-    present = [s for s in S.SCORES if S.pooled_name(s) in scores or S.stat_sums_name(s) in scores]
+    present = [s for s in S.SCORES if any(v(s) in scores for v in (S.pooled_name, S.stat_sums_name, S.moments_name))]
     if not present:
         raise StatsStageError(
             f"scores has none of {[S.pooled_name(s) for s in S.SCORES]}; the label-permutation null needs the pooled matrices"
@@ -183,7 +193,12 @@ def _present_scores(scores: xr.Dataset) -> list[str]:
 def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list, is_a: np.ndarray) -> list:
     """One score's sums per family group: those the score tasks reduced for these settings
     (keep_pairs = "top" | "none", and float32 runs that kept their pairs: no N×N score is read
-    back), else reduced from the pooled matrices."""
+    back), else reduced from the pooled matrices; in answers mode from the per-sample moments
+    (for any settings: they hold no permutation or resample)."""
+    if S.moments_name(score) in scores:
+        mom = scores[S.moments_name(score)].data
+        return [moment_statistics(mom[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed,
+                                  labelled=score == "interference") for bi, hi in groups]
     if S.pooled_name(score) not in scores or (S.stat_sums_name(score) in scores and _sums_match(scores, settings)):
         sums = scores[S.stat_sums_name(score)].data
         return [sums[bi][:, :, hi] for bi, hi in _sums_groups(scores, settings, groups)]
@@ -194,7 +209,7 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
 
 
 def _results(computed: list, present: list[str], fam: _Family, settings: StatsSpec,
-             is_a: np.ndarray) -> tuple[dict[str, np.ndarray], ...]:
+             is_a: np.ndarray, from_moments: bool = False) -> tuple[dict[str, np.ndarray], ...]:
     """The tests and effects of every present score from the computed family-group sums:
     (the tests per score and head, the effects per score and head, per score and layer, per
     head of one score only), K/V query heads repeating their KV head."""
@@ -209,7 +224,7 @@ def _results(computed: list, present: list[str], fam: _Family, settings: StatsSp
         full = np.full((n_block, n_layer, n_head, computed[0].shape[-1]), np.nan)
         for (bi, hi), res in zip(fam.groups, computed[si * n_groups : (si + 1) * n_groups]):
             full[np.ix_(bi, np.arange(n_layer), hi)] = res
-        res = _family_results(full[fam3], settings, is_a)
+        res = _family_results(full[fam3], settings, is_a, moments=from_moments)
         head, layer, own = _effect_results(score, full[fam3], res, fam.layer_of, settings, is_a)
         for var, vals in res.items():
             out[var][si][fam3] = vals
@@ -243,7 +258,8 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
         computed = dask.compute(*lazy)
     else:
         computed = executor.compute(*lazy)
-    tests, per_head, per_layer, own = _results(computed, present, fam, settings, is_a)
+    from_moments = any(S.moments_name(s) in scores for s in present)
+    tests, per_head, per_layer, own = _results(computed, present, fam, settings, is_a, from_moments)
     vdims = (S.SCORE, S.BLOCK, S.LAYER, S.HEAD)
     data_vars = {v: (vdims, a, _var_attrs(v)) for v, a in tests.items()}
     data_vars["in_family"] = ((S.BLOCK, S.HEAD), fam.in_fam, _var_attrs("in_family"))
@@ -257,7 +273,10 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
         S.HEAD: scores[S.HEAD].values,
         S.KV_HEAD: (S.HEAD, np.asarray(fam.kv_head)),
     }
-    return xr.Dataset(data_vars, coords=coords, attrs=_stats_attrs(scores, settings, int(fam.fam3.sum()), is_a))
+    attrs = _stats_attrs(scores, settings, int(fam.fam3.sum()), is_a)
+    if from_moments:
+        attrs.update(mode="answers", exact=ANSWERS_EXACT, approximate=ANSWERS_APPROXIMATE)
+    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
 def _stats_attrs(scores: xr.Dataset, settings: StatsSpec, family_size: int, is_a: np.ndarray) -> dict[str, Any]:
@@ -308,7 +327,7 @@ def _require_finite(store: RunStore, ds: xr.Dataset) -> None:
     Every score of a slice enters its mean, so the means show it at no extra cost."""
     fam = ds["in_family"].broadcast_like(ds["mean"]).values.astype(bool)
     bad = fam & ~np.isfinite(ds["mean"].values)
-    if "null_mean" in ds:  # the pooled scores (A∪B) enter every permutation's statistic
+    if "null_mean" in ds and ds.attrs.get("mode") != "answers":  # the pooled scores (A∪B) enter every permutation's statistic
         bad |= fam & ~np.isfinite(ds["null_mean"].transpose(*ds["mean"].dims).values)
     if bad.any():
         where = [f"{sc}/{b} layer {int(l)} head {int(h)}" for sc, b, l, h in zip(*(

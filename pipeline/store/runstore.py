@@ -628,6 +628,18 @@ class RunStore:
         sub-run, or `_work` once the run is complete."""
         remove(self.path.rstrip("/") + (f"/{group}" if group else ""), self.storage_options)
 
+    def drop_values(self, group: str) -> None:
+        """Delete the values of `group`'s arrays of 3 or more dims, keeping its coordinates,
+        small variables and attrs (answers mode: the Fisher, P entries per block, once its
+        scalars and health are written); its record of arrays follows, and attr
+        `values_dropped` says so."""
+        root = self.root("r+")
+        for name, arr in list(root[group].arrays()):
+            if arr.ndim >= 3:
+                self.delete(f"{group}/{name}")
+        self.record_arrays(group)
+        self.root("r+")[group].attrs[schema.ATTR_VALUES_DROPPED] = True
+
     def rename(self, group: str, to: str) -> None:
         """Move `group` to `to` inside a local run, atomically (one rename: nothing reads it
         where it was any more); an object store has no rename, so its callers delete instead."""

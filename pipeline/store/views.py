@@ -90,6 +90,8 @@ def scores_view(raw):
         schema.SAMPLE_B: ids[n_a:],
         schema.SAMPLE_J: ids,
     }
+    if schema.MOMENT in raw.coords:
+        coords[schema.MOMENT] = raw[schema.MOMENT].values
     return xr.Dataset(_logical_scores(raw, kv_of, n_a), coords=coords, attrs=dict(raw.attrs))
 
 
@@ -103,6 +105,9 @@ def _logical_scores(raw, kv_of: np.ndarray, n_a: int) -> dict:
         if full is not None:  # keep_pairs = "all"
             data[schema.pooled_name(s)] = (per_head + (schema.SAMPLE_I, schema.SAMPLE_J), full)
             data[s] = (per_head + (schema.SAMPLE_A, schema.SAMPLE_B), full[..., :n_a, n_a:])
+        moments = _stacked(raw, schema.moments_name(s), blocks, kv_of)  # score.mode = "answers"
+        if moments is not None:
+            data[schema.moments_name(s)] = (per_head + (schema.SAMPLE_I, schema.MOMENT), moments)
         sums = _stacked(raw, schema.stat_sums_name(s), blocks, kv_of)  # keep_pairs = "top" | "none"
         if sums is not None:
             data[schema.stat_sums_name(s)] = (per_head + (schema.STAT,), sums)
