@@ -87,8 +87,9 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "model": {"path": str(model), "dtype": "float32", "attn_implementation": a.attn, "max_length": a.seq},
         "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
-        "score": {"mode": "exact", "layers": layers, "storage_dtype": "bfloat16", "scores_dtype": a.scores_dtype,
-                  "keep_pairs": getattr(a, "keep_pairs", "all")},
+        "score": {"mode": getattr(a, "mode", "exact"), "layers": layers, "storage_dtype": "bfloat16",
+                  **({"scores_dtype": a.scores_dtype, "keep_pairs": getattr(a, "keep_pairs", "all")}
+                     if getattr(a, "mode", "exact") != "answers" else {})},
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
         "cluster": {**({"n_workers": a.workers} if a.workers else {}),
                     **({"threads_per_worker": a.threads} if a.threads else {})},
@@ -407,7 +408,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                                        **extrapolate(times, len(layers), n_layers_model, calib_s),
                                        "store_gib": disk["all_layers_estimate_gib"],
                                        "label": "EXTRAPOLATED, not measured"},
-        "settings": {"storage_dtype": "bfloat16", "mode": "exact", "extract_batch": a.batch, "shard_size": a.shard_size,
+        "settings": {"storage_dtype": "bfloat16", "mode": getattr(a, "mode", "exact"), "extract_batch": a.batch, "shard_size": a.shard_size,
                      "attn_implementation": a.attn, "model_dtype": "float32", "n_permutations": a.n_permutations,
                      "n_bootstrap": a.n_bootstrap, "device_setting": a.device},
         "versions": _versions(),
@@ -528,6 +529,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-gradients", choices=["true", "false"], default="true",
                    help="[output] keep_gradients; false: layer groups, and every layer by default")
     p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--mode", choices=["exact", "answers"], default="exact",
+                   help="score.mode (answers: no per-sample gradient or pair score stored; two passes over the model)")
     p.add_argument("--keep-pairs", choices=["all", "top", "none"], default="all",
                    help="score.keep_pairs (top/none: no N×N matrices are written)")
     p.add_argument("--profile", action="store_true",
