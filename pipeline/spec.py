@@ -196,9 +196,10 @@ class ScoreSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _answers_keep_no_pairs(cls, data: Any) -> Any:
-        """Answers mode forms no pair score: keep_pairs is "none" there (given otherwise: refused)."""
+        """Answers mode forms no pair score: keep_pairs is "none" there. "top" (pairs it cannot
+        have) is refused; "all", the other modes' default that a dumped job carries, is moot."""
         if isinstance(data, dict) and data.get("mode") == "answers":
-            if data.get("keep_pairs", "none") != "none":
+            if data.get("keep_pairs", "none") == "top":
                 raise ValueError(f"keep_pairs = {data['keep_pairs']!r} with mode = 'answers': answers mode forms no pair "
                                  "scores to keep; leave keep_pairs out, or use mode = 'exact' to keep pairs")
             data = {**data, "keep_pairs": "none"}

@@ -189,7 +189,7 @@ def test_the_interference_projection_test_holds_its_level():
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"score": {"mode": "answers", "keep_pairs": "all"}}, "forms no pair"),
+    ({"score": {"mode": "answers", "keep_pairs": "top"}}, "forms no pair"),
     ({"score": {"mode": "answers"}, "fisher": {"source": "pair"}}, "one Fisher"),
     ({"score": {"mode": "answers"}, "output": {"keep_gradients": False}}, "stores no"),
 ])
