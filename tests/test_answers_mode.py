@@ -28,9 +28,9 @@ DIAGNOSTICS = (schema.GRAD_NORM, schema.FISHER_NORM, schema.ROW_MEAN, schema.COL
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("answers")
-    out = {}
-    for mode in ("exact", "answers"):
-        job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=11, score={"mode": mode},
+    out = {"tmp": tmp}
+    for mode in ("exact", "answers"):  # (the Fisher of task A: a third task leaves it as it is)
+        job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=11, score={"mode": mode}, fisher={"source": "a"},
                        stats={"n_permutations": 99, "n_bootstrap": 99}, output={"path": str(tmp / f"run-{mode}")})
         run_job(job)
         out[mode] = RunStore.of(job)
@@ -198,3 +198,17 @@ def test_answers_mode_refuses_settings_it_cannot_honour(tmp_path, over, match):
 
     with pytest.raises((QkovError, ValueError), match=match):
         tiny_job(tmp_path, "llama_gqa", n_a=4, n_b=4, **over)
+
+
+def test_three_tasks_one_extraction_answers_every_pair(runs):
+    """More than two tasks: one extraction's scalars (against every task's sums) serve every
+    pair; the pair of the two-task runs' tasks answers exactly as they do."""
+    job = tiny_job(runs["tmp"], "llama_gqa", n_a=12, n_b=11, more=(7,), score={"mode": "answers"}, fisher={"source": "a"},
+                   stats={"n_permutations": 99, "n_bootstrap": 99}, output={"path": str(runs["tmp"] / "run3")})
+    run_job(job)
+    store = RunStore.of(job)
+    got, want = store.select("a,b").open_stats(), runs["exact"].open_stats()
+    for v in EXACT:
+        assert _close(got[v].values, want[v].values), v
+    for pair in ("a,c", "b,c"):
+        assert np.isfinite(store.select(pair).open_stats()["transfer"].values).all()
