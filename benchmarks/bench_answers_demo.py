@@ -1,11 +1,12 @@
 """The demo job in exact mode and in answers mode (`score.mode = "answers"`), compared.
 
-    python -m benchmarks.bench_answers_demo [--out runs/bench-answers] [--json-out PATH]
+    python -m benchmarks.bench_answers_demo [--out runs/bench-answers] [--json-out PATH] [--sketch-dim 256] [--reuse]
 
 Both runs are the built-in demo job (SmolLM2-135M, three tasks of 40, every third layer),
 in this process on a local cluster, one after the other: exact mode stores every per-sample
 gradient (bf16) and scores every pair; answers mode stores none and makes every answer from
-each task's sums and per-sample scalars. Reports, per task pair, whether the three headline
+each task's sums and per-sample scalars; "answers-top" also sketches the interference's
+operands (k = --sketch-dim) for its labels test and top pairs. Reports, per task pair, whether the three headline
 tables name the same slices in the same order and how far their numbers are apart, plus
 each store's bytes on disk (and the ratio) and each run's seconds.
 """
@@ -51,25 +52,50 @@ def _compare(a: dict, b: dict) -> dict:
     return out
 
 
+def _p_agreement(exact: str, other: str, pairs: list[str]) -> dict:
+    """The interference labels test of `other` against exact mode's, over every family slice of every pair:
+    Spearman ρ of the p-values, and how many slices both / only one call significant."""
+    from scipy.stats import spearmanr
+
+    from qkov.pipeline.store import RunStore
+
+    pa, pb, sa, sb = [], [], [], []
+    for pair in pairs:
+        a, b = (RunStore(r).select(pair).open_stats().sel(score="interference") for r in (exact, other))
+        fam = a["in_family"].broadcast_like(a["mean"]).values
+        pa += list(a["p_value"].values[fam]); pb += list(b["p_value"].values[fam])
+        sa += list(a["significant"].values[fam]); sb += list(b["significant"].values[fam])
+    sa, sb = np.asarray(sa, bool), np.asarray(sb, bool)
+    return {"spearman_rho": round(float(spearmanr(pa, pb).statistic), 4), "slices": len(pa),
+            "significant_both": int((sa & sb).sum()), "only_exact": int((sa & ~sb).sum()), "only_this": int((~sa & sb).sum())}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/bench-answers")
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--sketch-dim", type=int, default=256,
+                    help="answers-top: the interference's sketch dimension (its labels test and top pairs)")
+    ap.add_argument("--reuse", action="store_true", help="keep a mode's finished run from an earlier call (no time)")
     args = ap.parse_args(argv)
     from qkov.pipeline.demo import demo_job
     from qkov.pipeline.run import run_job
+    from qkov.pipeline.store import RunStore
 
     out = Path(args.out)
     runs, secs = {}, {}
-    for mode in ("exact", "answers"):
-        job = demo_job(out / mode)
-        job = job.model_copy(update={"score": job.score.model_validate({**job.score.model_dump(), "mode": mode,
-                                                                        **({"keep_pairs": "none"} if mode == "answers" else {})})})
+    modes = {"exact": {"mode": "exact"}, "answers": {"mode": "answers", "keep_pairs": "none"},
+             "answers-top": {"mode": "answers", "keep_pairs": "top", "sketch_dim": args.sketch_dim}}
+    for name, score in modes.items():
+        job = demo_job(out / name)
+        job = job.model_copy(update={"score": job.score.model_validate({**job.score.model_dump(), **score})})
+        runs[name] = str(out / name)
+        if args.reuse and RunStore(runs[name]).exists() and all(p.is_complete("stats") for p in RunStore(runs[name]).pair_runs()):
+            secs[name] = None
+            continue
         t = time.perf_counter()
         run_job(job, overwrite=True)
-        secs[mode] = round(time.perf_counter() - t, 1)
-        runs[mode] = str(out / mode)
-    from qkov.pipeline.store import RunStore
+        secs[name] = round(time.perf_counter() - t, 1)
 
     pairs = [",".join(p) for p in RunStore(runs["exact"]).pair_keys()]
     result = {
@@ -78,10 +104,14 @@ def main(argv=None) -> dict:
         "question": "does answers mode (no per-sample gradient stored) give the demo's exact-mode headline tables, "
                     "and how much smaller is its store?",
         "seconds": secs,
+        "modes": modes,
         "store_bytes": {m: _size(Path(p)) for m, p in runs.items()},
-        "tables": {p: _compare(_tables(runs["exact"], p), _tables(runs["answers"], p)) for p in pairs},
+        "tables": {m: {p: _compare(_tables(runs["exact"], p), _tables(runs[m], p)) for p in pairs}
+                   for m in modes if m != "exact"},
+        "interference_labels_p_value_vs_exact": {m: _p_agreement(runs["exact"], runs[m], pairs) for m in modes if m != "exact"},
     }
-    result["store_ratio_exact_over_answers"] = round(result["store_bytes"]["exact"] / result["store_bytes"]["answers"], 1)
+    result["store_ratio_exact_over"] = {m: round(result["store_bytes"]["exact"] / result["store_bytes"][m], 1)
+                                        for m in modes if m != "exact"}
     text = json.dumps(result, indent=2)
     print(text)
     if args.json_out:

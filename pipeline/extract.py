@@ -259,12 +259,12 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     answers = job.score.mode == "answers"
     for name, b, width in gradient_variables(plan, job):
         shape = (n, L, plan.heads[b], width)
-        if answers:  # a few float64 scalars per sample and slice: one chunk per shard
+        if answers and name == b:  # a few float64 scalars per sample and slice: one chunk per shard
             arr = da.zeros(shape, chunks=(plan.shard_size, L, plan.heads[b], width), dtype=np.float64)
             data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), schema.PART), arr)
             continue
         arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, width), dtype=enc)
-        last = schema.SKETCH if job.score.mode == "sketch" else pdim[b]
+        last = schema.SKETCH if job.score.mode == "sketch" or answers else pdim[b]
         data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), last), arr,
                                  attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
     labels = [name for name, m in zip(plan.task_names, plan.task_sizes) for _ in range(m)]
@@ -294,7 +294,7 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     else:  # the pairs' views (RunStore.pair) take their rows from these
         ds.attrs.update({schema.ATTR_TASKS: list(plan.task_names), schema.ATTR_TASK_SIZES: list(plan.task_sizes)})
     ds.attrs[schema.ATTR_MODE] = job.score.mode
-    if job.score.mode == "sketch":
+    if sketches(job):
         from qkov.workers.sketch import PROJECTION_SCHEME
 
         ds.attrs.update({"sketch_dim": job.score.sketch_dim, "sketch_seed": job.score.sketch_seed, "sketch_nnz": 1,
@@ -308,8 +308,11 @@ def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, 
     sketch mode its three sketched operands {B}_u, {B}_v, {B}_w of length sketch_dim."""
     if job.score.mode == "sketch":
         return [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in schema.SKETCH_PARTS]
-    if job.score.mode == "answers":  # each sample's scalars per slice (schema.answer_parts)
-        return [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
+    if job.score.mode == "answers":  # each sample's scalars per slice (schema.answer_parts); with keep_pairs =
+        # "top" also the interference's sketched operands {B}_u, {B}_v
+        scalars = [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
+        return scalars + [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in ("u", "v")
+                          if job.score.keep_pairs == "top"]
     return [(b, b, plan.sizes[b]) for b in plan.blocks]
 
 
@@ -321,7 +324,7 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     # A crc32c checksum per chunk (7.9 GB/s, within the noise of the store's own write/read times,
     # measured) turns a corrupted or half-written chunk into an error instead of wrong scores.
     answers = job.score.mode == "answers"
-    encoding = {name: {"chunks": (plan.shard_size, *((len(plan.layers), plan.heads[b]) if answers else (1, 1)), width),
+    encoding = {name: {"chunks": (plan.shard_size, *((len(plan.layers), plan.heads[b]) if answers and name == b else (1, 1)), width),
                        "compressors": checksummed()}
                 for name, b, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
@@ -373,12 +376,17 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
                 nonfinite=job.extract.nonfinite,
                 storage_dtype=job.score.storage_dtype,
                 phase=phase,
-                sketch_dim=job.score.sketch_dim,
+                sketch_dim=job.score.sketch_dim if sketches(job) else 0,
                 sketch_seed=job.score.sketch_seed,
                 **(_task_of(plan, s, e) if job.score.mode == "answers" else {}),
             )
         )
     return out
+
+
+def sketches(job: JobSpec) -> bool:
+    """Extraction sketches operands: sketch mode, or answers mode keeping the interference's top pairs."""
+    return job.score.mode == "sketch" or (job.score.mode == "answers" and job.score.keep_pairs == "top")
 
 
 def _task_of(plan: ExtractPlan, start: int, stop: int) -> dict:
@@ -394,7 +402,7 @@ def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE
 
 def check_same_plan(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     root = store.root()
-    if job.score.mode == "sketch":
+    if sketches(job):
         from qkov.workers.sketch import PROJECTION_SCHEME
 
         scheme = root[schema.GRADIENTS].attrs.get(schema.ATTR_SKETCH_PROJECTION, "randperm-v1")

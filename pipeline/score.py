@@ -235,12 +235,14 @@ def _scores_dataset(data: dict, grads: xr.Dataset, blocks: list[str], plan: _Pla
     return ds
 
 
-def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict) -> xr.Dataset:
+def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=None, top_k: int = 0) -> xr.Dataset:
     """Answers mode: the lazy `scores` dataset of each score's per-sample moments
     (`moments_<score>_<block>`: layer, head, sample_i, moment in `schema.MOMENTS` order) taken
     from the scalars extraction stored for tasks key_a (A) and key_b (B); `side` receives each
     block's `DiagnosticParts` (the same scalars: ‖g_i‖², A_ii and the interference's other-task
-    row and column means)."""
+    row and column means). Where extraction also sketched the interference's operands
+    (keep_pairs = "top"), its sketched pooled matrices are reduced to the statistics' sums for
+    `stats` (a StatsSpec; the stats stage takes their labels rows) and the top_k A×B pairs."""
     keep, n_a = _kept_samples(grads)
     n_b = keep.size - n_a
     parts = [str(p) for p in grads[schema.PART].values]
@@ -252,13 +254,23 @@ def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict) -> xr.
             m = x[..., [parts.index(p) for p in schema.moment_parts(score, key_a, key_b)]]
             data[schema.moments_name(score, b)] = xr.Variable((schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.MOMENT),
                                                               m.transpose(1, 2, 0, 3).rechunk(-1))
+        if schema.sketch_var(b, "u") in grads and stats is not None:
+            u, v = (decoded(grads[schema.sketch_var(b, p)]).data[keep].transpose(1, 2, 0, 3).rechunk((1, 1, -1, -1))
+                    for p in ("u", "v"))
+            inter = da.matmul(u, da.swapaxes(v, -1, -2))  # (L, H_b, N, N): sketched M = S(u_i)·S(v_j)
+            data[schema.stat_sums_name("interference", b)] = _sums_var(b, slice_statistics(
+                inter[None], np.arange(keep.size) < n_a, stats.n_permutations, stats.n_bootstrap, stats.seed)[0])
+            data.update(_top_vars("interference", b, top_pairs_lazy(inter, n_a, min(top_k, n_a * n_b), largest=True)))
         part = lambda name: x[..., parts.index(name)]  # noqa: E731
         side[b] = DiagnosticParts(sq=part("sq"), diag=part("a_ii"),
                                   rows=da.stack([part(f"mr.{key_a}") / n_a, part(f"mr.{key_b}") / n_b], -1),
                                   cols=da.stack([part(f"mc.{key_a}") / n_a, part(f"mc.{key_b}") / n_b], -1))
-    plan = _Plan(keep, n_a, keep.size, "none", 0, "float32", None, "auto", "auto")  # (no pair score stored)
+    sketched = any(v.startswith(schema.stat_sums_name("")) for v in data)
+    plan = _Plan(keep, n_a, keep.size, "top" if sketched else "none", top_k, "float32", stats, "auto", "auto")
     ds = _scores_dataset(data, grads, blocks, plan).assign_coords({schema.MOMENT: list(schema.MOMENTS)})
     ds.attrs[schema.ATTR_MODE] = "answers"
+    if sketched:
+        ds.attrs["sketch_dim"] = grads.attrs.get("sketch_dim")
     return ds
 
 
@@ -284,7 +296,7 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
     fisher = store.open_fisher()
     if grads.attrs.get(schema.ATTR_MODE) == "answers":  # no pair scores: each score's per-sample moments
         readers, side = {}, {}
-        ds = moments_scores(grads, *store.pair_tasks(), side)
+        ds = moments_scores(grads, *store.pair_tasks(), side, stats=job.stats, top_k=job.score.top_k)
     else:
         readers = store.direct_chunks(schema.GRADIENTS)
         ds = compact_scores(grads, fisher, sample_chunk=sample_chunk,

@@ -187,7 +187,9 @@ class ScoreSpec(_Frozen):
     storage_dtype: Literal["float32", "bfloat16"] = "float32"
     scores_dtype: Literal["float32", "bfloat16"] = "float32"  # stored pair scores (bf16: half the bytes, ~3 digits)
     # "all": the pooled N×N score matrices are stored; "top": each tile is reduced on the worker to
-    # what the statistics need plus the top_k pairs per slice (for query); "none": the sums only
+    # what the statistics need plus the top_k pairs per slice (for query); "none": the sums only.
+    # Answers mode: "none", or "top" = the interference also sketched (sketch_dim) for its labels
+    # test and top pairs
     keep_pairs: Literal["all", "top", "none"] = "all"
     top_k: int = Field(default=100, ge=1)
     include_bias: bool = False
@@ -195,13 +197,11 @@ class ScoreSpec(_Frozen):
 
     @model_validator(mode="before")
     @classmethod
-    def _answers_keep_no_pairs(cls, data: Any) -> Any:
-        """Answers mode forms no pair score: keep_pairs is "none" there. "top" (pairs it cannot
-        have) is refused; "all", the other modes' default that a dumped job carries, is moot."""
-        if isinstance(data, dict) and data.get("mode") == "answers":
-            if data.get("keep_pairs", "none") == "top":
-                raise ValueError(f"keep_pairs = {data['keep_pairs']!r} with mode = 'answers': answers mode forms no pair "
-                                 "scores to keep; leave keep_pairs out, or use mode = 'exact' to keep pairs")
+    def _answers_keep_pairs(cls, data: Any) -> Any:
+        """Answers mode stores no exact pair score: keep_pairs is "none" (nothing N×N formed) or
+        "top" (the interference sketched at sketch_dim: its labels test and top pairs); "all",
+        the other modes' default that a dumped job carries, means "none" there."""
+        if isinstance(data, dict) and data.get("mode") == "answers" and data.get("keep_pairs", "none") != "top":
             data = {**data, "keep_pairs": "none"}
         return data
 

@@ -34,11 +34,14 @@ SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
 # answers mode (no pair scores): what its statistics compute exactly and what to first order
 ANSWERS_EXACT = ("every point estimate (mean, effect, sharing and its two directions, transfer, cosine where "
                  "defined) and the transfer test (transfer_p_value, transfer_q_value, transfer_direction)")
+ANSWERS_PROJECTION = ("label permutations of the A x B mean's first-order (Hajek) projection, a test exact in level "
+                      "for that projection; null_mean is its permutation mean")
+ANSWERS_SKETCHED = ("label permutations of the A x B mean of the sketched interference (k = {k}; the pair scores "
+                    "M_ij estimated from sketched operands), with its top pairs")
 ANSWERS_APPROXIMATE = ("the CIs and cosine_norm_z: the same two-way bootstrap resamples applied to each mean's "
                        "first-order expansion in the resample weights; interference's p_value, q_value, p_fwer, "
-                       "direction and layer tests: label permutations of the A x B mean's first-order (Hajek) "
-                       "projection, a test exact in level for that projection; null_mean is its permutation mean. "
-                       "The alignment's labels-null test needs the pair scores: NaN (its answer is the transfer test)")
+                       f"direction and layer tests: {ANSWERS_PROJECTION}. The alignment's labels-null test needs the "
+                       "pair scores: NaN (its answer is the transfer test)")
 
 
 # ---------------------------------------------------------------- family
@@ -197,8 +200,12 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
     (for any settings: they hold no permutation or resample)."""
     if S.moments_name(score) in scores:
         mom = scores[S.moments_name(score)].data
-        return [moment_statistics(mom[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed,
-                                  labelled=score == "interference") for bi, hi in groups]
+        out = [moment_statistics(mom[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed,
+                                 labelled=score == "interference") for bi, hi in groups]
+        if _sketched_labels(scores, score, settings):  # the labels rows of the sketched pooled matrices instead
+            sk, cut = scores[S.stat_sums_name(score)].data, S.stat_sums_parts(settings.n_permutations, settings.n_bootstrap)[1].stop
+            out = [da.concatenate([sk[bi][:, :, hi][..., :cut], m[..., cut:]], axis=-1) for (bi, hi), m in zip(groups, out)]
+        return out
     if S.pooled_name(score) not in scores or (S.stat_sums_name(score) in scores and _sums_match(scores, settings)):
         sums = scores[S.stat_sums_name(score)].data
         return [sums[bi][:, :, hi] for bi, hi in _sums_groups(scores, settings, groups)]
@@ -206,6 +213,12 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
     arr = arr if isinstance(arr, da.Array) else da.from_array(arr, chunks=(1, 1, 1, -1, -1))
     return [slice_statistics(arr[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed)
             for bi, hi in groups]
+
+
+def _sketched_labels(scores: xr.Dataset, score: str, settings: StatsSpec) -> bool:
+    """Answers mode with keep_pairs = "top": the labels test of `score` from its sketched pooled
+    matrices (reduced by the score stage for these settings)."""
+    return S.moments_name(score) in scores and S.stat_sums_name(score) in scores and _sums_match(scores, settings)
 
 
 def _results(computed: list, present: list[str], fam: _Family, settings: StatsSpec,
@@ -276,6 +289,9 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
     attrs = _stats_attrs(scores, settings, int(fam.fam3.sum()), is_a)
     if from_moments:
         attrs.update(mode="answers", exact=ANSWERS_EXACT, approximate=ANSWERS_APPROXIMATE)
+        if _sketched_labels(scores, "interference", settings):
+            attrs["approximate"] = ANSWERS_APPROXIMATE.replace(ANSWERS_PROJECTION, ANSWERS_SKETCHED.format(
+                k=scores.attrs.get("sketch_dim", "sketch_dim")))
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 

@@ -29,11 +29,14 @@ DIAGNOSTICS = (schema.GRAD_NORM, schema.FISHER_NORM, schema.ROW_MEAN, schema.COL
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("answers")
     out = {"tmp": tmp}
-    for mode in ("exact", "answers"):  # (the Fisher of task A: a third task leaves it as it is)
-        job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=11, score={"mode": mode}, fisher={"source": "a"},
-                       stats={"n_permutations": 99, "n_bootstrap": 99}, output={"path": str(tmp / f"run-{mode}")})
+    modes = {"exact": {"mode": "exact"}, "answers": {"mode": "answers"},
+             # the interference sketched at k = P (every slice of this model has 256 entries): exact
+             "top": {"mode": "answers", "keep_pairs": "top", "sketch_dim": 256, "top_k": 5}}
+    for name, score in modes.items():  # (the Fisher of task A: a third task leaves it as it is)
+        job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=11, score=score, fisher={"source": "a"},
+                       stats={"n_permutations": 99, "n_bootstrap": 99}, output={"path": str(tmp / f"run-{name}")})
         run_job(job)
-        out[mode] = RunStore.of(job)
+        out[name] = RunStore.of(job)
     return out
 
 
@@ -76,6 +79,27 @@ def test_labels_null_for_interference_by_projection_and_none_for_the_alignment(r
     p = got["p_value"].sel(score="interference").values[got["in_family"].broadcast_like(got["mean"].sel(score="interference")).values]
     assert np.isfinite(p).all() and ((p > 0) & (p <= 1)).all()
     assert "Hajek" in got.attrs["approximate"]
+
+
+def test_keep_pairs_top_sketches_the_interference_for_its_labels_test_and_top_pairs(runs):
+    """keep_pairs = "top" in answers mode: the interference's operands u, v sketched (here at
+    k = P, where the permutation sketch is exact), its labels test and top pairs from them; the
+    alignment still needs no pair and every answer of "none" is unchanged."""
+    import qkov
+
+    want, got, plain = runs["exact"].open_stats(), runs["top"].open_stats(), runs["answers"].open_stats()
+    inter = dict(score="interference")
+    for v in ("p_value", "q_value", "p_fwer", "null_mean", "significant", "direction", "layer_p_value"):
+        assert _close(got[v].sel(**inter).values, want[v].sel(**inter).values, rtol=1e-5), v
+    for v in EXACT:
+        assert _close(got[v].values, plain[v].values, rtol=1e-12), v
+    assert "sketched interference (k = 256" in got.attrs["approximate"]
+    for head, block in ((1, "Q"), (3, "K")):
+        top = [qkov.query(r.path, layer=1, head=head, block=block, top=5, score="interference")["blocks"][0]["top_pairs"]
+               for r in (runs["top"], runs["exact"])]
+        assert [(p["sample_a"], p["sample_b"]) for p in top[0]] == [(p["sample_a"], p["sample_b"]) for p in top[1]]
+    grads = xr.open_zarr(runs["top"].path, group=schema.GRADIENTS, consolidated=False)
+    assert grads[schema.sketch_var("Q", "u")].shape[-1] == 256 and schema.sketch_var("Q", "w") not in grads
 
 
 def test_the_statistics_come_from_the_stored_moments_a_planted_change_shows(runs, tmp_path):
@@ -189,7 +213,6 @@ def test_the_interference_projection_test_holds_its_level():
 
 
 @pytest.mark.parametrize("over,match", [
-    ({"score": {"mode": "answers", "keep_pairs": "top"}}, "forms no pair"),
     ({"score": {"mode": "answers"}, "fisher": {"source": "pair"}}, "one Fisher"),
     ({"score": {"mode": "answers"}, "output": {"keep_gradients": False}}, "stores no"),
 ])

@@ -166,6 +166,8 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
                 for b in task.blocks}
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
+        if task.sketch_dim:  # keep_pairs = "top": the interference's operands u, v sketched too
+            shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim) for b in task.blocks for p in ("u", "v")}
     grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
@@ -202,6 +204,13 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
                     else:
                         x = sample_scalars(tr, inv[b][li], sums[b][:, :, li])
                         scalars[b][li, :, s:e] = x.transpose(0, 1).cpu().numpy()
+                        if task.sketch_dim:
+                            from .sketch import sketch_layer
+
+                            proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
+                            for p, x in sketch_layer(tr, inv[b][li], proj).items():
+                                if p != "w":  # the alignment's answers come exactly from the scalars
+                                    grads.put(schema.sketch_var(b, p), li, s, x.float())
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
                     for p, x in sketch_layer(t, inv[b][li], proj).items():
@@ -212,7 +221,7 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
     partials = {schema.fisher_partial(b, k): f[k].float().cpu().numpy() for b, f in fisher.items() for k in range(n_streams)}
     partials.update({schema.task_sum_partial(b, k): x[k].float().cpu().numpy() for b, x in tsums.items()
                      for k in range(task.n_tasks)} if summing else {})
-    return (scalars if answering else grads.to_host()), losses, partials, bad, whash, device
+    return ({**scalars, **grads.to_host()} if answering else grads.to_host()), losses, partials, bad, whash, device
 
 
 class ShardBuffers:
