@@ -70,6 +70,26 @@ def _p_agreement(exact: str, other: str, pairs: list[str]) -> dict:
             "significant_both": int((sa & sb).sum()), "only_exact": int((sa & ~sb).sum()), "only_this": int((~sa & sb).sum())}
 
 
+def _sketch_head_rho(exact: str, other: str, pairs: list[str]) -> dict | None:
+    """Where `other` sketched the interference: Spearman ρ over the family slices between the
+    sketched A×B mean (what its labels test permutes) and the exact one, per pair."""
+    from scipy.stats import spearmanr
+
+    from qkov.pipeline import schema
+    from qkov.pipeline.store import RunStore
+
+    out = {}
+    for pair in pairs:
+        scores = RunStore(other).select(pair).open_scores()
+        if schema.stat_sums_name("interference") not in scores:
+            return None
+        sketched = scores[schema.stat_sums_name("interference")].isel({schema.STAT: 0}).values
+        want = RunStore(exact).select(pair).open_stats().sel(score="interference")
+        fam = want["in_family"].broadcast_like(want["mean"]).values
+        out[pair] = round(float(spearmanr(sketched[fam], want["mean"].values[fam]).statistic), 5)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/bench-answers")
@@ -109,6 +129,8 @@ def main(argv=None) -> dict:
         "tables": {m: {p: _compare(_tables(runs["exact"], p), _tables(runs[m], p)) for p in pairs}
                    for m in modes if m != "exact"},
         "interference_labels_p_value_vs_exact": {m: _p_agreement(runs["exact"], runs[m], pairs) for m in modes if m != "exact"},
+        "sketched_interference_mean_vs_exact_spearman": {m: _sketch_head_rho(runs["exact"], runs[m], pairs)
+                                                         for m in modes if m != "exact"},
     }
     result["store_ratio_exact_over"] = {m: round(result["store_bytes"]["exact"] / result["store_bytes"][m], 1)
                                         for m in modes if m != "exact"}

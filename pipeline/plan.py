@@ -194,12 +194,17 @@ def _group_bytes(job: JobSpec, shapes: list, streams: int = 1) -> tuple[dict[str
         head_slices = sum(ex.heads[b] for b in ex.blocks)
         groups[schema.GRADIENTS] = shards * ex.shard_size * L * head_slices * parts * 8 + shards * len(ex.blocks) * CRC_BYTES \
             + (len(ex.blocks) + 11) * META_BYTES + coords
+        if job.score.keep_pairs == "top":  # the interference's sketched operands u, v
+            groups[schema.GRADIENTS] += 2 * shards * L * head_slices * (ex.shard_size * job.score.sketch_dim * sh.g_item
+                                                                         + CRC_BYTES)
         temporary = int(groups[schema.FISHER])  # the Fisher's values: dropped once the scalars are made
         groups[schema.FISHER] = len(ex.blocks) * L * 8 + 6 * META_BYTES
         sums = n_tasks * len(schema.TASK_SUM_KINDS) * fisher_vals  # each task's Σg, Σ|g|, Σg²: per shard (float32), then float64
         work += temporary + int(shards * sums * 4 * ZSTD_F32) + sums * 8 + 2 * len(ex.blocks) * n_tasks * META_BYTES
         groups[schema.SCORES_GROUP] = sum(2 * L * p.block_heads * p.scored * len(schema.MOMENTS) * 8
                                           + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * p.scored * 16 for p, _, _ in shapes)
+        if job.score.keep_pairs == "top":  # the sketched interference's sums and top pairs
+            groups[schema.SCORES_GROUP] += sum(_scores_bytes(job, p, x, y) // 2 for p, x, y in shapes)
     # ~42 small variables per (score, block, layer, head), compressed; their zarr.json carry the
     # variables' question/units/direction (~1.25 KB each) and the group's record of each array
     groups[schema.STATS] = len(shapes) * (2 * len(ex.blocks) * L * ex.n_heads * 160 + 42 * (1250 + ARRAY_RECORD_BYTES))
