@@ -88,8 +88,8 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
         "score": {"mode": getattr(a, "mode", "exact"), "layers": layers, "storage_dtype": "bfloat16",
-                  **({"scores_dtype": a.scores_dtype, "keep_pairs": getattr(a, "keep_pairs", "all")}
-                     if getattr(a, "mode", "exact") != "answers" else {})},
+                  "keep_pairs": getattr(a, "keep_pairs", "all"), "sketch_dim": getattr(a, "sketch_dim", 4096),
+                  **({"scores_dtype": a.scores_dtype} if getattr(a, "mode", "exact") != "answers" else {})},
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
         "cluster": {**({"n_workers": a.workers} if a.workers else {}),
                     **({"threads_per_worker": a.threads} if a.threads else {})},
@@ -529,6 +529,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-gradients", choices=["true", "false"], default="true",
                    help="[output] keep_gradients; false: layer groups, and every layer by default")
     p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--sketch-dim", type=int, default=256, help="answers mode with --keep-pairs top: the interference's sketch dimension")
     p.add_argument("--mode", choices=["exact", "answers"], default="exact",
                    help="score.mode (answers: no per-sample gradient or pair score stored; two passes over the model)")
     p.add_argument("--keep-pairs", choices=["all", "top", "none"], default="all",
