@@ -396,7 +396,14 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     scores = [str(s) for s in stats[schema.SCORE].values]
     tables = [_conflict_table(stats, top, alpha)] if "alignment" in scores else []
     tables += [_shared_table(stats, top, alpha, alt)] if "interference" in scores else []
-    return tables + [_differ_table(stats, score, top, alpha, alt) for score in differ_scores if score in scores]
+    tables += [_differ_table(stats, score, top, alpha, alt) for score in differ_scores if score in scores]
+    if stats.attrs.get("mode") == "answers":  # which of the numbers shown are exact (docs/answers.md)
+        first_order = {"conflict": "the CIs", "shared": "the CIs and which slices are below chance",
+                       "differ": "the CIs and the labels test"}
+        for t in tables:
+            t["note"] = t.get("note", "") + (f"; answers mode: the estimates are exact, {first_order[t['key']]} "
+                                             "approximate (stats attrs `exact`, `approximate`)")
+    return tables
 
 
 def _conflict_table(stats: xr.Dataset, top: int, alpha) -> dict:
