@@ -235,3 +235,28 @@ def test_three_tasks_one_extraction_answers_every_pair(runs):
         assert _close(got[v].values, want[v].values), v
     for pair in ("a,c", "b,c"):
         assert np.isfinite(store.select(pair).open_stats()["transfer"].values).all()
+
+
+def test_an_interrupted_second_pass_resumes_to_the_same_answers(tmp_path):
+    """A second pass cut short (a shard without its done-record, its chunk gone) resumes from the
+    first pass's records: the task sums are consolidated again and only that shard is recomputed."""
+    import shutil
+
+    import zarr
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=8, n_b=7, score={"mode": "answers", "layers": [1]},
+                   extract={"shard_size": 4, "batch_size": 3}, stats={"n_permutations": 19, "n_bootstrap": 19},
+                   output={"path": str(tmp_path / "run"), "keep_work": True})
+    run_job(job)
+    want = RunStore.of(job).open_stats()
+    root = zarr.open_group(job.output.path, mode="r+")
+    root[schema.WORK][schema.DONE][1] = 0
+    shutil.rmtree(tmp_path / "run" / schema.GRADIENTS / "Q" / "c" / "1")  # shard 1's scalars, lost
+    for group in (schema.GRADIENTS, schema.SCORES_GROUP):
+        root[group].attrs[schema.ATTR_COMPLETE] = False
+    summary = run_job(job, resume=True)
+    assert summary.extract["computed"] == 1
+    got = RunStore.of(job).open_stats()
+    for v in EXACT:
+        assert _close(got[v].values, want[v].values, rtol=1e-12), v
+    assert RunStore.of(job).group_attrs(schema.FISHER)[schema.ATTR_VALUES_DROPPED]

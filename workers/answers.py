@@ -47,3 +47,53 @@ def stored_task_sums(store_path: str, storage_options: dict | None, block: str) 
 
     root = RunStore(store_path, storage_options).root()
     return np.asarray(root[schema.WORK][schema.TASK_SUMS][block][:], dtype=np.float64)
+
+
+class AnswersPass:
+    """Answers mode's share of one extraction task (`qkov.workers.writer`): in the "fisher"
+    phase each task's sums over this shard (its `_work` partials), in the "answers" phase each
+    sample's scalars against the consolidated sums (and, with sketch_dim, the interference's
+    sketched operands u, v). Gradients arrive as the exact mode would store them: rounded to
+    `storage_dtype`."""
+
+    def __init__(self, task, heads: dict, sizes: dict, device: str):
+        n, L = len(task.input_ids), len(task.layers)
+        self.task, self.summing = task, task.phase == "fisher"
+        self.onehot = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
+        self.onehot[torch.as_tensor(task.task_of, device=device), torch.arange(n, device=device)] = 1.0
+        if self.summing:
+            self.tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float64, device=device)
+                          for b in task.blocks}
+            return
+        from .sketch import stored_inverse_fisher
+
+        where = (task.store_path, task.storage_options)
+        self.inv = {b: torch.as_tensor(stored_inverse_fisher(*where, b), device=device) for b in task.blocks}
+        self.sums = {b: torch.as_tensor(stored_task_sums(*where, b), device=device) for b in task.blocks}
+        n_parts = len(schema.answer_parts(range(task.n_tasks)))
+        self.scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
+        # keep_pairs = "top": the interference's operands u, v sketched too (in the task's ShardBuffers)
+        self.sketch_shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim)
+                              for b in task.blocks for p in ("u", "v")} if task.sketch_dim else {}
+
+    def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
+        """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);
+        `put(name, li, s, x)` stores sketches, `projection(b, li)` gives the layer's sketch."""
+        if self.task.storage_dtype != "float32":
+            t = t.to(torch.bfloat16).float()
+        if self.summing:
+            task_sums_update(self.tsums[b][:, :, li], t, self.onehot[:, s : s + t.shape[0]] * finite.to(torch.float64))
+            return
+        x = sample_scalars(t, self.inv[b][li], self.sums[b][:, :, li])
+        self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1).cpu().numpy()
+        if self.sketch_shapes:
+            from .sketch import sketch_layer
+
+            for p, x in sketch_layer(t, self.inv[b][li], projection(b, li)).items():
+                if p != "w":  # the alignment's answers come exactly from the scalars
+                    put(schema.sketch_var(b, p), li, s, x.float())
+
+    def partials(self) -> dict[str, np.ndarray]:
+        """Pass 1: the shard's task sums by `_work` array name (float32)."""
+        return {schema.task_sum_partial(b, k): x[k].float().cpu().numpy() for b, x in self.tsums.items()
+                for k in range(self.task.n_tasks)} if self.summing else {}

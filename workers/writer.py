@@ -140,8 +140,7 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
     heads = {b: layout.blocks[(b, task.layers[0])].n_heads for b in task.blocks}
     sizes = {b: layout.block_size(b) for b in task.blocks}
     keep_grads, sketching = task.phase == "exact", task.phase == "sketch"
-    answering, keep_fisher = task.phase == "answers", task.phase in ("exact", "fisher")
-    summing = task.phase == "fisher" and task.n_tasks > 0  # answers mode, pass 1
+    keep_fisher = task.phase in ("exact", "fisher")
     shapes = {b: (L, heads[b], n, sizes[b]) for b in task.blocks if keep_grads}
     if sketching:
         from .sketch import PARTS, sketch_layer, stored_inverse_fisher
@@ -150,24 +149,12 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
         # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
         inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
                for b in task.blocks}
-    if summing or answering:
-        from .answers import sample_scalars, stored_task_sums, task_sums_update
+    answers = None
+    if (task.phase == "fisher" and task.n_tasks > 0) or task.phase == "answers":  # answers mode's passes
+        from .answers import AnswersPass
 
-        onehot_all = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
-        onehot_all[torch.as_tensor(task.task_of, device=device), torch.arange(n, device=device)] = 1.0
-        tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float64, device=device)
-                 for b in task.blocks} if summing else {}
-    if answering:
-        from .sketch import stored_inverse_fisher
-
-        inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
-               for b in task.blocks}
-        sums = {b: torch.as_tensor(stored_task_sums(task.store_path, task.storage_options, b), device=device)
-                for b in task.blocks}
-        n_parts = len(schema.answer_parts(range(task.n_tasks)))
-        scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
-        if task.sketch_dim:  # keep_pairs = "top": the interference's operands u, v sketched too
-            shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim) for b in task.blocks for p in ("u", "v")}
+        answers = AnswersPass(task, heads, sizes, device)
+        shapes = getattr(answers, "sketch_shapes", shapes)
     grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
@@ -197,20 +184,9 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
                     fisher[b][:, li] += torch.einsum("si,ihp->shp", w, t.double() ** 2)
                 if keep_grads:
                     grads.put(b, li, s, t)
-                if summing or answering:  # as exact mode scores them: at the storage precision
-                    tr = t if task.storage_dtype == "float32" else t.to(torch.bfloat16).float()
-                    if summing:
-                        task_sums_update(tsums[b][:, :, li], tr, onehot_all[:, s:e] * finite.to(torch.float64))
-                    else:
-                        x = sample_scalars(tr, inv[b][li], sums[b][:, :, li])
-                        scalars[b][li, :, s:e] = x.transpose(0, 1).cpu().numpy()
-                        if task.sketch_dim:
-                            from .sketch import sketch_layer
-
-                            proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
-                            for p, x in sketch_layer(tr, inv[b][li], proj).items():
-                                if p != "w":  # the alignment's answers come exactly from the scalars
-                                    grads.put(schema.sketch_var(b, p), li, s, x.float())
+                if answers is not None:
+                    answers.consume(b, li, s, t, finite, grads.put, lambda b, li, layer=layer: _projections().get(
+                        sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
                     for p, x in sketch_layer(t, inv[b][li], proj).items():
@@ -219,9 +195,12 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
             del full
         del res
     partials = {schema.fisher_partial(b, k): f[k].float().cpu().numpy() for b, f in fisher.items() for k in range(n_streams)}
-    partials.update({schema.task_sum_partial(b, k): x[k].float().cpu().numpy() for b, x in tsums.items()
-                     for k in range(task.n_tasks)} if summing else {})
-    return ({**scalars, **grads.to_host()} if answering else grads.to_host()), losses, partials, bad, whash, device
+    if answers is not None:
+        partials.update(answers.partials())
+    out = grads.to_host()
+    if answers is not None and not answers.summing:
+        out = {**answers.scalars, **out}
+    return out, losses, partials, bad, whash, device
 
 
 class ShardBuffers:
