@@ -338,7 +338,7 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
         # one chunk per (shard, layer): whole-shard chunks reach 2 GB per block at 7B scale
         work.create_array(schema.fisher_partial(b, stream), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
-    for b, k in ((b, k) for b in plan.blocks for k in range(len(plan.task_sizes)) if answers):
+    for b, k in ((b, k) for b in plan.blocks for k in range(len(plan.task_sizes)) if answers and len(plan.shards) > 1):
         shape = (n_shards, len(schema.TASK_SUM_KINDS), len(plan.layers), plan.heads[b], plan.sizes[b])
         work.create_array(schema.task_sum_partial(b, k), shape=shape, chunks=(1, 1, 1, *shape[3:]), dtype="float32",
                           fill_value=0.0, overwrite=True,
@@ -378,7 +378,7 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
                 phase=phase,
                 sketch_dim=job.score.sketch_dim if sketches(job) else 0,
                 sketch_seed=job.score.sketch_seed,
-                **(_task_of(plan, s, e) if job.score.mode == "answers" else {}),
+                **(_task_of(plan, s, e, job) if job.score.mode == "answers" else {}),
             )
         )
     return out
@@ -389,10 +389,21 @@ def sketches(job: JobSpec) -> bool:
     return job.score.mode == "sketch" or (job.score.mode == "answers" and job.score.keep_pairs == "top")
 
 
-def _task_of(plan: ExtractPlan, start: int, stop: int) -> dict:
-    """Answers mode: each sample's task index (store order) for rows start:stop."""
+def _task_of(plan: ExtractPlan, start: int, stop: int, job: JobSpec) -> dict:
+    """Answers mode: each sample's task index (store order) for rows start:stop, and the damping
+    (one shard makes both passes in its task: `answers_whole`)."""
     task = np.repeat(np.arange(len(plan.task_sizes)), plan.task_sizes)
-    return {"task_of": tuple(int(k) for k in task[start:stop]), "n_tasks": len(plan.task_sizes)}
+    return {"task_of": tuple(int(k) for k in task[start:stop]), "n_tasks": len(plan.task_sizes),
+            "damping": (job.fisher.damping_rel, job.fisher.damping_abs)}
+
+
+def answers_phases(plan: ExtractPlan) -> list[tuple[str, str]]:
+    """Answers mode's passes and their done-records: in one shard both run in one task, the task
+    sums kept in its memory (nothing P-sized per task written); over several shards pass 1
+    writes each shard's sums, which the client consolidates before pass 2."""
+    if len(plan.shards) == 1:
+        return [("answers_whole", schema.DONE)]
+    return [("fisher", schema.DONE_FISHER), ("answers", schema.DONE)]
 
 
 def pending_shards(store: RunStore, plan: ExtractPlan, record: str = schema.DONE) -> list[int]:
@@ -552,7 +563,7 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
     # sketch mode: pass 1 writes the Fisher; pass 2 needs the consolidated Fisher to form its operands
     # answers mode likewise: pass 1 the Fisher and the task sums, pass 2 each sample's scalars against them
     phases = {"sketch": [("fisher", schema.DONE_FISHER), ("sketch", schema.DONE)],
-              "answers": [("fisher", schema.DONE_FISHER), ("answers", schema.DONE)]}.get(job.score.mode, [("exact", schema.DONE)])
+              "answers": answers_phases(plan)}.get(job.score.mode, [("exact", schema.DONE)])
     todo = {record: pending_shards(store, plan, record) for _, record in phases}
     total = len(plan.shards) * len(phases)
     done_count = [total - sum(map(len, todo.values()))]
@@ -569,11 +580,11 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
         groups = shard_groups(tasks, slots=executor.gpu_slots())
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
         whash, skipped = _finish_pass(store, plan, results, record)
-        if phase in ("exact", "fisher"):  # the pass that wrote the Fisher partial sums
+        if phase in ("exact", "fisher", "answers_whole"):  # the pass that wrote the Fisher partial sums
             # the sample counts after skipping, before anything is marked complete (a resume asks again)
             warning = check_kept_samples(job, plan, store.root()[schema.GRADIENTS][schema.FINITE][:])
             consolidate_fisher(store, plan, job, whash)
-            if job.score.mode == "answers":
+            if phase == "fisher" and job.score.mode == "answers":
                 consolidate_task_sums(store, plan)
     root = store.root("r+")
     g = root[schema.GRADIENTS]

@@ -200,7 +200,9 @@ def _group_bytes(job: JobSpec, shapes: list, streams: int = 1) -> tuple[dict[str
         temporary = int(groups[schema.FISHER])  # the Fisher's values: dropped once the scalars are made
         groups[schema.FISHER] = len(ex.blocks) * L * 8 + 6 * META_BYTES
         sums = n_tasks * len(schema.TASK_SUM_KINDS) * fisher_vals  # each task's Σg, Σ|g|, Σg²: per shard (float32), then float64
-        work += temporary + int(shards * sums * 4 * ZSTD_F32) + sums * 8 + 2 * len(ex.blocks) * n_tasks * META_BYTES
+        if shards > 1:  # one shard keeps its task sums in memory between its passes
+            work += int(shards * sums * 4 * ZSTD_F32) + sums * 8 + 2 * len(ex.blocks) * n_tasks * META_BYTES
+        work += temporary
         groups[schema.SCORES_GROUP] = sum(2 * L * p.block_heads * p.scored * len(schema.MOMENTS) * 8
                                           + (2 * len(ex.blocks) + 8) * META_BYTES + 3 * p.scored * 16 for p, _, _ in shapes)
         if job.score.keep_pairs == "top":  # the sketched interference's sums and top pairs

@@ -260,3 +260,19 @@ def test_an_interrupted_second_pass_resumes_to_the_same_answers(tmp_path):
     for v in EXACT:
         assert _close(got[v].values, want[v].values, rtol=1e-12), v
     assert RunStore.of(job).group_attrs(schema.FISHER)[schema.ATTR_VALUES_DROPPED]
+
+
+def test_one_shard_makes_both_passes_in_one_task_without_writing_task_sums(runs):
+    """shard_size ≥ the samples: both passes run in one task with the task sums in its memory;
+    `_work` never holds a P-sized array per task, and the answers are the sharded run's."""
+    import zarr
+
+    job = tiny_job(runs["tmp"], "llama_gqa", n_a=12, n_b=11, score={"mode": "answers"}, fisher={"source": "a"},
+                   extract={"shard_size": 64, "batch_size": 3}, stats={"n_permutations": 99, "n_bootstrap": 99},
+                   output={"path": str(runs["tmp"] / "run-whole"), "keep_work": True})
+    run_job(job)
+    work = zarr.open_group(job.output.path, mode="r")[schema.WORK]
+    assert not [k for k in work.array_keys() if k.startswith("task_sums")] and schema.TASK_SUMS not in work.group_keys()
+    got, want = RunStore.of(job).open_stats(), runs["answers"].open_stats()
+    for v in EXACT:
+        assert _close(got[v].values, want[v].values, rtol=2e-6), v  # (float32 partials, summed in another order)

@@ -56,7 +56,7 @@ class AnswersPass:
     sketched operands u, v). Gradients arrive as the exact mode would store them: rounded to
     `storage_dtype`."""
 
-    def __init__(self, task, heads: dict, sizes: dict, device: str):
+    def __init__(self, task, heads: dict, sizes: dict, device: str, resident: tuple | None = None):
         n, L = len(task.input_ids), len(task.layers)
         self.task, self.summing = task, task.phase == "fisher"
         self.onehot = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
@@ -65,11 +65,14 @@ class AnswersPass:
             self.tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float64, device=device)
                           for b in task.blocks}
             return
-        from .sketch import stored_inverse_fisher
+        if resident is None:  # consolidated by the client (a run of several shards)
+            from .sketch import stored_inverse_fisher
 
-        where = (task.store_path, task.storage_options)
-        self.inv = {b: torch.as_tensor(stored_inverse_fisher(*where, b), device=device) for b in task.blocks}
-        self.sums = {b: torch.as_tensor(stored_task_sums(*where, b), device=device) for b in task.blocks}
+            where = (task.store_path, task.storage_options)
+            resident = ({b: stored_inverse_fisher(*where, b) for b in task.blocks},
+                        {b: stored_task_sums(*where, b) for b in task.blocks})
+        self.inv = {b: torch.as_tensor(resident[0][b], device=device) for b in task.blocks}
+        self.sums = {b: torch.as_tensor(resident[1][b], device=device) for b in task.blocks}
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         self.scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
         # keep_pairs = "top": the interference's operands u, v sketched too (in the task's ShardBuffers)

@@ -63,6 +63,9 @@ class ShardTask:
     # consolidation) forms each sample's scalars against those sums
     task_of: tuple[int, ...] = ()
     n_tasks: int = 0
+    # answers mode in one shard ("answers_whole": both passes in this task, the task sums kept
+    # in memory between them, never written): the Fisher's damping (damping_rel, damping_abs)
+    damping: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -119,10 +122,30 @@ _MODEL_IN_USE = threading.Lock()
 def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """One shard's compute (see `_compute_shard`), one task at a time per process."""
     with _MODEL_IN_USE:
-        return _compute_shard(task)
+        return _answers_whole(task) if task.phase == "answers_whole" else _compute_shard(task)
 
 
-def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+def _answers_whole(task: ShardTask):
+    """Answers mode over every sample in one task: pass 1 (the Fisher partial and the task sums),
+    λ and 1/(Î+λ) as the run's consolidation forms them from that one partial, then pass 2
+    against the sums held in memory. Nothing P-sized is written but the Fisher partial, which
+    the client consolidates into `fisher` as for any run."""
+    from dataclasses import replace
+
+    from .fisher import damping, inverse_regularised
+
+    _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"))
+    inv, sums = {}, {}
+    for b in task.blocks:
+        total = partials[schema.fisher_partial(b)].astype(np.float64)  # as `consolidate_fisher` sums one shard
+        lam = damping(total, *task.damping)
+        inv[b] = inverse_regularised(total.astype(np.float32), lam[:, None, None])
+        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)]).astype(np.float64)
+    out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums))
+    return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
+
+
+def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
     Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
@@ -153,7 +176,7 @@ def _compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, 
     if (task.phase == "fisher" and task.n_tasks > 0) or task.phase == "answers":  # answers mode's passes
         from .answers import AnswersPass
 
-        answers = AnswersPass(task, heads, sizes, device)
+        answers = AnswersPass(task, heads, sizes, device, resident)
         shapes = getattr(answers, "sketch_shapes", shapes)
     grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
@@ -323,5 +346,7 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     rejected = set(bad)
     ok = np.array([sid not in rejected for sid in task.sample_ids])
     g[schema.FINITE][task.start : stop] = ok
-    record_shard(root, task.shard, fisher, task.phase)
+    record_shard(root, task.shard, fisher, "fisher" if task.phase == "answers_whole" else task.phase)
+    if task.phase == "answers_whole":  # both passes done: the fisher record above, then this one
+        record_shard(root, task.shard, {}, "answers")
     return ShardResult(task.shard, whash, tuple(bad), device, worker_name())
