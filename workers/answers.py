@@ -16,13 +16,13 @@ from qkov.pipeline import schema
 
 
 def task_sums_update(acc: torch.Tensor, t: torch.Tensor, onehot: torch.Tensor) -> None:
-    """Add one batch to the per-task sums: acc (tasks, 3, H, P) float64 in TASK_SUM_KINDS order
-    (Σ g, Σ |g|, Σ g²), t (B, H, P) the batch's gradient slice, onehot (tasks, B) float64 (0 for
-    samples that take no part: other tasks, skipped samples)."""
+    """Add one batch to the per-task sums: acc (tasks, 3, H, P) in TASK_SUM_KINDS order (Σ g,
+    Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of device
+    memory, not 64), the batch's own sums formed in float64; t (B, H, P) the batch's gradient
+    slice, onehot (tasks, B) float64 (0 for samples that take no part: other tasks, skipped ones)."""
     td = t.double()
-    acc[:, 0] += torch.einsum("tb,bhp->thp", onehot, td)
-    acc[:, 1] += torch.einsum("tb,bhp->thp", onehot, td.abs())
-    acc[:, 2] += torch.einsum("tb,bhp->thp", onehot, td * td)
+    for k, x in enumerate((td, td.abs(), td * td)):
+        acc[:, k] += torch.einsum("tb,bhp->thp", onehot, x).to(acc.dtype)
 
 
 def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
@@ -62,7 +62,7 @@ class AnswersPass:
         self.onehot = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
         self.onehot[torch.as_tensor(task.task_of, device=device), torch.arange(n, device=device)] = 1.0
         if self.summing:
-            self.tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float64, device=device)
+            self.tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float32, device=device)
                           for b in task.blocks}
             return
         if resident is None:  # consolidated by the client (a run of several shards)
@@ -87,7 +87,7 @@ class AnswersPass:
         if self.summing:
             task_sums_update(self.tsums[b][:, :, li], t, self.onehot[:, s : s + t.shape[0]] * finite.to(torch.float64))
             return
-        x = sample_scalars(t, self.inv[b][li], self.sums[b][:, :, li])
+        x = sample_scalars(t, self.inv[b][li], self.sums[b][:, :, li].double())
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1).cpu().numpy()
         if self.sketch_shapes:
             from .sketch import sketch_layer

@@ -140,7 +140,7 @@ def _answers_whole(task: ShardTask):
         total = partials[schema.fisher_partial(b)].astype(np.float64)  # as `consolidate_fisher` sums one shard
         lam = damping(total, *task.damping)
         inv[b] = inverse_regularised(total.astype(np.float32), lam[:, None, None])
-        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)]).astype(np.float64)
+        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)])  # float32, as written
     out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums))
     return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
 
