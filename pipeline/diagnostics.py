@@ -358,23 +358,28 @@ def diagnostics_from_parts(values: dict[str, _BlockParts], grads: xr.Dataset, fi
         S.TASK: (S.SAMPLE_I, np.where(is_a, str(task_a), str(task_b)).astype(object)),
     }
     mode = grads.attrs.get(S.ATTR_MODE) or "exact"
-    sketched = mode == "sketch"
+    scalars = S.PART in grads.dims  # each sample's scalars (answers mode; sketch mode since 2026-12): exact
     attrs = {
         "ill_conditioned_rule": ILL_RULE,
         "outlier_rule": OUTLIER_RULE,
         "outlier_z": OUTLIER_Z,
         "ill_share": ILL_SHARE,
         "mode": mode,
-        "source": {"sketch": "grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)) estimate ||g|| and sqrt(A_ii) from "
-                             "the sketches (relative error about sqrt(2/k) on the squares); marginals are means of the "
-                             "sketched scores; the Fisher health is exact",
-                   "answers": "exact: norms, fisher_norm and marginals from each sample's scalars, reduced from its "
-                              "gradient against the task sums in extraction (no gradient stored)"}.get(
-            mode, "exact: norms from the stored gradients, fisher_norm and marginals from the stored pooled scores"),
+        "source": _SOURCES["scalars" if scalars else mode if mode in _SOURCES else "exact"],
         "kv": "K/V rows of query heads that share a KV head repeat that KV head's values",
         S.ATTR_N_A: int(is_a.sum()), S.ATTR_N_B: int((~is_a).sum()), S.ATTR_TASK_A: task_a, S.ATTR_TASK_B: task_b,
     }
     return xr.Dataset(data, coords=coords, attrs=attrs)
+
+
+_SOURCES = {  # where the per-sample diagnostics come from, by what the run stores
+    "exact": "exact: norms from the stored gradients, fisher_norm and marginals from the stored pooled scores",
+    "sketch": "grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)) estimate ||g|| and sqrt(A_ii) from the sketches "
+              "(relative error about sqrt(2/k) on the squares); marginals are means of the sketched scores; the Fisher "
+              "health is exact",
+    "scalars": "exact: norms, fisher_norm and marginals from each sample's scalars, reduced from its gradient against "
+               "the task sums in extraction (no gradient stored)",
+}
 
 
 def write_diagnostics(store: RunStore, ds: xr.Dataset, config=None, config_hash: str | None = None) -> None:

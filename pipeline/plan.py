@@ -188,18 +188,22 @@ def _group_bytes(job: JobSpec, shapes: list, streams: int = 1) -> tuple[dict[str
     work = streams * (int(shards * fisher_vals * 4 * ZSTD_F32) + len(ex.blocks) * (shards * L * CRC_BYTES + META_BYTES)) \
         + (2 + sh.sketch) * (shards * 5 + META_BYTES)
     groups[schema.SCORES_GROUP] = sum(_scores_bytes(job, p, x, y) for p, x, y in shapes)
+    n_tasks = len(ex.task_sizes)
+    head_slices = sum(ex.heads[b] for b in ex.blocks)
+    sums = n_tasks * len(schema.TASK_SUM_KINDS) * fisher_vals  # each task's Σg, Σ|g|, Σg²: per shard (float32), then float64
+    scalars = shards * ex.shard_size * L * head_slices * len(schema.answer_parts(range(n_tasks))) * 8 \
+        + shards * len(ex.blocks) * CRC_BYTES + len(ex.blocks) * META_BYTES  # each sample's scalars, float64
+    if job.score.mode == "sketch":  # the sketches, each sample's scalars beside them, and the task sums while it runs
+        groups[schema.GRADIENTS] += scalars
+        work += int(shards * sums * 4 * ZSTD_F32) + sums * 8 + 2 * len(ex.blocks) * n_tasks * META_BYTES
+        groups[schema.SCORES_GROUP] += sum(2 * L * p.block_heads * p.scored * len(schema.MOMENTS) * 8 for p, _, _ in shapes)
     if job.score.mode == "answers":  # per sample and slice a few float64 scalars; P-sized arrays only while it runs
-        n_tasks = len(ex.task_sizes)
-        parts = len(schema.answer_parts(range(n_tasks)))
-        head_slices = sum(ex.heads[b] for b in ex.blocks)
-        groups[schema.GRADIENTS] = shards * ex.shard_size * L * head_slices * parts * 8 + shards * len(ex.blocks) * CRC_BYTES \
-            + (len(ex.blocks) + 11) * META_BYTES + coords
+        groups[schema.GRADIENTS] = scalars + 11 * META_BYTES + coords
         if job.score.keep_pairs == "top":  # the interference's sketched operands u, v
             groups[schema.GRADIENTS] += 2 * shards * L * head_slices * (ex.shard_size * job.score.sketch_dim * sh.g_item
                                                                          + CRC_BYTES)
         temporary = int(groups[schema.FISHER])  # the Fisher's values: dropped once the scalars are made
         groups[schema.FISHER] = len(ex.blocks) * L * 8 + 6 * META_BYTES
-        sums = n_tasks * len(schema.TASK_SUM_KINDS) * fisher_vals  # each task's Σg, Σ|g|, Σg²: per shard (float32), then float64
         if shards > 1:  # one shard keeps its task sums in memory between its passes
             work += int(shards * sums * 4 * ZSTD_F32) + sums * 8 + 2 * len(ex.blocks) * n_tasks * META_BYTES
         work += temporary

@@ -397,11 +397,11 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     tables = [_conflict_table(stats, top, alpha)] if "alignment" in scores else []
     tables += [_shared_table(stats, top, alpha, alt)] if "interference" in scores else []
     tables += [_differ_table(stats, score, top, alpha, alt) for score in differ_scores if score in scores]
-    if stats.attrs.get("mode") == "answers":  # which of the numbers shown are exact (docs/answers.md)
+    if "approximate" in stats.attrs:  # answers or sketch mode: which of the numbers shown are exact (docs/answers.md)
         first_order = {"conflict": "the CIs", "shared": "the CIs and which slices are below chance",
                        "differ": "the CIs and the labels test"}
         for t in tables:
-            t["note"] = t.get("note", "") + (f"; answers mode: the estimates are exact, {first_order[t['key']]} "
+            t["note"] = t.get("note", "") + (f"; {stats.attrs.get('mode')} mode: the estimates are exact, {first_order[t['key']]} "
                                              "approximate (stats attrs `exact`, `approximate`)")
     return tables
 

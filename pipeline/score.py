@@ -235,25 +235,42 @@ def _scores_dataset(data: dict, grads: xr.Dataset, blocks: list[str], plan: _Pla
     return ds
 
 
-def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=None, top_k: int = 0) -> xr.Dataset:
-    """Answers mode: the lazy `scores` dataset of each score's per-sample moments
-    (`moments_<score>_<block>`: layer, head, sample_i, moment in `schema.MOMENTS` order) taken
-    from the scalars extraction stored for tasks key_a (A) and key_b (B); `side` receives each
-    block's `DiagnosticParts` (the same scalars: ‖g_i‖², A_ii and the interference's other-task
-    row and column means). Where extraction also sketched the interference's operands
-    (keep_pairs = "top"), its sketched pooled matrices are reduced to the statistics' sums for
-    `stats` (a StatsSpec; the stats stage takes their labels rows) and the top_k A×B pairs."""
-    keep, n_a = _kept_samples(grads)
+def _moment_vars(grads: xr.Dataset, keep: np.ndarray, n_a: int, key_a: str, key_b: str, side: dict) -> dict:
+    """Each score's per-sample moments per block (`moments_<score>_<block>`: layer, head,
+    sample_i, moment in `schema.MOMENTS` order) from the scalars extraction stored for tasks
+    key_a (A) and key_b (B); `side` receives each block's `DiagnosticParts` (the same scalars:
+    ‖g_i‖², A_ii and the interference's other-task row and column means)."""
     n_b = keep.size - n_a
     parts = [str(p) for p in grads[schema.PART].values]
-    blocks = [b for b in schema.BLOCKS if b in grads]
     data = {}
-    for b in blocks:
+    for b in (b for b in schema.BLOCKS if b in grads):
         x = grads[b].data[keep]  # (N, L, H_b, parts): a few KB per sample
         for score in schema.SCORES:
             m = x[..., [parts.index(p) for p in schema.moment_parts(score, key_a, key_b)]]
             data[schema.moments_name(score, b)] = xr.Variable((schema.LAYER, schema.head_dim(b), schema.SAMPLE_I, schema.MOMENT),
                                                               m.transpose(1, 2, 0, 3).rechunk(-1))
+        part = lambda name: x[..., parts.index(name)]  # noqa: E731
+        side[b] = DiagnosticParts(sq=part("sq"), diag=part("a_ii"),
+                                  rows=da.stack([part(f"mr.{key_a}") / n_a, part(f"mr.{key_b}") / n_b], -1),
+                                  cols=da.stack([part(f"mc.{key_a}") / n_a, part(f"mc.{key_b}") / n_b], -1))
+    return data
+
+
+def has_scalars(grads: xr.Dataset) -> bool:
+    """The gradients group holds each sample's scalars (answers mode; sketch mode since 2026-12)."""
+    return schema.PART in grads.dims
+
+
+def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=None, top_k: int = 0) -> xr.Dataset:
+    """Answers mode: the lazy `scores` dataset of each score's per-sample moments (`_moment_vars`).
+    Where extraction also sketched the interference's operands (keep_pairs = "top"), its
+    sketched pooled matrices are reduced to the statistics' sums for `stats` (a StatsSpec; the
+    stats stage takes their labels rows) and the top_k A×B pairs."""
+    keep, n_a = _kept_samples(grads)
+    n_b = keep.size - n_a
+    blocks = [b for b in schema.BLOCKS if b in grads]
+    data = _moment_vars(grads, keep, n_a, key_a, key_b, side)
+    for b in blocks:
         if schema.sketch_var(b, "u") in grads and stats is not None:
             u, v = (decoded(grads[schema.sketch_var(b, p)]).data[keep].transpose(1, 2, 0, 3).rechunk((1, 1, -1, -1))
                     for p in ("u", "v"))
@@ -261,10 +278,6 @@ def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=
             data[schema.stat_sums_name("interference", b)] = _sums_var(b, slice_statistics(
                 inter[None], np.arange(keep.size) < n_a, stats.n_permutations, stats.n_bootstrap, stats.seed)[0])
             data.update(_top_vars("interference", b, top_pairs_lazy(inter, n_a, min(top_k, n_a * n_b), largest=True)))
-        part = lambda name: x[..., parts.index(name)]  # noqa: E731
-        side[b] = DiagnosticParts(sq=part("sq"), diag=part("a_ii"),
-                                  rows=da.stack([part(f"mr.{key_a}") / n_a, part(f"mr.{key_b}") / n_b], -1),
-                                  cols=da.stack([part(f"mc.{key_a}") / n_a, part(f"mc.{key_b}") / n_b], -1))
     sketched = any(v.startswith(schema.stat_sums_name("")) for v in data)
     plan = _Plan(keep, n_a, keep.size, "top" if sketched else "none", top_k, "float32", stats, "auto", "auto")
     ds = _scores_dataset(data, grads, blocks, plan).assign_coords({schema.MOMENT: list(schema.MOMENTS)})
@@ -303,6 +316,11 @@ def run_score(store: RunStore, job: JobSpec, executor, *, sample_chunk: int | No
                             accumulate="auto", device=job.score.device, scores_dtype=job.score.scores_dtype,
                             keep_pairs=job.score.keep_pairs, top_k=job.score.top_k, stats=job.stats, readers=readers,
                             side=(side := {}))
+        if has_scalars(grads):  # sketch mode: every answer but the labels tests and top pairs exact, from the scalars
+            keep, n_a = _kept_samples(grads)
+            ds = ds.assign(_moment_vars(grads, keep, n_a, *store.pair_tasks(), side)).assign_coords(
+                {schema.MOMENT: list(schema.MOMENTS)})
+            ds.attrs.update({schema.ATTR_MODE: "sketch", "sketch_dim": grads.attrs.get("sketch_dim")})
     ds.attrs.update(provenance(job.config_dict(), job.config_hash(), stage="score", sample_chunk=ds.attrs["sample_chunk"]))
     ds.attrs[schema.ATTR_COMPLETE] = False
     encoding = {v: {"chunks": tuple(c[0] for c in ds[v].data.chunks), "compressors": checksummed(v.startswith("pooled_"))}

@@ -34,14 +34,26 @@ SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
 # answers mode (no pair scores): what its statistics compute exactly and what to first order
 ANSWERS_EXACT = ("every point estimate (mean, effect, sharing and its two directions, transfer, cosine where "
                  "defined) and the transfer test (transfer_p_value, transfer_q_value, transfer_direction)")
+def _approximate(scores: xr.Dataset, settings: StatsSpec, present: list[str]) -> str:
+    """What the statistics of a run with per-sample moments compute approximately, per score's labels test."""
+    k = scores.attrs.get("sketch_dim", "sketch_dim")
+    labels = []
+    for score in present:
+        if _labels_source(scores, score, settings) is not None:
+            labels.append(f"{score}'s p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_SKETCHED.format(k=k, score=score)}")
+        elif score == "interference":
+            labels.append(f"interference's p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_PROJECTION}")
+        else:
+            labels.append("the alignment's labels-null test needs pair scores: NaN (its answer is the transfer test)")
+    return ANSWERS_CIS + "; " + "; ".join(labels)
+
+
 ANSWERS_PROJECTION = ("label permutations of the A x B mean's first-order (Hajek) projection, a test exact in level "
                       "for that projection; null_mean is its permutation mean")
-ANSWERS_SKETCHED = ("label permutations of the A x B mean of the sketched interference (k = {k}; the pair scores "
-                    "M_ij estimated from sketched operands), with its top pairs")
-ANSWERS_APPROXIMATE = ("the CIs and cosine_norm_z: the same two-way bootstrap resamples applied to each mean's "
-                       "first-order expansion in the resample weights; interference's p_value, q_value, p_fwer, "
-                       f"direction and layer tests: {ANSWERS_PROJECTION}. The alignment's labels-null test needs the "
-                       "pair scores: NaN (its answer is the transfer test)")
+ANSWERS_SKETCHED = ("label permutations of the A x B mean of the sketched {score} (k = {k}; the pair scores "
+                    "estimated from sketched operands), as are its top pairs")
+ANSWERS_CIS = ("the CIs and cosine_norm_z: the same two-way bootstrap resamples applied to each mean's "
+               "first-order expansion in the resample weights")
 
 
 # ---------------------------------------------------------------- family
@@ -202,9 +214,16 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
         mom = scores[S.moments_name(score)].data
         out = [moment_statistics(mom[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed,
                                  labelled=score == "interference") for bi, hi in groups]
-        if _sketched_labels(scores, score, settings):  # the labels rows of the sketched pooled matrices instead
-            sk, cut = scores[S.stat_sums_name(score)].data, S.stat_sums_parts(settings.n_permutations, settings.n_bootstrap)[1].stop
-            out = [da.concatenate([sk[bi][:, :, hi][..., :cut], m[..., cut:]], axis=-1) for (bi, hi), m in zip(groups, out)]
+        source = _labels_source(scores, score, settings)  # the labels rows of sketched pair scores instead
+        if source is not None:
+            cut = S.stat_sums_parts(settings.n_permutations, settings.n_bootstrap)[1].stop
+            if source == "pooled":  # sketch mode, keep_pairs = "all": any settings
+                arr = scores[S.pooled_name(score)].data
+                sk = [slice_statistics(arr[bi][:, :, hi], is_a, settings.n_permutations, settings.n_bootstrap, settings.seed)
+                      for bi, hi in groups]
+            else:  # reduced by the score stage for these settings
+                sk = [scores[S.stat_sums_name(score)].data[bi][:, :, hi] for bi, hi in groups]
+            out = [da.concatenate([k[..., :cut], m[..., cut:]], axis=-1) for k, m in zip(sk, out)]
         return out
     if S.pooled_name(score) not in scores or (S.stat_sums_name(score) in scores and _sums_match(scores, settings)):
         sums = scores[S.stat_sums_name(score)].data
@@ -215,10 +234,16 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
             for bi, hi in groups]
 
 
-def _sketched_labels(scores: xr.Dataset, score: str, settings: StatsSpec) -> bool:
-    """Answers mode with keep_pairs = "top": the labels test of `score` from its sketched pooled
-    matrices (reduced by the score stage for these settings)."""
-    return S.moments_name(score) in scores and S.stat_sums_name(score) in scores and _sums_match(scores, settings)
+def _labels_source(scores: xr.Dataset, score: str, settings: StatsSpec) -> str | None:
+    """Where the labels test of a score with per-sample moments comes from, when not from the
+    moments' projection: "pooled" (sketch mode's stored sketched matrices), "sums" (sketched
+    pair scores the score stage reduced for these settings: sketch mode with keep_pairs
+    top/none, answers mode with "top"), else None."""
+    if S.moments_name(score) not in scores:
+        return None
+    if S.pooled_name(score) in scores:
+        return "pooled"
+    return "sums" if S.stat_sums_name(score) in scores and _sums_match(scores, settings) else None
 
 
 def _results(computed: list, present: list[str], fam: _Family, settings: StatsSpec,
@@ -288,10 +313,8 @@ def compute_stats(scores: xr.Dataset, settings: StatsSpec, executor=None) -> xr.
     }
     attrs = _stats_attrs(scores, settings, int(fam.fam3.sum()), is_a)
     if from_moments:
-        attrs.update(mode="answers", exact=ANSWERS_EXACT, approximate=ANSWERS_APPROXIMATE)
-        if _sketched_labels(scores, "interference", settings):
-            attrs["approximate"] = ANSWERS_APPROXIMATE.replace(ANSWERS_PROJECTION, ANSWERS_SKETCHED.format(
-                k=scores.attrs.get("sketch_dim", "sketch_dim")))
+        attrs.update(mode=scores.attrs.get(S.ATTR_MODE, "answers"), exact=ANSWERS_EXACT,
+                     approximate=_approximate(scores, settings, present))
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
@@ -343,7 +366,7 @@ def _require_finite(store: RunStore, ds: xr.Dataset) -> None:
     Every score of a slice enters its mean, so the means show it at no extra cost."""
     fam = ds["in_family"].broadcast_like(ds["mean"]).values.astype(bool)
     bad = fam & ~np.isfinite(ds["mean"].values)
-    if "null_mean" in ds and ds.attrs.get("mode") != "answers":  # the pooled scores (A∪B) enter every permutation's statistic
+    if "null_mean" in ds and "approximate" not in ds.attrs:  # the pooled scores (A∪B) enter every permutation's statistic
         bad |= fam & ~np.isfinite(ds["null_mean"].transpose(*ds["mean"].dims).values)
     if bad.any():
         where = [f"{sc}/{b} layer {int(l)} head {int(h)}" for sc, b, l, h in zip(*(

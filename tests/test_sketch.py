@@ -180,8 +180,8 @@ def test_store_holds_only_sketches(runs):
 
     g = RunStore(str(runs["small"])).open_gradients()
     assert g.attrs["mode"] == "sketch" and g.attrs["sketch_dim"] == SMALL_K and g.attrs["sketch_seed"] == 3
-    assert not any(b in g for b in schema.BLOCKS)
-    for b in schema.BLOCKS:
+    for b in schema.BLOCKS:  # no gradient: each sample's scalars per slice (its exact answers), and the sketches
+        assert g[b].dims[-1] == schema.PART and g[b].sizes[schema.PART] == len(schema.answer_parts(["a", "b"]))
         for part in schema.SKETCH_PARTS:
             var = g[schema.sketch_var(b, part)]
             assert var.dims == (schema.SAMPLE, schema.LAYER, schema.head_dim(b), schema.SKETCH)
@@ -262,3 +262,15 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
     job = parse_job(config)
     with pytest.raises(StoreError, match="randperm-v1.*overwrite=True"):
         run_extract(RunStore.of(job), job, executor_for(None), plan=plan_extract(job), fresh=False)
+
+
+def test_every_point_estimate_and_the_transfer_test_are_exact_in_sketch_mode(runs):
+    """Sketch mode also keeps each sample's scalars (answers mode's, docs/answers.md): at k = 128
+    ≪ P the means, effects, sharing, transfer and its test equal exact mode's to float rounding,
+    while the labels tests come from the sketched pair scores (and differ from exact mode's)."""
+    exact, small = (RunStore(str(runs[k])).open_stats() for k in ("exact", "small"))
+    for v in ("mean", "effect", "sharing", "sharing_ab", "sharing_ba", "transfer", "transfer_p_value", "transfer_direction"):
+        want, got = exact[v].values.astype(float), small[v].values.astype(float)
+        assert np.allclose(got, want, rtol=2e-5, atol=2e-5 * np.nanmax(np.abs(want)), equal_nan=True), v
+    assert not np.allclose(small["null_mean"].values, exact["null_mean"].values, rtol=1e-4)
+    assert small.attrs["mode"] == "sketch" and "sketched alignment (k = 128" in small.attrs["approximate"]

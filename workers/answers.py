@@ -50,9 +50,9 @@ def stored_task_sums(store_path: str, storage_options: dict | None, block: str) 
 
 
 class AnswersPass:
-    """Answers mode's share of one extraction task (`qkov.workers.writer`): in the "fisher"
-    phase each task's sums over this shard (its `_work` partials), in the "answers" phase each
-    sample's scalars against the consolidated sums (and, with sketch_dim, the interference's
+    """The scalars' share of one extraction task (`qkov.workers.writer`; answers and sketch
+    mode): in the "fisher" phase each task's sums over this shard (its `_work` partials), in
+    the "answers" (or "sketch") phase each sample's scalars against the consolidated sums (and, with sketch_dim, the interference's
     sketched operands u, v). Gradients arrive as the exact mode would store them: rounded to
     `storage_dtype`."""
 
@@ -75,9 +75,10 @@ class AnswersPass:
         self.sums = {b: torch.as_tensor(resident[1][b], device=device) for b in task.blocks}
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         self.scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
-        # keep_pairs = "top": the interference's operands u, v sketched too (in the task's ShardBuffers)
+        # answers mode, keep_pairs = "top": the interference's operands u, v sketched too (in the
+        # task's ShardBuffers; sketch mode's own pass sketches all three)
         self.sketch_shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim)
-                              for b in task.blocks for p in ("u", "v")} if task.sketch_dim else {}
+                              for b in task.blocks for p in ("u", "v")} if task.sketch_dim and task.phase == "answers" else {}
 
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);

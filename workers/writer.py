@@ -165,19 +165,20 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     keep_grads, sketching = task.phase == "exact", task.phase == "sketch"
     keep_fisher = task.phase in ("exact", "fisher")
     shapes = {b: (L, heads[b], n, sizes[b]) for b in task.blocks if keep_grads}
+    answers = None
+    if task.n_tasks > 0 and task.phase in ("fisher", "answers", "sketch"):  # each sample's scalars (answers, sketch mode)
+        from .answers import AnswersPass
+
+        answers = AnswersPass(task, heads, sizes, device, resident)
+        shapes = getattr(answers, "sketch_shapes", None) or shapes
     if sketching:
         from .sketch import PARTS, sketch_layer, stored_inverse_fisher
 
         shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim) for b in task.blocks for p in PARTS}
         # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
-        inv = {b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
-               for b in task.blocks}
-    answers = None
-    if (task.phase == "fisher" and task.n_tasks > 0) or task.phase == "answers":  # answers mode's passes
-        from .answers import AnswersPass
-
-        answers = AnswersPass(task, heads, sizes, device, resident)
-        shapes = getattr(answers, "sketch_shapes", shapes)
+        inv = answers.inv if answers is not None else {
+            b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
+            for b in task.blocks}
     grads = ShardBuffers(shapes, task.storage_dtype, device)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
