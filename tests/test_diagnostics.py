@@ -327,8 +327,10 @@ def test_report_has_a_health_panel(planted, tmp_path):
 
 
 def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_slice(base_run, tmp_path):
-    """Sketch mode stores no gradients: grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)). With
-    k >= P the projection is injective, so every diagnostic equals exact mode's (float rounding)."""
+    """Sketch mode stores no gradients but each sample's scalars (answers mode's): its diagnostics
+    come from those, exactly. From the sketches alone (what `diagnostics_dataset` computes without
+    them) grad_norm = ||S(|g|)|| and fisher_norm = sqrt(S(w).S(w)); with k >= P the projection is
+    injective, so both equal exact mode's (float rounding)."""
     from pathlib import Path
 
     from qkov.pipeline.run import run_job
@@ -340,7 +342,7 @@ def test_sketch_mode_diagnostics_equal_exact_mode_when_the_sketch_covers_the_sli
                    score={"mode": "sketch", "sketch_dim": k}, output={"path": str(tmp_path / "sketch")})
     run_job(job)
     sk = RunStore(job.output.path).open_dataset(S.DIAGNOSTICS).load()
-    assert sk.attrs["mode"] == "sketch" and "estimate" in sk.attrs["source"]
+    assert sk.attrs["mode"] == "sketch" and "scalars" in sk.attrs["source"]
     for v in (*D_HEALTH, S.GRAD_NORM, S.FISHER_NORM, S.ROW_MEAN, S.COL_MEAN, S.OUTLIER_SCORE):
         np.testing.assert_allclose(sk[v].values, exact[v].values, rtol=1e-4, atol=1e-6 * float(np.nanmax(np.abs(exact[v].values))),
                                    err_msg=v)
