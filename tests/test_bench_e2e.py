@@ -31,6 +31,7 @@ def test_extrapolation_separates_fixed_and_per_layer_extraction():
     assert "overestimate" in be.extrapolate(t, 8, 30, None)["extract_method"]
 
 
+@pytest.mark.slow
 def test_tiny_run_reports_every_field(tmp_path, capsys):
     out = tmp_path / "result.json"
     res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--layers", "0", "1", "--batch", "4",
@@ -57,6 +58,7 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     assert (tmp_path / "work" / "model-tiny" / be.MODEL_MARKER).is_file()
 
 
+@pytest.mark.slow
 def test_tiny_layer_grouped_run_reports_its_loop_and_profile(tmp_path):
     res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--batch", "4", "--shard-size", "8",
                    "--n-permutations", "19", "--n-bootstrap", "20", "--workers", "1", "--no-calibrate", "--keep-gradients",

@@ -267,6 +267,7 @@ def smollm2_checks(tmp_path_factory):
             os.environ.pop("QKOV_CACHE")
 
 
+@pytest.mark.slow
 def test_smollm2_all_checks_pass(smollm2_checks):
     job, ds = smollm2_checks
     assert failed(ds) == set(), {n: str(row(ds, n)["detail"].values) for n in failed(ds)}

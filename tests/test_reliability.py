@@ -103,6 +103,7 @@ def wait_for(condition, what: str, timeout: float = 240.0) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_extract_run_finishes_identical(reference):
     """SIGKILL of a worker process while it computes shards: the nanny restarts it, its shards
     run again (here or on the other worker) and the store equals the undisturbed run's."""
@@ -137,6 +138,7 @@ def test_worker_killed_mid_extract_run_finishes_identical(reference):
     assert_same_results(job.output.path, ref.output.path)
 
 
+@pytest.mark.slow
 def test_client_killed_mid_run_resume_finishes_identical(reference, tmp_path):
     """`qkov run` (a subprocess with its own LocalCluster) is frozen mid-extract: a second run on
     the output is refused, whatever its flags. Then it is SIGKILLed; its workers stop, its lock is

@@ -182,6 +182,7 @@ def inline_run(tmp_path_factory):
 # ---------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster, inline_run):
     tmp, job = inline_run
     cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
@@ -209,6 +210,7 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
     assert_same_run(str(tmp / "run-remote"), job.output.path)
 
 
+@pytest.mark.slow
 def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remote_cluster, inline_run, s3_endpoint, monkeypatch):
     """Workers write the store to S3 (credentials from their environment, endpoint from the
     job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""

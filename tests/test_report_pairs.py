@@ -84,6 +84,7 @@ def _recount(stats) -> dict[str, int]:
             "more_overlap": int((ok & (d == 1)).sum()), "less_overlap": int((ok & (d == -1)).sum()), "family": int(fam.sum())}
 
 
+@pytest.mark.slow
 def test_overview_links_to_each_pairs_report_and_is_self_contained(run, overview):
     out = Path(str(run) + "-report")
     assert overview == out / "index.html"

@@ -146,6 +146,7 @@ def _align_entries(g, F_flat, model, layer, blk):
     return np.concatenate([W[:, :, h * 8 : (h + 1) * 8].reshape(n, -1) for h in range(4)], axis=1)
 
 
+@pytest.mark.slow
 def test_same_scores_inline_two_processes_and_any_chunking(tmp_path):
     from distributed import Client, LocalCluster
 
