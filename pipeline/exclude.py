@@ -71,9 +71,10 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
     pooled matrices and of the A×B blocks; n_a / n_b follow. Needs ≥ 2 samples left per task
     (the within-task means of the effect sizes take pairs of different samples)."""
     if not any(S.pooled_name(s) in scores for s in S.SCORES):
+        mode = scores.attrs.get(S.ATTR_MODE) or "exact"
         raise UsageError(f"{param('exclude')} recomputes the statistics from the stored pair scores, and this run stored none "
-                         f"(score.keep_pairs = {scores.attrs.get('keep_pairs')!r}); rerun with keep_pairs = \"all\" to "
-                         "leave samples out afterwards, or drop them from the task files")
+                         f"(score.mode = {mode!r}, keep_pairs = {scores.attrs.get('keep_pairs')!r}); rerun in exact or "
+                         "sketch mode with keep_pairs = \"all\" to leave samples out afterwards, or drop them from the task files")
     is_a = np.asarray(scores[S.IS_A].values, dtype=bool)
     keep = np.ones(is_a.size, dtype=bool)
     keep[np.asarray(drop, dtype=np.int64)] = False
@@ -82,8 +83,10 @@ def without_samples(scores: xr.Dataset, drop: np.ndarray) -> xr.Dataset:
         raise UsageError(f"{param('exclude')} leaves {left_a} sample(s) of task {scores.attrs.get(S.ATTR_TASK_A)!r} and {left_b} of "
                          f"{scores.attrs.get(S.ATTR_TASK_B)!r}; the statistics need at least 2 per task")
     idx = np.flatnonzero(keep)
-    sums = [v for v in scores.data_vars if v.startswith(S.stat_sums_name(""))]  # reduced over every sample: not these
-    out = scores.drop_vars(sums).isel({S.SAMPLE_I: idx, S.SAMPLE_J: idx, S.SAMPLE_A: np.flatnonzero(keep[is_a]),
+    # reduced over every sample, the excluded ones too: the stats sums, and the per-sample moments
+    # (their row and column sums); the statistics then come from the pair scores alone
+    reduced = [v for v in scores.data_vars if v.startswith((S.stat_sums_name(""), S.moments_name("")))]
+    out = scores.drop_vars(reduced).isel({S.SAMPLE_I: idx, S.SAMPLE_J: idx, S.SAMPLE_A: np.flatnonzero(keep[is_a]),
                                        S.SAMPLE_B: np.flatnonzero(keep[~is_a])})
     out.attrs.update({S.ATTR_N_A: left_a, S.ATTR_N_B: left_b})
     out.attrs.pop(S.ATTR_SUMS_SETTINGS, None)

@@ -272,3 +272,15 @@ def test_one_shard_makes_both_passes_in_one_task_without_writing_task_sums(runs)
     for name, held in (("top", False), ("answers", True)):
         work = zarr.open_group(runs[name].path, mode="r")[schema.WORK]
         assert (schema.TASK_SUMS in work.group_keys()) == held == any(k.startswith("task_sums") for k in work.array_keys())
+
+
+def test_leaving_samples_out_afterwards_needs_pair_scores(runs):
+    """`qkov stats --exclude` in answers mode: the moments hold every sample's row sums, so a
+    sample cannot be left out of them; refused in one line naming the mode, nothing written."""
+    import qkov
+    from qkov.pipeline.errors import UsageError
+
+    ids = [str(x) for x in runs["answers"].open_scores()[schema.SAMPLE_I].values]
+    with pytest.raises(UsageError, match="stored pair scores.*mode = 'answers'"):
+        qkov.run_stats(runs["answers"].path, exclude=[ids[0]], name="without")
+    assert not runs["answers"].has_group(schema.stats_group("without"))

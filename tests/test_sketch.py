@@ -274,3 +274,21 @@ def test_every_point_estimate_and_the_transfer_test_are_exact_in_sketch_mode(run
         assert np.allclose(got, want, rtol=2e-5, atol=2e-5 * np.nanmax(np.abs(want)), equal_nan=True), v
     assert not np.allclose(small["null_mean"].values, exact["null_mean"].values, rtol=1e-4)
     assert small.attrs["mode"] == "sketch" and "sketched alignment (k = 128" in small.attrs["approximate"]
+
+
+def test_leaving_a_sample_out_uses_the_pair_scores_not_moments_that_still_hold_it(runs, tmp_path):
+    """`qkov stats --exclude` in sketch mode: the stored moments are row sums over every sample,
+    the excluded one too, so the statistics come from the (sketched) pair scores alone; at k = P
+    those are exact mode's, and so are the answers without the sample."""
+    import shutil
+
+    import qkov
+
+    ids = [str(x) for x in RunStore(str(runs["exact"])).open_scores()[schema.SAMPLE_I].values]
+    got = {}
+    for name in ("exact", "full"):
+        shutil.copytree(runs[name], tmp_path / name)
+        got[name] = qkov.run_stats(str(tmp_path / name), exclude=[ids[0]], name="without")
+    for v in ("mean", "transfer", "sharing", "effect"):
+        want = got["exact"][v].values.astype(float)
+        assert np.allclose(got["full"][v].values, want, rtol=1e-4, atol=1e-5 * np.nanmax(np.abs(want)), equal_nan=True), v
