@@ -51,7 +51,7 @@ from . import schema as S
 from .errors import StoreError
 from .health import HEALTH_VARS, ILL_RULE, ILL_SHARE, OUTLIER_RULE, OUTLIER_Z
 from .slice_reductions import other_weights
-from .store import RunStore, decoded, provenance, scores_view
+from .store import RunStore, decoded, has_scalars, provenance, scores_view
 from .tiling import heads_per_task
 
 # question, units, direction of every stored variable (the house rule for numbers users read)
@@ -358,7 +358,7 @@ def diagnostics_from_parts(values: dict[str, _BlockParts], grads: xr.Dataset, fi
         S.TASK: (S.SAMPLE_I, np.where(is_a, str(task_a), str(task_b)).astype(object)),
     }
     mode = grads.attrs.get(S.ATTR_MODE) or "exact"
-    scalars = S.PART in grads.dims  # each sample's scalars (answers mode; sketch mode since 2026-12): exact
+    scalars = has_scalars(grads)  # each sample's scalars: exact
     attrs = {
         "ill_conditioned_rule": ILL_RULE,
         "outlier_rule": OUTLIER_RULE,

@@ -256,15 +256,15 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
     n, L = plan.n, len(plan.layers)
     data = {}
     pdim = schema.param_dims(plan.sizes)
-    answers = has_scalars(job)
+    scalars = forms_scalars(job)
     for name, b, width in gradient_variables(plan, job):
         shape = (n, L, plan.heads[b], width)
-        if answers and name == b:  # a few float64 scalars per sample and slice: one chunk per shard
+        if scalars and name == b:  # a few float64 scalars per sample and slice: one chunk per shard
             arr = da.zeros(shape, chunks=(plan.shard_size, L, plan.heads[b], width), dtype=np.float64)
             data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), schema.PART), arr)
             continue
         arr = da.zeros(shape, chunks=(plan.shard_size, 1, 1, width), dtype=enc)
-        last = schema.SKETCH if job.score.mode == "sketch" or answers else pdim[b]
+        last = schema.SKETCH if job.score.mode == "sketch" or scalars else pdim[b]
         data[name] = xr.Variable((schema.SAMPLE, schema.LAYER, schema.head_dim(b), last), arr,
                                  attrs={schema.ATTR_ENCODING: job.score.storage_dtype})
     labels = [name for name, m in zip(plan.task_names, plan.task_sizes) for _ in range(m)]
@@ -280,7 +280,7 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
         schema.KV_HEAD: (schema.KV_HEAD, np.arange(plan.n_kv_heads, dtype=np.int32)),
         schema.KV_HEAD_OF: (schema.HEAD, np.array(plan.kv_head_of, dtype=np.int32)),
     }
-    if answers:
+    if scalars:
         coords[schema.PART] = (schema.PART, np.array(schema.answer_parts(job.tasks.keys()), dtype=object))
     ds = xr.Dataset(data, coords=coords)
     ds.attrs.update(
@@ -306,15 +306,13 @@ def gradients_template(plan: ExtractPlan, job: JobSpec) -> xr.Dataset:
 def gradient_variables(plan: ExtractPlan, job: JobSpec) -> list[tuple[str, str, int]]:
     """(variable, block, last-axis length) of `gradients`: per block the gradients, or in
     sketch mode its three sketched operands {B}_u, {B}_v, {B}_w of length sketch_dim."""
-    if job.score.mode == "sketch":  # the sketches, and each sample's scalars (its exact answers)
-        return [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in schema.SKETCH_PARTS] \
-            + [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
-    if job.score.mode == "answers":  # each sample's scalars per slice (schema.answer_parts); with keep_pairs =
-        # "top" also the interference's sketched operands {B}_u, {B}_v
-        scalars = [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
-        return scalars + [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in ("u", "v")
-                          if job.score.keep_pairs == "top"]
-    return [(b, b, plan.sizes[b]) for b in plan.blocks]
+    if not forms_scalars(job):
+        return [(b, b, plan.sizes[b]) for b in plan.blocks]
+    # each sample's scalars per slice (schema.answer_parts), and the sketched operands: sketch
+    # mode's three, answers mode's u and v with keep_pairs = "top" (the interference's)
+    scalars = [(b, b, len(schema.answer_parts(job.tasks.keys()))) for b in plan.blocks]
+    parts = schema.SKETCH_PARTS if job.score.mode == "sketch" else ("u", "v") if job.score.keep_pairs == "top" else ()
+    return [(schema.sketch_var(b, p), b, job.score.sketch_dim) for b in plan.blocks for p in parts] + scalars
 
 
 def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
@@ -324,8 +322,8 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
     # writing 3.3x and reading 2.2x slower, measured), and every stage after extract streams them.
     # A crc32c checksum per chunk (7.9 GB/s, within the noise of the store's own write/read times,
     # measured) turns a corrupted or half-written chunk into an error instead of wrong scores.
-    answers = has_scalars(job)
-    encoding = {name: {"chunks": (plan.shard_size, *((len(plan.layers), plan.heads[b]) if answers and name == b else (1, 1)), width),
+    scalars = forms_scalars(job)
+    encoding = {name: {"chunks": (plan.shard_size, *((len(plan.layers), plan.heads[b]) if scalars and name == b else (1, 1)), width),
                        "compressors": checksummed()}
                 for name, b, width in gradient_variables(plan, job)}
     encoding[schema.LOSS] = {"chunks": (plan.shard_size,)}
@@ -340,7 +338,7 @@ def write_template(store: RunStore, plan: ExtractPlan, job: JobSpec) -> None:
         work.create_array(schema.fisher_partial(b, stream), shape=shape, chunks=(1, 1, *shape[2:]), dtype="float32", fill_value=0.0, overwrite=True,
                           dimension_names=("shard", schema.LAYER, schema.head_dim(b), f"{schema.PARAM}_{b}"))
     for b, k in ((b, k) for b in plan.blocks for k in range(len(plan.task_sizes))
-                 if answers and (len(plan.shards) > 1 or job.score.mode == "sketch")):
+                 if scalars and (len(plan.shards) > 1 or job.score.mode == "sketch")):
         shape = (n_shards, len(schema.TASK_SUM_KINDS), len(plan.layers), plan.heads[b], plan.sizes[b])
         work.create_array(schema.task_sum_partial(b, k), shape=shape, chunks=(1, 1, 1, *shape[3:]), dtype="float32",
                           fill_value=0.0, overwrite=True,
@@ -380,13 +378,13 @@ def shard_tasks(store: RunStore, plan: ExtractPlan, job: JobSpec, shards: list[i
                 phase=phase,
                 sketch_dim=job.score.sketch_dim if sketches(job) else 0,
                 sketch_seed=job.score.sketch_seed,
-                **(_task_of(plan, s, e, job) if has_scalars(job) else {}),
+                **(_task_of(plan, s, e, job) if forms_scalars(job) else {}),
             )
         )
     return out
 
 
-def has_scalars(job: JobSpec) -> bool:
+def forms_scalars(job: JobSpec) -> bool:
     """Extraction forms each sample's scalars against the task sums (two passes): answers mode,
     and sketch mode, whose point estimates come from them exactly."""
     return job.score.mode in ("answers", "sketch")
@@ -592,7 +590,7 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
             # the sample counts after skipping, before anything is marked complete (a resume asks again)
             warning = check_kept_samples(job, plan, store.root()[schema.GRADIENTS][schema.FINITE][:])
             consolidate_fisher(store, plan, job, whash)
-            if phase == "fisher" and has_scalars(job):
+            if phase == "fisher" and forms_scalars(job):
                 consolidate_task_sums(store, plan)
     root = store.root("r+")
     g = root[schema.GRADIENTS]

@@ -25,7 +25,7 @@ from .errors import corrupt_chunk_error
 from .score_graph import BlockParts, block_scores, direct_block_scores, mirrored, reduced_block_scores, sketch_block_scores
 from .slice_reductions import slice_statistics, sums_settings, top_pairs_lazy
 from .spec import JobSpec
-from .store import RunStore, decoded, provenance, scores_view
+from .store import RunStore, decoded, has_scalars, provenance, scores_view
 from .tiling import auto_sample_chunk
 
 _TOP_PARTS = (("value", np.float32), ("a", np.int32), ("b", np.int32))  # the stored top pairs, per score
@@ -254,11 +254,6 @@ def _moment_vars(grads: xr.Dataset, keep: np.ndarray, n_a: int, key_a: str, key_
                                   rows=da.stack([part(f"mr.{key_a}") / n_a, part(f"mr.{key_b}") / n_b], -1),
                                   cols=da.stack([part(f"mc.{key_a}") / n_a, part(f"mc.{key_b}") / n_b], -1))
     return data
-
-
-def has_scalars(grads: xr.Dataset) -> bool:
-    """The gradients group holds each sample's scalars (answers mode; sketch mode since 2026-12)."""
-    return schema.PART in grads.dims
 
 
 def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=None, top_k: int = 0) -> xr.Dataset:

@@ -31,23 +31,9 @@ from .spec import StatsSpec, config_hash
 from .store import RunStore, provenance
 
 SETTINGS_KEYS: tuple[str, ...] = tuple(StatsSpec.model_fields)
-# answers mode (no pair scores): what its statistics compute exactly and what to first order
+# statistics made from per-sample moments (answers, sketch mode): what they compute exactly, what approximately
 ANSWERS_EXACT = ("every point estimate (mean, effect, sharing and its two directions, transfer, cosine where "
                  "defined) and the transfer test (transfer_p_value, transfer_q_value, transfer_direction)")
-def _approximate(scores: xr.Dataset, settings: StatsSpec, present: list[str]) -> str:
-    """What the statistics of a run with per-sample moments compute approximately, per score's labels test."""
-    k = scores.attrs.get("sketch_dim", "sketch_dim")
-    labels = []
-    for score in present:
-        if _labels_source(scores, score, settings) is not None:
-            labels.append(f"{score}'s p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_SKETCHED.format(k=k, score=score)}")
-        elif score == "interference":
-            labels.append(f"interference's p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_PROJECTION}")
-        else:
-            labels.append("the alignment's labels-null test needs pair scores: NaN (its answer is the transfer test)")
-    return ANSWERS_CIS + "; " + "; ".join(labels)
-
-
 ANSWERS_PROJECTION = ("label permutations of the A x B mean's first-order (Hajek) projection, a test exact in level "
                       "for that projection; null_mean is its permutation mean")
 ANSWERS_SKETCHED = ("label permutations of the A x B mean of the sketched {score} (k = {k}; the pair scores "
@@ -234,16 +220,30 @@ def _lazy_sums(scores: xr.Dataset, score: str, settings: StatsSpec, groups: list
             for bi, hi in groups]
 
 
+def _approximate(scores: xr.Dataset, settings: StatsSpec, present: list[str]) -> str:
+    """What the statistics of a run with per-sample moments compute approximately, per score's labels test."""
+    k = scores.attrs.get("sketch_dim", "sketch_dim")
+    labels = []
+    for score in present:
+        if _labels_source(scores, score, settings) is not None:
+            labels.append(f"{score}'s p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_SKETCHED.format(k=k, score=score)}")
+        elif score == "interference":
+            labels.append(f"interference's p_value, q_value, p_fwer, direction and layer tests: {ANSWERS_PROJECTION}")
+        else:
+            labels.append("the alignment's labels-null test needs pair scores: NaN (its answer is the transfer test)")
+    return ANSWERS_CIS + "; " + "; ".join(labels)
+
+
 def _labels_source(scores: xr.Dataset, score: str, settings: StatsSpec) -> str | None:
     """Where the labels test of a score with per-sample moments comes from, when not from the
-    moments' projection: "pooled" (sketch mode's stored sketched matrices), "sums" (sketched
-    pair scores the score stage reduced for these settings: sketch mode with keep_pairs
-    top/none, answers mode with "top"), else None."""
+    moments' projection: "sums" (the sketched pair scores as the score stage reduced them for
+    these settings: sketch mode, or answers mode with keep_pairs = "top"), else "pooled"
+    (sketch mode's stored sketched matrices, for other settings), else None."""
     if S.moments_name(score) not in scores:
         return None
-    if S.pooled_name(score) in scores:
-        return "pooled"
-    return "sums" if S.stat_sums_name(score) in scores and _sums_match(scores, settings) else None
+    if S.stat_sums_name(score) in scores and _sums_match(scores, settings):  # no N×N score read back
+        return "sums"
+    return "pooled" if S.pooled_name(score) in scores else None
 
 
 def _results(computed: list, present: list[str], fam: _Family, settings: StatsSpec,

@@ -18,9 +18,9 @@ from .lock import acquire_lock, read_lock, release_lock
 from .paths import fsspec_fs, is_url, local_path, zarr_store
 from .provenance import provenance, versions
 from .runstore import ENCODINGS, KEEP_PAIRS, SCORES_DTYPES, RunStore
-from .views import decoded, plain_text_coords, scores_view, with_score_attrs
+from .views import decoded, has_scalars, plain_text_coords, scores_view, with_score_attrs
 
-__all__ = ["RunStore", "StoreError", "provenance", "versions", "decoded", "scores_view", "with_score_attrs",
+__all__ = ["RunStore", "StoreError", "provenance", "versions", "decoded", "has_scalars", "scores_view", "with_score_attrs",
            "plain_text_coords", "DirectChunks", "CheckedStore", "direct_dask", "checksummed", "checksummed_encoding",
            "is_url", "local_path", "zarr_store", "fsspec_fs", "acquire_lock", "read_lock", "release_lock",
            "KEEP_PAIRS", "SCORES_DTYPES", "ENCODINGS"]

@@ -33,6 +33,12 @@ def pair_gradients(ds, task_a: str, task_b: str):
     return out
 
 
+def has_scalars(grads) -> bool:
+    """A `gradients` group holding each sample's scalars per slice (answers mode; sketch mode
+    since 2026-12), from which the answers and diagnostics are exact."""
+    return schema.PART in grads.dims
+
+
 def sorted_vars(ds):
     """`ds` with its variables in name order: zarr lists a group's arrays in the file system's
     order, which differs between machines, so "the first variable" would differ too."""
