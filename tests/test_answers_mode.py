@@ -72,6 +72,9 @@ def test_nothing_per_sample_and_parameter_and_no_pair_score_is_stored(runs):
     scores = xr.open_zarr(store.path, group=schema.SCORES_GROUP, consolidated=False)
     assert sorted({str(v).rsplit("_", 1)[0] for v in scores.data_vars}) == ["moments_alignment", "moments_interference"]
     assert not [v for v in scores.data_vars if schema.SAMPLE_J in scores[v].dims]
+    for score in schema.SCORES:  # what a reader of qkov.open_scores sees: each number says what it answers
+        attrs = store.open_scores()[schema.moments_name(score)].attrs
+        assert score in attrs["question"] and attrs["units"] and attrs["direction"].startswith("as the score")
     fisher = xr.open_zarr(store.path, group=schema.FISHER, consolidated=False)  # P per block: dropped, λ kept
     assert fisher.attrs[schema.ATTR_VALUES_DROPPED] and schema.DAMPING in fisher and "Q" not in fisher
 

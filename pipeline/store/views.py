@@ -67,6 +67,13 @@ def with_score_attrs(ds):
             if base != name:
                 question += f" (every pair of the pooled samples A and B; the A x B block is `{base}`)"
             ds.variables[name].attrs.update(question=question, units=units, direction=direction)
+        base = str(name).removeprefix(schema.moments_name(""))
+        if base in schema.SCORE_DOCS and base != name:  # answers and sketch mode: per-sample sums of the score
+            ds.variables[name].attrs.update(
+                question=f"Per sample i: what the {base} pair matrix S adds up to over each task, the statistics' "
+                         f"input in place of the pairs (moment: diag = S_ii, row_a / row_b = sum over A / B of "
+                         f"S_ik, col_a / col_b = sum over A / B of S_ki)",
+                units=schema.SCORE_DOCS[base][1], direction="as the score: " + schema.SCORE_DOCS[base][2])
     return ds
 
 
