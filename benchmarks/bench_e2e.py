@@ -52,11 +52,15 @@ MODEL_MARKER = "bench_geometry.json"
 # ---------------------------------------------------------------- inputs
 
 
-def build_model(folder: Path, geometry: str) -> Path:
-    """A random-init Llama of `geometry` saved as a local HF folder; reused when already there."""
-    want = {"geometry": geometry, **GEOMETRIES[geometry]}
+def build_model(folder: Path, geometry: str, dtype: str = "float32", baseline: dict | None = None) -> Path:
+    """A random-init Llama of `geometry` saved as a local HF folder; reused when already there.
+    Built on the GPU when there is one (an 8B init takes seconds there, minutes on the host).
+    With `baseline` (batch, seq), a plain forward+backward of the freshly built model is timed
+    first, in the same process and run as the pipeline it is compared with: `baseline` gets
+    its median seconds per batch."""
+    want = {"geometry": geometry, "dtype": dtype, **GEOMETRIES[geometry]}
     marker = folder / MODEL_MARKER
-    if marker.is_file() and json.loads(marker.read_text()) == want:
+    if marker.is_file() and json.loads(marker.read_text()) == want and baseline is None:
         return folder
     import torch
     import transformers as tf
@@ -66,9 +70,47 @@ def build_model(folder: Path, geometry: str) -> Path:
     shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(**GEOMETRIES[geometry], attention_dropout=0.0, bos_token_id=1, eos_token_id=2)
-    save_model(tf.LlamaForCausalLM(cfg), None, folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = tf.LlamaForCausalLM._from_config(cfg, dtype=getattr(torch, dtype))
+    if baseline is not None:
+        baseline.update(plain_fwd_bwd(model, baseline["batch"], baseline["seq"], device))
+    save_model(model, None, folder)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     marker.write_text(json.dumps(want))  # last: a half-written folder is rebuilt
     return folder
+
+
+def plain_fwd_bwd(model, batch: int, seq: int, device: str, repeats: int = 5) -> dict:
+    """The bound the extraction is compared with: a plain forward+backward (every parameter's
+    .grad, the model's own dtype and attention) of full-length random batches, median seconds."""
+    import statistics
+
+    import torch
+
+    from benchmarks.bench_extract import random_tokens
+    from qkov.workers.losses import CausalLMLoss
+
+    data, task = random_tokens(model.config.vocab_size, batch, seq, device), CausalLMLoss()
+    model.train(False)
+    times = []
+    for r in range(repeats + 2):  # two warm-up calls
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.zero_grad(set_to_none=True)
+        task.per_sample_loss(model, data).sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if r >= 2:
+            times.append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    sec = statistics.median(times)
+    return {"s_per_batch": round(sec, 5), "samples_per_s": round(batch / sec, 2), "tokens_per_s": round(batch * seq / sec, 1),
+            "note": "plain forward+backward of the same model in this run (every parameter's .grad), median of "
+                    f"{repeats} after 2 warm-ups"}
 
 
 def write_tasks(folder: Path, n: int, seq: int, vocab: int) -> tuple[Path, Path]:
@@ -84,7 +126,7 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
 
     task = lambda name, p: {"name": name, "path": str(p), **({"limit": limit} if limit else {})}  # noqa: E731
     return parse_job({
-        "model": {"path": str(model), "dtype": "float32", "attn_implementation": a.attn, "max_length": a.seq},
+        "model": {"path": str(model), "dtype": getattr(a, "model_dtype", "float32"), "attn_implementation": a.attn, "max_length": a.seq},
         "tasks": {"a": task("a", tasks[0]), "b": task("b", tasks[1])},
         "extract": {"batch_size": a.batch, "shard_size": a.shard_size, "device": a.device},
         "score": {"mode": getattr(a, "mode", "exact"), "layers": layers, "storage_dtype": "bfloat16",
@@ -260,7 +302,8 @@ def run_benchmark(a: argparse.Namespace) -> dict:
     t_all = time.perf_counter()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = build_model(work / f"model-{a.geometry}", a.geometry)
+    baseline = {"batch": a.batch, "seq": a.seq} if a.baseline else None
+    model = build_model(work / f"model-{a.geometry}", a.geometry, a.model_dtype, baseline)
     tasks = write_tasks(work / "tasks", a.n, a.seq, GEOMETRIES[a.geometry]["vocab_size"])
     n_layers_model = GEOMETRIES[a.geometry]["num_hidden_layers"]
     for stale in ("warmup", "calibration", "run"):  # left by an interrupted attempt
@@ -387,6 +430,14 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                                             "stage_s; here dropping each group's sub-run (its gradients), creating each sub-run "
                                             "(setup) and the rest"}
     result["peak_store_bytes_sampled_1s"] = peak["bytes"]
+    if baseline is not None:  # the extraction's passes against a plain forward+backward of the same samples
+        plain_s = a.n * 2 / baseline["samples_per_s"]
+        passes = 2 if getattr(a, "mode", "exact") != "exact" else 1
+        result["plain_fwd_bwd"] = {**baseline, "for_all_samples_s": round(plain_s, 2),
+                                   "extract_over_plain": round(times["extract"] / plain_s, 3),
+                                   "extract_passes": passes,
+                                   "note": baseline["note"] + "; extract_over_plain: the extract stage's seconds (all its "
+                                           "passes, writes included) over one plain forward+backward of every sample"}
     _log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
 
     plan = plan_extract(job)
@@ -409,7 +460,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                                        "store_gib": disk["all_layers_estimate_gib"],
                                        "label": "EXTRAPOLATED, not measured"},
         "settings": {"storage_dtype": "bfloat16", "mode": getattr(a, "mode", "exact"), "extract_batch": a.batch, "shard_size": a.shard_size,
-                     "attn_implementation": a.attn, "model_dtype": "float32", "n_permutations": a.n_permutations,
+                     "attn_implementation": a.attn, "model_dtype": a.model_dtype, "n_permutations": a.n_permutations,
                      "n_bootstrap": a.n_bootstrap, "device_setting": a.device},
         "versions": _versions(),
         "cpu_count": os.cpu_count(),
@@ -514,6 +565,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=16, help="extract.batch_size")
     p.add_argument("--shard-size", type=int, default=128, help="extract.shard_size (samples per store chunk and task)")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16"], default="float32", help="[model] dtype")
+    p.add_argument("--baseline", action="store_true",
+                   help="time a plain forward+backward of the model (batch --batch) in this run, for the ratio")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--n-permutations", type=int, default=999)
     p.add_argument("--n-bootstrap", type=int, default=1000)

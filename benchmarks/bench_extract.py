@@ -31,6 +31,12 @@ GEOMETRIES = {
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,
         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
     ),
+    # Meta-Llama-3-8B (config.json): GQA 32 query / 8 KV heads, 32 layers, random weights.
+    "llama3-8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False,
+        max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=500000.0,
+    ),
     "tiny": dict(
         hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         intermediate_size=128, vocab_size=256, tie_word_embeddings=True, max_position_embeddings=512,

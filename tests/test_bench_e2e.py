@@ -36,7 +36,7 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     out = tmp_path / "result.json"
     res = be.main(["--geometry", "tiny", "--n", "8", "--seq", "16", "--layers", "0", "1", "--batch", "4",
                    "--shard-size", "8", "--n-permutations", "19", "--n-bootstrap", "20", "--workers", "1",
-                   "--workdir", str(tmp_path / "work"), "--json-out", str(out), "--io-gib", "0.05"])
+                   "--workdir", str(tmp_path / "work"), "--json-out", str(out), "--io-gib", "0.05", "--baseline"])
     assert json.loads(out.read_text()) == res == json.loads(capsys.readouterr().out)
     assert res["layers"] == [0, 1] and res["n_layers_model"] == 2 and res["device"] == ["cpu"]
     assert set(res["stage_s"]) == {"preflight", "extract", "score", "stats", "finish"} and all(v > 0 for v in res["stage_s"].values())
@@ -56,6 +56,9 @@ def test_tiny_run_reports_every_field(tmp_path, capsys):
     assert r["gradient_bytes"] == 16 * 2 * (4 + 2 + 2 + 4) * 16 * 64 * 2 and r["extract_write_fraction_of_disk_write"] > 0
     assert r["score_time_over_bound_overlapped"] > 0 and res["plan"]["fits"] is True
     assert (tmp_path / "work" / "model-tiny" / be.MODEL_MARKER).is_file()
+    plain = res["plain_fwd_bwd"]  # the bound measured in the same run, and the extraction against it
+    assert plain["samples_per_s"] > 0 and plain["extract_over_plain"] == pytest.approx(
+        res["stage_s"]["extract"] / (16 / plain["samples_per_s"]), rel=1e-2)
 
 
 @pytest.mark.slow

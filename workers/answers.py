@@ -16,37 +16,61 @@ from qkov.pipeline import schema
 
 
 def task_sums_update(acc: torch.Tensor, t: torch.Tensor, onehot: torch.Tensor) -> None:
-    """Add one batch to the per-task sums: acc (tasks, 3, H, P) in TASK_SUM_KINDS order (Σ g,
-    Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of device
-    memory, not 64), the batch's own sums formed in float64; t (B, H, P) the batch's gradient
-    slice, onehot (tasks, B) float64 (0 for samples that take no part: other tasks, skipped ones)."""
-    td = t.double()
-    for k, x in enumerate((td, td.abs(), td * td)):
-        acc[:, k] += torch.einsum("tb,bhp->thp", onehot, x).to(acc.dtype)
+    """Add one batch to the per-task sums: acc (3, tasks, H, P) float32 in TASK_SUM_KINDS order
+    (Σ g, Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of
+    device memory, not 64), t (B, H, P) the batch's gradient slice, onehot (tasks, B) (0 for
+    samples that take no part: other tasks, skipped ones). Each kind is one GEMM over the
+    batch added in place (float32 accumulation), so t is read once per kind and no float64
+    copy of it is made: the issue's bound is memory traffic, not arithmetic."""
+    flat = t.reshape(t.shape[0], -1)
+    oh = onehot.to(torch.float32)
+    for k, x in enumerate((flat, flat.abs(), flat * flat)):
+        acc[k].view(acc.shape[1], -1).addmm_(oh, x)
 
 
-def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+def scalar_weights(inv: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight columns every sample of one (layer, block) is reduced against, (H, P, c) float32:
+    for g: w·Σ_k g per task; for g²: 1, w, then w·Σ_k |g| per task; for |g|: w·Σ_k g² per task.
+    inv (H, P) = w = 1/(Î+λ), sums (3, tasks, H, P) in TASK_SUM_KINDS order."""
+    w = inv.to(torch.float32)
+    s = sums.to(torch.float32)
+    lin = (s[0] * w).permute(1, 2, 0)
+    sq = torch.cat([torch.ones_like(w)[None], w[None], s[1] * w], dim=0).permute(1, 2, 0)
+    ab = (s[2] * w).permute(1, 2, 0)
+    return lin.contiguous(), sq.contiguous(), ab.contiguous()
+
+
+def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, weights=None) -> torch.Tensor:
     """Each sample's scalars of one slice batch: t (B, H, P) its gradients, inv (H, P) 1/(Î+λ),
-    sums (tasks, 3, H, P) the task sums -> (B, H, parts) float64 in `schema.answer_parts` order:
-    Σg², A_ii, M_ii, then per task ⟨g_i, Σg⟩_w, ⟨u_i, Σ|g|⟩, ⟨w Σg², |g_i|⟩."""
-    td, w = t.double(), inv.double()
-    v = td.abs()
-    gw = td * w
-    u = gw * td
-    own = [(td * td).sum(-1), u.sum(-1), (u * v).sum(-1)]
-    a = torch.einsum("bhp,thp->bht", gw, sums[:, 0])
-    mr = torch.einsum("bhp,thp->bht", u, sums[:, 1])
-    mc = torch.einsum("bhp,thp->bht", v, sums[:, 2] * w)
-    per_task = torch.stack([a, mr, mc], dim=-1).flatten(-2)  # (B, H, tasks · 3): task-major, as answer_parts
-    return torch.cat([torch.stack(own, dim=-1), per_task], dim=-1)
+    sums (3, tasks, H, P) the task sums (weights: their `scalar_weights`, when already formed)
+    -> (B, H, parts) float64 in `schema.answer_parts` order: Σg², A_ii, M_ii, then per task
+    ⟨g_i, Σg⟩_w, ⟨u_i, Σ|g|⟩, ⟨w Σg², |g_i|⟩. Float32 products summed by GEMMs over each head's
+    P entries (as exact mode's pair scores are float32 GEMMs); the sums over samples the
+    statistics make from these are float64."""
+    lin, sq, ab = weights if weights is not None else scalar_weights(inv, sums)
+    n_tasks = lin.shape[-1]
+    th = t.transpose(0, 1)  # (H, B, P): a strided view, each head one batched GEMM
+    t2 = th * th
+    v = th.abs()
+    r_lin = torch.bmm(th, lin)  # (H, B, tasks)
+    r_sq = torch.bmm(t2, sq)  # (H, B, 2 + tasks): Σg², A_ii, ⟨u_i, Σ_k|g|⟩
+    r_ab = torch.bmm(v, ab)  # (H, B, tasks)
+    m_ii = torch.bmm(t2 * v, sq[..., 1:2])  # ⟨u_i, |g_i|⟩
+    own = torch.cat([r_sq[..., :2], m_ii], dim=-1)
+    per_task = torch.stack([r_lin, r_sq[..., 2:], r_ab], dim=-1).reshape(*r_lin.shape[:2], 3 * n_tasks)  # task-major
+    return torch.cat([own, per_task], dim=-1).transpose(0, 1).double()
 
 
 def stored_task_sums(store_path: str, storage_options: dict | None, block: str) -> np.ndarray:
-    """The consolidated task sums (tasks, 3, L, H, P) float64 of one block (`_work/task_sums`)."""
+    """The consolidated task sums of one block (`_work/task_sums`, stored (tasks, 3, L, H, P)
+    float64) as the second pass holds them: (3, tasks, L, H, P) float32."""
     from qkov.pipeline.store import RunStore
 
-    root = RunStore(store_path, storage_options).root()
-    return np.asarray(root[schema.WORK][schema.TASK_SUMS][block][:], dtype=np.float64)
+    arr = RunStore(store_path, storage_options).root()[schema.WORK][schema.TASK_SUMS][block]
+    out = np.empty((arr.shape[1], arr.shape[0], *arr.shape[2:]), dtype=np.float32)
+    for k in range(arr.shape[0]):  # one task at a time: at 8B a task's float64 sums are 32 GB
+        out[:, k] = arr[k]
+    return out
 
 
 class AnswersPass:
@@ -62,7 +86,7 @@ class AnswersPass:
         self.onehot = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
         self.onehot[torch.as_tensor(task.task_of, device=device), torch.arange(n, device=device)] = 1.0
         if self.summing:
-            self.tsums = {b: torch.zeros((task.n_tasks, 3, L, heads[b], sizes[b]), dtype=torch.float32, device=device)
+            self.tsums = {b: torch.zeros((3, task.n_tasks, L, heads[b], sizes[b]), dtype=torch.float32, device=device)
                           for b in task.blocks}
             return
         if resident is None:  # consolidated by the client (a run of several shards)
@@ -71,8 +95,10 @@ class AnswersPass:
             where = (task.store_path, task.storage_options)
             resident = ({b: stored_inverse_fisher(*where, b) for b in task.blocks},
                         {b: stored_task_sums(*where, b) for b in task.blocks})
-        self.inv = {b: torch.as_tensor(resident[0][b], device=device) for b in task.blocks}
-        self.sums = {b: torch.as_tensor(resident[1][b], device=device) for b in task.blocks}
+        # float32 on the device (8B: 1/(Î+λ) 5.4 GB, two tasks' sums 32 GB), converted on the host
+        self.inv = {b: torch.from_numpy(np.asarray(resident[0][b], dtype=np.float32)).to(device) for b in task.blocks}
+        self.sums = {b: torch.from_numpy(np.asarray(resident[1][b], dtype=np.float32)).to(device) for b in task.blocks}
+        self._weights: dict = {}  # (block, layer) -> scalar_weights, while the task's batches last
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         self.scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
         # answers mode, keep_pairs = "top": the interference's operands u, v sketched too (in the
@@ -88,7 +114,14 @@ class AnswersPass:
         if self.summing:
             task_sums_update(self.tsums[b][:, :, li], t, self.onehot[:, s : s + t.shape[0]] * finite.to(torch.float64))
             return
-        x = sample_scalars(t, self.inv[b][li], self.sums[b][:, :, li].double())
+        key = (b, li)
+        if key not in self._weights:  # formed once per shard where they fit (SmolLM2: 1 GB), else per batch
+            wts = scalar_weights(self.inv[b][li], self.sums[b][:, :, li])
+            if self._cacheable(wts):
+                self._weights[key] = wts
+        else:
+            wts = self._weights[key]
+        x = sample_scalars(t, None, None, wts)
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1).cpu().numpy()
         if self.sketch_shapes:
             from .sketch import sketch_layer
@@ -97,7 +130,14 @@ class AnswersPass:
                 if p != "w":  # the alignment's answers come exactly from the scalars
                     put(schema.sketch_var(b, p), li, s, x.float())
 
+    def _cacheable(self, wts) -> bool:
+        nbytes = sum(x.numel() * x.element_size() for x in wts)
+        if wts[0].device.type != "cuda":
+            return True
+        self._cached = getattr(self, "_cached", 0) + nbytes
+        return self._cached <= torch.cuda.mem_get_info()[0] // 4
+
     def partials(self) -> dict[str, np.ndarray]:
         """Pass 1: the shard's task sums by `_work` array name (float32)."""
-        return {schema.task_sum_partial(b, k): x[k].float().cpu().numpy() for b, x in self.tsums.items()
+        return {schema.task_sum_partial(b, k): x[:, k].cpu().numpy() for b, x in self.tsums.items()
                 for k in range(self.task.n_tasks)} if self.summing else {}

@@ -140,7 +140,7 @@ def _answers_whole(task: ShardTask):
         total = partials[schema.fisher_partial(b)].astype(np.float64)  # as `consolidate_fisher` sums one shard
         lam = damping(total, *task.damping)
         inv[b] = inverse_regularised(total.astype(np.float32), lam[:, None, None])
-        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)])  # float32, as written
+        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)], axis=1)  # float32, as written
     out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums))
     return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
 
@@ -194,6 +194,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         res = per_sample_backward(model, batch, layout.param_names, loss_task)
         # decided before any layer is consumed: a skipped sample enters no layer's Fisher sum
         finite = torch.isfinite(res.losses) & res.finite(layout.param_names)
+        all_finite = bool(finite.all())  # (res.finite has synchronised already)
         w = w_all[:, s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
         for r in torch.nonzero(~finite).flatten().tolist():
             bad.append(task.sample_ids[s + r])
@@ -202,7 +203,8 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
             full = res.grads(_layer_params(layout, task.blocks, layer))
             for b in task.blocks:
                 t = slice_block(layout.blocks[(b, layer)], full).float()  # (B, H, P)
-                t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
+                if not all_finite:  # (a copy of the slice: only for a batch that needs it)
+                    t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
                 grads.check_finite(t, f"block {b} layer {layer}")
                 if keep_fisher:
                     fisher[b][:, li] += torch.einsum("si,ihp->shp", w, t.double() ** 2)

@@ -1,0 +1,176 @@
+"""Where one answers-mode extraction batch spends its time, part by part, on one device.
+
+    python -m benchmarks.bench_passes [--geometry smollm2|llama3-8b|tiny] [--dtype bfloat16]
+        [--batch B] [--seq T] [--layers N] [--repeats R] [--tasks 2]
+
+No store and no cluster: the parts `qkov.workers.writer` runs per batch are called in the
+same order, timed cumulatively with the device synchronised, each the median of R batches:
+  plain_fwd_bwd      a plain forward+backward of the model with every parameter's .grad (the bound)
+  per_sample_bwd     forward + ∂ℓ/∂y of the hooked projections (no parameter .grad)
+  formation          + the per-sample (B, out, in) gradients of every layer, sliced per head
+  pass1              + the Fisher and task-sum reductions of the answers' first pass
+  pass2              formation + the second pass's per-sample scalars (instead of pass1's sums)
+  pass1_f64, pass2_f64  the same with the first version's float64 elementwise reductions (baseline)
+Prints one JSON object with seconds per batch, samples/s and each part's share.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_extract import GEOMETRIES, random_tokens
+from qkov.workers import answers as ans
+from qkov.workers.grads import per_sample_backward
+from qkov.workers.layouts import discover_layout
+from qkov.workers.losses import CausalLMLoss
+from qkov.workers.slicing import slice_block
+
+
+def _task_sums_update_f64(acc, t, onehot):
+    """The first version's pass-1 reduction (float64 copies of the slice, one einsum per kind):
+    the baseline the GEMM form in qkov.workers.answers is measured against, doing equal work."""
+    td = t.double()
+    for k, x in enumerate((td, td.abs(), td * td)):
+        acc[k] += torch.einsum("tb,bhp->thp", onehot, x).to(acc.dtype)
+
+
+def _sample_scalars_f64(t, inv, sums):
+    """The first version's pass-2 reduction, in float64 elementwise passes (baseline)."""
+    td, w = t.double(), inv.double()
+    v = td.abs()
+    gw = td * w
+    u = gw * td
+    own = [(td * td).sum(-1), u.sum(-1), (u * v).sum(-1)]
+    a = torch.einsum("bhp,thp->bht", gw, sums[0].double())
+    mr = torch.einsum("bhp,thp->bht", u, sums[1].double())
+    mc = torch.einsum("bhp,thp->bht", v, sums[2].double() * w)
+    return torch.cat([torch.stack(own, dim=-1), torch.stack([a, mr, mc], dim=-1).flatten(-2)], dim=-1)
+
+
+def build(geometry: str, dtype: torch.dtype, layers: int | None, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    g = dict(GEOMETRIES[geometry])
+    if layers:
+        g["num_hidden_layers"] = layers
+    cfg = LlamaConfig(**g, attention_dropout=0.0)
+    with torch.device(device):  # a 7–8B init takes seconds on the GPU, minutes on the host
+        model = LlamaForCausalLM._from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run(a) -> dict:
+    device = a.device
+    model = build(a.geometry, getattr(torch, a.dtype), a.layers, device)
+    data = random_tokens(model.config.vocab_size, a.batch, a.seq, device)
+    layout = discover_layout(model)
+    task = CausalLMLoss()
+    blocks = ("Q", "K", "V", "O")
+    nl = model.config.num_hidden_layers
+    heads = {b: layout.blocks[(b, 0)].n_heads for b in blocks}
+    sizes = {b: layout.block_size(b) for b in blocks}
+    B, K = a.batch, a.tasks
+    onehot = torch.zeros((K, B), dtype=torch.float64, device=device)
+    onehot[torch.arange(B, device=device) % K, torch.arange(B, device=device)] = 1.0
+    w = torch.full((1, B), 1.0 / B, dtype=torch.float64, device=device)
+    # per-layer accumulators only (one layer's worth, reused): the reductions' cost, not 8B's memory
+    fisher = {b: torch.zeros((1, heads[b], sizes[b]), dtype=torch.float64, device=device) for b in blocks}
+    tsums = {b: torch.zeros((3, K, heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
+    inv = {b: torch.rand((heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
+
+    def plain():
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        task.per_sample_loss(model, data).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    def backward_only():
+        return per_sample_backward(model, data, layout.param_names, task)
+
+    def passes(step: str):
+        res = backward_only()
+        for layer in range(nl):
+            names = [n for n in layout.param_names if any(p.param == n for b in blocks for p in layout.blocks[(b, layer)].parts)]
+            full = res.grads(names)
+            for b in blocks:
+                t = slice_block(layout.blocks[(b, layer)], full).float()
+                if step in ("pass1", "pass1_f64"):
+                    t = t.to(torch.bfloat16).float()
+                    fisher[b] += torch.einsum("si,ihp->shp", w, t.double() ** 2)
+                    (ans.task_sums_update if step == "pass1" else _task_sums_update_f64)(tsums[b], t, onehot)
+                elif step == "pass2_f64":
+                    t = t.to(torch.bfloat16).float()
+                    _sample_scalars_f64(t, inv[b], tsums[b])
+                elif step == "pass2":
+                    t = t.to(torch.bfloat16).float()
+                    ans.sample_scalars(t, inv[b], tsums[b])
+                del t
+            del full
+
+    out = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+           "torch": torch.__version__, "geometry": a.geometry, "dtype": a.dtype, "batch": B, "seq": a.seq,
+           "layers": nl, "tasks": K, "repeats": a.repeats,
+           "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    t = {"plain_fwd_bwd": timed(plain, a.repeats, device)}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    t["per_sample_bwd"] = timed(backward_only, a.repeats, device)
+    for step in ("formation", "pass1", "pass2", "pass1_f64", "pass2_f64"):
+        t[step] = timed(lambda: passes(step), a.repeats, device)
+    out["seconds_per_batch"] = {k: round(v, 4) for k, v in t.items()}
+    out["samples_per_s"] = {k: round(B / v, 2) for k, v in t.items()}
+    out["over_plain"] = {k: round(v / t["plain_fwd_bwd"], 3) for k, v in t.items()}
+    out["parts_s"] = {"formation_and_slicing": round(t["formation"] - t["per_sample_bwd"], 4),
+                      "pass1_reductions": round(t["pass1"] - t["formation"], 4),
+                      "pass2_reductions": round(t["pass2"] - t["formation"], 4),
+                      "pass1_reductions_f64_baseline": round(t["pass1_f64"] - t["formation"], 4),
+                      "pass2_reductions_f64_baseline": round(t["pass2_f64"] - t["formation"], 4)}
+    if device.startswith("cuda"):
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--geometry", choices=sorted(GEOMETRIES), default="smollm2")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--layers", type=int, help="model layers (default: the geometry's)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--json-out")
+    a = p.parse_args(argv)
+    out = run(a)
+    text = json.dumps(out, indent=1)
+    print(text)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
