@@ -135,7 +135,8 @@ def make_job(model: Path, tasks: tuple[Path, Path], out: Path, layers: list[int]
         "stats": {"n_permutations": a.n_permutations, "n_bootstrap": a.n_bootstrap},
         "cluster": {**({"n_workers": a.workers} if a.workers else {}),
                     **({"threads_per_worker": a.threads} if a.threads else {})},
-        "output": {"path": str(out), "keep_gradients": a.keep_gradients == "true"},
+        "output": {"path": str(out), "keep_gradients": a.keep_gradients == "true",
+                   **({"gradients_in": getattr(a, "gradients_in", "auto")} if a.keep_gradients == "false" else {})},
     })
 
 
@@ -424,6 +425,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         times["extract"], times["score"] = summary.extract["extract_s"], summary.extract["score_s"]
         times.pop("drop", None)  # reported below with the loop's other parts
         drop, setup = summary.extract.get("drop_s", 0.0), summary.extract.get("setup_s", 0.0)
+        result["gradients_in"] = summary.extract.get("gradients_in")
         result["layer_groups_s"] = {"loop": round(grouped_s, 3), "drop_gradients": round(drop, 3), "setup": round(setup, 3),
                                     "other": round(grouped_s - times["extract"] - times["score"] - drop - setup, 3),
                                     "note": "seconds of the layer-group loop's wall time; extract and score are counted in "
@@ -582,6 +584,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json-out", help="also write the JSON here")
     p.add_argument("--keep-gradients", choices=["true", "false"], default="true",
                    help="[output] keep_gradients; false: layer groups, and every layer by default")
+    p.add_argument("--gradients-in", choices=["auto", "device", "disk"], default="auto",
+                   help="[output] gradients_in, with --keep-gradients false (device: the fused path)")
     p.add_argument("--scores-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--sketch-dim", type=int, default=256, help="answers mode with --keep-pairs top: the interference's sketch dimension")
     p.add_argument("--mode", choices=["exact", "answers"], default="exact",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import dask.array as da
@@ -558,9 +558,11 @@ def shard_groups(tasks: list[ShardTask], slots: int) -> list[tuple[ShardTask, ..
 
 
 def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | None = None, fresh: bool = True,
-                on_progress: Callable[[int, int], None] | None = None) -> dict:
+                on_progress: Callable[[int, int], None] | None = None, resident: bool = False) -> dict:
     """The extract stage: gradients and the Fisher into the run. With fresh=False (resume),
-    only shards without a completed-shard record run. Returns counts and the weights hash."""
+    only shards without a completed-shard record run. Returns counts and the weights hash.
+    resident (the fused path, `qkov.workers.resident`): the gradients stay in the worker's
+    memory for this process's score tasks; only the Fisher, losses and records are written."""
     plan = plan or plan_extract(job)
     if fresh:
         write_template(store, plan, job)
@@ -583,6 +585,8 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
 
     for phase, record in phases:
         tasks = shard_tasks(store, plan, job, todo[record], phase)
+        if resident:
+            tasks = [replace(t, resident=True) for t in tasks]
         groups = shard_groups(tasks, slots=executor.gpu_slots())
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
         whash, skipped = _finish_pass(store, plan, results, record)

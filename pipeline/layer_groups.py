@@ -26,7 +26,7 @@ import xarray as xr
 
 from . import schema
 from .diagnostics import compute_with_diagnostics
-from .errors import StoreError, option
+from .errors import StoreError, UsageError, option
 from .extract import ExtractPlan, run_extract
 from .score import compact_scores
 from .spec import JobSpec
@@ -34,11 +34,12 @@ from .store import RunStore, checksummed, provenance
 from .store.work import clear_dropped, drop_layer_group, has_template, layer_group
 
 
-def group_layers(job: JobSpec, plan: ExtractPlan) -> list[list[int]]:
-    """The layer groups of a new run: `layers_per_group`, or as few groups as the disk allows."""
+def group_layers(job: JobSpec, plan: ExtractPlan, device=None) -> list[list[int]]:
+    """The layer groups of a new run: `layers_per_group`, or as few groups as the disk allows
+    (the fused path: as the device memory `device` = (free bytes, name) holds)."""
     from .plan import _geometry, plan_job
 
-    n_groups = plan_job(job, geometry=_geometry(job, plan)).layer_groups
+    n_groups = plan_job(job, geometry=_geometry(job, plan), device=device).layer_groups
     per = math.ceil(len(plan.layers) / max(1, n_groups))
     return [list(plan.layers[i : i + per]) for i in range(0, len(plan.layers), per)]
 
@@ -47,7 +48,7 @@ def sub_job(job: JobSpec, layers: list[int], path: str) -> JobSpec:
     """The job of one layer group's sub-run: the same job on `layers`, keeping its gradients."""
     cfg = job.model_dump(mode="json")
     cfg["score"]["layers"] = list(layers)
-    cfg["output"].update(path=path, keep_gradients=True, layers_per_group=None, disk_budget=None)
+    cfg["output"].update(path=path, keep_gradients=True, layers_per_group=None, disk_budget=None, gradients_in="auto")
     return JobSpec.model_validate(cfg)
 
 
@@ -152,21 +153,61 @@ def run_layer_groups(store: RunStore, job: JobSpec, executor, *, plan: ExtractPl
     extraction counts as `run_extract` does, summed over the groups computed in this call."""
     work = store.root("r+").require_group(schema.WORK)
     groups = work.attrs.get(schema.ATTR_LAYER_GROUPS)
+    device, why = _device_for_groups(job, executor)
     if groups is None:  # fixed once: a resumed run keeps its groups whatever the job's disk settings say now
-        groups = group_layers(job, plan)
+        groups = group_layers(job, plan, device)
         work.attrs[schema.ATTR_LAYER_GROUPS] = groups
         work.attrs[schema.ATTR_GROUPS_DONE] = []
+    where, why = _gradients_in(job, plan, groups, device, why)
+    work.attrs[schema.ATTR_GRADIENTS_IN] = {"where": where, "why": why}
     layers = [l for g in groups for l in g]
     if layers != list(plan.layers):
         raise StoreError(f"{option('resume')} refused: this run's layer groups {groups} do not cover the job's layers {list(plan.layers)}")
-    return _GroupRun(store, job, executor, plan, groups, progress or (lambda *_: None)).run(set(work.attrs.get(schema.ATTR_GROUPS_DONE, [])))
+    run = _GroupRun(store, job, executor, plan, groups, progress or (lambda *_: None), fused=(where == "device"))
+    total = run.run(set(work.attrs.get(schema.ATTR_GROUPS_DONE, [])))
+    total["gradients_in"] = {"where": where, "why": why}
+    return total
+
+
+def _device_for_groups(job: JobSpec, executor) -> tuple[object, str]:
+    """(the fused path's device memory as measured on the worker (free bytes, name), or None; why
+    not, where it cannot be used at all)."""
+    from qkov.workers.resident import device_memory
+
+    if job.output.gradients_in == "disk" or job.score.mode != "exact":
+        return None, ""
+    if not executor.one_process():
+        return None, ("the cluster has several workers, and the fused path holds a group's gradients in the one "
+                      "process that scores them")
+    return executor.map(device_memory, [job.extract.device], gpu=True)[0], ""
+
+
+def _gradients_in(job: JobSpec, plan: ExtractPlan, groups: list[list[int]], device, why: str) -> tuple[str, str]:
+    """("device" | "disk", why) for this call's groups: the fused path where the job allows it, one
+    process runs every task and the largest group fits the measured device (`qkov.pipeline.plan.
+    hold_on_device`, the rule `qkov plan` states)."""
+    from .plan import _geometry, plan_job
+
+    if why:  # (several workers)
+        if job.output.gradients_in == "device":
+            raise UsageError(f"[output] gradients_in = \"device\" but {why}; run with one worker, or leave gradients_in out")
+        return "disk", why
+    p = plan_job(job, geometry=_geometry(job, plan), device=device)
+    if p.gradients_in != "device":
+        return "disk", p.gradients_in_why
+    held = math.ceil(len(plan.layers) / p.layer_groups)
+    if max(map(len, groups)) > held and job.output.gradients_in == "auto":  # groups fixed by an earlier attempt
+        return "disk", f"this run's groups of {max(map(len, groups))} layers, fixed when it started, exceed the {held} the device holds now"
+    return "device", p.gradients_in_why
 
 
 class _GroupRun:
     """One `run_layer_groups` call: its groups in turn, with the counts and times it returns."""
 
-    def __init__(self, store: RunStore, job: JobSpec, executor, plan: ExtractPlan, groups: list[list[int]], tick):
+    def __init__(self, store: RunStore, job: JobSpec, executor, plan: ExtractPlan, groups: list[list[int]], tick,
+                 fused: bool = False):
         self.store, self.job, self.executor, self.plan, self.groups, self.tick = store, job, executor, plan, groups, tick
+        self.fused = fused  # the groups' gradients held in the worker's memory (qkov.workers.resident)
         self.layers = [l for g in groups for l in g]
         self.n_shards = len(plan.shards)
         self.total = {"shards": self.n_shards * len(groups), "computed": 0, "weights_hash": None, "skipped": [],
@@ -184,13 +225,16 @@ class _GroupRun:
             if k in done:
                 sub.delete()  # recorded, but the run stopped before its sub-run was deleted
                 continue
+            if _resident(sub) or (self.fused and sub.exists() and not sub.is_complete(schema.GRADIENTS)):
+                sub.delete()  # its gradients were held by a worker (gone since), or it would mix paths: anew
+            resident = False
             if not (sub.is_complete(schema.GRADIENTS) and sub.is_complete(schema.FISHER)):
-                self.extract(k, group, sub)
+                resident = self.extract(k, group, sub)
             self.tick("extract", (k + 1) * self.n_shards, n_all)  # also for a group extracted before a resume
             if not scoring:
                 self.tick("score", len(done), len(self.groups))
                 scoring = True
-            self.score(k, group, sub)
+            self.score(k, group, sub, resident)
             done.add(k)
             self.store.root("r+")[schema.WORK].attrs[schema.ATTR_GROUPS_DONE] = sorted(done)  # recorded before the gradients go
             self.last_bytes = max(self.last_bytes, sub.size_bytes())
@@ -204,31 +248,51 @@ class _GroupRun:
             self.store.mark_complete(g)
         return self.total
 
-    def extract(self, k: int, group: list[int], sub: RunStore) -> None:
-        """Layer group k's gradients and Fisher into its sub-run (resumed where it has a template)."""
+    def extract(self, k: int, group: list[int], sub: RunStore) -> bool:
+        """Layer group k's gradients and Fisher into its sub-run (resumed where it has a template);
+        on the fused path the gradients stay in the worker's memory (returns whether they do)."""
         sjob = sub_job(self.job, group, sub.path)
         self.dropper.wait_for_room(self.last_bytes)  # the previous group's size: no group is larger than the first
         t0 = time.perf_counter()
         fresh = not sub.exists() or not has_template(sub)
         if fresh:
             sub.create_run(sjob.config_dict(), sjob.config_hash(), stage="layer group")
+        if self.fused:  # recorded before any shard is: a later call knows these gradients were never written
+            sub.root("r+").require_group(schema.WORK).attrs[schema.ATTR_RESIDENT] = True
         self.total["setup_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         n_all = self.n_shards * len(self.groups)
         res = run_extract(sub, sjob, self.executor, plan=dataclasses.replace(self.plan, layers=tuple(group)), fresh=fresh,
-                          on_progress=lambda d, n: self.tick("extract", k * self.n_shards + d, n_all))
+                          on_progress=lambda d, n: self.tick("extract", k * self.n_shards + d, n_all), resident=self.fused)
         self.total["extract_s"] += time.perf_counter() - t0
         self.total["computed"] += res["computed"]
         self.total["weights_hash"] = res["weights_hash"]
         self.total["skipped"] = res["skipped"]
         self.total["warning"] = res.get("warning")
+        return self.fused
 
-    def score(self, k: int, group: list[int], sub: RunStore) -> None:
+    def score(self, k: int, group: list[int], sub: RunStore, resident: bool = False) -> None:
         """Layer group k's scores, diagnostics and Fisher into their layers' region of the run."""
         store, job = self.store, self.job
         t0 = time.perf_counter()
         grads, fisher = sub.open_gradients(decode=False), sub.open_fisher()
-        readers = sub.direct_chunks(schema.GRADIENTS)  # score tasks read their own rows, as in run_score
+        if resident:  # the fused path: the score tasks read the rows extraction left in the worker's memory
+            from qkov.workers.resident import ResidentRows
+
+            readers = {b: ResidentRows(sub.path, b, grads[b].shape, grads[b].dtype.str) for b in self.plan.blocks}
+        else:
+            readers = sub.direct_chunks(schema.GRADIENTS)  # score tasks read their own rows, as in run_score
+        try:
+            self._score(k, group, sub, grads, fisher, readers)
+        finally:
+            if resident:
+                from qkov.workers.resident import release
+
+                self.executor.map(release, [sub.path], gpu=True)
+        self.total["score_s"] += time.perf_counter() - t0
+
+    def _score(self, k: int, group: list[int], sub: RunStore, grads, fisher, readers) -> None:
+        store, job = self.store, self.job
         work = store.root("r+")[schema.WORK]
         if not work.attrs.get(schema.ATTR_TEMPLATES):
             first = compact_scores(grads, fisher, device=job.score.device, readers=readers, **_score_options(job))
@@ -249,4 +313,13 @@ class _GroupRun:
             _diagnostics_template(store, job, diag, self.layers)
         store.write_region(diag, schema.DIAGNOSTICS, region)
         store.write_region(fisher.load(), schema.FISHER, region)
-        self.total["score_s"] += time.perf_counter() - t0
+
+
+def _resident(sub: RunStore) -> bool:
+    """Whether a sub-run's gradients were held in a worker's memory (never written)."""
+    if not (sub.exists() and has_template(sub)):
+        return False
+    try:
+        return bool(sub.root()[schema.WORK].attrs.get(schema.ATTR_RESIDENT))
+    except KeyError:
+        return False

@@ -46,6 +46,10 @@ class RunPlan:
     existing: int = 0  # bytes already in the output (a resumed run)
     options: list[str] = field(default_factory=list)  # settings that would make a run fit, when it does not
     task_sizes: tuple[int, ...] = ()  # samples per task (more than two: every pair is scored on its own)
+    # keep_gradients = false: where each layer group's gradients wait for its scores ("device": the
+    # fused path, "disk": a sub-run), and why (`hold_on_device`); "" where every gradient is kept
+    gradients_in: str = ""
+    gradients_in_why: str = ""
 
     @property
     def total(self) -> int:
@@ -71,6 +75,9 @@ class RunPlan:
                    + f"; total ≤ {_size(self.total)} (≤: pair scores counted before their lossless compression; real ones store ~0.8x)")
         rounds = f" (layer groups of {math.ceil(len(self.layers) / self.layer_groups)}: {self.layer_groups} rounds)" if self.layer_groups > 1 else ""
         out.append(f"  peak disk use {_size(self.peak_disk)}{rounds}")
+        if self.gradients_in:
+            where = "the extraction worker's memory (fused: none on disk)" if self.gradients_in == "device" else "disk"
+            out.append(f"  each layer group's gradients wait for its scores in {where}: {self.gradients_in_why}")
         m = self.memory
         out.append(f"  peak memory per task (estimates): extract {_size(m['extract_gpu'])} on the device + "
                    f"{_size(m['extract_host'])} host; score {_size(m['score_task'])}; stats {_size(m['stats_task'])}")
@@ -136,10 +143,12 @@ class _Shape:
         return sum(self.parts * self.ex.heads[b] * self.width[b] * self.g_item for b in self.ex.blocks)
 
 
-def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
+def plan_job(job: JobSpec, *, resume: bool = False, geometry=None, device=None) -> RunPlan:
     """The job's RunPlan (see the module docstring). `geometry` reuses `_geometry(job)`.
     `resume` (or an --overwrite of an existing run): the bytes already at the output count
-    as available, since they are either part of the result or about to be removed."""
+    as available, since they are either part of the result or about to be removed.
+    `device`: (free bytes, name) of the memory the fused path would hold gradients in, as
+    measured (`measure_device`; the run measures on its worker), or None: not measured."""
     ex, n_params, d, depth = geometry or _geometry(job)
     store = RunStore.of(job)
     existing = store.size_bytes() if resume else 0
@@ -161,11 +170,13 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None) -> RunPlan:
     pairs = ex.pair_sizes()
     shapes = [(shape(x + y), x, y) for x, y in pairs]
     groups, work = _group_bytes(job, shapes, len(ex.fisher_streams))
-    rounds, peak = _peak_disk(job, shapes[0][0], groups, work, free)
     memory, tasks = _memory_and_tasks(job, shapes, n_params, d, depth)
+    held, why = hold_on_device(job, shapes[0][0], memory, device)
+    rounds, peak = _peak_disk(job, shapes[0][0], groups, work, free, held)
     return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
                    groups=groups, peak_disk=peak, layer_groups=rounds, memory=memory, tasks=tasks,
-                   free=free, existing=existing, task_sizes=tuple(ex.task_sizes))
+                   free=free, existing=existing, task_sizes=tuple(ex.task_sizes),
+                   gradients_in="" if job.output.keep_gradients else ("device" if held else "disk"), gradients_in_why=why)
 
 
 def _group_bytes(job: JobSpec, shapes: list, streams: int = 1) -> tuple[dict[str, int], int]:
@@ -247,10 +258,12 @@ def _scores_bytes(job: JobSpec, sh: _Shape, n_a: int, n_b: int) -> int:
     return out
 
 
-def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free: int | None) -> tuple[int, int]:
+def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free: int | None,
+               held: int | None = None) -> tuple[int, int]:
     """(layer groups, peak bytes at the output); sets the `gradients` and `_work` figures of `groups`.
     Score, stats and later groups never need the gradients: with keep_gradients = false each
-    layer group's gradients go once its scores are written, and the run proceeds group by group."""
+    layer group's gradients go once its scores are written, and the run proceeds group by group;
+    on the fused path (`held` layers per group) they are never written, only the group's Fisher."""
     if job.output.keep_gradients:
         groups[schema.WORK] = work if job.output.keep_work else 0  # else removed on success
         return 1, sum(groups.values()) + (0 if job.output.keep_work else work)
@@ -258,6 +271,8 @@ def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free
     per_layer = max(1, (groups[schema.GRADIENTS] + work) // sh.L)
     groups[schema.GRADIENTS] = sh.n * 16 + 10 * META_BYTES  # its coordinates stay
     groups[schema.WORK] = 0  # removed on success
+    if held:
+        return math.ceil(sh.L / held), sum(groups.values()) + held * max(1, work // sh.L)
     per = layers_per_group(job, sh.L, per_layer, free, sum(groups.values()))
     return math.ceil(sh.L / per), sum(groups.values()) + per * per_layer
 
@@ -301,6 +316,51 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
         "stats": stats_tasks,
     }
     return memory, tasks
+
+
+DEVICE_HEADROOM = 0.9  # of the measured free device memory: the allocator's fragmentation and the CUDA context
+
+
+def hold_on_device(job: JobSpec, sh: _Shape, memory: dict[str, int], device) -> tuple[int | None, str]:
+    """The fused path's layers per group (None: the disk path) and why. A group's gradients are
+    held in the stored dtype beside the model, a batch's extraction and a score task's operands
+    (`memory`'s estimates), in DEVICE_HEADROOM of the free memory measured on the device
+    (`device` = (free bytes, name)); `[output] layers_per_group` caps it."""
+    if job.output.keep_gradients:
+        return None, ""
+    if job.output.gradients_in == "disk":
+        return None, "[output] gradients_in = \"disk\""
+    per_layer = sh.n * sh.layer_sample
+    want = job.output.layers_per_group or sh.L
+    if device is None:
+        if job.output.gradients_in == "device":
+            return min(sh.L, want), (f"[output] gradients_in = \"device\": {_size(per_layer)} per layer, held where the "
+                                     "extraction runs (its memory not measured here)")
+        return None, "no GPU measured here to hold them (gradients_in = \"auto\")"
+    free, name = device
+    room = int(DEVICE_HEADROOM * free) - memory["extract_gpu"] - 2 * memory["score_task"]
+    per = min(want, sh.L, max(0, room // per_layer))
+    if per < 1 and job.output.gradients_in == "auto":
+        return None, (f"one layer's gradients ({_size(per_layer)}) do not fit the {_size(free)} free on {name} beside "
+                      f"the model, a batch and a score task ({_size(memory['extract_gpu'] + 2 * memory['score_task'])})")
+    return max(1, per), (f"{_size(per_layer)} per layer; {_size(free)} free on {name} holds {max(1, per)} of "
+                         f"{sh.L} layers beside the model, a batch and a score task")
+
+
+def measure_device(job: JobSpec):
+    """(free bytes, name) of the GPU this process sees, where the job may use one; else None.
+    `qkov plan` measures here; the run measures again on its worker, which decides."""
+    if job.output.keep_gradients or job.score.mode != "exact" or job.extract.device == "cpu" \
+            or job.output.gradients_in == "disk":
+        return None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        return int(torch.cuda.mem_get_info()[0]), torch.cuda.get_device_name()
+    except (ImportError, RuntimeError):
+        return None
 
 
 def layers_per_group(job: JobSpec, n_layers: int, per_layer: int, free: int | None, results: int) -> int:
@@ -367,7 +427,7 @@ def plan(job: JobSpec, *, resume: bool = False, extract_plan=None) -> RunPlan:
     """`qkov plan`: the job's RunPlan, with the options that would make it fit when it does not.
     `extract_plan`: reuse one already made (preflight's)."""
     geometry = _geometry(job, extract_plan)
-    p = plan_job(job, resume=resume, geometry=geometry)
+    p = plan_job(job, resume=resume, geometry=geometry, device=measure_device(job))
     p.options = fitting_options(job, p, geometry, resume)
     return p
 

@@ -273,6 +273,9 @@ ATTR_SAMPLE_CHUNK = "sample_chunk"  # on `scores` (and its provenance): the pool
 # sub-run under `_work/r<k>`, scored into the run's `scores`, then deleted
 ATTR_LAYER_GROUPS = "layer_groups"  # `_work` attr: the layers of each group, fixed when the run starts
 ATTR_GROUPS_DONE = "layer_groups_done"  # `_work` attr: groups whose scores and Fisher are written
+# the fused path (`[output] gradients_in`): where a group's gradients wait for its scores, and why
+ATTR_GRADIENTS_IN = "gradients_in"  # `_work` attr: {"where": "device" | "disk", "why": ...} of the latest call
+ATTR_RESIDENT = "resident"  # a sub-run's `_work` attr: its gradients were held in a worker's memory, never written
 ATTR_GRADIENTS_DROPPED = "gradients_dropped"  # `gradients` attr: only its coordinates are kept
 ATTR_VALUES_DROPPED = "values_dropped"  # `fisher` attr in answers mode: its P-sized arrays are deleted
 REPLACING = "_replacing"  # `--overwrite` in progress: the old run's entries, moved here and deleted last

@@ -258,6 +258,10 @@ class OutputSpec(_Frozen):
     # than the free disk then goes layer group by layer group (extract → score → drop)
     keep_gradients: bool = True
     layers_per_group: int | None = Field(default=None, ge=1)  # with keep_gradients = false; None: as the disk allows
+    # with keep_gradients = false, where a layer group's gradients wait for its scores: "device" in the
+    # extraction worker's memory (the fused path: no gradient byte on disk; one worker), "disk" in a
+    # sub-run, "auto" the device where `qkov plan` measures a GPU that holds a group, else the disk
+    gradients_in: Literal["auto", "device", "disk"] = "auto"
     # true: keep `_work` (completed-shard records, Fisher partial sums) after the run succeeds, so
     # that `--resume` can re-extract gradient shards lost later; false: removed on success
     keep_work: bool = False
@@ -285,6 +289,9 @@ class JobSpec(_Frozen):
         if self.score.mode == "answers" and self.fisher.source == "pair":
             raise ValueError("fisher.source = 'pair' with score.mode = 'answers': each sample's scalars are formed with "
                              "one Fisher for every pair; use fisher.source = 'pooled' or a task key")
+        if self.output.gradients_in == "device" and (self.output.keep_gradients or self.score.mode != "exact"):
+            raise ValueError("output.gradients_in = 'device' holds each layer group's gradients in memory until its pair "
+                             "scores are written: it needs score.mode = 'exact' and output.keep_gradients = false")
         if self.score.mode == "answers" and not self.output.keep_gradients:
             raise ValueError("output.keep_gradients = false with score.mode = 'answers': answers mode stores no "
                              "gradients to drop; leave output.keep_gradients out")
@@ -309,6 +316,8 @@ class JobSpec(_Frozen):
         covers). Storage options carry credentials: their values are redacted, the keys kept."""
         cfg = self.model_dump(mode="json")
         cfg["output"]["storage_options"] = {k: REDACTED for k in sorted(self.output.storage_options)}
+        if cfg["output"].get("gradients_in") == "auto":  # where gradients wait changes no result: as a newer key
+            del cfg["output"]["gradients_in"]
         for task in cfg["tasks"].values():  # keys newer than stored runs: absent at their defaults, so
             for key, default in _TASK_KEYS_ADDED.items():  # an earlier run's hash (and --resume) still holds
                 if task.get(key) == default:

@@ -138,8 +138,8 @@ def _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate: str, dev
     op = _operands_dtype(encoding, dev, accumulate)
     same = rows_i.shape == rows_j.shape and bool(np.array_equal(rows_i, rows_j))
     l, hs = int(layer[0]), [int(h) for h in heads]
-    a_all = _to_device(_read_rows(reader, l, hs, rows_i, "a", pinned=(dev == "cuda")), encoding, dev, op)
-    b_all = a_all if same else _to_device(_read_rows(reader, l, hs, rows_j, "b", pinned=(dev == "cuda")), encoding, dev, op)
+    a_all = _rows(reader, l, hs, rows_i, "a", encoding, dev, op)
+    b_all = a_all if same else _rows(reader, l, hs, rows_j, "b", encoding, dev, op)
     sw_all = torch.as_tensor(np.asarray(inv)[0], device=dev).sqrt().to(op)
     return a_all, device_scores(a_all, b_all, sw_all, acc)
 
@@ -151,8 +151,16 @@ def direct_sq_norms(layer: np.ndarray, heads: np.ndarray, rows: np.ndarray, *, r
     import torch
 
     dev = _kernel_device(device)
-    host = _read_rows(reader, int(layer[0]), [int(h) for h in heads], rows, "a", pinned=(dev == "cuda"))
-    return sq_norms(_to_device(host, encoding, dev, torch.float32))[None]
+    return sq_norms(_rows(reader, int(layer[0]), [int(h) for h in heads], rows, "a", encoding, dev, torch.float32))[None]
+
+
+def _rows(reader, layer: int, heads: list[int], rows: np.ndarray, role: str, encoding: str | None, dev: str, dtype):
+    """(Hc, len(rows), P) operands on `dev` as `dtype`: from the chunk files through a reused host
+    buffer, or on the fused path (`qkov.workers.resident.ResidentRows`) from where extraction
+    left them, the same stored values."""
+    if hasattr(reader, "rows_on_device"):
+        return reader.rows_on_device(layer, heads, rows, dev).to(dtype)
+    return _to_device(_read_rows(reader, layer, heads, rows, role, pinned=(dev == "cuda")), encoding, dev, dtype)
 
 
 _BUFFERS = threading.local()  # per score thread: reused host buffers (pinned on a GPU), by role

@@ -66,6 +66,9 @@ class ShardTask:
     # answers mode in one shard ("answers_whole": both passes in this task, the task sums kept
     # in memory between them, never written): the Fisher's damping (damping_rel, damping_abs)
     damping: tuple[float, float] = (0.0, 0.0)
+    # the fused path (`qkov.workers.resident`): the gradients stay in this worker's memory for the
+    # score tasks of the same process instead of being written
+    resident: bool = False
 
 
 @dataclass(frozen=True)
@@ -179,7 +182,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         inv = answers.inv if answers is not None else {
             b: torch.as_tensor(stored_inverse_fisher(task.store_path, task.storage_options, b), device=device)
             for b in task.blocks}
-    grads = ShardBuffers(shapes, task.storage_dtype, device)
+    grads = ShardBuffers(shapes, task.storage_dtype, device, resident=task.resident and keep_grads)
     # float64 running sums on the device (7B: 4.3 GB per block), so that the sum over samples is
     # as exact as the host's consolidation; copied out once, as float32, at the end of the task
     n_streams = len(task.fisher_weights)
@@ -223,7 +226,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     partials = {schema.fisher_partial(b, k): f[k].float().cpu().numpy() for b, f in fisher.items() for k in range(n_streams)}
     if answers is not None:
         partials.update(answers.partials())
-    out = grads.to_host()
+    out = grads.held() if grads.resident else grads.to_host()
     if answers is not None and not answers.summing:
         out = {**answers.scalars, **out}
     return out, losses, partials, bad, whash, device
@@ -237,12 +240,13 @@ class ShardBuffers:
     transposes or zero-filled allocations. Where a shard's slices would take more than a
     quarter of the free device memory they go to the host per batch."""
 
-    def __init__(self, shapes: dict[str, tuple[int, ...]], storage_dtype: str, device: str):
-        self.storage_dtype = storage_dtype
+    def __init__(self, shapes: dict[str, tuple[int, ...]], storage_dtype: str, device: str, resident: bool = False):
+        self.storage_dtype, self.resident = storage_dtype, resident
         self.dtype = torch.bfloat16 if storage_dtype == "bfloat16" else torch.float32
         self.host_np = np.dtype(schema.stored_dtype(storage_dtype))
         size = sum(int(np.prod(v)) for v in shapes.values()) * self.host_np.itemsize
-        self.on_device = device != "cpu" and torch.cuda.is_available() and size <= torch.cuda.mem_get_info()[0] // 4
+        # resident (the fused path): torch tensors where the task runs, on a CPU worker too
+        self.on_device = resident or (device != "cpu" and torch.cuda.is_available() and size <= torch.cuda.mem_get_info()[0] // 4)
         self.bufs = {k: (torch.empty(v, dtype=self.dtype, device=device) if self.on_device
                          else np.zeros(v, dtype=self.host_np)) for k, v in shapes.items()}
         self._finite: list = []  # on a GPU: (all-finite flag on the device, where)
@@ -262,12 +266,21 @@ class ShardBuffers:
         else:
             self.bufs[name][li, :, start : start + t.shape[0]] = to_stored(t, self.storage_dtype).swapaxes(0, 1)
 
-    def to_host(self) -> dict[str, np.ndarray]:
-        if not self.on_device:
-            return self.bufs
+    def _checked(self) -> None:
         if self._finite and not bool(torch.stack([ok for ok, _ in self._finite]).all()):  # one synchronisation
             where = next(w for ok, w in self._finite if not bool(ok))
             raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
+
+    def held(self) -> dict[str, torch.Tensor]:
+        """The fused path: the slices where they were formed, (L, H, n, P) in the stored dtype."""
+        self._checked()
+        bufs, self.bufs = self.bufs, {}
+        return bufs
+
+    def to_host(self) -> dict[str, np.ndarray]:
+        if not self.on_device:
+            return self.bufs
+        self._checked()
         out = {}
         for k, d in self.bufs.items():
             h = _pinned(k, d.shape, self.dtype)
@@ -341,6 +354,11 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     # chunk of a completed shard as lost
     g = root[schema.GRADIENTS]
     direct = store.direct_chunks(schema.GRADIENTS)
+    if task.resident and grads:  # the fused path: held for this process's score tasks, not written
+        from .resident import deposit
+
+        deposit(task.store_path, task.start, grads)
+        grads = {}
     with zarr.config.set({"array.write_empty_chunks": True}):
         for b, arr in grads.items():  # (L, H, n, P), already in the stored representation (to_stored)
             # each (layer, head) chunk is a contiguous (n, P) block of arr: DirectChunks writes it without a copy

@@ -24,6 +24,10 @@ class DaskExecutor:
             return len(gpus)
         return sum(w["nthreads"] for w in self.client.scheduler_info(n_workers=-1)["workers"].values()) or 1
 
+    def one_process(self) -> bool:
+        """Whether every task runs in one worker process (what the fused path needs)."""
+        return len(self.client.scheduler_info(n_workers=-1)["workers"]) == 1
+
     def map(self, fn: Callable, items: Iterable[Any], *, gpu: bool = False, on_result: Callable | None = None) -> list:
         from distributed import as_completed
 

@@ -16,6 +16,9 @@ class InlineExecutor:
             out.append(r)
         return out
 
+    def one_process(self) -> bool:
+        return True
+
     def gpu_slots(self) -> int:
         """Device tasks that run at once."""
         return 1
