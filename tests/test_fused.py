@@ -27,14 +27,29 @@ def _grouped(job, path, **output):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An ordinary run, and the same job in layer groups through the disk and the fused path."""
+    """An ordinary run, and the same job in layer groups through the disk and the fused path;
+    while each group is scored, the gradient chunk files of its sub-run and the bytes held in
+    memory are recorded (`seen`)."""
+    from qkov.pipeline import layer_groups
+    from qkov.workers import resident
+
     tmp = tmp_path_factory.mktemp("fused")
     job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=12, extract={"shard_size": 5, "batch_size": 3},
                    stats={"n_permutations": 49, "n_bootstrap": 49}, output={"path": str(tmp / "reference")})
     run_job(job)
-    out = {"job": job, "tmp": tmp}
-    for where in ("disk", "device"):
-        out[where] = run_job(_grouped(job, tmp / where, gradients_in=where))
+    out = {"job": job, "tmp": tmp, "seen": {}}
+    score = layer_groups._GroupRun._score
+
+    def watched(self, k, group, sub, grads, fisher, readers):
+        where = "device" if "device" in Path(sub.path).parts else "disk"
+        chunks = [f for b in ("Q", "K", "V", "O") for f in (Path(sub.path) / schema.GRADIENTS / b / "c").rglob("*") if f.is_file()]
+        out["seen"][(where, k)] = (len(chunks), resident.held_bytes())
+        return score(self, k, group, sub, grads, fisher, readers)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(layer_groups._GroupRun, "_score", watched)
+        for where in ("disk", "device"):
+            out[where] = run_job(_grouped(job, tmp / where, gradients_in=where))
     return out
 
 
@@ -59,26 +74,15 @@ def test_the_fused_path_scores_equal_the_disk_paths_bit_for_bit(runs):
     assert_runs_close(tmp / "device", tmp / "reference", groups=RESULTS)
 
 
-def test_no_gradient_byte_is_written_on_the_fused_path(runs, tmp_path, monkeypatch):
+def test_no_gradient_byte_is_written_on_the_fused_path(runs):
     """While each group is scored its sub-run holds no gradient chunk (the disk path's does),
     and the held slices are let go once the group's scores are written."""
-    from qkov.pipeline import layer_groups
     from qkov.workers import resident
 
-    seen = {}
-    score = layer_groups._GroupRun._score
-
-    def watched(self, k, group, sub, grads, fisher, readers):
-        where = "device" if "device" in Path(sub.path).parts else "disk"
-        chunks = [f for b in ("Q", "K", "V", "O") for f in (Path(sub.path) / schema.GRADIENTS / b / "c").rglob("*") if f.is_file()]
-        seen[(where, k)] = (len(chunks), resident.held_bytes())
-        return score(self, k, group, sub, grads, fisher, readers)
-
-    monkeypatch.setattr(layer_groups._GroupRun, "_score", watched)
-    for where in ("disk", "device"):
-        run_job(_grouped(runs["job"], tmp_path / where, gradients_in=where))
-    assert all(n > 0 and held == 0 for (w, _), (n, held) in seen.items() if w.startswith("disk")), seen
-    fused = [v for (w, _), v in seen.items() if w.startswith("device")]
+    seen = runs["seen"]
+    assert [k for k in seen if k[0] == "disk"] == [("disk", 0), ("disk", 1)]
+    assert all(n > 0 and held == 0 for (w, _), (n, held) in seen.items() if w == "disk"), seen
+    fused = [v for (w, _), v in seen.items() if w == "device"]
     assert len(fused) == 2 and all(n == 0 and held > 0 for n, held in fused), seen
     assert resident.held_bytes() == 0
 
