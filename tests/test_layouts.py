@@ -434,3 +434,22 @@ def test_block_size_refuses_layers_of_different_sizes():
     with pytest.raises(ValueError, match="different sizes"):
         layout.block_size("Q")
     assert layout.summary()["block_size"] == {"Q": [D_MODEL * 8 + 8, D_MODEL * 8], "K": D_MODEL * 8 + 8, "V": D_MODEL * 8 + 8, "O": D_MODEL * 8}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_strided_slices_equal_the_index_gather(case):
+    """Where a part's entries are rows at fixed strides (`ParamPart.strides`: every layout qkov
+    knows), `slice_block` takes a strided view of the gradients instead of gathering by index:
+    the same values in the same order, with a sample axis in front as extraction has it."""
+    model = build(case)
+    layout = discover_layout(model)
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    grads = {n: torch.randn(3, *params[n].shape, generator=g) for n in layout.param_names}
+    strided = 0
+    for bs in layout.blocks.values():
+        got = slice_block(bs, grads)
+        want = torch.cat([grads[p.param].reshape(3, -1)[:, torch.as_tensor(p.index)] for p in bs.parts], dim=-1)
+        assert torch.equal(got, want), (bs.block, bs.layer)
+        strided += sum(p.strides() is not None for p in bs.parts)
+    assert strided > 0

@@ -53,7 +53,7 @@ class ParamPart:
     or directly from its factorisation (`ParamPart(param, shape, base=, pattern=)`).
     """
 
-    __slots__ = ("param", "shape", "base", "pattern", "_table")
+    __slots__ = ("param", "shape", "base", "pattern", "_table", "_strides")
 
     def __init__(self, param: str, shape: tuple[int, ...], index: np.ndarray | None = None, *,
                  base: np.ndarray | None = None, pattern: np.ndarray | None = None):
@@ -62,6 +62,7 @@ class ParamPart:
         if (index is None) == (pattern is None):
             raise ValueError("give either a full index table or base and pattern")
         self._table = None
+        self._strides = False  # not yet looked for (`strides`)
         if index is not None:
             index = np.asarray(index, dtype=np.int64)
             f = factorise(index)
@@ -90,6 +91,33 @@ class ParamPart:
         if not self.compact:
             return self._table
         return self.base[:, None] + self.pattern[None, :]
+
+    def strides(self) -> tuple[int, int, int, int, int] | None:
+        """(first, head stride, rows, row stride, row length) where every head's entries are rows
+        of equal length at a fixed stride, and the heads at a fixed stride: index[h, r·C + c] =
+        first + h·head_stride + r·row_stride + c. Then a slice is a strided view of the
+        gradient (a copy without an index where rows are not adjacent), not a gather: every
+        layout qkov knows is of this form. None where it is not (the gather is used)."""
+        if self._strides is not False:
+            return self._strides
+        self._strides = None
+        if not self.compact or self.pattern.size == 0:
+            return None
+        p, b = self.pattern, self.base
+        d = np.diff(p)
+        C = int(np.argmax(d != 1)) + 1 if (d != 1).any() else p.size
+        if p.size % C:
+            return None
+        rows = p.reshape(-1, C)
+        if not np.array_equal(rows - rows[:, :1], np.broadcast_to(np.arange(C), rows.shape)):
+            return None
+        S = int(rows[1, 0] - rows[0, 0]) if rows.shape[0] > 1 else C
+        Bs = int(b[1] - b[0]) if b.size > 1 else 0
+        if (rows.shape[0] > 1 and not (np.diff(rows[:, 0]) == S).all()) or (b.size > 1 and not (np.diff(b) == Bs).all()) \
+                or S < C or Bs < 0:
+            return None
+        self._strides = (int(p[0]), Bs, rows.shape[0], S, C)
+        return self._strides
 
     def __repr__(self) -> str:
         form = "base+pattern" if self.compact else "table"
@@ -158,6 +186,13 @@ def slice_block(bs: BlockSlicing, grads: dict[str, torch.Tensor]) -> torch.Tenso
         if tuple(g.shape[nlead:]) != part.shape:
             raise ValueError(f"{part.param}: gradient shape {tuple(g.shape)} does not end with the parameter's {part.shape}")
         flat = g.reshape(*g.shape[:nlead], -1)
+        st = part.strides()
+        if st is not None and flat.is_contiguous():  # a strided view: no index built or read
+            first, hs, R, S, C = st
+            x = flat.as_strided((*flat.shape[:-1], part.n_heads, R, C), (*flat.stride()[:-1], hs, S, 1),
+                                flat.storage_offset() + first)
+            pieces.append(x.reshape(*flat.shape[:-1], part.n_heads, R * C))  # a view where rows are adjacent
+            continue
         idx = bs.index_tensor(k, g.device)
         pieces.append(flat[..., idx])  # (*lead, n_heads, n_entries)
         del idx
