@@ -6,6 +6,7 @@
 #            on the fused path (keep_gradients = false, gradients_in = auto), model in bf16, each with the
 #            plain forward+backward of the same model measured in the same run
 # llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers-only
+# llama3-8b-short: the same with 256 + 256 samples
 set -u
 out=${1:?OUT_DIR}; what=${2:-all}; mkdir -p "$out"
 work=${WORK:-$HOME/qkov-bench}
@@ -17,8 +18,11 @@ if [[ $what == passes || $what == all ]]; then
 fi
 common=(--n 1000 --seq 256 --model-dtype bfloat16 --baseline --ignore-disk --no-calibrate --io-gib 2)
 if [[ $what == smollm2 || $what == all ]]; then
-  run smollm2-answers 300 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
-  run smollm2-exact-fused 420 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+  run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
+  run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+fi
+if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
+  run llama3-8b-answers-256 240 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --batch 4 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
 fi
 if [[ $what == llama3-8b || $what == all ]]; then
   run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --batch 4 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"

@@ -73,6 +73,13 @@ def stored_task_sums(store_path: str, storage_options: dict | None, block: str) 
     return out
 
 
+def _on_device(x, device) -> torch.Tensor:
+    """x (numpy, any float dtype, or a tensor already placed) as float32 on `device`, converted on the host."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)).to(device)
+
+
 class AnswersPass:
     """The scalars' share of one extraction task (`qkov.workers.writer`; answers and sketch
     mode): in the "fisher" phase each task's sums over this shard (its `_work` partials), in
@@ -96,8 +103,8 @@ class AnswersPass:
             resident = ({b: stored_inverse_fisher(*where, b) for b in task.blocks},
                         {b: stored_task_sums(*where, b) for b in task.blocks})
         # float32 on the device (8B: 1/(Î+λ) 5.4 GB, two tasks' sums 32 GB), converted on the host
-        self.inv = {b: torch.from_numpy(np.asarray(resident[0][b], dtype=np.float32)).to(device) for b in task.blocks}
-        self.sums = {b: torch.from_numpy(np.asarray(resident[1][b], dtype=np.float32)).to(device) for b in task.blocks}
+        self.inv = {b: _on_device(resident[0][b], device) for b in task.blocks}
+        self.sums = {b: _on_device(resident[1][b], device) for b in task.blocks}
         self._weights: dict = {}  # (block, layer) -> scalar_weights, while the task's batches last
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         self.scalars = {b: np.zeros((L, heads[b], n, n_parts), dtype=np.float64) for b in task.blocks}
@@ -139,5 +146,10 @@ class AnswersPass:
 
     def partials(self) -> dict[str, np.ndarray]:
         """Pass 1: the shard's task sums by `_work` array name (float32)."""
-        return {schema.task_sum_partial(b, k): x[:, k].cpu().numpy() for b, x in self.tsums.items()
-                for k in range(self.task.n_tasks)} if self.summing else {}
+        if not self.summing:
+            return {}
+        out = {}
+        for b, x in self.tsums.items():
+            for k in range(self.task.n_tasks):  # kind by kind: no device copy of a task's strided sums (8B: 16 GB)
+                out[schema.task_sum_partial(b, k)] = np.stack([x[kind, k].cpu().numpy() for kind in range(x.shape[0])])
+        return out

@@ -138,12 +138,17 @@ def _answers_whole(task: ShardTask):
     from .fisher import damping, inverse_regularised
 
     _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"))
+    device = resolve_device(task.device)
     inv, sums = {}, {}
-    for b in task.blocks:
+    for b in task.blocks:  # onto the device block by block, each task's sums as they are let go (8B: 16 GB each)
         total = partials[schema.fisher_partial(b)].astype(np.float64)  # as `consolidate_fisher` sums one shard
         lam = damping(total, *task.damping)
-        inv[b] = inverse_regularised(total.astype(np.float32), lam[:, None, None])
-        sums[b] = np.stack([partials.pop(schema.task_sum_partial(b, k)) for k in range(task.n_tasks)], axis=1)  # float32, as written
+        inv[b] = torch.from_numpy(inverse_regularised(total.astype(np.float32), lam[:, None, None]).astype(np.float32)).to(device)
+        del total
+        first = partials[schema.task_sum_partial(b, 0)]
+        sums[b] = torch.empty((first.shape[0], task.n_tasks, *first.shape[1:]), dtype=torch.float32, device=device)
+        for k in range(task.n_tasks):  # float32, as written
+            sums[b][:, k] = torch.from_numpy(partials.pop(schema.task_sum_partial(b, k))).to(device)
     out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums))
     return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
 
