@@ -385,8 +385,8 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     * conflict — slices whose transfer (alignment, ⟨ḡ_A, ḡ_B⟩) is significantly below 0
       (transfer test, BH over the family), smallest q first, ties by the more negative cosine;
     * shared — the largest `sharing` (interference; the geometric mean of both directions,
-      free of the tasks' gradient sizes) among slices not significantly below chance (labels
-      null), with its CI, each direction's ratio and the labels-null verdict beside them;
+      free of the tasks' gradient sizes) over every slice where it is defined, with its CI,
+      each direction's ratio and the labels-null verdict beside them;
     * differ — per score in `differ_scores`, slices whose mean differs from chance (labels
       null, q ≤ α), smallest q first, ties by effect size; direction always shown.
 
@@ -398,7 +398,7 @@ def headline_tables(stats: xr.Dataset, top: int = 10, differ_scores: tuple[str, 
     tables += [_shared_table(stats, top, alpha, alt)] if "interference" in scores else []
     tables += [_differ_table(stats, score, top, alpha, alt) for score in differ_scores if score in scores]
     if "approximate" in stats.attrs:  # answers or sketch mode: which of the numbers shown are exact (docs/answers.md)
-        first_order = {"conflict": "the CIs", "shared": "the CIs and which slices are below chance",
+        first_order = {"conflict": "the CIs", "shared": "the CIs and the labels verdicts beside them",
                        "differ": "the CIs and the labels test"}
         for t in tables:
             t["note"] = t.get("note", "") + (f"; {stats.attrs.get('mode')} mode: the estimates are exact, {first_order[t['key']]} "
@@ -425,7 +425,7 @@ def _conflict_table(stats: xr.Dataset, top: int, alpha) -> dict:
 
 
 def _shared_table(stats: xr.Dataset, top: int, alpha, alt) -> dict:
-    """The largest sharing ratios among slices not significantly below chance."""
+    """The largest sharing ratios, each with the labels null's verdict beside it."""
     t, table = _table(stats, "shared", "interference", alpha)
     fam = table["family"]
     if np.isnan(t[V.sharing]).all():
@@ -433,19 +433,21 @@ def _shared_table(stats: xr.Dataset, top: int, alpha, alt) -> dict:
                          if V.sharing not in stats and V.sharing_ab not in stats
                          else "the sharing ratio is undefined (NaN) in every slice (e.g. zero gradients); rerunning `qkov stats` cannot change that")
         return table
-    finite = np.isfinite(t[V.sharing])
-    below = finite & (t[V.direction] == -1)  # the tasks overlap significantly less than chance here
-    ok = np.flatnonzero(finite & ~below)
+    # ranked on `sharing` alone, which every mode computes exactly: a filter on the labels test would
+    # let that test (approximate in answers and sketch mode) decide which heads are listed
+    ok = np.flatnonzero(np.isfinite(t[V.sharing]))
     order = ok[np.argsort(-t[V.sharing][ok], kind="stable")]
-    table.update(rows=_rows(t, order[:top], "interference"), n_found=int(ok.size))
-    table["note"] = (f"the {min(top, ok.size)} largest sharing values of {ok.size} slices not significantly below "
-                     f"chance ({int(below.sum())} of {fam} are, and are left out: their tasks overlap less than "
-                     "random task labels give). sharing = √(B→A · A→B), where X→Y = how heavily X's gradients "
-                     "land on the weights Y's loss depends on, relative to Y's own samples; the tasks' gradient "
-                     "sizes cancel: 1 = the tasks load the weights alike, → 0 = separated")
+    rows = order[:top]
+    below = int((t[V.direction][rows] == -1).sum())
+    table.update(rows=_rows(t, rows, "interference"), n_found=int(ok.size))
+    table["note"] = (f"the {rows.size} largest sharing values of {ok.size} slices. sharing = √(B→A · A→B), where "
+                     "X→Y = how heavily X's gradients land on the weights Y's loss depends on, relative to Y's own "
+                     "samples; the tasks' gradient sizes cancel: 1 = the tasks load the weights alike, → 0 = separated. "
+                     f"Beside each, the labels test's verdict (a separate question: is the cross-task interference "
+                     f"above or below chance?); {below} of these rows are significantly below chance")
     if alt == "greater":
         table["note"] += ("; the labels null here is one-sided (greater), which cannot flag a slice below "
-                          "chance, so none could be left out: rerun `qkov stats --alternative two-sided`")
+                          "chance: rerun `qkov stats --alternative two-sided` to see which are")
     return table
 
 

@@ -1474,8 +1474,8 @@ def pair_counts(stats: xr.Dataset) -> dict[str, int | None]:
     by the rules of its headline tables (`headline_tables`): `conflict` / `synergy` =
     transfer_direction −1 / +1 (transfer test vs 0, BH q ≤ α within the pair); `more_overlap` /
     `less_overlap` = a defined `sharing` whose interference is significantly above / below chance
-    (labels null, q ≤ α: `sharing` itself has no test; the "share most" table leaves the ones
-    below out). None where the statistics lack the test."""
+    (labels null, q ≤ α: `sharing` itself has no test; the "share most" table shows this verdict
+    beside each row). None where the statistics lack the test."""
     scores = [str(s) for s in stats[schema.SCORE].values]
     out: dict[str, int | None] = {"conflict": None, "synergy": None, "more_overlap": None, "less_overlap": None}
     if "alignment" in scores and V.transfer_direction in stats:
@@ -1637,8 +1637,8 @@ def _count_defs(alpha: Any, alternative: Any) -> str:
         "the slice shared or separated, which `sharing` answers)? Counted: slices with a defined "
         "sharing (√(B→A · A→B), 1 = the tasks load the weights alike, → 0 = separated) whose cross-task interference is "
         f"significantly above / below chance (label-permutation null, {_e(alternative)}, BH q ≤ α within the pair). "
-        "sharing itself is a ratio without a test; the ▼ slices are those the pair's “heads the tasks share most” table "
-        "leaves out. Unit: family slices.</dd></dl>"
+        "sharing itself is a ratio without a test; the pair's “heads the tasks share most” table marks the ▼ slices "
+        "among its rows. Unit: family slices.</dd></dl>"
     )
 
 

@@ -255,10 +255,11 @@ def test_headline_tables_answer_each_question_with_its_direction():
     assert "1 above chance" in differ["note"] and "3 below" in differ["note"]
     shared = tables["shared"]
     assert [r["sharing"] for r in shared["rows"]][:3] == pytest.approx([1.2, 1.2 - 1 / 11, 1.2 - 2 / 11])
-    # ranked only among slices not significantly below chance: O heads 0-2 (sharing 0.75-0.93) are left out
-    assert [(r["block"], r["head"]) for r in shared["rows"]] == [("O", 5), ("O", 4), ("O", 3), ("Q", 5), ("Q", 4),
-                                                                 ("Q", 3), ("Q", 2), ("Q", 1), ("Q", 0)]
-    assert shared["n_found"] == 9 and "3 of 12 are, and are left out" in shared["note"]
+    # ranked on sharing alone (exact in every mode); O heads 0-2, below chance, keep their place and their mark
+    assert [(r["block"], r["head"], r["direction"]) for r in shared["rows"]] == [
+        ("O", 5, 0), ("O", 4, 0), ("O", 3, 0), ("O", 2, -1), ("O", 1, -1), ("O", 0, -1),
+        ("Q", 5, 0), ("Q", 4, 0), ("Q", 3, 0), ("Q", 2, 0)]
+    assert shared["n_found"] == 12 and "3 of these rows are significantly below chance" in shared["note"]
     stored = _planted_stats()  # the stored size-free `sharing` wins over the per-direction ratios
     stored["sharing"] = stored["sharing_ab"] * 0 + np.arange(12.0).reshape(2, 1, 6)[::-1]
     assert [r["sharing"] for r in {t["key"]: t for t in headline_tables(stored)}["shared"]["rows"]][:2] == [11.0, 10.0]
