@@ -5,7 +5,8 @@
 # smollm2:   SmolLM2-135M geometry, 1000 + 1000, T = 256, all 30 layers: answers-only, then exact pair scores
 #            on the fused path (keep_gradients = false, gradients_in = auto), model in bf16, each with the
 #            plain forward+backward of the same model measured in the same run
-# llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers-only
+# llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers mode with the
+#            interference sketched (keep_pairs = "top", k = 256)
 # llama3-8b-short: the same with 256 + 256 samples
 set -u
 out=${1:?OUT_DIR}; what=${2:-all}; mkdir -p "$out"
@@ -22,8 +23,8 @@ if [[ $what == smollm2 || $what == all ]]; then
   run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
-  run llama3-8b-answers-256 240 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --batch 4 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
+  run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch 4 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
 fi
 if [[ $what == llama3-8b || $what == all ]]; then
-  run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --batch 4 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"
+  run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch 4 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"
 fi
