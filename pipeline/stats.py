@@ -611,3 +611,27 @@ def moment_sums(mom: np.ndarray, is_a: np.ndarray, left: np.ndarray, wa: np.ndar
     pairs[..., 0, :] = exact  # row 0 as summed, not rescaled: every point estimate exact
     margins = np.where(is_a, rb, ca)
     return np.concatenate([labelled, pairs.reshape(*lead, -1), margins], -1)
+
+
+def margin_corrected(pairs, moments):
+    """A sketched pooled score matrix whose diagonal and off-diagonal margins are made exact
+    from the per-sample moments.
+
+    pairs [..., N, N] (sketched S_ij, numpy or dask; N ≥ 3), moments [..., N, 5] in
+    `schema.MOMENTS` order (exact: S_ii and each sample's row and column sums over A and B).
+    Returns S̃_ij = Ŝ_ij + x_i + y_j off the diagonal and S_ii on it, with x, y the additive
+    terms that make every off-diagonal row and column sum exact (δr_i = Σ_j≠i (S_ij − Ŝ_ij),
+    δc_j likewise, s = Σδr, a = s / 2(N−1); x_i = ((N−1)(δr_i − a) + δc_i − a) / N(N−2), y_j
+    symmetrically). So a statistic's first-order (Hájek) part (the labels test's linear
+    term, every block mean) comes from exact numbers, and only the pairs' interaction from the
+    sketch: a control variate that leaves the sketch's noise where no scalar can replace it."""
+    n = pairs.shape[-1]
+    diag_of = lambda m: np.diagonal(m, axis1=-2, axis2=-1)  # noqa: E731  (dask through __array_function__)
+    d, sketched_d = moments[..., 0], diag_of(pairs)
+    dr = moments[..., 1] + moments[..., 2] - d - (pairs.sum(-1) - sketched_d)
+    dc = moments[..., 3] + moments[..., 4] - d - (pairs.sum(-2) - sketched_d)
+    a = dr.sum(-1)[..., None] / (2 * (n - 1))
+    x = ((n - 1) * (dr - a) + dc - a) / (n * (n - 2))
+    y = ((n - 1) * (dc - a) + dr - a) / (n * (n - 2))
+    out = pairs + x[..., :, None] + y[..., None, :]
+    return out + (d - diag_of(out))[..., None] * np.eye(n, dtype=bool)
