@@ -294,6 +294,11 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
         "score_task": 0,
         "stats_task": 0,
     }
+    if job.score.mode == "answers":  # no gradient shard: each task's float32 sums of g, |g|, g² and the Fisher's
+        p_vals = per_sample_f32 // 4  # two arrays (its sum, then 1/(Î+λ)), on the device and their copies on the host
+        sums = (3 * len(ex.task_sizes) + 2) * p_vals * 4
+        memory["extract_gpu"] += sums
+        memory["extract_host"] = n_params * w_item + sums
     item = 4 if sh.sketch else sh.g_item
     score_tasks = stats_tasks = 0
     k, nb = job.stats.n_permutations, job.stats.n_bootstrap

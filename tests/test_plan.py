@@ -75,3 +75,18 @@ def test_with_more_tasks_the_pair_scores_grow_and_keeping_the_top_pairs_is_offer
     budget = (top.peak_disk + p3.peak_disk) // 2
     tight = plan(_with(three, output={"disk_budget": budget, "path": str(tmp_path / "run3")}))
     assert tight.fits is False and any(o.startswith('[score] keep_pairs = "top"') for o in tight.options), tight.options
+
+
+def test_answers_mode_plans_the_sums_it_holds_not_gradient_shards(tmp_path):
+    """Answers mode holds each task's float32 sums of g, |g|, g² and the Fisher's two arrays per
+    attention parameter, on the device and the host: never a shard of per-sample gradients
+    (which the host estimate counted before: 213 GB for SmolLM2 1000 + 1000 in one shard)."""
+    exact = tiny_job(tmp_path, "llama_gqa", n_a=300, n_b=300, extract={"shard_size": 600},
+                     output={"path": str(tmp_path / "e")})
+    answers = _with(exact, score={"mode": "answers"}, output={"path": str(tmp_path / "a")})
+    pe, pa = plan(exact), plan(answers)
+    p_vals = sum(len(pa.layers) * pa.heads[b] * pa.sizes[b] for b in pa.blocks)
+    model = pa.memory["extract_host"] - (3 * 2 + 2) * p_vals * 4
+    assert 0 < model < pe.memory["extract_host"] - 2 * 600 * p_vals  # the weights alone remain of the rest
+    assert pa.memory["extract_host"] < pe.memory["extract_host"]
+    assert pa.memory["extract_gpu"] - pe.memory["extract_gpu"] == (3 * 2 + 2) * p_vals * 4
