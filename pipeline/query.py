@@ -427,7 +427,6 @@ def _conflict_table(stats: xr.Dataset, top: int, alpha) -> dict:
 def _shared_table(stats: xr.Dataset, top: int, alpha, alt) -> dict:
     """The largest sharing ratios, each with the labels null's verdict beside it."""
     t, table = _table(stats, "shared", "interference", alpha)
-    fam = table["family"]
     if np.isnan(t[V.sharing]).all():
         table["note"] = ("this run's statistics have no sharing ratios: rerun `qkov stats` to add them"
                          if V.sharing not in stats and V.sharing_ab not in stats

@@ -136,7 +136,9 @@ def test_the_statistics_come_from_the_stored_moments_a_planted_change_shows(runs
 
 
 def _moments(S: np.ndarray, is_a: np.ndarray) -> np.ndarray:
-    return np.stack([np.diag(S), S[:, is_a].sum(1), S[:, ~is_a].sum(1), S[is_a].sum(0), S[~is_a].sum(0)], -1)
+    """Per-sample moments (`schema.MOMENTS` order) of pair matrices S [..., N, N]."""
+    return np.stack([np.einsum("...ii->...i", S), S[..., is_a].sum(-1), S[..., ~is_a].sum(-1),
+                     S[..., is_a, :].sum(-2), S[..., ~is_a, :].sum(-2)], -1)
 
 
 def test_moment_sums_are_exact_where_they_claim_to_be():
@@ -174,8 +176,7 @@ def test_moment_sums_are_exact_where_they_claim_to_be():
 def test_margin_correction_makes_a_sketch_s_first_order_part_exact():
     """A sketched interference matrix corrected by the exact moments (`stats.margin_corrected`):
     an exact matrix is left as it is; a noisy one gets the exact diagonal, row and column
-    sums, so the labels test's linear part
-    and every block mean come from exact numbers; its labels p-values then track the exact
+    sums, so the labels test's linear part and every block mean come from exact numbers; its labels p-values then track the exact
     matrix's closer than the raw sketch's over many slices; dask gives numpy's values."""
     import dask.array as da
 
@@ -185,14 +186,14 @@ def test_margin_correction_makes_a_sketch_s_first_order_part_exact():
     is_a = np.arange(n) < n_a
     g = rng.gamma(1.5, size=(40, n, 64)) * np.where(is_a[:, None], 1.0, 1.3)  # 40 slices
     S = np.einsum("snp,smp->snm", g * g, g)
-    np.testing.assert_allclose(st.margin_corrected(S, _moments_b(S, is_a)), S, rtol=1e-12)
+    np.testing.assert_allclose(st.margin_corrected(S, _moments(S, is_a)), S, rtol=1e-12)
     noisy = S * rng.lognormal(0.0, 0.6, size=S.shape)  # a sketch's multiplicative noise
-    fixed = st.margin_corrected(noisy, _moments_b(S, is_a))
+    fixed = st.margin_corrected(noisy, _moments(S, is_a))
     np.testing.assert_allclose(np.einsum("...ii->...i", fixed), np.einsum("...ii->...i", S), rtol=1e-12)
     np.testing.assert_allclose(fixed.sum(-1), S.sum(-1), rtol=1e-12)
     np.testing.assert_allclose(fixed.sum(-2), S.sum(-2), rtol=1e-12)
     assert np.abs(noisy.sum(-1) - S.sum(-1)).max() > 0.01 * S.sum(-1).max()  # the noise is there to correct
-    lazy = st.margin_corrected(da.from_array(noisy, chunks=(1, n, n)), da.from_array(_moments_b(S, is_a), chunks=(1, n, 5)))
+    lazy = st.margin_corrected(da.from_array(noisy, chunks=(1, n, n)), da.from_array(_moments(S, is_a), chunks=(1, n, 5)))
     np.testing.assert_allclose(lazy.compute(), fixed, rtol=1e-12)
     weights = stats_weights(is_a.tobytes(), k, 1, 0)
 
@@ -202,12 +203,6 @@ def test_margin_correction_makes_a_sketch_s_first_order_part_exact():
 
     exact, raw, corrected = p_values(S), p_values(noisy), p_values(fixed)
     assert np.abs(corrected - exact).mean() < 0.5 * np.abs(raw - exact).mean()
-
-
-def _moments_b(S: np.ndarray, is_a: np.ndarray) -> np.ndarray:
-    """`_moments` over a leading slice axis."""
-    return np.stack([np.einsum("...ii->...i", S), S[..., is_a].sum(-1), S[..., ~is_a].sum(-1),
-                     S[..., is_a, :].sum(-2), S[..., ~is_a, :].sum(-2)], -1)
 
 
 def _gradients(rng, mu_a, mu_b, n_a, n_b):

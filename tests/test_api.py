@@ -185,8 +185,7 @@ def test_answers_hold_what_the_headline_tables_show_and_round_trip_through_csv(d
             pick = (df.question == "transfer") & (df.direction == -1)
         elif kind == "shared":
             shared = df[(df.question == "shared") & np.isfinite(df.estimate)]  # ranked on sharing alone
-            pick = shared.index.isin(shared.estimate.sort_values(ascending=False, kind="stable").index[:len(heads)])
-            pick = pd.Series(pick, index=shared.index).reindex(df.index, fill_value=False)
+            pick = df.index.isin(shared.estimate.sort_values(ascending=False, kind="stable").index[:len(heads)])
         else:
             pick = (df.question == "differ") & (df.score == table["score"]) & df.significant
         assert heads == set(zip(df["block"][pick], df["layer"][pick], df["head"][pick])), kind
