@@ -123,10 +123,12 @@ def sketch(x: torch.Tensor, proj: Projection) -> torch.Tensor:
     return out
 
 
-def operands(g: torch.Tensor, inv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """u = g²/Î_reg, v = |g|, w = g/√Î_reg for gradients g (..., P) and inv (P,) = 1/Î_reg;
-    u·v and w·w are exactly the interference and alignment of `qkov.workers.kernels.slice_scores`."""
-    return g * g * inv, g.abs(), g * torch.sqrt(inv)
+def operands(g: torch.Tensor, inv: torch.Tensor, parts: tuple[str, ...] = PARTS) -> tuple[torch.Tensor | None, ...]:
+    """u = g²/Î_reg, v = |g|, w = g/√Î_reg for gradients g (..., P) and inv (P,) = 1/Î_reg (None for
+    those not in `parts`); u·v and w·w are exactly the interference and alignment of
+    `qkov.workers.kernels.slice_scores`."""
+    make = {"u": lambda: g * g * inv, "v": g.abs, "w": lambda: g * torch.sqrt(inv)}
+    return tuple(make[p]() if p in parts else None for p in PARTS)
 
 
 # ---- applying every head's projection of one (block, layer) at once, on any device ----
@@ -169,11 +171,11 @@ def _bucket_sum(y: torch.Tensor, dim: int) -> torch.Tensor:
     return out
 
 
-def sketch_layer(g: torch.Tensor, inv: torch.Tensor, proj: LayerProjection) -> dict[str, torch.Tensor]:
-    """Sketched operands {"u","v","w": (B, H, k) float64} of gradients g (B, H, P) with inv (H, P)
-    = 1/Î_reg, formed in float64 (g² of small gradients must not underflow first). The
-    operands are elementwise in (g, inv), so g and inv are gathered once per row r."""
-    out = {p: None for p in PARTS}
+def sketch_layer(g: torch.Tensor, inv: torch.Tensor, proj: LayerProjection, parts: tuple[str, ...] = PARTS) -> dict[str, torch.Tensor]:
+    """Sketched operands {"u","v","w": (B, H, k) float64} (those in `parts`) of gradients g (B, H, P)
+    with inv (H, P) = 1/Î_reg, formed in float64 (g² of small gradients must not underflow first).
+    The operands are elementwise in (g, inv), so g and inv are gathered once per row r."""
+    out = {p: None for p in parts}
     scale = 1.0 / np.sqrt(proj.order.shape[0])
     for r in range(proj.order.shape[0]):
         idx = proj.order[r].long()  # (H, P)
@@ -181,7 +183,9 @@ def sketch_layer(g: torch.Tensor, inv: torch.Tensor, proj: LayerProjection) -> d
         io = torch.gather(inv.to(torch.float64), -1, idx)
         s = proj.signs[r].to(torch.float64) * scale
         del idx
-        for name, x in zip(PARTS, operands(go, io)):
+        for name, x in zip(PARTS, operands(go, io, parts)):
+            if name not in out:
+                continue
             t = _bucket_sum(x * s, proj.dim)
             out[name] = t if out[name] is None else out[name] + t
     return out
