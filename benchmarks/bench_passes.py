@@ -10,7 +10,8 @@ same order, timed cumulatively with the device synchronised, each the median of 
   formation          + the per-sample (B, out, in) gradients of every layer, sliced per head
   pass1              + the Fisher and task-sum reductions of the answers' first pass
   pass2              formation + the second pass's per-sample scalars (instead of pass1's sums)
-  pass1_f64, pass2_f64  the same with the first version's float64 elementwise reductions (baseline)
+  pass1_f64, pass2_f64  the same with the first version's float64 reductions (the Fisher's and the
+                        task sums' float64 einsums; pass 2's float64 elementwise products): the baseline
 Prints one JSON object with seconds per batch, samples/s and each part's share.
 """
 from __future__ import annotations
@@ -94,6 +95,7 @@ def run(a) -> dict:
     onehot = torch.zeros((K, B), dtype=torch.float64, device=device)
     onehot[torch.arange(B, device=device) % K, torch.arange(B, device=device)] = 1.0
     w = torch.full((1, B), 1.0 / B, dtype=torch.float64, device=device)
+    w32 = w.float()
     # per-layer accumulators only (one layer's worth, reused): the reductions' cost, not 8B's memory
     fisher = {b: torch.zeros((1, heads[b], sizes[b]), dtype=torch.float64, device=device) for b in blocks}
     tsums = {b: torch.zeros((3, K, heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
@@ -116,10 +118,12 @@ def run(a) -> dict:
             full = res.grads(names)
             for b in blocks:
                 t = slice_block(layout.blocks[(b, layer)], full).float()
-                if step in ("pass1", "pass1_f64"):
-                    t = t.to(torch.bfloat16).float()
+                if step == "pass1":  # as qkov.workers.writer: the Fisher's batch sum one float32 GEMM
+                    fisher[b] += torch.mm(w32, (t * t).reshape(B, -1)).view(fisher[b].shape)
+                    ans.task_sums_update(tsums[b], t.to(torch.bfloat16).float(), onehot)
+                elif step == "pass1_f64":
                     fisher[b] += torch.einsum("si,ihp->shp", w, t.double() ** 2)
-                    (ans.task_sums_update if step == "pass1" else _task_sums_update_f64)(tsums[b], t, onehot)
+                    _task_sums_update_f64(tsums[b], t.to(torch.bfloat16).float(), onehot)
                 elif step == "pass2_f64":
                     t = t.to(torch.bfloat16).float()
                     _sample_scalars_f64(t, inv[b], tsums[b])
