@@ -173,6 +173,32 @@ def test_moment_sums_are_exact_where_they_claim_to_be():
     assert t_lin.mean() == pytest.approx(off, rel=1e-12)
 
 
+@pytest.mark.parametrize("P", [4096, 4099, 6000])  # split into runs; prime (one run); a divisor far from 1024
+def test_each_samples_scalars_equal_an_elementwise_float64_reference(P):
+    """The second pass's GEMMs (split-K over each head's entries, qkov.workers.answers.head_gemm)
+    against the definitions: Σg², A_ii, M_ii and the per-task inner products with the sums."""
+    import torch
+
+    from qkov.workers import answers as ans
+
+    rng = np.random.default_rng(P)
+    B, H, tasks = 5, 3, 2
+    g = rng.normal(size=(B, H, P)) * rng.uniform(0.1, 3.0, size=(1, H, 1))
+    inv = rng.uniform(0.5, 2.0, size=(H, P))
+    sums = np.stack([rng.normal(size=(tasks, H, P)), np.abs(rng.normal(size=(tasks, H, P))),
+                     rng.uniform(size=(tasks, H, P))])
+    got = ans.sample_scalars(torch.tensor(g, dtype=torch.float32), torch.tensor(inv, dtype=torch.float32),
+                             torch.tensor(sums, dtype=torch.float32)).numpy()
+    u, v = g * g * inv, np.abs(g)
+    own = [(g * g).sum(-1), u.sum(-1), (u * v).sum(-1)]
+    per_task = [x for k in range(tasks) for x in ((g * inv * sums[0, k]).sum(-1), (u * sums[1, k]).sum(-1),
+                                                 (v * inv * sums[2, k]).sum(-1))]
+    want = np.stack(own + per_task, axis=-1)
+    assert got.shape == want.shape == (B, H, len(schema.answer_parts(range(tasks))))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    assert P % ans.split_length(P) == 0
+
+
 def test_margin_correction_makes_a_sketch_s_first_order_part_exact():
     """A sketched interference matrix corrected by the exact moments (`stats.margin_corrected`):
     an exact matrix is left as it is; a noisy one gets the exact diagonal, row and column
