@@ -238,7 +238,10 @@ def fold_symmetric(a):
     in a rectangle (LAPACK's rectangular full packed arrangement). With A padded to 2k and cut
     into k×k blocks [[A11, A12], [A12ᵀ, A22]], the rows are A12 then T, (k+1)×k, where
     T[i, c] = A22[i, c] for i ≤ c and A11[c, i-1] for i > c. Exact: only values are moved.
-    Works on numpy and dask arrays (numpy's functions dispatch to dask's)."""
+    Works on numpy and dask arrays (numpy's functions dispatch to dask's) and on torch tensors
+    (where a score task folds on its device before the copy to the host: half the bytes)."""
+    if type(a).__module__.startswith("torch"):
+        return _fold_symmetric_torch(a)
     import numpy as np
 
     n = a.shape[-1]
@@ -250,6 +253,21 @@ def fold_symmetric(a):
     below = np.concatenate([a22, a22[..., :1, :]], axis=-2)  # row k: never taken (i ≤ c fails)
     above = np.concatenate([a11[..., :1, :], np.swapaxes(a11, -1, -2)], axis=-2)  # row 0: never taken
     return np.concatenate([a12, np.where(upper, below, above)], axis=-2)
+
+
+def _fold_symmetric_torch(a):
+    """`fold_symmetric` in torch's words, the same values in the same places."""
+    import torch
+
+    n = a.shape[-1]
+    k = (n + 1) // 2
+    if n % 2:
+        a = torch.nn.functional.pad(a, (0, 1, 0, 1))
+    a11, a12, a22 = a[..., :k, :k], a[..., :k, k:], a[..., k:, k:]
+    upper = torch.arange(k + 1, device=a.device)[:, None] <= torch.arange(k, device=a.device)[None, :]
+    below = torch.cat([a22, a22[..., :1, :]], dim=-2)
+    above = torch.cat([a11[..., :1, :], a11.transpose(-1, -2)], dim=-2)
+    return torch.cat([a12, torch.where(upper, below, above)], dim=-2)
 
 
 def unfold_symmetric(f, n: int):

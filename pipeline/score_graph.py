@@ -12,7 +12,6 @@ Four builders, one per way of getting the operands and of what leaves the tasks:
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
 from operator import attrgetter
 from typing import NamedTuple
 
@@ -88,11 +87,9 @@ def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: 
     diagnostics' parts and, with `stats_args`, the stats sums."""
     is_a = np.arange(n) < n_a
     weights = None if stats_args is None else (stats_weights(is_a.tobytes(), *stats_args), n_a)
-    tile = direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, other_weights(is_a)),
-                              weights=weights, **kw)
-    if len(pos_i) == len(pos_j) == n:  # the whole slice: its alignment leaves the task folded, as stored
-        return replace(tile, alignment=schema.fold_symmetric(tile.alignment))
-    return tile
+    # the whole slice: its alignment leaves the task folded, as stored
+    return direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, other_weights(is_a)),
+                              weights=weights, fold=len(pos_i) == len(pos_j) == n, **kw)
 
 
 def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple,

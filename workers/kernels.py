@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from qkov.pipeline import schema
 from qkov.pipeline.codec import decode_torch, to_device
 
 from .device import one_thread_in_worker, resolve_device
@@ -109,7 +110,7 @@ def pair_kernel(gi: np.ndarray, gj: np.ndarray, inv: np.ndarray, accumulate: str
 
 def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, rows_i: np.ndarray, rows_j: np.ndarray, *,
                        side: tuple, reader, weights: tuple | None = None, accumulate: str = "auto", device: str = "auto",
-                       encoding: str | None = None) -> TileParts:
+                       encoding: str | None = None, fold: bool = False) -> TileParts:
     """`pair_kernel` reading its own operands: the rows `rows_i` / `rows_j` (store sample
     indices) of heads `heads` of layer `layer[0]`, straight from the gradient chunk files
     (`reader`, a qkov.pipeline.store.DirectChunks) into one reused host buffer per thread —
@@ -118,14 +119,17 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
     scores (1, Hc, ci, cj) and, reduced from what is already on the device, its diagnostics'
     parts (`side` = (pos_i, pos_j, other): the tile's pooled positions and the diagnostics'
     task-mean weights) and, with `weights` = (the stats weight rows, n_a), its stats sums
-    (as `direct_tile_reduce`), so the stats stage need not read the scores back."""
+    (as `direct_tile_reduce`), so the stats stage need not read the scores back. With `fold`
+    (a whole slice), the alignment comes folded (`schema.fold_symmetric`), as stored."""
     a_all, scores = _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate, device, encoding)
     pos_i, pos_j, other = side
     r0, c0 = int(pos_i[0]), int(pos_j[0])
     diagnostics = side_parts(a_all, scores, other, r0, c0)
     sums = None if weights is None else tile_sums(scores, *weights, r0, c0)
-    both = scores.cpu().numpy()[:, None]
-    return TileParts(diagnostics, sums=sums, interference=both[0], alignment=both[1])
+    # folded where the scores are (`fold`: the tile is a whole slice): on a GPU the copy to the
+    # host, which the task makes while it holds the device, carries half the alignment's bytes
+    align = schema.fold_symmetric(scores[1]) if fold else scores[1]
+    return TileParts(diagnostics, sums=sums, interference=scores[0].cpu().numpy()[None], alignment=align.cpu().numpy()[None])
 
 
 def _tile_scores(layer, heads, inv, rows_i, rows_j, reader, accumulate: str, device: str, encoding: str | None):
