@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Issue 28's GPU figures on one GPU, each against its bound measured in the same run:
 #   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|all]
-# passes:    bench_passes (per-batch parts vs a plain forward+backward) for SmolLM2 fp32/bf16 and Llama-3-8B bf16
-# smollm2:   SmolLM2-135M geometry, 1000 + 1000, T = 256, all 30 layers: answers-only, then exact pair scores
-#            on the fused path (keep_gradients = false, gradients_in = auto), model in bf16, each with the
-#            plain forward+backward of the same model measured in the same run
+# passes:    bench_passes (per-batch parts vs a plain forward+backward) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
+#            and profile_answers (one answers task under torch.profiler) for SmolLM2
+# smollm2:   SmolLM2-135M geometry, 1000 + 1000, T = 256, all 30 layers, batch 64: answers-only, then exact
+#            pair scores on the fused path (keep_gradients = false, gradients_in = auto), model in bf16, each
+#            with the plain forward+backward of the same model at the same batch measured in the same run
 # llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers mode with the
 #            interference sketched (keep_pairs = "top", k = 256)
 # llama3-8b-short: the same with 256 + 256 samples
@@ -15,12 +16,13 @@ run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" 
 if [[ $what == passes || $what == all ]]; then
   run passes-smollm2-fp32 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype float32 --batch 16 --json-out "$out/passes-smollm2-fp32.json"
   run passes-smollm2-bf16 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype bfloat16 --batch 16 --json-out "$out/passes-smollm2-bf16.json"
+  run profile-answers-smollm2 240 python3 -m benchmarks.profile_answers --geometry smollm2 --n 1000 --batch 16 --profile-n 32 --json-out "$out/profile-answers-smollm2.json"
   run passes-llama3-8b-bf16 240 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --json-out "$out/passes-llama3-8b-bf16.json"
 fi
 common=(--n 1000 --seq 256 --model-dtype bfloat16 --baseline --ignore-disk --no-calibrate --io-gib 2)
 if [[ $what == smollm2 || $what == all ]]; then
-  run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
-  run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+  run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
+  run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
   run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch 4 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
