@@ -19,14 +19,17 @@ if [[ $what == passes || $what == all ]]; then
   run profile-answers-smollm2 240 python3 -m benchmarks.profile_answers --geometry smollm2 --n 1000 --batch 16 --profile-n 32 --json-out "$out/profile-answers-smollm2.json"
   run passes-llama3-8b-bf16 240 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --json-out "$out/passes-llama3-8b-bf16.json"
 fi
+# 8B: batch 4 fits an 80 GB card beside the model, the Fisher and two tasks' sums (59 GB); 8 on larger cards
+big=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+b8=4; [[ ${big:-0} -gt 100000 ]] && b8=8
 common=(--n 1000 --seq 256 --model-dtype bfloat16 --baseline --ignore-disk --no-calibrate --io-gib 2)
 if [[ $what == smollm2 || $what == all ]]; then
   run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
   run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
-  run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch 4 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
+  run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
 fi
 if [[ $what == llama3-8b || $what == all ]]; then
-  run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch 4 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"
+  run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"
 fi
