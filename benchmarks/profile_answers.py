@@ -86,7 +86,7 @@ def main() -> None:
         shutil.rmtree(work / "run", ignore_errors=True)
         job = make_job(model_dir, tasks, work / "run", layers, a, limit=n)
         plan = plan_extract(job)
-        return replace(shard_tasks(RunStore.of(job), plan, job, [0], "answers_whole")[0])
+        return shard_tasks(RunStore.of(job), plan, job, [0], "answers_whole")[0]
 
     out: dict = {"geometry": a.geometry, "n_per_task": a.n, "seq": a.seq, "layers": len(layers), "batch": a.batch,
                  "model_dtype": a.model_dtype, "torch": torch.__version__,

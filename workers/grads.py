@@ -110,7 +110,7 @@ class LazyPerSampleGrads:
             return maxima[sig]
 
         ax, ag, coef, owner = [], [], [], []
-        for i, (key, (m, attrs)) in enumerate(modules):
+        for i, (key, (_, attrs)) in enumerate(modules):
             for x, go in self._calls[key]:
                 T = go.reshape(self._n, -1, go.shape[-1]).shape[1]
                 ax.append(amax(x))

@@ -123,12 +123,12 @@ def sketch(x: torch.Tensor, proj: Projection) -> torch.Tensor:
     return out
 
 
-def operands(g: torch.Tensor, inv: torch.Tensor, parts: tuple[str, ...] = PARTS) -> tuple[torch.Tensor | None, ...]:
-    """u = g²/Î_reg, v = |g|, w = g/√Î_reg for gradients g (..., P) and inv (P,) = 1/Î_reg (None for
-    those not in `parts`); u·v and w·w are exactly the interference and alignment of
+def operands(g: torch.Tensor, inv: torch.Tensor, parts: tuple[str, ...] = PARTS) -> tuple[torch.Tensor, ...]:
+    """u = g²/Î_reg, v = |g|, w = g/√Î_reg (those named in `parts`, in its order) for gradients
+    g (..., P) and inv (P,) = 1/Î_reg; u·v and w·w are exactly the interference and alignment of
     `qkov.workers.kernels.slice_scores`."""
     make = {"u": lambda: g * g * inv, "v": g.abs, "w": lambda: g * torch.sqrt(inv)}
-    return tuple(make[p]() if p in parts else None for p in PARTS)
+    return tuple(make[p]() for p in parts)
 
 
 # ---- applying every head's projection of one (block, layer) at once, on any device ----
@@ -183,9 +183,7 @@ def sketch_layer(g: torch.Tensor, inv: torch.Tensor, proj: LayerProjection, part
         io = torch.gather(inv.to(torch.float64), -1, idx)
         s = proj.signs[r].to(torch.float64) * scale
         del idx
-        for name, x in zip(PARTS, operands(go, io, parts)):
-            if name not in out:
-                continue
+        for name, x in zip(parts, operands(go, io, parts)):
             t = _bucket_sum(x * s, proj.dim)
             out[name] = t if out[name] is None else out[name] + t
     return out
