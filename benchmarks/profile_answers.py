@@ -1,7 +1,8 @@
 """Where an answers-mode extraction task spends its time on one device, in one process.
 
     python -m benchmarks.profile_answers [--geometry smollm2] [--n 1000] [--seq 256]
-        [--layers 0 .. 29] [--batch 16] [--profile-n 64] [--workdir runs/profile-answers]
+        [--layers 0 .. 29] [--batch 16] [--keep-pairs none|top] [--sketch-dim 256] [--profile-n 64]
+        [--workdir runs/profile-answers]
 
 No cluster: the one task a one-shard answers run sends its worker (`answers_whole`: both
 passes) is called directly, as `qkov.workers.writer` runs it, and timed with the device
@@ -68,12 +69,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--model-dtype", default="bfloat16")
     p.add_argument("--profile-n", type=int, default=64, help="samples per task of the profiled task (0: none)")
+    p.add_argument("--keep-pairs", default="none", choices=["none", "top"],
+                   help="top: the interference sketched as well (pass 2 forms and sketches u, v)")
+    p.add_argument("--sketch-dim", type=int, default=256)
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--workdir", default="runs/profile-answers")
     p.add_argument("--json-out", default=None)
     a = p.parse_args()
     a.attn, a.device, a.n_permutations, a.n_bootstrap = "sdpa", "auto", 99, 100
-    a.workers, a.threads, a.keep_gradients, a.mode, a.keep_pairs = None, None, "true", "answers", "none"
+    a.workers, a.threads, a.keep_gradients, a.mode = None, None, "true", "answers"
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     g = GEOMETRIES[a.geometry]
@@ -89,6 +93,7 @@ def main() -> None:
         return shard_tasks(RunStore.of(job), plan, job, [0], "answers_whole")[0]
 
     out: dict = {"geometry": a.geometry, "n_per_task": a.n, "seq": a.seq, "layers": len(layers), "batch": a.batch,
+                 "keep_pairs": a.keep_pairs, **({"sketch_dim": a.sketch_dim} if a.keep_pairs == "top" else {}),
                  "model_dtype": a.model_dtype, "torch": torch.__version__,
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     small = whole_task(min(a.n, max(a.batch, a.profile_n or a.batch)))
@@ -101,15 +106,20 @@ def main() -> None:
     for prm in model.parameters():  # plain_fwd_bwd left them trainable; the task freezes them itself
         prm.requires_grad_(False)
     big = whole_task(a.n)
-    passes = {}
+    passes, peak = {}, {}
     for phase in ("fisher", "answers_whole"):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         _sync()
         t0 = time.perf_counter()
         writer.compute_shard(replace(big, phase=phase))
         _sync()
         passes[phase] = round(time.perf_counter() - t0, 3)
+        if torch.cuda.is_available():
+            peak[phase] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     passes["answers_pass"] = round(passes["answers_whole"] - passes["fisher"], 3)
     out["task_s"] = passes
+    out["device_peak_allocated_gb"] = peak
     out["over_plain"] = {k: round(v / out["plain_fwd_bwd"]["all_samples_s"], 3) for k, v in passes.items()}
     if a.profile_n:
         prof_task = whole_task(a.profile_n)
