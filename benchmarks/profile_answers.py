@@ -9,7 +9,7 @@ passes) is called directly, as `qkov.workers.writer` runs it, and timed with the
 synchronised; a plain forward+backward of the same model over the same number of samples is
 timed in the same process (the bound). With --profile-n, a smaller task of the same shape runs
 under torch.profiler: its top operators by device and by host time, the device's busy share of
-the wall time, and how often the host waited for the device. Prints one JSON object.
+the wall time, and how often the host waited for the device. Prints the JSON object after each part (and writes it to --json-out), so a time limit keeps what was measured.
 """
 from __future__ import annotations
 
@@ -96,6 +96,13 @@ def main() -> None:
                  "keep_pairs": a.keep_pairs, **({"sketch_dim": a.sketch_dim} if a.keep_pairs == "top" else {}),
                  "model_dtype": a.model_dtype, "torch": torch.__version__,
                  "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+    def emit() -> str:  # after each part, so that a time limit keeps what was measured
+        text = json.dumps(out, indent=1)
+        if a.json_out:
+            Path(a.json_out).write_text(text + "\n")
+        return text
+
     small = whole_task(min(a.n, max(a.batch, a.profile_n or a.batch)))
     writer.compute_shard(small)  # warm-up: model load, CUDA init, kernels chosen
     model, _, _ = writer.worker_model(small.model, small.include_bias, writer.resolve_device("auto"))
@@ -117,18 +124,16 @@ def main() -> None:
         passes[phase] = round(time.perf_counter() - t0, 3)
         if torch.cuda.is_available():
             peak[phase] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+        out["task_s"], out["device_peak_allocated_gb"] = passes, peak
+        print(emit(), flush=True)
     passes["answers_pass"] = round(passes["answers_whole"] - passes["fisher"], 3)
-    out["task_s"] = passes
-    out["device_peak_allocated_gb"] = peak
     out["over_plain"] = {k: round(v / out["plain_fwd_bwd"]["all_samples_s"], 3) for k, v in passes.items()}
+    print(emit(), flush=True)
     if a.profile_n:
         prof_task = whole_task(a.profile_n)
         out["profile"] = {"n_per_task": a.profile_n, "fisher": _profile(lambda: writer.compute_shard(replace(prof_task, phase="fisher")), a.top),
                           "answers_whole": _profile(lambda: writer.compute_shard(prof_task), a.top)}
-    text = json.dumps(out, indent=1)
-    print(text)
-    if a.json_out:
-        Path(a.json_out).write_text(text + "\n")
+    print(emit(), flush=True)
     shutil.rmtree(work / "run", ignore_errors=True)
 
 
