@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,19 +37,8 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int = 3) -> float:
-    fn()
-    out = []
-    for _ in range(repeats):
-        _sync()
-        t = time.perf_counter()
-        fn()
-        _sync()
-        out.append(time.perf_counter() - t)
-    return statistics.median(out)
-
-
 def main() -> None:
+    from benchmarks.bench_extract import median_seconds
     from benchmarks.profile_answers import _profile
     from qkov.pipeline.score_graph import _pair_task
     from qkov.pipeline.slice_reductions import other_weights, stats_weights
@@ -70,6 +58,9 @@ def main() -> None:
     ap.add_argument("--json-out", default=None)
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def timed(fn) -> float:  # median of 3 after a warm-up, the device synchronised
+        return median_seconds(fn, 3, 1, dev)
     n, n_a = 2 * a.n, a.n
     out: dict = {"n_per_task": a.n, "layers": a.layers, "heads": HEADS, "P": P, "device":
                  torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
