@@ -32,14 +32,9 @@ HEADS = {"Q": 9, "K": 3, "V": 3, "O": 9}
 P = 64 * 576
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def main() -> None:
     from benchmarks.bench_extract import median_seconds
-    from benchmarks.profile_answers import _profile
+    from benchmarks.profile_answers import _profile, _sync
     from qkov.pipeline.score_graph import _pair_task
     from qkov.pipeline.slice_reductions import other_weights, stats_weights
     from qkov.workers import resident
