@@ -69,10 +69,19 @@ def four_by_cli(tmp_path_factory):
     return job, res.output
 
 
-@pytest.mark.slow
-def test_three_task_run_equals_its_three_two_task_runs(tmp_path):
-    three = tiny_job(tmp_path, more=(6,), fisher={"source": "pair"}, output={"path": str(tmp_path / "run-abc")})
+@pytest.fixture(scope="module")
+def pair3(tmp_path_factory):
+    """A finished three-task run (10 + 7 + 6 samples) with a Fisher per pair (`source = "pair"`),
+    only read: by the two-task comparison and by the plan's prediction of its sizes."""
+    tmp = tmp_path_factory.mktemp("pair3")
+    three = tiny_job(tmp, more=(6,), fisher={"source": "pair"}, output={"path": str(tmp / "run-abc")})
     run_job(three)
+    return three
+
+
+@pytest.mark.slow
+def test_three_task_run_equals_its_three_two_task_runs(pair3, tmp_path):
+    three = pair3
     store = RunStore(three.output.path)
     assert store.is_multi() and store.pair_keys() == [("a", "b"), ("a", "c"), ("b", "c")]
     for x, y in three.tasks.pairs():
@@ -93,16 +102,15 @@ def test_three_task_run_equals_its_three_two_task_runs(tmp_path):
 
 
 
-def test_plan_predicts_the_pairs_of_a_three_task_run(tmp_path):
+def test_plan_predicts_the_pairs_of_a_three_task_run(pair3, tmp_path):
     """`qkov plan` counts each pair's groups (and one Fisher per pair under "pair")."""
     from qkov.pipeline.plan import plan
     from qkov.pipeline.store.paths import size_bytes as du
 
-    job = tiny_job(tmp_path, n_a=10, n_b=9, more=(8,), fisher={"source": "pair"}, output={"path": str(tmp_path / "run")})
-    p = plan(job)
-    assert "3 task pairs" in "\n".join(p.lines()) and p.task_sizes == (10, 9, 8)
-    run_job(job)
-    out = tmp_path / "run"
+    job = pair3  # planned as a new job would be (the plan reads the job, not its finished output)
+    p = plan(job.model_copy(update={"output": job.output.model_copy(update={"path": str(tmp_path / "run")})}))
+    assert "3 task pairs" in "\n".join(p.lines()) and p.task_sizes == (10, 7, 6)
+    out = Path(job.output.path)
     store = RunStore(str(out))
     pairs = [out / schema.pair_group(x, y) for x, y in store.pair_keys()]
     for group in ("scores", "stats", "fisher"):
