@@ -30,21 +30,52 @@ def tmp_run(tmp_path: Path) -> Path:
     return tmp_path / "run"
 
 
+def _shared(tmp_path_factory, name: str, make) -> Path:
+    """`make(folder)` run once per test session, also when pytest-xdist runs the files that
+    need it in several worker processes: made under a file lock in the workers' common
+    temporary folder (the others wait for it, then read the same files). For what the
+    tests only read."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # popen-gwN's parent: one folder for every worker of this session
+    base = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (base / "ready").exists():
+            import shutil
+
+            shutil.rmtree(base, ignore_errors=True)
+            base.mkdir()
+            make(base)
+            (base / "ready").touch()
+    return base
+
+
 @pytest.fixture(scope="session")
 def report_run(tmp_path_factory) -> str:
-    """One finished tiny run (tasks "math" and "code") that the report tests read and never change."""
-    from qkov.pipeline.run import run_job
-    from qkov.testing import tiny_job
+    """One finished tiny run (tasks "math" and "code") that the report tests read and never change
+    (made once for all xdist workers)."""
 
-    job = tiny_job(tmp_path_factory.mktemp("report"), "llama_gqa", n_a=8, n_b=6,
-                   tasks={"a": {"name": "math"}, "b": {"name": "code"}})
-    run_job(job)
-    return job.output.path
+    def make(base: Path) -> None:
+        from qkov.pipeline.run import run_job
+        from qkov.testing import tiny_job
+
+        run_job(tiny_job(base, "llama_gqa", n_a=8, n_b=6, tasks={"a": {"name": "math"}, "b": {"name": "code"}}))
+
+    return str(_shared(tmp_path_factory, "report-run", make) / "run-llama_gqa")  # tiny_job's output
 
 
 @pytest.fixture(scope="session")
-def report_page(report_run) -> Path:
-    """The report of `report_run` (its page, report.html)."""
-    from qkov.pipeline.report import make_report
+def report_page(report_run, tmp_path_factory) -> Path:
+    """The report of `report_run` (its page, report.html; made once for all xdist workers)."""
 
-    return make_report(report_run)
+    def make(base: Path) -> None:
+        from qkov.pipeline.report import make_report
+
+        assert make_report(report_run) == page  # beside the run (its default folder)
+
+    page = Path(report_run + "-report") / "report.html"
+    _shared(tmp_path_factory, "report-page", make)
+    assert page.is_file()
+    return page
