@@ -17,11 +17,30 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("QKOV_CACHE", str(ROOT / ".cache" / "qkov"))
 
 
+# The test files that take longest (seconds on 2 cores, `--junitxml` summed per file), longest
+# first: `make test` hands whole files to its two xdist workers in this order, so the long ones
+# overlap each other and the short ones fill in at the end (longest-first scheduling).
+LONGEST_FILES = ("test_slurm.py", "test_prediction.py", "test_trust.py", "test_many_tasks.py", "test_remote.py",
+                 "test_layer_groups.py", "test_reliability.py", "test_docs.py", "test_api.py", "test_report_pairs.py",
+                 "test_checks.py", "test_wheel.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist (>= 3.6) orders the files of `--dist loadfile` by their number of tests unless
+    # told not to, which put the longest file (4 tests, ~4 minutes) last; keep the order below
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first (a stable sort: modules keep their order otherwise), so that with
-    two xdist workers they overlap each other and the short ones fill in, instead of the
-    longest starting last."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest files first (LONGEST_FILES), then the files with slow tests, each file's slow
+    tests first (a stable sort: modules keep their order otherwise), so that with two xdist
+    workers they overlap each other and the short ones fill in, instead of the longest starting
+    last."""
+    rank = {name: k for k, name in enumerate(LONGEST_FILES)}
+    slow_files = {item.path for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path not in slow_files,
+                                 item.get_closest_marker("slow") is None))
 
 
 @pytest.fixture
