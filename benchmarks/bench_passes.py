@@ -9,7 +9,11 @@ same order, timed cumulatively with the device synchronised, each the median of 
   per_sample_bwd     forward + ∂ℓ/∂y of the hooked projections (no parameter .grad)
   formation          + the per-sample (B, out, in) gradients of every layer, sliced per head
   pass1              + the Fisher and task-sum reductions of the answers' first pass
-  pass2              formation + the second pass's per-sample scalars (instead of pass1's sums)
+  pass1_gemm         the same as the previous version made them (one-hot GEMMs on copies): baseline
+  pass2              formation + the second pass's per-sample scalars (instead of pass1's sums),
+                     the weights formed per batch (as at 8B, where they do not all stay cached)
+  pass2_columns      the same with the previous version's (H, P, c) weight columns: baseline
+  pass2_sketch[_f64] pass2 + u, v sketched to --sketch-dim (float32; the previous float64: baseline)
   pass1_f64, pass2_f64  the same with the first version's float64 reductions (the Fisher's and the
                         task sums' float64 einsums; pass 2's float64 elementwise products): the baseline
 Prints one JSON object with seconds per batch, samples/s and each part's share.
@@ -37,6 +41,34 @@ def _task_sums_update_f64(acc, t, onehot):
     td = t.double()
     for k, x in enumerate((td, td.abs(), td * td)):
         acc[k] += torch.einsum("tb,bhp->thp", onehot, x).to(acc.dtype)
+
+
+def _task_sums_update_gemm(acc, t, onehot):
+    """The previous pass-1 reduction (baseline): per kind one one-hot float32 GEMM over the
+    batch, on copies of |t| and t²."""
+    flat = t.reshape(t.shape[0], -1)
+    oh = onehot.to(torch.float32)
+    for k, x in enumerate((flat, flat.abs(), flat * flat)):
+        acc[k].view(acc.shape[1], -1).addmm_(oh, x)
+
+
+def _sample_scalars_columns(t, inv, sums):
+    """The previous pass-2 reduction (baseline): the weights formed per batch as (H, P, c)
+    columns (concatenated and permuted copies), then the same split-K GEMMs."""
+    w = inv.float()
+    s = sums.float()
+    cols = [(s[0] * w).permute(1, 2, 0).contiguous(),
+            torch.cat([torch.ones_like(w)[None], w[None], s[1] * w], dim=0).permute(1, 2, 0).contiguous(),
+            (s[2] * w).permute(1, 2, 0).contiguous(), w[..., None].contiguous()]
+    B, H, P = t.shape
+    K = ans.split_length(P)
+
+    def gemm(x, c):
+        return torch.bmm(x.contiguous().view(B, H * (P // K), K).transpose(0, 1),
+                         c.reshape(H * (P // K), K, c.shape[-1])).view(H, P // K, B, -1).sum(1)
+
+    t2, v = t * t, t.abs()
+    return [gemm(t, cols[0]), gemm(t2, cols[1]), gemm(v, cols[2]), gemm(t2 * v, cols[3])]
 
 
 def _sample_scalars_f64(t, inv, sums):
@@ -94,8 +126,17 @@ def run(a) -> dict:
     B, K = a.batch, a.tasks
     onehot = torch.zeros((K, B), dtype=torch.float64, device=device)
     onehot[torch.arange(B, device=device) % K, torch.arange(B, device=device)] = 1.0
+    runs = ans.row_runs((torch.arange(B) % K).tolist())
     w = torch.full((1, B), 1.0 / B, dtype=torch.float64, device=device)
     w32 = w.float()
+    # answers mode with keep_pairs = "top": every (block, layer)'s projection, built before timing
+    # (a worker caches them: qkov.workers.sketch.ProjectionCache)
+    projs = {}
+    if a.sketch_dim:
+        from qkov.workers.sketch import layer_projection
+
+        projs = {(b, layer): layer_projection(sizes[b], a.sketch_dim, 0, b, layer, heads[b], 1, device)
+                 for b in blocks for layer in range(nl)}
     # per-layer accumulators only (one layer's worth, reused): the reductions' cost, not 8B's memory
     fisher = {b: torch.zeros((1, heads[b], sizes[b]), dtype=torch.float64, device=device) for b in blocks}
     tsums = {b: torch.zeros((3, K, heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
@@ -118,18 +159,29 @@ def run(a) -> dict:
             full = res.grads(names)
             for b in blocks:
                 t = slice_block(layout.blocks[(b, layer)], full).float()
-                if step == "pass1":  # as qkov.workers.writer: the Fisher's batch sum one float32 GEMM
+                if step == "pass1":  # as qkov.workers.writer: the Fisher's batch Σ t², then the task sums
+                    fisher[b][0].add_(ans.squares_sum(t), alpha=1.0 / B)
+                    ans.task_sums_update(tsums[b], t.to(torch.bfloat16), runs)
+                elif step == "pass1_gemm":  # the previous version: one-hot float32 GEMMs on copies
                     fisher[b] += torch.mm(w32, (t * t).reshape(B, -1)).view(fisher[b].shape)
-                    ans.task_sums_update(tsums[b], t.to(torch.bfloat16).float(), onehot)
+                    _task_sums_update_gemm(tsums[b], t.to(torch.bfloat16).float(), onehot)
                 elif step == "pass1_f64":
                     fisher[b] += torch.einsum("si,ihp->shp", w, t.double() ** 2)
                     _task_sums_update_f64(tsums[b], t.to(torch.bfloat16).float(), onehot)
                 elif step == "pass2_f64":
                     t = t.to(torch.bfloat16).float()
                     _sample_scalars_f64(t, inv[b], tsums[b])
-                elif step == "pass2":
+                elif step in ("pass2", "pass2_sketch", "pass2_sketch_f64"):  # weights formed per batch, as at 8B
                     t = t.to(torch.bfloat16).float()
                     ans.sample_scalars(t, inv[b], tsums[b])
+                    if step != "pass2":  # + the interference's operands sketched (float32; the previous float64)
+                        from qkov.workers.sketch import sketch_layer
+
+                        x = t.double() if step.endswith("f64") else t
+                        sketch_layer(x, inv[b], projs[(b, layer)], parts=("u", "v"))
+                elif step == "pass2_columns":
+                    t = t.to(torch.bfloat16).float()
+                    _sample_scalars_columns(t, inv[b], tsums[b])
                 del t
             del full
 
@@ -141,7 +193,9 @@ def run(a) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     t["per_sample_bwd"] = timed(backward_only, a.repeats, device)
-    for step in ("formation", "pass1", "pass2", "pass1_f64", "pass2_f64"):
+    steps = ["formation", "pass1", "pass1_gemm", "pass2", "pass2_columns", "pass1_f64", "pass2_f64"]
+    steps += ["pass2_sketch", "pass2_sketch_f64"] if a.sketch_dim else []
+    for step in steps:
         t[step] = timed(lambda: passes(step), a.repeats, device)
     out["seconds_per_batch"] = {k: round(v, 4) for k, v in t.items()}
     out["samples_per_s"] = {k: round(B / v, 2) for k, v in t.items()}
@@ -149,6 +203,11 @@ def run(a) -> dict:
     out["parts_s"] = {"formation_and_slicing": round(t["formation"] - t["per_sample_bwd"], 4),
                       "pass1_reductions": round(t["pass1"] - t["formation"], 4),
                       "pass2_reductions": round(t["pass2"] - t["formation"], 4),
+                      "pass1_reductions_gemm_baseline": round(t["pass1_gemm"] - t["formation"], 4),
+                      "pass2_reductions_columns_baseline": round(t["pass2_columns"] - t["formation"], 4),
+                      **({"pass2_sketch_reductions": round(t["pass2_sketch"] - t["formation"], 4),
+                          "pass2_sketch_reductions_f64_baseline": round(t["pass2_sketch_f64"] - t["formation"], 4)}
+                         if a.sketch_dim else {}),
                       "pass1_reductions_f64_baseline": round(t["pass1_f64"] - t["formation"], 4),
                       "pass2_reductions_f64_baseline": round(t["pass2_f64"] - t["formation"], 4)}
     if device.startswith("cuda"):
@@ -166,6 +225,7 @@ def main(argv=None) -> None:
     p.add_argument("--layers", type=int, help="model layers (default: the geometry's)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", type=int, default=2)
+    p.add_argument("--sketch-dim", type=int, default=0, help="also time pass 2 with u, v sketched to this k (0: not)")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     out = run(a)

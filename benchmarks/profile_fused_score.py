@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--n-bootstrap", type=int, default=1000)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json-out", default=None)
+    ap.add_argument("--write-dir", default=None,
+                    help="also time every slice with its scores written into the run's chunk format here (a scratch folder)")
     a = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -78,11 +80,11 @@ def main() -> None:
     stats_args = (a.n_permutations, a.n_bootstrap, 0)
     slices = [(b, layer, h) for layer in range(a.layers) for b, nh in HEADS.items() for h in range(nh)]
 
-    def task(s):
+    def task(s, **kw):
         b, layer, h = s
         return _pair_task(np.array([layer]), np.array([h]), inv[b][layer : layer + 1, h : h + 1], rows, rows, rows, rows,
                           n=n, n_a=n_a, stats_args=stats_args, reader=readers[b], accumulate="auto", device="auto",
-                          encoding="bfloat16")
+                          encoding="bfloat16", **kw)
 
     task(slices[0])  # warm-up: weights cached, kernels chosen
     _sync()
@@ -129,12 +131,60 @@ def main() -> None:
         out["threads"][str(t)] = {"wall_s": round(wall, 3), "s_per_slice": round(wall / len(slices), 5),
                                   "score_tflops": round(flops * len(slices) / wall / 1e12, 1)}
         print(emit(), flush=True)
+    if a.write_dir:  # with the writes, as a run makes them: after the task from its returned (pageable) arrays, or in it
+        out["threads_with_writes"] = _with_writes(a, task, slices, n, _sync, emit, out)
     if a.profile_tasks:
         some = slices[: a.profile_tasks]
         out["profile"] = _profile(lambda: [task(s) for s in some], a.top)
         out["profile"]["tasks"] = len(some)
     resident.release(key)
     print(emit(), flush=True)
+
+
+def _with_writes(a, task, slices, n: int, sync, emit, out) -> dict:
+    """Every slice on T threads, each slice's two scores written whole into chunk files (blosc +
+    crc32c, as a run stores them): "after" = the task returns its scores (pageable host arrays)
+    and the same thread writes them, as the run's store tasks do; "in_task" = the task writes
+    them itself from its reused pinned buffers (`write_to`)."""
+    import shutil
+
+    import zarr
+
+    from qkov.pipeline import schema
+    from qkov.pipeline.store.chunks import DirectChunks, checksummed
+
+    folder = Path(a.write_dir)
+    shutil.rmtree(folder, ignore_errors=True)
+    root = zarr.open_group(str(folder), mode="w", zarr_format=3)
+    n_l, n_h = a.layers, max(HEADS.values())
+    targets = {}
+    for name, shape in (("inter", (n, n)), ("align", schema.folded_shape(n))):
+        arr = root.create_array(name, shape=(n_l, n_h, *shape), chunks=(1, 1, *shape), dtype="float32",
+                                compressors=checksummed(True))
+        targets[name] = DirectChunks.of(arr, str(folder / name))
+    res: dict = {}
+    for t in a.threads:
+        for how in ("after", "in_task"):
+            def one(s, how=how):
+                b, layer, h = s
+                if how == "in_task":
+                    return task(s, write_to=(targets["inter"], targets["align"], layer, None))
+                parts = task(s)
+                targets["inter"].write((layer, h, 0, 0), parts.interference[:, :1])
+                targets["align"].write((layer, h, 0, 0), parts.alignment[:, :1])
+                return None
+
+            sync()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(t) as pool:
+                list(pool.map(one, slices))
+            sync()
+            wall = time.perf_counter() - t0
+            res[f"{how}_{t}"] = {"wall_s": round(wall, 3), "s_per_slice": round(wall / len(slices), 5)}
+            out["threads_with_writes"] = res
+            print(emit(), flush=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    return res
 
 
 if __name__ == "__main__":

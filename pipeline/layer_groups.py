@@ -304,9 +304,12 @@ class _GroupRun:
                              "rerun with [output] keep_gradients = true")
         chunk = int(store.group_attrs(schema.SCORES_GROUP)[schema.ATTR_SAMPLE_CHUNK])
         side: dict = {}
+        first = self.layers.index(group[0])
+        # the score tasks write the pooled matrices into the run's arrays themselves, where those allow it
+        write_to = {"arrays": store.direct_chunks(schema.SCORES_GROUP), "first": first}
         scores = compact_scores(grads, fisher, sample_chunk=chunk, device=job.score.device, readers=readers, side=side,
-                                **_score_options(job))
-        region = {schema.LAYER: slice(self.layers.index(group[0]), self.layers.index(group[0]) + len(group))}
+                                write_to=write_to, **_score_options(job))
+        region = {schema.LAYER: slice(first, first + len(group))}
         diag = compute_with_diagnostics(self.executor, store.write_region(scores, schema.SCORES_GROUP, region, compute=False),
                                         grads, fisher, scores, readers, job.score.device, side)
         if store.group_attrs(schema.DIAGNOSTICS) is None:

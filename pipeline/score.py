@@ -89,10 +89,12 @@ def _operand(grads: xr.Dataset, b: str, sketched: bool):
     return grads[schema.sketch_var(b, "u") if sketched else b]
 
 
-def _build_block(grads: xr.Dataset, fisher: xr.Dataset, b: str, plan: _Plan, sketched: bool, reader) -> _Built:
+def _build_block(grads: xr.Dataset, fisher: xr.Dataset, b: str, plan: _Plan, sketched: bool, reader,
+                 write_to: dict | None = None) -> _Built:
     """One block's graph: sketches through Dask; else the score tasks read their own rows
-    (`reader`, when it fits the variable) and keep the pairs or reduce them on the device;
-    else the gradients through Dask."""
+    (`reader`, when it fits the variable) and keep the pairs (written by the tasks themselves
+    where `write_to` allows, `_task_targets`) or reduce them on the device; else the gradients
+    through Dask."""
     n, c, acc, dev = plan.n, plan.chunk, plan.accumulate, plan.device
     if sketched:
         u, v, w = (decoded(grads[schema.sketch_var(b, p)]).data[plan.keep].rechunk((c, 1, 1, -1))
@@ -108,12 +110,29 @@ def _build_block(grads: xr.Dataset, fisher: xr.Dataset, b: str, plan: _Plan, ske
             parts = reduced_block_scores(reader, plan.keep, inv, c, plan.n_a, plan.stats, plan.k, acc, dev, encoding=encoding)
             return _Built({}, True, parts)
         in_task = plan.stats if plan.sums_in_graph else None
+        targets = _task_targets(write_to, b, plan)
         inter, align, parts = direct_block_scores(reader, plan.keep, inv, c, plan.n_a, acc, dev, encoding=encoding,
-                                                  stats=in_task)
-        return _Built({"interference": inter, "alignment": align}, True, parts)
+                                                  stats=in_task, write_to=targets)
+        return _Built({} if targets else {"interference": inter, "alignment": align}, True, parts)
     g = (var.data if plan.keep.size == var.shape[0] else var.data[plan.keep]).rechunk((c, 1, 1, -1))
     inter, align = block_scores(g, inv, acc, dev, encoding=encoding)
     return _Built({"interference": inter, "alignment": _whole_mirrored(align, n)}, False, None)
+
+
+def _task_targets(write_to: dict | None, b: str, plan: _Plan) -> tuple | None:
+    """(interference, alignment, first layer, encoding) for the score tasks of block `b` to
+    write their slices into themselves, or None (then the scores go through the graph):
+    `write_to` = {"arrays": the stored `scores` group's `DirectChunks` by name, "first": the
+    group's first layer index in them} (`qkov.pipeline.layer_groups`, whose templates exist
+    before its graphs are made), whole slices per task and per chunk, pairs kept."""
+    if write_to is None or plan.keep_pairs != "all" or plan.chunk < plan.n:
+        return None
+    arrays = write_to["arrays"]
+    inter, align = (arrays.get(schema.stored_pooled_name(name, b)) for name in schema.SCORES)
+    if inter is None or align is None or inter.chunks[2:] != (plan.n, plan.n) \
+            or align.chunks[2:] != schema.folded_shape(plan.n) or inter.chunks[:2] != (1, 1) or align.chunks[:2] != (1, 1):
+        return None
+    return inter, align, int(write_to["first"]), codec.BFLOAT16 if plan.scores_dtype == "bfloat16" else None
 
 
 def _whole_mirrored(align: da.Array, n: int) -> da.Array:
@@ -176,7 +195,7 @@ def _block_vars(b: str, built: _Built, plan: _Plan) -> dict[str, xr.Variable]:
 def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int | None = None,
                    accumulate: str = "auto", device: str = "auto", scores_dtype: str = "float32",
                    keep_pairs: str = "all", top_k: int = 100, stats=None, readers: dict | None = None,
-                   side: dict | None = None) -> xr.Dataset:
+                   side: dict | None = None, write_to: dict | None = None) -> xr.Dataset:
     """The lazy `scores` dataset as stored: per block and score, the pooled (A∪B)×(A∪B)
     matrices on the block's own heads (`pooled_<score>_<block>`, K/V per KV head), nothing
     else; `RunStore.open_scores` / `scores_view` derive the per-query-head and A×B views.
@@ -193,7 +212,9 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     as uint16, decoded inside the kernel — on a GPU after the transfer, at half the bytes).
     `readers` {block: DirectChunks} lets the score tasks read the raw chunks themselves;
     then `side`, a dict if given, receives per such block the `workers.parts.DiagnosticParts`
-    those tasks reduce on the side for the diagnostics."""
+    those tasks reduce on the side for the diagnostics. `write_to` (`_task_targets`): where
+    the stored arrays allow, the score tasks write the pooled matrices themselves, and the
+    dataset returned leaves them out (its other variables are written as usual)."""
     keep, n_a = _kept_samples(grads)
     sketched = grads.attrs.get(schema.ATTR_MODE) == "sketch"  # gradients holds {B}_u/v/w sketches, not g
     blocks = [b for b in schema.BLOCKS if (schema.sketch_var(b, "u") if sketched else b) in grads]
@@ -204,7 +225,7 @@ def compact_scores(grads: xr.Dataset, fisher: xr.Dataset, *, sample_chunk: int |
     plan = _Plan(keep, n_a, min(keep.size, sample_chunk), keep_pairs, top_k, scores_dtype, stats, accumulate, device)
     data = {}
     for b in blocks:
-        built = _build_block(grads, fisher, b, plan, sketched, (readers or {}).get(b))
+        built = _build_block(grads, fisher, b, plan, sketched, (readers or {}).get(b), write_to)
         if side is not None and built.parts is not None:
             side[b] = built.parts.diagnostics
         data.update(_block_vars(b, built, plan))

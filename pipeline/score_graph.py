@@ -82,14 +82,19 @@ def mirrored(a: np.ndarray) -> np.ndarray:
 
 
 def _pair_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple | None = None,
-               **kw) -> TileParts:
+               write_to: tuple | None = None, **kw) -> TileParts:
     """One tile of `direct_block_scores` (runs in the task): its scores and, beside them, the
-    diagnostics' parts and, with `stats_args`, the stats sums."""
+    diagnostics' parts and, with `stats_args`, the stats sums. `write_to` = (interference,
+    alignment, first layer, encoding): the task writes its whole slices there itself (their
+    layer: the first layer plus the tile's)."""
     is_a = np.arange(n) < n_a
     weights = None if stats_args is None else (stats_weights(is_a.tobytes(), *stats_args), n_a)
+    if write_to is not None:
+        inter, align, first, encoding = write_to
+        write_to = (inter, align, first + int(layer[0]), encoding)
     # the whole slice: its alignment leaves the task folded, as stored
     return direct_pair_kernel(layer, heads, inv, rows_i, rows_j, side=(pos_i, pos_j, other_weights(is_a)),
-                              weights=weights, fold=len(pos_i) == len(pos_j) == n, **kw)
+                              weights=weights, fold=len(pos_i) == len(pos_j) == n, write_to=write_to, **kw)
 
 
 def _reduce_task(layer, heads, inv, rows_i, rows_j, pos_i, pos_j, *, n: int, n_a: int, stats_args: tuple,
@@ -166,7 +171,7 @@ def _sums_arrays(tiles: da.Array, n: int, n_a: int, stats) -> dict[str, da.Array
 
 def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, accumulate: str = "auto",
                         device: str = "auto", encoding: str | None = None,
-                        stats=None) -> tuple[da.Array, da.Array, BlockParts]:
+                        stats=None, write_to: tuple | None = None) -> tuple[da.Array | None, da.Array | None, BlockParts]:
     """`block_scores` with tasks that read their own operands from the gradient chunk files
     (`reader`: a qkov.pipeline.store.DirectChunks; `rows`: the store samples taken, in order, the
     first `n_a` of task A): no gradient bytes pass through the Dask graph, so a slice's read,
@@ -175,17 +180,23 @@ def direct_block_scores(reader, rows: np.ndarray, inv, chunk: int, n_a: int, acc
     task holds a whole slice, else as N×N tiles. Also returns the `BlockParts` the same tasks
     reduce from the rows and tiles they hold (no second read of gradients or scores): the
     diagnostics' and, with `stats` (a StatsSpec), the statistics' sums of both scores, so
-    the stats stage of this run does not read the N×N scores back."""
+    the stats stage of this run does not read the N×N scores back.
+    `write_to` = (interference, alignment, first layer, scores encoding), the stored pooled
+    arrays' `DirectChunks` with one whole slice per chunk (chunk ≥ N): each task writes its
+    slices' chunks itself, from reused pinned host buffers, and no score enters the graph;
+    then (None, None, parts) is returned, the parts' arrays being what runs the tasks."""
     stats_args = None if stats is None else (stats.n_permutations, stats.n_bootstrap, stats.seed)
     tiles = _tile_tasks(_pair_task, reader, rows, inv, chunk, n_a=n_a, stats_args=stats_args, accumulate=accumulate,
-                        device=device, encoding=encoding)
+                        device=device, encoding=encoding, write_to=write_to)
+    sums = None if stats is None else _sums_arrays(tiles, len(rows), n_a, stats)
+    if write_to is not None:
+        return None, None, BlockParts(_diagnostic_arrays(tiles), sums, None)
     meta = np.empty((0,) * 4, np.float32)
     inter = tiles.map_blocks(attrgetter("interference"), dtype=np.float32, meta=meta)
     # a whole slice per task: the alignment comes folded (schema.fold_symmetric), as stored
     whole = len(tiles.chunks[2]) == 1
     fold_chunks = tuple((s,) for s in schema.folded_shape(len(rows))) if whole else tiles.chunks[2:]
     align = tiles.map_blocks(attrgetter("alignment"), chunks=tiles.chunks[:2] + fold_chunks, dtype=np.float32, meta=meta)
-    sums = None if stats is None else _sums_arrays(tiles, len(rows), n_a, stats)
     return inter, align, BlockParts(_diagnostic_arrays(tiles), sums, None)
 
 

@@ -173,6 +173,32 @@ def test_moment_sums_are_exact_where_they_claim_to_be():
     assert t_lin.mean() == pytest.approx(off, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_task_sums_add_each_tasks_rows_as_the_definitions_do(dtype):
+    """The first pass's per-task sums Σg, Σ|g|, Σg² (qkov.workers.answers.task_sums_update, runs of
+    rows per task) against float64 sums over each task's rows, for a batch whose tasks
+    alternate, accumulated over two batches; and the Fisher's Σ g² over rows."""
+    import torch
+
+    from qkov.workers import answers as ans
+
+    rng = np.random.default_rng(7)
+    B, H, P, tasks = 6, 2, 300, 3
+    task_of = [2, 2, 0, 1, 1, 2]
+    acc = torch.zeros((3, tasks, H, P), dtype=torch.float32)
+    want = np.zeros((3, tasks, H, P))
+    for _ in range(2):
+        g = torch.tensor(rng.normal(size=(B, H, P)) * 1e-3, dtype=torch.float32).to(getattr(torch, dtype))
+        ans.task_sums_update(acc, g, ans.row_runs(task_of))
+        x = g.double().numpy()
+        for r, k in enumerate(task_of):
+            want[:, k] += (x[r], np.abs(x[r]), x[r] ** 2)
+    assert ans.row_runs(task_of) == [(2, 0, 2), (0, 2, 3), (1, 3, 5), (2, 5, 6)]
+    for kind in range(3):
+        np.testing.assert_allclose(acc[kind].numpy(), want[kind], rtol=1e-5, atol=1e-6 * np.abs(want[kind]).max())
+    np.testing.assert_allclose(ans.squares_sum(g[1:4]).numpy(), (x[1:4] ** 2).sum(0), rtol=1e-5)
+
+
 @pytest.mark.parametrize("P", [4096, 4099, 6000])  # split into runs; prime (one run); a divisor far from 1024
 def test_each_samples_scalars_equal_an_elementwise_float64_reference(P):
     """The second pass's GEMMs (split-K over each head's entries, qkov.workers.answers.head_gemm)

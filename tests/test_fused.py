@@ -46,8 +46,17 @@ def runs(tmp_path_factory):
         out["seen"][(where, k)] = (len(chunks), resident.held_bytes())
         return score(self, k, group, sub, grads, fisher, readers)
 
+    from qkov.workers import kernels
+
+    to_host = kernels._to_host
+
+    def counted(role, t, encoding):  # the score tasks' own writes of their slices
+        out["written_by_tasks"] = out.get("written_by_tasks", 0) + t.shape[0]
+        return to_host(role, t, encoding)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(layer_groups._GroupRun, "_score", watched)
+        mp.setattr(kernels, "_to_host", counted)
         for where in ("disk", "device"):
             out[where] = run_job(_grouped(job, tmp / where, gradients_in=where))
     return out
@@ -72,6 +81,19 @@ def test_the_fused_path_scores_equal_the_disk_paths_bit_for_bit(runs):
         for k in want:
             assert _same(want[k], got[k]), (group, k)
     assert_runs_close(tmp / "device", tmp / "reference", groups=RESULTS)
+
+
+def test_the_score_tasks_write_the_scores_themselves_the_same_bits_as_the_graph(runs):
+    """Layer groups with whole slices per chunk: each score task writes its slices' chunks
+    (both scores of every slice, in both runs), and they hold the bits the ordinary run's
+    graph wrote (its store tasks, from the scores the tasks returned)."""
+    tmp = runs["tmp"]
+    want, got = _arrays(tmp / "reference", schema.SCORES_GROUP), _arrays(tmp / "device", schema.SCORES_GROUP)
+    pooled = [k for k in want if k.startswith(schema.pooled_name(""))]
+    slices = sum(got[k].shape[0] * got[k].shape[1] for k in pooled)
+    assert pooled and runs["written_by_tasks"] == 2 * slices  # (2: the disk and the fused run)
+    for k in pooled:
+        assert _same(want[k], got[k]), k
 
 
 def test_no_gradient_byte_is_written_on_the_fused_path(runs):

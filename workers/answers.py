@@ -18,29 +18,66 @@ import torch
 from qkov.pipeline import schema
 
 
-def task_sums_update(acc: torch.Tensor, t: torch.Tensor, onehot: torch.Tensor) -> None:
+def row_runs(keys) -> list[tuple[object, int, int]]:
+    """The maximal runs of equal consecutive `keys` (a batch's rows), as (key, start, stop)."""
+    runs: list[tuple[object, int, int]] = []
+    for i, k in enumerate(keys):
+        if runs and runs[-1][0] == k:
+            runs[-1] = (k, runs[-1][1], i + 1)
+        else:
+            runs.append((k, i, i + 1))
+    return runs
+
+
+def task_sums_update(acc: torch.Tensor, t: torch.Tensor, runs) -> None:
     """Add one batch to the per-task sums: acc (3, tasks, H, P) float32 in TASK_SUM_KINDS order
     (Σ g, Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of
-    device memory, not 64), t (B, H, P) the batch's gradient slice, onehot (tasks, B) (0 for
-    samples that take no part: other tasks, skipped ones). Each kind is one GEMM over the
-    batch added in place (float32 accumulation), so t is read once per kind and no float64
-    copy of it is made: the issue's bound is memory traffic, not arithmetic."""
-    flat = t.reshape(t.shape[0], -1)
-    oh = onehot.to(torch.float32)
-    for k, x in enumerate((flat, flat.abs(), flat * flat)):
-        acc[k].view(acc.shape[1], -1).addmm_(oh, x)
+    device memory, not 64), t (B, H, P) the batch's gradient slice (bf16 or float32; rows of
+    skipped samples already zero), runs `row_runs` of the rows' tasks. Each run's rows are a
+    view, reduced over samples by one sum and two vector norms that read t once each and
+    accumulate in float32: no |t| or t² copy. The issue's bound is memory traffic; as one-hot
+    GEMMs (2 × B × 1.3 G at 8B) with copies of |t| and t², the sums were ~70 % of an 8B first pass."""
+    f32 = torch.float32
+    for k, r0, r1 in runs:
+        x = t[r0:r1]
+        acc[0, k] += x.sum(0, dtype=f32)
+        acc[1, k] += torch.linalg.vector_norm(x, 1, dim=0, dtype=f32)
+        acc[2, k] += torch.linalg.vector_norm(x, 2, dim=0, dtype=f32).square_()
 
 
-def scalar_weights(inv: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The weight columns every sample of one (layer, block) is reduced against, (H, P, c) float32:
-    for g: w·Σ_k g per task; for g²: 1, w, then w·Σ_k |g| per task; for |g|: w·Σ_k g² per task;
-    for |g|³: w. inv (H, P) = w = 1/(Î+λ), sums (3, tasks, H, P) in TASK_SUM_KINDS order."""
-    w = inv.to(torch.float32)
-    s = sums.to(torch.float32)
-    lin = (s[0] * w).permute(1, 2, 0)
-    sq = torch.cat([torch.ones_like(w)[None], w[None], s[1] * w], dim=0).permute(1, 2, 0)
-    ab = (s[2] * w).permute(1, 2, 0)
-    return lin.contiguous(), sq.contiguous(), ab.contiguous(), w[..., None].contiguous()
+def squares_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the rows (samples) of t², float32, reading t once (a 2-norm, squared)."""
+    return torch.linalg.vector_norm(t, 2, dim=0, dtype=torch.float32).square_()
+
+
+def weight_rows(n_tasks: int) -> dict[str, slice]:
+    """Where each group of weight rows lies in `scalar_weights`' (3·tasks + 2, H, P) buffer: the
+    rows g² is reduced against (1, w, w·Σ_k |g|) are one run, so one GEMM takes them all."""
+    t = n_tasks
+    return {"lin": slice(0, t), "sq": slice(t, 2 * t + 2), "w": slice(t + 1, t + 2), "ab": slice(2 * t + 2, 3 * t + 2)}
+
+
+def scalar_weights(inv: torch.Tensor, sums: torch.Tensor, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weight rows every sample of one (layer, block) is reduced against, as views of one
+    (3·tasks + 2, H, P) float32 buffer (`out`, reused where given; its row of ones is written
+    only when `out` is new): "lin" w·Σ_k g per task (against g), "sq" 1, w, w·Σ_k |g| per task
+    (against g²), "ab" w·Σ_k g² per task (against |g|), "w" w (against |g|³). inv (H, P) = w =
+    1/(Î+λ), sums (3, tasks, H, P) in TASK_SUM_KINDS order. Rows, not (H, P, c) columns: each
+    is written by one product of contiguous rows, with no concatenated or permuted copies
+    (at 8B these are formed again for every batch: they do not all fit beside the sums)."""
+    n_tasks = sums.shape[1]
+    rows = weight_rows(n_tasks)
+    fresh = out is None
+    if fresh:
+        out = torch.empty((3 * n_tasks + 2, *inv.shape), dtype=torch.float32, device=inv.device)
+    w = out[rows["w"]][0]
+    w.copy_(inv)
+    if fresh:
+        out[n_tasks].fill_(1.0)
+    for kind, name in ((0, "lin"), (1, None), (2, "ab")):
+        dst = out[rows[name]] if name else out[2 + n_tasks : 2 + 2 * n_tasks]
+        torch.mul(sums[kind], w, out=dst)
+    return {name: out[r] for name, r in rows.items()}
 
 
 @functools.cache
@@ -56,18 +93,20 @@ def split_length(p: int, target: int = 1024) -> int:
     return best
 
 
-def head_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Σ_p x[b, h, p] w[h, p, c] -> (H, B, c) float32, for x (B, H, P) and w (H, P, c). Split-K:
-    each head's P entries cut into R runs of K, one batched GEMM over the (head, run) pairs (x
-    read in place, no copy), the R partial sums then added. cuBLAS's batched GEMM of a few output
-    columns over one long summed axis (P = 36,864 at SmolLM2, 524,288 at 8B) took ~1 ms per call
-    on an H100, 50× its memory-bandwidth time: it made the answers' second pass 6.5× a plain
-    forward+backward where the first pass was 1.5×."""
+def head_gemm(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Σ_p x[b, h, p] rows[c, h, p] -> (H, B, c) float32, for x (B, H, P) and weight rows
+    (c, H, P) (each (H, P) row contiguous; the rows any stride apart). Split-K: each head's P
+    entries cut into R runs of K, one batched GEMM over the (head, run) pairs (x and the rows
+    read in place: the rows as a column-major operand, no copy), the R partial sums then added.
+    cuBLAS's batched GEMM of a few output columns over one long summed axis (P = 36,864 at
+    SmolLM2, 524,288 at 8B) took ~1 ms per call on an H100, 50× its memory-bandwidth time: it
+    made the answers' second pass 6.5× a plain forward+backward where the first pass was 1.5×."""
     B, H, P = x.shape
     K = split_length(P)
     R = P // K
     xs = x.contiguous().view(B, H * R, K).transpose(0, 1)  # (H·R, B, K)
-    return torch.bmm(xs, w.reshape(H * R, K, w.shape[-1])).view(H, R, B, -1).sum(1)
+    ws = rows.reshape(rows.shape[0], H * R, K).permute(1, 2, 0)  # (H·R, K, c)
+    return torch.bmm(xs, ws).view(H, R, B, -1).sum(1)
 
 
 def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, weights=None) -> torch.Tensor:
@@ -77,15 +116,15 @@ def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, weigh
     ⟨g_i, Σg⟩_w, ⟨u_i, Σ|g|⟩, ⟨w Σg², |g_i|⟩. Float32 products summed by GEMMs over each head's
     P entries (as exact mode's pair scores are float32 GEMMs); the sums over samples the
     statistics make from these are float64."""
-    lin, sq, ab, w = weights if weights is not None else scalar_weights(inv, sums)
-    n_tasks = lin.shape[-1]
+    wts = weights if weights is not None else scalar_weights(inv, sums)
+    n_tasks = wts["lin"].shape[0]
     t = t.contiguous()
     t2 = t * t
     v = t.abs()
-    r_lin = head_gemm(t, lin)  # (H, B, tasks)
-    r_sq = head_gemm(t2, sq)  # (H, B, 2 + tasks): Σg², A_ii, ⟨u_i, Σ_k|g|⟩
-    r_ab = head_gemm(v, ab)  # (H, B, tasks)
-    m_ii = head_gemm(t2 * v, w)  # ⟨u_i, |g_i|⟩
+    r_lin = head_gemm(t, wts["lin"])  # (H, B, tasks)
+    r_sq = head_gemm(t2, wts["sq"])  # (H, B, 2 + tasks): Σg², A_ii, ⟨u_i, Σ_k|g|⟩
+    r_ab = head_gemm(v, wts["ab"])  # (H, B, tasks)
+    m_ii = head_gemm(t2.mul_(v), wts["w"])  # ⟨u_i, |g_i|⟩ (t2 no longer needed)
     own = torch.cat([r_sq[..., :2], m_ii], dim=-1)
     per_task = torch.stack([r_lin, r_sq[..., 2:], r_ab], dim=-1).reshape(*r_lin.shape[:2], 3 * n_tasks)  # task-major
     return torch.cat([own, per_task], dim=-1).transpose(0, 1).double()
@@ -120,8 +159,7 @@ class AnswersPass:
     def __init__(self, task, heads: dict, sizes: dict, device: str, resident: tuple | None = None):
         n, L = len(task.input_ids), len(task.layers)
         self.task, self.summing = task, task.phase == "fisher"
-        self.onehot = torch.zeros((task.n_tasks, n), dtype=torch.float64, device=device)
-        self.onehot[torch.as_tensor(task.task_of, device=device), torch.arange(n, device=device)] = 1.0
+        self.task_of = list(task.task_of)  # each row's task, on the host: the sums take runs of rows
         if self.summing:
             self.tsums = {b: torch.zeros((3, task.n_tasks, L, heads[b], sizes[b]), dtype=torch.float32, device=device)
                           for b in task.blocks}
@@ -136,6 +174,8 @@ class AnswersPass:
         self.inv = {b: _on_device(resident[0][b], device) for b in task.blocks}
         self.sums = {b: _on_device(resident[1][b], device) for b in task.blocks}
         self._weights: dict = {}  # (block, layer) -> scalar_weights, while the task's batches last
+        self._scratches: dict = {}  # block -> the reused weights buffer (`_scratch`)
+        self.device = torch.device(device)
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         # kept where they are formed and copied out once per task: a copy per (block, layer, batch)
         # synchronised the device 120 times a batch at SmolLM2 (8B: 128 MB per block, float64)
@@ -148,18 +188,20 @@ class AnswersPass:
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);
         `put(name, li, s, x)` stores sketches, `projection(b, li)` gives the layer's sketch."""
+        if self.summing:  # (skipped samples' rows are zero: they add nothing)
+            rounded = t.to(torch.bfloat16) if self.task.storage_dtype != "float32" else t
+            task_sums_update(self.tsums[b][:, :, li], rounded, row_runs(self.task_of[s : s + t.shape[0]]))
+            return
         if self.task.storage_dtype != "float32":
             t = t.to(torch.bfloat16).float()
-        if self.summing:
-            task_sums_update(self.tsums[b][:, :, li], t, self.onehot[:, s : s + t.shape[0]] * finite.to(torch.float64))
-            return
         key = (b, li)
-        if key not in self._weights:  # formed once per shard where they fit (SmolLM2: 1 GB), else per batch
-            wts = scalar_weights(self.inv[b][li], self.sums[b][:, :, li])
-            if self._cacheable(wts):
+        wts = self._weights.get(key)
+        if wts is None:  # formed once per shard where they fit (SmolLM2: 1 GB), else per batch in a reused buffer
+            shape = (3 * self.task.n_tasks + 2, *self.inv[b].shape[1:])
+            cache = self._cacheable(shape)
+            wts = scalar_weights(self.inv[b][li], self.sums[b][:, :, li], None if cache else self._scratch(b, shape))
+            if cache:
                 self._weights[key] = wts
-        else:
-            wts = self._weights[key]
         x = sample_scalars(t, None, None, wts)
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
         if self.sketch_shapes:
@@ -169,12 +211,22 @@ class AnswersPass:
             for p, x in sketch_layer(t, self.inv[b][li], projection(b, li), parts=("u", "v")).items():
                 put(schema.sketch_var(b, p), li, s, x.float())
 
-    def _cacheable(self, wts) -> bool:
-        nbytes = sum(x.numel() * x.element_size() for x in wts)
-        if wts[0].device.type != "cuda":
+    def _cacheable(self, shape) -> bool:
+        if self.device.type != "cuda":
             return True
+        nbytes = 4 * math.prod(shape)
+        if getattr(self, "_cached", 0) + nbytes > torch.cuda.mem_get_info()[0] // 4:
+            return False
         self._cached = getattr(self, "_cached", 0) + nbytes
-        return self._cached <= torch.cuda.mem_get_info()[0] // 4
+        return True
+
+    def _scratch(self, b: str, shape) -> torch.Tensor:
+        """One weights buffer per block for the (block, layer)s not cached, rewritten per batch."""
+        have = self._scratches.get(b)
+        if have is None:
+            have = self._scratches[b] = torch.empty(shape, dtype=torch.float32, device=self.device)
+            have[self.task.n_tasks].fill_(1.0)  # the row of ones, never overwritten
+        return have
 
     def host_scalars(self) -> dict[str, np.ndarray]:
         """Pass 2: each block's (L, H, n, parts) float64 scalars, on the host (one copy per block)."""

@@ -172,19 +172,30 @@ def _bucket_sum(y: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sketch_layer(g: torch.Tensor, inv: torch.Tensor, proj: LayerProjection, parts: tuple[str, ...] = PARTS) -> dict[str, torch.Tensor]:
-    """Sketched operands {"u","v","w": (B, H, k) float64} (those in `parts`) of gradients g (B, H, P)
-    with inv (H, P) = 1/Î_reg, formed in float64 (g² of small gradients must not underflow first).
-    The operands are elementwise in (g, inv), so g and inv are gathered once per row r."""
+    """Sketched operands {"u","v","w": (B, H, k)} (those in `parts`) of gradients g (B, H, P)
+    with inv (H, P) = 1/Î_reg, in float32 (float64 where g is float64, for references). u is
+    formed as (g·√inv)², as the score kernel forms g²/Î_reg, so small gradients do not underflow
+    before the Fisher scales them. The operands are elementwise in (g, inv), so g and √inv are
+    gathered once per row r. In float64 (8 bytes per entry per copy) the sketches were the
+    largest part of an 8B answers pass."""
+    dt = torch.float64 if g.dtype == torch.float64 else torch.float32
     out = {p: None for p in parts}
     scale = 1.0 / np.sqrt(proj.order.shape[0])
+    root = inv.to(dt).sqrt() if ("u" in parts or "w" in parts) else None
     for r in range(proj.order.shape[0]):
         idx = proj.order[r].long()  # (H, P)
-        go = torch.gather(g, -1, idx.expand(g.shape[0], *idx.shape)).to(torch.float64)
-        io = torch.gather(inv.to(torch.float64), -1, idx)
-        s = proj.signs[r].to(torch.float64) * scale
+        go = torch.gather(g.to(dt), -1, idx.expand(g.shape[0], *idx.shape))
+        s = proj.signs[r].to(dt) * scale
+        ro = torch.gather(root, -1, idx) if root is not None else None
         del idx
-        for name, x in zip(parts, operands(go, io, parts)):
-            t = _bucket_sum(x * s, proj.dim)
+        for name in parts:
+            if name == "v":
+                x = go.abs().mul_(s)
+            else:
+                x = go * ro
+                x = x.square_().mul_(s) if name == "u" else x.mul_(s)
+            t = _bucket_sum(x, proj.dim)
+            del x
             out[name] = t if out[name] is None else out[name] + t
     return out
 
@@ -217,7 +228,7 @@ def sketch_block(g: np.ndarray, inv: np.ndarray, block: str, layers: tuple[int, 
 
     g: (n, L, H, P) gradients; inv: (L, H, P) = 1/Î_reg; `layers` are the model's layer
     indices of axis 1 (they seed the projections). Returns {"u"|"v"|"w": (n, L, H, dim)}
-    float32, formed in float64 (see `sketch_layer`).
+    float32 (see `sketch_layer`).
     """
     n, L, H, P = g.shape
     out = {p: np.zeros((n, L, H, dim), dtype=np.float32) for p in PARTS}

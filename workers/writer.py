@@ -23,6 +23,7 @@ from qkov.pipeline.spec import ModelSpec
 from qkov.pipeline.store import RunStore
 from qkov.pipeline.store.work import record_shard
 
+from .answers import AnswersPass, row_runs, squares_sum
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
@@ -175,8 +176,6 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     shapes = {b: (L, heads[b], n, sizes[b]) for b in task.blocks if keep_grads}
     answers = None
     if task.n_tasks > 0 and task.phase in ("fisher", "answers", "sketch"):  # each sample's scalars (answers, sketch mode)
-        from .answers import AnswersPass
-
         answers = AnswersPass(task, heads, sizes, device, resident)
         shapes = getattr(answers, "sketch_shapes", None) or shapes
     if sketching:
@@ -195,7 +194,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
               for b in task.blocks if keep_fisher}
     losses = np.zeros(n, dtype=np.float32)
     bad: list[str] = []
-    w_all = torch.tensor(task.fisher_weights, dtype=torch.float64, device=device)
+    w_all = np.asarray(task.fisher_weights, dtype=np.float64).reshape(n_streams, n)
     for s in range(0, n, task.batch_size):
         e = min(n, s + task.batch_size)
         batch = pad_batch(list(task.input_ids[s:e]), list(task.labels[s:e]), device)
@@ -203,12 +202,14 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         # decided before any layer is consumed: a skipped sample enters no layer's Fisher sum
         finite = torch.isfinite(res.losses) & res.finite(layout.param_names)
         all_finite = bool(finite.all())  # (res.finite has synchronised already)
-        w = w_all[:, s:e] * finite.to(torch.float64)  # skipped samples leave the Fisher
-        # the Fisher's batch sums as one float32 GEMM each (B terms, squares of float32 values),
-        # accumulated over batches in float64: float64 copies of each slice, squared and summed by
-        # an einsum, moved ~3x the bytes and were 40% of an 8B first pass
-        w32 = w.to(torch.float32)
-        for r in torch.nonzero(~finite).flatten().tolist():
+        ok = np.ones(e - s, dtype=bool) if all_finite else finite.cpu().numpy()
+        # the Fisher's batch sums: per run of rows with the same stream weights (skipped samples
+        # weigh 0), one Σ t² over the run's rows in float32 (a 2-norm: t read once, no t² copy),
+        # added with its weight to float64 sums. Float64 einsums moved ~3x the bytes and were 40 %
+        # of an 8B first pass; one-hot float32 GEMMs over a copy of t² still half of its reductions
+        w = w_all[:, s:e] * ok
+        weight_runs = [(c, r0, r1) for c, r0, r1 in row_runs([tuple(col) for col in w.T]) if any(c)]
+        for r in np.flatnonzero(~ok).tolist():
             bad.append(task.sample_ids[s + r])
         losses[s:e] = res.losses.detach().float().cpu().numpy()
         for li, layer in enumerate(task.layers):
@@ -218,10 +219,12 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                 if not all_finite:  # (a copy of the slice: only for a batch that needs it)
                     t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
                 grads.check_finite(t, f"block {b} layer {layer}")
-                if keep_fisher:  # one float32 GEMM per batch, added to float64 sums
-                    sq = (t * t).reshape(t.shape[0], -1)
-                    fisher[b][:, li] += torch.mm(w32, sq).view(n_streams, *t.shape[1:])
-                    del sq
+                if keep_fisher:
+                    for c, r0, r1 in weight_runs:
+                        sq = squares_sum(t[r0:r1])
+                        for k in np.flatnonzero(c).tolist():
+                            fisher[b][k, li].add_(sq, alpha=c[k])
+                        del sq
                 if keep_grads:
                     grads.put(b, li, s, t)
                 if answers is not None:
