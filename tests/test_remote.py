@@ -182,20 +182,44 @@ def inline_run(tmp_path_factory):
 # ---------------------------------------------------------------- tests
 
 
-@pytest.mark.slow
-def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster, inline_run):
-    tmp, job = inline_run
-    cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
-    cfg["output"]["path"] = str(tmp / "run-remote")
-    jobfile = write_job(tmp / "remote.toml", cfg)
+@pytest.fixture(scope="module")
+def s3_remote_run(remote_cluster, inline_run, s3_endpoint):
+    """The tiny job run once through the remote cluster (`qkov run JOB --scheduler`), its output on
+    the S3 server: what both tests below read (one cluster run instead of one per test).
+
+    Workers write the store to S3 (credentials from their environment, endpoint from the job's
+    storage_options); the client writes the template with the credentials of its own environment.
+    Returns (job file's mapping, output URL, storage options, the run's output, the scheduler's
+    task stream of the run)."""
     from qkov.pipeline.spec import load_job
 
+    tmp, job = inline_run
+    url = f"s3://{BUCKET}/runs/tiny"
+    so = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
+    cfg["output"] = {**cfg["output"], "path": url, "storage_options": so}
+    jobfile = write_job(tmp / "remote.toml", cfg)
     assert load_job(jobfile).model_dump(mode="json") == cfg  # the command runs exactly this job
-    t0 = time.time()
-    res = qkov("run", str(jobfile), "--scheduler", remote_cluster.address)
-    assert "done." in res.stdout
+    mp = pytest.MonkeyPatch()
+    try:
+        for k, v in CREDENTIALS.items():
+            mp.setenv(k, v)
+        mp.delenv("AWS_ENDPOINT_URL", raising=False)  # the run takes its endpoint from the job file
+        t0 = time.time()
+        res = qkov("run", str(jobfile), "--scheduler", remote_cluster.address)
+        stream = remote_cluster.client.get_task_stream(start=t0)
+    finally:
+        mp.undo()
+    return cfg, url, so, res.output, stream
 
-    stream = remote_cluster.client.get_task_stream(start=t0)
+
+@pytest.mark.slow
+def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster, inline_run, s3_remote_run):
+    tmp, job = inline_run
+    _, url, so, stdout, stream = s3_remote_run
+    assert "done." in stdout
+    assert f"extract: {-(-(N_A + N_B) // SHARD)} of {-(-(N_A + N_B) // SHARD)} shards computed" in " ".join(stdout.split())
+
     from distributed.utils import key_split
 
     shards = [t for t in stream if key_split(t["key"]) == "extract_shards"]  # groups of consecutive shards
@@ -207,39 +231,33 @@ def test_remote_scheduler_routes_gpu_work_and_matches_inline_run(remote_cluster,
     others = [t for t in stream if key_split(t["key"]) != "extract_shards"]
     assert any(t["worker"] == remote_cluster.cpu_worker for t in others)
 
-    assert_same_run(str(tmp / "run-remote"), job.output.path)
+    creds = {"key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
+    assert_same_run(url, job.output.path, so_a={**so, **creds})
 
 
 @pytest.mark.slow
-def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(remote_cluster, inline_run, s3_endpoint, monkeypatch):
-    """Workers write the store to S3 (credentials from their environment, endpoint from the
-    job's storage_options); `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL."""
-    from qkov.pipeline.cluster import cluster_client
+def test_s3_output_through_the_cluster_equals_local_run_and_query_reads_it(inline_run, s3_remote_run, monkeypatch):
+    """The run's store is really on the S3 server (workers wrote it there), nothing on local disk;
+    `qkov query` reads it back with the endpoint from AWS_ENDPOINT_URL. (Its equality with the
+    inline run: the test above, on the same output.)"""
     from qkov.pipeline.query import query as query_run
-    from qkov.pipeline.spec import parse_job
 
     tmp, job = inline_run
-    url = f"s3://{BUCKET}/runs/tiny"
-    so = {"client_kwargs": {"endpoint_url": s3_endpoint}}
-    cfg = job.model_dump(mode="json")  # the job mapping (config_dict redacts storage options)
-    cfg["output"] = {"path": url, "storage_options": so}
-    s3_job = parse_job(cfg)
-    for k, v in CREDENTIALS.items():  # the client writes the template, the workers the chunks
+    _, url, so, _, _ = s3_remote_run
+    for k, v in CREDENTIALS.items():
         monkeypatch.setenv(k, v)
-    with cluster_client(s3_job.cluster, remote_cluster.address) as client:
-        summary = run_job(s3_job, client=client)
-    assert summary.extract["computed"] == summary.extract["shards"]
 
     import s3fs
 
     creds = {"key": CREDENTIALS["AWS_ACCESS_KEY_ID"], "secret": CREDENTIALS["AWS_SECRET_ACCESS_KEY"]}
     fs = s3fs.S3FileSystem(**creds, **so)
     assert fs.exists(f"{BUCKET}/runs/tiny/{schema.SCORES_GROUP}/zarr.json")  # really on the server, not on disk
-    assert not (ROOT / "s3:").exists() and not Path("s3:").exists()
-    assert_same_run(url, job.output.path, so_a={**so, **creds})
+    assert not (ROOT / "s3:").exists() and not Path("s3:").exists() and not (tmp / "s3:").exists()
+    for group in GROUPS:
+        assert fs.exists(f"{BUCKET}/runs/tiny/{group}/zarr.json"), group
 
     # the command line takes no storage options: the endpoint comes from the standard variable
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", so["client_kwargs"]["endpoint_url"])
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients were made before the variable was set
     out = qkov("query", url, "--layer", "1", "--head", "2", "--top", "3", "--json")
     remote = json.loads(out.stdout)
