@@ -531,15 +531,25 @@ def test_report_does_not_overwrite_a_users_report_and_works_from_inside_the_run(
     assert (default / "report.html").stat().st_mtime_ns != first
 
 
-def test_progress_is_plain_timestamped_lines_when_stderr_is_not_a_terminal(done_run, tmp_path):
-    import re
-
+@pytest.fixture(scope="module")
+def inline_rerun_output(done_run, tmp_path_factory) -> str:
+    """What `qkov run JOB --inline` prints for done_run's job into a new output (stderr not a
+    terminal): read by the two progress tests below (one run for both)."""
     from qkov.testing import write_job_file
 
     _, job, _, _ = done_run
-    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run")})
+    tmp = tmp_path_factory.mktemp("rerun")
+    toml = write_job_file(job, tmp / "job.toml", output={"path": str(tmp / "run")},
+                          cluster={"n_workers": 1, "threads_per_worker": 1})
     code, text = _cli("run", toml, "--inline")
     assert code == 0, text
+    return text
+
+
+def test_progress_is_plain_timestamped_lines_when_stderr_is_not_a_terminal(inline_rerun_output):
+    import re
+
+    text = inline_rerun_output
     for stage in ("extract", "score", "stats"):
         assert re.search(rf"^\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\dZ {stage}: \d+/\d+ done$", text, re.M), text
     assert " eta " not in text  # no progress bars in a log
@@ -767,18 +777,11 @@ def _assert_score_progress_per_task(text: str) -> None:
     assert re.search(r"score: (\d+)/\1 done", text), text
 
 
-def test_score_stage_reports_progress_per_task(done_run, tmp_path):
+def test_score_stage_reports_progress_per_task(inline_rerun_output):
     """Inline here; on the embedded cluster (`qkov run` without --inline) in the Ctrl-C test's
     `stats` case, whose run finishes its score stage on a one-worker cluster before the signal
     (one cluster started for both checks instead of two)."""
-    from qkov.testing import write_job_file
-
-    _, job, _, _ = done_run
-    toml = write_job_file(job, tmp_path / "job.toml", output={"path": str(tmp_path / "run")},
-                          cluster={"n_workers": 1, "threads_per_worker": 1})
-    code, text = _cli("run", toml, "--inline")
-    assert code == 0, text
-    _assert_score_progress_per_task(text)
+    _assert_score_progress_per_task(inline_rerun_output)
 
 
 def test_settings_that_need_more_memory_than_the_machine_has_are_refused_before_allocating(done_run, tmp_path, monkeypatch):
