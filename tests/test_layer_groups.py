@@ -51,11 +51,30 @@ def _done_shards(path) -> int:
         return -1
 
 
-def test_layer_groups_equal_an_ordinary_run_and_keep_no_gradients(reference):
+def _budget_for_one_layer(ref, path) -> int:
+    """A disk budget that holds one layer's gradients beside the results, not two."""
+    from qkov.pipeline.plan import plan
+
+    return int(plan(_grouped(ref, path, layers_per_group=1)).peak_disk / 0.85)
+
+
+@pytest.fixture(scope="module")
+def grouped(reference):
+    """A keep_gradients = false run whose disk budget makes two groups of one layer each, with the
+    progress it reported: read by the two tests below (one grouped run for both; the killed run
+    further down sets layers_per_group = 1 explicitly)."""
     tmp, ref = reference
     out = tmp / "grouped"
+    job = _grouped(ref, out, disk_budget=_budget_for_one_layer(ref, out))
     ticks: list[tuple[str, int, int]] = []
-    summary = run_job(_grouped(ref, out, layers_per_group=1), progress=lambda *t: ticks.append(t))
+    summary = run_job(job, progress=lambda *t: ticks.append(t))
+    return job, summary, ticks
+
+
+def test_layer_groups_equal_an_ordinary_run_and_keep_no_gradients(reference, grouped):
+    tmp, ref = reference
+    out = tmp / "grouped"
+    _, summary, ticks = grouped
     assert summary.extract["groups"] == 2 and summary.extract["computed"] == 2 * 24
     # progress in the order the stages run (`score: 0/2` came before `extract: 0/48`), every
     # stage timed (the timings line had no extraction)
@@ -114,9 +133,10 @@ def test_a_layer_grouped_run_killed_mid_way_resumes_to_the_same_result(reference
     assert not (out / schema.WORK).exists()
 
 
-def test_the_disk_budget_sets_the_layer_groups(reference, tmp_path):
+def test_the_disk_budget_sets_the_layer_groups(reference, grouped, tmp_path):
     """Without layers_per_group, a keep_gradients = false run takes as many layers per group as
-    fit beside the results: a budget that holds one layer's gradients, not two, gives two groups."""
+    fit beside the results: a budget that holds one layer's gradients, not two, gives two groups.
+    (The run: the module's `grouped`, made with such a budget.)"""
     from qkov.pipeline.plan import plan
 
     tmp, ref = reference
@@ -124,13 +144,15 @@ def test_the_disk_budget_sets_the_layer_groups(reference, tmp_path):
     whole = plan(_grouped(ref, tmp_path / "run"))
     assert whole.layer_groups == 1 and one.layer_groups == 2 and one.peak_disk < whole.peak_disk
     budget = int(one.peak_disk / 0.85)  # < whole.peak_disk: one layer per group
+    assert budget == _budget_for_one_layer(ref, tmp_path / "run")
     job = _grouped(ref, tmp_path / "run", disk_budget=budget)
     p = plan(job)
     assert p.layer_groups == 2 and p.fits, p.lines()
     assert not plan(job.model_copy(update={"output": job.output.model_copy(update={"keep_gradients": True})})).fits
-    summary = run_job(job)
+    ran, summary, _ = grouped
+    assert ran.output.disk_budget == budget and ran.output.layers_per_group is None
     assert summary.extract["groups"] == 2
-    assert_runs_close(tmp_path / "run", ref.output.path, groups=RESULTS)
+    assert_runs_close(ran.output.path, ref.output.path, groups=RESULTS)
 
 
 def test_finished_groups_are_deleted_in_the_background_once_there_is_room(tmp_path, monkeypatch):
