@@ -288,8 +288,11 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
     T = max((len(x) for x in ex.input_ids), default=1)
     per_sample_f32 = sum(L * ex.heads[b] * ex.sizes[b] * 4 for b in ex.blocks)
     acts = bsz * T * d * 24 * depth * w_item  # ~24 d-wide activations per token and layer kept for backward
+    # a batch's per-sample gradients are formed one layer at a time (qkov.workers.writer): that
+    # layer's (B, out, in) gradients and their slices, not every layer's (8B: 1.3 GB, not 21 GB)
+    per_layer_f32 = per_sample_f32 // max(1, L)
     memory = {
-        "extract_gpu": n_params * w_item + bsz * per_sample_f32 + acts,
+        "extract_gpu": n_params * w_item + 2 * bsz * per_layer_f32 + acts,
         "extract_host": 2 * ex.shard_size * L * sh.layer_sample + n_params * w_item,
         "score_task": 0,
         "stats_task": 0,
@@ -297,7 +300,8 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
     if job.score.mode == "answers":  # no gradient shard: each task's float32 sums of g, |g|, g² and the Fisher's
         p_vals = per_sample_f32 // 4  # two arrays (its sum, then 1/(Î+λ)), on the device and their copies on the host
         sums = (3 * len(ex.task_sizes) + 2) * p_vals * 4
-        memory["extract_gpu"] += sums
+        # + pass 2's weight rows of one (block, layer), formed per batch where not cached (qkov.workers.answers)
+        memory["extract_gpu"] += sums + (3 * len(ex.task_sizes) + 2) * per_layer_f32
         memory["extract_host"] = n_params * w_item + sums
     item = 4 if sh.sketch else sh.g_item
     score_tasks = stats_tasks = 0

@@ -89,4 +89,17 @@ def test_answers_mode_plans_the_sums_it_holds_not_gradient_shards(tmp_path):
     model = pa.memory["extract_host"] - (3 * 2 + 2) * p_vals * 4
     assert 0 < model < pe.memory["extract_host"] - 2 * 600 * p_vals  # the weights alone remain of the rest
     assert pa.memory["extract_host"] < pe.memory["extract_host"]
-    assert pa.memory["extract_gpu"] - pe.memory["extract_gpu"] == (3 * 2 + 2) * p_vals * 4
+    # + pass 2's weight rows of one (block, layer) at a time
+    assert pa.memory["extract_gpu"] - pe.memory["extract_gpu"] == (3 * 2 + 2) * (p_vals + p_vals // len(pa.layers)) * 4
+
+
+def test_the_device_estimate_counts_one_layers_per_sample_gradients_at_a_time(tmp_path):
+    """Extraction forms a batch's per-sample gradients layer by layer (qkov.workers.writer), so
+    the device estimate does not grow with the layers scored (at 8B it counted 21 GB of
+    gradients per batch of 4, where one layer's are 1.3 GB)."""
+    one = tiny_job(tmp_path, "llama_gqa", n_a=30, n_b=30, extract={"batch_size": 4}, score={"layers": [0]},
+                   output={"path": str(tmp_path / "1")})
+    two = _with(one, score={"layers": [0, 1]}, output={"path": str(tmp_path / "2")})
+    p1, p2 = plan(one), plan(two)
+    assert len(p2.layers) == 2 * len(p1.layers)
+    assert p1.memory["extract_gpu"] == p2.memory["extract_gpu"]
