@@ -214,3 +214,47 @@ def test_resident_rows_gather_any_rows_across_shards():
     assert resident.release(key) == full.numel() * 2 and resident.held_bytes() == 0
     with pytest.raises(Exception, match="not held by this worker"):
         reader.rows_on_device(0, [0], np.arange(3), "cpu")
+
+
+@pytest.mark.parametrize("scores_dtype", ["float32", "bfloat16"])
+def test_a_score_task_writes_the_chunks_the_graph_would_write(tmp_path, scores_dtype):
+    """`direct_pair_kernel(write_to=…)` (a task writing its whole slices itself) against the
+    same task's returned scores encoded as the graph encodes them (`codec.encode`) and written
+    by `DirectChunks`: the same chunk bytes, for float32 and bf16 scores, several heads, at the
+    layer offset given."""
+    import zarr
+
+    from qkov.pipeline import codec
+    from qkov.pipeline.store.chunks import DirectChunks, checksummed
+    from qkov.workers import resident
+    from qkov.workers.kernels import direct_pair_kernel
+
+    n, heads, P = 9, [0, 1, 2], 20
+    g = torch.randn(1, 3, n, P, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    key = "test-write-to"
+    resident.deposit(key, 0, {"Q": g})
+    reader = resident.ResidentRows(key, "Q", (n, 1, 3, P), "<u2")
+    inv = np.random.default_rng(0).uniform(0.5, 2.0, (1, 3, P)).astype(np.float32)
+    enc = codec.BFLOAT16 if scores_dtype == "bfloat16" else None
+    dtype = "uint16" if enc else "float32"
+    root = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    out = {}
+    for way in ("graph", "task"):
+        out[way] = [DirectChunks.of(root.create_array(f"{way}-{s}", shape=(2, 3, *shape), chunks=(1, 1, *shape),
+                                                      dtype=dtype, compressors=checksummed(True)), str(tmp_path / f"{way}-{s}"))
+                    for s, shape in (("inter", (n, n)), ("align", schema.folded_shape(n)))]
+    rows = np.arange(n)
+    side = (rows, rows, np.ones((n, 2)) / n)
+    kw = dict(side=side, reader=reader, encoding="bfloat16", fold=True)
+    parts = direct_pair_kernel(np.array([0]), np.array(heads), inv, rows, rows, **kw)
+    for target, scores in zip(out["graph"], (parts.interference, parts.alignment)):
+        for h in heads:
+            target.write((1, h, 0, 0), codec.encode(scores[:, h : h + 1], enc) if enc else scores[:, h : h + 1])
+    written = direct_pair_kernel(np.array([0]), np.array(heads), inv, rows, rows, write_to=(*out["task"], 1, enc), **kw)
+    assert written.interference is None and written.alignment is None
+    np.testing.assert_array_equal(written.diagnostics.sq, parts.diagnostics.sq)
+    for s in ("inter", "align"):
+        for h in heads:
+            want = (tmp_path / f"graph-{s}" / "c" / "1" / str(h) / "0" / "0").read_bytes()
+            assert (tmp_path / f"task-{s}" / "c" / "1" / str(h) / "0" / "0").read_bytes() == want, (s, h)
+    resident.release(key)
