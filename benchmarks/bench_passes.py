@@ -195,11 +195,17 @@ def run(a) -> dict:
     t["per_sample_bwd"] = timed(backward_only, a.repeats, device)
     steps = ["formation", "pass1", "pass1_gemm", "pass2", "pass2_columns", "pass1_f64", "pass2_f64"]
     steps += ["pass2_sketch", "pass2_sketch_f64"] if a.sketch_dim else []
-    for step in steps:
+    for step in [x for x in steps if not a.steps or x in a.steps]:
         t[step] = timed(lambda: passes(step), a.repeats, device)
+    if a.profile:  # where one batch of each pass goes, by operator (device time): the next thing to cut
+        from benchmarks.profile_answers import _profile
+
+        out["profile"] = {step: _profile(lambda step=step: passes(step), 15)
+                          for step in ("pass1", "pass2_sketch" if a.sketch_dim else "pass2")}
     out["seconds_per_batch"] = {k: round(v, 4) for k, v in t.items()}
     out["samples_per_s"] = {k: round(B / v, 2) for k, v in t.items()}
     out["over_plain"] = {k: round(v / t["plain_fwd_bwd"], 3) for k, v in t.items()}
+    t = {**dict.fromkeys(steps + ["per_sample_bwd"], float("nan")), **t}
     out["parts_s"] = {"formation_and_slicing": round(t["formation"] - t["per_sample_bwd"], 4),
                       "pass1_reductions": round(t["pass1"] - t["formation"], 4),
                       "pass2_reductions": round(t["pass2"] - t["formation"], 4),
@@ -226,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tasks", type=int, default=2)
     p.add_argument("--sketch-dim", type=int, default=0, help="also time pass 2 with u, v sketched to this k (0: not)")
+    p.add_argument("--profile", action="store_true", help="also profile one batch of each pass (torch.profiler)")
+    p.add_argument("--steps", nargs="+", help="time only these steps (default: all)")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     out = run(a)

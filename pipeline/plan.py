@@ -105,7 +105,7 @@ def _n_params(model) -> int:
 
 
 def _geometry(job: JobSpec, ex=None):
-    """(ExtractPlan, parameter count, hidden size, number of layers) without reading weights."""
+    """(ExtractPlan, parameter count, hidden size, number of layers, vocabulary size) without reading weights."""
     from .extract import meta_model, plan_extract
 
     ex = ex or plan_extract(job)
@@ -113,7 +113,8 @@ def _geometry(job: JobSpec, ex=None):
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 1024)
     depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None) or len(ex.layers)
-    return ex, _n_params(model), int(d), int(depth)
+    vocab = getattr(text, "vocab_size", None) or 0
+    return ex, _n_params(model), int(d), int(depth), int(vocab)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None, device=None) 
     as available, since they are either part of the result or about to be removed.
     `device`: (free bytes, name) of the memory the fused path would hold gradients in, as
     measured (`measure_device`; the run measures on its worker), or None: not measured."""
-    ex, n_params, d, depth = geometry or _geometry(job)
+    ex, n_params, d, depth, vocab = geometry or _geometry(job)
     store = RunStore.of(job)
     existing = store.size_bytes() if resume else 0
     free = store.free_bytes()
@@ -170,7 +171,7 @@ def plan_job(job: JobSpec, *, resume: bool = False, geometry=None, device=None) 
     pairs = ex.pair_sizes()
     shapes = [(shape(x + y), x, y) for x, y in pairs]
     groups, work = _group_bytes(job, shapes, len(ex.fisher_streams))
-    memory, tasks = _memory_and_tasks(job, shapes, n_params, d, depth)
+    memory, tasks = _memory_and_tasks(job, shapes, n_params, d, depth, vocab)
     held, why = hold_on_device(job, shapes[0][0], memory, device)
     rounds, peak = _peak_disk(job, shapes[0][0], groups, work, free, held)
     return RunPlan(n_a=ex.n_a, n_b=ex.n_b, layers=ex.layers, blocks=ex.blocks, heads=dict(ex.heads), sizes=dict(ex.sizes),
@@ -277,7 +278,8 @@ def _peak_disk(job: JobSpec, sh: _Shape, groups: dict[str, int], work: int, free
     return math.ceil(sh.L / per), sum(groups.values()) + per * per_layer
 
 
-def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: int) -> tuple[dict[str, int], dict[str, int]]:
+def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: int,
+                      vocab: int = 0) -> tuple[dict[str, int], dict[str, int]]:
     """Peak memory per task (estimates) and task counts per stage. Extraction holds the weights, a
     batch's per-sample gradients of the chosen slices (float32) and the activations; its writer
     holds two shards; a score task its operands."""
@@ -288,6 +290,9 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
     T = max((len(x) for x in ex.input_ids), default=1)
     per_sample_f32 = sum(L * ex.heads[b] * ex.sizes[b] * 4 for b in ex.blocks)
     acts = bsz * T * d * 24 * depth * w_item  # ~24 d-wide activations per token and layer kept for backward
+    # the logits, in the model's dtype and as the loss's float32 copy, log-probabilities and gradient:
+    # SmolLM2 at batch 64 holds ~10 GB of them; left out, the fused plan held 15 layers, not 10, and ran out
+    acts += bsz * T * vocab * (w_item + 3 * 4)
     # a batch's per-sample gradients are formed one layer at a time (qkov.workers.writer): that
     # layer's (B, out, in) gradients and their slices, not every layer's (8B: 1.3 GB, not 21 GB)
     per_layer_f32 = per_sample_f32 // max(1, L)

