@@ -161,7 +161,7 @@ def run(a) -> dict:
                 t = slice_block(layout.blocks[(b, layer)], full).float()
                 if step == "pass1":  # as qkov.workers.writer: the Fisher's batch Σ t², then the task sums
                     fisher[b][0].add_(ans.squares_sum(t), alpha=1.0 / B)
-                    ans.task_sums_update(tsums[b], t.to(torch.bfloat16), runs)
+                    ans.task_sums_update(tsums[b], t.to(torch.bfloat16).float(), runs)
                 elif step == "pass1_gemm":  # the previous version: one-hot float32 GEMMs on copies
                     fisher[b] += torch.mm(w32, (t * t).reshape(B, -1)).view(fisher[b].shape)
                     _task_sums_update_gemm(tsums[b], t.to(torch.bfloat16).float(), onehot)

@@ -213,8 +213,11 @@ def test_each_samples_scalars_equal_an_elementwise_float64_reference(P):
     inv = rng.uniform(0.5, 2.0, size=(H, P))
     sums = np.stack([rng.normal(size=(tasks, H, P)), np.abs(rng.normal(size=(tasks, H, P))),
                      rng.uniform(size=(tasks, H, P))])
-    got = ans.sample_scalars(torch.tensor(g, dtype=torch.float32), torch.tensor(inv, dtype=torch.float32),
-                             torch.tensor(sums, dtype=torch.float32)).numpy()
+    args = torch.tensor(g, dtype=torch.float32), torch.tensor(inv, dtype=torch.float32), torch.tensor(sums, dtype=torch.float32)
+    got = ans.sample_scalars(*args).numpy()
+    # the same from the weights as a worker caches them (contiguous GEMM operands)
+    cached = ans.sample_scalars(args[0], None, None, ans.cached_columns(ans.scalar_weights(*args[1:]))).numpy()
+    np.testing.assert_allclose(cached, got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
     u, v = g * g * inv, np.abs(g)
     own = [(g * g).sum(-1), u.sum(-1), (u * v).sum(-1)]
     per_task = [x for k in range(tasks) for x in ((g * inv * sums[0, k]).sum(-1), (u * sums[1, k]).sum(-1),

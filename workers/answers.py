@@ -32,17 +32,16 @@ def row_runs(keys) -> list[tuple[object, int, int]]:
 def task_sums_update(acc: torch.Tensor, t: torch.Tensor, runs) -> None:
     """Add one batch to the per-task sums: acc (3, tasks, H, P) float32 in TASK_SUM_KINDS order
     (Σ g, Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of
-    device memory, not 64), t (B, H, P) the batch's gradient slice (bf16 or float32; rows of
-    skipped samples already zero), runs `row_runs` of the rows' tasks. Each run's rows are a
+    device memory, not 64), t (B, H, P) the batch's gradient slice (float32; rows of skipped
+    samples already zero), runs `row_runs` of the rows' tasks. Each run's rows are a
     view, reduced over samples by one sum and two vector norms that read t once each and
     accumulate in float32: no |t| or t² copy. The issue's bound is memory traffic; as one-hot
     GEMMs (2 × B × 1.3 G at 8B) with copies of |t| and t², the sums were ~70 % of an 8B first pass."""
-    f32 = torch.float32
     for k, r0, r1 in runs:
-        x = t[r0:r1]
-        acc[0, k] += x.sum(0, dtype=f32)
-        acc[1, k] += torch.linalg.vector_norm(x, 1, dim=0, dtype=f32)
-        acc[2, k] += torch.linalg.vector_norm(x, 2, dim=0, dtype=f32).square_()
+        x = t[r0:r1].float()  # (no copy for float32 t)
+        acc[0, k] += x.sum(0)
+        acc[1, k] += torch.linalg.vector_norm(x, 1, dim=0)
+        acc[2, k] += torch.linalg.vector_norm(x, 2, dim=0).square_()
 
 
 def squares_sum(t: torch.Tensor) -> torch.Tensor:
@@ -93,11 +92,12 @@ def split_length(p: int, target: int = 1024) -> int:
     return best
 
 
-def head_gemm(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def head_gemm(x: torch.Tensor, rows: torch.Tensor, columns: bool = False) -> torch.Tensor:
     """Σ_p x[b, h, p] rows[c, h, p] -> (H, B, c) float32, for x (B, H, P) and weight rows
     (c, H, P) (each (H, P) row contiguous; the rows any stride apart). Split-K: each head's P
     entries cut into R runs of K, one batched GEMM over the (head, run) pairs (x and the rows
-    read in place: the rows as a column-major operand, no copy), the R partial sums then added.
+    read in place: the rows as a column-major operand, no copy; `columns`: already in
+    `cached_columns`' form), the R partial sums then added.
     cuBLAS's batched GEMM of a few output columns over one long summed axis (P = 36,864 at
     SmolLM2, 524,288 at 8B) took ~1 ms per call on an H100, 50× its memory-bandwidth time: it
     made the answers' second pass 6.5× a plain forward+backward where the first pass was 1.5×."""
@@ -105,8 +105,19 @@ def head_gemm(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     K = split_length(P)
     R = P // K
     xs = x.contiguous().view(B, H * R, K).transpose(0, 1)  # (H·R, B, K)
-    ws = rows.reshape(rows.shape[0], H * R, K).permute(1, 2, 0)  # (H·R, K, c)
+    ws = rows if columns else as_columns(rows)
     return torch.bmm(xs, ws).view(H, R, B, -1).sum(1)
+
+
+def as_columns(rows: torch.Tensor) -> torch.Tensor:
+    """Weight rows (c, H, P) as `head_gemm`'s (H·R, K, c) operand: a strided view, no copy."""
+    return rows.reshape(rows.shape[0], -1, split_length(rows.shape[-1])).permute(1, 2, 0)
+
+
+def cached_columns(wts: dict) -> dict:
+    """`scalar_weights`' rows, each made a contiguous `head_gemm` operand once, for weights kept
+    for a shard's batches (a contiguous operand is cuBLAS's fastest layout); "columns" marks them."""
+    return {**{name: as_columns(rows).contiguous() for name, rows in wts.items()}, "columns": True}
 
 
 def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, weights=None) -> torch.Tensor:
@@ -117,14 +128,15 @@ def sample_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, weigh
     P entries (as exact mode's pair scores are float32 GEMMs); the sums over samples the
     statistics make from these are float64."""
     wts = weights if weights is not None else scalar_weights(inv, sums)
-    n_tasks = wts["lin"].shape[0]
+    cols = wts.get("columns", False)
+    n_tasks = wts["lin"].shape[-1 if cols else 0]
     t = t.contiguous()
     t2 = t * t
     v = t.abs()
-    r_lin = head_gemm(t, wts["lin"])  # (H, B, tasks)
-    r_sq = head_gemm(t2, wts["sq"])  # (H, B, 2 + tasks): Σg², A_ii, ⟨u_i, Σ_k|g|⟩
-    r_ab = head_gemm(v, wts["ab"])  # (H, B, tasks)
-    m_ii = head_gemm(t2.mul_(v), wts["w"])  # ⟨u_i, |g_i|⟩ (t2 no longer needed)
+    r_lin = head_gemm(t, wts["lin"], cols)  # (H, B, tasks)
+    r_sq = head_gemm(t2, wts["sq"], cols)  # (H, B, 2 + tasks): Σg², A_ii, ⟨u_i, Σ_k|g|⟩
+    r_ab = head_gemm(v, wts["ab"], cols)  # (H, B, tasks)
+    m_ii = head_gemm(t2.mul_(v), wts["w"], cols)  # ⟨u_i, |g_i|⟩ (t2 no longer needed)
     own = torch.cat([r_sq[..., :2], m_ii], dim=-1)
     per_task = torch.stack([r_lin, r_sq[..., 2:], r_ab], dim=-1).reshape(*r_lin.shape[:2], 3 * n_tasks)  # task-major
     return torch.cat([own, per_task], dim=-1).transpose(0, 1).double()
@@ -188,12 +200,11 @@ class AnswersPass:
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);
         `put(name, li, s, x)` stores sketches, `projection(b, li)` gives the layer's sketch."""
-        if self.summing:  # (skipped samples' rows are zero: they add nothing)
-            rounded = t.to(torch.bfloat16) if self.task.storage_dtype != "float32" else t
-            task_sums_update(self.tsums[b][:, :, li], rounded, row_runs(self.task_of[s : s + t.shape[0]]))
-            return
         if self.task.storage_dtype != "float32":
             t = t.to(torch.bfloat16).float()
+        if self.summing:  # (skipped samples' rows are zero: they add nothing)
+            task_sums_update(self.tsums[b][:, :, li], t, row_runs(self.task_of[s : s + t.shape[0]]))
+            return
         key = (b, li)
         wts = self._weights.get(key)
         if wts is None:  # formed once per shard where they fit (SmolLM2: 1 GB), else per batch in a reused buffer
@@ -201,7 +212,7 @@ class AnswersPass:
             cache = self._cacheable(shape)
             wts = scalar_weights(self.inv[b][li], self.sums[b][:, :, li], None if cache else self._scratch(b, shape))
             if cache:
-                self._weights[key] = wts
+                wts = self._weights[key] = cached_columns(wts)
         x = sample_scalars(t, None, None, wts)
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
         if self.sketch_shapes:
