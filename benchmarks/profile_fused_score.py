@@ -122,17 +122,12 @@ def main() -> None:
     # every slice, on T threads at a time
     out["threads"] = {}
     for t in a.threads:
-        _sync()
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(t) as pool:
-            list(pool.map(task, slices))
-        _sync()
-        wall = time.perf_counter() - t0
+        wall = _on_threads(task, slices, t)
         out["threads"][str(t)] = {"wall_s": round(wall, 3), "s_per_slice": round(wall / len(slices), 5),
                                   "score_tflops": round(flops * len(slices) / wall / 1e12, 1)}
         print(emit(), flush=True)
     if a.write_dir:  # with the writes, as a run makes them: after the task from its returned (pageable) arrays, or in it
-        out["threads_with_writes"] = _with_writes(a, task, slices, n, _sync, emit, out)
+        out["threads_with_writes"] = _with_writes(a, task, slices, n, emit, out)
     if a.profile_tasks:
         some = slices[: a.profile_tasks]
         out["profile"] = _profile(lambda: [task(s) for s in some], a.top)
@@ -141,7 +136,20 @@ def main() -> None:
     print(emit(), flush=True)
 
 
-def _with_writes(a, task, slices, n: int, sync, emit, out) -> dict:
+def _on_threads(fn, slices, threads: int) -> float:
+    """Seconds to run fn on every slice, `threads` at a time (as a worker's threads run them),
+    the device synchronised before and after."""
+    from benchmarks.profile_answers import _sync
+
+    _sync()
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(fn, slices))
+    _sync()
+    return time.perf_counter() - t0
+
+
+def _with_writes(a, task, slices, n: int, emit, out) -> dict:
     """Every slice on T threads, each slice's two scores written whole into chunk files (blosc +
     crc32c, as a run stores them): "after" = the task returns its scores (pageable host arrays)
     and the same thread writes them, as the run's store tasks do; "in_task" = the task writes
@@ -174,12 +182,7 @@ def _with_writes(a, task, slices, n: int, sync, emit, out) -> dict:
                 targets["align"].write((layer, h, 0, 0), parts.alignment[:, :1])
                 return None
 
-            sync()
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(t) as pool:
-                list(pool.map(one, slices))
-            sync()
-            wall = time.perf_counter() - t0
+            wall = _on_threads(one, slices, t)
             res[f"{how}_{t}"] = {"wall_s": round(wall, 3), "s_per_slice": round(wall / len(slices), 5)}
             out["threads_with_writes"] = res
             print(emit(), flush=True)

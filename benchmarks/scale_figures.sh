@@ -3,7 +3,7 @@
 #   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|all]
 # passes:    bench_passes (per-batch parts vs a plain forward+backward) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
 #            profile_answers (one answers task under torch.profiler) for SmolLM2, and profile_fused_score
-#            (the fused path's score task alone, on 1/4/16 threads and under torch.profiler)
+#            (the fused path's score task alone, on 1/4/16 threads, with its writes after it or in it, and under torch.profiler)
 # smollm2:   SmolLM2-135M geometry, 1000 + 1000, T = 256, all 30 layers, batch 64: answers-only, then exact
 #            pair scores on the fused path (keep_gradients = false, gradients_in = auto), model in bf16, each
 #            with the plain forward+backward of the same model at the same batch measured in the same run
@@ -18,8 +18,8 @@ if [[ $what == passes || $what == all ]]; then
   run passes-smollm2-fp32 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype float32 --batch 16 --json-out "$out/passes-smollm2-fp32.json"
   run passes-smollm2-bf16 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype bfloat16 --batch 16 --json-out "$out/passes-smollm2-bf16.json"
   run profile-answers-smollm2 240 python3 -m benchmarks.profile_answers --geometry smollm2 --n 1000 --batch 16 --profile-n 32 --json-out "$out/profile-answers-smollm2.json"
-  run profile-fused-score 120 python3 -m benchmarks.profile_fused_score --n 1000 --layers 2 --threads 1 4 16 --json-out "$out/profile-fused-score.json"
-  run passes-llama3-8b-bf16 240 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --json-out "$out/passes-llama3-8b-bf16.json"
+  run profile-fused-score 150 python3 -m benchmarks.profile_fused_score --n 1000 --layers 2 --threads 1 4 16 --write-dir "$work/pfs-writes" --json-out "$out/profile-fused-score.json"
+  run passes-llama3-8b-bf16 300 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --profile --json-out "$out/passes-llama3-8b-bf16.json"
 fi
 # 8B: batch 4 fits an 80 GB card beside the model, the Fisher and two tasks' sums (59 GB); 8 on larger cards
 big=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
