@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -436,7 +436,7 @@ def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[
             check_workers(client)
             yield client
         finally:
-            client.close()
+            _close(client, None)
         return
     if spec.profile:
         profile = parse_profile(spec.profile, spec.profiles[spec.profile])
@@ -448,20 +448,104 @@ def cluster_client(spec: ClusterSpec, scheduler: str | None = None) -> Iterator[
             yield client
         return
     with workers_without_main():  # held while the cluster lives: a nanny may restart a worker at any time
-        with _client_of(local_cluster(spec)) as client:
+        with _client_of(local_cluster(spec), interrupted=_stop_workers_now) as client:
             yield client
+
+
+CLOSE_TIMEOUT_S = 60.0  # closing a cluster: a Ctrl-C waits this long at most (see _ctrl_c_waits)
 
 
 @contextmanager
-def _client_of(cluster) -> Iterator[object]:
-    """A Client of `cluster`; both closed on exit (the cluster also when the Client fails)."""
+def _ctrl_c_waits() -> Iterator[None]:
+    """A Ctrl-C (SIGINT) that arrives during the block is held until the block has ended, then
+    raised as KeyboardInterrupt, unless the block is already ending with an exception (usually
+    the KeyboardInterrupt of the Ctrl-C that started the unwinding). Main thread only.
+
+    For closing a cluster: the CLI delivers a Ctrl-C again every 2 s until the command has ended
+    (cli._sigterm_unwinds), and one raised inside `SpecCluster.close` cancelled the close half
+    way: the cluster was left "closing", and distributed's exit hook then waited its full 10 s for
+    a status that never changed (an interrupted run took ~13 s to exit, ~10 of them asleep)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, _frame: arrived.append(signum))
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if arrived and not failed and before is not signal.SIG_IGN:
+            raise KeyboardInterrupt
+
+
+INTERRUPT_GRACE_S = 0.5  # an interrupted run's workers: seconds to stop before they are killed
+
+
+def _stop_workers_now(cluster) -> None:
+    """Close the nannies of an embedded cluster with a short grace (INTERRUPT_GRACE_S), as a run
+    stops on Ctrl-C or SIGTERM. Closed as usual (5 s), a worker still running a task cannot exit
+    until the task has ended (its executor thread is joined) and its nanny kills it after 4 s, so
+    an interrupted run sat ~4 s waiting for that; killed sooner, it is killed the same way, and
+    the run is resumable as after any killed worker (a shard is recorded done in `_work` only
+    after its data, store.work.record_shard; --resume redoes what a killed task left). The
+    scheduler and the client then close as usual."""
+    import asyncio
+
+    nannies = [w for w in list(getattr(cluster, "workers", {}).values()) if hasattr(w, "kill") and hasattr(w, "close")]
+    if not nannies:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(n.close(timeout=INTERRUPT_GRACE_S, reason="qkov-interrupted") for n in nannies),
+                             return_exceptions=True)
+
+    import logging
+
+    def expected(record: logging.LogRecord) -> bool:  # the kill is the point here, not news
+        return "Worker process still alive after" not in record.getMessage()
+
+    log = logging.getLogger("distributed.nanny")
+    log.addFilter(expected)
+    try:
+        with suppress(Exception):  # the usual close follows whatever happens here
+            cluster.sync(close_all, callback_timeout=CLOSE_TIMEOUT_S)
+    finally:
+        log.removeFilter(expected)
+
+
+def _close(client, cluster) -> None:
+    """Close the client, then the cluster, with a Ctrl-C held back until both are closed (or
+    CLOSE_TIMEOUT_S has passed: a close that hangs does not hang the command)."""
+    with _ctrl_c_waits():
+        try:
+            if client is not None:
+                client.close(timeout=CLOSE_TIMEOUT_S)
+        finally:
+            if cluster is not None:
+                with suppress(TimeoutError):
+                    cluster.close(timeout=CLOSE_TIMEOUT_S)
+
+
+@contextmanager
+def _client_of(cluster, interrupted=None) -> Iterator[object]:
+    """A Client of `cluster`; both closed on exit (the cluster also when the Client fails).
+    `interrupted(cluster)`, if given, runs first when the run ends on Ctrl-C or SIGTERM."""
     from distributed import Client
 
+    client = None
     try:
         client = Client(cluster)
-        try:
-            yield client
-        finally:
-            client.close()
+        yield client
+    except (KeyboardInterrupt, SystemExit):
+        if interrupted is not None:
+            with _ctrl_c_waits():
+                interrupted(cluster)
+        raise
     finally:
-        cluster.close()
+        _close(client, cluster)

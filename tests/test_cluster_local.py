@@ -44,3 +44,53 @@ def test_gpu_cluster_starts_workers_with_those_options():
         ((addr, w),) = client.scheduler_info(n_workers=-1)["workers"].items()
         assert w["nthreads"] == 2 and w["resources"] == {GPU_RESOURCE: 1} and w["memory_limit"] == system.MEMORY_LIMIT
         assert client.run(lambda: __import__("os").environ["CUDA_VISIBLE_DEVICES"]) == {addr: "0"}
+
+
+def test_a_ctrl_c_while_the_cluster_closes_waits_for_the_close():
+    """A Ctrl-C during the close is held until the block has ended, then raised; one that cut
+    `SpecCluster.close` short left the cluster "closing" and distributed's exit hook waited 10 s."""
+    import os
+    import signal
+
+    import pytest
+
+    from qkov.pipeline.cluster import _ctrl_c_waits
+
+    steps = []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_waits():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler has run (Python runs it between bytecodes)
+                steps.append(1)
+            steps.append("end")
+    assert steps[-1] == "end"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # an exception already under way (the interrupt being unwound) is kept, not replaced
+    with pytest.raises(ValueError):
+        with _ctrl_c_waits():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):
+                steps.append(1)
+            raise ValueError
+    with _ctrl_c_waits():  # no Ctrl-C: nothing raised
+        steps.append(2)
+
+
+def test_an_interrupted_run_stops_a_busy_worker_without_waiting_for_its_task():
+    """On Ctrl-C or SIGTERM the embedded cluster's workers are stopped at once: a task still
+    running (here one that would sleep for ten minutes) does not hold the command back."""
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from qkov.pipeline.cluster import LOOPBACK, _stop_workers_now
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host=LOOPBACK, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        gate = client.submit(lambda: __import__("time").sleep(600), pure=False)
+        while not sum(client.run(lambda dask_worker: len(dask_worker.state.executing)).values()):  # the task runs
+            threading.Event().wait(0.05)
+        nannies = list(cluster.workers.values())
+        _stop_workers_now(cluster)
+        assert all(n.status.name == "closed" and n.process is None for n in nannies), [n.status for n in nannies]
+        del gate
