@@ -43,14 +43,20 @@ def encode(arr, encoding: str | None) -> np.ndarray:
 
 def encode_torch(t, encoding: str | None) -> np.ndarray:
     """`encode` of a float32 tensor, rounded where the tensor lives: the host receives the
-    stored representation (half the bytes for bf16) and does no conversion pass. NaN is
-    stored as `encode` stores it (torch keeps a NaN's payload, which differs by device)."""
+    stored representation (half the bytes for bf16) and does no conversion pass."""
+    bits = encoded_on_device(t, encoding)
+    return bits.cpu().numpy().view(np.uint16 if bits is not t else np.float32)
+
+
+def encoded_on_device(t, encoding: str | None):
+    """The stored representation of a float32 tensor, where it lives: t itself (float32), or its
+    bf16 bit patterns as int16. NaN is stored as `encode` stores it (torch keeps a NaN's
+    payload, which differs by device)."""
     import torch
 
     if not _check(encoding):
-        return t.cpu().numpy()
-    bits = torch.where(torch.isnan(t), 0x7FC0, t.to(torch.bfloat16).view(torch.int16))
-    return bits.cpu().numpy().view(np.uint16)
+        return t
+    return torch.where(torch.isnan(t), 0x7FC0, t.to(torch.bfloat16).view(torch.int16))
 
 
 def decode_torch(bits, encoding: str | None, dtype=None):

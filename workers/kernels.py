@@ -143,17 +143,15 @@ def direct_pair_kernel(layer: np.ndarray, heads: np.ndarray, inv: np.ndarray, ro
 
 
 def _to_host(role: str, t, encoding: str | None) -> np.ndarray:
-    """t (float32, any device) in the stored representation (`codec.encode_torch`: bf16 bits
-    rounded where t is), in this thread's reused host buffer for `role` — pinned on a GPU: the
-    copy runs at the link's speed (4x a pageable copy, measured on an H100), and no fresh host
-    memory is faulted in per slice. Valid until this thread's next call for `role`."""
-    import torch
+    """t (float32, any device) in the stored representation (`codec.encoded_on_device`: bf16
+    bits rounded where t is), in this thread's reused host buffer for `role` — pinned on a GPU:
+    the copy runs at the link's speed (4x a pageable copy, measured on an H100), and no fresh
+    host memory is faulted in per slice. Valid until this thread's next call for `role`."""
+    from qkov.pipeline.codec import encoded_on_device
 
-    from qkov.pipeline.codec import BFLOAT16
-
-    if encoding == BFLOAT16:
-        t = torch.where(torch.isnan(t), 0x7FC0, t.to(torch.bfloat16).view(torch.int16))
-    dtype = np.uint16 if encoding == BFLOAT16 else np.float32
+    stored = encoded_on_device(t, encoding)
+    dtype = np.float32 if stored is t else np.uint16
+    t = stored
     host, pinned = _host_buffer(f"out-{role}", tuple(t.shape), np.dtype(dtype), t.device.type == "cuda")
     if pinned is None:
         host[...] = t.cpu().numpy().view(dtype)
