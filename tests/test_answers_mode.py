@@ -218,6 +218,11 @@ def test_each_samples_scalars_equal_an_elementwise_float64_reference(P):
     # the same from the weights as a worker caches them (contiguous GEMM operands)
     cached = ans.sample_scalars(args[0], None, None, ans.cached_columns(ans.scalar_weights(*args[1:]))).numpy()
     np.testing.assert_allclose(cached, got, rtol=1e-6, atol=1e-6 * np.abs(got).max())
+    # and from a reused buffer (what a worker does where they are not cached), after other weights
+    buf = ans.weights_buffer(tasks, (H, P), "cpu")
+    ans.scalar_weights(args[1] * 2, args[2] + 1, out=buf)
+    reused = ans.sample_scalars(args[0], None, None, ans.scalar_weights(*args[1:], out=buf)).numpy()
+    np.testing.assert_array_equal(reused, got)
     u, v = g * g * inv, np.abs(g)
     own = [(g * g).sum(-1), u.sum(-1), (u * v).sum(-1)]
     per_task = [x for k in range(tasks) for x in ((g * inv * sums[0, k]).sum(-1), (u * sums[1, k]).sum(-1),

@@ -51,9 +51,17 @@ def squares_sum(t: torch.Tensor) -> torch.Tensor:
 
 def weight_rows(n_tasks: int) -> dict[str, slice]:
     """Where each group of weight rows lies in `scalar_weights`' (3·tasks + 2, H, P) buffer: the
-    rows g² is reduced against (1, w, w·Σ_k |g|) are one run, so one GEMM takes them all."""
+    rows g² is reduced against (1, w, then "mr": w·Σ_k |g|) are one run "sq", so one GEMM takes them all."""
     t = n_tasks
-    return {"lin": slice(0, t), "sq": slice(t, 2 * t + 2), "w": slice(t + 1, t + 2), "ab": slice(2 * t + 2, 3 * t + 2)}
+    return {"lin": slice(0, t), "sq": slice(t, 2 * t + 2), "w": slice(t + 1, t + 2), "mr": slice(t + 2, 2 * t + 2),
+            "ab": slice(2 * t + 2, 3 * t + 2)}
+
+
+def weights_buffer(n_tasks: int, shape, device) -> torch.Tensor:
+    """A (3·tasks + 2, H, P) float32 buffer for `scalar_weights`, its row of ones written (once)."""
+    out = torch.empty((3 * n_tasks + 2, *shape), dtype=torch.float32, device=device)
+    out[n_tasks].fill_(1.0)
+    return out
 
 
 def scalar_weights(inv: torch.Tensor, sums: torch.Tensor, out: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -66,17 +74,12 @@ def scalar_weights(inv: torch.Tensor, sums: torch.Tensor, out: torch.Tensor | No
     (at 8B these are formed again for every batch: they do not all fit beside the sums)."""
     n_tasks = sums.shape[1]
     rows = weight_rows(n_tasks)
-    fresh = out is None
-    if fresh:
-        out = torch.empty((3 * n_tasks + 2, *inv.shape), dtype=torch.float32, device=inv.device)
+    out = weights_buffer(n_tasks, inv.shape, inv.device) if out is None else out
     w = out[rows["w"]][0]
     w.copy_(inv)
-    if fresh:
-        out[n_tasks].fill_(1.0)
-    for kind, name in ((0, "lin"), (1, None), (2, "ab")):
-        dst = out[rows[name]] if name else out[2 + n_tasks : 2 + 2 * n_tasks]
-        torch.mul(sums[kind], w, out=dst)
-    return {name: out[r] for name, r in rows.items()}
+    for kind, name in enumerate(("lin", "mr", "ab")):
+        torch.mul(sums[kind], w, out=out[rows[name]])
+    return {name: out[rows[name]] for name in ("lin", "sq", "ab", "w")}
 
 
 @functools.cache
@@ -187,6 +190,7 @@ class AnswersPass:
         self.sums = {b: _on_device(resident[1][b], device) for b in task.blocks}
         self._weights: dict = {}  # (block, layer) -> scalar_weights, while the task's batches last
         self._scratches: dict = {}  # block -> the reused weights buffer (`_scratch`)
+        self._cached = 0  # bytes of weights cached on the device
         self.device = torch.device(device)
         n_parts = len(schema.answer_parts(range(task.n_tasks)))
         # kept where they are formed and copied out once per task: a copy per (block, layer, batch)
@@ -226,18 +230,16 @@ class AnswersPass:
         if self.device.type != "cuda":
             return True
         nbytes = 4 * math.prod(shape)
-        if getattr(self, "_cached", 0) + nbytes > torch.cuda.mem_get_info()[0] // 4:
+        if self._cached + nbytes > torch.cuda.mem_get_info()[0] // 4:
             return False
-        self._cached = getattr(self, "_cached", 0) + nbytes
+        self._cached += nbytes
         return True
 
     def _scratch(self, b: str, shape) -> torch.Tensor:
         """One weights buffer per block for the (block, layer)s not cached, rewritten per batch."""
-        have = self._scratches.get(b)
-        if have is None:
-            have = self._scratches[b] = torch.empty(shape, dtype=torch.float32, device=self.device)
-            have[self.task.n_tasks].fill_(1.0)  # the row of ones, never overwritten
-        return have
+        if b not in self._scratches:
+            self._scratches[b] = weights_buffer(self.task.n_tasks, shape[1:], self.device)
+        return self._scratches[b]
 
     def host_scalars(self) -> dict[str, np.ndarray]:
         """Pass 2: each block's (L, H, n, parts) float64 scalars, on the host (one copy per block)."""
