@@ -8,12 +8,16 @@ same order, timed cumulatively with the device synchronised, each the median of 
   plain_fwd_bwd      a plain forward+backward of the model with every parameter's .grad (the bound)
   per_sample_bwd     forward + ∂ℓ/∂y of the hooked projections (no parameter .grad)
   formation          + the per-sample (B, out, in) gradients of every layer, sliced per head
-  pass1              + the Fisher and task-sum reductions of the answers' first pass
-  pass1_gemm         the same as the previous version made them (one-hot GEMMs on copies): baseline
-  pass2              formation + the second pass's per-sample scalars (instead of pass1's sums),
-                     the weights formed per batch (as at 8B, where they do not all stay cached)
-  pass2_columns      the same with the previous version's (H, P, c) weight columns: baseline
-  pass2_sketch[_f64] pass2 + u, v sketched to --sketch-dim (float32; the previous float64: baseline)
+  pass1              + the Fisher and task-sum reductions of the answers' first pass, as the writer
+                     makes them (qkov.workers.pass_kernels: one Triton kernel per run of rows on CUDA)
+  pass1_torch        the same in torch (a bf16 round trip, norms per run, the Fisher's Σ t²): baseline
+  pass1_gemm         the same as an earlier version made them (one-hot GEMMs on copies): baseline
+  pass2              formation + the second pass's per-sample scalars (instead of pass1's sums), as
+                     the writer makes them (one Triton kernel on CUDA)
+  pass2_torch        the same in torch, the weights formed per batch (as at 8B, where they do not all
+                     stay cached) and reduced by split-K GEMMs: baseline
+  pass2_columns      the same with an earlier version's (H, P, c) weight columns: baseline
+  pass2_sketch[_torch|_f64] pass2[_torch] + u, v sketched to --sketch-dim (float32; float64: baseline)
   pass1_f64, pass2_f64  the same with the first version's float64 reductions (the Fisher's and the
                         task sums' float64 einsums; pass 2's float64 elementwise products): the baseline
 Prints one JSON object with seconds per batch, samples/s and each part's share.
@@ -29,6 +33,7 @@ import torch
 
 from benchmarks.bench_extract import GEOMETRIES, random_tokens
 from qkov.workers import answers as ans
+from qkov.workers import pass_kernels as pk
 from qkov.workers.grads import per_sample_backward
 from qkov.workers.layouts import discover_layout
 from qkov.workers.losses import CausalLMLoss
@@ -125,8 +130,11 @@ def run(a) -> dict:
     sizes = {b: layout.block_size(b) for b in blocks}
     B, K = a.batch, a.tasks
     onehot = torch.zeros((K, B), dtype=torch.float64, device=device)
-    onehot[torch.arange(B, device=device) % K, torch.arange(B, device=device)] = 1.0
-    runs = ans.row_runs((torch.arange(B) % K).tolist())
+    # each task's rows together, as a run's samples are (two runs of rows where a real batch has one)
+    task_of = (torch.arange(B) * K // B).tolist()
+    onehot[torch.tensor(task_of, device=device), torch.arange(B, device=device)] = 1.0
+    runs = ans.row_runs(task_of)
+    runs1 = [(r0, r1, k, (1.0 / B,)) for k, r0, r1 in runs]
     w = torch.full((1, B), 1.0 / B, dtype=torch.float64, device=device)
     w32 = w.float()
     # answers mode with keep_pairs = "top": every (block, layer)'s projection, built before timing
@@ -159,7 +167,9 @@ def run(a) -> dict:
             full = res.grads(names)
             for b in blocks:
                 t = slice_block(layout.blocks[(b, layer)], full).float()
-                if step == "pass1":  # as qkov.workers.writer: the Fisher's batch Σ t², then the task sums
+                if step == "pass1":  # as qkov.workers.writer: the Fisher's Σ t² and the task sums in one read
+                    pk.pass1_update(t, runs1, tsums[b], fisher[b], True)
+                elif step == "pass1_torch":  # the Fisher's batch Σ t², then the task sums
                     fisher[b][0].add_(ans.squares_sum(t), alpha=1.0 / B)
                     ans.task_sums_update(tsums[b], t.to(torch.bfloat16).float(), runs)
                 elif step == "pass1_gemm":  # the previous version: one-hot float32 GEMMs on copies
@@ -171,10 +181,19 @@ def run(a) -> dict:
                 elif step == "pass2_f64":
                     t = t.to(torch.bfloat16).float()
                     _sample_scalars_f64(t, inv[b], tsums[b])
-                elif step in ("pass2", "pass2_sketch", "pass2_sketch_f64"):  # weights formed per batch, as at 8B
-                    t = t.to(torch.bfloat16).float()
+                elif step in ("pass2", "pass2_sketch") and pk.use_kernels(t):  # as qkov.workers.answers
+                    if step == "pass2":
+                        pk.pass2_scalars(t, inv[b], tsums[b], True)
+                    else:  # (the sketch needs the rounded slice)
+                        t = t.to(torch.bfloat16).float()
+                        pk.pass2_scalars(t, inv[b], tsums[b], False)
+                        from qkov.workers.sketch import sketch_layer
+
+                        sketch_layer(t, inv[b], projs[(b, layer)], parts=("u", "v"))
+                elif step in ("pass2", "pass2_torch", "pass2_sketch", "pass2_sketch_torch", "pass2_sketch_f64"):
+                    t = t.to(torch.bfloat16).float()  # weights formed per batch, as at 8B
                     ans.sample_scalars(t, inv[b], tsums[b])
-                    if step != "pass2":  # + the interference's operands sketched (float32; the previous float64)
+                    if step not in ("pass2", "pass2_torch"):  # + the interference's operands sketched (float32; the previous float64)
                         from qkov.workers.sketch import sketch_layer
 
                         x = t.double() if step.endswith("f64") else t
@@ -186,15 +205,18 @@ def run(a) -> dict:
             del full
 
     out = {"device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-           "torch": torch.__version__, "geometry": a.geometry, "dtype": a.dtype, "batch": B, "seq": a.seq,
+           "torch": torch.__version__, "pass_kernels": device.startswith("cuda") and pk.available(), "geometry": a.geometry, "dtype": a.dtype, "batch": B, "seq": a.seq,
            "layers": nl, "tasks": K, "repeats": a.repeats,
            "float32_matmul_precision": torch.get_float32_matmul_precision()}
+    if pk.use_kernels(torch.empty(0, device=device)):
+        out["kernel_check"] = kernel_check(backward_only(), layout, blocks, runs1, inv, K)
     t = {"plain_fwd_bwd": timed(plain, a.repeats, device)}
     for p in model.parameters():
         p.requires_grad_(False)
     t["per_sample_bwd"] = timed(backward_only, a.repeats, device)
-    steps = ["formation", "pass1", "pass1_gemm", "pass2", "pass2_columns", "pass1_f64", "pass2_f64"]
-    steps += ["pass2_sketch", "pass2_sketch_f64"] if a.sketch_dim else []
+    steps = ["formation", "pass1", "pass1_torch", "pass1_gemm", "pass2", "pass2_torch", "pass2_columns", "pass1_f64",
+             "pass2_f64"]
+    steps += ["pass2_sketch", "pass2_sketch_torch", "pass2_sketch_f64"] if a.sketch_dim else []
     for step in [x for x in steps if not a.steps or x in a.steps]:
         t[step] = timed(lambda: passes(step), a.repeats, device)
     if a.profile:  # where one batch of each pass goes, by operator (device time): the next thing to cut
@@ -209,15 +231,43 @@ def run(a) -> dict:
     out["parts_s"] = {"formation_and_slicing": round(t["formation"] - t["per_sample_bwd"], 4),
                       "pass1_reductions": round(t["pass1"] - t["formation"], 4),
                       "pass2_reductions": round(t["pass2"] - t["formation"], 4),
+                      "pass1_reductions_torch_baseline": round(t["pass1_torch"] - t["formation"], 4),
+                      "pass2_reductions_torch_baseline": round(t["pass2_torch"] - t["formation"], 4),
                       "pass1_reductions_gemm_baseline": round(t["pass1_gemm"] - t["formation"], 4),
                       "pass2_reductions_columns_baseline": round(t["pass2_columns"] - t["formation"], 4),
                       **({"pass2_sketch_reductions": round(t["pass2_sketch"] - t["formation"], 4),
+                          "pass2_sketch_reductions_torch_baseline": round(t["pass2_sketch_torch"] - t["formation"], 4),
                           "pass2_sketch_reductions_f64_baseline": round(t["pass2_sketch_f64"] - t["formation"], 4)}
                          if a.sketch_dim else {}),
                       "pass1_reductions_f64_baseline": round(t["pass1_f64"] - t["formation"], 4),
                       "pass2_reductions_f64_baseline": round(t["pass2_f64"] - t["formation"], 4)}
     if device.startswith("cuda"):
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def kernel_check(res, layout, blocks, runs1, inv, K) -> dict:
+    """The kernels against the torch forms on layer 0's slices of this batch: the largest
+    difference of each output, relative to that output's largest magnitude."""
+    full = res.grads([n for n in layout.param_names if any(p.param == n for b in blocks for p in layout.blocks[(b, 0)].parts)])
+    out = {}
+    for b in blocks:
+        t = slice_block(layout.blocks[(b, 0)], full).float()
+        H, P = t.shape[1:]
+        acc = {f: torch.zeros((3, K, H, P), dtype=torch.float32, device=t.device) for f in ("kernel", "torch")}
+        fis = {f: torch.zeros((1, H, P), dtype=torch.float64, device=t.device) for f in ("kernel", "torch")}
+        pk.pass1_update(t, runs1, acc["kernel"], fis["kernel"], True)
+        pk._pass1_torch(t, runs1, acc["torch"], fis["torch"], True, torch.zeros((), dtype=torch.int32, device=t.device))
+        x_k = pk.pass2_scalars(t, inv[b], acc["torch"], True)
+        x_t = ans.sample_scalars(t.to(torch.bfloat16).float(), inv[b], acc["torch"])
+
+        def rel(x, y):
+            return float((x.double() - y.double()).abs().max() / y.double().abs().max().clamp_min(1e-300))
+
+        out[b] = {"task_sums": max(rel(acc["kernel"][k], acc["torch"][k]) for k in range(3)),
+                  "fisher": rel(fis["kernel"], fis["torch"]),
+                  "scalars": max(rel(x_k[..., j], x_t[..., j]) for j in range(x_t.shape[-1]))}
+    out["max"] = max(v for d in out.values() for v in d.values())
     return out
 
 

@@ -17,6 +17,9 @@ import torch
 
 from qkov.pipeline import schema
 
+from .pass_kernels import pass1_update, pass2_scalars, sketch_kernel_fits, sketch_parts, use_kernels
+from .pass_kernels import squares_sum, task_sums_update  # noqa: F401 (the torch forms, also for tests)
+
 
 def row_runs(keys) -> list[tuple[object, int, int]]:
     """The maximal runs of equal consecutive `keys` (a batch's rows), as (key, start, stop)."""
@@ -27,26 +30,6 @@ def row_runs(keys) -> list[tuple[object, int, int]]:
         else:
             runs.append((k, i, i + 1))
     return runs
-
-
-def task_sums_update(acc: torch.Tensor, t: torch.Tensor, runs) -> None:
-    """Add one batch to the per-task sums: acc (3, tasks, H, P) float32 in TASK_SUM_KINDS order
-    (Σ g, Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of
-    device memory, not 64), t (B, H, P) the batch's gradient slice (float32; rows of skipped
-    samples already zero), runs `row_runs` of the rows' tasks. Each run's rows are a
-    view, reduced over samples by one sum and two vector norms that read t once each and
-    accumulate in float32: no |t| or t² copy. The issue's bound is memory traffic; as one-hot
-    GEMMs (2 × B × 1.3 G at 8B) with copies of |t| and t², the sums were ~70 % of an 8B first pass."""
-    for k, r0, r1 in runs:
-        x = t[r0:r1].float()  # (no copy for float32 t)
-        acc[0, k] += x.sum(0)
-        acc[1, k] += torch.linalg.vector_norm(x, 1, dim=0)
-        acc[2, k] += torch.linalg.vector_norm(x, 2, dim=0).square_()
-
-
-def squares_sum(t: torch.Tensor) -> torch.Tensor:
-    """Σ over the rows (samples) of t², float32, reading t once (a 2-norm, squared)."""
-    return torch.linalg.vector_norm(t, 2, dim=0, dtype=torch.float32).square_()
 
 
 def weight_rows(n_tasks: int) -> dict[str, slice]:
@@ -201,10 +184,31 @@ class AnswersPass:
         self.sketch_shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim)
                               for b in task.blocks for p in ("u", "v")} if task.sketch_dim and task.phase == "answers" else {}
 
+    def pass1(self, b: str, li: int, s: int, t: torch.Tensor, fisher: torch.Tensor | None, w: np.ndarray) -> torch.Tensor:
+        """Pass 1 of one batch (rows s:s+B) of one block and layer with the Fisher's batch sums in
+        the same read of t (`pass_kernels.pass1_update`): fisher (streams, H, P) float64 += w·Σ t²
+        per stream, w (streams, B) the rows' Fisher weights (skipped samples' 0). Returns the
+        device's non-finite flag for t."""
+        keys = [(k, tuple(col)) for k, col in zip(self.task_of[s : s + t.shape[0]], w.T.tolist())]
+        runs = [(r0, r1, k, c if any(c) else None) for (k, c), r0, r1 in row_runs(keys)]
+        return pass1_update(t, runs, self.tsums[b][:, :, li], fisher, self.task.storage_dtype != "float32")
+
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);
         `put(name, li, s, x)` stores sketches, `projection(b, li)` gives the layer's sketch."""
-        if self.task.storage_dtype != "float32":
+        rounding = self.task.storage_dtype != "float32"
+        if not self.summing and use_kernels(t):  # t read once per output, rounded in the kernels
+            x = pass2_scalars(t, self.inv[b][li], self.sums[b][:, :, li], rounding)
+            self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
+            if self.sketch_shapes:
+                proj = projection(b, li)
+                if sketch_kernel_fits(proj.dim):
+                    for p, x in sketch_parts(t, self.inv[b][li], proj, ("u", "v"), rounding).items():
+                        put(schema.sketch_var(b, p), li, s, x)
+                else:
+                    self._sketch(b, li, s, t.to(torch.bfloat16).float() if rounding else t, put, projection)
+            return
+        if rounding:
             t = t.to(torch.bfloat16).float()
         if self.summing:  # (skipped samples' rows are zero: they add nothing)
             task_sums_update(self.tsums[b][:, :, li], t, row_runs(self.task_of[s : s + t.shape[0]]))
@@ -219,6 +223,9 @@ class AnswersPass:
                 wts = self._weights[key] = cached_columns(wts)
         x = sample_scalars(t, None, None, wts)
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
+        self._sketch(b, li, s, t, put, projection)
+
+    def _sketch(self, b, li, s, t, put, projection) -> None:
         if self.sketch_shapes:
             from .sketch import sketch_layer
 

@@ -23,12 +23,13 @@ from qkov.pipeline.spec import ModelSpec
 from qkov.pipeline.store import RunStore
 from qkov.pipeline.store.work import record_shard
 
-from .answers import AnswersPass, row_runs, squares_sum
+from .answers import AnswersPass, row_runs
 from .device import resolve_device, use_worker_threads, worker_name
 from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for, pad_batch
 from .models import load_model, weights_hash
+from .pass_kernels import sketch_kernel_fits, sketch_parts, squares_sum, use_kernels
 from .slicing import slice_block
 
 
@@ -218,6 +219,11 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                 t = slice_block(layout.blocks[(b, layer)], full).float()  # (B, H, P)
                 if not all_finite:  # (a copy of the slice: only for a batch that needs it)
                     t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
+                if answers is not None and answers.summing and keep_fisher and use_kernels(t):
+                    # answers' first pass on the kernels: the Fisher, the task sums and the finite check in one read of t
+                    grads.note_finite(answers.pass1(b, li, s, t, fisher[b][:, li], w) == 0, f"block {b} layer {layer}")
+                    del t
+                    continue
                 grads.check_finite(t, f"block {b} layer {layer}")
                 if keep_fisher:
                     for c, r0, r1 in weight_runs:
@@ -232,7 +238,9 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                         sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
-                    for p, x in sketch_layer(t, inv[b][li], proj).items():
+                    on_kernels = use_kernels(t) and sketch_kernel_fits(proj.dim)
+                    for p, x in (sketch_parts(t, inv[b][li], proj, PARTS, False) if on_kernels
+                                 else sketch_layer(t, inv[b][li], proj)).items():
                         grads.put(schema.sketch_var(b, p), li, s, x.float())
                 del t
             del full
@@ -273,6 +281,10 @@ class ShardBuffers:
         elif not bool(torch.isfinite(t).all()):
             raise RuntimeError(f"non-finite gradients in {where} for samples judged finite")
 
+    def note_finite(self, ok: torch.Tensor, where: str) -> None:
+        """`check_finite` with the device's all-finite flag formed elsewhere (a pass kernel's)."""
+        self._finite.append((ok, where))
+
     def put(self, name: str, li: int, start: int, t: torch.Tensor) -> None:
         """Store the batch's (B, H, P) float32 slice at layer li, samples start:start+B."""
         if self.on_device:  # bf16 rounded on the device (round-to-nearest-even, as on CPU)
@@ -292,9 +304,9 @@ class ShardBuffers:
         return bufs
 
     def to_host(self) -> dict[str, np.ndarray]:
+        self._checked()
         if not self.on_device:
             return self.bufs
-        self._checked()
         out = {}
         for k, d in self.bufs.items():
             h = _pinned(k, d.shape, self.dtype)

@@ -1,0 +1,172 @@
+"""The answers passes' Triton kernels (qkov.workers.pass_kernels), run by Triton's CPU
+interpreter, against their torch forms and float64 definitions; and a whole answers-mode run
+on the kernels against the same run on the torch forms."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+import torch
+
+from qkov.workers import pass_kernels as pk
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (make test installs it)")
+
+
+def _interpret() -> None:
+    """Triton's interpreter: TRITON_INTERPRET=1 is read when triton.language is imported, so
+    triton (and the kernels' module) are imported afresh if an earlier import compiled instead."""
+    import os
+
+    os.environ["TRITON_INTERPRET"] = "1"
+    tl = sys.modules.get("triton.language")
+    if tl is not None and type(tl.zeros).__name__ != "InterpretedFunction":
+        for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.") or m.endswith("._pass_triton")]:
+            del sys.modules[name]
+    pk.available.cache_clear()
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels on CPU tensors."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("QKOV_PASS_KERNELS", raising=False)
+    _interpret()
+    yield
+    pk.available.cache_clear()
+
+
+def _torch_forms(monkeypatch):
+    monkeypatch.setenv("QKOV_PASS_KERNELS", "0")
+    pk.available.cache_clear()
+
+
+@pytest.mark.parametrize("rounding", [False, True])
+def test_pass1_kernel_equals_the_torch_forms(interpreted, monkeypatch, rounding):
+    """Task sums of runs of rows (one run with no task), the Fisher's weighted Σ t² per stream
+    (a zero weight adds nothing; a run without weights skips it), P not a multiple of the block,
+    accumulated onto earlier sums of a strided (3, tasks) view; and the non-finite flag."""
+    g = torch.Generator().manual_seed(3)
+    B, H, P, tasks = 6, 3, 2 * pk.BLOCK + 77, 3
+    t = torch.randn((B, H, P), generator=g) * 1e-3
+    t[1, 2, 5] = 1 + 2**-8 + 2**-9  # a tie, rounded to even (up): not a truncation
+    t[0, 0, 7] = 1 + 2**-9 + 2**-12  # rounded down
+    acc0 = torch.rand((3, tasks, 2, H, P), generator=g)
+    fisher0 = torch.rand((2, 2, H, P), generator=g, dtype=torch.float64)
+    runs = [(0, 2, 2, (0.5, 0.0)), (2, 3, None, (0.25, 1.0)), (3, 6, 0, None)]
+    got_acc, got_f = acc0.clone(), fisher0.clone()
+    bad = pk.pass1_update(t, runs, got_acc[:, :, 1], got_f[:, 1], rounding)
+    _torch_forms(monkeypatch)
+    want_acc, want_f = acc0.clone(), fisher0.clone()
+    bad_ref = pk.pass1_update(t, runs, want_acc[:, :, 1], want_f[:, 1], rounding)
+    assert int(bad) == int(bad_ref) == 0
+    np.testing.assert_allclose(got_acc.numpy(), want_acc.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_f.numpy(), want_f.numpy(), rtol=1e-6, atol=1e-9)
+    assert torch.equal(got_acc[:, :, 0], acc0[:, :, 0]) and torch.equal(got_f[:, 0], fisher0[:, 0])  # other layer untouched
+    # the definitions, float64: task 2 holds rows 0-1, task 0 rows 3-5; stream 1 only row 2's Σt²
+    x = t.double()
+    r = x.to(torch.bfloat16).double() if rounding else x
+    want = acc0[:, 2, 1].double() + torch.stack([r[:2].sum(0), r[:2].abs().sum(0), (r[:2] ** 2).sum(0)])
+    np.testing.assert_allclose(got_acc[:, 2, 1].double().numpy(), want.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_f[1, 1].numpy(), (fisher0[1, 1] + (x[2] ** 2)).numpy(), rtol=1e-6)
+    if rounding:  # the rounded values torch stores, not truncations: 1 + 2^-7 and 1 at the planted entries
+        inc = got_acc[0, 2, 1] - acc0[0, 2, 1]
+        assert abs(float(inc[2, 5]) - (1 + 2**-7 + float(t[0, 2, 5]))) < 1e-5
+        assert abs(float(inc[0, 7]) - (1 + float(t[1, 0, 7]))) < 1e-5
+
+
+def test_pass1_kernel_flags_a_non_finite_value(interpreted):
+    t = torch.zeros((2, 1, 300))
+    acc = torch.zeros((3, 1, 1, 300))
+    assert int(pk.pass1_update(t, [(0, 2, 0, None)], acc, None, False)) == 0
+    t[1, 0, 299] = float("inf")
+    assert int(pk.pass1_update(t, [(0, 2, 0, None)], acc, None, False)) > 0
+
+
+@pytest.mark.parametrize("rounding", [False, True])
+@pytest.mark.parametrize("P", [pk.BLOCK, 3 * pk.BLOCK + 5])
+def test_pass2_kernel_equals_an_elementwise_float64_reference(interpreted, rounding, P):
+    """Each sample's scalars (schema.answer_parts order) from one read of t, with the task sums
+    a strided view of a per-layer array, against the definitions in float64."""
+    from qkov.pipeline import schema
+
+    rng = np.random.default_rng(P)
+    B, H, tasks = 4, 3, 2
+    g = rng.normal(size=(B, H, P)) * rng.uniform(0.1, 3.0, size=(1, H, 1))
+    inv = rng.uniform(0.5, 2.0, size=(H, P))
+    sums = np.stack([rng.normal(size=(tasks, 2, H, P)), np.abs(rng.normal(size=(tasks, 2, H, P))),
+                     rng.uniform(size=(tasks, 2, H, P))])
+    tt = torch.tensor(g, dtype=torch.float32)
+    got = pk.pass2_scalars(tt, torch.tensor(inv, dtype=torch.float32),
+                           torch.tensor(sums, dtype=torch.float32)[:, :, 1], rounding).numpy()
+    g = (tt.to(torch.bfloat16) if rounding else tt).double().numpy()
+    s = torch.tensor(sums, dtype=torch.float32).double().numpy()[:, :, 1]
+    w = torch.tensor(inv, dtype=torch.float32).double().numpy()
+    u, v = g * g * w, np.abs(g)
+    own = [(g * g).sum(-1), u.sum(-1), (u * v).sum(-1)]
+    per_task = [x for k in range(tasks) for x in ((g * w * s[0, k]).sum(-1), (u * s[1, k]).sum(-1),
+                                                 (v * w * s[2, k]).sum(-1))]
+    want = np.stack(own + per_task, axis=-1)
+    assert got.shape == want.shape == (B, H, len(schema.answer_parts(range(tasks)))) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("rounding", [False, True])
+@pytest.mark.parametrize("P, dim, nnz", [(3000, 256, 1), (4096, 64, 2), (1000, 2048, 1)])
+def test_sketch_kernel_equals_the_torch_sketch(interpreted, P, dim, nnz, rounding):
+    """Count sketches of u, v, w (one gathered read of t each) against qkov.workers.sketch's:
+    P not a multiple of the buckets or of the kernel's chunks, two rows per projection, dim > P."""
+    from qkov.workers.sketch import layer_projection, sketch_layer
+
+    g = torch.Generator().manual_seed(P + dim)
+    B, H = 3, 2
+    t = torch.randn((B, H, P), generator=g)
+    inv = torch.rand((H, P), generator=g) + 0.3
+    proj = layer_projection(P, dim, 0, "Q", 0, H, nnz)
+    assert pk.sketch_kernel_fits(dim) and not pk.sketch_kernel_fits(dim + 1)
+    got = pk.sketch_parts(t, inv, proj, ("u", "v", "w"), rounding)
+    want = sketch_layer(t.to(torch.bfloat16).float() if rounding else t, inv, proj)
+    for name in ("u", "v", "w"):
+        assert got[name].shape == want[name].shape == (B, H, dim) and got[name].dtype == torch.float32
+        np.testing.assert_allclose(got[name].numpy(), want[name].numpy(), rtol=1e-5,
+                                   atol=1e-5 * float(want[name].abs().max()), err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["top", "sketch"])
+def test_a_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatch, mode):
+    """Answers mode with the interference sketched (both passes, bf16 rounding, u and v
+    sketched) and sketch mode (u, v, w), on the interpreted kernels, against the same runs on
+    the torch forms: the same answers."""
+    import xarray as xr
+
+    from qkov.pipeline import schema
+    from qkov.pipeline.run import run_job
+    from qkov.testing import tiny_job
+
+    score = ({"mode": "answers", "keep_pairs": "top", "sketch_dim": 64, "storage_dtype": "bfloat16", "top_k": 5}
+             if mode == "top" else {"mode": "sketch", "sketch_dim": 64})
+
+    def answers(name, **env):
+        for k, v in env.items():  # (the workers, spawned, inherit them)
+            monkeypatch.setenv(k, v)
+        pk.available.cache_clear()
+        job = tiny_job(tmp_path, "llama_gqa", n_a=7, n_b=6, score=score, fisher={"source": "a"},
+                       extract={"shard_size": 64, "batch_size": 4},
+                       stats={"n_permutations": 19, "n_bootstrap": 19}, output={"path": str(tmp_path / name)})
+        run_job(job)
+        return xr.open_zarr(str(tmp_path / name), group=schema.STATS), xr.open_zarr(str(tmp_path / name), group=schema.GRADIENTS)
+
+    (kern, kern_g), (ref, ref_g) = answers("kernels", TRITON_INTERPRET="1", QKOV_PASS_KERNELS="1"), answers("torch", QKOV_PASS_KERNELS="0")
+    sketches = [schema.sketch_var(b, p) for b in "QKVO" for p in (("u", "v") if mode == "top" else schema.SKETCH_PARTS)]
+    for name in sketches + [v for v in ref_g.data_vars if v not in sketches]:  # the sketches and the scalars themselves
+        want = ref_g[name].values.astype(np.float64)
+        np.testing.assert_allclose(kern_g[name].values, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
+    assert set(kern.data_vars) == set(ref.data_vars)
+    compared = [n for n in ("mean", "sharing", "transfer", "cosine", "effect", "transfer_p_value") if n in ref]
+    assert len(compared) >= 3
+    for name in compared:  # (float32 sums in another order: differences relative to each answer's scale)
+        want = ref[name].values
+        np.testing.assert_allclose(kern[name].values, want, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(want)), err_msg=name)

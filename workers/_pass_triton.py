@@ -1,0 +1,108 @@
+"""Triton kernels of `qkov.workers.pass_kernels` (imported only where Triton is: module-level
+jit functions, as Triton resolves the helpers they call by global name)."""
+import triton
+import triton.language as tl
+
+@triton.jit
+def round_bf16(x):
+    # float32 -> nearest bfloat16 (ties to even) -> float32, as torch's .to(torch.bfloat16)
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+@triton.jit
+def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fisher_stride, cw_ptr,
+          n_streams, bad_ptr, ROUND: tl.constexpr, HAS_ACC: tl.constexpr, HAS_FISHER: tl.constexpr,
+          BLOCK: tl.constexpr):
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = col < n_cols
+    sq = tl.zeros((BLOCK,), tl.float32)
+    s0 = tl.zeros((BLOCK,), tl.float32)
+    s1 = tl.zeros((BLOCK,), tl.float32)
+    s2 = tl.zeros((BLOCK,), tl.float32)
+    bad = tl.zeros((BLOCK,), tl.int32)
+    for r in range(n_rows):
+        x = tl.load(t_ptr + (row0 + r) * n_cols + col, mask=m, other=0.0)
+        bad = tl.maximum(bad, (x != x).to(tl.int32) | (tl.abs(x) == float("inf")).to(tl.int32))
+        sq += x * x
+        if ROUND:
+            x = round_bf16(x)
+        s0 += x
+        s1 += tl.abs(x)
+        s2 += x * x
+    tl.atomic_max(bad_ptr, tl.max(bad, 0))  # a flag: max is order-free
+    if HAS_ACC:
+        a0 = acc_ptr + col
+        tl.store(a0, tl.load(a0, mask=m) + s0, mask=m)
+        tl.store(a0 + acc_kind_stride, tl.load(a0 + acc_kind_stride, mask=m) + s1, mask=m)
+        tl.store(a0 + 2 * acc_kind_stride, tl.load(a0 + 2 * acc_kind_stride, mask=m) + s2, mask=m)
+    if HAS_FISHER:
+        sq64 = sq.to(tl.float64)
+        for k in range(n_streams):
+            c = tl.load(cw_ptr + k)
+            if c != 0.0:
+                f = fisher_ptr + k * fisher_stride + col
+                tl.store(f, tl.load(f, mask=m) + c * sq64, mask=m)
+
+@triton.jit
+def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_heads, s_kind, s_task,
+          ROUND: tl.constexpr, BLOCK: tl.constexpr):
+    # program (block j, head h): rows b of t (B, H, P), inv (H, P), sums (3, tasks, H, P) ->
+    # out (B, H, n_blocks, 3 + 3·tasks) partial sums of each sample's scalars
+    j = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    p = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = p < P
+    hp = h * P + p
+    w = tl.load(inv_ptr + hp, mask=m, other=0.0)
+    n_parts = 3 + 3 * n_tasks
+    for b in range(n_rows):
+        x = tl.load(t_ptr + b * n_heads * P + hp, mask=m, other=0.0)
+        if ROUND:
+            x = round_bf16(x)
+        a = tl.abs(x)
+        g2 = x * x
+        u = g2 * w
+        o = out_ptr + ((b * n_heads + h) * n_blocks + j) * n_parts
+        tl.store(o, tl.sum(g2, 0))
+        tl.store(o + 1, tl.sum(u, 0))
+        tl.store(o + 2, tl.sum(u * a, 0))
+        xw = x * w
+        aw = a * w
+        for k in range(n_tasks):
+            sk = sums_ptr + k * s_task + hp
+            s0 = tl.load(sk, mask=m, other=0.0)
+            s1 = tl.load(sk + s_kind, mask=m, other=0.0)
+            s2 = tl.load(sk + 2 * s_kind, mask=m, other=0.0)
+            tl.store(o + 3 + 3 * k, tl.sum(xw * s0, 0))
+            tl.store(o + 4 + 3 * k, tl.sum(u * s1, 0))
+            tl.store(o + 5 + 3 * k, tl.sum(aw * s2, 0))
+
+
+@triton.jit
+def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, P, n_rows, n_heads, nnz, n_progs, scale,
+           ROUND: tl.constexpr, PART: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, N_SUB: tl.constexpr):
+    # program (j, h): positions q of one head's count sketch in N_SUB chunks of CHUNK (a multiple
+    # of DIM, so q's bucket is its offset mod DIM); the entry at q is t[b, h, order[r, h, q]] ->
+    # out (B, H, n_progs, DIM) partial bucket sums of PART (0: u = (g·√inv)², 1: v = |g|, 2: w = g·√inv)
+    j = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    for b in range(n_rows):
+        acc = tl.zeros((DIM,), tl.float32)
+        for c in range(N_SUB):
+            q = (j.to(tl.int64) * N_SUB + c) * CHUNK + tl.arange(0, CHUNK)
+            m = q < P
+            for r in range(nnz):
+                rq = (r * n_heads + h) * P + q
+                idx = tl.load(order_ptr + rq, mask=m, other=0).to(tl.int64)
+                sg = tl.load(signs_ptr + rq, mask=m, other=0).to(tl.float32) * scale
+                x = tl.load(t_ptr + (b * n_heads + h) * P + idx, mask=m, other=0.0)
+                if ROUND:
+                    x = round_bf16(x)
+                if PART == 1:
+                    y = tl.abs(x) * sg
+                else:
+                    y = x * tl.sqrt(tl.load(inv_ptr + h * P + idx, mask=m, other=0.0))
+                    y = y * y * sg if PART == 0 else y * sg
+                acc += tl.sum(tl.reshape(y, (CHUNK // DIM, DIM)), 0)
+        tl.store(out_ptr + ((b * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM), acc)

@@ -1,0 +1,158 @@
+"""The answers passes' reductions of one gradient slice batch as single-read kernels (Triton,
+on CUDA), with the torch forms they replace as the reference and the CPU path.
+
+Both passes are bound by memory traffic, not arithmetic: at 8B one batch's attention slices
+are 4 × 1.34 G float32 entries, and the torch forms read each slice 4–6 times (a bf16 round
+trip, three norms per run of rows, the Fisher's squares; pass 2's squares, |g| and four
+split-K GEMMs) and write as many temporaries: ~130 bytes per entry and sample on an H100,
+0.21 s of each pass's 0.34 s per batch. A kernel here reads each entry once and keeps every
+sum in registers until it adds it to its accumulator (pass 1) or writes one partial per
+block of entries (pass 2), which torch then adds in float64: deterministic (no atomics) and
+~15 bytes per entry and sample.
+
+The bf16 rounding exact mode stores with is applied in the kernel as integer arithmetic
+(round to nearest even), which Triton's interpreter and a GPU do alike; the CPU tests run
+these kernels under TRITON_INTERPRET=1 against the torch forms.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BLOCK = 1024  # entries per program: 4 KB per row read, a partial per 1024 entries in pass 2
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels can run here: Triton importable (the CUDA builds of torch ship it)."""
+    if os.environ.get("QKOV_PASS_KERNELS", "1") == "0":  # the torch forms, for a same-run baseline
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(t: torch.Tensor) -> bool:
+    """The kernels for a CUDA tensor where Triton is importable (or any tensor under TRITON_INTERPRET=1)."""
+    return available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _kernels():
+    """The Triton kernels (compiled on first use; triton imported only where they run)."""
+    from . import _pass_triton
+
+    return _pass_triton.pass1, _pass_triton.pass2, _pass_triton.sketch
+
+
+def task_sums_update(acc: torch.Tensor, t: torch.Tensor, runs) -> None:
+    """Add one batch to the per-task sums: acc (3, tasks, H, P) float32 in TASK_SUM_KINDS order
+    (Σ g, Σ |g|, Σ g²; float32, as the partials are written: at 8B two tasks' sums are 32 GB of
+    device memory, not 64), t (B, H, P) the batch's gradient slice (float32; rows of skipped
+    samples already zero), runs `row_runs` of the rows' tasks. Each run's rows are a
+    view, reduced over samples by one sum and two vector norms that read t once each and
+    accumulate in float32: no |t| or t² copy. The issue's bound is memory traffic; as one-hot
+    GEMMs (2 × B × 1.3 G at 8B) with copies of |t| and t², the sums were ~70 % of an 8B first pass."""
+    for k, r0, r1 in runs:
+        x = t[r0:r1].float()  # (no copy for float32 t)
+        acc[0, k] += x.sum(0)
+        acc[1, k] += torch.linalg.vector_norm(x, 1, dim=0)
+        acc[2, k] += torch.linalg.vector_norm(x, 2, dim=0).square_()
+
+
+def squares_sum(t: torch.Tensor) -> torch.Tensor:
+    """Σ over the rows (samples) of t², float32, reading t once (a 2-norm, squared)."""
+    return torch.linalg.vector_norm(t, 2, dim=0, dtype=torch.float32).square_()
+
+
+def pass1_update(t: torch.Tensor, runs, acc: torch.Tensor | None, fisher: torch.Tensor | None,
+                 round_bf16: bool) -> torch.Tensor:
+    """Add one slice batch to pass 1's sums, reading t once: t (B, H, P) float32; runs [(r0, r1,
+    task or None, stream weights (S,) or None)] of rows that share a task and Fisher weights;
+    acc (3, tasks, H, P) float32 task sums (Σ g, Σ |g|, Σ g² of t rounded to bf16 where
+    `round_bf16`), fisher (S, H, P) float64 += weight · Σ t² (unrounded) per stream.
+    Returns a device flag (int32, > 0: t held a non-finite value), not synchronised."""
+    bad = torch.zeros((), dtype=torch.int32, device=t.device)
+    if not use_kernels(t):
+        return _pass1_torch(t, runs, acc, fisher, round_bf16, bad)
+    import triton
+
+    kernel = _kernels()[0]
+    t2 = t.contiguous().view(t.shape[0], -1)
+    n_cols = t2.shape[1]
+    dummy64 = torch.zeros(1, dtype=torch.float64, device=t.device)
+    for r0, r1, k, cw in runs:
+        has_acc = acc is not None and k is not None
+        has_f = fisher is not None and cw is not None
+        a = acc[:, k] if has_acc else None
+        kernel[(triton.cdiv(n_cols, BLOCK),)](
+            t2, n_cols, r0, r1 - r0,
+            a[0] if has_acc else t2, a.stride(0) if has_acc else 0,
+            fisher if has_f else dummy64, fisher.stride(0) if has_f else 0,
+            torch.as_tensor(cw, dtype=torch.float64, device=t.device) if has_f else dummy64,
+            len(cw) if has_f else 0, bad,
+            ROUND=round_bf16, HAS_ACC=has_acc, HAS_FISHER=has_f, BLOCK=BLOCK)
+    return bad
+
+
+def _pass1_torch(t, runs, acc, fisher, round_bf16, bad):
+    """The torch form: per run, the Fisher's Σ t² and the task sums' three reductions."""
+    bad += (~torch.isfinite(t)).any().to(torch.int32)
+    for r0, r1, k, cw in runs:
+        x = t[r0:r1]
+        if fisher is not None and cw is not None:
+            sq = squares_sum(x)
+            for s, c in enumerate(cw):
+                if c:
+                    fisher[s].add_(sq, alpha=float(c))
+        if acc is not None and k is not None:
+            task_sums_update(acc, x.to(torch.bfloat16).float() if round_bf16 else x, [(k, 0, r1 - r0)])
+    return bad
+
+
+def pass2_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, round_bf16: bool) -> torch.Tensor:
+    """Each sample's scalars of one slice batch in `schema.answer_parts` order (see
+    `qkov.workers.answers.sample_scalars`): t (B, H, P) float32, inv (H, P), sums (3, tasks, H, P)
+    float32 -> (B, H, 3 + 3·tasks) float64, reading t once (rounded to bf16 first where asked)."""
+    import triton
+
+    B, H, P = t.shape
+    n_tasks = sums.shape[1]
+    n_blocks = triton.cdiv(P, BLOCK)
+    t, inv = t.contiguous(), inv.contiguous()
+    if sums.stride(3) != 1 or sums.stride(2) != P:  # each (H, P) sum read in place (8B: a copy is 0.4 GB per block)
+        sums = sums.contiguous()
+    out = torch.empty((B, H, n_blocks, 3 + 3 * n_tasks), dtype=torch.float32, device=t.device)
+    _kernels()[1][(n_blocks, H)](t, inv, sums, out, P, B, n_tasks, n_blocks, H, sums.stride(0), sums.stride(1),
+                                 ROUND=round_bf16, BLOCK=BLOCK)
+    return out.sum(2, dtype=torch.float64)
+
+
+def sketch_kernel_fits(dim: int) -> bool:
+    """The sketch kernel's buckets: a power of two up to 8192 (a reshape of its chunks); other dims use the torch form."""
+    return dim & (dim - 1) == 0 and 1 <= dim <= 8192
+
+
+def sketch_parts(t: torch.Tensor, inv: torch.Tensor, proj, parts, round_bf16: bool) -> dict[str, torch.Tensor]:
+    """`qkov.workers.sketch.sketch_layer` (float32) in one gathered read of t per part: t (B, H, P)
+    float32 (rounded to bf16 first where asked), inv (H, P), proj a LayerProjection whose dim
+    `sketch_kernel_fits` -> {part: (B, H, dim) float32}."""
+    import triton
+
+    B, H, P = t.shape
+    nnz, dim = proj.order.shape[0], proj.dim
+    chunk = max(dim, BLOCK)
+    n_sub = max(1, min(8, triton.cdiv(P, chunk)))  # (4 × 1024 entries per program: few partials)
+    n_progs = triton.cdiv(P, chunk * n_sub)
+    t, inv = t.contiguous(), inv.to(torch.float32).contiguous()  # (as sketch_layer's inv.to(float32))
+    out = {}
+    for name in parts:
+        part = {"u": 0, "v": 1, "w": 2}[name]
+        acc = torch.empty((B, H, n_progs, dim), dtype=torch.float32, device=t.device)
+        _kernels()[2][(n_progs, H)](t, inv, proj.order, proj.signs, acc, P, B, H, nnz, n_progs, float(nnz) ** -0.5,
+                                    ROUND=round_bf16, PART=part, DIM=dim, CHUNK=chunk, N_SUB=n_sub)
+        out[name] = acc.sum(2, dtype=torch.float64).float()
+    return out
