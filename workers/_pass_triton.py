@@ -103,6 +103,8 @@ def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, P, n_rows, n_heads, nn
                     y = tl.abs(x) * sg
                 else:
                     y = x * tl.sqrt(tl.load(inv_ptr + h * P + idx, mask=m, other=0.0))
-                    y = y * y * sg if PART == 0 else y * sg
+                    if PART == 0:
+                        y = y * y
+                    y = y * sg
                 acc += tl.sum(tl.reshape(y, (CHUNK // DIM, DIM)), 0)
         tl.store(out_ptr + ((b * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM), acc)
