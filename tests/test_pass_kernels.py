@@ -86,6 +86,34 @@ def test_pass1_kernel_flags_a_non_finite_value(interpreted):
     assert int(pk.pass1_update(t, [(0, 2, 0, None)], acc, None, False)) > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pass1_kernel_stores_the_rows_as_exact_mode_does(interpreted, monkeypatch, dtype):
+    """Exact mode's single read: each row written into its (layer, head, sample) place of a shard
+    buffer (bf16: rounded to nearest even, ties included) bit for bit as the torch form writes
+    it, beside the Fisher's sums, with rows of zero weight stored and not summed."""
+    g = torch.Generator().manual_seed(5)
+    B, H, P, L, n = 5, 3, pk.BLOCK + 9, 2, 11
+    t = torch.randn((B, H, P), generator=g)
+    t[2, 1, 3] = 1 + 2**-8 + 2**-9  # a tie
+    runs = [(0, 2, None, (1.0,)), (2, 3, None, None), (3, 5, None, (0.5,))]
+    out = {}
+    for form in ("kernel", "torch"):
+        if form == "torch":
+            _torch_forms(monkeypatch)
+        buf = torch.full((L, H, n, P), -3.0, dtype=dtype)
+        fisher = torch.zeros((1, L, H, P), dtype=torch.float64)
+        bad = pk.pass1_update(t, runs, None, fisher[:, 1], False, store=(buf, 1, 4))
+        out[form] = (buf, fisher, int(bad))
+    (kb, kf, kbad), (tb, tf, tbad) = out["kernel"], out["torch"]
+    assert kbad == tbad == 0
+    assert torch.equal(kb.view(torch.int16) if dtype == torch.bfloat16 else kb, tb.view(torch.int16) if dtype == torch.bfloat16 else tb)
+    assert torch.equal(kb[1, :, 4:9].transpose(0, 1), t.to(dtype))  # rows 4..8 of layer 1
+    assert (kb[0] == -3).all() and (kb[1, :, :4] == -3).all() and (kb[1, :, 9:] == -3).all()
+    np.testing.assert_allclose(kf.numpy(), tf.numpy(), rtol=1e-6)
+    want = (t[:2].double() ** 2).sum(0) + 0.5 * (t[3:].double() ** 2).sum(0)  # row 2 weighs nothing
+    np.testing.assert_allclose(kf[0, 1].numpy(), want.numpy(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("rounding", [False, True])
 @pytest.mark.parametrize("P", [pk.BLOCK, 3 * pk.BLOCK + 5])
 def test_pass2_kernel_equals_an_elementwise_float64_reference(interpreted, rounding, P):
@@ -172,6 +200,30 @@ def test_a_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatc
         np.testing.assert_allclose(kern[name].values, want, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(want)), err_msg=name)
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_an_exact_fused_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatch, storage):
+    """Exact mode on the fused path (the gradients held where they are formed: the kernel stores
+    the rows) on the interpreted kernels, against the torch forms: the same gradients (bit for
+    bit), Fisher, scores and answers to float rounding."""
+    from qkov.pipeline.run import run_job
+    from qkov.testing import assert_runs_close, tiny_job
+
+    def run(name, **env):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        pk.available.cache_clear()
+        job = tiny_job(tmp_path, "llama_gqa", n_a=5, n_b=4, score={"storage_dtype": storage},
+                       extract={"shard_size": 64, "batch_size": 4}, stats={"n_permutations": 19, "n_bootstrap": 19},
+                       output={"path": str(tmp_path / name), "keep_gradients": False, "gradients_in": "device"})
+        res = run_job(job)
+        assert res.extract["gradients_in"]["where"] == "device"
+        return tmp_path / name
+
+    kern = run("kernels", TRITON_INTERPRET="1", QKOV_PASS_KERNELS="1")
+    ref = run("torch", QKOV_PASS_KERNELS="0")
+    assert_runs_close(kern, ref, rtol=1e-4)
+
+
 def test_the_kernels_compile_for_an_h100():
     """Every kernel variant the passes launch, compiled ahead of time for sm_90 (H100/H200) by
     Triton's own compiler and ptxas, no GPU needed: what the interpreter does not check (types,
@@ -187,7 +239,7 @@ def test_the_kernels_compile_for_an_h100():
     if out.returncode == 3:
         pytest.skip("this triton has no CUDA backend")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["compiled", "16"], out.stdout
+    assert out.stdout.split() == ["compiled", "20"], out.stdout
 
 
 def compile_all() -> None:
@@ -203,12 +255,17 @@ def compile_all() -> None:
     kernels = importlib.import_module("qkov.workers._pass_triton")
     variants = []
     p1 = {"t_ptr": "*fp32", "n_cols": "i64", "row0": "i32", "n_rows": "i32", "acc_ptr": "*fp32", "acc_kind_stride": "i64",
-          "fisher_ptr": "*fp64", "fisher_stride": "i64", "cw_ptr": "*fp64", "n_streams": "i32", "bad_ptr": "*i32"}
-    for rounding in (False, True):
+          "fisher_ptr": "*fp64", "fisher_stride": "i64", "cw_ptr": "*fp64", "n_streams": "i32", "bad_ptr": "*i32",
+          "out_head_stride": "i64", "out_row0": "i32", "P": "i32"}
+    for rounding in (False, True):  # the answers' pass 1
         for has_acc in (False, True):
             for has_f in (False, True):
-                variants.append((kernels.pass1, p1, {"ROUND": rounding, "HAS_ACC": has_acc, "HAS_FISHER": has_f,
-                                                     "BLOCK": pk.BLOCK}))
+                variants.append((kernels.pass1, {**p1, "out_ptr": "*fp32"}, {
+                    "ROUND": rounding, "HAS_ACC": has_acc, "HAS_FISHER": has_f, "STORE": 0, "BLOCK": pk.BLOCK}))
+    for store, out in ((1, "*fp32"), (2, "*bf16")):  # exact mode's
+        for has_f in (False, True):
+            variants.append((kernels.pass1, {**p1, "out_ptr": out}, {
+                "ROUND": False, "HAS_ACC": False, "HAS_FISHER": has_f, "STORE": store, "BLOCK": pk.BLOCK}))
     p2 = {"t_ptr": "*fp32", "inv_ptr": "*fp32", "sums_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "n_rows": "i32",
           "n_tasks": "i32", "n_blocks": "i32", "n_heads": "i32", "s_kind": "i64", "s_task": "i64"}
     variants += [(kernels.pass2, p2, {"ROUND": r, "BLOCK": pk.BLOCK}) for r in (False, True)]

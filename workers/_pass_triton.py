@@ -12,8 +12,11 @@ def round_bf16(x):
 
 @triton.jit
 def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fisher_stride, cw_ptr,
-          n_streams, bad_ptr, ROUND: tl.constexpr, HAS_ACC: tl.constexpr, HAS_FISHER: tl.constexpr,
-          BLOCK: tl.constexpr):
+          n_streams, bad_ptr, out_ptr, out_head_stride, out_row0, P, ROUND: tl.constexpr, HAS_ACC: tl.constexpr,
+          HAS_FISHER: tl.constexpr, STORE: tl.constexpr, BLOCK: tl.constexpr):
+    # rows row0.. of t (B, n_cols = H·P): task sums (ROUND: of t rounded to bf16), the Fisher's
+    # weighted Σ t² per stream, a non-finite flag, and (STORE 1: float32, 2: bf16) each row
+    # written into a shard buffer (H, n, P) at sample out_row0 + row
     col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = col < n_cols
     sq = tl.zeros((BLOCK,), tl.float32)
@@ -21,10 +24,16 @@ def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fis
     s1 = tl.zeros((BLOCK,), tl.float32)
     s2 = tl.zeros((BLOCK,), tl.float32)
     bad = tl.zeros((BLOCK,), tl.int32)
+    if STORE > 0:
+        dst = out_ptr + (col // P) * out_head_stride + (col % P)
     for r in range(n_rows):
         x = tl.load(t_ptr + (row0 + r) * n_cols + col, mask=m, other=0.0)
         bad = tl.maximum(bad, (x != x).to(tl.int32) | (tl.abs(x) == float("inf")).to(tl.int32))
         sq += x * x
+        if STORE == 1:
+            tl.store(dst + (out_row0 + row0 + r) * P, x, mask=m)
+        if STORE == 2:  # (a bf16 value stored exactly: the rounding is round_bf16's)
+            tl.store(dst + (out_row0 + row0 + r) * P, round_bf16(x).to(tl.bfloat16), mask=m)
         if ROUND:
             x = round_bf16(x)
         s0 += x
@@ -43,6 +52,7 @@ def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fis
             if c != 0.0:
                 f = fisher_ptr + k * fisher_stride + col
                 tl.store(f, tl.load(f, mask=m) + c * sq64, mask=m)
+
 
 @triton.jit
 def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_heads, s_kind, s_task,

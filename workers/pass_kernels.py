@@ -69,21 +69,27 @@ def squares_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def pass1_update(t: torch.Tensor, runs, acc: torch.Tensor | None, fisher: torch.Tensor | None,
-                 round_bf16: bool) -> torch.Tensor:
+                 round_bf16: bool, store: tuple | None = None) -> torch.Tensor:
     """Add one slice batch to pass 1's sums, reading t once: t (B, H, P) float32; runs [(r0, r1,
-    task or None, stream weights (S,) or None)] of rows that share a task and Fisher weights;
-    acc (3, tasks, H, P) float32 task sums (Σ g, Σ |g|, Σ g² of t rounded to bf16 where
-    `round_bf16`), fisher (S, H, P) float64 += weight · Σ t² (unrounded) per stream.
+    task or None, stream weights (S,) or None)] of rows that share a task and Fisher weights
+    (with `store`, covering every row); acc (3, tasks, H, P) float32 task sums (Σ g, Σ |g|, Σ g²
+    of t rounded to bf16 where `round_bf16`), fisher (S, H, P) float64 += weight · Σ t²
+    (unrounded) per stream; store (buf (L, H, n, P) float32 or bf16, layer, first sample): the
+    rows written as exact mode stores them (bf16: rounded to nearest even), in the same read.
     Returns a device flag (int32, > 0: t held a non-finite value), not synchronised."""
     bad = torch.zeros((), dtype=torch.int32, device=t.device)
     if not use_kernels(t):
-        return _pass1_torch(t, runs, acc, fisher, round_bf16, bad)
+        return _pass1_torch(t, runs, acc, fisher, round_bf16, bad, store)
     import triton
 
     kernel = _kernels()[0]
     t2 = t.contiguous().view(t.shape[0], -1)
     n_cols = t2.shape[1]
     dummy64 = torch.zeros(1, dtype=torch.float64, device=t.device)
+    if store is not None:
+        buf, li, start = store
+        out, P = buf[li], buf.shape[-1]
+        assert out.stride(1) == P and out.stride(2) == 1 and out.dtype in (torch.float32, torch.bfloat16)
     for r0, r1, k, cw in runs:
         has_acc = acc is not None and k is not None
         has_f = fisher is not None and cw is not None
@@ -94,12 +100,15 @@ def pass1_update(t: torch.Tensor, runs, acc: torch.Tensor | None, fisher: torch.
             fisher if has_f else dummy64, fisher.stride(0) if has_f else 0,
             torch.as_tensor(cw, dtype=torch.float64, device=t.device) if has_f else dummy64,
             len(cw) if has_f else 0, bad,
-            ROUND=round_bf16, HAS_ACC=has_acc, HAS_FISHER=has_f, BLOCK=BLOCK)
+            out if store is not None else t2, out.stride(0) if store is not None else 0,
+            start if store is not None else 0, P if store is not None else 1,
+            ROUND=round_bf16, HAS_ACC=has_acc, HAS_FISHER=has_f,
+            STORE=0 if store is None else 2 if out.dtype == torch.bfloat16 else 1, BLOCK=BLOCK)
     return bad
 
 
-def _pass1_torch(t, runs, acc, fisher, round_bf16, bad):
-    """The torch form: per run, the Fisher's Σ t² and the task sums' three reductions."""
+def _pass1_torch(t, runs, acc, fisher, round_bf16, bad, store=None):
+    """The torch form: per run, the Fisher's Σ t² and the task sums' three reductions; the rows stored."""
     bad += (~torch.isfinite(t)).any().to(torch.int32)
     for r0, r1, k, cw in runs:
         x = t[r0:r1]
@@ -110,6 +119,9 @@ def _pass1_torch(t, runs, acc, fisher, round_bf16, bad):
                     fisher[s].add_(sq, alpha=float(c))
         if acc is not None and k is not None:
             task_sums_update(acc, x.to(torch.bfloat16).float() if round_bf16 else x, [(k, 0, r1 - r0)])
+    if store is not None:
+        buf, li, start = store
+        buf[li, :, start : start + t.shape[0]] = t.to(buf.dtype).transpose(0, 1)
     return bad
 
 

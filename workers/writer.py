@@ -29,7 +29,7 @@ from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for, pad_batch
 from .models import load_model, weights_hash
-from .pass_kernels import sketch_kernel_fits, sketch_parts, squares_sum, use_kernels
+from .pass_kernels import pass1_update, sketch_kernel_fits, sketch_parts, squares_sum, use_kernels
 from .slicing import slice_block
 
 
@@ -209,7 +209,8 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         # added with its weight to float64 sums. Float64 einsums moved ~3x the bytes and were 40 %
         # of an 8B first pass; one-hot float32 GEMMs over a copy of t² still half of its reductions
         w = w_all[:, s:e] * ok
-        weight_runs = [(c, r0, r1) for c, r0, r1 in row_runs([tuple(col) for col in w.T]) if any(c)]
+        all_runs = row_runs([tuple(col) for col in w.T])
+        weight_runs = [(c, r0, r1) for c, r0, r1 in all_runs if any(c)]
         for r in np.flatnonzero(~ok).tolist():
             bad.append(task.sample_ids[s + r])
         losses[s:e] = res.losses.detach().float().cpu().numpy()
@@ -222,6 +223,13 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                 if answers is not None and answers.summing and keep_fisher and use_kernels(t):
                     # answers' first pass on the kernels: the Fisher, the task sums and the finite check in one read of t
                     grads.note_finite(answers.pass1(b, li, s, t, fisher[b][:, li], w) == 0, f"block {b} layer {layer}")
+                    del t
+                    continue
+                if keep_grads and grads.on_device and use_kernels(t):
+                    # exact mode on the kernels: the Fisher, the stored rows (bf16 rounded) and the finite check in one read
+                    runs = [(r0, r1, None, c if any(c) else None) for c, r0, r1 in all_runs]
+                    grads.note_finite(pass1_update(t, runs, None, fisher[b][:, li] if keep_fisher else None, False,
+                                                   store=(grads.bufs[b], li, s)) == 0, f"block {b} layer {layer}")
                     del t
                     continue
                 grads.check_finite(t, f"block {b} layer {layer}")
