@@ -90,15 +90,19 @@ def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_hea
 
 
 @triton.jit
-def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, P, n_rows, n_heads, nnz, n_progs, scale,
-           ROUND: tl.constexpr, PART: tl.constexpr, DIM: tl.constexpr, CHUNK: tl.constexpr, N_SUB: tl.constexpr):
+def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, out_part_stride, P, n_rows, n_heads, nnz, n_progs, scale,
+           ROUND: tl.constexpr, DO_U: tl.constexpr, DO_V: tl.constexpr, DO_W: tl.constexpr, DIM: tl.constexpr,
+           CHUNK: tl.constexpr, N_SUB: tl.constexpr):
     # program (j, h): positions q of one head's count sketch in N_SUB chunks of CHUNK (a multiple
-    # of DIM, so q's bucket is its offset mod DIM); the entry at q is t[b, h, order[r, h, q]] ->
-    # out (B, H, n_progs, DIM) partial bucket sums of PART (0: u = (g·√inv)², 1: v = |g|, 2: w = g·√inv)
+    # of DIM, so q's bucket is its offset mod DIM); the entry at q is t[b, h, order[r, h, q]],
+    # gathered once for every operand asked: u = (g·√inv)², v = |g|, w = g·√inv -> out (parts
+    # in that order, B, H, n_progs, DIM) partial bucket sums
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     for b in range(n_rows):
-        acc = tl.zeros((DIM,), tl.float32)
+        acc_u = tl.zeros((DIM,), tl.float32)
+        acc_v = tl.zeros((DIM,), tl.float32)
+        acc_w = tl.zeros((DIM,), tl.float32)
         for c in range(N_SUB):
             q = (j.to(tl.int64) * N_SUB + c) * CHUNK + tl.arange(0, CHUNK)
             m = q < P
@@ -109,12 +113,21 @@ def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, P, n_rows, n_heads, nn
                 x = tl.load(t_ptr + (b * n_heads + h) * P + idx, mask=m, other=0.0)
                 if ROUND:
                     x = round_bf16(x)
-                if PART == 1:
-                    y = tl.abs(x) * sg
-                else:
+                if DO_V:
+                    acc_v += tl.sum(tl.reshape(tl.abs(x) * sg, (CHUNK // DIM, DIM)), 0)
+                if DO_U or DO_W:
                     y = x * tl.sqrt(tl.load(inv_ptr + h * P + idx, mask=m, other=0.0))
-                    if PART == 0:
-                        y = y * y
-                    y = y * sg
-                acc += tl.sum(tl.reshape(y, (CHUNK // DIM, DIM)), 0)
-        tl.store(out_ptr + ((b * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM), acc)
+                    if DO_U:
+                        acc_u += tl.sum(tl.reshape(y * y * sg, (CHUNK // DIM, DIM)), 0)
+                    if DO_W:
+                        acc_w += tl.sum(tl.reshape(y * sg, (CHUNK // DIM, DIM)), 0)
+        o = out_ptr + ((b * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM)
+        k = 0
+        if DO_U:
+            tl.store(o, acc_u)
+            k += 1
+        if DO_V:
+            tl.store(o + k * out_part_stride, acc_v)
+            k += 1
+        if DO_W:
+            tl.store(o + k * out_part_stride, acc_w)

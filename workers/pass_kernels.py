@@ -149,22 +149,21 @@ def sketch_kernel_fits(dim: int) -> bool:
 
 
 def sketch_parts(t: torch.Tensor, inv: torch.Tensor, proj, parts, round_bf16: bool) -> dict[str, torch.Tensor]:
-    """`qkov.workers.sketch.sketch_layer` (float32) in one gathered read of t per part: t (B, H, P)
-    float32 (rounded to bf16 first where asked), inv (H, P), proj a LayerProjection whose dim
-    `sketch_kernel_fits` -> {part: (B, H, dim) float32}."""
+    """`qkov.workers.sketch.sketch_layer` (float32), every part from one gathered read of t (and
+    of the projection): t (B, H, P) float32 (rounded to bf16 first where asked), inv (H, P), proj
+    a LayerProjection whose dim `sketch_kernel_fits` -> {part: (B, H, dim) float32}."""
     import triton
 
     B, H, P = t.shape
     nnz, dim = proj.order.shape[0], proj.dim
     chunk = max(dim, BLOCK)
-    n_sub = max(1, min(8, triton.cdiv(P, chunk)))  # (4 × 1024 entries per program: few partials)
+    n_sub = max(1, min(8, triton.cdiv(P, chunk)))  # up to 8 chunks per program: 1/8 the partials
     n_progs = triton.cdiv(P, chunk * n_sub)
     t, inv = t.contiguous(), inv.to(torch.float32).contiguous()  # (as sketch_layer's inv.to(float32))
-    out = {}
-    for name in parts:
-        part = {"u": 0, "v": 1, "w": 2}[name]
-        acc = torch.empty((B, H, n_progs, dim), dtype=torch.float32, device=t.device)
-        _kernels()[2][(n_progs, H)](t, inv, proj.order, proj.signs, acc, P, B, H, nnz, n_progs, float(nnz) ** -0.5,
-                                    ROUND=round_bf16, PART=part, DIM=dim, CHUNK=chunk, N_SUB=n_sub)
-        out[name] = acc.sum(2, dtype=torch.float64).float()
-    return out
+    names = [p for p in ("u", "v", "w") if p in parts]  # the kernel's order
+    acc = torch.empty((len(names), B, H, n_progs, dim), dtype=torch.float32, device=t.device)
+    _kernels()[2][(n_progs, H)](t, inv, proj.order, proj.signs, acc, acc.stride(0), P, B, H, nnz, n_progs,
+                                float(nnz) ** -0.5, ROUND=round_bf16, DO_U="u" in parts, DO_V="v" in parts,
+                                DO_W="w" in parts, DIM=dim, CHUNK=chunk, N_SUB=n_sub)
+    sums = acc.sum(3, dtype=torch.float64).float()
+    return {name: sums[k] for k, name in enumerate(names)}
