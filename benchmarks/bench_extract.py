@@ -139,8 +139,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, help="default: 3 on CPU, 5 on CUDA")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa")
+    p.add_argument("--json-out", help="also write the JSON here")
     a = p.parse_args(argv)
-    print(json.dumps(run(a.device, a.geometry, a.batch, a.seq, a.repeats, a.dtype, a.attn), indent=2))
+    text = json.dumps(run(a.device, a.geometry, a.batch, a.seq, a.repeats, a.dtype, a.attn), indent=2)
+    print(text)
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Issue 28's GPU figures on one GPU, each against its bound measured in the same run:
 #   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|all]
-# passes:    bench_passes (per-batch parts vs a plain forward+backward) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
+# passes:    bench_extract (per-sample gradients vs a plain forward+backward, SmolLM2 bf16),
+#            bench_passes (per-batch parts vs a plain forward+backward; the pass kernels vs their torch forms,
+#            checked against each other) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
 #            profile_answers (one answers task under torch.profiler) for SmolLM2, and profile_fused_score
 #            (the fused path's score task alone, on 1/4/16 threads, with its writes after it or in it, and under torch.profiler)
 # smollm2:   SmolLM2-135M geometry, 1000 + 1000, T = 256, all 30 layers, batch 64: answers-only, then exact
@@ -15,6 +17,8 @@ out=${1:?OUT_DIR}; what=${2:-all}; mkdir -p "$out"
 work=${WORK:-$HOME/qkov-bench}
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "rc $? ($name)"; tail -3 "$out/$name.log"; }
 if [[ $what == passes || $what == all ]]; then
+  # per-sample gradients vs a plain forward+backward, bf16 (issue 28: ≤ 1.0×)
+  run extract-smollm2-bf16 150 python3 -m benchmarks.bench_extract --device cuda --geometry smollm2 --dtype bfloat16 --json-out "$out/extract-smollm2-bf16.json"
   run passes-smollm2-fp32 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype float32 --batch 16 --json-out "$out/passes-smollm2-fp32.json"
   run passes-smollm2-bf16 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype bfloat16 --batch 16 --json-out "$out/passes-smollm2-bf16.json"
   run profile-answers-smollm2 240 python3 -m benchmarks.profile_answers --geometry smollm2 --n 1000 --batch 16 --profile-n 32 --json-out "$out/profile-answers-smollm2.json"
