@@ -16,6 +16,13 @@ if str(ROOT) not in sys.path:
 # every test and worker process; a user's own QKOV_CACHE wins.
 os.environ.setdefault("QKOV_CACHE", str(ROOT / ".cache" / "qkov"))
 
+# Triton's CPU interpreter for the pass kernels' tests (tests/test_pass_kernels.py): read when
+# triton is first imported, by this process or a worker it spawns, so set before any import.
+# The kernels run on CPU tensors only where a test also sets QKOV_PASS_KERNELS=interpret; on a
+# machine with a GPU triton compiles as usual and those tests skip.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 # The test files that take longest (seconds on 2 cores, `--junitxml` summed per file), longest
 # first: `make test` hands whole files to its two xdist workers in this order, so the long ones

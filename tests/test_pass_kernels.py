@@ -4,6 +4,7 @@ on the kernels against the same run on the torch forms."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import numpy as np
@@ -13,28 +14,15 @@ import torch
 
 from qkov.workers import pass_kernels as pk
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton (make test installs it)")
-
-
-def _interpret() -> None:
-    """Triton's interpreter: TRITON_INTERPRET=1 is read when triton.language is imported, so
-    triton (and the kernels' module) are imported afresh if an earlier import compiled instead."""
-    import os
-
-    os.environ["TRITON_INTERPRET"] = "1"
-    tl = sys.modules.get("triton.language")
-    if tl is not None and type(tl.zeros).__name__ != "InterpretedFunction":
-        for name in [m for m in sys.modules if m == "triton" or m.startswith("triton.") or m.endswith("._pass_triton")]:
-            del sys.modules[name]
-    pk.available.cache_clear()
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs triton under its CPU interpreter (make test installs it; conftest sets it)")
 
 
 @pytest.fixture
 def interpreted(monkeypatch):
-    """The kernels on CPU tensors."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.delenv("QKOV_PASS_KERNELS", raising=False)
-    _interpret()
+    """The kernels on CPU tensors, under Triton's interpreter (conftest's TRITON_INTERPRET=1)."""
+    monkeypatch.setenv("QKOV_PASS_KERNELS", "interpret")
+    pk.available.cache_clear()
     yield
     pk.available.cache_clear()
 
@@ -189,7 +177,7 @@ def test_a_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatc
         run_job(job)
         return xr.open_zarr(str(tmp_path / name), group=schema.STATS), xr.open_zarr(str(tmp_path / name), group=schema.GRADIENTS)
 
-    (kern, kern_g), (ref, ref_g) = answers("kernels", TRITON_INTERPRET="1", QKOV_PASS_KERNELS="1"), answers("torch", QKOV_PASS_KERNELS="0")
+    (kern, kern_g), (ref, ref_g) = answers("kernels", QKOV_PASS_KERNELS="interpret"), answers("torch", QKOV_PASS_KERNELS="0")
     sketches = [schema.sketch_var(b, p) for b in "QKVO" for p in (("u", "v") if mode == "top" else schema.SKETCH_PARTS)]
     for name in sketches + [v for v in ref_g.data_vars if v not in sketches]:  # the sketches and the scalars themselves
         want = ref_g[name].values.astype(np.float64)
@@ -221,7 +209,7 @@ def test_an_exact_fused_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_pat
         assert res.extract["gradients_in"]["where"] == "device"
         return tmp_path / name
 
-    kern = run("kernels", TRITON_INTERPRET="1", QKOV_PASS_KERNELS="1")
+    kern = run("kernels", QKOV_PASS_KERNELS="interpret")
     ref = run("torch", QKOV_PASS_KERNELS="0")
     assert_runs_close(kern, ref, rtol=1e-4)
 
@@ -231,7 +219,6 @@ def test_the_kernels_compile_for_an_h100():
     Triton's own compiler and ptxas, no GPU needed: what the interpreter does not check (types,
     constexpr branches, the lowering) fails here instead of on a device. In a fresh process:
     the interpreter, once imported, stays."""
-    import os
     import subprocess
     from pathlib import Path
 

@@ -12,7 +12,8 @@ block of entries (pass 2), which torch then adds in float64: deterministic (no a
 
 The bf16 rounding exact mode stores with is applied in the kernel as integer arithmetic
 (round to nearest even), which Triton's interpreter and a GPU do alike; the CPU tests run
-these kernels under TRITON_INTERPRET=1 against the torch forms.
+these kernels under Triton's interpreter (TRITON_INTERPRET=1, QKOV_PASS_KERNELS=interpret)
+against the torch forms.
 """
 from __future__ import annotations
 
@@ -37,8 +38,11 @@ def available() -> bool:
 
 
 def use_kernels(t: torch.Tensor) -> bool:
-    """The kernels for a CUDA tensor where Triton is importable (or any tensor under TRITON_INTERPRET=1)."""
-    return available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """The kernels for a CUDA tensor where Triton is importable; for a CPU tensor only under
+    Triton's interpreter, asked for (QKOV_PASS_KERNELS=interpret with TRITON_INTERPRET=1: the tests)."""
+    if t.is_cuda:
+        return available()
+    return os.environ.get("QKOV_PASS_KERNELS") == "interpret" and os.environ.get("TRITON_INTERPRET") == "1" and available()
 
 
 def _kernels():
