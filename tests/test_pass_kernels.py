@@ -187,14 +187,15 @@ def test_a_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatc
     assert len(compared) >= 3
     for name in compared:  # (float32 sums in another order: differences relative to each answer's scale)
         want = ref[name].values
-        np.testing.assert_allclose(kern[name].values, want, rtol=1e-4, atol=1e-4 * np.nanmax(np.abs(want)), err_msg=name)
+        scale = np.abs(want[np.isfinite(want)]).max(initial=0.0)
+        np.testing.assert_allclose(kern[name].values, want, rtol=1e-4, atol=1e-4 * scale, err_msg=name)
 
 
-@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
-def test_an_exact_fused_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatch, storage):
+def test_an_exact_fused_run_on_the_kernels_equals_one_on_the_torch_forms(tmp_path, monkeypatch):
     """Exact mode on the fused path (the gradients held where they are formed: the kernel stores
-    the rows) on the interpreted kernels, against the torch forms: the same gradients (bit for
-    bit), Fisher, scores and answers to float rounding."""
+    the rows, bf16 here; float32 rows: the unit test above) on the interpreted kernels, against
+    the torch forms: the same Fisher, scores and answers to float rounding."""
+    storage = "bfloat16"
     from qkov.pipeline.run import run_job
     from qkov.testing import assert_runs_close, tiny_job
 
