@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 28's GPU figures on one GPU, each against its bound measured in the same run:
-#   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|all]
+#   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|llama3-8b-short|short|all]
 # passes:    bench_extract (per-sample gradients vs a plain forward+backward, SmolLM2 bf16),
 #            bench_passes (per-batch parts vs a plain forward+backward; the pass kernels vs their torch forms,
 #            checked against each other) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
@@ -12,6 +12,7 @@
 # llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers mode with the
 #            interference sketched (keep_pairs = "top", k = 256)
 # llama3-8b-short: the same with 256 + 256 samples
+# short:     the 8B passes (fewer steps), then the two SmolLM2 runs: for a call with little device time left
 set -u
 out=${1:?OUT_DIR}; what=${2:-all}; mkdir -p "$out"
 work=${WORK:-$HOME/qkov-bench}
@@ -32,6 +33,12 @@ common=(--n 1000 --seq 256 --model-dtype bfloat16 --baseline --ignore-disk --no-
 if [[ $what == smollm2 || $what == all ]]; then
   run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
   run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+fi
+if [[ $what == short ]]; then  # when device time is short, most informative first: the 8B pass kernels
+  # (checked against their torch forms and timed against them), then the exact fused and answers-only SmolLM2 runs
+  run passes-llama3-8b-bf16 160 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass1_torch pass2_sketch pass2_sketch_torch --json-out "$out/passes-llama3-8b-bf16.json"
+  run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+  run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
   run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
