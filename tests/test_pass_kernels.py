@@ -130,6 +130,23 @@ def test_pass2_kernel_equals_an_elementwise_float64_reference(interpreted, round
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_triton_that_cannot_run_the_kernels_leaves_the_torch_forms_with_a_warning(interpreted, monkeypatch):
+    """The once-per-device probe: every variant runs here (the interpreter); where one raises
+    (a Triton these kernels do not suit), the passes keep their torch forms and say so."""
+    pk._runs_on.cache_clear()
+    assert pk._runs_on(torch.device("cpu"))
+
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("no such intrinsic")
+
+    monkeypatch.setattr(pk, "_kernels", lambda: (Broken(), Broken(), Broken()))
+    pk._runs_on.cache_clear()
+    with pytest.warns(RuntimeWarning, match="torch forms"):
+        assert not pk._runs_on(torch.device("cpu"))
+    pk._runs_on.cache_clear()
+
+
 @pytest.mark.parametrize("rounding", [False, True])
 @pytest.mark.parametrize("P, dim, nnz", [(3000, 256, 1), (4096, 64, 2), (1000, 2048, 1)])
 def test_sketch_kernel_equals_the_torch_sketch(interpreted, P, dim, nnz, rounding):

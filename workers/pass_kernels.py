@@ -38,11 +38,48 @@ def available() -> bool:
 
 
 def use_kernels(t: torch.Tensor) -> bool:
-    """The kernels for a CUDA tensor where Triton is importable; for a CPU tensor only under
-    Triton's interpreter, asked for (QKOV_PASS_KERNELS=interpret with TRITON_INTERPRET=1: the tests)."""
+    """The kernels for a CUDA tensor where Triton is importable and builds and runs them on its
+    device (`_runs_on`); for a CPU tensor only under Triton's interpreter, asked for
+    (QKOV_PASS_KERNELS=interpret with TRITON_INTERPRET=1: the tests)."""
     if t.is_cuda:
-        return available()
+        return available() and _runs_on(t.device)
     return os.environ.get("QKOV_PASS_KERNELS") == "interpret" and os.environ.get("TRITON_INTERPRET") == "1" and available()
+
+
+@functools.cache
+def _runs_on(device: torch.device) -> bool:
+    """Whether this Triton builds and runs every kernel variant the passes launch on `device`,
+    tried once per process on small inputs (a Triton too old or too new for these kernels, or a
+    device it cannot target): where not, the passes keep their torch forms, with a warning,
+    instead of failing a job partway through a pass."""
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        t = torch.randn((3, 2, BLOCK + 5), generator=g, device=device)
+        acc = torch.zeros((3, 2, 2, BLOCK + 5), device=device)
+        fisher = torch.zeros((1, 2, BLOCK + 5), dtype=torch.float64, device=device)
+        for rounding in (False, True):
+            for k, cw in ((0, (1.0,)), (1, None), (None, (0.5,))):
+                _pass1_launch(t, [(0, 3, k, cw)], acc, fisher, rounding, None)
+            _pass2_launch(t, torch.ones_like(t[0]), acc, rounding)
+        for dtype in (torch.float32, torch.bfloat16):
+            for cw in ((1.0,), None):
+                _pass1_launch(t, [(0, 3, None, cw)], None, fisher, False, (torch.empty((1, 2, 4, BLOCK + 5), dtype=dtype,
+                                                                                     device=device), 0, 1))
+        from .sketch import layer_projection
+
+        proj = layer_projection(BLOCK + 5, 256, 0, "Q", 0, 2, 1, device)
+        for parts in (("u", "v"), ("u", "v", "w")):
+            for rounding in (False, True):
+                _sketch_launch(t, torch.ones_like(t[0]), proj, parts, rounding)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # (launch errors surface here)
+        return True
+    except Exception as e:  # noqa: BLE001 (whatever this Triton raises: the torch forms do the same work)
+        import warnings
+
+        warnings.warn(f"qkov: the answers passes' Triton kernels do not run on {device} ({type(e).__name__}: "
+                      f"{str(e)[:200]}); using their torch forms", RuntimeWarning, stacklevel=2)
+        return False
 
 
 def _kernels():
@@ -81,10 +118,15 @@ def pass1_update(t: torch.Tensor, runs, acc: torch.Tensor | None, fisher: torch.
     (unrounded) per stream; store (buf (L, H, n, P) float32 or bf16, layer, first sample): the
     rows written as exact mode stores them (bf16: rounded to nearest even), in the same read.
     Returns a device flag (int32, > 0: t held a non-finite value), not synchronised."""
-    bad = torch.zeros((), dtype=torch.int32, device=t.device)
     if not use_kernels(t):
-        return _pass1_torch(t, runs, acc, fisher, round_bf16, bad, store)
+        return _pass1_torch(t, runs, acc, fisher, round_bf16, torch.zeros((), dtype=torch.int32, device=t.device), store)
+    return _pass1_launch(t, runs, acc, fisher, round_bf16, store)
+
+
+def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
     import triton
+
+    bad = torch.zeros((), dtype=torch.int32, device=t.device)
 
     kernel = _kernels()[0]
     t2 = t.contiguous().view(t.shape[0], -1)
@@ -131,8 +173,13 @@ def _pass1_torch(t, runs, acc, fisher, round_bf16, bad, store=None):
 
 def pass2_scalars(t: torch.Tensor, inv: torch.Tensor, sums: torch.Tensor, round_bf16: bool) -> torch.Tensor:
     """Each sample's scalars of one slice batch in `schema.answer_parts` order (see
-    `qkov.workers.answers.sample_scalars`): t (B, H, P) float32, inv (H, P), sums (3, tasks, H, P)
-    float32 -> (B, H, 3 + 3·tasks) float64, reading t once (rounded to bf16 first where asked)."""
+    `qkov.workers.answers.sample_scalars`, their torch form, which callers run where
+    `use_kernels` is false): t (B, H, P) float32, inv (H, P), sums (3, tasks, H, P) float32 ->
+    (B, H, 3 + 3·tasks) float64, reading t once (rounded to bf16 first where asked)."""
+    return _pass2_launch(t, inv, sums, round_bf16)
+
+
+def _pass2_launch(t, inv, sums, round_bf16) -> torch.Tensor:
     import triton
 
     B, H, P = t.shape
@@ -155,7 +202,12 @@ def sketch_kernel_fits(dim: int) -> bool:
 def sketch_parts(t: torch.Tensor, inv: torch.Tensor, proj, parts, round_bf16: bool) -> dict[str, torch.Tensor]:
     """`qkov.workers.sketch.sketch_layer` (float32), every part from one gathered read of t (and
     of the projection): t (B, H, P) float32 (rounded to bf16 first where asked), inv (H, P), proj
-    a LayerProjection whose dim `sketch_kernel_fits` -> {part: (B, H, dim) float32}."""
+    a LayerProjection whose dim `sketch_kernel_fits` -> {part: (B, H, dim) float32} (callers
+    run `sketch_layer` where `use_kernels` is false)."""
+    return _sketch_launch(t, inv, proj, parts, round_bf16)
+
+
+def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:
     import triton
 
     B, H, P = t.shape
