@@ -110,7 +110,7 @@ def test_pass2_kernel_equals_an_elementwise_float64_reference(interpreted, round
     from qkov.pipeline import schema
 
     rng = np.random.default_rng(P)
-    B, H, tasks = 4, 3, 2
+    B, H, tasks = pk.ROWS + 2, 3, 2  # (two groups of rows, the second part-filled)
     g = rng.normal(size=(B, H, P)) * rng.uniform(0.1, 3.0, size=(1, H, 1))
     inv = rng.uniform(0.5, 2.0, size=(H, P))
     sums = np.stack([rng.normal(size=(tasks, 2, H, P)), np.abs(rng.normal(size=(tasks, 2, H, P))),
@@ -155,7 +155,7 @@ def test_sketch_kernel_equals_the_torch_sketch(interpreted, P, dim, nnz, roundin
     from qkov.workers.sketch import layer_projection, sketch_layer
 
     g = torch.Generator().manual_seed(P + dim)
-    B, H = 3, 2
+    B, H = pk.ROWS + 1, 2  # (two groups of rows)
     t = torch.randn((B, H, P), generator=g)
     inv = torch.rand((H, P), generator=g) + 0.3
     proj = layer_projection(P, dim, 0, "Q", 0, H, nnz)
@@ -241,12 +241,14 @@ def test_the_kernels_compile_for_an_h100():
     from pathlib import Path
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_pass_kernels as t; t.compile_all()"
+    here = Path(__file__).resolve().parent  # (this checkout's tests and packages, whatever the working directory)
+    code = (f"import sys; sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]; import test_pass_kernels as t; "
+            "t.compile_all()")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     if out.returncode == 3:
         pytest.skip("this triton has no CUDA backend")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["compiled", "18"], out.stdout
+    assert out.stdout.split() == ["compiled", "22"], out.stdout
 
 
 def compile_all() -> None:
@@ -268,20 +270,20 @@ def compile_all() -> None:
         for has_acc in (False, True):
             for has_f in (False, True):
                 variants.append((kernels.pass1, {**p1, "out_ptr": "*fp32"}, {
-                    "ROUND": rounding, "HAS_ACC": has_acc, "HAS_FISHER": has_f, "STORE": 0, "BLOCK": pk.BLOCK}))
+                    "ROUND": rounding, "HAS_ACC": has_acc, "HAS_FISHER": has_f, "STORE": 0, "BLOCK": pk.BLOCK1}))
     for store, out in ((1, "*fp32"), (2, "*bf16")):  # exact mode's
         for has_f in (False, True):
             variants.append((kernels.pass1, {**p1, "out_ptr": out}, {
-                "ROUND": False, "HAS_ACC": False, "HAS_FISHER": has_f, "STORE": store, "BLOCK": pk.BLOCK}))
+                "ROUND": False, "HAS_ACC": False, "HAS_FISHER": has_f, "STORE": store, "BLOCK": pk.BLOCK1}))
     p2 = {"t_ptr": "*fp32", "inv_ptr": "*fp32", "sums_ptr": "*fp32", "out_ptr": "*fp32", "P": "i32", "n_rows": "i32",
           "n_tasks": "i32", "n_blocks": "i32", "n_heads": "i32", "s_kind": "i64", "s_task": "i64"}
-    variants += [(kernels.pass2, p2, {"ROUND": r, "BLOCK": pk.BLOCK}) for r in (False, True)]
+    variants += [(kernels.pass2, p2, {"ROUND": r, "ROWS": pk.ROWS, "BLOCK": pk.BLOCK}) for r in (False, True)]
     sk = {"t_ptr": "*fp32", "inv_ptr": "*fp32", "order_ptr": "*i32", "signs_ptr": "*i8", "out_ptr": "*fp32",
           "out_part_stride": "i64", "P": "i32", "n_rows": "i32", "n_heads": "i32", "nnz": "i32", "n_progs": "i32",
           "scale": "fp32"}
     variants += [(kernels.sketch, sk, {"ROUND": rounding, "DO_U": True, "DO_V": True, "DO_W": w, "DIM": dim,
-                                       "CHUNK": max(dim, pk.BLOCK), "N_SUB": 8})
-                 for rounding, w in ((True, False), (False, True)) for dim in (256, 4096)]
+                                       "CHUNK": max(dim, pk.BLOCK), "N_SUB": n_sub, "ROWS": pk.ROWS})
+                 for rounding, w in ((True, False), (False, True)) for dim in (256, 4096) for n_sub in (1, 8)]
     for fn, types, const in variants:
         names = list(fn.arg_names)
         assert set(types) | set(const) == set(names), set(names) ^ (set(types) | set(const))

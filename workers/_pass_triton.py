@@ -56,9 +56,9 @@ def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fis
 
 @triton.jit
 def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_heads, s_kind, s_task,
-          ROUND: tl.constexpr, BLOCK: tl.constexpr):
-    # program (block j, head h): rows b of t (B, H, P), inv (H, P), sums (3, tasks, H, P) ->
-    # out (B, H, n_blocks, 3 + 3·tasks) partial sums of each sample's scalars
+          ROUND: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # program (block j, head h, rows ROWS·g..): rows b of t (B, H, P), inv (H, P), sums (3, tasks,
+    # H, P) -> out (B, H, n_blocks, 3 + 3·tasks) partial sums of each sample's scalars
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     p = j.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -66,7 +66,8 @@ def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_hea
     hp = h * P + p
     w = tl.load(inv_ptr + hp, mask=m, other=0.0)
     n_parts = 3 + 3 * n_tasks
-    for b in range(n_rows):
+    b_end = tl.minimum(tl.program_id(2) * ROWS + ROWS, n_rows)
+    for b in range(tl.program_id(2) * ROWS, b_end):
         x = tl.load(t_ptr + b * n_heads * P + hp, mask=m, other=0.0)
         if ROUND:
             x = round_bf16(x)
@@ -92,14 +93,15 @@ def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_hea
 @triton.jit
 def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, out_part_stride, P, n_rows, n_heads, nnz, n_progs, scale,
            ROUND: tl.constexpr, DO_U: tl.constexpr, DO_V: tl.constexpr, DO_W: tl.constexpr, DIM: tl.constexpr,
-           CHUNK: tl.constexpr, N_SUB: tl.constexpr):
+           CHUNK: tl.constexpr, N_SUB: tl.constexpr, ROWS: tl.constexpr):
     # program (j, h): positions q of one head's count sketch in N_SUB chunks of CHUNK (a multiple
     # of DIM, so q's bucket is its offset mod DIM); the entry at q is t[b, h, order[r, h, q]],
     # gathered once for every operand asked: u = (g·√inv)², v = |g|, w = g·√inv -> out (parts
     # in that order, B, H, n_progs, DIM) partial bucket sums
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    for b in range(n_rows):
+    b_end = tl.minimum(tl.program_id(2) * ROWS + ROWS, n_rows)
+    for b in range(tl.program_id(2) * ROWS, b_end):  # (rows ROWS·g..: programs enough for a small model's heads)
         acc_u = tl.zeros((DIM,), tl.float32)
         acc_v = tl.zeros((DIM,), tl.float32)
         acc_w = tl.zeros((DIM,), tl.float32)

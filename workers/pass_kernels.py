@@ -23,6 +23,8 @@ import os
 import torch
 
 BLOCK = 1024  # entries per program: 4 KB per row read, a partial per 1024 entries in pass 2
+BLOCK1 = 512  # pass 1's entries per program: SmolLM2's 331,776-entry slices in 648 programs (4 warps each), 8B's in 32,768
+ROWS = 4  # rows per program in pass 2 and the sketches: SmolLM2's 9 heads × 36 blocks × 64 rows in 5184 programs, not 324
 
 
 @functools.cache
@@ -140,7 +142,7 @@ def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
         has_acc = acc is not None and k is not None
         has_f = fisher is not None and cw is not None
         a = acc[:, k] if has_acc else None
-        kernel[(triton.cdiv(n_cols, BLOCK),)](
+        kernel[(triton.cdiv(n_cols, BLOCK1),)](
             t2, n_cols, r0, r1 - r0,
             a[0] if has_acc else t2, a.stride(0) if has_acc else 0,
             fisher if has_f else dummy64, fisher.stride(0) if has_f else 0,
@@ -149,7 +151,7 @@ def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
             out if store is not None else t2, out.stride(0) if store is not None else 0,
             start if store is not None else 0, P if store is not None else 1,
             ROUND=round_bf16, HAS_ACC=has_acc, HAS_FISHER=has_f,
-            STORE=0 if store is None else 2 if out.dtype == torch.bfloat16 else 1, BLOCK=BLOCK)
+            STORE=0 if store is None else 2 if out.dtype == torch.bfloat16 else 1, BLOCK=BLOCK1)
     return bad
 
 
@@ -189,8 +191,8 @@ def _pass2_launch(t, inv, sums, round_bf16) -> torch.Tensor:
     if sums.stride(3) != 1 or sums.stride(2) != P:  # each (H, P) sum read in place (8B: a copy is 0.4 GB per block)
         sums = sums.contiguous()
     out = torch.empty((B, H, n_blocks, 3 + 3 * n_tasks), dtype=torch.float32, device=t.device)
-    _kernels()[1][(n_blocks, H)](t, inv, sums, out, P, B, n_tasks, n_blocks, H, sums.stride(0), sums.stride(1),
-                                 ROUND=round_bf16, BLOCK=BLOCK)
+    _kernels()[1][(n_blocks, H, triton.cdiv(B, ROWS))](t, inv, sums, out, P, B, n_tasks, n_blocks, H, sums.stride(0),
+                                                         sums.stride(1), ROUND=round_bf16, ROWS=ROWS, BLOCK=BLOCK)
     return out.sum(2, dtype=torch.float64)
 
 
@@ -213,13 +215,15 @@ def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:
     B, H, P = t.shape
     nnz, dim = proj.order.shape[0], proj.dim
     chunk = max(dim, BLOCK)
-    n_sub = max(1, min(8, triton.cdiv(P, chunk)))  # up to 8 chunks per program: 1/8 the partials
+    groups = triton.cdiv(B, ROWS)
+    # up to 8 chunks per program (1/8 the partials) while ~2048 programs remain (8B: 8; SmolLM2: 1)
+    n_sub = max(1, min(8, triton.cdiv(P, chunk) * H * groups // 2048))
     n_progs = triton.cdiv(P, chunk * n_sub)
     t, inv = t.contiguous(), inv.to(torch.float32).contiguous()  # (as sketch_layer's inv.to(float32))
     names = [p for p in ("u", "v", "w") if p in parts]  # the kernel's order
     acc = torch.empty((len(names), B, H, n_progs, dim), dtype=torch.float32, device=t.device)
-    _kernels()[2][(n_progs, H)](t, inv, proj.order, proj.signs, acc, acc.stride(0), P, B, H, nnz, n_progs,
-                                float(nnz) ** -0.5, ROUND=round_bf16, DO_U="u" in parts, DO_V="v" in parts,
-                                DO_W="w" in parts, DIM=dim, CHUNK=chunk, N_SUB=n_sub)
+    _kernels()[2][(n_progs, H, groups)](t, inv, proj.order, proj.signs, acc, acc.stride(0), P, B, H, nnz, n_progs,
+                                        float(nnz) ** -0.5, ROUND=round_bf16, DO_U="u" in parts, DO_V="v" in parts,
+                                        DO_W="w" in parts, DIM=dim, CHUNK=chunk, N_SUB=n_sub, ROWS=ROWS)
     sums = acc.sum(3, dtype=torch.float64).float()
     return {name: sums[k] for k, name in enumerate(names)}
