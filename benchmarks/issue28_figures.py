@@ -88,6 +88,15 @@ def figures(out: Path) -> tuple[dict, dict]:
     return figs, {k: v for k, v in raw.items() if v is not None}
 
 
+def _no_nan(x):
+    """The steps a run did not time (NaN in bench_passes' parts) left out: strict JSON."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items() if not (isinstance(v, float) and v != v)}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    return x
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -98,7 +107,7 @@ def main(argv=None) -> None:
     figs, raw = figures(a.out)
     doc = {"date": datetime.date.today().isoformat(), "issue": 28, "device": card, "note": a.note,
            "figures": figs, "raw": raw}
-    a.results.write_text(json.dumps(doc, indent=1) + "\n")
+    a.results.write_text(json.dumps(_no_nan(doc), indent=1, allow_nan=False) + "\n")
     for k, v in figs.items():
         print(k, {x: v.get(x) for x in ("run_total_s", "two_passes_over_plain", "ratio", "met") if x in v})
 
