@@ -282,13 +282,15 @@ def compile_all() -> None:
           "out_part_stride": "i64", "P": "i32", "n_rows": "i32", "n_heads": "i32", "nnz": "i32", "n_progs": "i32",
           "scale": "fp32"}
     variants += [(kernels.sketch, sk, {"ROUND": rounding, "DO_U": True, "DO_V": True, "DO_W": w, "DIM": dim,
-                                       "CHUNK": max(dim, pk.BLOCK), "N_SUB": n_sub, "ROWS": pk.ROWS})
+                                       "CHUNK": max(dim, pk.BLOCK), "N_SUB": n_sub,
+                                       "ROWS": pk.ROWS if dim <= pk.BLOCK else 1})
                  for rounding, w in ((True, False), (False, True)) for dim in (256, 4096) for n_sub in (1, 8)]
     for fn, types, const in variants:
         names = list(fn.arg_names)
         assert set(types) | set(const) == set(names), set(names) ^ (set(types) | set(const))
         signature = {n: types.get(n, "constexpr") for n in names}
         src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        big = const.get("CHUNK", 0) > pk.BLOCK  # (launched with 8 warps: pass_kernels.sketch_parts)
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8} if big else None)
         assert compiled.asm["cubin"], (fn.__name__, const)
     print("compiled", len(variants))

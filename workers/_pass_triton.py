@@ -94,42 +94,45 @@ def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_hea
 def sketch(t_ptr, inv_ptr, order_ptr, signs_ptr, out_ptr, out_part_stride, P, n_rows, n_heads, nnz, n_progs, scale,
            ROUND: tl.constexpr, DO_U: tl.constexpr, DO_V: tl.constexpr, DO_W: tl.constexpr, DIM: tl.constexpr,
            CHUNK: tl.constexpr, N_SUB: tl.constexpr, ROWS: tl.constexpr):
-    # program (j, h): positions q of one head's count sketch in N_SUB chunks of CHUNK (a multiple
-    # of DIM, so q's bucket is its offset mod DIM); the entry at q is t[b, h, order[r, h, q]],
-    # gathered once for every operand asked: u = (g·√inv)², v = |g|, w = g·√inv -> out (parts
-    # in that order, B, H, n_progs, DIM) partial bucket sums
+    # program (j, h, g): positions q of one head's count sketch in N_SUB chunks of CHUNK (a
+    # multiple of DIM, so q's bucket is its offset mod DIM) for rows ROWS·g..; the entry at q is
+    # t[b, h, order[r, h, q]]. The projection's order, signs and √inv are read once per chunk
+    # for all the rows, each row's entries gathered once for every operand asked: u = (g·√inv)²,
+    # v = |g|, w = g·√inv -> out (parts in that order, B, H, n_progs, DIM) partial bucket sums
     j = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    b_end = tl.minimum(tl.program_id(2) * ROWS + ROWS, n_rows)
-    for b in range(tl.program_id(2) * ROWS, b_end):  # (rows ROWS·g..: programs enough for a small model's heads)
-        acc_u = tl.zeros((DIM,), tl.float32)
-        acc_v = tl.zeros((DIM,), tl.float32)
-        acc_w = tl.zeros((DIM,), tl.float32)
-        for c in range(N_SUB):
-            q = (j.to(tl.int64) * N_SUB + c) * CHUNK + tl.arange(0, CHUNK)
-            m = q < P
-            for r in range(nnz):
-                rq = (r * n_heads + h) * P + q
-                idx = tl.load(order_ptr + rq, mask=m, other=0).to(tl.int64)
-                sg = tl.load(signs_ptr + rq, mask=m, other=0).to(tl.float32) * scale
-                x = tl.load(t_ptr + (b * n_heads + h) * P + idx, mask=m, other=0.0)
-                if ROUND:
-                    x = round_bf16(x)
-                if DO_V:
-                    acc_v += tl.sum(tl.reshape(tl.abs(x) * sg, (CHUNK // DIM, DIM)), 0)
-                if DO_U or DO_W:
-                    y = x * tl.sqrt(tl.load(inv_ptr + h * P + idx, mask=m, other=0.0))
-                    if DO_U:
-                        acc_u += tl.sum(tl.reshape(y * y * sg, (CHUNK // DIM, DIM)), 0)
-                    if DO_W:
-                        acc_w += tl.sum(tl.reshape(y * sg, (CHUNK // DIM, DIM)), 0)
-        o = out_ptr + ((b * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM)
-        k = 0
-        if DO_U:
-            tl.store(o, acc_u)
-            k += 1
-        if DO_V:
-            tl.store(o + k * out_part_stride, acc_v)
-            k += 1
-        if DO_W:
-            tl.store(o + k * out_part_stride, acc_w)
+    rows = tl.program_id(2).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    rm = rows < n_rows
+    acc_u = tl.zeros((ROWS, DIM), tl.float32)
+    acc_v = tl.zeros((ROWS, DIM), tl.float32)
+    acc_w = tl.zeros((ROWS, DIM), tl.float32)
+    for c in range(N_SUB):
+        q = (j.to(tl.int64) * N_SUB + c) * CHUNK + tl.arange(0, CHUNK)
+        m = q < P
+        for r in range(nnz):
+            rq = (r * n_heads + h) * P + q
+            idx = tl.load(order_ptr + rq, mask=m, other=0).to(tl.int64)
+            sg = (tl.load(signs_ptr + rq, mask=m, other=0).to(tl.float32) * scale)[None, :]
+            m2 = rm[:, None] & m[None, :]
+            x = tl.load(t_ptr + (rows[:, None] * n_heads + h) * P + idx[None, :], mask=m2, other=0.0)
+            if ROUND:
+                x = round_bf16(x)
+            if DO_V:
+                acc_v += tl.sum(tl.reshape(tl.abs(x) * sg, (ROWS, CHUNK // DIM, DIM)), 1)
+            if DO_U or DO_W:
+                y = x * tl.sqrt(tl.load(inv_ptr + h * P + idx, mask=m, other=0.0))[None, :]
+                if DO_U:
+                    acc_u += tl.sum(tl.reshape(y * y * sg, (ROWS, CHUNK // DIM, DIM)), 1)
+                if DO_W:
+                    acc_w += tl.sum(tl.reshape(y * sg, (ROWS, CHUNK // DIM, DIM)), 1)
+    o = out_ptr + ((rows[:, None] * n_heads + h) * n_progs + j) * DIM + tl.arange(0, DIM)[None, :]
+    om = rm[:, None]
+    k = 0
+    if DO_U:
+        tl.store(o, acc_u, mask=om)
+        k += 1
+    if DO_V:
+        tl.store(o + k * out_part_stride, acc_v, mask=om)
+        k += 1
+    if DO_W:
+        tl.store(o + k * out_part_stride, acc_w, mask=om)

@@ -215,7 +215,8 @@ def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:
     B, H, P = t.shape
     nnz, dim = proj.order.shape[0], proj.dim
     chunk = max(dim, BLOCK)
-    groups = triton.cdiv(B, ROWS)
+    rows = ROWS if chunk <= BLOCK else 1  # (rows × chunk entries in registers: one row of a 4096-bucket sketch)
+    groups = triton.cdiv(B, rows)
     # up to 8 chunks per program (1/8 the partials) while ~2048 programs remain (8B: 8; SmolLM2: 1)
     n_sub = max(1, min(8, triton.cdiv(P, chunk) * H * groups // 2048))
     n_progs = triton.cdiv(P, chunk * n_sub)
@@ -224,6 +225,7 @@ def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:
     acc = torch.empty((len(names), B, H, n_progs, dim), dtype=torch.float32, device=t.device)
     _kernels()[2][(n_progs, H, groups)](t, inv, proj.order, proj.signs, acc, acc.stride(0), P, B, H, nnz, n_progs,
                                         float(nnz) ** -0.5, ROUND=round_bf16, DO_U="u" in parts, DO_V="v" in parts,
-                                        DO_W="w" in parts, DIM=dim, CHUNK=chunk, N_SUB=n_sub, ROWS=ROWS)
+                                        DO_W="w" in parts, DIM=dim, CHUNK=chunk, N_SUB=n_sub, ROWS=rows,
+                                        num_warps=4 if chunk <= BLOCK else 8)
     sums = acc.sum(3, dtype=torch.float64).float()
     return {name: sums[k] for k, name in enumerate(names)}
