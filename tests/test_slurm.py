@@ -155,7 +155,9 @@ def test_jobqueue_profile_submits_workers_as_slurm_jobs(slurm, reference):
         "scale": 2,  # two workers = two SLURM jobs
         # deploy/slurm/jobqueue.yaml gives the defaults (DASK_CONFIG below); sized down to this node
         "job_cpu": 1,
-        "memory": "1GB",
+        # a worker process holds torch, transformers and triton (torch._dynamo imports it where it is
+        # installed): ~0.8 GB, which at "1GB" Dask's 80 % threshold paused for good, and the run hung
+        "memory": "2GB",
         "walltime": "00:15:00",
         "interface": "lo",
         "scheduler_options": {"dashboard_address": "127.0.0.1:0"},
