@@ -257,7 +257,7 @@ def kernel_check(res, layout, blocks, runs1, inv, K) -> dict:
         acc = {f: torch.zeros((3, K, H, P), dtype=torch.float32, device=t.device) for f in ("kernel", "torch")}
         fis = {f: torch.zeros((1, H, P), dtype=torch.float64, device=t.device) for f in ("kernel", "torch")}
         pk.pass1_update(t, runs1, acc["kernel"], fis["kernel"], True)
-        pk._pass1_torch(t, runs1, acc["torch"], fis["torch"], True, torch.zeros((), dtype=torch.int32, device=t.device))
+        pk._pass1_torch(t, runs1, acc["torch"], fis["torch"], True)
         x_k = pk.pass2_scalars(t, inv[b], acc["torch"], True)
         x_t = ans.sample_scalars(t.to(torch.bfloat16).float(), inv[b], acc["torch"])
 

@@ -17,7 +17,7 @@ import torch
 
 from qkov.pipeline import schema
 
-from .pass_kernels import pass1_update, pass2_scalars, sketch_kernel_fits, sketch_parts, use_kernels
+from .pass_kernels import pass1_update, pass2_scalars, sketch_parts, use_kernels
 from .pass_kernels import squares_sum, task_sums_update  # noqa: F401 (the torch forms, also for tests)
 
 
@@ -159,6 +159,7 @@ class AnswersPass:
         self.task, self.summing = task, task.phase == "fisher"
         self.task_of = list(task.task_of)  # each row's task, on the host: the sums take runs of rows
         if self.summing:
+            self._runs: tuple = (None, [])  # (batch start, its runs of rows) for `pass1`
             self.tsums = {b: torch.zeros((3, task.n_tasks, L, heads[b], sizes[b]), dtype=torch.float32, device=device)
                           for b in task.blocks}
             return
@@ -189,9 +190,10 @@ class AnswersPass:
         the same read of t (`pass_kernels.pass1_update`): fisher (streams, H, P) float64 += w·Σ t²
         per stream, w (streams, B) the rows' Fisher weights (skipped samples' 0). Returns the
         device's non-finite flag for t."""
-        keys = [(k, tuple(col)) for k, col in zip(self.task_of[s : s + t.shape[0]], w.T.tolist())]
-        runs = [(r0, r1, k, c if any(c) else None) for (k, c), r0, r1 in row_runs(keys)]
-        return pass1_update(t, runs, self.tsums[b][:, :, li], fisher, self.task.storage_dtype != "float32")
+        if self._runs[0] != s:  # the batch's runs, the same for each of its (block, layer)s
+            keys = [(k, tuple(col)) for k, col in zip(self.task_of[s : s + t.shape[0]], w.T.tolist())]
+            self._runs = (s, [(r0, r1, k, c if any(c) else None) for (k, c), r0, r1 in row_runs(keys)])
+        return pass1_update(t, self._runs[1], self.tsums[b][:, :, li], fisher, self.task.storage_dtype != "float32")
 
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);
@@ -200,13 +202,7 @@ class AnswersPass:
         if not self.summing and use_kernels(t):  # t read once per output, rounded in the kernels
             x = pass2_scalars(t, self.inv[b][li], self.sums[b][:, :, li], rounding)
             self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
-            if self.sketch_shapes:
-                proj = projection(b, li)
-                if sketch_kernel_fits(proj.dim):
-                    for p, x in sketch_parts(t, self.inv[b][li], proj, ("u", "v"), rounding).items():
-                        put(schema.sketch_var(b, p), li, s, x)
-                else:
-                    self._sketch(b, li, s, t.to(torch.bfloat16).float() if rounding else t, put, projection)
+            self._sketch(b, li, s, t, rounding, put, projection)
             return
         if rounding:
             t = t.to(torch.bfloat16).float()
@@ -223,14 +219,11 @@ class AnswersPass:
                 wts = self._weights[key] = cached_columns(wts)
         x = sample_scalars(t, None, None, wts)
         self.scalars[b][li, :, s : s + t.shape[0]] = x.transpose(0, 1)
-        self._sketch(b, li, s, t, put, projection)
+        self._sketch(b, li, s, t, False, put, projection)  # (t already rounded)
 
-    def _sketch(self, b, li, s, t, put, projection) -> None:
-        if self.sketch_shapes:
-            from .sketch import sketch_layer
-
-            # u and v only: the alignment's answers come exactly from the scalars
-            for p, x in sketch_layer(t, self.inv[b][li], projection(b, li), parts=("u", "v")).items():
+    def _sketch(self, b, li, s, t, rounding, put, projection) -> None:
+        if self.sketch_shapes:  # u and v only: the alignment's answers come exactly from the scalars
+            for p, x in sketch_parts(t, self.inv[b][li], projection(b, li), ("u", "v"), rounding).items():
                 put(schema.sketch_var(b, p), li, s, x.float())
 
     def _cacheable(self, shape) -> bool:

@@ -123,19 +123,25 @@ def pass1_update(t: torch.Tensor, runs, acc: torch.Tensor | None, fisher: torch.
     rows written as exact mode stores them (bf16: rounded to nearest even), in the same read.
     Returns a device flag (int32, > 0: t held a non-finite value), not synchronised."""
     if not use_kernels(t):
-        return _pass1_torch(t, runs, acc, fisher, round_bf16, torch.zeros((), dtype=torch.int32, device=t.device), store)
+        return _pass1_torch(t, runs, acc, fisher, round_bf16, store)
     return _pass1_launch(t, runs, acc, fisher, round_bf16, store)
+
+
+@functools.lru_cache(maxsize=256)
+def _on_device(values: tuple, device: torch.device) -> torch.Tensor:
+    """A run's Fisher stream weights as a float64 device tensor, made once: a copy from the host
+    per slice would synchronise the device 120 times a batch (SmolLM2); the weights repeat."""
+    return torch.tensor(values, dtype=torch.float64, device=device)
 
 
 def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
     import triton
 
     bad = torch.zeros((), dtype=torch.int32, device=t.device)
-
     kernel = _kernels()[0]
     t2 = t.contiguous().view(t.shape[0], -1)
     n_cols = t2.shape[1]
-    dummy64 = torch.zeros(1, dtype=torch.float64, device=t.device)
+    dummy64 = _on_device((0.0,), t.device)  # (read by no variant: HAS_FISHER false)
     if store is not None:
         buf, li, start = store
         out, P = buf[li], buf.shape[-1]
@@ -148,7 +154,7 @@ def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
             t2, n_cols, r0, r1 - r0,
             a[0] if has_acc else t2, a.stride(0) if has_acc else 0,
             fisher if has_f else dummy64, fisher.stride(0) if has_f else 0,
-            torch.as_tensor(cw, dtype=torch.float64, device=t.device) if has_f else dummy64,
+            _on_device(tuple(cw), t.device) if has_f else dummy64,
             len(cw) if has_f else 0, bad,
             out if store is not None else t2, out.stride(0) if store is not None else 0,
             start if store is not None else 0, P if store is not None else 1,
@@ -157,9 +163,9 @@ def _pass1_launch(t, runs, acc, fisher, round_bf16, store) -> torch.Tensor:
     return bad
 
 
-def _pass1_torch(t, runs, acc, fisher, round_bf16, bad, store=None):
+def _pass1_torch(t, runs, acc, fisher, round_bf16, store=None):
     """The torch form: per run, the Fisher's Σ t² and the task sums' three reductions; the rows stored."""
-    bad += (~torch.isfinite(t)).any().to(torch.int32)
+    bad = (~torch.isfinite(t)).any().to(torch.int32)
     for r0, r1, k, cw in runs:
         x = t[r0:r1]
         if fisher is not None and cw is not None:
@@ -204,11 +210,15 @@ def sketch_kernel_fits(dim: int) -> bool:
 
 
 def sketch_parts(t: torch.Tensor, inv: torch.Tensor, proj, parts, round_bf16: bool) -> dict[str, torch.Tensor]:
-    """`qkov.workers.sketch.sketch_layer` (float32), every part from one gathered read of t (and
-    of the projection): t (B, H, P) float32 (rounded to bf16 first where asked), inv (H, P), proj
-    a LayerProjection whose dim `sketch_kernel_fits` -> {part: (B, H, dim) float32} (callers
-    run `sketch_layer` where `use_kernels` is false)."""
-    return _sketch_launch(t, inv, proj, parts, round_bf16)
+    """`qkov.workers.sketch.sketch_layer`'s operands (float32) of t (B, H, P) float32 rounded to
+    bf16 first where asked, inv (H, P), proj a LayerProjection -> {part: (B, H, dim)}: on the
+    kernel, every part from one gathered read of t (and of the projection), where `use_kernels`
+    and the dim `sketch_kernel_fits`; else `sketch_layer`."""
+    if use_kernels(t) and sketch_kernel_fits(proj.dim):
+        return _sketch_launch(t, inv, proj, parts, round_bf16)
+    from .sketch import sketch_layer
+
+    return sketch_layer(t.to(torch.bfloat16).float() if round_bf16 else t, inv, proj, parts=tuple(parts))
 
 
 def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:

@@ -29,7 +29,7 @@ from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for, pad_batch
 from .models import load_model, weights_hash
-from .pass_kernels import pass1_update, sketch_kernel_fits, sketch_parts, squares_sum, use_kernels
+from .pass_kernels import pass1_update, sketch_parts, squares_sum, use_kernels
 from .slicing import slice_block
 
 
@@ -180,7 +180,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         answers = AnswersPass(task, heads, sizes, device, resident)
         shapes = getattr(answers, "sketch_shapes", None) or shapes
     if sketching:
-        from .sketch import PARTS, sketch_layer, stored_inverse_fisher
+        from .sketch import PARTS, stored_inverse_fisher
 
         shapes = {schema.sketch_var(b, p): (L, heads[b], n, task.sketch_dim) for b in task.blocks for p in PARTS}
         # 1/Î_reg once per task, kept on the device for every batch (7B: 4.3 GB per block in float64)
@@ -246,9 +246,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                         sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
                 if sketching:
                     proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
-                    on_kernels = use_kernels(t) and sketch_kernel_fits(proj.dim)
-                    for p, x in (sketch_parts(t, inv[b][li], proj, PARTS, False) if on_kernels
-                                 else sketch_layer(t, inv[b][li], proj)).items():
+                    for p, x in sketch_parts(t, inv[b][li], proj, PARTS, False).items():
                         grads.put(schema.sketch_var(b, p), li, s, x.float())
                 del t
             del full
