@@ -30,15 +30,21 @@ fi
 big=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
 b8=4; [[ ${big:-0} -gt 100000 ]] && b8=8
 common=(--n 1000 --seq 256 --model-dtype bfloat16 --baseline --ignore-disk --no-calibrate --io-gib 2)
-if [[ $what == smollm2 || $what == all ]]; then
+smollm2_answers() {
   run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
+}
+smollm2_exact_fused() {
   run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
+}
+if [[ $what == smollm2 || $what == all ]]; then
+  smollm2_answers
+  smollm2_exact_fused
 fi
 if [[ $what == short ]]; then  # when device time is short, most informative first: the 8B pass kernels
   # (checked against their torch forms and timed against them), then the exact fused and answers-only SmolLM2 runs
   run passes-llama3-8b-bf16 160 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass1_torch pass2_sketch pass2_sketch_torch --json-out "$out/passes-llama3-8b-bf16.json"
-  run smollm2-exact-fused 230 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --keep-gradients false --gradients-in auto --shard-size 500 --workdir "$work/s-exact" --json-out "$out/smollm2-exact-fused.json"
-  run smollm2-answers 150 python3 -m benchmarks.bench_e2e "${common[@]}" --batch 64 --layers $(seq 0 29) --mode answers --shard-size 2000 --workdir "$work/s-answers" --json-out "$out/smollm2-answers.json"
+  smollm2_exact_fused
+  smollm2_answers
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
   run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
