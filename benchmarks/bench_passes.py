@@ -17,7 +17,10 @@ same order, timed cumulatively with the device synchronised, each the median of 
   pass2_torch        the same in torch, the weights formed per batch (as at 8B, where they do not all
                      stay cached) and reduced by split-K GEMMs: baseline
   pass2_columns      the same with an earlier version's (H, P, c) weight columns: baseline
-  pass2_sketch[_torch|_f64] pass2[_torch] + u, v sketched to --sketch-dim (float32; float64: baseline)
+  pass2_sketch[_torch|_f64] pass2[_torch] + u, v sketched to --sketch-dim (on CUDA the sketch kernel,
+                     as the writer; _torch: sketch_layer; float64: baseline)
+  pass2_sketch_global  pass2_sketch on the previous scheme's projections (one permutation over all of
+                     a slice's entries: random reads): the baseline of the run-local permutation
   pass1_f64, pass2_f64  the same with the first version's float64 reductions (the Fisher's and the
                         task sums' float64 einsums; pass 2's float64 elementwise products): the baseline
 Prints one JSON object with seconds per batch, samples/s and each part's share.
@@ -139,12 +142,15 @@ def run(a) -> dict:
     w32 = w.float()
     # answers mode with keep_pairs = "top": every (block, layer)'s projection, built before timing
     # (a worker caches them: qkov.workers.sketch.ProjectionCache)
-    projs = {}
+    projs, globals_ = {}, {}
     if a.sketch_dim:
         from qkov.workers.sketch import layer_projection
 
         projs = {(b, layer): layer_projection(sizes[b], a.sketch_dim, 0, b, layer, heads[b], 1, device)
                  for b in blocks for layer in range(nl)}
+        if not a.steps or "pass2_sketch_global" in a.steps:
+            globals_ = {key: global_projection(sizes[key[0]], a.sketch_dim, key[0], key[1], heads[key[0]], device)
+                        for key in projs}
     # per-layer accumulators only (one layer's worth, reused): the reductions' cost, not 8B's memory
     fisher = {b: torch.zeros((1, heads[b], sizes[b]), dtype=torch.float64, device=device) for b in blocks}
     tsums = {b: torch.zeros((3, K, heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
@@ -181,23 +187,18 @@ def run(a) -> dict:
                 elif step == "pass2_f64":
                     t = t.to(torch.bfloat16).float()
                     _sample_scalars_f64(t, inv[b], tsums[b])
-                elif step in ("pass2", "pass2_sketch") and pk.use_kernels(t):  # as qkov.workers.answers
-                    if step == "pass2":
-                        pk.pass2_scalars(t, inv[b], tsums[b], True)
-                    else:  # (the sketch needs the rounded slice)
-                        t = t.to(torch.bfloat16).float()
-                        pk.pass2_scalars(t, inv[b], tsums[b], False)
-                        from qkov.workers.sketch import sketch_layer
-
-                        sketch_layer(t, inv[b], projs[(b, layer)], parts=("u", "v"))
-                elif step in ("pass2", "pass2_torch", "pass2_sketch", "pass2_sketch_torch", "pass2_sketch_f64"):
+                elif step in ("pass2", "pass2_sketch", "pass2_sketch_global") and pk.use_kernels(t):  # as qkov.workers.answers
+                    pk.pass2_scalars(t, inv[b], tsums[b], True)
+                    if step != "pass2":  # the sketch kernel, on this or the previous scheme's projections
+                        pk.sketch_parts(t, inv[b], (projs if step == "pass2_sketch" else globals_)[(b, layer)], ("u", "v"), True)
+                elif step in ("pass2", "pass2_torch", "pass2_sketch", "pass2_sketch_global", "pass2_sketch_torch", "pass2_sketch_f64"):
                     t = t.to(torch.bfloat16).float()  # weights formed per batch, as at 8B
                     ans.sample_scalars(t, inv[b], tsums[b])
                     if step not in ("pass2", "pass2_torch"):  # + the interference's operands sketched (float32; the previous float64)
                         from qkov.workers.sketch import sketch_layer
 
                         x = t.double() if step.endswith("f64") else t
-                        sketch_layer(x, inv[b], projs[(b, layer)], parts=("u", "v"))
+                        sketch_layer(x, inv[b], (globals_ if step.endswith("global") else projs)[(b, layer)], parts=("u", "v"))
                 elif step == "pass2_columns":
                     t = t.to(torch.bfloat16).float()
                     _sample_scalars_columns(t, inv[b], tsums[b])
@@ -216,14 +217,15 @@ def run(a) -> dict:
     t["per_sample_bwd"] = timed(backward_only, a.repeats, device)
     steps = ["formation", "pass1", "pass1_torch", "pass1_gemm", "pass2", "pass2_torch", "pass2_columns", "pass1_f64",
              "pass2_f64"]
-    steps += ["pass2_sketch", "pass2_sketch_torch", "pass2_sketch_f64"] if a.sketch_dim else []
+    steps += ["pass2_sketch", "pass2_sketch_global", "pass2_sketch_torch", "pass2_sketch_f64"] if a.sketch_dim else []
     for step in [x for x in steps if not a.steps or x in a.steps]:
         t[step] = timed(lambda: passes(step), a.repeats, device)
     if a.profile:  # where one batch of each pass goes, by operator (device time): the next thing to cut
         from benchmarks.profile_answers import _profile
 
-        out["profile"] = {step: _profile(lambda step=step: passes(step), 15)
-                          for step in ("pass1", "pass2_sketch" if a.sketch_dim else "pass2")}
+        out["profile"] = {"per_sample_bwd": _profile(backward_only, 15),
+                          **{step: _profile(lambda step=step: passes(step), 15)
+                             for step in ("pass1", "pass2_sketch" if a.sketch_dim else "pass2")}}
     out["seconds_per_batch"] = {k: round(v, 4) for k, v in t.items()}
     out["samples_per_s"] = {k: round(B / v, 2) for k, v in t.items()}
     out["over_plain"] = {k: round(v / t["plain_fwd_bwd"], 3) for k, v in t.items()}
@@ -236,6 +238,7 @@ def run(a) -> dict:
                       "pass1_reductions_gemm_baseline": round(t["pass1_gemm"] - t["formation"], 4),
                       "pass2_reductions_columns_baseline": round(t["pass2_columns"] - t["formation"], 4),
                       **({"pass2_sketch_reductions": round(t["pass2_sketch"] - t["formation"], 4),
+                          "pass2_sketch_reductions_global_baseline": round(t["pass2_sketch_global"] - t["formation"], 4),
                           "pass2_sketch_reductions_torch_baseline": round(t["pass2_sketch_torch"] - t["formation"], 4),
                           "pass2_sketch_reductions_f64_baseline": round(t["pass2_sketch_f64"] - t["formation"], 4)}
                          if a.sketch_dim else {}),
@@ -244,6 +247,18 @@ def run(a) -> dict:
     if device.startswith("cuda"):
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
+
+
+def global_projection(size, dim, block, layer, n_heads, device):
+    """The previous scheme's projection (keyed-hash-v2): one permutation over all P entries, so
+    the sketch's reads of g are random (a baseline for the run-local permutation's reads)."""
+    import numpy as np
+
+    from qkov.workers import sketch as sk
+
+    keys = torch.as_tensor(np.stack([sk.slice_keys(0, block, layer, h, 1) for h in range(n_heads)], axis=1), device=device)
+    order = sk.inverse_permutation(size, keys)
+    return sk.LayerProjection(order.to(torch.int32), sk._signs(order, keys[..., 2:3]).to(torch.int8), dim)
 
 
 def kernel_check(res, layout, blocks, runs1, inv, K) -> dict:

@@ -12,14 +12,18 @@
 # llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers mode with the
 #            interference sketched (keep_pairs = "top", k = 256)
 # llama3-8b-short: the same with 256 + 256 samples
-# short:     the 8B passes (fewer steps), then the two SmolLM2 runs: for a call with little device time left
+# short:     the 8B passes (the kernels; the sketch on the previous scheme's projections as the same-run
+#            baseline; profiled), bench_extract, then the two SmolLM2 runs: for a call with little device time left
 set -u
 out=${1:?OUT_DIR}; what=${2:-all}; mkdir -p "$out"
 work=${WORK:-$HOME/qkov-bench}
 run() { local name=$1 limit=$2; shift 2; echo "== $name"; timeout "$limit" "$@" > "$out/$name.log" 2>&1; echo "rc $? ($name)"; tail -3 "$out/$name.log"; }
+extract_smollm2() {  # per-sample gradients vs a plain forward+backward, bf16 (issue 28: ≤ 1.0×)
+  run extract-smollm2-bf16 150 python3 -m benchmarks.bench_extract --device cuda --geometry smollm2 --dtype bfloat16 --json-out "$out/extract-smollm2-bf16.json"
+}
 if [[ $what == passes || $what == all ]]; then
   # per-sample gradients vs a plain forward+backward, bf16 (issue 28: ≤ 1.0×)
-  run extract-smollm2-bf16 150 python3 -m benchmarks.bench_extract --device cuda --geometry smollm2 --dtype bfloat16 --json-out "$out/extract-smollm2-bf16.json"
+  extract_smollm2
   run passes-smollm2-fp32 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype float32 --batch 16 --json-out "$out/passes-smollm2-fp32.json"
   run passes-smollm2-bf16 150 python3 -m benchmarks.bench_passes --geometry smollm2 --dtype bfloat16 --batch 16 --json-out "$out/passes-smollm2-bf16.json"
   run profile-answers-smollm2 240 python3 -m benchmarks.profile_answers --geometry smollm2 --n 1000 --batch 16 --profile-n 32 --json-out "$out/profile-answers-smollm2.json"
@@ -42,7 +46,8 @@ if [[ $what == smollm2 || $what == all ]]; then
 fi
 if [[ $what == short ]]; then  # when device time is short, most informative first: the 8B pass kernels
   # (checked against their torch forms and timed against them), then the exact fused and answers-only SmolLM2 runs
-  run passes-llama3-8b-bf16 160 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass1_torch pass2_sketch pass2_sketch_torch --json-out "$out/passes-llama3-8b-bf16.json"
+  run passes-llama3-8b-bf16 200 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass2_sketch pass2_sketch_global --profile --json-out "$out/passes-llama3-8b-bf16.json"
+  extract_smollm2
   smollm2_exact_fused
   smollm2_answers
 fi

@@ -254,7 +254,7 @@ def test_resume_refuses_sketches_of_another_projection_scheme(runs, tmp_path):
     run = tmp_path / "old"
     shutil.copytree(runs["small"], run)
     root = zarr.open_group(str(run), mode="r+")
-    assert root[schema.GRADIENTS].attrs["sketch_projection"] == "keyed-hash-v2"
+    assert root[schema.GRADIENTS].attrs["sketch_projection"] == "keyed-hash-runs-v3"
     del root[schema.GRADIENTS].attrs["sketch_projection"]  # as written before schemes were recorded
     root[schema.WORK][schema.DONE][0] = 0
     config = RunStore(str(run)).config()

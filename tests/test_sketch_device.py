@@ -120,6 +120,23 @@ def test_inverse_permutation_is_a_permutation_and_inverts_the_rows(size):
         torch.testing.assert_close(proj.rows[r][order[r]], torch.arange(size), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("P, k", [(300, 32), (4099, 256), (64, 64)])
+def test_buckets_are_filled_run_by_run(P, k):
+    """Each run of k consecutive entries (the last one ragged) is shuffled within itself, so
+    applying S reads g run by run (no random reads across the slice); yet within a run the
+    order is not the identity, and runs are shuffled differently (else entries at the same
+    offset of every run would always share a bucket)."""
+    proj = layer_projection(P, k, 3, "Q", 1, 2, nnz=2)
+    order = proj.order.long()
+    q = torch.arange(P)
+    assert torch.equal(order // k, (q // k).expand_as(order))  # every entry stays in its run
+    assert all(sorted(row.tolist()) == list(range(P)) for row in order.reshape(-1, P))
+    local = order % k
+    assert not torch.equal(local, (q % k).expand_as(local))
+    if P >= 2 * k:
+        assert not torch.equal(local[..., :k], local[..., k : 2 * k])
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("P, k, nnz", [(300, 32, 1), (301, 16, 3), (50, 64, 1), (4096, 128, 2)])
 def test_device_sketch_equals_the_reference_scatter_sketch(P, k, nnz, dtype, tol):

@@ -6,9 +6,15 @@ projections S(x) of the three operands the scores are inner products of:
 S has `nnz` nonzeros ±1/√nnz per column p, at rows h_r(p), r < nnz. Signs are
 independent fair coins, so for p ≠ q the cross terms vanish in expectation and
 E[S(x)·S(y)] = x·y exactly (unbiased), with Var ≈ (‖x‖²‖y‖² + (x·y)²)/k.
-Buckets are "balanced": h_r = π_r(p) mod k for a pseudo-random permutation π_r of
-0..P-1, so every row gets ⌊P/k⌋ or ⌈P/k⌉ entries, and for k ≥ P (nnz = 1) the hash
-is injective and the sketch preserves inner products exactly.
+Buckets are "balanced" and local: h_r(p) = π_r(p) mod k for a pseudo-random permutation π_r
+of 0..P-1 that keeps every run of k consecutive entries (k·c ≤ p < k·(c+1), the last one
+ragged) in place and shuffles it, so each run fills k distinct buckets once: every row gets
+⌊P/k⌋ or ⌈P/k⌉ entries, two entries of one run never share a bucket, two of different runs
+share one with probability 1/k (as a fully random hash gives, so the variance is the same),
+and for k ≥ P (nnz = 1) the hash is injective and the sketch preserves inner products
+exactly. Local because applying S reads each run of g as one contiguous block: at 8B a
+permutation over all of a slice's P entries made every read a random 32-byte access (8× the
+bytes), most of an answers pass's sketching time.
 
 The projection is a pure function of (seed, block, layer, head, P, k, nnz), computed
 with exact integer arithmetic that gives the same bits on every device: π_r ranks the
@@ -33,8 +39,9 @@ from qkov.pipeline import schema
 
 PARTS = schema.SKETCH_PARTS  # the stored operands, in this order
 # How projections are drawn; stored with a sketch-mode run so that `--resume` never mixes
-# sketches of two schemes (runs before 2026-11-28 drew buckets with torch.randperm).
-PROJECTION_SCHEME = "keyed-hash-v2"
+# sketches of two schemes (runs before 2026-11-28 drew buckets with torch.randperm, before
+# 2026-12-07 permuted all P entries at once).
+PROJECTION_SCHEME = "keyed-hash-runs-v3"  # v2 (before 2026-12-07): one permutation over all P entries
 _M32 = 0xFFFFFFFF
 
 
@@ -90,10 +97,21 @@ def _sort_keys(p: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return (_hash32(h ^ keys[..., 0:1]) << 30) | (_hash32(h ^ keys[..., 1:2]) >> 2)
 
 
-def inverse_permutation(size: int, keys: torch.Tensor) -> torch.Tensor:
-    """π⁻¹ as (..., size) int64: π⁻¹(q) is the entry of rank q by the keyed hash; keys (..., 3)."""
+def inverse_permutation(size: int, keys: torch.Tensor, run: int | None = None) -> torch.Tensor:
+    """π⁻¹ as (..., size) int64: π⁻¹(q) is the entry of rank q by the keyed hash; keys (..., 3).
+    With `run` (the sketch dim), entries are ranked within each run of `run` consecutive ones
+    (the last one ragged), so π⁻¹ maps every run onto itself."""
     p = torch.arange(size, dtype=torch.int64, device=keys.device).expand(*keys.shape[:-1], size)
-    return torch.sort(_sort_keys(p, keys), dim=-1, stable=True).indices
+    h = _sort_keys(p, keys)
+    if run is None or run >= size:
+        return torch.sort(h, dim=-1, stable=True).indices
+    full = (size // run) * run
+    lead = h[..., :full].reshape(*h.shape[:-1], size // run, run)
+    starts = torch.arange(0, full, run, dtype=torch.int64, device=keys.device)[:, None]
+    parts = [(torch.sort(lead, dim=-1, stable=True).indices + starts).flatten(-2)]
+    if full < size:
+        parts.append(torch.sort(h[..., full:], dim=-1, stable=True).indices + full)
+    return torch.cat(parts, dim=-1)
 
 
 def _signs(p: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -106,7 +124,7 @@ def projection(size: int, dim: int, seed: int, block: str, layer: int, head: int
     if dim < 1 or nnz < 1 or size < 1:
         raise ValueError(f"sketch needs size, dim, nnz >= 1 (got {size}, {dim}, {nnz})")
     keys = torch.as_tensor(slice_keys(seed, block, layer, head, nnz))
-    order = inverse_permutation(size, keys)  # (nnz, P)
+    order = inverse_permutation(size, keys, dim)  # (nnz, P)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(size).expand(nnz, size).contiguous())
     rows = rank % dim
     signs = _signs(torch.arange(size).expand(nnz, size), keys[:, 2:3]).to(torch.float64)
@@ -155,7 +173,7 @@ def layer_projection(size: int, dim: int, seed: int, block: str, layer: int, n_h
         raise ValueError(f"sketch needs size, dim, nnz >= 1 (got {size}, {dim}, {nnz})")
     keys = torch.as_tensor(np.stack([slice_keys(seed, block, layer, h, nnz) for h in range(n_heads)], axis=1),
                            device=device)  # (nnz, H, 3)
-    order = inverse_permutation(size, keys)  # (nnz, H, P)
+    order = inverse_permutation(size, keys, dim)  # (nnz, H, P)
     signs = _signs(order, keys[..., 2:3]).to(torch.int8)
     small = torch.int32 if size < 2**31 else torch.int64
     return LayerProjection(order.to(small), signs, dim)
