@@ -1,7 +1,7 @@
 """Sketch-mode accuracy against exact mode on the real SmolLM2-135M.
 
     QKOV_CACHE=.cache/qkov python -m benchmarks.bench_sketch [--n 12] [--layers 0 14 29]
-        [--dims 1024 4096 16384] [--pipeline-dim 1024] [--out DIR]
+        [--dims 1024 4096 16384] [--pipeline-dim 1024] [--global-baseline] [--out DIR]
 
 Runs exact mode once (arithmetic vs python-code built-in tasks), then, for each
 sketch_dim k, sketches the run's gradients with qkov.workers.sketch exactly as pass 2 of
@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--pipeline-dim", type=int, default=1024, help="also run a real sketch-mode job at this k (0: skip)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--global-baseline", action="store_true",
+                    help="also sketch with the previous scheme's projections (one permutation over all P entries)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("QKOV_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "qkov"))
@@ -123,6 +125,16 @@ def main() -> None:
                           "stored_fraction_of_exact": round(3 * k / float(np.mean(list(P.values()))), 4)}
                  for k in args.dims},
     }
+    if args.global_baseline:  # the same sketches on keyed-hash-v2 projections: the run-local scheme's accuracy baseline
+        from unittest import mock
+
+        from qkov.workers import sketch as sk_mod
+
+        whole = sk_mod.inverse_permutation
+        with mock.patch.object(sk_mod, "inverse_permutation", lambda size, keys, run=None: whole(size, keys)):
+            _, sk_g, secs_g = exact_and_sketched(grads, fisher, args.dims, args.seed)
+        result["global_scheme_dims"] = {str(k): {**accuracy(exact, sk_g[k], n_a), "sketch_s": round(secs_g[k], 2)}
+                                        for k in args.dims}
     if args.pipeline_dim:
         k = args.pipeline_dim
         t = time.perf_counter()
