@@ -21,6 +21,8 @@ same order, timed cumulatively with the device synchronised, each the median of 
                      as the writer; _torch: sketch_layer; float64: baseline)
   pass2_sketch_global  pass2_sketch on the previous scheme's projections (one permutation over all of
                      a slice's entries: random reads): the baseline of the run-local permutation
+  pass1_fused, pass2[_sketch]_fused  pass1, pass2[_sketch] on the fused kernels: each sample's gradient
+                     formed tile by tile inside the kernel from the activations (no formation step)
   pass1_f64, pass2_f64  the same with the first version's float64 reductions (the Fisher's and the
                         task sums' float64 einsums; pass 2's float64 elementwise products): the baseline
 Prints one JSON object with seconds per batch, samples/s and each part's share.
@@ -166,9 +168,20 @@ def run(a) -> dict:
     def backward_only():
         return per_sample_backward(model, data, layout.param_names, task)
 
+    fusable = {key: pk.fused_slice(bs) for key, bs in layout.blocks.items()}
+
     def passes(step: str):
         res = backward_only()
         for layer in range(nl):
+            if step.endswith("_fused"):  # as the writer on the fused kernels: no gradient formed
+                for b in blocks:
+                    fs, bs = fusable[(b, layer)], layout.blocks[(b, layer)]
+                    x, go = res.activations(bs.parts[0].param)
+                    if step == "pass1_fused":
+                        pk.fused_pass1(fs, x, go, runs1, tsums[b], fisher[b], True)
+                    else:
+                        pk.fused_pass2(fs, x, go, inv[b], tsums[b], True, projs[(b, layer)] if "sketch" in step else None)
+                continue
             names = [n for n in layout.param_names if any(p.param == n for b in blocks for p in layout.blocks[(b, layer)].parts)]
             full = res.grads(names)
             for b in blocks:
@@ -210,7 +223,8 @@ def run(a) -> dict:
            "layers": nl, "tasks": K, "repeats": a.repeats,
            "float32_matmul_precision": torch.get_float32_matmul_precision()}
     if pk.use_kernels(torch.empty(0, device=device)):
-        out["kernel_check"] = kernel_check(backward_only(), layout, blocks, runs1, inv, K)
+        out["kernel_check"] = kernel_check(backward_only(), layout, blocks, runs1, inv, K, fusable,
+                                           {b: projs.get((b, 0)) for b in blocks})
     t = {"plain_fwd_bwd": timed(plain, a.repeats, device)}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -218,6 +232,8 @@ def run(a) -> dict:
     steps = ["formation", "pass1", "pass1_torch", "pass1_gemm", "pass2", "pass2_torch", "pass2_columns", "pass1_f64",
              "pass2_f64"]
     steps += ["pass2_sketch", "pass2_sketch_global", "pass2_sketch_torch", "pass2_sketch_f64"] if a.sketch_dim else []
+    if pk.use_kernels(torch.empty(0, device=device)) and all(fusable[(b, 0)] for b in blocks):
+        steps += ["pass1_fused", "pass2_fused"] + (["pass2_sketch_fused"] if a.sketch_dim else [])
     for step in [x for x in steps if not a.steps or x in a.steps]:
         t[step] = timed(lambda: passes(step), a.repeats, device)
     if a.profile:  # where one batch of each pass goes, by operator (device time): the next thing to cut
@@ -225,12 +241,17 @@ def run(a) -> dict:
 
         out["profile"] = {"per_sample_bwd": _profile(backward_only, 15),
                           **{step: _profile(lambda step=step: passes(step), 15)
-                             for step in ("pass1", "pass2_sketch" if a.sketch_dim else "pass2")}}
+                             for step in [x + ("_fused" if "pass1_fused" in t else "")
+                                          for x in ("pass1", "pass2_sketch" if a.sketch_dim else "pass2")]}}
     out["seconds_per_batch"] = {k: round(v, 4) for k, v in t.items()}
     out["samples_per_s"] = {k: round(B / v, 2) for k, v in t.items()}
     out["over_plain"] = {k: round(v / t["plain_fwd_bwd"], 3) for k, v in t.items()}
-    t = {**dict.fromkeys(steps + ["per_sample_bwd"], float("nan")), **t}
+    t = {**dict.fromkeys(steps + ["per_sample_bwd", "pass1_fused", "pass2_fused", "pass2_sketch_fused"], float("nan")), **t}
     out["parts_s"] = {"formation_and_slicing": round(t["formation"] - t["per_sample_bwd"], 4),
+                      "pass1_fused_over_per_sample_bwd": round(t["pass1_fused"] - t["per_sample_bwd"], 4),
+                      "pass2_fused_over_per_sample_bwd": round(t["pass2_fused"] - t["per_sample_bwd"], 4),
+                      **({"pass2_sketch_fused_over_per_sample_bwd": round(t["pass2_sketch_fused"] - t["per_sample_bwd"], 4)}
+                         if a.sketch_dim else {}),
                       "pass1_reductions": round(t["pass1"] - t["formation"], 4),
                       "pass2_reductions": round(t["pass2"] - t["formation"], 4),
                       "pass1_reductions_torch_baseline": round(t["pass1_torch"] - t["formation"], 4),
@@ -261,9 +282,10 @@ def global_projection(size, dim, block, layer, n_heads, device):
     return sk.LayerProjection(order.to(torch.int32), sk._signs(order, keys[..., 2:3]).to(torch.int8), dim)
 
 
-def kernel_check(res, layout, blocks, runs1, inv, K) -> dict:
-    """The kernels against the torch forms on layer 0's slices of this batch: the largest
-    difference of each output, relative to that output's largest magnitude."""
+def kernel_check(res, layout, blocks, runs1, inv, K, fusable, projs) -> dict:
+    """The kernels (and the fused kernels, where the block fuses) against the torch forms on
+    layer 0's slices of this batch: the largest difference of each output, relative to that
+    output's largest magnitude."""
     full = res.grads([n for n in layout.param_names if any(p.param == n for b in blocks for p in layout.blocks[(b, 0)].parts)])
     out = {}
     for b in blocks:
@@ -282,6 +304,21 @@ def kernel_check(res, layout, blocks, runs1, inv, K) -> dict:
         out[b] = {"task_sums": max(rel(acc["kernel"][k], acc["torch"][k]) for k in range(3)),
                   "fisher": rel(fis["kernel"], fis["torch"]),
                   "scalars": max(rel(x_k[..., j], x_t[..., j]) for j in range(x_t.shape[-1]))}
+        fs = fusable[(b, 0)]
+        if fs is not None:  # (bf16 rounding of a differently summed value may differ by one bf16 step)
+            x, go = res.activations(layout.blocks[(b, 0)].parts[0].param)
+            acc["fused"] = torch.zeros_like(acc["torch"])
+            fis["fused"] = torch.zeros_like(fis["torch"])
+            pk.fused_pass1(fs, x, go, runs1, acc["fused"], fis["fused"], True)
+            x_f, sk_f = pk.fused_pass2(fs, x, go, inv[b], acc["torch"], True, projs[b])
+            out[b].update({"fused_task_sums": max(rel(acc["fused"][k], acc["torch"][k]) for k in range(3)),
+                           "fused_fisher": rel(fis["fused"], fis["torch"]),
+                           "fused_scalars": max(rel(x_f[..., j], x_t[..., j]) for j in range(x_t.shape[-1]))})
+            if sk_f is not None:
+                from qkov.workers.sketch import sketch_layer
+
+                sk_t = sketch_layer(t.to(torch.bfloat16).float(), inv[b], projs[b], parts=("u", "v"))
+                out[b]["fused_sketch"] = max(rel(sk_f[p], sk_t[p]) for p in ("u", "v"))
     out["max"] = max(v for d in out.values() for v in d.values())
     return out
 

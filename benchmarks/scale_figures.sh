@@ -46,7 +46,7 @@ if [[ $what == smollm2 || $what == all ]]; then
 fi
 if [[ $what == short ]]; then  # when device time is short, most informative first: the 8B pass kernels
   # (checked against their torch forms and timed against them), then the exact fused and answers-only SmolLM2 runs
-  run passes-llama3-8b-bf16 200 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass2_sketch pass2_sketch_global --profile --json-out "$out/passes-llama3-8b-bf16.json"
+  run passes-llama3-8b-bf16 200 python3 -m benchmarks.bench_passes --geometry llama3-8b --dtype bfloat16 --batch 4 --repeats 2 --sketch-dim 256 --steps formation pass1 pass1_fused pass2_sketch pass2_sketch_fused pass2_sketch_global --profile --json-out "$out/passes-llama3-8b-bf16.json"
   extract_smollm2
   smollm2_exact_fused
   smollm2_answers

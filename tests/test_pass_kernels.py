@@ -248,7 +248,7 @@ def test_the_kernels_compile_for_an_h100():
     if out.returncode == 3:
         pytest.skip("this triton has no CUDA backend")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.split() == ["compiled", "22"], out.stdout
+    assert out.stdout.split() == ["compiled", "32"], out.stdout
 
 
 def compile_all() -> None:
@@ -285,12 +285,30 @@ def compile_all() -> None:
                                        "CHUNK": max(dim, pk.BLOCK), "N_SUB": n_sub,
                                        "ROWS": pk.ROWS if dim <= pk.BLOCK else 1})
                  for rounding, w in ((True, False), (False, True)) for dim in (256, 4096) for n_sub in (1, 8)]
+    f1 = {"T": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "C": "i32", "first": "i64", "head_stride": "i64",
+          "n_ct": "i32", "row0": "i32", "n_rows": "i32", "acc_ptr": "*fp32", "acc_kind_stride": "i64",
+          "fisher_ptr": "*fp64", "fisher_stride": "i64", "cw_ptr": "*fp64", "n_streams": "i32", "bad_ptr": "*i32"}
+    tiles = {"BM": 64, "BN": 64, "BK": 32}
+    for dt, rounding, has_acc, has_f in (("bf16", True, True, True), ("bf16", False, True, True), ("fp32", False, True, True),
+                                         ("bf16", True, True, False), ("bf16", False, False, True)):  # the fused pass 1
+        variants.append((kernels.fused_pass1, {**f1, "x_ptr": f"*{dt}", "go_ptr": f"*{dt}"}, {
+            "ROUND": rounding, "HAS_ACC": has_acc, "HAS_FISHER": has_f, "UPCAST": dt == "fp32", **tiles}))
+    f2 = {"T": "i32", "IN": "i32", "OUT": "i32", "R": "i32", "C": "i32", "first": "i64", "head_stride": "i64",
+          "n_ct": "i32", "n_rows": "i32", "n_heads": "i32", "inv_ptr": "*fp32", "sums_ptr": "*fp32", "s_kind": "i64",
+          "s_task": "i64", "n_tasks": "i32", "out_ptr": "*fp32", "n_tiles": "i32", "order_ptr": "*i32", "signs_ptr": "*i8",
+          "sk_ptr": "*fp32", "sk_part_stride": "i64", "nnz": "i32", "scale": "fp32"}
+    for dt, rounding, sketch, (bm, bn) in (("bf16", True, False, (64, 64)), ("bf16", False, False, (64, 64)),
+                                           ("fp32", False, False, (64, 64)), ("bf16", True, True, (32, 256)),
+                                           ("bf16", True, True, (64, 128))):  # the fused pass 2 (8B: Q/K/V, O tiles)
+        variants.append((kernels.fused_pass2, {**f2, "x_ptr": f"*{dt}", "go_ptr": f"*{dt}"}, {
+            "ROUND": rounding, "SKETCH": sketch, "UPCAST": dt == "fp32", "DIM": 256 if sketch else bm * bn,
+            "BM": bm, "BN": bn, "BK": 32}))
     for fn, types, const in variants:
         names = list(fn.arg_names)
         assert set(types) | set(const) == set(names), set(names) ^ (set(types) | set(const))
         signature = {n: types.get(n, "constexpr") for n in names}
         src = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in const.items()})
-        big = const.get("CHUNK", 0) > pk.BLOCK  # (launched with 8 warps: pass_kernels.sketch_parts)
+        big = const.get("CHUNK", 0) > pk.BLOCK or "BM" in const  # (launched with 8 warps: pass_kernels)
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8} if big else None)
         assert compiled.asm["cubin"], (fn.__name__, const)
     print("compiled", len(variants))

@@ -17,7 +17,8 @@ import torch
 
 from qkov.pipeline import schema
 
-from .pass_kernels import pass1_update, pass2_scalars, sketch_parts, use_kernels
+from .pass_kernels import fused_pass1, fused_pass2, fused_slice, pass1_update, pass2_scalars, sketch_parts
+from .pass_kernels import sketch_tile, use_kernels
 from .pass_kernels import squares_sum, task_sums_update  # noqa: F401 (the torch forms, also for tests)
 
 
@@ -190,10 +191,42 @@ class AnswersPass:
         the same read of t (`pass_kernels.pass1_update`): fisher (streams, H, P) float64 += w·Σ t²
         per stream, w (streams, B) the rows' Fisher weights (skipped samples' 0). Returns the
         device's non-finite flag for t."""
-        if self._runs[0] != s:  # the batch's runs, the same for each of its (block, layer)s
-            keys = [(k, tuple(col)) for k, col in zip(self.task_of[s : s + t.shape[0]], w.T.tolist())]
-            self._runs = (s, [(r0, r1, k, c if any(c) else None) for (k, c), r0, r1 in row_runs(keys)])
+        self._set_runs(s, t.shape[0], w)
         return pass1_update(t, self._runs[1], self.tsums[b][:, :, li], fisher, self.task.storage_dtype != "float32")
+
+    def fusable(self, bs, fisher_kept: bool):
+        """The block's `FusedSlice` where this phase can reduce it straight from the activations
+        (`fused`): pass 1 with the Fisher kept, or pass 2 with (where sketched) a dim that fits a
+        tile; else None (the gradients are formed and sliced first)."""
+        if self.summing and not fisher_kept:
+            return None
+        fs = fused_slice(bs)
+        if fs is None:
+            return None
+        if not self.summing and self.sketch_shapes and sketch_tile(fs, self.task.sketch_dim) is None:
+            return None
+        return fs
+
+    def fused(self, b: str, li: int, s: int, fs, acts, fisher, w: np.ndarray, put, projection) -> torch.Tensor | None:
+        """One batch (rows s:s+B) of one block and layer reduced by the fused kernels from acts =
+        (x, ∂ℓ/∂y) (`LazyPerSampleGrads.activations`): pass 1 (returns its non-finite flag, as
+        `pass1`) or pass 2 (scalars and, where asked, the sketched u, v; returns None)."""
+        x, go = acts
+        rounding = self.task.storage_dtype != "float32"
+        if self.summing:
+            self._set_runs(s, x.shape[0], w)
+            return fused_pass1(fs, x, go, self._runs[1], self.tsums[b][:, :, li], fisher, rounding)
+        proj = projection(b, li) if self.sketch_shapes else None
+        scalars, sketches = fused_pass2(fs, x, go, self.inv[b][li], self.sums[b][:, :, li], rounding, proj)
+        self.scalars[b][li, :, s : s + x.shape[0]] = scalars.transpose(0, 1)
+        for p, v in (sketches or {}).items():
+            put(schema.sketch_var(b, p), li, s, v)
+        return None
+
+    def _set_runs(self, s: int, n: int, w: np.ndarray) -> None:
+        if self._runs[0] != s:  # the batch's runs, the same for each of its (block, layer)s
+            keys = [(k, tuple(col)) for k, col in zip(self.task_of[s : s + n], w.T.tolist())]
+            self._runs = (s, [(r0, r1, k, c if any(c) else None) for (k, c), r0, r1 in row_runs(keys)])
 
     def consume(self, b: str, li: int, s: int, t: torch.Tensor, finite: torch.Tensor, put, projection) -> None:
         """One batch (rows s:s+B) of one block and layer: t (B, H, P) float32, finite (B,);

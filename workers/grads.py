@@ -77,6 +77,20 @@ class LazyPerSampleGrads:
                 need.setdefault(id(m), (m, set()))[1].add(attr)
         return need
 
+    def activations(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """(x (B, T, in), ∂ℓ/∂y (B, T, out)) of the one nn.Linear call whose weight is `name`, from
+        which a kernel can form the per-sample gradient g_b = Σ_t ∂ℓ/∂y_btᵀ x_bt itself
+        (qkov.workers.pass_kernels' fused passes); None where the parameter is shared, a bias,
+        a Conv1D's, or its module ran more than once (the sum of calls is `grads`' job)."""
+        uses = self._owners.get(name, [])
+        if len(uses) != 1 or uses[0][1] != "weight" or type(uses[0][0]) is not nn.Linear:
+            return None
+        calls = self._calls[id(uses[0][0])]
+        if len(calls) != 1:
+            return None
+        x, go = calls[0]
+        return x.reshape(self._n, -1, x.shape[-1]), go.reshape(self._n, -1, go.shape[-1])
+
     def grads(self, names: Sequence[str]) -> dict[str, Tensor]:
         """(B, *param.shape) float32 per-sample gradients of `names`."""
         per_module: dict[int, dict[str, Tensor]] = {}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -241,3 +242,168 @@ def _sketch_launch(t, inv, proj, parts, round_bf16) -> dict[str, torch.Tensor]:
                                         num_warps=4 if chunk <= BLOCK else 8)
     sums = acc.sum(3, dtype=torch.float64).float()
     return {name: sums[k] for k, name in enumerate(names)}
+
+
+# ---- the passes fused with the per-sample gradients' formation ----
+# Where a block's head slices are segments of one nn.Linear weight's rows, the kernels form each
+# sample's tile g_b = Σ_t ∂ℓ/∂y_btᵀ x_bt themselves (tl.dot) and reduce it in registers: the
+# (B, out, in) float32 gradients are never written to device memory and read back (at 8B,
+# 21 GB per batch of 4 and pass, formed, sliced and then read by the kernels above).
+
+@dataclass(frozen=True)
+class FusedSlice:
+    """How one block's head slices lie in its weight (out, in): head h's entry p = r·C + c
+    (r < R, c < C) is weight entry ((first + h·head_stride) // in + r, (first + h·head_stride) % in + c)."""
+
+    n_heads: int
+    R: int
+    C: int
+    first: int
+    head_stride: int
+    out: int
+    inp: int
+
+
+def fused_slice(bs) -> FusedSlice | None:
+    """`bs` (a workers.slicing.BlockSlicing) as a `FusedSlice`, or None: one weight part whose heads'
+    rows are each a segment of a weight row (Llama's Q/K/V rows, O's columns; not fused QKV with
+    biases, Conv1D or gathered layouts, which keep the unfused passes)."""
+    if len(bs.parts) != 1 or len(bs.parts[0].shape) != 2:
+        return None
+    part = bs.parts[0]
+    st = part.strides()
+    if st is None:
+        return None
+    first, hs, R, S, C = st
+    out, inp = part.shape
+    if S == C and C % inp == 0 and first % inp == 0:  # adjacent rows (Q/K/V: a head is whole weight rows)
+        R, S, C = R * C // inp, inp, inp
+    if S != inp or any((first + h * hs) % inp + C > inp for h in range(part.n_heads)):
+        return None
+    return FusedSlice(part.n_heads, R, C, first, hs, out, inp)
+
+
+def fusion_on(device) -> bool:
+    """Whether the fused passes run on `device` (QKOV_PASS_FUSED=0: the unfused kernels, a same-run baseline)."""
+    if os.environ.get("QKOV_PASS_FUSED", "1") == "0":
+        return False
+    probe = torch.empty(0, device=device)
+    return use_kernels(probe) and (not probe.is_cuda or _fused_runs_on(probe.device))
+
+
+def _pow2(n: int, lo: int = 16, hi: int = 64) -> int:
+    return max(lo, min(hi, 1 << max(0, (n - 1).bit_length())))
+
+
+def _upcast(x: torch.Tensor) -> bool:
+    # float32 operands always; bf16 under Triton's interpreter too (its tl.dot multiplies bf16 wrongly)
+    return x.dtype == torch.float32 or not x.is_cuda
+
+
+def sketch_tile(fs: FusedSlice, dim: int) -> tuple[int, int] | None:
+    """(BM, BN) of a fused pass-2 tile that holds whole runs of `dim` entries (the sketch's
+    run-local permutation: a tile row of BN = a multiple of dim, or whole rows of C = BN
+    entries making whole runs), ≤ 8192 entries; None where none fits (the unfused passes run)."""
+    if not sketch_kernel_fits(dim) or not 16 <= dim <= 512:
+        return None
+    if fs.C % dim == 0:
+        bn = dim
+    elif dim % fs.C == 0 and fs.C >= 16:  # (C a power of two: it divides dim)
+        bn = fs.C
+    else:
+        return None
+    return max(16, dim // bn, min(8192 // bn, _pow2(fs.R, 16, 128))), bn
+
+
+def fused_pass1(fs: FusedSlice, x: torch.Tensor, go: torch.Tensor, runs, acc, fisher, round_bf16: bool) -> torch.Tensor:
+    """`pass1_update` of one block's slices with each sample's gradient formed in the kernel from
+    x (B, T, in) and go (B, T, out) (`LazyPerSampleGrads.activations`); the same arguments
+    otherwise (runs of rows, acc (3, tasks, H, P), fisher (S, H, P)). Returns the device flag."""
+    import triton
+
+    kernel = _kernels_fused()[0]
+    bad = torch.zeros((), dtype=torch.int32, device=x.device)
+    x, go = x.contiguous(), go.contiguous()
+    bm, bn = _pow2(fs.R), _pow2(fs.C)
+    n_ct = triton.cdiv(fs.C, bn)
+    grid = (triton.cdiv(fs.R, bm) * n_ct, fs.n_heads)
+    dummy64 = _on_device((0.0,), x.device)
+    for r0, r1, k, cw in runs:
+        has_acc = acc is not None and k is not None
+        has_f = fisher is not None and cw is not None
+        a = acc[:, k] if has_acc else None
+        kernel[grid](x, go, x.shape[1], fs.inp, fs.out, fs.R, fs.C, fs.first, fs.head_stride, n_ct, r0, r1 - r0,
+                     a[0] if has_acc else dummy64, a.stride(0) if has_acc else 0,
+                     fisher if has_f else dummy64, fisher.stride(0) if has_f else 0,
+                     _on_device(tuple(cw), x.device) if has_f else dummy64, len(cw) if has_f else 0, bad,
+                     ROUND=round_bf16, HAS_ACC=has_acc, HAS_FISHER=has_f, UPCAST=_upcast(x), BM=bm, BN=bn, BK=32,
+                     num_warps=8)
+    return bad
+
+
+def fused_pass2(fs: FusedSlice, x: torch.Tensor, go: torch.Tensor, inv, sums, round_bf16: bool, proj=None):
+    """`pass2_scalars` (and, with `proj`, `sketch_parts` of u, v) of one block's slices, each
+    sample's gradient formed in the kernel: -> (scalars (B, H, 3 + 3·tasks) float64, {"u", "v":
+    (B, H, dim) float32} or None). `proj` must fit a tile (`sketch_tile`)."""
+    import triton
+
+    B, T = x.shape[:2]
+    n_tasks = sums.shape[1]
+    if sums.stride(3) != 1 or sums.stride(2) != fs.R * fs.C:
+        sums = sums.contiguous()
+    x, go, inv = x.contiguous(), go.contiguous(), inv.to(torch.float32).contiguous()
+    if proj is not None:
+        bm, bn = sketch_tile(fs, proj.dim)
+        dim, order, signs, nnz = proj.dim, proj.order, proj.signs, proj.order.shape[0]
+    else:
+        bm, bn = _pow2(fs.R), _pow2(fs.C)
+        dim, order, signs, nnz = bm * bn, inv, inv, 0  # (unread: SKETCH false)
+    n_ct = triton.cdiv(fs.C, bn)
+    n_tiles = triton.cdiv(fs.R, bm) * n_ct
+    out = torch.empty((B, fs.n_heads, n_tiles, 3 + 3 * n_tasks), dtype=torch.float32, device=x.device)
+    sk = torch.empty((2, B, fs.n_heads, n_tiles, dim) if proj is not None else (1,), dtype=torch.float32, device=x.device)
+    _kernels_fused()[1][(n_tiles, fs.n_heads)](
+        x, go, T, fs.inp, fs.out, fs.R, fs.C, fs.first, fs.head_stride, n_ct, B, fs.n_heads, inv, sums,
+        sums.stride(0), sums.stride(1), n_tasks, out, n_tiles, order, signs, sk, sk.stride(0) if proj is not None else 0,
+        nnz, float(max(nnz, 1)) ** -0.5, ROUND=round_bf16, SKETCH=proj is not None, UPCAST=_upcast(x), DIM=dim,
+        BM=bm, BN=bn, BK=32, num_warps=8)
+    scalars = out.sum(2, dtype=torch.float64)
+    if proj is None:
+        return scalars, None
+    parts = sk.sum(3, dtype=torch.float64).float()
+    return scalars, {"u": parts[0], "v": parts[1]}
+
+
+def _kernels_fused():
+    from . import _pass_triton
+
+    return _pass_triton.fused_pass1, _pass_triton.fused_pass2
+
+
+@functools.cache
+def _fused_runs_on(device: torch.device) -> bool:
+    """`_runs_on` for the fused kernels (tl.dot, tl.gather: a Triton too old for them keeps the unfused kernels)."""
+    try:
+        from .sketch import layer_projection
+
+        g = torch.Generator(device=device).manual_seed(0)
+        fs = FusedSlice(n_heads=2, R=32, C=256, first=0, head_stride=32 * 256, out=64, inp=256)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn((3, 17, 256), generator=g, device=device).to(dtype)
+            go = torch.randn((3, 17, 64), generator=g, device=device).to(dtype)
+            acc = torch.zeros((3, 2, 2, 32 * 256), device=device)
+            fisher = torch.zeros((1, 2, 32 * 256), dtype=torch.float64, device=device)
+            for rounding in (False, True):
+                fused_pass1(fs, x, go, [(0, 3, 0, (1.0,)), (0, 3, 1, None)], acc, fisher, rounding)
+                fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding)
+                fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding,
+                            layer_projection(32 * 256, 256, 0, "Q", 0, 2, 1, device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return True
+    except Exception as e:  # noqa: BLE001 (as _runs_on)
+        import warnings
+
+        warnings.warn(f"qkov: the fused answers passes do not run on {device} ({type(e).__name__}: {str(e)[:200]}); "
+                      f"forming per-sample gradients before the kernels", RuntimeWarning, stacklevel=2)
+        return False

@@ -29,7 +29,7 @@ from .grads import per_sample_backward
 from .layouts import AttentionLayout, discover_layout
 from .losses import loss_task_for, pad_batch
 from .models import load_model, weights_hash
-from .pass_kernels import pass1_update, sketch_parts, squares_sum, use_kernels
+from .pass_kernels import fusion_on, pass1_update, sketch_parts, squares_sum, use_kernels
 from .slicing import slice_block
 
 
@@ -214,9 +214,26 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         for r in np.flatnonzero(~ok).tolist():
             bad.append(task.sample_ids[s + r])
         losses[s:e] = res.losses.detach().float().cpu().numpy()
+        # answers' passes fused with the gradients' formation where a block allows it: its
+        # per-sample gradients are then formed tile by tile inside the kernels, never stored
+        fusing = answers is not None and task.phase != "sketch" and all_finite and fusion_on(device)
         for li, layer in enumerate(task.layers):
-            full = res.grads(_layer_params(layout, task.blocks, layer))
+            fused = {}
+            for b in task.blocks if fusing else ():
+                bs = layout.blocks[(b, layer)]
+                fs, acts = answers.fusable(bs, keep_fisher), res.activations(bs.parts[0].param)
+                if fs is not None and acts is not None:
+                    fused[b] = (fs, acts)
+            rest = [b for b in task.blocks if b not in fused]
+            full = res.grads(_layer_params(layout, rest, layer)) if rest else {}
             for b in task.blocks:
+                if b in fused:
+                    flag = answers.fused(b, li, s, *fused[b], fisher[b][:, li] if keep_fisher else None, w, grads.put,
+                                         lambda b, li, layer=layer: _projections().get(
+                                             sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
+                    if flag is not None:
+                        grads.note_finite(flag == 0, f"block {b} layer {layer}")
+                    continue
                 t = slice_block(layout.blocks[(b, layer)], full).float()  # (B, H, P)
                 if not all_finite:  # (a copy of the slice: only for a batch that needs it)
                     t = torch.where(finite[:, None, None], t, torch.zeros((), device=t.device))
