@@ -23,6 +23,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None or os
 @pytest.fixture
 def interpreted(monkeypatch):
     monkeypatch.setenv("QKOV_PASS_KERNELS", "interpret")
+    monkeypatch.setenv("QKOV_PASS_FUSED", "1")
     pk.available.cache_clear()
     yield
     pk.available.cache_clear()
@@ -166,7 +167,7 @@ def test_layouts_that_do_not_fuse_say_so():
 def test_an_answers_task_on_the_fused_kernels_equals_one_formed_first(interpreted, tmp_path, monkeypatch, keep_pairs, dim):
     """A whole answers task (pass 1, then pass 2 against its sums; bf16 rounding; u, v sketched
     where asked) in this process with the fused kernels, against the same task with the
-    gradients formed first (QKOV_PASS_FUSED=0): the same scalars, sketches, Fisher and sums.
+    gradients formed first (QKOV_PASS_FUSED=0, the default): the same scalars, sketches, Fisher and sums.
     Every block of every layer fuses where it fits (counted); K/V's and O's sketch tiles do not
     at head_dim 8 and run unfused beside them."""
     from dataclasses import replace

@@ -284,8 +284,13 @@ def fused_slice(bs) -> FusedSlice | None:
 
 
 def fusion_on(device) -> bool:
-    """Whether the fused passes run on `device` (QKOV_PASS_FUSED=0: the unfused kernels, a same-run baseline)."""
-    if os.environ.get("QKOV_PASS_FUSED", "1") == "0":
+    """Whether the fused passes run on `device`: asked for with QKOV_PASS_FUSED=1 in the workers'
+    environment. Off by default: on an H100 at 8B (benchmarks/results/2026-12-07-h100-issue28-
+    session5.json) they took 0.273 and 0.380 s per batch of 4 where forming the gradients and
+    running the kernels above took 0.224 and 0.224 s (tiles of 64 × 64 and 32 × 256 with K = 256
+    reach ~26 TFLOP/s, and pass 2's per-sample reductions and gathers cost more than the bytes
+    they save). Kept, tested, for tuning."""
+    if os.environ.get("QKOV_PASS_FUSED", "0") != "1":
         return False
     probe = torch.empty(0, device=device)
     return use_kernels(probe) and (not probe.is_cuda or _fused_runs_on(probe.device))
