@@ -40,8 +40,16 @@ def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fis
         s1 += tl.abs(x)
         s2 += x * x
     tl.atomic_max(bad_ptr, tl.max(bad, 0))  # a flag: max is order-free
+    _flush(acc_ptr, acc_kind_stride, fisher_ptr, fisher_stride, cw_ptr, n_streams, col, m, s0, s1, s2, sq,
+           HAS_ACC, HAS_FISHER)
+
+
+@triton.jit
+def _flush(acc_ptr, acc_kind_stride, fisher_ptr, fisher_stride, cw_ptr, n_streams, at, m, s0, s1, s2, sq,
+           HAS_ACC: tl.constexpr, HAS_FISHER: tl.constexpr):
+    # pass 1's sums at offsets `at` added to the task sums (three kinds) and the Fisher's float64 streams
     if HAS_ACC:
-        a0 = acc_ptr + col
+        a0 = acc_ptr + at
         tl.store(a0, tl.load(a0, mask=m) + s0, mask=m)
         tl.store(a0 + acc_kind_stride, tl.load(a0 + acc_kind_stride, mask=m) + s1, mask=m)
         tl.store(a0 + 2 * acc_kind_stride, tl.load(a0 + 2 * acc_kind_stride, mask=m) + s2, mask=m)
@@ -50,7 +58,7 @@ def pass1(t_ptr, n_cols, row0, n_rows, acc_ptr, acc_kind_stride, fisher_ptr, fis
         for k in range(n_streams):
             c = tl.load(cw_ptr + k)
             if c != 0.0:
-                f = fisher_ptr + k * fisher_stride + col
+                f = fisher_ptr + k * fisher_stride + at
                 tl.store(f, tl.load(f, mask=m) + c * sq64, mask=m)
 
 
@@ -71,23 +79,29 @@ def pass2(t_ptr, inv_ptr, sums_ptr, out_ptr, P, n_rows, n_tasks, n_blocks, n_hea
         x = tl.load(t_ptr + b * n_heads * P + hp, mask=m, other=0.0)
         if ROUND:
             x = round_bf16(x)
-        a = tl.abs(x)
-        g2 = x * x
-        u = g2 * w
-        o = out_ptr + ((b * n_heads + h) * n_blocks + j) * n_parts
-        tl.store(o, tl.sum(g2, 0))
-        tl.store(o + 1, tl.sum(u, 0))
-        tl.store(o + 2, tl.sum(u * a, 0))
-        xw = x * w
-        aw = a * w
-        for k in range(n_tasks):
-            sk = sums_ptr + k * s_task + hp
-            s0 = tl.load(sk, mask=m, other=0.0)
-            s1 = tl.load(sk + s_kind, mask=m, other=0.0)
-            s2 = tl.load(sk + 2 * s_kind, mask=m, other=0.0)
-            tl.store(o + 3 + 3 * k, tl.sum(xw * s0, 0))
-            tl.store(o + 4 + 3 * k, tl.sum(u * s1, 0))
-            tl.store(o + 5 + 3 * k, tl.sum(aw * s2, 0))
+        _scalars(out_ptr + ((b * n_heads + h) * n_blocks + j) * n_parts, x, w, sums_ptr, hp, m, s_kind, s_task, n_tasks)
+
+
+@triton.jit
+def _scalars(o, x, w, sums_ptr, at, m, s_kind, s_task, n_tasks):
+    # one sample's 3 + 3·tasks scalar partials at o: Σg², Σu, Σu|g| (u = g²w), then per task
+    # ⟨g w, Σg⟩, ⟨u, Σ|g|⟩, ⟨|g| w, Σg²⟩ of x and w = inv (any shape) with the task sums at `at`
+    a = tl.abs(x)
+    g2 = x * x
+    u = g2 * w
+    tl.store(o, tl.sum(g2))
+    tl.store(o + 1, tl.sum(u))
+    tl.store(o + 2, tl.sum(u * a))
+    xw = x * w
+    aw = a * w
+    for k in range(n_tasks):
+        sk = sums_ptr + k * s_task + at
+        s0 = tl.load(sk, mask=m, other=0.0)
+        s1 = tl.load(sk + s_kind, mask=m, other=0.0)
+        s2 = tl.load(sk + 2 * s_kind, mask=m, other=0.0)
+        tl.store(o + 3 + 3 * k, tl.sum(xw * s0))
+        tl.store(o + 4 + 3 * k, tl.sum(u * s1))
+        tl.store(o + 5 + 3 * k, tl.sum(aw * s2))
 
 
 @triton.jit
@@ -198,19 +212,9 @@ def fused_pass1(x_ptr, go_ptr, T, IN, OUT, R, C, first, head_stride, n_ct, row0,
         s0 += x
         s1 += tl.abs(x)
         s2 += x * x
-    tl.atomic_max(bad_ptr, tl.max(tl.max(bad, 1), 0))
-    if HAS_ACC:
-        a0 = acc_ptr + at
-        tl.store(a0, tl.load(a0, mask=m) + s0, mask=m)
-        tl.store(a0 + acc_kind_stride, tl.load(a0 + acc_kind_stride, mask=m) + s1, mask=m)
-        tl.store(a0 + 2 * acc_kind_stride, tl.load(a0 + 2 * acc_kind_stride, mask=m) + s2, mask=m)
-    if HAS_FISHER:
-        sq64 = sq.to(tl.float64)
-        for k in range(n_streams):
-            cw = tl.load(cw_ptr + k)
-            if cw != 0.0:
-                f = fisher_ptr + k * fisher_stride + at
-                tl.store(f, tl.load(f, mask=m) + cw * sq64, mask=m)
+    tl.atomic_max(bad_ptr, tl.max(bad))
+    _flush(acc_ptr, acc_kind_stride, fisher_ptr, fisher_stride, cw_ptr, n_streams, at, m, s0, s1, s2, sq,
+           HAS_ACC, HAS_FISHER)
 
 
 @triton.jit
@@ -241,27 +245,11 @@ def fused_pass2(x_ptr, go_ptr, T, IN, OUT, R, C, first, head_stride, n_ct, n_row
         x = _grad_tile(x_ptr, go_ptr, b, T, IN, OUT, o_idx, i_idx, mr, mc, BM, BN, BK, UPCAST)
         if ROUND:
             x = round_bf16(x)
-        a = tl.abs(x)
-        g2 = x * x
-        u = g2 * w
-        o = out_ptr + ((b * n_heads + h) * n_tiles + pid) * n_parts
-        tl.store(o, tl.sum(tl.sum(g2, 1), 0))
-        tl.store(o + 1, tl.sum(tl.sum(u, 1), 0))
-        tl.store(o + 2, tl.sum(tl.sum(u * a, 1), 0))
-        xw = x * w
-        aw = a * w
-        for k in range(n_tasks):
-            sk = sums_ptr + k * s_task + at
-            s0 = tl.load(sk, mask=m, other=0.0)
-            s1 = tl.load(sk + s_kind, mask=m, other=0.0)
-            s2 = tl.load(sk + 2 * s_kind, mask=m, other=0.0)
-            tl.store(o + 3 + 3 * k, tl.sum(tl.sum(xw * s0, 1), 0))
-            tl.store(o + 4 + 3 * k, tl.sum(tl.sum(u * s1, 1), 0))
-            tl.store(o + 5 + 3 * k, tl.sum(tl.sum(aw * s2, 1), 0))
+        _scalars(out_ptr + ((b * n_heads + h) * n_tiles + pid) * n_parts, x, w, sums_ptr, at, m, s_kind, s_task, n_tasks)
         if SKETCH:  # each run's entries gathered into bucket order (the run-local permutation), signed, summed over runs
             y = tl.reshape(x, (NR, DIM)) * root
             yy = y * y
-            av = tl.reshape(a, (NR, DIM))
+            av = tl.reshape(tl.abs(x), (NR, DIM))
             acc_u = tl.zeros((DIM,), tl.float32)
             acc_v = tl.zeros((DIM,), tl.float32)
             for rr in range(nnz):
