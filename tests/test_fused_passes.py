@@ -163,8 +163,7 @@ def test_layouts_that_do_not_fuse_say_so():
     assert pk.fused_slice(BlockSlicing("Q", 0, 2, (shuffled,))) is None
 
 
-@pytest.mark.parametrize("keep_pairs, dim", [("none", 0), ("top", 16)])
-def test_an_answers_task_on_the_fused_kernels_equals_one_formed_first(interpreted, tmp_path, monkeypatch, keep_pairs, dim):
+def test_an_answers_task_on_the_fused_kernels_equals_one_formed_first(interpreted, tmp_path, monkeypatch):
     """A whole answers task (pass 1, then pass 2 against its sums; bf16 rounding; u, v sketched
     where asked) in this process with the fused kernels, against the same task with the
     gradients formed first (QKOV_PASS_FUSED=0, the default): the same scalars, sketches, Fisher and sums.
@@ -177,8 +176,7 @@ def test_an_answers_task_on_the_fused_kernels_equals_one_formed_first(interprete
     from qkov.testing import tiny_job
     from qkov.workers import writer
 
-    score = {"mode": "answers", "keep_pairs": keep_pairs, "storage_dtype": "bfloat16",
-             **({"sketch_dim": dim, "top_k": 3} if dim else {})}
+    score = {"mode": "answers", "keep_pairs": "top", "storage_dtype": "bfloat16", "sketch_dim": 16, "top_k": 3}
     job = tiny_job(tmp_path, "llama_gqa", n_a=5, n_b=4, score=score, fisher={"source": "a"},
                    extract={"shard_size": 64, "batch_size": 4}, output={"path": str(tmp_path / "run")})
     task = shard_tasks(RunStore.of(job), plan_extract(job), job, [0], "answers_whole")[0]
@@ -189,7 +187,7 @@ def test_an_answers_task_on_the_fused_kernels_equals_one_formed_first(interprete
     got = writer.compute_shard(task)
     n_slices = len(task.layers) * len(task.blocks) * -(-len(task.input_ids) // 4)
     assert calls["fused_pass1"] == n_slices
-    assert 0 < calls["fused_pass2"] <= n_slices and (calls["fused_pass2"] == n_slices) == (not dim)
+    assert 0 < calls["fused_pass2"] < n_slices  # (Q's sketch tiles fit; the others' do not)
     monkeypatch.setenv("QKOV_PASS_FUSED", "0")
     want = writer.compute_shard(replace(task))
     for got_part, want_part in ((got[0], want[0]), (got[2], want[2])):  # scalars (and sketches); Fisher and task sums
