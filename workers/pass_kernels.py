@@ -10,7 +10,8 @@ sum in registers until it adds it to its accumulator (pass 1) or writes one part
 block of entries (pass 2), which torch then adds in float64: deterministic (no atomics).
 Measured at 8B on an H100 against the torch forms in the same run (benchmarks/results/
 2026-12-07-h100-issue28-session4.json): pass 1's reductions 0.130 -> 0.064 s per batch of 4,
-pass 2's with the sketches 0.353 -> 0.237 s, most of that the sketches' random gathers; with
+pass 2's with the sketches 0.353 -> 0.237 s (the benchmark then timed the sketches in torch,
+sketch_layer: most of that time was their random gathers); with
 the sketch projections made run-local (workers/sketch.py), a whole pass 2 with its sketches went
 from 0.327 to 0.224 s per batch in one run (2026-12-07-h100-issue28-session5.json).
 
