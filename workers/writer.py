@@ -218,19 +218,22 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
         # per-sample gradients are then formed tile by tile inside the kernels, never stored
         fusing = answers is not None and task.phase != "sketch" and all_finite and fusion_on(device)
         for li, layer in enumerate(task.layers):
+            def projection(b, li, layer=layer):  # the (block, layer)'s sketch projection (the worker caches them)
+                return _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
+
             fused = {}
             for b in task.blocks if fusing else ():
                 bs = layout.blocks[(b, layer)]
-                fs, acts = answers.fusable(bs, keep_fisher), res.activations(bs.parts[0].param)
-                if fs is not None and acts is not None:
+                fs = answers.fusable(bs, keep_fisher)
+                acts = res.activations(bs.parts[0].param) if fs is not None else None
+                if acts is not None:
                     fused[b] = (fs, acts)
             rest = [b for b in task.blocks if b not in fused]
             full = res.grads(_layer_params(layout, rest, layer)) if rest else {}
             for b in task.blocks:
                 if b in fused:
                     flag = answers.fused(b, li, s, *fused[b], fisher[b][:, li] if keep_fisher else None, w, grads.put,
-                                         lambda b, li, layer=layer: _projections().get(
-                                             sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
+                                         projection)
                     if flag is not None:
                         grads.note_finite(flag == 0, f"block {b} layer {layer}")
                     continue
@@ -259,11 +262,9 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
                 if keep_grads:
                     grads.put(b, li, s, t)
                 if answers is not None:
-                    answers.consume(b, li, s, t, finite, grads.put, lambda b, li, layer=layer: _projections().get(
-                        sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device))
+                    answers.consume(b, li, s, t, finite, grads.put, projection)
                 if sketching:
-                    proj = _projections().get(sizes[b], task.sketch_dim, task.sketch_seed, b, layer, heads[b], 1, device)
-                    for p, x in sketch_parts(t, inv[b][li], proj, PARTS, False).items():
+                    for p, x in sketch_parts(t, inv[b][li], projection(b, li), PARTS, False).items():
                         grads.put(schema.sketch_var(b, p), li, s, x.float())
                 del t
             del full
