@@ -60,34 +60,44 @@ def _runs_on(device: torch.device) -> bool:
     tried once per process on small inputs (a Triton too old or too new for these kernels, or a
     device it cannot target): where not, the passes keep their torch forms, with a warning,
     instead of failing a job partway through a pass."""
-    try:
-        g = torch.Generator(device=device).manual_seed(0)
-        t = torch.randn((3, 2, BLOCK + 5), generator=g, device=device)
-        acc = torch.zeros((3, 2, 2, BLOCK + 5), device=device)
-        fisher = torch.zeros((1, 2, BLOCK + 5), dtype=torch.float64, device=device)
-        for rounding in (False, True):
-            for k, cw in ((0, (1.0,)), (1, None), (None, (0.5,))):
-                _pass1_launch(t, [(0, 3, k, cw)], acc, fisher, rounding, None)
-            _pass2_launch(t, torch.ones_like(t[0]), acc, rounding)
-        for dtype in (torch.float32, torch.bfloat16):
-            for cw in ((1.0,), None):
-                _pass1_launch(t, [(0, 3, None, cw)], None, fisher, False, (torch.empty((1, 2, 4, BLOCK + 5), dtype=dtype,
-                                                                                     device=device), 0, 1))
-        from .sketch import layer_projection
+    return _tried(device, "the answers passes' Triton kernels", "using their torch forms", _try_kernels)
 
-        proj = layer_projection(BLOCK + 5, 256, 0, "Q", 0, 2, 1, device)
-        for parts in (("u", "v"), ("u", "v", "w")):
-            for rounding in (False, True):
-                _sketch_launch(t, torch.ones_like(t[0]), proj, parts, rounding)
+
+def _tried(device: torch.device, what: str, instead: str, trial) -> bool:
+    """Whether `trial(device)` (kernel launches on small inputs) runs there; where not, a warning
+    naming `what` fails and what runs `instead`."""
+    try:
+        trial(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # (launch errors surface here)
         return True
-    except Exception as e:  # noqa: BLE001 (whatever this Triton raises: the torch forms do the same work)
+    except Exception as e:  # noqa: BLE001 (whatever this Triton raises: the fallback does the same work)
         import warnings
 
-        warnings.warn(f"qkov: the answers passes' Triton kernels do not run on {device} ({type(e).__name__}: "
-                      f"{str(e)[:200]}); using their torch forms", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"qkov: {what} do not run on {device} ({type(e).__name__}: {str(e)[:200]}); {instead}",
+                      RuntimeWarning, stacklevel=3)
         return False
+
+
+def _try_kernels(device: torch.device) -> None:
+    g = torch.Generator(device=device).manual_seed(0)
+    t = torch.randn((3, 2, BLOCK + 5), generator=g, device=device)
+    acc = torch.zeros((3, 2, 2, BLOCK + 5), device=device)
+    fisher = torch.zeros((1, 2, BLOCK + 5), dtype=torch.float64, device=device)
+    for rounding in (False, True):
+        for k, cw in ((0, (1.0,)), (1, None), (None, (0.5,))):
+            _pass1_launch(t, [(0, 3, k, cw)], acc, fisher, rounding, None)
+        _pass2_launch(t, torch.ones_like(t[0]), acc, rounding)
+    for dtype in (torch.float32, torch.bfloat16):
+        for cw in ((1.0,), None):
+            _pass1_launch(t, [(0, 3, None, cw)], None, fisher, False, (torch.empty((1, 2, 4, BLOCK + 5), dtype=dtype,
+                                                                                 device=device), 0, 1))
+    from .sketch import layer_projection
+
+    proj = layer_projection(BLOCK + 5, 256, 0, "Q", 0, 2, 1, device)
+    for parts in (("u", "v"), ("u", "v", "w")):
+        for rounding in (False, True):
+            _sketch_launch(t, torch.ones_like(t[0]), proj, parts, rounding)
 
 
 def _kernels():
@@ -391,27 +401,21 @@ def _kernels_fused():
 @functools.cache
 def _fused_runs_on(device: torch.device) -> bool:
     """`_runs_on` for the fused kernels (tl.dot, tl.gather: a Triton too old for them keeps the unfused kernels)."""
-    try:
-        from .sketch import layer_projection
+    return _tried(device, "the fused answers passes", "forming per-sample gradients before the kernels", _try_fused)
 
-        g = torch.Generator(device=device).manual_seed(0)
-        fs = FusedSlice(n_heads=2, R=32, C=256, first=0, head_stride=32 * 256, out=64, inp=256)
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn((3, 17, 256), generator=g, device=device).to(dtype)
-            go = torch.randn((3, 17, 64), generator=g, device=device).to(dtype)
-            acc = torch.zeros((3, 2, 2, 32 * 256), device=device)
-            fisher = torch.zeros((1, 2, 32 * 256), dtype=torch.float64, device=device)
-            for rounding in (False, True):
-                fused_pass1(fs, x, go, [(0, 3, 0, (1.0,)), (0, 3, 1, None)], acc, fisher, rounding)
-                fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding)
-                fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding,
-                            layer_projection(32 * 256, 256, 0, "Q", 0, 2, 1, device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return True
-    except Exception as e:  # noqa: BLE001 (as _runs_on)
-        import warnings
 
-        warnings.warn(f"qkov: the fused answers passes do not run on {device} ({type(e).__name__}: {str(e)[:200]}); "
-                      f"forming per-sample gradients before the kernels", RuntimeWarning, stacklevel=2)
-        return False
+def _try_fused(device: torch.device) -> None:
+    from .sketch import layer_projection
+
+    g = torch.Generator(device=device).manual_seed(0)
+    fs = FusedSlice(n_heads=2, R=32, C=256, first=0, head_stride=32 * 256, out=64, inp=256)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn((3, 17, 256), generator=g, device=device).to(dtype)
+        go = torch.randn((3, 17, 64), generator=g, device=device).to(dtype)
+        acc = torch.zeros((3, 2, 2, 32 * 256), device=device)
+        fisher = torch.zeros((1, 2, 32 * 256), dtype=torch.float64, device=device)
+        for rounding in (False, True):
+            fused_pass1(fs, x, go, [(0, 3, 0, (1.0,)), (0, 3, 1, None)], acc, fisher, rounding)
+            fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding)
+            fused_pass2(fs, x, go, torch.ones((2, 32 * 256), device=device), acc, rounding,
+                        layer_projection(32 * 256, 256, 0, "Q", 0, 2, 1, device))
