@@ -151,8 +151,11 @@ def run(a) -> dict:
         projs = {(b, layer): layer_projection(sizes[b], a.sketch_dim, 0, b, layer, heads[b], 1, device)
                  for b in blocks for layer in range(nl)}
         if not a.steps or "pass2_sketch_global" in a.steps:
-            globals_ = {key: global_projection(sizes[key[0]], a.sketch_dim, key[0], key[1], heads[key[0]], device)
-                        for key in projs}
+            from benchmarks.bench_sketch import previous_scheme
+
+            with previous_scheme():
+                globals_ = {(b, layer): layer_projection(sizes[b], a.sketch_dim, 0, b, layer, heads[b], 1, device)
+                            for b, layer in projs}
     # per-layer accumulators only (one layer's worth, reused): the reductions' cost, not 8B's memory
     fisher = {b: torch.zeros((1, heads[b], sizes[b]), dtype=torch.float64, device=device) for b in blocks}
     tsums = {b: torch.zeros((3, K, heads[b], sizes[b]), dtype=torch.float32, device=device) for b in blocks}
@@ -268,18 +271,6 @@ def run(a) -> dict:
     if device.startswith("cuda"):
         out["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
-
-
-def global_projection(size, dim, block, layer, n_heads, device):
-    """The previous scheme's projection (keyed-hash-v2): one permutation over all P entries, so
-    the sketch's reads of g are random (a baseline for the run-local permutation's reads)."""
-    import numpy as np
-
-    from qkov.workers import sketch as sk
-
-    keys = torch.as_tensor(np.stack([sk.slice_keys(0, block, layer, h, 1) for h in range(n_heads)], axis=1), device=device)
-    order = sk.inverse_permutation(size, keys)
-    return sk.LayerProjection(order.to(torch.int32), sk._signs(order, keys[..., 2:3]).to(torch.int8), dim)
 
 
 def kernel_check(res, layout, blocks, runs1, inv, K, fusable, projs) -> dict:

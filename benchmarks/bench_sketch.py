@@ -18,6 +18,7 @@ from __future__ import annotations
 from qkov.pipeline.store import RunStore
 from qkov.workers.fisher import inverse_damped_fisher
 import argparse
+import contextlib
 import json
 import os
 import tempfile
@@ -93,6 +94,20 @@ def accuracy(exact: dict, approx: dict, n_a: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def previous_scheme():
+    """Projections built inside are the previous scheme's (keyed-hash-v2: one permutation over all
+    of a slice's P entries, not per run of k): the run-local scheme's baseline, in accuracy here
+    and in the sketch kernel's reads in bench_passes."""
+    from unittest import mock
+
+    from qkov.workers import sketch as sk_mod
+
+    whole = sk_mod.inverse_permutation
+    with mock.patch.object(sk_mod, "inverse_permutation", lambda size, keys, run=None: whole(size, keys)):
+        yield
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=12, help="samples per task")
@@ -126,12 +141,7 @@ def main() -> None:
                  for k in args.dims},
     }
     if args.global_baseline:  # the same sketches on keyed-hash-v2 projections: the run-local scheme's accuracy baseline
-        from unittest import mock
-
-        from qkov.workers import sketch as sk_mod
-
-        whole = sk_mod.inverse_permutation
-        with mock.patch.object(sk_mod, "inverse_permutation", lambda size, keys, run=None: whole(size, keys)):
+        with previous_scheme():
             _, sk_g, secs_g = exact_and_sketched(grads, fisher, args.dims, args.seed)
         result["global_scheme_dims"] = {str(k): {**accuracy(exact, sk_g[k], n_a), "sketch_s": round(secs_g[k], 2)}
                                         for k in args.dims}
