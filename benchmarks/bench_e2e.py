@@ -274,6 +274,19 @@ def _load_model_on_worker(model_spec, include_bias: bool, device: str) -> str:
     return dev
 
 
+def _device_memory() -> dict | None:
+    """(on a worker) Its CUDA allocator's record: the peak held, and how often it had to free its
+    cache and retry an allocation (each retry synchronises the device: a sign of a full card)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    st = torch.cuda.memory_stats()
+    return {"peak_allocated_gib": round(st.get("allocated_bytes.all.peak", 0) / 2**30, 2),
+            "peak_reserved_gib": round(st.get("reserved_bytes.all.peak", 0) / 2**30, 2),
+            "alloc_retries": st.get("num_alloc_retries", 0), "ooms": st.get("num_ooms", 0)}
+
+
 def _warm_workers(job, client) -> None:
     """Load the model on every worker, so no timed stage pays a worker's cold start."""
     workers = list(client.scheduler_info(n_workers=-1)["workers"])
@@ -407,6 +420,7 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         t = time.perf_counter()
         summary = run_job(job, client=client, progress=tick)
         total = time.perf_counter() - t
+        result["worker_device_memory"] = sorted(client.run(_device_memory).values(), key=str)
         stop.set()
         watcher.join()
         if a.profile:
@@ -441,6 +455,10 @@ def run_benchmark(a: argparse.Namespace) -> dict:
                                    "note": baseline["note"] + "; extract_over_plain: the extract stage's seconds (all its "
                                            "passes, writes included) over one plain forward+backward of every sample"}
     _log("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
+    parts = (summary.extract or {}).get("seconds")
+    if parts:  # the extract stage's parts: each pass's batches, consolidations, writes (summed over shards)
+        result["extract_parts_s"] = parts
+        _log("extract parts: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
 
     plan = plan_extract(job)
     n = plan.n

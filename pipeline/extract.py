@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
@@ -583,23 +584,31 @@ def run_extract(store: RunStore, job: JobSpec, executor, *, plan: ExtractPlan | 
         if on_progress:
             on_progress(done_count[0], total)
 
+    seconds: dict[str, float] = {}
     for phase, record in phases:
         tasks = shard_tasks(store, plan, job, todo[record], phase)
         if resident:
             tasks = [replace(t, resident=True) for t in tasks]
         groups = shard_groups(tasks, slots=executor.gpu_slots())
         results = [r for rs in executor.map(extract_shards, groups, gpu=True, on_result=_tick) for r in rs]
+        for r in results:
+            for part, sec in r.seconds:
+                seconds[part] = seconds.get(part, 0.0) + sec
         whash, skipped = _finish_pass(store, plan, results, record)
         if phase in ("exact", "fisher", "answers_whole"):  # the pass that wrote the Fisher partial sums
+            t = time.perf_counter()
             # the sample counts after skipping, before anything is marked complete (a resume asks again)
             warning = check_kept_samples(job, plan, store.root()[schema.GRADIENTS][schema.FINITE][:])
             consolidate_fisher(store, plan, job, whash)
             if phase == "fisher" and forms_scalars(job):
                 consolidate_task_sums(store, plan)
+            seconds["consolidate"] = seconds.get("consolidate", 0.0) + time.perf_counter() - t
     root = store.root("r+")
     g = root[schema.GRADIENTS]
     g.attrs[schema.ATTR_WEIGHTS_HASH] = whash
     g.attrs[schema.ATTR_SKIPPED_SAMPLES] = list(root[schema.WORK].attrs.get(schema.ATTR_SKIPPED, []))
     store.mark_complete(schema.GRADIENTS)
+    # worker parts summed over shards (device-seconds where several GPUs run at once), the
+    # consolidations on the client: where the stage's time goes
     return {"shards": len(plan.shards), "computed": len(todo[schema.DONE]), "weights_hash": whash, "skipped": skipped,
-            "warning": warning}
+            "warning": warning, "seconds": {k: round(v, 3) for k, v in seconds.items()}}

@@ -38,10 +38,20 @@ def runs(tmp_path_factory):
         job = tiny_job(tmp, "llama_gqa", n_a=12, n_b=11, score=score, fisher={"source": "a"},
                        extract={"shard_size": 64 if name == "top" else 4, "batch_size": 3},
                        stats={"n_permutations": 99, "n_bootstrap": 99}, output={"path": str(tmp / f"run-{name}"), **output})
-        run_job(job)
+        out[f"{name}-summary"] = run_job(job)
         out[name] = RunStore.of(job)
         out[f"{name}-job"] = job
     return out
+
+
+def test_the_extract_stage_says_where_its_time_went(runs):
+    """Each run's extract stage names its parts (each pass's batches, answers_whole's consolidation
+    between its passes, the shards' writes, the client's consolidations), in seconds (≥ 0)."""
+    want = {"exact": {"exact", "write", "consolidate"}, "answers": {"fisher", "answers", "write", "consolidate"},
+            "top": {"fisher", "between", "answers", "write", "consolidate"}}
+    for name, parts in want.items():
+        got = runs[f"{name}-summary"].extract["seconds"]
+        assert set(got) == parts and all(np.isfinite(v) and v >= 0 for v in got.values()), (name, got)
 
 
 def _close(a, b, rtol=2e-5) -> bool:

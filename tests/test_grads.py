@@ -214,6 +214,25 @@ def test_module_called_twice_and_tied_weights_accumulate():
             torch.testing.assert_close(res.grads[n][i], params[n].grad, rtol=1e-5, atol=1e-7)
 
 
+def test_repeated_calls_follow_a_replaced_parameter_and_a_frozen_model():
+    """The owners of a name set are remembered per model between calls (host time per batch):
+    a parameter replaced since must be found anew, and a model frozen in eval mode once (as a
+    worker keeps it) gives the same gradients and stays frozen."""
+    model = _model("llama_gqa")
+    batch = random_batch(VOCAB, LENGTHS, seed=11)
+    names = _attention_params(model)
+    per_sample_grads(model, batch, names, CausalLMLoss())
+    attn = model.model.layers[0].self_attn
+    attn.q_proj.weight = nn.Parameter(torch.randn_like(attn.q_proj.weight))  # a new tensor under the same name
+    k = attn.k_proj
+    attn.k_proj = nn.Linear(k.in_features, k.out_features, bias=True)  # a new module: its hooks must be on it
+    model.requires_grad_(False).eval()
+    res = per_sample_grads(model, batch, names, CausalLMLoss())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    model.requires_grad_(True)  # the loop reference reads param.grad
+    _assert_grads_close(res.grads, _reference(model, batch, LENGTHS, names), rtol=1e-5)
+
+
 def test_output_modified_in_place_downstream():
     # Falcon-style `out += residual` on a module's output must not change what we read.
     class OutInPlace(_Reuse):

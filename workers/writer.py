@@ -9,6 +9,7 @@ killed midway leaves no record, and rerunning it rewrites the same bytes.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,10 @@ class ShardResult:
     device: str = "cpu"
     worker: str = ""
     rejected: tuple[str, ...] = ()  # non-finite samples under nonfinite = "error": nothing was written
+    # where the task's time went, (part, seconds): each pass's batches ("exact", "fisher",
+    # "answers", "sketch"), answers_whole's consolidation between its passes ("between") and the
+    # shard's writes ("write"); the extract stage adds them up over shards (`extract_seconds`)
+    seconds: tuple[tuple[str, float], ...] = ()
 
 
 # One model per worker process, reused by every shard the worker runs.
@@ -93,7 +98,8 @@ def worker_model(spec: ModelSpec, include_bias: bool, device: str) -> tuple[torc
     with _CACHE_LOCK:
         if key not in _CACHE:
             _CACHE.clear()  # one model per worker: drop any other before loading
-            model = load_model(spec, device=device)
+            # frozen once: each batch's per-sample backward then has no flags to set and restore
+            model = load_model(spec, device=device).requires_grad_(False)
             layout = discover_layout(model, declared=spec.layout, include_bias=include_bias)
             _CACHE[key] = (model, layout, weights_hash(model))
         return _CACHE[key]
@@ -124,13 +130,15 @@ def _layer_params(layout: AttentionLayout, blocks, layer: int) -> list[str]:
 _MODEL_IN_USE = threading.Lock()
 
 
-def compute_shard(task: ShardTask) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
-    """One shard's compute (see `_compute_shard`), one task at a time per process."""
+def compute_shard(task: ShardTask, seconds: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+    """One shard's compute (see `_compute_shard`), one task at a time per process; `seconds`,
+    where given, gets each part's wall time (ShardResult.seconds)."""
+    seconds = {} if seconds is None else seconds
     with _MODEL_IN_USE:
-        return _answers_whole(task) if task.phase == "answers_whole" else _compute_shard(task)
+        return _answers_whole(task, seconds) if task.phase == "answers_whole" else _compute_shard(task, seconds=seconds)
 
 
-def _answers_whole(task: ShardTask):
+def _answers_whole(task: ShardTask, seconds: dict):
     """Answers mode over every sample in one task: pass 1 (the Fisher partial and the task sums),
     λ and 1/(Î+λ) as the run's consolidation forms them from that one partial, then pass 2
     against the sums held in memory. Nothing P-sized is written but the Fisher partial, which
@@ -139,7 +147,8 @@ def _answers_whole(task: ShardTask):
 
     from .fisher import damping, inverse_regularised
 
-    _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"))
+    _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"), seconds=seconds)
+    t0 = time.perf_counter()
     device = resolve_device(task.device)
     inv, sums = {}, {}
     for b in task.blocks:  # onto the device block by block, each task's sums as they are let go (8B: 16 GB each)
@@ -151,11 +160,14 @@ def _answers_whole(task: ShardTask):
         sums[b] = torch.empty((first.shape[0], task.n_tasks, *first.shape[1:]), dtype=torch.float32, device=device)
         for k in range(task.n_tasks):  # float32, as written
             sums[b][:, k] = torch.from_numpy(partials.pop(schema.task_sum_partial(b, k))).to(device)
-    out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums))
+    if device != "cpu":
+        torch.cuda.synchronize(device)
+    seconds["between"] = time.perf_counter() - t0
+    out = _compute_shard(replace(task, phase="answers"), resident=(inv, sums), seconds=seconds)
     return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
 
 
-def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+def _compute_shard(task: ShardTask, resident: tuple | None = None, seconds: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
     Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
@@ -167,6 +179,7 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     memory holds one layer's (B, out, in) gradients, not the model's."""
     device = resolve_device(task.device)
     model, full_layout, whash = worker_model(task.model, task.include_bias, device)
+    t0 = time.perf_counter()
     layout = full_layout.subset(layers=task.layers, blocks=task.blocks)
     loss_task = loss_task_for(model)
     n, L = len(task.input_ids), len(task.layers)
@@ -198,7 +211,8 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     w_all = np.asarray(task.fisher_weights, dtype=np.float64).reshape(n_streams, n)
     for s in range(0, n, task.batch_size):
         e = min(n, s + task.batch_size)
-        batch = pad_batch(list(task.input_ids[s:e]), list(task.labels[s:e]), device)
+        # built on the host: per_sample_backward checks it there and copies it without waiting for the device
+        batch = pad_batch(list(task.input_ids[s:e]), list(task.labels[s:e]), "cpu")
         res = per_sample_backward(model, batch, layout.param_names, loss_task)
         # decided before any layer is consumed: a skipped sample enters no layer's Fisher sum
         finite = torch.isfinite(res.losses) & res.finite(layout.param_names)
@@ -275,6 +289,8 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None) -> tuple[dict
     out = grads.held() if grads.resident else grads.to_host()
     if answers is not None and not answers.summing:
         out = {**answers.host_scalars(), **out}
+    if seconds is not None:  # (the copies to the host above waited for the device)
+        seconds[task.phase] = seconds.get(task.phase, 0.0) + time.perf_counter() - t0
     return out, losses, partials, bad, whash, device
 
 
@@ -377,16 +393,17 @@ def extract_shards(tasks: tuple[ShardTask, ...]) -> list[ShardResult]:
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="qkov-writer") as pool:
         pending = None
         for task in tasks:
-            computed = compute_shard(task)
+            seconds: dict = {}
+            computed = compute_shard(task, seconds)
             if pending is not None:
                 out.append(pending.result())  # raises the writer's error, if any
-            pending = pool.submit(write_shard, task, computed)
+            pending = pool.submit(write_shard, task, computed, seconds)
         if pending is not None:
             out.append(pending.result())
     return out
 
 
-def write_shard(task: ShardTask, computed) -> ShardResult:
+def write_shard(task: ShardTask, computed, seconds: dict | None = None) -> ShardResult:
     """Write one computed shard (compute_shard's output) into its whole chunks.
 
     Non-finite samples under nonfinite = "error" are returned, not raised: the error is
@@ -394,6 +411,7 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     can then name every offending sample of the run at once.
     """
     grads, losses, fisher, bad, whash, device = computed
+    t0 = time.perf_counter()
     if bad and task.nonfinite == "error":
         return ShardResult(task.shard, whash, (), device, worker_name(), rejected=tuple(bad))
     store = RunStore(task.store_path, task.storage_options)
@@ -420,4 +438,5 @@ def write_shard(task: ShardTask, computed) -> ShardResult:
     record_shard(root, task.shard, fisher, "fisher" if task.phase == "answers_whole" else task.phase)
     if task.phase == "answers_whole":  # both passes done: the fisher record above, then this one
         record_shard(root, task.shard, {}, "answers")
-    return ShardResult(task.shard, whash, tuple(bad), device, worker_name())
+    spent = {**(seconds or {}), "write": time.perf_counter() - t0}
+    return ShardResult(task.shard, whash, tuple(bad), device, worker_name(), seconds=tuple(spent.items()))
