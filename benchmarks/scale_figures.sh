@@ -52,7 +52,7 @@ if [[ $what == short ]]; then  # when device time is short, most informative fir
   smollm2_answers
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
-  run llama3-8b-answers-256 210 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
+  run llama3-8b-answers-256 330 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"
 fi
 if [[ $what == llama3-8b || $what == all ]]; then
   run llama3-8b-answers 560 python3 -m benchmarks.bench_e2e "${common[@]}" --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 2000 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers.json"
