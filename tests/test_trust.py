@@ -162,6 +162,22 @@ def test_tiny_damping_on_a_zero_fisher_entry_scores_zero_not_nan():
     assert torch.isfinite(u).all() and torch.isfinite(w).all()
 
 
+def test_the_inverse_on_a_device_tensor_is_numpys_to_the_bit():
+    """answers_whole forms 1/(Î+λ) with torch on the worker's device: float64 add, floor and
+    reciprocal, each correctly rounded, so it equals the numpy form the client's path uses
+    bit for bit, zeros under a tiny λ (the floor) and a λ of 0 included."""
+    from qkov.workers.fisher import REG_FLOOR, inverse_regularised
+
+    rng = np.random.default_rng(1)
+    f = (rng.standard_normal((3, 4, 257)) ** 2).astype(np.float32)
+    f[0, 0, :5] = 0.0
+    for lam in (1e-3, 1e-80, 0.0, 3.7):
+        want = inverse_regularised(f.astype(np.float64), lam).astype(np.float32)
+        got = inverse_regularised(torch.from_numpy(f), lam).float().numpy()
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.int32), want.view(np.int32)), lam
+    assert inverse_regularised(torch.zeros(2, dtype=torch.float32), 0.0).max() == 1.0 / REG_FLOOR
+
+
 def test_run_with_a_tiny_damping_and_an_ablated_head_has_finite_scores(tmp_path):
     """End to end: head 0 of layer 0 ablated (its O columns zeroed), so its Q/K/V gradients and
     Fisher are exactly 0; damping_rel = 1e-80 is accepted and the run's scores are finite, 0 there."""

@@ -66,7 +66,11 @@ def inverse_regularised(fisher: np.ndarray, lam) -> np.ndarray:
     square root are finite in float32 (a run stored before λ had that floor included): an
     entry whose gradients are 0 (Î = 0, e.g. a fully ablated head group) then scores 0,
     never inf·0 = NaN.
-    `lam` broadcasts against `fisher` (a scalar, or λ per layer shaped to fit)."""
+    `lam` broadcasts against `fisher` (a scalar, or λ per layer shaped to fit).
+    A torch tensor (a float32 Fisher on a device) gets the same float64 operations there: each
+    is correctly rounded, so the values are numpy's to the bit."""
+    if not isinstance(fisher, np.ndarray) and hasattr(fisher, "double"):  # a torch tensor
+        return (fisher.double() + lam).clamp_min_(REG_FLOOR).reciprocal_()
     reg = np.asarray(fisher, dtype=np.float64) + lam
     return 1.0 / np.maximum(reg, REG_FLOOR)
 

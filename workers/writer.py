@@ -141,25 +141,24 @@ def compute_shard(task: ShardTask, seconds: dict | None = None) -> tuple[dict[st
 def _answers_whole(task: ShardTask, seconds: dict):
     """Answers mode over every sample in one task: pass 1 (the Fisher partial and the task sums),
     λ and 1/(Î+λ) as the run's consolidation forms them from that one partial, then pass 2
-    against the sums held in memory. Nothing P-sized is written but the Fisher partial, which
-    the client consolidates into `fisher` as for any run."""
+    against the sums, which stay on the device between the passes. Nothing P-sized is written
+    but the Fisher partial, which the client consolidates into `fisher` as for any run."""
     from dataclasses import replace
 
     from .fisher import damping, inverse_regularised
 
-    _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"), seconds=seconds)
+    sums: dict = {}
+    _, _, partials, bad, _, _ = _compute_shard(replace(task, phase="fisher"), seconds=seconds, sums_out=sums)
     t0 = time.perf_counter()
     device = resolve_device(task.device)
-    inv, sums = {}, {}
-    for b in task.blocks:  # onto the device block by block, each task's sums as they are let go (8B: 16 GB each)
-        total = partials[schema.fisher_partial(b)].astype(np.float64)  # as `consolidate_fisher` sums one shard
-        lam = damping(total, *task.damping)
-        inv[b] = torch.from_numpy(inverse_regularised(total.astype(np.float32), lam[:, None, None]).astype(np.float32)).to(device)
-        del total
-        first = partials[schema.task_sum_partial(b, 0)]
-        sums[b] = torch.empty((first.shape[0], task.n_tasks, *first.shape[1:]), dtype=torch.float32, device=device)
-        for k in range(task.n_tasks):  # float32, as written
-            sums[b][:, k] = torch.from_numpy(partials.pop(schema.task_sum_partial(b, k))).to(device)
+    inv = {}
+    for b in task.blocks:
+        part = partials[schema.fisher_partial(b)]  # float32 (L, H, P)
+        lam = damping(part.astype(np.float64), *task.damping)  # as `consolidate_fisher` sums one shard
+        # 1/(Î+λ) layer by layer on the device (8B: 1.3 G entries; numpy's float64 passes took minutes)
+        inv[b] = torch.empty(part.shape, dtype=torch.float32, device=device)
+        for li in range(part.shape[0]):
+            inv[b][li] = inverse_regularised(torch.from_numpy(part[li]).to(device), float(lam[li]))
     if device != "cpu":
         torch.cuda.synchronize(device)
     seconds["between"] = time.perf_counter() - t0
@@ -167,7 +166,8 @@ def _answers_whole(task: ShardTask, seconds: dict):
     return (out[0], out[1], partials, sorted(set(bad) | set(out[3]), key=task.sample_ids.index), *out[4:])
 
 
-def _compute_shard(task: ShardTask, resident: tuple | None = None, seconds: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
+def _compute_shard(task: ShardTask, resident: tuple | None = None, seconds: dict | None = None,
+                   sums_out: dict | None = None) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray], list[str], str, str]:
     """Per-sample gradient slices (or their sketches), losses and the Fisher partial of one shard (no I/O).
 
     Each phase computes only what it writes: exact mode the gradients {B: (L, H, n, P)} (each
@@ -284,7 +284,9 @@ def _compute_shard(task: ShardTask, resident: tuple | None = None, seconds: dict
             del full
         del res
     partials = {schema.fisher_partial(b, k): f[k].float().cpu().numpy() for b, f in fisher.items() for k in range(n_streams)}
-    if answers is not None:
+    if answers is not None and sums_out is not None and answers.summing:
+        sums_out.update(answers.tsums)  # kept where they are, for a pass 2 in this task (answers_whole)
+    elif answers is not None:
         partials.update(answers.partials())
     out = grads.held() if grads.resident else grads.to_host()
     if answers is not None and not answers.summing:
