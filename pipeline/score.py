@@ -23,8 +23,7 @@ from . import codec, schema
 from .diagnostics import compute_with_diagnostics, write_diagnostics
 from .errors import corrupt_chunk_error
 from .score_graph import BlockParts, block_scores, direct_block_scores, mirrored, reduced_block_scores, sketch_block_scores
-from .slice_reductions import slice_statistics, sums_settings, top_pairs_lazy
-from .stats import margin_corrected
+from .slice_reductions import sketched_interference, slice_statistics, sums_settings, top_pairs_lazy
 from .spec import JobSpec
 from .store import RunStore, decoded, has_scalars, provenance, scores_view
 from .tiling import auto_sample_chunk
@@ -291,12 +290,13 @@ def moments_scores(grads: xr.Dataset, key_a: str, key_b: str, side: dict, stats=
         if schema.sketch_var(b, "u") in grads and stats is not None:
             u, v = (decoded(grads[schema.sketch_var(b, p)]).data[keep].transpose(1, 2, 0, 3).rechunk((1, 1, -1, -1))
                     for p in ("u", "v"))
-            inter = da.matmul(u, da.swapaxes(v, -1, -2))  # (L, H_b, N, N): sketched M = S(u_i)·S(v_j)
-            # its diagonal, row and column sums made exact from the scalars: only the pairs' interaction stays sketched
-            inter = margin_corrected(inter, data[schema.moments_name("interference", b)].data.astype(inter.dtype))
-            data[schema.stat_sums_name("interference", b)] = _sums_var(b, slice_statistics(
-                inter[None], np.arange(keep.size) < n_a, stats.n_permutations, stats.n_bootstrap, stats.seed)[0])
-            data.update(_top_vars("interference", b, top_pairs_lazy(inter, n_a, min(top_k, n_a * n_b), largest=True)))
+            # sketched M = S(u_i)·S(v_j), its diagonal, row and column sums made exact from the scalars
+            # (only the pairs' interaction stays sketched), reduced to the stats sums and top pairs in one task per head group
+            sums, top = sketched_interference(u, v, data[schema.moments_name("interference", b)].data,
+                                              np.arange(keep.size) < n_a, stats.n_permutations, stats.n_bootstrap,
+                                              stats.seed, min(top_k, n_a * n_b))
+            data[schema.stat_sums_name("interference", b)] = _sums_var(b, sums)
+            data.update(_top_vars("interference", b, top))
     sketched = any(v.startswith(schema.stat_sums_name("")) for v in data)
     plan = _Plan(keep, n_a, keep.size, "top" if sketched else "none", top_k, "float32", stats, "auto", "auto")
     ds = _scores_dataset(data, grads, blocks, plan).assign_coords({schema.MOMENT: list(schema.MOMENTS)})

@@ -120,6 +120,50 @@ def top_pairs_lazy(arr: da.Array, n_a: int, k: int, largest: bool) -> da.Array:
                            dtype=np.float64, meta=np.empty((0,) * 4, np.float64))
 
 
+def _sketched_chunk(u: np.ndarray, v: np.ndarray, moments: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int,
+                    seed: int, k: int) -> np.ndarray:
+    """(runs in the task) One chunk of heads' sketched interference, whole slices: u, v [1, hc, N, dim],
+    moments [1, hc, N, 5] -> [1, hc, width + 3k], each slice's stats sums (scaled as
+    `slice_statistics` scales them) then its k best A×B pairs (value, row in A, column in B), from
+    S̃ = `stats.margin_corrected`(u·vᵀ, moments). The matmul and the sums on a GPU worker's device."""
+    from qkov.workers.device import resolve_device
+
+    on_gpu = resolve_device("auto") == "cuda"
+    if on_gpu:
+        import torch
+
+        s = torch.matmul(*(torch.as_tensor(np.ascontiguousarray(x), device="cuda") for x in (u, np.swapaxes(v, -1, -2))))
+        pairs = s.cpu().numpy()
+    else:
+        pairs = np.matmul(u, np.swapaxes(v, -1, -2))
+    pairs = st.margin_corrected(pairs, moments.astype(pairs.dtype))
+    n_a = int(is_a.sum())
+    weights = stats_weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
+    sums = (stat_sums(pairs, weights, is_a, (0, 0), "cuda") if on_gpu else stat_sums_np(pairs, weights, is_a, (0, 0)))
+    sums = sums * sums_scale(n_a, is_a.size - n_a, n_perm, n_boot)
+    top = np.stack([best_k(tile_top(p, n_a, (0, 0), k, True), k, True) for p in pairs[0]])[None]  # [1, hc, 3, k]
+    return np.concatenate([sums, top.reshape(*top.shape[:2], 3 * k)], axis=-1)
+
+
+def sketched_interference(u: da.Array, v: da.Array, moments: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int,
+                          seed: int, k: int, group_bytes: int = 256 << 20) -> tuple[da.Array, da.Array]:
+    """Answers mode with the interference sketched: per slice its stats sums (L, H, width) and its
+    k best A×B pairs (L, H, 3, k), from u, v (L, H, N, dim) and the exact moments (L, H, N, 5), one
+    task per group of heads (`_sketched_chunk`): as `slice_statistics` and `top_pairs_lazy` of
+    `stats.margin_corrected`(u·vᵀ) give them, where those, chained op by op, made ~40 Dask tasks a
+    slice (8B: 10⁵ tasks, hours of scheduling)."""
+    is_a = np.asarray(is_a, dtype=bool)
+    n = is_a.size
+    hc = max(1, min(u.shape[1], group_bytes // (8 * n * n)))  # a group's N×N pairs ≤ group_bytes in float64
+    u, v = (x.rechunk((1, hc, -1, -1)) for x in (u, v))
+    moments = moments.rechunk((1, hc, -1, -1))
+    width = schema.stat_sums_width(n_perm, n_boot, n)
+    both = da.blockwise(_sketched_chunk, "lhw", u, "lhid", v, "lhjd", moments, "lhim", new_axes={"w": width + 3 * k},
+                        concatenate=True, dtype=np.float64, meta=np.empty((0,) * 3, np.float64),
+                        is_a=is_a, n_perm=n_perm, n_boot=n_boot, seed=seed, k=k)
+    return both[..., :width], both[..., width:].reshape(*both.shape[:2], 3, k)
+
+
 def other_weights(is_a: np.ndarray) -> np.ndarray:
     """(N, 2): column 0 averages over task A, column 1 over task B (the diagnostics' other-task means)."""
     is_a = np.asarray(is_a, dtype=bool)

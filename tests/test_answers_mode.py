@@ -391,3 +391,28 @@ def test_leaving_samples_out_afterwards_needs_pair_scores(runs):
     with pytest.raises(UsageError, match="stored pair scores.*mode = 'answers'"):
         qkov.run_stats(runs["answers"].path, exclude=[ids[0]], name="without")
     assert not runs["answers"].has_group(schema.stats_group("without"))
+
+
+@pytest.mark.parametrize("group_bytes", [1, 8 * 9 * 9 * 2, 1 << 30])  # a head per task, 2 of 3 heads, all heads
+def test_sketched_interference_in_one_task_per_head_group_equals_the_chained_graph(group_bytes):
+    """The answers-mode score graph reduces each group of heads' sketched interference (u·vᵀ,
+    margin-corrected) to its stats sums and top pairs in one task: the same numbers as the
+    chained per-slice graph it replaced (`slice_statistics`, `top_pairs_lazy` of
+    `margin_corrected`), to the bit, however the heads are grouped."""
+    import dask.array as da
+
+    from qkov.pipeline.slice_reductions import sketched_interference, slice_statistics, top_pairs_lazy
+    from qkov.pipeline.stats import margin_corrected
+
+    rng = np.random.default_rng(3)
+    L, H, n, dim, n_a, k = 2, 3, 9, 5, 4, 6
+    u, v = (rng.random((L, H, n, dim)).astype(np.float32) for _ in range(2))
+    m = rng.random((L, H, n, 5)).astype(np.float32)
+    is_a = np.arange(n) < n_a
+    sums, top = sketched_interference(da.from_array(u, chunks=(1, 1, 4, dim)), da.from_array(v, chunks=(1, 1, 4, dim)),
+                                      da.from_array(m), is_a, 19, 17, 5, k, group_bytes=group_bytes)
+    pairs = margin_corrected(da.from_array(u, chunks=(1, 1, -1, -1)) @ da.from_array(v, chunks=(1, 1, -1, -1)).swapaxes(-1, -2),
+                             da.from_array(m, chunks=(1, 1, -1, -1)))
+    want_sums = slice_statistics(pairs[None], is_a, 19, 17, 5)[0].compute()
+    want_top = top_pairs_lazy(pairs, n_a, k, largest=True).compute()
+    assert np.array_equal(sums.compute(), want_sums) and np.array_equal(top.compute(), want_top, equal_nan=True)
