@@ -18,7 +18,7 @@ from . import schema
 from .errors import UsageError
 from .spec import JobSpec
 from .store import RunStore
-from .tiling import auto_sample_chunk, heads_per_task
+from .tiling import auto_sample_chunk, heads_per_task, sketched_heads_per_task
 
 META_BYTES = 1024  # zarr.json of one array (measured: 0.6–1.5 KB)
 CRC_BYTES = 4  # crc32c per chunk (store.checksummed)
@@ -315,6 +315,12 @@ def _memory_and_tasks(job: JobSpec, shapes: list, n_params: int, d: int, depth: 
         c = p.c
         t = math.ceil(p.scored / c)
         for b in ex.blocks:
+            if job.score.mode == "answers":  # no pair scores: with the interference sketched, a task per head group
+                if job.score.keep_pairs == "top":  # its u·vᵀ (float32), the sums' float64 copy, u and v
+                    hc, n_s = sketched_heads_per_task(ex.heads[b], p.scored), p.scored
+                    memory["score_task"] = max(memory["score_task"], hc * n_s * (12 * n_s + 8 * job.score.sketch_dim))
+                    score_tasks += L * math.ceil(ex.heads[b] / hc)
+                continue
             hc = heads_per_task(ex.heads[b], c, sh.width[b], item)
             operands = 2 * hc * c * sh.width[b] * item * sh.parts
             formed = 3 * c * sh.width[b] * 4  # one head's w, w², |g| (float32)

@@ -16,6 +16,7 @@ from qkov.workers.reductions import best_k, stat_sums, stat_sums_np, tile_top
 from . import schema
 from . import stats as st
 from .spec import StatsSpec
+from .tiling import TASK_BYTES, sketched_heads_per_task
 
 
 @functools.lru_cache(maxsize=4)
@@ -146,7 +147,7 @@ def _sketched_chunk(u: np.ndarray, v: np.ndarray, moments: np.ndarray, *, is_a: 
 
 
 def sketched_interference(u: da.Array, v: da.Array, moments: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int,
-                          seed: int, k: int, group_bytes: int = 256 << 20) -> tuple[da.Array, da.Array]:
+                          seed: int, k: int, group_bytes: int = TASK_BYTES) -> tuple[da.Array, da.Array]:
     """Answers mode with the interference sketched: per slice its stats sums (L, H, width) and its
     k best A×B pairs (L, H, 3, k), from u, v (L, H, N, dim) and the exact moments (L, H, N, 5), one
     task per group of heads (`_sketched_chunk`): as `slice_statistics` and `top_pairs_lazy` of
@@ -154,7 +155,7 @@ def sketched_interference(u: da.Array, v: da.Array, moments: da.Array, is_a: np.
     slice (8B: 10⁵ tasks, hours of scheduling)."""
     is_a = np.asarray(is_a, dtype=bool)
     n = is_a.size
-    hc = max(1, min(u.shape[1], group_bytes // (8 * n * n)))  # a group's N×N pairs ≤ group_bytes in float64
+    hc = sketched_heads_per_task(u.shape[1], n, group_bytes)
     u, v = (x.rechunk((1, hc, -1, -1)) for x in (u, v))
     moments = moments.rechunk((1, hc, -1, -1))
     width = schema.stat_sums_width(n_perm, n_boot, n)

@@ -16,6 +16,12 @@ def heads_per_task(n_heads: int, chunk: int, width: int, itemsize: int) -> int:
     return int(max(1, min(n_heads, TASK_BYTES // max(1, chunk * width * itemsize))))
 
 
+def sketched_heads_per_task(n_heads: int, n: int, group_bytes: int = TASK_BYTES) -> int:
+    """How many heads one answers-mode task takes whose slices' N×N sketched interference it
+    reduces whole (`slice_reductions.sketched_interference`): as many as fit group_bytes in float64."""
+    return int(max(1, min(n_heads, group_bytes // (8 * n * n))))
+
+
 def auto_sample_chunk(n: int, width: int, itemsize: int, direct: bool = False) -> int:
     """Samples per score chunk: all of them when one head's whole slice fits a task (each
     chunk then travels to the worker, and its GPU, once per slice instead of once per chunk

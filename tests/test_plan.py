@@ -93,6 +93,21 @@ def test_answers_mode_plans_the_sums_it_holds_not_gradient_shards(tmp_path):
     assert pa.memory["extract_gpu"] - pe.memory["extract_gpu"] == (3 * 2 + 2) * (p_vals + p_vals // len(pa.layers)) * 4
 
 
+def test_answers_mode_counts_the_score_tasks_its_graph_makes(tmp_path):
+    """Answers mode makes no pair-score tiles: with the interference sketched, one score task per
+    group of heads whose N×N slices fit a task (`tiling.sketched_heads_per_task`); with
+    keep_pairs = "none" none at all (the plan had counted exact mode's tiles: 10,240 for an 8B job)."""
+    from qkov.pipeline.tiling import sketched_heads_per_task
+
+    job = tiny_job(tmp_path, "llama_gqa", n_a=2500, n_b=2500, score={"mode": "answers", "keep_pairs": "top", "sketch_dim": 16},
+                   extract={"shard_size": 5000}, output={"path": str(tmp_path / "a")})
+    p = plan(job)
+    hc = {b: sketched_heads_per_task(p.heads[b], 5000) for b in p.blocks}
+    assert any(hc[b] < p.heads[b] for b in p.blocks)  # (N = 5000: 200 MB a head, a head per task)
+    assert p.tasks["score"] == sum(len(p.layers) * -(-p.heads[b] // hc[b]) for b in p.blocks)
+    assert plan(_with(job, score={"keep_pairs": "none"})).tasks["score"] == 0
+
+
 def test_the_device_estimate_counts_one_layers_per_sample_gradients_at_a_time(tmp_path):
     """Extraction forms a batch's per-sample gradients layer by layer (qkov.workers.writer), so
     the device estimate does not grow with the layers scored (at 8B it counted 21 GB of
