@@ -325,7 +325,7 @@ def _check_right_padded(mask: Tensor) -> None:
 def _prepared(model: nn.Module, modules: list[nn.Module], calls: dict[int, list[_Call]]) -> Iterator[None]:
     """Frozen parameters, eval mode, and hooks that record the modules' calls; all undone on exit."""
     # only what differs is changed and restored: a worker's model is frozen and in eval mode
-    # already, and setting every flag of every module cost ~10 ms of host time a batch
+    # already, and setting every flag of every module cost ~10 ms of host time a batch (30 layers, profiled)
     flags = [p for p in model.parameters() if p.requires_grad]
     modes = [m for m in model.modules() if m.training]
     handles = []
