@@ -95,18 +95,24 @@ def plain_fwd_bwd(model, batch: int, seq: int, device: str, repeats: int = 5) ->
 
     data, task = random_tokens(model.config.vocab_size, batch, seq, device), CausalLMLoss()
     model.train(False)
+    frozen = [p for p in model.parameters() if not p.requires_grad]  # (a worker's cached model is frozen)
+    model.requires_grad_(True)
     times = []
-    for r in range(repeats + 2):  # two warm-up calls
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+    try:
+        for r in range(repeats + 2):  # two warm-up calls
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.zero_grad(set_to_none=True)
+            task.per_sample_loss(model, data).sum().backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r >= 2:
+                times.append(time.perf_counter() - t)
+    finally:
         model.zero_grad(set_to_none=True)
-        task.per_sample_loss(model, data).sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if r >= 2:
-            times.append(time.perf_counter() - t)
-    model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(False)
     sec = statistics.median(times)
     return {"s_per_batch": round(sec, 5), "samples_per_s": round(batch / sec, 2), "tokens_per_s": round(batch * seq / sec, 1),
             "note": "plain forward+backward of the same model in this run (every parameter's .grad), median of "

@@ -52,7 +52,7 @@ def _profile(fn, top: int) -> dict:
             "host_waits": syncs, "by_device": rows(dev), "by_host": rows(lambda e: e.self_cpu_time_total)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch
 
     from benchmarks.bench_e2e import build_model, make_job, plain_fwd_bwd, write_tasks
@@ -75,7 +75,7 @@ def main() -> None:
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--workdir", default="runs/profile-answers")
     p.add_argument("--json-out", default=None)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     a.attn, a.device, a.n_permutations, a.n_bootstrap = "sdpa", "auto", 99, 100
     a.workers, a.threads, a.keep_gradients, a.mode = None, None, "true", "answers"
     work = Path(a.workdir).resolve()
@@ -110,21 +110,23 @@ def main() -> None:
     plain = plain_fwd_bwd(model, a.batch, a.seq, device)
     n_batches = -(-2 * a.n // a.batch)
     out["plain_fwd_bwd"] = {**plain, "all_samples_s": round(plain["s_per_batch"] * n_batches, 3)}
-    for prm in model.parameters():  # plain_fwd_bwd left them trainable; the task freezes them itself
-        prm.requires_grad_(False)
     big = whole_task(a.n)
-    passes, peak = {}, {}
+    passes, peak, parts, retries = {}, {}, {}, {}
     for phase in ("fisher", "answers_whole"):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_stats().get("num_alloc_retries", 0)
         _sync()
         t0 = time.perf_counter()
-        writer.compute_shard(replace(big, phase=phase))
+        writer.compute_shard(replace(big, phase=phase), parts.setdefault(phase, {}))
         _sync()
         passes[phase] = round(time.perf_counter() - t0, 3)
+        parts[phase] = {k: round(v, 3) for k, v in parts[phase].items()}
         if torch.cuda.is_available():
             peak[phase] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        out["task_s"], out["device_peak_allocated_gb"] = passes, peak
+            # each retry freed the allocator's cache and synchronised the device: a sign of a full card
+            retries[phase] = torch.cuda.memory_stats().get("num_alloc_retries", 0) - before
+        out.update(task_s=passes, task_parts_s=parts, device_peak_allocated_gb=peak, alloc_retries=retries)
         print(emit(), flush=True)
     passes["answers_pass"] = round(passes["answers_whole"] - passes["fisher"], 3)
     out["over_plain"] = {k: round(v / out["plain_fwd_bwd"]["all_samples_s"], 3) for k, v in passes.items()}

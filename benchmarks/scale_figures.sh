@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 28's GPU figures on one GPU, each against its bound measured in the same run:
-#   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|llama3-8b-short|short|all]
+#   benchmarks/scale_figures.sh OUT_DIR [passes|smollm2|llama3-8b|llama3-8b-short|llama3-8b-task|short|all]
 # passes:    bench_extract (per-sample gradients vs a plain forward+backward, SmolLM2 bf16),
 #            bench_passes (per-batch parts vs a plain forward+backward; the pass kernels vs their torch forms,
 #            checked against each other) for SmolLM2 fp32/bf16 and Llama-3-8B bf16,
@@ -12,6 +12,7 @@
 # llama3-8b: Llama-3-8B geometry (GQA 32/8, 32 layers, bf16), 1000 + 1000, T = 256, answers mode with the
 #            interference sketched (keep_pairs = "top", k = 256)
 # llama3-8b-short: the same with 256 + 256 samples
+# llama3-8b-task: its answers task alone (profile_answers, 64 + 64): where a batch's time goes beside bench_passes' rates
 # short:     the 8B passes (the kernels; the sketch on the previous scheme's projections as the same-run
 #            baseline; profiled), bench_extract, then the two SmolLM2 runs: for a call with little device time left
 set -u
@@ -50,6 +51,10 @@ if [[ $what == short ]]; then  # when device time is short, most informative fir
   extract_smollm2
   smollm2_exact_fused
   smollm2_answers
+fi
+if [[ $what == llama3-8b-task ]]; then  # the 8B answers task alone, in one process, with its full-size sums: each
+  # pass and the consolidation between them (task_parts_s), the allocator's retries, against a plain forward+backward
+  run profile-answers-llama3-8b 420 python3 -m benchmarks.profile_answers --geometry llama3-8b --n 64 --batch $b8 --keep-pairs top --sketch-dim 256 --profile-n 8 --workdir "$work/pa8" --json-out "$out/profile-answers-llama3-8b.json"
 fi
 if [[ $what == llama3-8b-short ]]; then  # the same geometry on fewer samples: the rates, when device time is short
   run llama3-8b-answers-256 330 python3 -m benchmarks.bench_e2e "${common[@]}" --n 256 --geometry llama3-8b --layers $(seq 0 31) --mode answers --keep-pairs top --sketch-dim 256 --batch $b8 --shard-size 512 --workdir "$work/l-answers" --json-out "$out/llama3-8b-answers-256.json"

@@ -74,3 +74,20 @@ def test_tiny_layer_grouped_run_reports_its_loop_and_profile(tmp_path):
     # the workers' task seconds per stage, from the scheduler's task stream
     assert "stats" in res["profile"] and all(st["wall_s"] >= 0 for st in res["profile"].values())
     assert any(k.startswith("extract_shards") for st in res["profile"].values() for k in st["task_seconds"])
+
+
+def test_profile_answers_times_the_task_its_parts_and_the_plain_pass_on_the_workers_frozen_model(tmp_path):
+    """`benchmarks.profile_answers` (scale_figures' llama3-8b-task) on a tiny model: the task's passes
+    and their parts (each pass, the consolidation between them), and the plain forward+backward
+    measured on the worker's cached model, which extraction keeps frozen (the bound's own
+    backward makes it trainable for its timing only)."""
+    from benchmarks import profile_answers
+    from qkov.workers import writer
+
+    out = tmp_path / "pa.json"
+    profile_answers.main(["--geometry", "tiny", "--n", "8", "--batch", "4", "--seq", "16", "--profile-n", "0",
+                          "--keep-pairs", "top", "--sketch-dim", "16", "--workdir", str(tmp_path / "w"), "--json-out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["task_parts_s"]["answers_whole"]) == {"fisher", "between", "answers"}
+    assert res["plain_fwd_bwd"]["s_per_batch"] > 0 and res["over_plain"]["answers_pass"] > 0
+    assert all(not p.requires_grad for model, _, _ in writer._CACHE.values() for p in model.parameters())
