@@ -89,3 +89,23 @@ def test_bf16_rounding_on_the_device_equals_the_host():
     torch.manual_seed(0)
     x = torch.randn(100_000) * torch.logspace(-30, 3, 100_000)
     np.testing.assert_array_equal(to_stored(x.cuda(), "bfloat16"), to_stored(x, "bfloat16"))
+
+
+def test_gpu_answers_mode_in_one_task_equals_cpu(tmp_path):
+    """Answers mode, one shard (both passes in one task: the task sums kept on the device, 1/(Î+λ)
+    formed there, the batches copied from pinned memory) with the interference sketched (its
+    reduction's matmul and sums on the device): the CPU run's stats and top pairs, to float32 rounding."""
+    from qkov.pipeline.run import run_job
+    from qkov.testing import compare_datasets
+
+    out = {}
+    for dev in ("cpu", "cuda"):
+        job = tiny_job(tmp_path, "llama_gqa", n_a=12, n_b=11, extract={"device": dev, "shard_size": 64, "batch_size": 4},
+                       score={"mode": "answers", "keep_pairs": "top", "sketch_dim": 256, "top_k": 5},
+                       output={"path": str(tmp_path / f"ans-{dev}")})
+        run_job(job)
+        out[dev] = RunStore.of(job)
+    assert compare_datasets(out["cpu"].open_stats(), out["cuda"].open_stats(), rtol=1e-4, what="stats") == []
+    # the top pairs' values (their rows and columns could trade places at a near-tie of float rounding)
+    top = ["top_interference"]
+    assert compare_datasets(out["cpu"].open_scores()[top], out["cuda"].open_scores()[top], rtol=1e-4, what="top") == []
