@@ -36,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -280,6 +281,20 @@ def _load_model_on_worker(model_spec, include_bias: bool, device: str) -> str:
     return dev
 
 
+def partial_writer(json_out: str | None, result: dict, t0: float, stage_start: dict):
+    """A SIGTERM handler that prints (and writes to json_out) the result so far, marked partial, with
+    the seconds after the run's start at which each stage began, then exits with 124 (timeout's code)."""
+    def handler(signum, frame) -> None:
+        doc = {**result, "partial": True, "stopped_after_s": round(time.perf_counter() - t0, 1),
+               "stage_started_after_s": {k: round(v - t0, 1) for k, v in stage_start.items()}}
+        text = json.dumps(doc, indent=2, default=str)
+        print(text, flush=True)
+        if json_out:
+            Path(json_out).write_text(text + "\n")
+        raise SystemExit(124)
+    return handler
+
+
 def _device_memory() -> dict | None:
     """(on a worker) Its CUDA allocator's record: the peak held, and how often it had to free its
     cache and retry an allocation (each retry synchronises the device: a sign of a full card)."""
@@ -424,7 +439,12 @@ def run_benchmark(a: argparse.Namespace) -> dict:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         t = time.perf_counter()
-        summary = run_job(job, client=client, progress=tick)
+        # stopped by a time limit (`timeout` sends SIGTERM): what was measured still comes out
+        previous = signal.signal(signal.SIGTERM, partial_writer(a.json_out, result, t, stage_start))
+        try:
+            summary = run_job(job, client=client, progress=tick)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         total = time.perf_counter() - t
         result["worker_device_memory"] = sorted(client.run(_device_memory).values(), key=str)
         stop.set()

@@ -27,7 +27,7 @@ def _e2e(d: dict, question: str, target_s: float) -> dict:
     fig = {"question": question, "run_total_s": d.get("run_total_s"), "stage_s": d.get("stage_s"),
            "target_s": target_s, "met": d.get("run_total_s") is not None and d["run_total_s"] < target_s}
     for key in ("plain_fwd_bwd", "store_bytes", "io", "score", "samples_per_s", "warmup_s", "extract_parts_s",
-                "worker_device_memory"):
+                "worker_device_memory", "partial", "stopped_after_s", "stage_started_after_s"):  # (a run stopped by its limit)
         if key in d:
             fig[key] = d[key]
     if "store_bytes" in d:

@@ -91,3 +91,19 @@ def test_profile_answers_times_the_task_its_parts_and_the_plain_pass_on_the_work
     assert set(res["task_parts_s"]["answers_whole"]) == {"fisher", "between", "answers"}
     assert res["plain_fwd_bwd"]["s_per_batch"] > 0 and res["over_plain"]["answers_pass"] > 0
     assert all(not p.requires_grad for model, _, _ in writer._CACHE.values() for p in model.parameters())
+
+
+def test_a_run_stopped_by_its_time_limit_still_writes_what_it_measured(tmp_path, capsys):
+    """bench_e2e's SIGTERM handler (a device command's `timeout`): the result so far, marked
+    partial, with each stage's start after the run's, written to --json-out; exit code 124."""
+    import signal
+    import time
+
+    out = tmp_path / "r.json"
+    t0 = time.perf_counter()
+    handler = be.partial_writer(str(out), {"warmup_s": 1.5}, t0, {"extract": t0 + 2.0, "score": t0 + 9.0})
+    with pytest.raises(SystemExit) as stop:
+        handler(signal.SIGTERM, None)
+    doc = json.loads(out.read_text())
+    assert stop.value.code == 124 and doc["partial"] and doc["warmup_s"] == 1.5
+    assert doc["stage_started_after_s"] == {"extract": 2.0, "score": 9.0} and doc["stopped_after_s"] >= 0
