@@ -254,3 +254,29 @@ def test_tasks_sharing_a_workers_model_take_turns(tmp_path):
             assert_close(l1, l2)
             for b in g2:
                 assert_close(g1[b], g2[b])
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "bfloat16"])
+def test_staged_slices_reach_the_host_as_put_one_by_one(storage_dtype):
+    """On a GPU a shard's slices that go to the host per batch are staged on the device and copied
+    once per batch (`ShardBuffers.flush`), early when the stage is full: the host buffers hold
+    what one copy per slice wrote, bit for bit, NaN included."""
+    import numpy as np
+    import torch
+
+    from qkov.workers.writer import ShardBuffers
+
+    rng = torch.Generator().manual_seed(0)
+    shapes = {"Q_u": (3, 2, 10, 5), "Q_v": (3, 2, 10, 5)}
+    puts = [(name, li, s, torch.randn(min(4, 10 - s), 2, 5, generator=rng))
+            for s in (0, 4, 8) for li in range(3) for name in shapes]
+    puts[5][3][0, 1, 2] = float("nan")
+    want = ShardBuffers(shapes, storage_dtype, "cpu", stage=False)
+    got = ShardBuffers(shapes, storage_dtype, "cpu", stage=True)
+    got.STAGE_BYTES = 300  # a few slices per copy: the early flushes too
+    for name, li, s, t in puts:
+        want.put(name, li, s, t)
+        got.put(name, li, s, t)
+    assert got._pending  # (staged, not yet copied)
+    w, g = want.to_host(), got.to_host()
+    assert all(np.array_equal(w[k].view(np.uint8), g[k].view(np.uint8)) for k in shapes)
