@@ -23,6 +23,14 @@ os.environ.setdefault("QKOV_CACHE", str(ROOT / ".cache" / "qkov"))
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# OpenMP threads (torch's intra-op pool, MKL's BLAS) sleep when idle instead of spinning. Unset,
+# libgomp spins each idle thread for a while after every parallel region: with two xdist workers
+# and the processes they start sharing the cores, the spinning threads take the CPU the others
+# need (test_prediction.py alone: 90 s of CPU instead of 20 s). The thread counts, and so how
+# the sums split, are unchanged; read when the OpenMP runtime loads (with torch), so set before
+# any import of torch, here and in every process the tests start (they inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 # The test files that take longest (seconds on 2 cores, `--junitxml` summed per file), longest
 # first: `make test` hands whole files to its two xdist workers in this order, so the long ones
