@@ -56,16 +56,22 @@ def sums_scale(n_a: int, n_b: int, n_perm: int, n_boot: int) -> np.ndarray:
     return scale
 
 
-def chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int, block_info=None) -> np.ndarray:
-    """Unnormalised stats sums of one chunk [b, l, h, ni, nj] -> [b, l, h, 1, 1, width]
+def _stat_sums_at(block: np.ndarray, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int,
+                  offset: tuple[int, int]) -> np.ndarray:
+    """(runs in the task) Unnormalised stats sums of pooled scores [..., n, m] at pooled `offset`
     (`qkov.workers.reductions.stat_sums_np`), on a GPU worker's device where it has one."""
     from qkov.workers.device import resolve_device
 
-    (r0, _), (c0, _) = block_info[0]["array-location"][3:5]
     weights = stats_weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
     if resolve_device("auto") == "cuda":  # a GPU worker: the same sums as a few float64 matmuls on its device
-        return stat_sums(block, weights, is_a, (r0, c0), "cuda")[..., None, None, :]
-    return stat_sums_np(block, weights, is_a, (r0, c0))[..., None, None, :]
+        return stat_sums(block, weights, is_a, offset, "cuda")
+    return stat_sums_np(block, weights, is_a, offset)
+
+
+def chunk_sums(block: np.ndarray, *, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int, block_info=None) -> np.ndarray:
+    """Unnormalised stats sums of one chunk [b, l, h, ni, nj] -> [b, l, h, 1, 1, width] (`_stat_sums_at`)."""
+    (r0, _), (c0, _) = block_info[0]["array-location"][3:5]
+    return _stat_sums_at(block, is_a, n_perm, n_boot, seed, (r0, c0))[..., None, None, :]
 
 
 def slice_statistics(pooled: da.Array, is_a: np.ndarray, n_perm: int, n_boot: int, seed: int) -> da.Array:
@@ -139,9 +145,7 @@ def _sketched_chunk(u: np.ndarray, v: np.ndarray, moments: np.ndarray, *, is_a: 
         pairs = np.matmul(u, np.swapaxes(v, -1, -2))
     pairs = st.margin_corrected(pairs, moments.astype(pairs.dtype))
     n_a = int(is_a.sum())
-    weights = stats_weights(np.ascontiguousarray(is_a, dtype=bool).tobytes(), n_perm, n_boot, seed)
-    sums = (stat_sums(pairs, weights, is_a, (0, 0), "cuda") if on_gpu else stat_sums_np(pairs, weights, is_a, (0, 0)))
-    sums = sums * sums_scale(n_a, is_a.size - n_a, n_perm, n_boot)
+    sums = _stat_sums_at(pairs, is_a, n_perm, n_boot, seed, (0, 0)) * sums_scale(n_a, is_a.size - n_a, n_perm, n_boot)
     top = np.stack([best_k(tile_top(p, n_a, (0, 0), k, True), k, True) for p in pairs[0]])[None]  # [1, hc, 3, k]
     return np.concatenate([sums, top.reshape(*top.shape[:2], 3 * k)], axis=-1)
 
