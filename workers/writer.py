@@ -154,7 +154,7 @@ def _answers_whole(task: ShardTask, seconds: dict):
     inv = {}
     for b in task.blocks:
         part = partials[schema.fisher_partial(b)]  # float32 (L, H, P)
-        lam = damping(part.astype(np.float64), *task.damping)  # as `consolidate_fisher` sums one shard
+        lam = damping(part, *task.damping)  # (its own float64 copy: the λ `consolidate_fisher` forms from one shard)
         # 1/(Î+λ) layer by layer on the device (8B: 1.3 G entries; numpy's float64 passes took ~5 s per 54 M on a 2-core host)
         inv[b] = torch.empty(part.shape, dtype=torch.float32, device=device)
         for li in range(part.shape[0]):
@@ -363,6 +363,7 @@ class ShardBuffers:
             self.bufs[name][li, :, start : start + bits.shape[0]] = host[off : off + n].reshape(bits.shape).swapaxes(0, 1)
             off += n
         self._pending, self._pending_bytes = [], 0
+
     def _checked(self) -> None:
         self.flush()
         if self._finite and not bool(torch.stack([ok for ok, _ in self._finite]).all()):  # one synchronisation
