@@ -269,8 +269,9 @@ class _GroupRun:
         self.total["weights_hash"] = res["weights_hash"]
         self.total["skipped"] = res["skipped"]
         self.total["warning"] = res.get("warning")
-        for part, sec in res.get("seconds", {}).items():  # summed over the groups, as run_extract's over shards
-            self.total.setdefault("seconds", {})[part] = round(self.total.get("seconds", {}).get(part, 0.0) + sec, 3)
+        spent = self.total.setdefault("seconds", {})  # summed over the groups, as run_extract's over shards
+        for part, sec in res.get("seconds", {}).items():
+            spent[part] = round(spent.get(part, 0.0) + sec, 3)
         return self.fused
 
     def score(self, k: int, group: list[int], sub: RunStore, resident: bool = False) -> None:
